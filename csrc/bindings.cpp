@@ -1,0 +1,92 @@
+// esp_kernels._C: the one pybind11 module binding the torch-free core.
+//
+// Every op takes TensorDesc values (pointer, dtype code, shape, strides), a device index and a raw
+// cudaStream_t; esp_kernels/_core.py builds them from torch tensors. std::invalid_argument maps
+// to ValueError, std::runtime_error to RuntimeError, esp::NcclError to esp_kernels._C.NcclError.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "comm/nccl_comm.h"
+#include "common/esp_common.h"
+#include "decode/decode_partial.h"
+#include "kvcache/copy_rows.h"
+#include "merge/merge_states.h"
+#include "prefill/ring_step.h"
+
+#ifndef ESP_CUDA_ARCHS
+#define ESP_CUDA_ARCHS "unknown"
+#endif
+
+namespace py = pybind11;
+using esp::TensorDesc;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "esp_kernels compiled core (torch-free CUDA kernels and NCCL communicator)";
+  m.def("built_archs", [] { return std::string(ESP_CUDA_ARCHS); });
+
+  py::class_<TensorDesc>(m, "TensorDesc")
+      .def(py::init([](uintptr_t ptr, int dtype, std::vector<int64_t> shape,
+                       std::vector<int64_t> strides) {
+             ESP_CHECK(shape.size() == strides.size(), "TensorDesc: shape/strides rank mismatch");
+             return TensorDesc{ptr, static_cast<esp::DType>(dtype), std::move(shape),
+                               std::move(strides)};
+           }),
+           py::arg("ptr"), py::arg("dtype"), py::arg("shape"), py::arg("strides"))
+      .def_readonly("ptr", &TensorDesc::ptr)
+      .def_readonly("shape", &TensorDesc::shape)
+      .def_readonly("strides", &TensorDesc::strides);
+
+  m.def("merge_states", &esp::merge_states, py::arg("o"), py::arg("lse"), py::arg("out"),
+        py::arg("lse_out"), py::arg("device"), py::arg("stream"),
+        "Merge S states o [S,T,H,D], lse [S,T,H] into out [T,H,D], lse_out [T,H] (may alias "
+        "state 0).");
+
+  m.def("ring_step", &esp::ring_step, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_q"),
+        py::arg("cu_k"), py::arg("max_q_len"), py::arg("o_state"), py::arg("lse_state"),
+        py::arg("causal"), py::arg("mask_shift"), py::arg("accumulate"),
+        py::arg("softmax_scale"), py::arg("device"), py::arg("stream"),
+        "One striped ring-prefill step fused with the fp32 state merge.");
+
+  m.def("decode_partial", &esp::decode_partial, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("block_table"), py::arg("kv_lens"), py::arg("o"),
+        py::arg("lse"), py::arg("workspace"), py::arg("num_splits"), py::arg("softmax_scale"),
+        py::arg("device"), py::arg("stream"),
+        "Partial decode attention over a paged KV shard: (o, lse) per request.");
+  m.def("decode_workspace_elems", &esp::decode_workspace_elems, py::arg("batch"),
+        py::arg("num_q_heads"), py::arg("head_dim"), py::arg("num_splits"));
+
+  m.def("copy_rows", &esp::copy_rows, py::arg("src"), py::arg("src_idx"), py::arg("dst"),
+        py::arg("dst_idx"), py::arg("device"), py::arg("stream"),
+        "dst[o, dst_idx[i]] = src[o, src_idx[i]] (retention writes, KV pack/unpack).");
+
+  // ---- NCCL ----
+  py::register_exception<esp::NcclError>(m, "NcclError", PyExc_RuntimeError);
+  m.def("nccl_load", &esp::nccl_load, py::arg("library_path"));
+  m.def("nccl_is_loaded", &esp::nccl_is_loaded);
+  m.def("nccl_version", &esp::nccl_version);
+  m.def("nccl_unique_id", [] { return py::bytes(esp::nccl_unique_id()); });
+
+  py::class_<esp::P2POp>(m, "P2POp")
+      .def(py::init([](bool is_send, uintptr_t ptr, int64_t nbytes, int peer) {
+             return esp::P2POp{is_send, ptr, nbytes, peer};
+           }),
+           py::arg("is_send"), py::arg("ptr"), py::arg("nbytes"), py::arg("peer"));
+
+  py::class_<esp::NcclComm>(m, "NcclComm")
+      .def(py::init([](py::bytes uid, int rank, int world_size, int device, double timeout_s) {
+             return new esp::NcclComm(std::string(uid), rank, world_size, device, timeout_s);
+           }),
+           py::arg("unique_id"), py::arg("rank"), py::arg("world_size"), py::arg("device"),
+           py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("rank", &esp::NcclComm::rank)
+      .def_property_readonly("size", &esp::NcclComm::size)
+      .def_property_readonly("device", &esp::NcclComm::device)
+      .def_property_readonly("valid", &esp::NcclComm::valid)
+      .def("group_p2p", &esp::NcclComm::group_p2p, py::arg("ops"), py::arg("stream"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("check", &esp::NcclComm::check)
+      .def("wait_event", &esp::NcclComm::wait_event, py::arg("event"), py::arg("timeout_s"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("abort", &esp::NcclComm::abort, py::call_guard<py::gil_scoped_release>())
+      .def("finalize", &esp::NcclComm::finalize, py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,64 @@
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace esp {
+
+// NCCL failures and timeouts: surface in Python as esp_kernels.NcclError (a RuntimeError).
+class NcclError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// libnccl is loaded with dlopen on first use (path found by Python in the nvidia-nccl-cu13
+// wheel), so importing the module never fails for lack of NCCL.
+void nccl_load(const std::string& library_path);
+bool nccl_is_loaded();
+std::string nccl_version();
+std::string nccl_unique_id();  // raw ncclUniqueId bytes
+
+// One point-to-point operation of a grouped exchange.
+struct P2POp {
+  bool is_send;
+  uintptr_t ptr;
+  int64_t nbytes;
+  int peer;  // world rank
+};
+
+// A world communicator created nonblocking. Every NCCL error and a timeout become NcclError with
+// NCCL's message; the communicator is then aborted. Never calls exit().
+class NcclComm {
+ public:
+  NcclComm(const std::string& unique_id, int rank, int world_size, int device, double timeout_s);
+  ~NcclComm();
+  NcclComm(const NcclComm&) = delete;
+  NcclComm& operator=(const NcclComm&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return world_size_; }
+  int device() const { return device_; }
+
+  // All ops issued inside one ncclGroupStart/End on `stream` (sends to self included).
+  void group_p2p(const std::vector<P2POp>& ops, uintptr_t stream);
+  // Raise NcclError if the communicator reported an asynchronous error.
+  void check();
+  // Host-wait until `event` (a cudaEvent_t recorded after NCCL work) completes, polling for NCCL
+  // errors; on timeout abort the communicator and raise NcclError.
+  void wait_event(uintptr_t event, double timeout_s);
+  void abort();
+  void finalize();  // flush and destroy cleanly
+  bool valid() const { return comm_ != nullptr; }
+
+ private:
+  void* comm_ = nullptr;  // ncclComm_t
+  int rank_ = 0, world_size_ = 0, device_ = 0;
+  double timeout_s_ = 0;
+  void wait_ready(const char* what);
+  [[noreturn]] void fail(const std::string& what, int result);
+};
+
+}  // namespace esp

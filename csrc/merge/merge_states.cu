@@ -1,0 +1,162 @@
+// merge_states: exact merge of S partial attention states (o_s, lse_s) per (token, head) row.
+//
+//   lse = log(sum_s exp(lse_s)),  o = sum_s exp(lse_s - lse) * o_s
+//
+// A state with lse = -inf is the empty set: it is skipped (never multiplied), so garbage or NaN
+// in its o cannot leak into the result, and a row whose states are all empty gives (0, -inf).
+// Memory-bound: each thread moves VEC consecutive elements of one row (16-byte accesses for
+// half types) and recomputes the row's weights from the S lse values (L1-resident, cheap).
+#include "merge_states.h"
+
+#include <cmath>
+
+#include "../common/vec.cuh"
+
+namespace esp {
+namespace {
+
+constexpr int kMaxStates = 64;  // weights live in registers; more states are rejected on host
+
+struct MergeParams {
+  const void* o;        // state s, row (t, h), element d at o + s*o_ss + t*o_st + h*o_sh + d
+  int64_t o_ss, o_st, o_sh;
+  const float* lse;     // lse + s*l_ss + t*l_st + h*l_sh
+  int64_t l_ss, l_st, l_sh;
+  void* out;            // out + t*out_st + h*out_sh + d
+  int64_t out_st, out_sh;
+  float* lse_out;       // may be null
+  int64_t lo_st, lo_sh;
+  int S, T, H, D;
+  int lanes_per_row;
+};
+
+// A row's chunks are handled by G consecutive lanes of one warp (G = power of two covering the
+// row's D/VEC chunks, at most 32). All lanes read the row's lse values before a __syncwarp and the
+// row's lse is written after it, so the in-place form (lse_out aliasing lse of state 0) is safe.
+template <typename TIn, typename TOut, int VEC>
+__global__ void merge_states_kernel(MergeParams p) {
+  const int G = p.lanes_per_row;
+  const int lane = threadIdx.x & 31;
+  const int sub = lane / G, sl = lane % G;
+  const int rows_per_warp = 32 / G;
+  const int chunks_per_row = p.D / VEC;
+  const int64_t nrows = static_cast<int64_t>(p.T) * p.H;
+  const int64_t warp_id = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
+  const int64_t num_warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  // `base` is warp-uniform, so every lane reaches the same __syncwarp.
+  for (int64_t base = warp_id * rows_per_warp; base < nrows; base += num_warps * rows_per_warp) {
+    const int64_t row = base + sub;
+    const bool valid = row < nrows;
+    const int h = valid ? static_cast<int>(row % p.H) : 0;
+    const int64_t t = valid ? row / p.H : 0;
+    float lse = -INFINITY;
+    if (valid) {
+      const float* lrow = p.lse + t * p.l_st + h * p.l_sh;
+      float m = -INFINITY;
+      for (int s = 0; s < p.S; ++s) m = fmaxf(m, lrow[s * p.l_ss]);
+      if (m != -INFINITY) {
+        float sum = 0.f;
+        for (int s = 0; s < p.S; ++s) sum += __expf(lrow[s * p.l_ss] - m);
+        lse = m + __logf(sum);
+      }
+      const TIn* obase = static_cast<const TIn*>(p.o) + t * p.o_st + h * p.o_sh;
+      TOut* orow = static_cast<TOut*>(p.out) + t * p.out_st + h * p.out_sh;
+      for (int c = sl; c < chunks_per_row; c += G) {
+        float acc[VEC];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
+        if (lse != -INFINITY) {
+          for (int s = 0; s < p.S; ++s) {
+            const float ls = lrow[s * p.l_ss];
+            if (ls == -INFINITY) continue;  // empty state: skipped, never multiplied by 0
+            const float w = __expf(ls - lse);
+            float v[VEC];
+            load_as_float<TIn, VEC>(obase + s * p.o_ss + c * VEC, v);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) acc[i] = fmaf(w, v[i], acc[i]);
+          }
+        }
+        store_from_float<TOut, VEC>(orow + c * VEC, acc);
+      }
+    }
+    __syncwarp();
+    if (valid && sl == 0 && p.lse_out != nullptr) p.lse_out[t * p.lo_st + h * p.lo_sh] = lse;
+  }
+}
+
+template <typename TIn, typename TOut, int VEC>
+void launch(const MergeParams& p, cudaStream_t stream, int device) {
+  MergeParams q = p;
+  const int chunks = p.D / VEC;
+  q.lanes_per_row = 1;
+  while (q.lanes_per_row < chunks && q.lanes_per_row < 32) q.lanes_per_row *= 2;
+  const int64_t rows = static_cast<int64_t>(p.T) * p.H;
+  if (rows == 0) return;
+  const int threads = 256;
+  const int64_t rows_per_block = threads / q.lanes_per_row;
+  const int64_t want = (rows + rows_per_block - 1) / rows_per_block;
+  // Enough blocks to fill every SM many times over; the grid-stride loop covers the rest.
+  const int64_t cap = static_cast<int64_t>(num_sms(device)) * 32;
+  const int blocks = static_cast<int>(want < cap ? want : cap);
+  merge_states_kernel<TIn, TOut, VEC><<<blocks, threads, 0, stream>>>(q);
+  check_launch("merge_states_kernel");
+}
+
+bool vec_ok(const MergeParams& p, size_t in_size, size_t out_size, int vec) {
+  if (p.D % vec != 0) return false;
+  const size_t in_bytes = in_size * vec, out_bytes = out_size * vec;
+  auto stride_ok = [&](int64_t s) { return s % vec == 0; };
+  return aligned_to(reinterpret_cast<uintptr_t>(p.o), in_bytes) && stride_ok(p.o_ss) &&
+         stride_ok(p.o_st) && stride_ok(p.o_sh) &&
+         aligned_to(reinterpret_cast<uintptr_t>(p.out), out_bytes) && stride_ok(p.out_st) &&
+         stride_ok(p.out_sh);
+}
+
+}  // namespace
+
+void merge_states(const TensorDesc& o, const TensorDesc& lse, const TensorDesc& out,
+                  const TensorDesc* lse_out, int device, uintptr_t stream) {
+  ESP_CHECK(o.ndim() == 4, "merge_states: o must be [S, T, H, D], got ", o.ndim(), " dims");
+  ESP_CHECK(lse.ndim() == 3, "merge_states: lse must be [S, T, H]");
+  ESP_CHECK(out.ndim() == 3, "merge_states: out must be [T, H, D]");
+  ESP_CHECK(lse.dtype == DType::kFloat32, "merge_states: lse must be float32");
+  ESP_CHECK(o.stride(-1) == 1 && out.stride(-1) == 1,
+            "merge_states: the head dimension must be contiguous");
+  const int S = static_cast<int>(o.size(0)), T = static_cast<int>(o.size(1)),
+            H = static_cast<int>(o.size(2)), D = static_cast<int>(o.size(3));
+  ESP_CHECK(S >= 1 && S <= kMaxStates, "merge_states: number of states must be in [1, ",
+            kMaxStates, "], got ", S);
+  ESP_CHECK(lse.size(0) == S && lse.size(1) == T && lse.size(2) == H,
+            "merge_states: lse shape does not match o");
+  ESP_CHECK(out.size(0) == T && out.size(1) == H && out.size(2) == D,
+            "merge_states: out shape does not match o");
+  MergeParams p{};
+  p.o = reinterpret_cast<const void*>(o.ptr);
+  p.o_ss = o.stride(0); p.o_st = o.stride(1); p.o_sh = o.stride(2);
+  p.lse = lse.data<const float>();
+  p.l_ss = lse.stride(0); p.l_st = lse.stride(1); p.l_sh = lse.stride(2);
+  p.out = reinterpret_cast<void*>(out.ptr);
+  p.out_st = out.stride(0); p.out_sh = out.stride(1);
+  if (lse_out != nullptr) {
+    ESP_CHECK(lse_out->dtype == DType::kFloat32 && lse_out->ndim() == 2 &&
+                  lse_out->size(0) == T && lse_out->size(1) == H,
+              "merge_states: lse_out must be float32 [T, H]");
+    p.lse_out = lse_out->data<float>();
+    p.lo_st = lse_out->stride(0); p.lo_sh = lse_out->stride(1);
+  }
+  p.S = S; p.T = T; p.H = H; p.D = D;
+
+  DeviceGuard guard(device);
+  cudaStream_t s = as_stream(stream);
+  ESP_DISPATCH_FLOAT(o.dtype, TIn, [&] {
+    ESP_DISPATCH_FLOAT(out.dtype, TOut, [&] {
+      if (vec_ok(p, sizeof(TIn), sizeof(TOut), 8)) {
+        launch<TIn, TOut, 8>(p, s, device);
+      } else {
+        launch<TIn, TOut, 1>(p, s, device);
+      }
+    });
+  });
+}
+
+}  // namespace esp

@@ -1,0 +1,499 @@
+// ring_step kernel: FlashAttention-2-style partial attention of this rank's queries against one KV
+// block, merged into the running fp32 (o, lse) state in the epilogue (no separate merge pass).
+//
+// Work mapping. One CTA = one tile of kBlockM "rows" of one (request, KV head). A row is a
+// (query token, query head of the KV head's group) pair, packed token-major: row p is token p / G,
+// head kvh*G + p % G (G = Hq / Hkv). So the G heads that share a KV head read every K/V tile once
+// (GQA packing, as FlashInfer does), and a causal tile spans only kBlockM / G tokens, which makes
+// the diagonal (masked) region short.
+//
+// Per CTA: 4 warps, each owns 32 rows (two m16 tiles); S = Q K^T and O = P V with
+// mma.sync.m16n8k16 (fp32 accumulators). Q lives in shared memory and is re-read with ldmatrix
+// every key tile: keeping it in registers would need 64 registers per thread for D = 128 on top of
+// O (128) and S (64) — over the 255 limit — and halving the rows per warp instead doubles the
+// ldmatrix traffic per MMA (each K/V fragment would feed one m16 tile instead of two), which makes
+// the loop shared-memory-bound on H100 (128 B/clk/SM). K/V tiles stream through a two-stage
+// cp.async ring: tile n-1 loads while tile n computes. Shared layout: 16-byte chunks XOR-swizzled
+// by (row & 7), so the 8 rows of every ldmatrix phase and every cp.async phase hit distinct banks.
+//
+// Key tiles are visited from the last one down: the masked tiles (causal diagonal, partial tail of
+// the block) come first and the loop then runs mask-free. Tiles no row can see are never loaded.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../common/vec.cuh"
+
+namespace esp {
+
+struct RingStepParams {
+  const void* q;       // row (t, h) at q + t*q_st + h*q_sh, D contiguous (likewise k, v, o)
+  const void* k;
+  const void* v;
+  const int* cu_q;     // [B+1] on the device
+  const int* cu_k;
+  float* o;            // fp32 running output [Tq, Hq, D]
+  float* lse;          // fp32 running natural-log LSE [Tq, Hq]: lse + t*lse_st + h*lse_sh
+  int64_t q_st, q_sh, k_st, k_sh, v_st, v_sh, o_st, o_sh, lse_st, lse_sh;
+  int B;
+  int Hkv;
+  int G;               // query heads per KV head
+  int num_m_tiles;     // row tiles of the longest request: ceil(max_q_len * G / kBlockM)
+  int mask_shift;
+  bool causal;
+  bool accumulate;
+  float scale_log2;    // softmax_scale * log2(e): the softmax runs in the exp2 domain
+};
+
+// One translation unit per head dim (ring_step_d64.cu, ring_step_d128.cu) so the heavy
+// instantiations compile in parallel; ring_step.cu only validates and calls these.
+void ring_step_d64(const RingStepParams& p, DType dtype, cudaStream_t stream);
+void ring_step_d128(const RingStepParams& p, DType dtype, cudaStream_t stream);
+
+namespace ring_step_impl {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kWarpRows = 32;                  // two m16 MMA tiles per warp
+constexpr int kBlockM = kWarps * kWarpRows;    // 128 packed rows per CTA
+constexpr float kLn2 = 0.69314718055994530942f;
+
+// Tiles start on 1024-byte boundaries (see lane_addr); dynamic shared memory only promises 16, so
+// the kernel rounds its base up and asks for 1 KB of slack.
+constexpr int kSmemAlign = 1024;
+
+template <int D, int BN>
+constexpr int smem_bytes() {
+  return (kBlockM + 4 * BN) * D * 2 + kSmemAlign;  // Q + two stages of (K, V), 16-bit elements
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Byte offset of 16-byte chunk `c` of row `r` in a tile whose rows hold D 16-bit elements.
+template <int D>
+__device__ __forceinline__ uint32_t swz(int r, int c) {
+  return static_cast<uint32_t>((r * (D / 8) + (c ^ (r & 7))) * 16);
+}
+
+// ldmatrix address of a lane for k-step (chunk pair) 0: row `r` of a tile at `tile` (1024-byte
+// aligned), 16-byte chunk `hi` in {0, 1}. Chunk 2*kk + hi of that row is then at addr ^ (32*kk):
+// 2*kk + hi = 2*kk ^ hi, the swizzle XORs (r & 7) into the chunk index, and 32*kk < D*2 only
+// touches address bits below the row's start. One LOP per ldmatrix instead of a register per
+// (row, k-step) address, which is what keeps the D = 128 kernel within 255 registers.
+template <int D>
+__device__ __forceinline__ uint32_t lane_addr(uint32_t tile, int r, int hi) {
+  return tile + static_cast<uint32_t>(r * D * 2 + ((hi ^ (r & 7)) << 4));
+}
+
+// 16-byte async copy; `full == false` writes 16 zero bytes and reads nothing (src must still be a
+// valid address, callers pass the start of the request's rows).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool full) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(full ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// d += a * b for one m16n8k16 tile; a: 4 regs (16x16, row), b: 2 regs (16x8, col).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
+                                                  uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> one register of two 16-bit values, `lo` in the low half (the lower column).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// MUFU.EX2 directly: exp2f() adds denormal handling we do not need; ex2(-inf) = +0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Number of keys (a prefix of the request's block) that query token `tok` may see:
+// key b is visible iff b < len_k and (not causal or b <= tok + shift). 64-bit so any shift works.
+__device__ __forceinline__ int visible_end(int tok, int shift, int len_k) {
+  const long long e = static_cast<long long>(tok) + shift + 1;
+  return static_cast<int>(e < 0 ? 0 : (e > len_k ? len_k : e));
+}
+
+// One key tile for one warp: S = Q K^T (32 x BN), mask, online softmax, O += P V.
+// q_addr, k_addr, v_addr: this lane's ldmatrix addresses for k-step 0 (see lane_addr); key0: local
+// index of the tile's first key; lim[i][h]: keys visible to this thread's row (i, h) (read only
+// when kMasked).
+template <typename T, int D, int BN, bool kMasked>
+__device__ __forceinline__ void attend_tile(uint32_t q_addr, uint32_t k_addr, uint32_t v_addr,
+                                            int lane, int key0, const int (&lim)[2][2],
+                                            float scale_log2, float (&acc_o)[2][D / 8][4],
+                                            float (&row_max)[2][2], float (&row_sum)[2][2]) {
+  constexpr int kRowBytes = D * 2;
+  float s[2][BN / 8][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][j][e] = 0.f;
+
+  // Chunk pair kk of a lane's row is at addr ^ (32*kk) (see lane_addr); the 16-row steps between
+  // m16 tiles and key groups are plain immediate offsets.
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t qa[2][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)  // matrices: rows 0-7 / 8-15 x k 0-7 / 8-15 -> a0..a3
+      ldmatrix_x4(qa[i], (q_addr ^ (kk * 32)) + i * 16 * kRowBytes);
+#pragma unroll
+    for (int jj = 0; jj < BN / 16; ++jj) {
+      uint32_t kb[4];  // (keys 0-7, k lo), (keys 0-7, k hi), (keys 8-15, k lo), (keys 8-15, k hi)
+      ldmatrix_x4(kb, (k_addr ^ (kk * 32)) + jj * 16 * kRowBytes);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        mma_16816<T>(s[i][2 * jj], qa[i], kb[0], kb[1]);
+        mma_16816<T>(s[i][2 * jj + 1], qa[i], kb[2], kb[3]);
+      }
+    }
+  }
+
+  // Accumulator layout: s[i][j][e] is row i*16 + (lane >> 2) + 8*(e >> 1),
+  // key key0 + j*8 + 2*(lane & 3) + (e & 1).
+  if constexpr (kMasked) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (key0 + j * 8 + 2 * (lane & 3) + (e & 1) >= lim[i][e >> 1]) s[i][j][e] = -INFINITY;
+  }
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = row_max[i][h];
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(s[i][j][2 * h], s[i][j][2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a row
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // A row with nothing visible yet keeps max -inf; subtracting 0 instead of -inf keeps every
+      // exponent below -inf or finite, so p = 0 and alpha = 0, never NaN.
+      const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
+      const float alpha = fast_exp2(fmaf(row_max[i][h], scale_log2, -m_scaled));
+      row_max[i][h] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 2 * h; e < 2 * h + 2; ++e) {
+          s[i][j][e] = fast_exp2(fmaf(s[i][j][e], scale_log2, -m_scaled));
+          sum += s[i][j][e];
+        }
+      // Per-lane partial sum: alpha is the same on the row's 4 lanes, so the quad reduction can
+      // wait for the epilogue.
+      row_sum[i][h] = fmaf(row_sum[i][h], alpha, sum);
+#pragma unroll
+      for (int d = 0; d < D / 8; ++d) {
+        acc_o[i][d][2 * h] *= alpha;
+        acc_o[i][d][2 * h + 1] *= alpha;
+      }
+    }
+  }
+
+  // P (in registers, rounded to T) is directly the A operand of P V: the C layout of n-tiles
+  // 2kk, 2kk+1 is the A layout of k-step kk.
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    uint32_t pa[2][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      pa[i][0] = pack2<T>(s[i][2 * kk][0], s[i][2 * kk][1]);
+      pa[i][1] = pack2<T>(s[i][2 * kk][2], s[i][2 * kk][3]);
+      pa[i][2] = pack2<T>(s[i][2 * kk + 1][0], s[i][2 * kk + 1][1]);
+      pa[i][3] = pack2<T>(s[i][2 * kk + 1][2], s[i][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int dd = 0; dd < D / 16; ++dd) {
+      uint32_t vb[4];  // transposed: (keys 0-7, d lo), (keys 8-15, d lo), (0-7, d hi), (8-15, d hi)
+      ldmatrix_x4_trans(vb, (v_addr ^ (dd * 32)) + kk * 16 * kRowBytes);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        mma_16816<T>(acc_o[i][2 * dd], pa[i], vb[0], vb[1]);
+        mma_16816<T>(acc_o[i][2 * dd + 1], pa[i], vb[2], vb[3]);
+      }
+    }
+  }
+}
+
+// 2 CTAs per SM: 8 warps to hide MMA/ldmatrix latency; also what the register file allows at
+// up to 255 registers per thread.
+template <typename T, int D, int BN>
+__global__ void __launch_bounds__(kThreads, 2) ring_step_kernel(const RingStepParams p) {
+  constexpr int kChunks = D / 8;                  // 16-byte chunks per row
+  constexpr int kRowsPerPass = kThreads / kChunks;
+  static_assert(D % 16 == 0 && BN % 16 == 0 && kThreads % kChunks == 0, "tile shape");
+  static_assert(kBlockM % kRowsPerPass == 0 && BN % kRowsPerPass == 0, "copy shape");
+
+  // Block order: KV head fastest, then request, then row tile from the last (heaviest under a
+  // causal mask) to the first, so the longest CTAs start in the first wave (LPT order).
+  const int kvh = blockIdx.x % p.Hkv;
+  const int rest = blockIdx.x / p.Hkv;
+  const int b = rest % p.B;
+  const int m_block = p.num_m_tiles - 1 - rest / p.B;
+
+  const int q_start = p.cu_q[b];
+  const int rows = (p.cu_q[b + 1] - q_start) * p.G;  // packed rows of this (request, KV head)
+  const int row0 = m_block * kBlockM;
+  if (row0 >= rows) return;
+  const int k_start = p.cu_k[b];
+  const int len_k = p.cu_k[b + 1] - k_start;
+  const int G = p.G;
+
+  // Keys [0, n_end) are seen by some row of the tile, keys [0, full_end) by every row.
+  const int first_tok = row0 / G;
+  const int last_tok = (min(rows, row0 + kBlockM) - 1) / G;
+  const int n_end = p.causal ? visible_end(last_tok, p.mask_shift, len_k) : len_k;
+  const int full_end = p.causal ? visible_end(first_tok, p.mask_shift, len_k) : len_k;
+  const int n_blocks = (n_end + BN - 1) / BN;
+  const int n_full = full_end / BN;  // tiles [0, n_full) need no mask
+  if (n_blocks == 0 && p.accumulate) return;  // no row sees a key: every state stays as it is
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5, lane = tid & 31;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  const uint32_t sq = (smem_u32(smem) + (kSmemAlign - 1)) & ~static_cast<uint32_t>(kSmemAlign - 1);
+  const uint32_t skv = sq + kBlockM * D * 2;
+  constexpr uint32_t kTileBytes = BN * D * 2;  // stage s: K at skv + 2s*kTileBytes, V after it
+
+  float acc_o[2][D / 8][4];
+  float row_max[2][2], row_sum[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[i][d][e] = 0.f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      row_max[i][h] = -INFINITY;
+      row_sum[i][h] = 0.f;
+    }
+  }
+
+  if (n_blocks > 0) {
+    const int cc = tid % kChunks, cr = tid / kChunks;  // this thread's copy chunk and first row
+    const T* q_req = static_cast<const T*>(p.q) + q_start * p.q_st + kvh * G * p.q_sh;
+    const T* k_req = static_cast<const T*>(p.k) + k_start * p.k_st + kvh * p.k_sh;
+    const T* v_req = static_cast<const T*>(p.v) + k_start * p.v_st + kvh * p.v_sh;
+
+#pragma unroll
+    for (int i = 0; i < kBlockM / kRowsPerPass; ++i) {
+      const int r = cr + i * kRowsPerPass;
+      const int prow = row0 + r;
+      const bool ok = prow < rows;
+      const T* src = ok ? q_req + static_cast<int64_t>(prow / G) * p.q_st +
+                              static_cast<int64_t>(prow % G) * p.q_sh + cc * 8
+                        : q_req;
+      cp_async_16(sq + swz<D>(r, cc), src, ok);
+    }
+    // This thread copies chunk cc of K/V rows cr + i*kRowsPerPass of a tile. Only the first tile
+    // loaded (n_blocks - 1, the highest) can run past the block's end; its missing rows are
+    // zero-filled, since V garbage (even NaN) times p = 0 would be NaN. Every later tile is full,
+    // so the in-loop copies carry no bounds checks and their addresses are one running offset.
+    const T* k_thr = k_req + cr * p.k_st + cc * 8;
+    const T* v_thr = v_req + cr * p.v_st + cc * 8;
+    const uint32_t kv_dst = skv + swz<D>(cr, cc);  // (r & 7) == (cr & 7) for all rows copied
+    auto load_kv = [&](int n, int stage, auto bounded) {
+      const uint32_t sk = kv_dst + 2 * stage * kTileBytes, sv = sk + kTileBytes;
+      const int64_t key0 = static_cast<int64_t>(n) * BN;
+#pragma unroll
+      for (int i = 0; i < BN / kRowsPerPass; ++i) {
+        const int64_t key = key0 + i * kRowsPerPass;
+        const uint32_t off = i * kRowsPerPass * D * 2;
+        if constexpr (decltype(bounded)::value) {
+          const bool ok = key + cr < len_k;
+          cp_async_16(sk + off, ok ? k_thr + key * p.k_st : k_req, ok);
+          cp_async_16(sv + off, ok ? v_thr + key * p.v_st : v_req, ok);
+        } else {
+          cp_async_16(sk + off, k_thr + key * p.k_st, true);
+          cp_async_16(sv + off, v_thr + key * p.v_st, true);
+        }
+      }
+    };
+    load_kv(n_blocks - 1, 0, std::true_type{});
+    cp_async_commit();
+
+    // Lane roles in the ldmatrix x4 of each operand (matrix index = lane / 8):
+    //   Q (A, rows x k):        rows (lane & 15),                 chunk lane >> 4
+    //   K (B, keys x k):        rows 8*(lane >> 4) + (lane & 7),  chunk (lane >> 3) & 1
+    //   V (B^T, keys x d):      rows 8*((lane >> 3) & 1) + (lane & 7), chunk lane >> 4
+    const uint32_t q_addr = lane_addr<D>(sq, warp * kWarpRows + (lane & 15), lane >> 4);
+    const uint32_t k_lane = lane_addr<D>(0, ((lane >> 4) << 3) + (lane & 7), (lane >> 3) & 1);
+    const uint32_t v_lane = lane_addr<D>(0, (((lane >> 3) & 1) << 3) + (lane & 7), lane >> 4);
+
+    for (int it = 0; it < n_blocks; ++it) {
+      const int n = n_blocks - 1 - it;
+      // After this barrier tile n is visible to all threads and every warp has finished tile
+      // n+1, so its stage may be refilled with tile n-1 while tile n computes.
+      cp_async_wait_all();
+      __syncthreads();
+      if (n > 0) load_kv(n - 1, (it + 1) & 1, std::false_type{});
+      cp_async_commit();
+      const uint32_t sk = skv + 2 * (it & 1) * kTileBytes, sv = sk + kTileBytes;
+      if (n >= n_full) {
+        // Visible-key limits of this thread's 4 rows; recomputed on the few masked tiles rather
+        // than held in registers through the whole loop.
+        int lim[2][2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int tok = (row0 + warp * kWarpRows + i * 16 + h * 8 + (lane >> 2)) / G;
+            lim[i][h] = p.causal ? visible_end(tok, p.mask_shift, len_k) : len_k;
+          }
+        attend_tile<T, D, BN, true>(q_addr, sk + k_lane, sv + v_lane, lane, n * BN, lim,
+                                    p.scale_log2, acc_o, row_max, row_sum);
+      } else {
+        attend_tile<T, D, BN, false>(q_addr, sk + k_lane, sv + v_lane, lane, n * BN, {},
+                                     p.scale_log2, acc_o, row_max, row_sum);
+      }
+    }
+  }
+
+  // Epilogue: block state (o_blk = acc / l, lse_blk) merged with the stored state, per row.
+  // Row (i, h) of this thread: packed row row0 + warp*32 + i*16 + h*8 + lane/4; its 4 lanes hold
+  // columns d*8 + 2*(lane & 3) + {0, 1}.
+  float* o_row[2][2];
+  float* lse_ptr[2][2];
+  float lse_prev[2][2];
+  bool valid[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float l = row_sum[i][h];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      row_sum[i][h] = l;
+      const int prow = row0 + warp * kWarpRows + i * 16 + h * 8 + (lane >> 2);
+      valid[i][h] = prow < rows;
+      const int64_t t = q_start + prow / G;
+      const int64_t hq = static_cast<int64_t>(kvh) * G + prow % G;
+      o_row[i][h] = p.o + t * p.o_st + hq * p.o_sh + 2 * (lane & 3);
+      lse_ptr[i][h] = p.lse + t * p.lse_st + hq * p.lse_sh;
+      lse_prev[i][h] =
+          (p.accumulate && valid[i][h] && l > 0.f) ? *lse_ptr[i][h] : -INFINITY;
+    }
+  // All 4 lanes of a row read its lse before lane 0 of the quad overwrites it.
+  __syncwarp();
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (!valid[i][h]) continue;
+      const float l = row_sum[i][h];
+      float* orow = o_row[i][h];
+      if (l == 0.f) {
+        // No visible key in this block: keep the state (accumulate) or write the empty state.
+        if (p.accumulate) continue;
+#pragma unroll
+        for (int d = 0; d < D / 8; ++d)
+          *reinterpret_cast<float2*>(orow + d * 8) = make_float2(0.f, 0.f);
+        if ((lane & 3) == 0) *lse_ptr[i][h] = -INFINITY;
+        continue;
+      }
+      // l > 0 implies a finite row max.
+      const float lse_blk = (row_max[i][h] * p.scale_log2 + log2f(l)) * kLn2;
+      const float lp = lse_prev[i][h];
+      float lse_new = lse_blk, w_blk = 1.f / l, w_prev = 0.f;
+      const bool has_prev = lp != -INFINITY;  // -inf = empty so far: o_prev is never read
+      if (has_prev) {
+        const float mx = fmaxf(lp, lse_blk);
+        const float e_prev = expf(lp - mx), e_blk = expf(lse_blk - mx);
+        const float sum = e_prev + e_blk;  // >= 1: one of the two exponents is 0
+        lse_new = mx + logf(sum);
+        w_prev = e_prev / sum;
+        w_blk = e_blk / (sum * l);
+      }
+#pragma unroll
+      for (int d = 0; d < D / 8; ++d) {
+        float2 out = make_float2(acc_o[i][d][2 * h] * w_blk, acc_o[i][d][2 * h + 1] * w_blk);
+        if (has_prev) {
+          const float2 old = *reinterpret_cast<const float2*>(orow + d * 8);
+          out.x = fmaf(old.x, w_prev, out.x);
+          out.y = fmaf(old.y, w_prev, out.y);
+        }
+        *reinterpret_cast<float2*>(orow + d * 8) = out;
+      }
+      if ((lane & 3) == 0) *lse_ptr[i][h] = lse_new;
+    }
+}
+
+template <typename T, int D, int BN>
+void launch_ring_step(const RingStepParams& p, cudaStream_t stream) {
+  constexpr int smem = smem_bytes<D, BN>();
+  auto kernel = ring_step_kernel<T, D, BN>;
+  ESP_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  // Two CTAs per SM need 2 x smem of the unified L1/shared array; ask for the full carveout so
+  // the driver does not pick a split that fits only one.
+  ESP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared));
+  const int blocks = p.num_m_tiles * p.B * p.Hkv;  // host checked it fits in int
+  kernel<<<blocks, kThreads, smem, stream>>>(p);
+  check_launch("ring_step_kernel");
+}
+
+}  // namespace ring_step_impl
+}  // namespace esp

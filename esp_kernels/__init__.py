@@ -1,0 +1,27 @@
+"""esp_kernels: kernels and communication for elastic sequence parallelism (ESP).
+
+    import esp_kernels as esp
+    out, lse = esp.reference.attention(q, k, v, cu_q, cu_k)
+    o, lse = esp.merge_states(o_a, lse_a, o_b, lse_b)
+    groups = esp.comm.local_group(4, "cuda")          # or from_torch / init_nccl
+    out, lse = esp.ring_prefill(q, k, v, seqlens, ring, retain=(plan, cache, layer))
+    out = esp.distributed_decode(q, cache, decode_plan, group, layer=layer)
+    esp.migrate_kv(cache, migration_plan, group)
+
+See README.md for shapes, dtypes and the support matrix.
+"""
+
+from . import comm, reference, testing
+from .config import __version__, config, show_config
+from .decode import DecodePlan, decode_partial, distributed_decode
+from .kvcache import (CacheOutOfMemory, MigrationError, MigrationPlan, PagedKVCache,
+                      RetentionPlan, migrate_kv)
+from .merge import merge_states, merge_states_, merge_states_multi
+from .prefill import ring_prefill
+
+__all__ = [
+    "__version__", "config", "show_config", "comm", "reference", "testing",
+    "merge_states", "merge_states_", "merge_states_multi",
+    "ring_prefill", "PagedKVCache", "CacheOutOfMemory", "RetentionPlan", "MigrationPlan",
+    "MigrationError", "migrate_kv", "DecodePlan", "decode_partial", "distributed_decode",
+]

@@ -1,0 +1,58 @@
+"""Argument validation shared by the public ops: every error names the argument at fault."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_tensor(t, name: str, ndim: int | None = None, dtypes: Iterable[torch.dtype] | None = None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+    return t
+
+
+def check_same_device(**tensors):
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    if not items:
+        return None
+    first_name, first = items[0]
+    for n, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{n} is on {t.device} but {first_name} is on {first.device}: "
+                             "all tensors must be on one device")
+    return first.device
+
+
+def check_cu_seqlens(cu, name: str, total: int, device: torch.device | None = None):
+    """cu_seqlens: int32 [B+1], starts at 0, non-decreasing, ends at the packed tensor's length."""
+    check_tensor(cu, name, ndim=1)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.numel() < 1:
+        raise ValueError(f"{name} must have B+1 >= 1 entries")
+    host = cu.tolist()
+    if host[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {host[0]}")
+    if any(b < a for a, b in zip(host, host[1:])):
+        raise ValueError(f"{name} must be non-decreasing, got {host}")
+    if host[-1] != total:
+        raise ValueError(f"{name}[-1] = {host[-1]} disagrees with the packed length {total}")
+    return host
+
+
+def check_gqa(hq: int, hkv: int, q_name: str = "q", k_name: str = "k"):
+    if hkv <= 0 or hq % hkv != 0:
+        raise ValueError(f"{q_name} has {hq} heads, which is not a multiple of the {hkv} heads "
+                         f"of {k_name} (GQA needs Hq % Hkv == 0)")

@@ -1,0 +1,23 @@
+"""Communication groups behind one interface (see group.py):
+
+    esp.comm.local_group(n, device)             # n virtual ranks in this process (threads)
+    esp.comm.from_torch(process_group)          # wrap torch.distributed (gloo / nccl)
+    esp.comm.init_nccl(rank, world_size, store) # native NCCL world communicator
+    ring = g.subgroup([3, 0, 5])                # ordered ESP group, no new communicator
+"""
+
+from .group import CommError, CommTimeout, CompletedWork, Group, Work
+from .local import LocalGroup, local_group, run_local
+from .torch_backend import TorchGroup, from_torch
+
+
+def init_nccl(rank, world_size, store, device=None, timeout=None, prefix="esp_nccl"):
+    """Native NCCL world group (see esp_kernels/comm/nccl.py)."""
+    from . import nccl
+
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    return nccl.init_nccl(rank, world_size, store, device=device, prefix=prefix, **kwargs)
+
+
+__all__ = ["CommError", "CommTimeout", "CompletedWork", "Group", "Work", "LocalGroup",
+           "local_group", "run_local", "TorchGroup", "from_torch", "init_nccl"]

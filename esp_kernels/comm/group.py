@@ -1,0 +1,166 @@
+"""The Group interface every driver (ring prefill, decode, migration) talks to.
+
+A Group is an ordered set of ranks of one *world* of instances. `subgroup(order)` makes an ESP
+group out of any ordered subset of a group's ranks without creating a communicator: it only maps
+positions to world ranks, and every message still goes through the world's backend.
+
+Backends implement two things at the world level: `_world_p2p(sends, recvs)` (post several sends
+and receives together, return a Work) and the attributes below. Everything else (subgroups,
+send/recv, metadata all-gather, barrier, argument checks) lives here, once for all backends.
+
+Streams: a backend issues communication on its own stream after the caller's current stream
+(so tensors are ready), and a Work's `wait()` makes the caller's current stream wait on an event:
+no device-wide synchronize anywhere. CPU backends complete or block on the host instead.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+import torch
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class CommError(RuntimeError):
+    """A communication failure (peer error, aborted communicator)."""
+
+
+class CommTimeout(CommError):
+    """A communication did not complete within the group's timeout."""
+
+
+class Work(abc.ABC):
+    """Handle of posted communication."""
+
+    @abc.abstractmethod
+    def wait(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Order `stream` (default: the current stream) after the communication.
+
+        On GPU backends this enqueues an event wait and returns at once; CPU backends block the
+        host until the data is there (raising CommTimeout after the group's timeout).
+        """
+
+    @abc.abstractmethod
+    def synchronize(self, timeout: float | None = None) -> None:
+        """Block the host until the communication has completed (CommTimeout on timeout)."""
+
+
+class CompletedWork(Work):
+    """A Work with nothing left to do (e.g. an exchange with no messages)."""
+
+    def wait(self, stream=None):
+        return None
+
+    def synchronize(self, timeout=None):
+        return None
+
+
+class Group(abc.ABC):
+    """Ordered group of ranks. Attributes: rank, size, device, world_ranks, timeout."""
+
+    #: this process's (or virtual rank's) position in the group
+    rank: int
+    #: number of ranks in the group
+    size: int
+    #: device the group's tensors must live on
+    device: torch.device
+    #: world rank of each group position
+    world_ranks: tuple[int, ...]
+    #: seconds a blocking wait may take before CommTimeout
+    timeout: float = DEFAULT_TIMEOUT_S
+
+    # ---- backend hook -------------------------------------------------------------------
+    @abc.abstractmethod
+    def _world_p2p(self, sends: list[tuple[torch.Tensor, int]],
+                   recvs: list[tuple[torch.Tensor, int]]) -> Work:
+        """Post sends (tensor, world dst) and receives (buffer, world src) together."""
+
+    @abc.abstractmethod
+    def _with_order(self, world_ranks: tuple[int, ...], rank: int) -> "Group":
+        """A handle on the same world restricted to `world_ranks` (this process at `rank`)."""
+
+    # ---- derived API --------------------------------------------------------------------
+    def subgroup(self, order: Sequence[int]) -> "Group":
+        """Ordered subset of this group: position i of `order` becomes rank i of the new group.
+
+        No communicator is created. The calling rank must be a member of `order`.
+        """
+        order = [int(r) for r in order]
+        if not order:
+            raise ValueError("subgroup order must not be empty")
+        if len(set(order)) != len(order):
+            raise ValueError(f"subgroup order has duplicate ranks: {order}")
+        bad = [r for r in order if not 0 <= r < self.size]
+        if bad:
+            raise ValueError(f"subgroup order names ranks {bad} outside this group of size "
+                             f"{self.size}")
+        if self.rank not in order:
+            raise ValueError(f"rank {self.rank} is not a member of subgroup {order}; only members "
+                             "may create a subgroup handle")
+        world = tuple(self.world_ranks[r] for r in order)
+        return self._with_order(world, order.index(self.rank))
+
+    def _check_peer(self, peer: int, what: str) -> int:
+        if not isinstance(peer, int) or not 0 <= peer < self.size:
+            raise ValueError(f"{what} rank {peer!r} is not in this group of size {self.size}")
+        return self.world_ranks[peer]
+
+    def _check_buffer(self, t: torch.Tensor, what: str):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != self.device:
+            raise ValueError(f"{what} is on {t.device} but this group communicates on "
+                             f"{self.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{what} must be contiguous (shape {tuple(t.shape)}, strides "
+                             f"{t.stride()})")
+
+    def exchange(self, sends: Sequence[tuple[torch.Tensor, int]] = (),
+                 recvs: Sequence[tuple[torch.Tensor, int]] = ()) -> Work:
+        """Post several sends and receives together (one ring step: send to next, receive from
+        previous). Peers are ranks of this group. Returns one Work for all of them."""
+        ws, wr = [], []
+        for i, (t, dst) in enumerate(sends):
+            self._check_buffer(t, f"sends[{i}] tensor")
+            ws.append((t, self._check_peer(dst, f"sends[{i}] destination")))
+        for i, (t, src) in enumerate(recvs):
+            self._check_buffer(t, f"recvs[{i}] buffer")
+            wr.append((t, self._check_peer(src, f"recvs[{i}] source")))
+        if not ws and not wr:
+            return CompletedWork()
+        return self._world_p2p(ws, wr)
+
+    def send(self, tensor: torch.Tensor, dst: int) -> Work:
+        return self.exchange(sends=[(tensor, dst)])
+
+    def recv(self, tensor: torch.Tensor, src: int) -> Work:
+        return self.exchange(recvs=[(tensor, src)])
+
+    def all_gather_ints(self, values: Sequence[int]) -> list[list[int]]:
+        """Every rank's list of a few integers (same count on every rank), by group rank.
+
+        Host-blocking; for metadata before a loop, never inside one.
+        """
+        values = [int(v) for v in values]
+        n = len(values)
+        mine = torch.tensor(values, dtype=torch.int64, device=self.device)
+        bufs = {r: torch.empty(n, dtype=torch.int64, device=self.device)
+                for r in range(self.size) if r != self.rank}
+        others = list(bufs)
+        work = self.exchange(sends=[(mine, r) for r in others],
+                             recvs=[(bufs[r], r) for r in others])
+        work.synchronize(self.timeout)
+        out = []
+        for r in range(self.size):
+            out.append(values if r == self.rank else [int(x) for x in bufs[r].tolist()])
+        return out
+
+    def barrier(self) -> None:
+        """Return once every rank of this group has entered the barrier."""
+        self.all_gather_ints([self.rank])
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(rank={self.rank}, size={self.size}, "
+                f"world_ranks={list(self.world_ranks)}, device={self.device})")

@@ -1,0 +1,242 @@
+"""Multi-master distributed decode attention (`esp.distributed_decode`).
+
+Per layer, on every instance of the group:
+  1. masters send each holder the queries of the requests it holds (and, for a request whose new
+     token this holder stores, that token's K/V) in one grouped exchange;
+  2. every holder appends received K/V into its cache, then computes one partial state (o, lse)
+     over its shard for all requests it holds, whoever masters them (one kernel launch);
+  3. the states go back, o and lse of a master's requests as ONE message per peer;
+  4. each master gathers the states of its requests and merges them exactly (fp32), returning
+     `out` in the query dtype.
+
+All index maps and buffers depend only on (plan, instance, shapes): they are built once per plan
+(`_DecodeStep`) and reused by every layer, so a layer costs a few launches and two exchanges, and
+with a fixed plan its buffers keep their addresses (CUDA-graph capturable).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import FLOAT_DTYPES, check_tensor
+from ..kvcache.cache import PagedKVCache
+from ..kvcache.copy import copy_rows
+from ..merge import merge_states_multi
+from .partial import decode_partial, num_splits_for
+from .plan import DecodePlan
+
+
+def _segments(sizes):
+    out, start = [], 0
+    for n in sizes:
+        out.append((start, start + n))
+        start += n
+    return out, start
+
+
+class _DecodeStep:
+    """Exchange layout and persistent buffers of one instance for one plan."""
+
+    def __init__(self, plan: DecodePlan, group, cache: PagedKVCache, Hq: int, D: int,
+                 q_dtype: torch.dtype):
+        me = group.world_ranks[group.rank]
+        pos_of = {w: i for i, w in enumerate(group.world_ranks)}
+        for i, rid in enumerate(plan.requests):
+            for inst in [plan.masters[i]] + plan.holders(i):
+                if inst not in pos_of:
+                    raise ValueError(f"plan puts request {rid!r} on instance {inst}, which is not "
+                                     f"in the group {list(group.world_ranks)}")
+        dev = cache.device
+        self.me, self.device, self.Hq, self.D = me, dev, Hq, D
+        Hkv = cache.num_kv_heads
+        self.mine = plan.mastered_by(me)                    # my q rows -> request indices
+        row_of = {i: r for r, i in enumerate(self.mine)}
+        masters = sorted({plan.masters[i] for i in plan.held_by(me)})
+        # Holder side: Q_hold rows grouped by master, each group in that master's row order.
+        self.hold_by_master = {m: [i for i in plan.mastered_by(m) if me in plan.shards[i]]
+                               for m in masters}
+        hold_order = [i for m in masters for i in self.hold_by_master[m]]
+        seg, n_hold = _segments([len(self.hold_by_master[m]) for m in masters])
+        self.hold_seg = dict(zip(masters, seg))
+        self.n_hold = n_hold
+        # Master side: for each holder of my requests, the rows (of mine) it serves.
+        holders = sorted({h for i in self.mine for h in plan.holders(i)})
+        self.serve = {h: [i for i in self.mine if h in plan.shards[i]] for h in holders}
+        remote = [h for h in holders if h != me]
+        rseg, n_recv = _segments([len(self.serve[h]) for h in remote])
+        self.recv_seg = dict(zip(remote, rseg))
+        self.peers = {h: pos_of[h] for h in set(remote) | set(masters)}
+
+        # Query send buffer: rows of mine for each remote holder, holder segments in order.
+        q_rows = [row_of[i] for h in remote for i in self.serve[h]]
+        self.q_send_idx = torch.tensor(q_rows, dtype=torch.long, device=dev)
+        self.q_send_seg = dict(zip(remote, rseg))
+        self.q_self_idx = torch.tensor([row_of[i] for i in self.hold_by_master.get(me, [])],
+                                       dtype=torch.long, device=dev)
+        # Appends: which of my new tokens go where, and which tokens I store for others.
+        self.appending = any(t is not None for t in plan.append_to)
+        app_dst = {}
+        for i in self.mine:
+            t = plan.append_to[i]
+            if t is not None:
+                app_dst.setdefault(t, []).append(i)
+        self.app_self_rows = torch.tensor([row_of[i] for i in app_dst.get(me, [])],
+                                          dtype=torch.long, device=dev)
+        self.app_self_slots = self._slots(plan, cache, app_dst.get(me, []), dev)
+        app_remote = [t for t in sorted(app_dst) if t != me]
+        aseg, _ = _segments([len(app_dst[t]) for t in app_remote])
+        self.app_send_seg = dict(zip(app_remote, aseg))
+        self.app_send_idx = torch.tensor([row_of[i] for t in app_remote for i in app_dst[t]],
+                                         dtype=torch.long, device=dev)
+        incoming = {m: [i for i in plan.mastered_by(m) if plan.append_to[i] == me]
+                    for m in sorted({plan.masters[i] for i, t in enumerate(plan.append_to)
+                                     if t == me and plan.masters[i] != me})}
+        iseg, n_in = _segments([len(incoming[m]) for m in incoming])
+        self.app_recv_seg = dict(zip(incoming, iseg))
+        self.app_recv_slots = self._slots(plan, cache, [i for m in incoming for i in incoming[m]],
+                                          dev)
+        self.row = Hkv * D
+
+        # Block table of the held requests, in Q_hold order.
+        hold_ids = [plan.requests[i] for i in hold_order]
+        self.block_table, self.kv_lens = cache.block_table(hold_ids)
+        max_len = cache.page_size * self.block_table.shape[1]
+        sms = (torch.cuda.get_device_properties(dev).multi_processor_count
+               if dev.type == "cuda" else 1)
+        self.num_splits = num_splits_for(max(1, n_hold), Hkv, max_len, sms)
+
+        # Buffers. States: one fp32 row [o (Hq*D) | lse (Hq)] per request, so the states of a
+        # master's requests are one contiguous message. X = [held states ; received ; empty].
+        srow = Hq * D + Hq
+        self.srow = srow
+        self.X = torch.empty(n_hold + n_recv + 1, srow, dtype=torch.float32, device=dev)
+        self.X[-1, : Hq * D] = 0
+        self.X[-1, Hq * D:] = -math.inf
+        self.q_hold = torch.empty(n_hold, Hq, D, dtype=q_dtype, device=dev)
+        self.q_send = torch.empty(len(q_rows), Hq, D, dtype=q_dtype, device=dev)
+        self.kv_send = torch.empty(self.app_send_idx.numel(), 2, self.row, dtype=cache.dtype,
+                                   device=dev)
+        self.kv_recv = torch.empty(n_in, 2, self.row, dtype=cache.dtype, device=dev)
+        # Gather map for my requests: S = most holders of any of them; missing -> empty row.
+        S = max([len(plan.holders(i)) for i in self.mine], default=0)
+        self.S = S
+        gidx = torch.full((max(S, 1), len(self.mine)), n_hold + n_recv, dtype=torch.long)
+        own_start = self.hold_seg.get(me, (0, 0))[0]
+        own_pos = {i: own_start + k for k, i in enumerate(self.hold_by_master.get(me, []))}
+        for b, i in enumerate(self.mine):
+            for s, h in enumerate(plan.holders(i)):
+                if h == me:
+                    gidx[s, b] = own_pos[i]
+                else:
+                    gidx[s, b] = n_hold + self.recv_seg[h][0] + self.serve[h].index(i)
+        self.gather_idx = gidx.flatten().to(dev)
+
+    @staticmethod
+    def _slots(plan, cache, idxs, dev):
+        slots = [plan.append_slots[plan.requests[i]] for i in idxs]
+        return torch.tensor(slots, dtype=torch.int32, device=dev)
+
+    def states(self, rows: slice):
+        """(o [n, Hq, D], lse [n, Hq]) strided views of X's rows."""
+        x = self.X[rows]
+        hd = self.Hq * self.D
+        o = x.as_strided((x.shape[0], self.Hq, self.D), (self.srow, self.D, 1))
+        lse = x.as_strided((x.shape[0], self.Hq), (self.srow, 1), x.storage_offset() + hd)
+        return o, lse
+
+
+def _write_kv(cache: PagedKVCache, layer: int, rows: torch.Tensor, slots: torch.Tensor):
+    """rows [n, 2, Hkv*D] (K, V of n new tokens) -> the cache's slots of one layer."""
+    if slots.numel():
+        copy_rows(rows.transpose(0, 1), None, cache.slot_rows(layer), slots)
+
+
+def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer: int = 0,
+                       k_new=None, v_new=None, softmax_scale=None, backend="auto"):
+    """One decode attention layer across the group (call on every instance of `group`).
+
+    Args:
+        q: [B_m, Hq, D] queries of the requests this instance masters, in plan order
+            (`plan.mastered_by(this instance)`); B_m may be 0.
+        cache: this instance's PagedKVCache; plan: the DecodePlan (same on every instance).
+        layer: cache layer to attend over.
+        k_new, v_new: [B_m, Hkv, D] the new token's K/V of each mastered request, required when
+            the plan appends (after `plan.scale_up`); stored at this layer on the instance the
+            plan chose before attention, so each query attends to its own token too.
+    Returns out [B_m, Hq, D] in q.dtype.
+    """
+    check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
+    if not isinstance(plan, DecodePlan):
+        raise TypeError(f"plan must be a DecodePlan, got {type(plan).__name__}")
+    if q.device != cache.device or q.device != group.device:
+        raise ValueError(f"q ({q.device}), cache ({cache.device}) and group ({group.device}) "
+                         "must share one device")
+    cache._check_layer(layer)
+    Bm, Hq, D = q.shape
+    if D != cache.head_dim or Hq % cache.num_kv_heads:
+        raise ValueError(f"q [.., {Hq}, {D}] does not fit the cache's {cache.num_kv_heads} kv "
+                         f"heads of dim {cache.head_dim}")
+    me = group.world_ranks[group.rank]
+    key = (me, tuple(group.world_ranks), id(cache), Hq, D, q.dtype)
+    step = plan._steps.get(key)
+    if step is None:
+        step = plan._steps[key] = _DecodeStep(plan, group, cache, Hq, D, q.dtype)
+    if Bm != len(step.mine):
+        raise ValueError(f"q has {Bm} rows but this instance masters {len(step.mine)} requests "
+                         "of the plan")
+    if step.appending:
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            check_tensor(t, name, ndim=3)
+            if tuple(t.shape) != (Bm, cache.num_kv_heads, D) or t.dtype != cache.dtype:
+                raise ValueError(f"{name} must be [{Bm}, {cache.num_kv_heads}, {D}] "
+                                 f"{cache.dtype}, got {tuple(t.shape)} {t.dtype}")
+        new_kv = torch.stack((k_new.reshape(Bm, -1), v_new.reshape(Bm, -1)), 1)
+        _write_kv(cache, layer, new_kv[step.app_self_rows], step.app_self_slots)
+        if step.app_send_idx.numel():
+            torch.index_select(new_kv, 0, step.app_send_idx, out=step.kv_send)
+    elif k_new is not None or v_new is not None:
+        raise ValueError("k_new/v_new given but the plan appends nothing (call plan.scale_up)")
+
+    # 1. queries (+ appended K/V) to holders, in one grouped exchange.
+    if step.q_self_idx.numel():
+        s0, s1 = step.hold_seg[me]
+        torch.index_select(q, 0, step.q_self_idx, out=step.q_hold[s0:s1])
+    if step.q_send_idx.numel():
+        torch.index_select(q, 0, step.q_send_idx, out=step.q_send)
+    sends = [(step.q_send[a:b], step.peers[h]) for h, (a, b) in step.q_send_seg.items()]
+    sends += [(step.kv_send[a:b], step.peers[t]) for t, (a, b) in step.app_send_seg.items()]
+    recvs = [(step.q_hold[a:b], step.peers[m]) for m, (a, b) in step.hold_seg.items()
+             if m != me and b > a]
+    recvs += [(step.kv_recv[a:b], step.peers[m]) for m, (a, b) in step.app_recv_seg.items()]
+    work = group.exchange(sends=sends, recvs=recvs)
+    work.wait()
+
+    # 2. store others' new tokens, then one partial state over my shard for all held requests.
+    _write_kv(cache, layer, step.kv_recv, step.app_recv_slots)
+    if step.n_hold:
+        o_h, lse_h = step.states(slice(0, step.n_hold))
+        k_l, v_l = cache.layer(layer)
+        decode_partial(step.q_hold, k_l, v_l, step.block_table, step.kv_lens,
+                       softmax_scale=softmax_scale, num_splits=step.num_splits, o=o_h, lse=lse_h,
+                       backend=backend)
+
+    # 3. states back to masters: one message [o | lse] per peer.
+    sends = [(step.X[a:b], step.peers[m]) for m, (a, b) in step.hold_seg.items()
+             if m != me and b > a]
+    recvs = [(step.X[step.n_hold + a: step.n_hold + b], step.peers[h])
+             for h, (a, b) in step.recv_seg.items() if b > a]
+    work = group.exchange(sends=sends, recvs=recvs)
+    work.wait()
+
+    # 4. exact fp32 merge of every holder's state of my requests.
+    if Bm == 0:
+        return q.new_empty(q.shape)
+    g = step.X.index_select(0, step.gather_idx)
+    S = max(step.S, 1)
+    o_all = g.as_strided((S, Bm, Hq, D), (Bm * step.srow, step.srow, D, 1))
+    lse_all = g.as_strided((S, Bm, Hq), (Bm * step.srow, step.srow, 1), Hq * D)
+    out, _ = merge_states_multi(o_all, lse_all, out_dtype=q.dtype,
+                                backend="torch" if backend == "torch" else "auto")
+    return out

@@ -1,0 +1,9 @@
+"""Paged KV cache, proactive retention during the ring, and reactive migration."""
+
+from .cache import CacheOutOfMemory, CacheStats, PagedKVCache
+from .copy import copy_rows
+from .migration import MigrationEntry, MigrationError, MigrationPlan, migrate_kv
+from .retention import RetentionPlan, RetentionWriter
+
+__all__ = ["CacheOutOfMemory", "CacheStats", "PagedKVCache", "copy_rows", "MigrationEntry",
+           "MigrationError", "MigrationPlan", "migrate_kv", "RetentionPlan", "RetentionWriter"]

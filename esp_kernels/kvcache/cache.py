@@ -1,0 +1,274 @@
+"""Paged KV cache of one instance, all layers (`esp.PagedKVCache`).
+
+Storage: `kv` [num_layers, 2 (K, V), num_pages, page_size, num_kv_heads, head_dim]. A *slot* is
+page * page_size + offset. Pages belong to one request; a request's tokens on this instance are
+stored densely in its pages in storage order (token i at page pages[i // page_size], offset
+i % page_size), each with its global position, so a request may sit on several instances in any
+split and order (token-level placement). Dense storage is what the decode kernel reads; removing
+tokens (migration) therefore moves the request's last tokens into the holes (compaction).
+
+The allocator is host-side bookkeeping: all-or-nothing (a request that does not fit raises
+CacheOutOfMemory naming it and the shortfall, and nothing changes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Hashable, Iterable, Mapping
+
+import torch
+
+from .._checks import FLOAT_DTYPES
+from .copy import copy_rows
+
+
+class CacheOutOfMemory(MemoryError):
+    """An allocation does not fit in the free pages; the cache is unchanged."""
+
+
+class _Ints:
+    """Growable int64 CPU array (amortized O(1) appends for one-token decode steps)."""
+
+    def __init__(self):
+        self.buf = torch.empty(16, dtype=torch.int64)
+        self.n = 0
+
+    def extend(self, values: torch.Tensor):
+        need = self.n + values.numel()
+        if need > self.buf.numel():
+            grown = torch.empty(max(need, 2 * self.buf.numel()), dtype=torch.int64)
+            grown[: self.n] = self.buf[: self.n]
+            self.buf = grown
+        self.buf[self.n:need] = values
+        self.n = need
+
+    def view(self) -> torch.Tensor:
+        return self.buf[: self.n]
+
+    def truncate(self, n: int):
+        self.n = n
+
+
+@dataclasses.dataclass
+class _Shard:
+    pages: list[int]
+    positions: _Ints
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheStats:
+    used_tokens: int
+    used_pages: int
+    free_pages: int
+    free_tokens: int        # slots a new request could take: free_pages * page_size
+    fragmented_slots: int   # free slots inside partly used pages (usable by their request only)
+    fragmentation: float    # fragmented_slots / all free slots (0 when nothing is free)
+
+
+def _positions_tensor(positions, name="positions") -> torch.Tensor:
+    t = positions if isinstance(positions, torch.Tensor) else torch.as_tensor(list(positions),
+                                                                              dtype=torch.int64)
+    if t.dim() != 1 or t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a 1-D sequence of integers")
+    t = t.to("cpu", torch.int64)
+    if t.numel() and int(t.min()) < 0:
+        raise ValueError(f"{name} must be non-negative")
+    if t.unique().numel() != t.numel():
+        raise ValueError(f"{name} has duplicate positions")
+    return t
+
+
+class PagedKVCache:
+    """Paged K/V storage of one instance for all layers (see module docstring)."""
+
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype = torch.bfloat16, device="cuda"):
+        for name, val in (("num_layers", num_layers), ("num_pages", num_pages),
+                          ("page_size", page_size), ("num_kv_heads", num_kv_heads),
+                          ("head_dim", head_dim)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
+        self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
+        self.device = torch.device(device)
+        self.kv = torch.empty((num_layers, 2, num_pages, page_size, num_kv_heads, head_dim),
+                              dtype=dtype, device=self.device)
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low pages first
+        self._shards: dict[Hashable, _Shard] = {}
+
+    # ---- views ---------------------------------------------------------------------------
+    @property
+    def num_slots(self) -> int:
+        return self.num_pages * self.page_size
+
+    @property
+    def row_elems(self) -> int:
+        """Elements of one token's K (or V) in one layer: num_kv_heads * head_dim."""
+        return self.num_kv_heads * self.head_dim
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) of one layer, each [num_pages, page_size, num_kv_heads, head_dim]."""
+        self._check_layer(layer)
+        return self.kv[layer, 0], self.kv[layer, 1]
+
+    def slot_rows(self, layer: int | None = None) -> torch.Tensor:
+        """[2, num_slots, row] for one layer, or [num_layers * 2, num_slots, row] for all."""
+        if layer is None:
+            return self.kv.view(self.num_layers * 2, self.num_slots, self.row_elems)
+        self._check_layer(layer)
+        return self.kv[layer].view(2, self.num_slots, self.row_elems)
+
+    def _check_layer(self, layer):
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer!r} is outside [0, {self.num_layers})")
+
+    # ---- bookkeeping ---------------------------------------------------------------------
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def requests(self) -> list:
+        return list(self._shards)
+
+    def num_tokens(self, request) -> int:
+        shard = self._shards.get(request)
+        return 0 if shard is None else shard.positions.n
+
+    def positions(self, request) -> torch.Tensor:
+        """Global positions of the request's tokens here, in storage order (int64, CPU)."""
+        shard = self._shards.get(request)
+        return torch.empty(0, dtype=torch.int64) if shard is None else shard.positions.view().clone()
+
+    def slots(self, request) -> torch.Tensor:
+        """Slot of each of the request's tokens here, in storage order (int64, CPU)."""
+        shard = self._shards.get(request)
+        if shard is None:
+            return torch.empty(0, dtype=torch.int64)
+        return self._slots_of(shard, 0, shard.positions.n)
+
+    def _slots_of(self, shard: _Shard, start: int, end: int) -> torch.Tensor:
+        idx = torch.arange(start, end, dtype=torch.int64)
+        pages = torch.as_tensor(shard.pages, dtype=torch.int64)
+        return pages[idx // self.page_size] * self.page_size + idx % self.page_size
+
+    def pages_needed(self, request, n_new: int) -> int:
+        """Pages the request would have to take to store n_new more tokens."""
+        shard = self._shards.get(request)
+        have = 0 if shard is None else len(shard.pages) * self.page_size - shard.positions.n
+        return max(0, math.ceil((n_new - have) / self.page_size))
+
+    def allocate(self, request, positions) -> torch.Tensor:
+        """Reserve slots for tokens at the given global positions; returns their slots (int64).
+
+        All-or-nothing: raises CacheOutOfMemory (cache unchanged) if the pages do not suffice.
+        """
+        return self.allocate_many({request: positions})[request]
+
+    def allocate_many(self, requests: Mapping[Hashable, Iterable[int]]) -> dict:
+        """allocate() for several requests at once, all-or-nothing across all of them."""
+        pos = {r: _positions_tensor(p, f"positions of request {r!r}") for r, p in requests.items()}
+        need = {r: self.pages_needed(r, p.numel()) for r, p in pos.items()}
+        total = sum(need.values())
+        if total > len(self._free):
+            worst = max(need, key=need.get)
+            raise CacheOutOfMemory(
+                f"cannot store {sum(p.numel() for p in pos.values())} tokens of requests "
+                f"{list(pos)} (request {worst!r} alone needs {need[worst]} pages): {total} pages "
+                f"needed, {len(self._free)} free, short by {total - len(self._free)} pages "
+                f"({(total - len(self._free)) * self.page_size} tokens of page size "
+                f"{self.page_size})")
+        for r, p in pos.items():
+            shard = self._shards.get(r)
+            if shard is not None and p.numel():
+                dup = torch.isin(p, shard.positions.view())
+                if bool(dup.any()):
+                    raise ValueError(f"request {r!r} already stores positions "
+                                     f"{p[dup][:8].tolist()} here")
+        out = {}
+        for r, p in pos.items():
+            shard = self._shards.setdefault(r, _Shard([], _Ints()))
+            for _ in range(need[r]):
+                shard.pages.append(self._free.pop())
+            start = shard.positions.n
+            shard.positions.extend(p)
+            out[r] = self._slots_of(shard, start, shard.positions.n)
+        return out
+
+    def free(self, request) -> None:
+        """Return all of the request's pages here to the free pool."""
+        shard = self._shards.pop(request, None)
+        if shard is not None:
+            self._free.extend(reversed(shard.pages))
+
+    def remove_tokens(self, request, positions) -> int:
+        """Drop the request's tokens at `positions` here, keeping storage dense.
+
+        The request's last kept tokens move into the holes (one row copy over all layers on the
+        current stream); pages left empty return to the pool. Returns the number removed.
+        """
+        shard = self._shards.get(request)
+        if shard is None:
+            return 0
+        drop = _positions_tensor(positions)
+        stored = shard.positions.view()
+        gone = torch.isin(stored, drop)
+        n, n_rm = stored.numel(), int(gone.sum())
+        if n_rm == 0:
+            return 0
+        n_keep = n - n_rm
+        holes = torch.nonzero(gone[:n_keep]).flatten()
+        movers = torch.nonzero(~gone[n_keep:]).flatten() + n_keep
+        if holes.numel():
+            slots = self._slots_of(shard, 0, n)
+            rows = self.slot_rows()
+            copy_rows(rows, slots[movers].to(torch.int32).to(self.device), rows,
+                      slots[holes].to(torch.int32).to(self.device))
+            stored[holes] = stored[movers]
+        shard.positions.truncate(n_keep)
+        keep_pages = math.ceil(n_keep / self.page_size)
+        released = shard.pages[keep_pages:]
+        del shard.pages[keep_pages:]
+        self._free.extend(reversed(released))
+        if n_keep == 0:
+            del self._shards[request]
+        return n_rm
+
+    def block_table(self, requests) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block_table int32 [B, max_pages], kv_lens int32 [B]) on the cache's device.
+
+        Requests without tokens here get length 0 (and no pages).
+        """
+        shards = [self._shards.get(r) for r in requests]
+        width = max([len(s.pages) for s in shards if s is not None], default=0)
+        bt = torch.zeros(len(shards), max(width, 1), dtype=torch.int32)
+        lens = torch.zeros(len(shards), dtype=torch.int32)
+        for i, s in enumerate(shards):
+            if s is not None:
+                bt[i, : len(s.pages)] = torch.as_tensor(s.pages, dtype=torch.int32)
+                lens[i] = s.positions.n
+        return bt.to(self.device), lens.to(self.device)
+
+    def gather(self, request, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) [n, num_kv_heads, head_dim] of the request's tokens here, storage order."""
+        slots = self.slots(request).to(self.device)
+        rows = self.slot_rows(layer)[:, slots]
+        shape = (slots.numel(), self.num_kv_heads, self.head_dim)
+        return rows[0].view(shape), rows[1].view(shape)
+
+    def stats(self) -> CacheStats:
+        used_tokens = sum(s.positions.n for s in self._shards.values())
+        used_pages = sum(len(s.pages) for s in self._shards.values())
+        fragmented = used_pages * self.page_size - used_tokens
+        free_tokens = len(self._free) * self.page_size
+        all_free = free_tokens + fragmented
+        return CacheStats(used_tokens, used_pages, len(self._free), free_tokens, fragmented,
+                          fragmented / all_free if all_free else 0.0)
+
+    def __repr__(self):
+        s = self.stats()
+        return (f"PagedKVCache(layers={self.num_layers}, pages={self.num_pages}x{self.page_size}, "
+                f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype}, "
+                f"device={self.device}, used_tokens={s.used_tokens}, free_pages={s.free_pages})")

@@ -1,0 +1,141 @@
+"""Exact merge of partial attention states (o, lse).
+
+Two states (o1, lse1), (o2, lse2) of disjoint key sets merge to
+    lse = log(exp(lse1) + exp(lse2)),  o = o1 * exp(lse1 - lse) + o2 * exp(lse2 - lse).
+The empty set is (0, -inf); it is skipped rather than multiplied by zero, so the result never
+picks up NaN or garbage from an empty operand, and all-empty rows give (0, -inf).
+
+Shapes: o [T, H, D] (float32 running states, or float16/bfloat16), lse [T, H] float32.
+CUDA tensors go to the compiled kernel; CPU tensors (or ``backend="torch"``) take the torch path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _core
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+
+
+def _check_state(o, lse, o_name, lse_name, ndim=3):
+    check_tensor(o, o_name, ndim=ndim, dtypes=FLOAT_DTYPES)
+    check_tensor(lse, lse_name, ndim=ndim - 1, dtypes=(torch.float32,))
+    if tuple(lse.shape) != tuple(o.shape[:-1]):
+        raise ValueError(f"{lse_name} {tuple(lse.shape)} must be {o_name}'s shape without its "
+                         f"last dim {tuple(o.shape[:-1])}")
+    if o.stride(-1) != 1:
+        raise ValueError(f"{o_name} must be contiguous in its last (head) dim")
+
+
+def _merge_torch(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, lse_out):
+    """o [S, T, H, D], lse [S, T, H] -> writes out [T, H, D] and lse_out [T, H]."""
+    m = lse.amax(dim=0)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w = torch.exp(lse - m_safe)                        # exp(-inf) = 0 for empty states
+    total = w.sum(dim=0)
+    merged_lse = torch.where(total > 0, m_safe + torch.log(torch.where(total > 0, total, 1)),
+                             torch.full_like(m, -math.inf))
+    weights = torch.where(total > 0, w / torch.where(total > 0, total, 1), torch.zeros_like(w))
+    terms = torch.where(weights[..., None] > 0, o.float() * weights[..., None],
+                        torch.zeros((), dtype=torch.float32, device=o.device))
+    out.copy_(terms.sum(dim=0))
+    if lse_out is not None:
+        lse_out.copy_(merged_lse)
+
+
+# The kernel keeps per-state weights in registers; more states are merged in rounds.
+_MAX_KERNEL_STATES = 64
+
+
+def _run(o, lse, out, lse_out, backend: str):
+    if backend not in ("auto", "torch", "cuda"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
+    if o.device.type == "cuda" and backend != "torch":
+        C = _core.require_compiled("merge_states")
+        if o.shape[0] > _MAX_KERNEL_STATES:
+            n = _MAX_KERNEL_STATES
+            head_o = torch.empty(o.shape[1:], dtype=torch.float32, device=o.device)
+            head_lse = torch.empty(lse.shape[1:], dtype=torch.float32, device=o.device)
+            _run(o[:n], lse[:n], head_o, head_lse, backend)
+            rest_o = torch.empty_like(head_o)
+            rest_lse = torch.empty_like(head_lse)
+            _run(o[n:], lse[n:], rest_o, rest_lse, backend)
+            o = torch.stack([head_o, rest_o])
+            lse = torch.stack([head_lse, rest_lse])
+        C.merge_states(_core.desc(o), _core.desc(lse), _core.desc(out),
+                       None if lse_out is None else _core.desc(lse_out),
+                       o.device.index, _core.stream_handle(o.device))
+    elif backend == "cuda":
+        raise ValueError("backend='cuda' needs CUDA tensors")
+    else:
+        _merge_torch(o, lse, out, lse_out)
+
+
+def _pair_as_stack(o_a, lse_a, o_b, lse_b):
+    """View two states as one [2, T, H, D] strided tensor without copying when possible.
+
+    The kernel reads state s at base + s * stride_s; for two separate tensors with identical
+    layouts that stride is the distance between their data pointers. Otherwise they are stacked.
+    """
+    same_layout = (o_a.dtype == o_b.dtype and o_a.stride() == o_b.stride()
+                   and lse_a.stride() == lse_b.stride() and o_a.device.type == "cuda")
+    if same_layout:
+        eo, el = o_a.element_size(), 4
+        do, dl = o_b.data_ptr() - o_a.data_ptr(), lse_b.data_ptr() - lse_a.data_ptr()
+        if do % eo == 0 and dl % el == 0:
+            o = o_a.as_strided((2,) + tuple(o_a.shape), (do // eo,) + tuple(o_a.stride()))
+            lse = lse_a.as_strided((2,) + tuple(lse_a.shape), (dl // el,) + tuple(lse_a.stride()))
+            return o, lse
+    return torch.stack([o_a, o_b.to(o_a.dtype)]), torch.stack([lse_a, lse_b])
+
+
+def merge_states(o_a, lse_a, o_b, lse_b, out=None, lse_out=None, backend="auto"):
+    """Merge two states; returns (o, lse) with o in o_a's dtype (or into `out`/`lse_out`)."""
+    _check_state(o_a, lse_a, "o_a", "lse_a")
+    _check_state(o_b, lse_b, "o_b", "lse_b")
+    if o_a.shape != o_b.shape:
+        raise ValueError(f"o_a {tuple(o_a.shape)} and o_b {tuple(o_b.shape)} differ in shape")
+    check_same_device(o_a=o_a, lse_a=lse_a, o_b=o_b, lse_b=lse_b, out=out, lse_out=lse_out)
+    if out is None:
+        out = torch.empty_like(o_a)
+    else:
+        check_tensor(out, "out", ndim=3, dtypes=FLOAT_DTYPES)
+        if out.shape != o_a.shape:
+            raise ValueError(f"out {tuple(out.shape)} must have o_a's shape {tuple(o_a.shape)}")
+    if lse_out is None:
+        lse_out = torch.empty_like(lse_a)
+    else:
+        _check_state(out, lse_out, "out", "lse_out")
+    o, lse = _pair_as_stack(o_a, lse_a, o_b, lse_b)
+    _run(o, lse, out, lse_out, backend)
+    return out, lse_out
+
+
+def merge_states_(o_a, lse_a, o_b, lse_b, backend="auto"):
+    """In-place merge of state b into the running state a (o_a, lse_a); returns them."""
+    return merge_states(o_a, lse_a, o_b, lse_b, out=o_a, lse_out=lse_a, backend=backend)
+
+
+def merge_states_multi(o, lse, out=None, lse_out=None, out_dtype=None, backend="auto"):
+    """Merge S states at once: o [S, T, H, D] (or a sequence of [T, H, D]), lse [S, T, H].
+
+    Returns (o [T, H, D] in `out_dtype` (default o's dtype), lse [T, H] float32).
+    """
+    if isinstance(o, (list, tuple)):
+        o = torch.stack(list(o))
+    if isinstance(lse, (list, tuple)):
+        lse = torch.stack(list(lse))
+    _check_state(o, lse, "o", "lse", ndim=4)
+    if o.shape[0] < 1:
+        raise ValueError("merge_states_multi needs at least one state")
+    check_same_device(o=o, lse=lse, out=out, lse_out=lse_out)
+    if out is None:
+        out = torch.empty(o.shape[1:], dtype=out_dtype or o.dtype, device=o.device)
+    elif tuple(out.shape) != tuple(o.shape[1:]):
+        raise ValueError(f"out {tuple(out.shape)} must be {tuple(o.shape[1:])}")
+    if lse_out is None:
+        lse_out = torch.empty(lse.shape[1:], dtype=torch.float32, device=o.device)
+    _run(o, lse, out, lse_out, backend)
+    return out, lse_out
