@@ -73,8 +73,11 @@ PYBIND11_MODULE(_C, m) {
            py::arg("is_send"), py::arg("ptr"), py::arg("nbytes"), py::arg("peer"));
 
   py::class_<esp::NcclComm>(m, "NcclComm")
-      .def(py::init([](py::bytes uid, int rank, int world_size, int device, double timeout_s) {
-             return new esp::NcclComm(std::string(uid), rank, world_size, device, timeout_s);
+      // The id arrives as std::string (converted while the GIL is held): a py::bytes parameter
+      // would be released after the guard below dropped the GIL.
+      .def(py::init([](const std::string& uid, int rank, int world_size, int device,
+                       double timeout_s) {
+             return new esp::NcclComm(uid, rank, world_size, device, timeout_s);
            }),
            py::arg("unique_id"), py::arg("rank"), py::arg("world_size"), py::arg("device"),
            py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())

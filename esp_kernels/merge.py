@@ -19,9 +19,13 @@ from . import _core
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
 
+# float64 states are for references on the torch path; the CUDA kernel takes the other three.
+_STATE_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
 def _check_state(o, lse, o_name, lse_name, ndim=3):
-    check_tensor(o, o_name, ndim=ndim, dtypes=FLOAT_DTYPES)
-    check_tensor(lse, lse_name, ndim=ndim - 1, dtypes=(torch.float32,))
+    check_tensor(o, o_name, ndim=ndim, dtypes=_STATE_DTYPES)
+    check_tensor(lse, lse_name, ndim=ndim - 1, dtypes=(torch.float32, torch.float64))
     if tuple(lse.shape) != tuple(o.shape[:-1]):
         raise ValueError(f"{lse_name} {tuple(lse.shape)} must be {o_name}'s shape without its "
                          f"last dim {tuple(o.shape[:-1])}")
@@ -38,8 +42,9 @@ def _merge_torch(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, lse_out)
     merged_lse = torch.where(total > 0, m_safe + torch.log(torch.where(total > 0, total, 1)),
                              torch.full_like(m, -math.inf))
     weights = torch.where(total > 0, w / torch.where(total > 0, total, 1), torch.zeros_like(w))
-    terms = torch.where(weights[..., None] > 0, o.float() * weights[..., None],
-                        torch.zeros((), dtype=torch.float32, device=o.device))
+    acc = torch.float64 if o.dtype == torch.float64 else torch.float32
+    terms = torch.where(weights[..., None] > 0, o.to(acc) * weights[..., None].to(acc),
+                        torch.zeros((), dtype=acc, device=o.device))
     out.copy_(terms.sum(dim=0))
     if lse_out is not None:
         lse_out.copy_(merged_lse)
@@ -101,7 +106,7 @@ def merge_states(o_a, lse_a, o_b, lse_b, out=None, lse_out=None, backend="auto")
     if out is None:
         out = torch.empty_like(o_a)
     else:
-        check_tensor(out, "out", ndim=3, dtypes=FLOAT_DTYPES)
+        check_tensor(out, "out", ndim=3, dtypes=_STATE_DTYPES)
         if out.shape != o_a.shape:
             raise ValueError(f"out {tuple(out.shape)} must have o_a's shape {tuple(o_a.shape)}")
     if lse_out is None:

@@ -34,3 +34,10 @@ def gen():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+# Triton kernels run under the interpreter on machines without a GPU (DESIGN.md §4); the flag
+# must be set before triton decorates our kernels, i.e. before esp_kernels.prefill.triton_step
+# is first imported (it is imported lazily, on first use).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

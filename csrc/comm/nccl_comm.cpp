@@ -11,7 +11,7 @@
 // string, and ncclGetLastError's text. Nothing here exits or aborts the process.
 //
 // Threads: the binding releases the GIL, so calls may overlap. Each communicator has a mutex
-// (kept in a side table keyed by the object, because the header's members are fixed) that guards
+// (in its CommState) that guards
 // the ncclComm_t. Long host waits check an "abort requested" flag so abort() from another thread
 // can interrupt a hung group_p2p/finalize; wait_event() takes the mutex only for its short error
 // checks, so other threads can keep issuing work and abort() can get in at any time.
@@ -34,6 +34,14 @@
 #include "common/esp_common.h"
 
 namespace esp {
+
+// Per-communicator state behind NcclComm::state_.
+struct CommState {
+  std::mutex mu;                             // guards NcclComm::comm_ and `closed`
+  std::atomic<bool> abort_requested{false};  // abort() from another thread interrupts waits
+  const char* closed = nullptr;              // "aborted" / "finalized" once comm_ is gone
+};
+
 namespace {
 
 // ---- the dlopen'ed library ---------------------------------------------------------------
@@ -106,40 +114,6 @@ const char* result_name(int r) {
 std::string describe(const NcclApi& a, int r) {
   const char* s = a.GetErrorString(static_cast<ncclResult_t>(r));
   return str_cat(result_name(r), " [", r, "] (", s ? s : "?", ")");
-}
-
-// ---- per-communicator state (the header's members are fixed, so it lives in a side table) ----
-
-struct CommState {
-  std::mutex mu;                             // guards NcclComm::comm_ and `closed`
-  std::atomic<bool> abort_requested{false};  // abort() from another thread interrupts waits
-  const char* closed = nullptr;              // "aborted" / "finalized" once comm_ is gone
-};
-
-std::mutex g_states_mu;
-std::unordered_map<const NcclComm*, std::shared_ptr<CommState>>& states() {
-  static auto* m = new std::unordered_map<const NcclComm*, std::shared_ptr<CommState>>();
-  return *m;  // leaked on purpose: destructors may run during interpreter shutdown
-}
-
-std::shared_ptr<CommState> state_of(const NcclComm* c) {
-  std::lock_guard<std::mutex> lock(g_states_mu);
-  auto it = states().find(c);
-  if (it == states().end()) throw NcclError("internal error: NcclComm has no state");
-  return it->second;
-}
-
-void register_state(const NcclComm* c, std::shared_ptr<CommState> st) {
-  std::lock_guard<std::mutex> lock(g_states_mu);
-  states()[c] = std::move(st);
-}
-
-void unregister_state(const NcclComm* c) noexcept {
-  try {
-    std::lock_guard<std::mutex> lock(g_states_mu);
-    states().erase(c);
-  } catch (...) {
-  }
 }
 
 // ---- helpers --------------------------------------------------------------------------------
@@ -344,9 +318,9 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int world_size, int d
   ESP_CHECK(device >= 0 && device < ndev, "NcclComm: device ", device, " does not exist (",
             ndev, " CUDA device(s) visible)");
 
-  auto st = std::make_shared<CommState>();
-  register_state(this, st);
-  try {
+  state_ = std::make_shared<CommState>();
+  auto st = state_;
+  {
     DeviceGuard guard(device);
     ncclUniqueId id;
     std::memcpy(&id, unique_id.data(), sizeof(id));
@@ -361,20 +335,12 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int world_size, int d
     if (r != ncclSuccess && r != ncclInProgress) fail(what, r);
     if (comm_ == nullptr) fail(what, ncclInternalError);
     wait_ready(what.c_str());
-  } catch (...) {
-    unregister_state(this);
-    throw;
   }
 }
 
 NcclComm::~NcclComm() {
   try {
-    std::shared_ptr<CommState> st;
-    {
-      std::lock_guard<std::mutex> lock(g_states_mu);
-      auto it = states().find(this);
-      if (it != states().end()) st = it->second;
-    }
+    std::shared_ptr<CommState> st = state_;
     if (st) {
       std::lock_guard<std::mutex> lock(st->mu);
       abort_comm(comm_, *st, device_);  // neither finalized nor aborted: abort (never destroy:
@@ -382,14 +348,13 @@ NcclComm::~NcclComm() {
     }
   } catch (...) {
   }
-  unregister_state(this);
 }
 
 // Polls ncclCommGetAsyncError until the communicator leaves ncclInProgress. Caller holds the
 // state's mutex (or is the constructor) and has set the device.
 void NcclComm::wait_ready(const char* what) {
   const NcclApi& a = api();
-  std::shared_ptr<CommState> st = state_of(this);
+  std::shared_ptr<CommState> st = state_;
   Deadline deadline(timeout_s_);
   Backoff backoff(/*spin_us=*/50, /*first_sleep_us=*/20);
   for (;;) {
@@ -419,12 +384,7 @@ void NcclComm::fail(const std::string& what, int result) {
   const char* last = a.GetLastError(static_cast<ncclComm_t>(comm_));
   if (last && *last) msg += str_cat("; last NCCL error: ", last);
   msg += str_cat(" [rank ", rank_, " of ", world_size_, ", device ", device_, "]");
-  std::shared_ptr<CommState> st;
-  {
-    std::lock_guard<std::mutex> lock(g_states_mu);
-    auto it = states().find(this);
-    if (it != states().end()) st = it->second;
-  }
+  std::shared_ptr<CommState> st = state_;
   if (comm_ != nullptr) {
     if (st) {
       abort_comm(comm_, *st, device_);
@@ -448,7 +408,7 @@ void NcclComm::group_p2p(const std::vector<P2POp>& ops, uintptr_t stream) {
               op.nbytes, " bytes");
   }
   const NcclApi& a = api();
-  std::shared_ptr<CommState> st = state_of(this);
+  std::shared_ptr<CommState> st = state_;
   std::lock_guard<std::mutex> lock(st->mu);
   if (comm_ == nullptr) throw_closed(*st);
   if (st->abort_requested.load(std::memory_order_acquire)) {
@@ -491,7 +451,7 @@ void NcclComm::group_p2p(const std::vector<P2POp>& ops, uintptr_t stream) {
 
 void NcclComm::check() {
   const NcclApi& a = api();
-  std::shared_ptr<CommState> st = state_of(this);
+  std::shared_ptr<CommState> st = state_;
   std::lock_guard<std::mutex> lock(st->mu);
   if (comm_ == nullptr) throw_closed(*st);
   ncclResult_t state = ncclSuccess;
@@ -505,8 +465,9 @@ void NcclComm::wait_event(uintptr_t event, double timeout_s) {
   ESP_CHECK(event != 0, "wait_event: event is null");
   check_timeout(timeout_s, "wait_event: timeout_s");
   const NcclApi& a = api();
-  std::shared_ptr<CommState> st = state_of(this);
+  std::shared_ptr<CommState> st = state_;
   auto ev = reinterpret_cast<cudaEvent_t>(event);
+  DeviceGuard guard(device_);
   Deadline deadline(timeout_s);
   Backoff backoff(/*spin_us=*/0, /*first_sleep_us=*/50);
   for (;;) {
@@ -542,7 +503,7 @@ void NcclComm::wait_event(uintptr_t event, double timeout_s) {
 }
 
 void NcclComm::abort() {
-  std::shared_ptr<CommState> st = state_of(this);
+  std::shared_ptr<CommState> st = state_;
   st->abort_requested.store(true, std::memory_order_release);  // interrupts a wait in progress
   std::lock_guard<std::mutex> lock(st->mu);
   abort_comm(comm_, *st, device_);  // no-op when already aborted or finalized
@@ -550,7 +511,7 @@ void NcclComm::abort() {
 
 void NcclComm::finalize() {
   const NcclApi& a = api();
-  std::shared_ptr<CommState> st = state_of(this);
+  std::shared_ptr<CommState> st = state_;
   std::lock_guard<std::mutex> lock(st->mu);
   if (comm_ == nullptr) return;  // idempotent (also after abort)
   if (st->abort_requested.load(std::memory_order_acquire)) {
@@ -572,6 +533,11 @@ void NcclComm::finalize() {
                             (last && *last) ? str_cat("; last NCCL error: ", last) : "",
                             " [rank ", rank_, " of ", world_size_, ", device ", device_, "]"));
   }
+}
+
+bool NcclComm::valid() const {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return comm_ != nullptr;
 }
 
 }  // namespace esp

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -20,6 +21,8 @@ void nccl_load(const std::string& library_path);
 bool nccl_is_loaded();
 std::string nccl_version();
 std::string nccl_unique_id();  // raw ncclUniqueId bytes
+
+struct CommState;  // mutex, abort flag and closed reason (nccl_comm.cpp)
 
 // One point-to-point operation of a grouped exchange.
 struct P2POp {
@@ -51,10 +54,11 @@ class NcclComm {
   void wait_event(uintptr_t event, double timeout_s);
   void abort();
   void finalize();  // flush and destroy cleanly
-  bool valid() const { return comm_ != nullptr; }
+  bool valid() const;
 
  private:
-  void* comm_ = nullptr;  // ncclComm_t
+  void* comm_ = nullptr;  // ncclComm_t, guarded by state_->mu
+  std::shared_ptr<CommState> state_;
   int rank_ = 0, world_size_ = 0, device_ = 0;
   double timeout_s_ = 0;
   void wait_ready(const char* what);

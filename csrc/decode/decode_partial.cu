@@ -7,7 +7,7 @@
 //
 //   pairs    = B * Hkv                   CTAs per split
 //   slots    = num_sms * ctas_per_sm     ctas_per_sm = 2 at D = 128 (96 KB smem, 180 registers),
-//                                        4 at D = 64 (48 KB, 117 registers)
+//                                        4 at D = 64 (48 KB, 118 registers)
 //   chunk(s) = roundup(ceil(max_len / s), 64)        tokens per CTA
 //   cost(s)  = ceil(pairs * s / slots) * (chunk(s) + 64) + (64 if s > 1 else 0)
 //   num_splits = argmin of cost(s) over 1 <= s <= min(64, max(1, ceil(max_len / 256))),
@@ -19,7 +19,7 @@
 // launch when the KV is split. Whole waves matter because every CTA of a uniform batch takes
 // the same time: on 132 SMs (264 slots) B=16 L=16k picks s=2 (256 CTAs, one wave) where "at
 // least two waves" would take s=5 (640 CTAs, 2.4 waves: ~20% slower); B=1 L=128k picks s=33
-// (264 CTAs of 3972 tokens); B=64 L=4k picks s=1 (512 CTAs); B=8 L=1k picks s=4. The 256-token
+// (264 CTAs of 4032 tokens); B=64 L=4k picks s=1 (512 CTAs); B=8 L=1k picks s=4. The 256-token
 // floor keeps the start cost and the workspace traffic (s * B * Hq * (D+1) * 8 bytes) small next
 // to the KV a CTA reads.
 #include "decode_partial.h"

@@ -79,7 +79,9 @@ def find_nccl_library() -> str:
 def _comm_error(exc: BaseException, what: str) -> CommError:
     """CommError (CommTimeout for timeouts) for an esp_kernels._C.NcclError, keeping its text."""
     text = str(exc)
-    cls = CommTimeout if ("timed out" in text or "ncclTimeout" in text) else CommError
+    # The core words its own timeouts "NCCL timed out after X s ..."; NCCL's code is ncclTimeout.
+    timed_out = "NCCL timed out after" in text or "ncclTimeout [" in text
+    cls = CommTimeout if timed_out else CommError
     return cls(f"{what}: {text}")
 
 

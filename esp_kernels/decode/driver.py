@@ -102,18 +102,28 @@ class _DecodeStep:
         # Block table of the held requests, in Q_hold order.
         hold_ids = [plan.requests[i] for i in hold_order]
         self.block_table, self.kv_lens = cache.block_table(hold_ids)
-        max_len = cache.page_size * self.block_table.shape[1]
+        max_len = max([plan.shards[i][me] for i in hold_order], default=0)
         sms = (torch.cuda.get_device_properties(dev).multi_processor_count
                if dev.type == "cuda" else 1)
-        self.num_splits = num_splits_for(max(1, n_hold), Hkv, max_len, sms)
+        self.num_splits = num_splits_for(max(1, n_hold), Hkv, max_len, sms, D)
+        self.workspace = None
+        if dev.type == "cuda" and n_hold:
+            from .. import _core
+            C = _core.require_compiled("distributed_decode")
+            self.workspace = torch.empty(
+                max(1, C.decode_workspace_elems(n_hold, Hq, D, self.num_splits)),
+                dtype=torch.float32, device=dev)
 
-        # Buffers. States: one fp32 row [o (Hq*D) | lse (Hq)] per request, so the states of a
-        # master's requests are one contiguous message. X = [held states ; received ; empty].
-        srow = Hq * D + Hq
+        # Buffers. States: one fp32 row [o (Hq*D) | lse (Hq) | pad] per request, so the states of
+        # a master's requests are one contiguous message; the row is padded to 4 floats so
+        # every o row stays 16-byte aligned for the kernels' vector stores.
+        # X = [held states ; received ; empty state].
+        srow = Hq * D + (Hq + 3) // 4 * 4
         self.srow = srow
         self.X = torch.empty(n_hold + n_recv + 1, srow, dtype=torch.float32, device=dev)
         self.X[-1, : Hq * D] = 0
         self.X[-1, Hq * D:] = -math.inf
+        self.X[:, Hq * D + Hq:] = 0  # padding travels with the rows: keep it defined
         self.q_hold = torch.empty(n_hold, Hq, D, dtype=q_dtype, device=dev)
         self.q_send = torch.empty(len(q_rows), Hq, D, dtype=q_dtype, device=dev)
         self.kv_send = torch.empty(self.app_send_idx.numel(), 2, self.row, dtype=cache.dtype,
@@ -220,7 +230,7 @@ def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer
         k_l, v_l = cache.layer(layer)
         decode_partial(step.q_hold, k_l, v_l, step.block_table, step.kv_lens,
                        softmax_scale=softmax_scale, num_splits=step.num_splits, o=o_h, lse=lse_h,
-                       backend=backend)
+                       workspace=step.workspace, backend=backend)
 
     # 3. states back to masters: one message [o | lse] per peer.
     sends = [(step.X[a:b], step.peers[m]) for m, (a, b) in step.hold_seg.items()

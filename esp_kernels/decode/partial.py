@@ -16,14 +16,26 @@ from .._checks import HALF_DTYPES, FLOAT_DTYPES, check_tensor
 from ..reference import attention
 
 
-def num_splits_for(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> int:
-    """KV splits per request: enough CTAs for about two waves on the GPU, each split keeping
-    at least 256 tokens so the per-split merge stays a small fraction of the work."""
+def num_splits_for(batch: int, num_kv_heads: int, max_len: int, num_sms: int,
+                   head_dim: int = 128) -> int:
+    """KV splits per request for the CUDA kernel: the cost model of csrc/decode/decode_partial.cu.
+
+    A CTA (one request, KV head, split) streams `chunk` tokens; CTAs of a uniform batch finish
+    together, so whole waves count: cost(s) = waves(s) * (chunk(s) + 64) (+64 for the split
+    merge), minimized over 1 <= s <= min(64, ceil(max_len / 256)). E.g. on 132 SMs: B1 L128k ->
+    33, B16 L16k -> 2, B64 L4k -> 1, B8 L1k -> 4.
+    """
     if max_len <= 0:
         return 1
-    ctas = max(1, batch * num_kv_heads)
-    want = math.ceil(2 * num_sms / ctas)
-    return int(max(1, min(want, math.ceil(max_len / 256), 64)))
+    pairs = max(1, batch * num_kv_heads)
+    slots = num_sms * (2 if head_dim > 64 else 4)  # resident CTAs per SM (smem/registers)
+    best, best_cost = 1, None
+    for s in range(1, min(64, max(1, math.ceil(max_len / 256))) + 1):
+        chunk = math.ceil(math.ceil(max_len / s) / 64) * 64
+        cost = math.ceil(pairs * s / slots) * (chunk + 64) + (64 if s > 1 else 0)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
 
 
 def _partial_torch(q, k_cache, v_cache, block_table, kv_lens, softmax_scale, o, lse):
@@ -46,15 +58,19 @@ def _partial_torch(q, k_cache, v_cache, block_table, kv_lens, softmax_scale, o, 
 
 
 def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=None,
-                   num_splits=None, o=None, lse=None, backend="auto"):
+                   num_splits=None, max_len=None, o=None, lse=None, workspace=None,
+                   backend="auto"):
     """Partial decode attention over a paged shard.
 
     Args:
         q: [B, Hq, D] (float16/bfloat16 on CUDA; any float dtype on the CPU path).
         k_cache, v_cache: [num_pages, page_size, Hkv, D] one layer of a PagedKVCache.
         block_table: int32 [B, max_pages]; kv_lens: int32 [B] (tokens of each request here).
-        num_splits: KV splits per request (default: `num_splits_for`); fixed per launch so the
-            op is CUDA-graph capturable for a fixed plan.
+        num_splits: KV splits per request (default: `num_splits_for` with `max_len`, the
+            longest shard, or the block table's capacity); fixed per launch, so the op is
+            CUDA-graph capturable for a fixed plan.
+        workspace: optional float32 buffer of `_C.decode_workspace_elems(...)` elements (the
+            driver keeps one per plan so captured graphs reuse it).
         o, lse: optional outputs, float32 [B, Hq, D] and [B, Hq] (strided views allowed).
     Returns (o, lse).
     """
@@ -88,11 +104,14 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
                             f"same dtype, got {q.dtype} and {k_cache.dtype}")
         C = _core.require_compiled("decode_partial")
         if num_splits is None:
-            max_len = k_cache.shape[1] * block_table.shape[1]
+            if max_len is None:
+                max_len = k_cache.shape[1] * block_table.shape[1]
             sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-            num_splits = num_splits_for(B, k_cache.shape[2], max_len, sms)
-        ws = torch.empty(C.decode_workspace_elems(B, Hq, D, int(num_splits)),
-                         dtype=torch.float32, device=q.device)
+            num_splits = num_splits_for(B, k_cache.shape[2], max_len, sms, D)
+        need = C.decode_workspace_elems(B, Hq, D, int(num_splits))
+        ws = workspace
+        if ws is None or ws.numel() < need:
+            ws = torch.empty(max(need, 1), dtype=torch.float32, device=q.device)
         d = _core.desc
         C.decode_partial(d(q), d(k_cache), d(v_cache), d(block_table), d(kv_lens), d(o), d(lse),
                          d(ws), int(num_splits), scale, q.device.index,

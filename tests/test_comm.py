@@ -1,0 +1,158 @@
+"""Group semantics on every CPU backend: gloo processes (torch.distributed) and virtual ranks."""
+
+import time
+
+import pytest
+import torch
+
+import esp_kernels as esp
+from esp_kernels.comm import CommTimeout, local_group, run_local
+from dist_utils import run_gloo
+
+
+def ring_cases(world):
+    """Ring exchanges with orders unlike world order, per-rank sizes, zero-size messages, and a
+    subgroup of a subgroup. Returns a list of (name, ok) checked by the caller on every rank."""
+    n = world.size
+    results = []
+    for order in ([*range(n)][::-1], [*range(1, n), 0], [*range(n)]):
+        ring = world.subgroup(order)
+        P, r = ring.size, ring.rank
+        size = lambda rank: 3 * rank + (0 if rank == 1 else 5)  # noqa: E731 (rank 1 sends 0)
+        mine = torch.arange(size(r), dtype=torch.float32) + 100 * r
+        buf = torch.full((size((r - 1) % P),), -1.0)
+        ring.exchange(sends=[(mine, (r + 1) % P)], recvs=[(buf, (r - 1) % P)]).wait()
+        prev = (r - 1) % P
+        results.append((f"ring {order}", torch.equal(
+            buf, torch.arange(size(prev), dtype=torch.float32) + 100 * prev)))
+    if n >= 3:
+        sub = world.subgroup([n - 1, 0, 1]) if world.rank in (n - 1, 0, 1) else None
+        if sub is not None:
+            subsub = sub.subgroup([2, 0])  if sub.rank in (2, 0) else None
+            if subsub is not None:
+                # world ranks: subsub rank 0 = world 1, rank 1 = world n-1
+                assert subsub.world_ranks == (1, n - 1), subsub.world_ranks
+                x = torch.tensor([float(world.rank)] * 4)
+                y = torch.empty(4)
+                other = 1 - subsub.rank
+                subsub.exchange(sends=[(x, other)], recvs=[(y, other)]).wait()
+                results.append(("subsub", bool(torch.all(y == subsub.world_ranks[other]))))
+    gathered = world.all_gather_ints([world.rank, 7, -world.rank])
+    results.append(("all_gather", gathered == [[r, 7, -r] for r in range(n)]))
+    world.barrier()
+    return results
+
+
+def error_cases(world):
+    out = []
+    for bad in ([0, 0], [world.size], []):
+        try:
+            world.subgroup(bad)
+            out.append((f"subgroup {bad}", False))
+        except ValueError:
+            out.append((f"subgroup {bad}", True))
+    others = [r for r in range(world.size) if r != world.rank]
+    try:
+        world.subgroup(others)
+        out.append(("non-member subgroup", False))
+    except ValueError:
+        out.append(("non-member subgroup", True))
+    x = torch.zeros(4, 4)
+    for label, call in (("peer", lambda: world.send(torch.zeros(2), world.size)),
+                        ("noncontig", lambda: world.send(x.t(), 0)),
+                        ("device", lambda: world.send(torch.zeros(2, device="meta"), 0))):
+        try:
+            call()
+            out.append((label, False))
+        except (ValueError, TypeError):
+            out.append((label, True))
+    return out
+
+
+def timeout_case(world):
+    """Rank 0 sends to rank 1, which never posts the receive: rank 0 raises within ~2 s."""
+    if world.rank == 0:
+        short = type(world)(world._pg, world.world_ranks, world.rank, world.device, 2.0)
+        t0 = time.time()
+        try:
+            short.send(torch.zeros(1 << 20), 1).synchronize()
+            return ("no timeout", time.time() - t0)
+        except CommTimeout:
+            return ("timeout", time.time() - t0)
+    time.sleep(6)
+    return ("idle", 0.0)
+
+
+def _check(per_rank):
+    for rank, results in enumerate(per_rank):
+        for name, ok in results:
+            assert ok, f"rank {rank}: {name}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_gloo_ring_exchange(n):
+    _check(run_gloo(n, ring_cases))
+
+
+@pytest.mark.slow
+def test_gloo_errors_and_timeout():
+    _check(run_gloo(2, error_cases))
+    res = run_gloo(2, timeout_case)
+    assert res[0][0] == "timeout" and res[0][1] < 10, res
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_local_ring_exchange(n):
+    groups = local_group(n)
+    _check(run_local(groups, ring_cases))
+    _check(run_local(groups, error_cases))
+
+
+def test_local_size_mismatch_and_timeout():
+    g = local_group(2, timeout=1.0)
+
+    def mismatch(group):
+        if group.rank == 0:
+            group.send(torch.zeros(3), 1).synchronize()
+        else:
+            group.recv(torch.zeros(4), 0).synchronize()
+
+    with pytest.raises(ValueError, match="sent 3"):
+        run_local(g, mismatch)
+
+    def never(group):
+        if group.rank == 0:
+            group.send(torch.zeros(3), 1).synchronize()
+
+    t0 = time.time()
+    with pytest.raises(CommTimeout):
+        run_local(local_group(2, timeout=1.0), never)
+    assert time.time() - t0 < 5
+
+
+def test_local_group_arguments():
+    with pytest.raises(ValueError):
+        local_group(0)
+    with pytest.raises(ValueError, match="per_rank_args"):
+        run_local(local_group(2), lambda g, x: x, [1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [2, 4])
+def test_local_gpu_stream_ordering(n):
+    """Receives consumed on each rank's compute stream after work.wait(), no device sync."""
+    groups = local_group(n, "cuda")
+
+    def body(group):
+        r, P = group.rank, group.size
+        a = torch.randn(2048, 2048, device="cuda")
+        x = (a @ a).sum(1)  # long producer on the compute stream
+        y = torch.empty_like(x)
+        w = group.exchange(sends=[(x, (r + 1) % P)], recvs=[(y, (r - 1) % P)])
+        w.wait()
+        return x.cpu(), (y * 1).cpu()
+
+    res = run_local(groups, body)
+    for r in range(n):
+        assert torch.equal(res[r][1], res[(r - 1) % n][0])

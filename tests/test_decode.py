@@ -1,0 +1,240 @@
+"""Multi-master distributed decode vs the reference over the union of the shards: gloo processes,
+virtual ranks, scale-up appends, zero-token shards, masters without KV; the CUDA partial kernel,
+CUDA-graph replay and the per-layer host overhead on GPU."""
+
+import math
+
+import pytest
+import torch
+
+import esp_kernels as esp
+from esp_kernels.comm import local_group, run_local
+from esp_kernels.decode.partial import decode_partial
+from esp_kernels.testing import assert_close, cu_seqlens, poison_
+from dist_utils import run_gloo
+
+REQUESTS = ["a", "b", "c", "d", "e"]
+
+
+def scenario(n, seed, L=2, max_len=300):
+    """Lengths, masters and a random token placement (some shards empty, request 'd' empty,
+    'e' mastered by an instance that holds none of it)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = {"a": max_len, "b": 77, "c": 1, "d": 0, "e": 40}
+    masters = [0, (1 % n), (2 % n), 0, n - 1]
+    place = {r: torch.randint(0, n, (lens[r],), generator=g) for r in REQUESTS}
+    if n > 1:
+        place["e"] = torch.randint(0, n - 1, (lens["e"],), generator=g)  # master n-1 holds none
+    return lens, masters, place, g
+
+
+def decode_rank(world, n, seed, hq, hkv, d, page_size, steps, dtype=torch.float32, device="cpu"):
+    L = 2
+    lens, masters, place, _ = scenario(n, seed)
+    me = world.world_ranks[world.rank]
+    g = torch.Generator().manual_seed(seed + 1)
+    full = {r: [(torch.randn(lens[r] + steps, hkv, d, generator=g),
+                 torch.randn(lens[r] + steps, hkv, d, generator=g)) for _ in range(L)]
+            for r in REQUESTS}
+    qs = torch.randn(steps, L, len(REQUESTS), hq, d, generator=g)
+    cache = esp.PagedKVCache(L, 600 // page_size + 16, page_size, hkv, d, dtype, device)
+    for r in REQUESTS:
+        pos = torch.nonzero(place[r] == me).flatten()
+        if pos.numel():
+            slots = cache.allocate(r, pos).to(device)
+            for layer in range(L):
+                rows = cache.slot_rows(layer)
+                rows[0, slots] = full[r][layer][0][pos].reshape(pos.numel(), -1).to(device, dtype)
+                rows[1, slots] = full[r][layer][1][pos].reshape(pos.numel(), -1).to(device, dtype)
+    plan = esp.DecodePlan.build(world, cache, REQUESTS, masters)
+    outs = []
+    for step in range(steps):
+        plan = plan.scale_up(world, cache)
+        mine = plan.mastered_by(me)
+        for layer in range(L):
+            pos = [lens[REQUESTS[i]] + step for i in mine]
+            q = qs[step, layer, mine].to(device, dtype)
+            kn = torch.stack([full[REQUESTS[i]][layer][0][p] for i, p in zip(mine, pos)]) if mine \
+                else torch.empty(0, hkv, d)
+            vn = torch.stack([full[REQUESTS[i]][layer][1][p] for i, p in zip(mine, pos)]) if mine \
+                else torch.empty(0, hkv, d)
+            out = esp.distributed_decode(q, cache, plan, world, layer=layer,
+                                         k_new=kn.to(device, dtype), v_new=vn.to(device, dtype))
+            outs.append((step, layer, mine, out.cpu()))
+    return outs
+
+
+def check_decode(per_rank, n, seed, hq, hkv, d, steps, dtype=torch.float32):
+    lens, masters, _, _ = scenario(n, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    full = {r: [(torch.randn(lens[r] + steps, hkv, d, generator=g),
+                 torch.randn(lens[r] + steps, hkv, d, generator=g)) for _ in range(2)]
+            for r in REQUESTS}
+    qs = torch.randn(steps, 2, len(REQUESTS), hq, d, generator=g)
+    checked = 0
+    for outs in per_rank:
+        for step, layer, mine, out in outs:
+            for row, i in enumerate(mine):
+                r = REQUESTS[i]
+                n_kv = lens[r] + step + 1
+                k, v = (t[:n_kv].to(dtype).float() for t in full[r][layer])
+                ref, _ = esp.reference.attention(qs[step, layer, i:i + 1].to(dtype).float(), k, v,
+                                                 cu_seqlens([1]), cu_seqlens([n_kv]), causal=False)
+                assert_close(out[row:row + 1].float(), ref, dtype, name=f"{r} step {step}")
+                checked += 1
+    assert checked == steps * 2 * len(REQUESTS)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (8, 2, 128), (8, 1, 64)])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_decode_virtual_ranks(n, hq, hkv, d, page_size):
+    args = (n, 100 + n, hq, hkv, d, page_size, 2)
+    res = run_local(local_group(n), decode_rank, *[[a] * n for a in args])
+    check_decode(res, n, 100 + n, hq, hkv, d, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [2, 4])
+def test_decode_gloo(n):
+    res = run_gloo(n, decode_rank, n, 300 + n, 8, 2, 64, 16, 2)
+    check_decode(res, n, 300 + n, 8, 2, 64, 2)
+
+
+def test_plan_and_bad_input():
+    g = local_group(2)
+    cache = esp.PagedKVCache(1, 4, 4, 2, 8, torch.float32, "cpu")
+    plan = esp.DecodePlan(["x"], [0], [{1: 3}])
+    assert plan.holders(0) == [1] and plan.mastered_by(0) == [0] and plan.held_by(1) == [0]
+    with pytest.raises(ValueError, match="distinct"):
+        esp.DecodePlan(["x", "x"], [0, 0], [{}, {}])
+    with pytest.raises(ValueError, match="rows but this instance masters 1"):
+        esp.distributed_decode(torch.randn(2, 2, 8), cache, plan, g[0])
+    with pytest.raises(ValueError, match="not in the group"):
+        esp.distributed_decode(torch.randn(1, 2, 8), cache, esp.DecodePlan(["x"], [0], [{7: 1}]),
+                               g[0])
+    with pytest.raises(ValueError, match="plan appends nothing"):
+        esp.distributed_decode(torch.randn(1, 2, 8), cache, esp.DecodePlan(["x"], [0], [{}]),
+                               g[0], k_new=torch.randn(1, 2, 8), v_new=torch.randn(1, 2, 8))
+    with pytest.raises(TypeError, match="DecodePlan"):
+        esp.distributed_decode(torch.randn(1, 2, 8), cache, None, g[0])
+
+
+def test_zero_length_shard_gives_empty_state():
+    q = torch.randn(3, 4, 32)
+    cache = esp.PagedKVCache(1, 4, 4, 2, 32, torch.float32, "cpu")
+    cache.allocate("r", range(5))
+    k, v = cache.layer(0)
+    k.normal_()
+    v.normal_()
+    bt, lens = cache.block_table(["none", "r", "none2"])
+    o, lse = decode_partial(q, k, v, bt, lens)
+    assert torch.all(o[0] == 0) and torch.all(lse[0] == -math.inf)
+    assert torch.all(o[2] == 0) and torch.all(lse[2] == -math.inf)
+    assert torch.isfinite(lse[1]).all()
+
+
+# ---------------------------------------------------------------- GPU tier
+
+
+def paged_case(B, lens, hq, hkv, d, page_size, dtype, gen, shuffle=True):
+    """A cache with random (shuffled) pages per request; returns q, cache views and reference."""
+    pages_per = [math.ceil(n / page_size) for n in lens]
+    total = sum(pages_per) + 3
+    k_all = torch.randn(total + 2, page_size, hkv, d, generator=gen).to(dtype)
+    v_all = torch.randn(total + 2, page_size, hkv, d, generator=gen).to(dtype)
+    perm = torch.randperm(total, generator=gen) if shuffle else torch.arange(total)
+    bt = torch.zeros(B, max(1, max(pages_per)), dtype=torch.int32)
+    at = 0
+    refs = []
+    q = torch.randn(B, hq, d, generator=gen).to(dtype)
+    for b, n in enumerate(lens):
+        pg = perm[at:at + pages_per[b]]
+        at += pages_per[b]
+        bt[b, : len(pg)] = pg.to(torch.int32)
+        k = k_all[pg].reshape(-1, hkv, d)[:n].float()
+        v = v_all[pg].reshape(-1, hkv, d)[:n].float()
+        refs.append(esp.reference.attention(q[b:b + 1].float(), k, v, cu_seqlens([1]),
+                                            cu_seqlens([n]), causal=False))
+    ref_o = torch.cat([r[0] for r in refs])
+    ref_l = torch.cat([r[1] for r in refs])
+    return q, k_all, v_all, bt, torch.tensor(lens, dtype=torch.int32), ref_o, ref_l
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (8, 8, 64), (16, 1, 128), (20, 1, 64),
+                                      (40, 1, 128)])
+@pytest.mark.parametrize("page_size", [1, 7, 16, 64])
+@pytest.mark.parametrize("splits", [None, 1, 3, 64])
+def test_decode_partial_kernel(dtype, hq, hkv, d, page_size, splits, gen):
+    lens = [0, 1, 63, 64, 65, 1000, 333]
+    q, k, v, bt, kl, ref_o, ref_l = paged_case(len(lens), lens, hq, hkv, d, page_size, dtype, gen)
+    o = poison_(torch.empty(len(lens), hq, d, device="cuda"))
+    lse = poison_(torch.empty(len(lens), hq, device="cuda"))
+    decode_partial(q.cuda(), k.cuda(), v.cuda(), bt.cuda(), kl.cuda(), num_splits=splits, o=o,
+                   lse=lse)
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+    assert torch.all(o[0] == 0) and torch.all(lse[0] == -math.inf)
+    assert_close(o.cpu(), ref_o, dtype)
+    assert_close(lse.cpu(), ref_l, dtype)
+
+
+@pytest.mark.gpu
+def test_decode_partial_strided_layer_slice(gen):
+    """k/v as a layer slice of a full PagedKVCache; outputs as the driver's strided rows."""
+    cache = esp.PagedKVCache(3, 40, 16, 8, 128, torch.bfloat16, "cuda")
+    cache.kv.normal_()
+    cache.allocate("r", range(300))
+    cache.allocate("s", range(17))
+    bt, kl = cache.block_table(["r", "s"])
+    q = torch.randn(2, 32, 128, device="cuda", dtype=torch.bfloat16)
+    row = 32 * 128 + 32
+    buf = poison_(torch.empty(2, row, device="cuda"))
+    o = buf.as_strided((2, 32, 128), (row, 128, 1))
+    lse = buf.as_strided((2, 32), (row, 1), 32 * 128)
+    k, v = cache.layer(1)
+    decode_partial(q, k, v, bt, kl, o=o, lse=lse)
+    for b, rid in enumerate(["r", "s"]):
+        kk, vv = cache.gather(rid, 1)
+        ref, ref_l = esp.reference.attention(q[b:b + 1].float(), kk.float(), vv.float(),
+                                             cu_seqlens([1], "cuda"),
+                                             cu_seqlens([kk.shape[0]], "cuda"), causal=False)
+        assert_close(o[b:b + 1].cpu(), ref.cpu(), torch.bfloat16)
+        assert_close(lse[b:b + 1].cpu(), ref_l.cpu(), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [2, 4])
+def test_decode_virtual_ranks_gpu(n):
+    args = (n, 500 + n, 32, 8, 128, 16, 2, torch.bfloat16, "cuda")
+    res = run_local(local_group(n, "cuda"), decode_rank, *[[a] * n for a in args])
+    check_decode(res, n, 500 + n, 32, 8, 128, 2, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_decode_layer_cuda_graph_replay_equals_eager(gen):
+    """One instance (the group of one virtual rank): a decode layer captured in a CUDA graph with
+    a fixed plan replays to the eager result for new queries."""
+    g = local_group(1, "cuda")[0]
+    cache = esp.PagedKVCache(1, 300, 16, 8, 128, torch.bfloat16, "cuda")
+    cache.kv.normal_()
+    reqs = [f"r{i}" for i in range(6)]
+    for i, r in enumerate(reqs):
+        cache.allocate(r, range(100 * i + 1))
+    plan = esp.DecodePlan.build(g, cache, reqs, [0] * 6)
+    q = torch.randn(6, 32, 128, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up (builds the plan's step, allocations) outside capture
+            esp.distributed_decode(q, cache, plan, g)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out_static = esp.distributed_decode(q, cache, plan, g)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        q.copy_(torch.randn(6, 32, 128, device="cuda", dtype=torch.bfloat16))
+        graph.replay()
+        eager = esp.distributed_decode(q, cache, plan, g)
+        torch.testing.assert_close(out_static, eager, rtol=0, atol=0)

@@ -1,0 +1,331 @@
+"""Paged KV cache allocator (property tests), retention plans, proactive retention during the
+ring, reactive migration with failure injection, and the row-copy kernel on GPU."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import esp_kernels as esp
+from esp_kernels.comm import local_group, run_local
+from esp_kernels.kvcache import copy_rows
+from esp_kernels.testing import random_varlen_batch, stripe
+from dist_utils import run_gloo
+
+# ---------------------------------------------------------------- allocator
+
+
+@settings(max_examples=60, deadline=None)
+@given(page_size=st.sampled_from([1, 3, 16]), num_pages=st.integers(1, 12),
+       ops=st.lists(st.tuples(st.sampled_from(["alloc", "free", "remove"]), st.integers(0, 3),
+                              st.integers(0, 20)), max_size=25))
+def test_allocator_properties(page_size, num_pages, ops):
+    cache = esp.PagedKVCache(1, num_pages, page_size, 1, 4, torch.float32, "cpu")
+    model = {}  # request -> list of positions stored (storage order irrelevant)
+    nxt = {}
+    for op, req, n in ops:
+        if op == "alloc":
+            start = nxt.get(req, 0)
+            pos = list(range(start, start + n))
+            before = cache.stats()
+            need = cache.pages_needed(req, n)
+            if need > cache.free_pages:
+                with pytest.raises(esp.CacheOutOfMemory, match=str(req)):
+                    cache.allocate(req, pos)
+                assert cache.stats() == before  # all-or-nothing
+                continue
+            slots = cache.allocate(req, pos)
+            assert slots.numel() == n
+            model.setdefault(req, []).extend(pos)
+            nxt[req] = start + n
+        elif op == "free":
+            cache.free(req)
+            model.pop(req, None)
+        else:
+            stored = model.get(req, [])
+            drop = stored[::3][: n]
+            assert cache.remove_tokens(req, drop) == len(drop)
+            model[req] = [p for p in stored if p not in set(drop)]
+        # invariants
+        s = cache.stats()
+        assert s.used_tokens == sum(len(v) for v in model.values())
+        assert s.used_pages + s.free_pages == num_pages
+        assert s.fragmented_slots == s.used_pages * page_size - s.used_tokens
+        assert 0 <= s.fragmentation <= 1
+        all_slots = []
+        for r, pos in model.items():
+            assert sorted(cache.positions(r).tolist()) == sorted(pos)
+            assert cache.num_tokens(r) == len(pos)
+            all_slots += cache.slots(r).tolist()
+            assert len(cache.block_table([r])[0][0]) >= math.ceil(len(pos) / page_size)
+        assert len(set(all_slots)) == len(all_slots)  # no slot holds two tokens
+        assert all(0 <= x < num_pages * page_size for x in all_slots)
+
+
+def test_remove_tokens_keeps_data_dense():
+    cache = esp.PagedKVCache(2, 8, 4, 2, 8, torch.float32, "cpu")
+    slots = cache.allocate("r", range(10))
+    data = torch.randn(2, 2, 10, 16)
+    for layer in range(2):
+        cache.slot_rows(layer)[:, slots] = data[layer]
+    cache.remove_tokens("r", [0, 3, 4])
+    keep = [i for i in range(10) if i not in (0, 3, 4)]
+    assert sorted(cache.positions("r").tolist()) == keep
+    assert cache.stats().used_pages == 2
+    for layer in range(2):
+        k, v = cache.gather("r", layer)
+        pos = cache.positions("r")
+        assert torch.equal(k.reshape(len(keep), -1), data[layer, 0, pos])
+        assert torch.equal(v.reshape(len(keep), -1), data[layer, 1, pos])
+
+
+def test_cache_bad_input():
+    with pytest.raises(ValueError, match="page_size"):
+        esp.PagedKVCache(1, 4, 0, 1, 8, torch.float32, "cpu")
+    with pytest.raises(TypeError, match="dtype"):
+        esp.PagedKVCache(1, 4, 4, 1, 8, torch.int32, "cpu")
+    cache = esp.PagedKVCache(1, 4, 4, 1, 8, torch.float32, "cpu")
+    cache.allocate("a", [0, 1])
+    with pytest.raises(ValueError, match="already stores"):
+        cache.allocate("a", [1, 2])
+    with pytest.raises(ValueError, match="duplicate"):
+        cache.allocate("b", [5, 5])
+    with pytest.raises(esp.CacheOutOfMemory, match="short by 2 pages"):
+        cache.allocate("c", range(17))
+    with pytest.raises(ValueError, match="layer"):
+        cache.layer(1)
+
+
+# ---------------------------------------------------------------- retention plans
+
+
+@pytest.mark.parametrize("policy", ["fill_first", "balanced"])
+def test_retention_policies_cover_every_token_once(policy):
+    seqlens = [1, 17, 100, 33]
+    free = {2: 4, 0: 10, 5: 3}
+    plan = getattr(esp.RetentionPlan, policy)(seqlens, free, 16)
+    for b, L in enumerate(seqlens):
+        got = torch.cat([plan.positions(b, i) for i in plan.instances]).sort().values
+        assert torch.equal(got, torch.arange(L))
+    for inst in plan.instances:
+        pages = sum(math.ceil(plan.positions(b, inst).numel() / 16) for b in range(4))
+        assert pages <= free[inst]
+    if policy == "fill_first":  # the first instance is filled before the next is used
+        assert plan.positions(0, 2).numel() == 1 and plan.positions(1, 2).numel() == 17
+
+
+def test_retention_plan_validation():
+    with pytest.raises(ValueError, match="kept by more than one"):
+        esp.RetentionPlan([4], [{0: [0, 1, 2], 1: [2, 3]}])
+    with pytest.raises(ValueError, match="kept by no instance"):
+        esp.RetentionPlan([4], [{0: [0, 1]}])
+    with pytest.raises(ValueError, match="needing 2 pages"):
+        esp.RetentionPlan([20], [{0: range(20)}], free_pages={0: 1}, page_size=16)
+    with pytest.raises(ValueError, match="does not fit"):
+        esp.RetentionPlan.fill_first([100], {0: 1, 1: 1}, 16)
+
+
+def retention_rank(world, seed, policy, page_size):
+    """Prefill 2 layers on a reordered ring with retention onto instances {1, 3} (or {0, 1})."""
+    P = world.size
+    ring = world.subgroup(list(range(P))[::-1])
+    seqlens = [1, P - 1 or 1, 97, 40]
+    keepers = {1: 60, 3: 120} if P == 4 else {0: 60, 1: 120}
+    plan = getattr(esp.RetentionPlan, policy)(seqlens, {k: v // page_size + 4 for k, v in
+                                                        keepers.items()}, page_size)
+    cache = esp.PagedKVCache(2, 200 // page_size + 8, page_size, 2, 64, torch.float32, "cpu")
+    me = world.world_ranks[world.rank]
+    if me in plan.instances:
+        plan.reserve(cache, me)  # the engine reserves before prefill
+    for layer in range(2):
+        b = random_varlen_batch(seqlens, 4, 2, 64, generator=torch.Generator().manual_seed(
+            seed + layer))
+        q, k, v = (stripe(t, seqlens, P)[ring.rank] for t in (b.q, b.k, b.v))
+        esp.ring_prefill(q, k, v, seqlens, ring, retain=(plan, cache, layer))
+    return {bi: (cache.positions(bi), [cache.gather(bi, l) for l in range(2)])
+            for bi in range(len(seqlens)) if cache.num_tokens(bi)}
+
+
+def check_retention(per_rank, seed, P):
+    seqlens = [1, P - 1 or 1, 97, 40]
+    seen = {bi: [] for bi in range(len(seqlens))}
+    for stored in per_rank:
+        for bi, (pos, layers) in stored.items():
+            seen[bi].append(pos)
+            for layer, (k, v) in enumerate(layers):
+                b = random_varlen_batch(seqlens, 4, 2, 64,
+                                        generator=torch.Generator().manual_seed(seed + layer))
+                start = int(b.cu_seqlens[bi])
+                assert torch.equal(k, b.k[start + pos]) and torch.equal(v, b.v[start + pos])
+    for bi, L in enumerate(seqlens):
+        assert torch.equal(torch.cat(seen[bi]).sort().values, torch.arange(L)), bi
+
+
+@pytest.mark.parametrize("policy", ["fill_first", "balanced"])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_retention_virtual_ranks(policy, page_size):
+    P = 4
+    res = run_local(local_group(P), retention_rank, [3] * P, [policy] * P, [page_size] * P)
+    check_retention(res, 3, P)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["fill_first", "balanced"])
+def test_retention_gloo(policy):
+    res = run_gloo(3, retention_rank, 9, policy, 16)
+    check_retention(res, 9, 3)
+
+
+def test_retention_rejects_instances_outside_the_ring():
+    g = local_group(2)
+    plan = esp.RetentionPlan([4], [{5: range(4)}])
+    cache = esp.PagedKVCache(1, 4, 4, 1, 8, torch.float32, "cpu")
+    q = torch.randn(2, 1, 8)
+    with pytest.raises(ValueError, match="not in the prefill ring"):
+        esp.ring_prefill(q, q, q, [4], g[0], retain=(plan, cache, 0))
+    with pytest.raises(TypeError, match="retain"):
+        esp.ring_prefill(q, q, q, [4], g[0], retain=(plan, cache))
+
+
+# ---------------------------------------------------------------- migration
+
+
+def _fill(cache, req, positions, seed):
+    slots = cache.allocate(req, positions)
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn(cache.num_layers * 2, len(positions), cache.row_elems, generator=g)
+    cache.slot_rows()[:, slots] = data.to(cache.dtype)
+    return data
+
+
+def migration_rank(world, page_size, chunk_bytes, dst_pages):
+    """Instance r holds request 'x' positions r, r+n, ... ; then ranges move around."""
+    n = world.size
+    me = world.world_ranks[world.rank]
+    pages = dst_pages if me == n - 1 and dst_pages else 256 // page_size + 8
+    cache = esp.PagedKVCache(3, pages, page_size, 2, 8, torch.float32, "cpu")
+    full = torch.randn(3 * 2, 200, 16, generator=torch.Generator().manual_seed(1))
+    mine = list(range(me, 200, n))
+    slots = cache.allocate("x", mine)
+    cache.slot_rows()[:, slots] = full[:, mine]
+    plan = esp.MigrationPlan()
+    plan.add("x", 10, 60, 0, n - 1)        # a range spanning pages
+    plan.add("x", 500, 600, 1 % n, 0)      # empty range
+    if n > 2:
+        plan.add("x", 0, 200, 1, 2)        # everything rank 1 holds
+    before = cache.positions("x")
+    try:
+        stats = esp.migrate_kv(cache, plan, world, chunk_bytes=chunk_bytes)
+        err = None
+    except esp.MigrationError as exc:
+        stats, err = None, str(exc)
+    pos = cache.positions("x")
+    data = cache.slot_rows()[:, cache.slots("x")]
+    return me, before, pos, data, full, stats, err
+
+
+def check_migration(res, n, expect_fail=False):
+    owner = {}
+    for me, before, pos, data, full, stats, err in res:
+        assert torch.equal(data, full[:, pos]), f"instance {me} holds wrong K/V"
+        for p in pos.tolist():
+            assert p not in owner, f"token {p} on {owner.get(p)} and {me}"
+            owner[p] = me
+        if expect_fail and me in (0, n - 1):
+            assert err is not None and "kept" in err or "cannot take" in err, err
+    assert sorted(owner) == list(range(200)), "tokens lost"
+    if not expect_fail:
+        assert all(owner[p] == n - 1 for p in range(10, 60) if owner[p] != 2 or n == 2)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_migration_virtual_ranks(n, page_size):
+    res = run_local(local_group(n), migration_rank, [page_size] * n, [256] * n, [None] * n)
+    check_migration(res, n)
+
+
+def test_migration_destination_out_of_memory_keeps_source():
+    n = 2
+    res = run_local(local_group(n), migration_rank, [16] * n, [256] * n, [7] * n)
+    check_migration(res, n, expect_fail=True)
+    src = [r for r in res if r[0] == 0][0]
+    assert torch.equal(src[1], src[2]), "source changed although the migration failed"
+
+
+@pytest.mark.slow
+def test_migration_gloo():
+    check_migration(run_gloo(3, migration_rank, 16, 4096, None), 3)
+
+
+def test_migration_plan_validation():
+    with pytest.raises(ValueError, match="itself"):
+        esp.MigrationPlan([("a", 0, 4, 1, 1)])
+    with pytest.raises(ValueError, match="range"):
+        esp.MigrationPlan([("a", 5, 4, 0, 1)])
+    cache = esp.PagedKVCache(1, 4, 4, 1, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="not in the group"):
+        esp.migrate_kv(cache, esp.MigrationPlan([("a", 0, 4, 0, 9)]), local_group(2)[0])
+
+
+# ---------------------------------------------------------------- GPU tier
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("row", [1024, 2048, 24, 3])
+def test_copy_rows_kernel_matches_indexing(dtype, row, gen):
+    src = torch.randn(6, 300, row, generator=gen).to("cuda", dtype)
+    dst = torch.randn(6, 500, row, generator=gen).to("cuda", dtype)
+    ref = dst.clone()
+    s_idx = torch.randperm(300, generator=gen)[:200].to(torch.int32).cuda()
+    d_idx = torch.randperm(500, generator=gen)[:200].to(torch.int32).cuda()
+    d_idx[::7] = -1  # skipped rows
+    copy_rows(src, s_idx, dst, d_idx)
+    copy_rows(src, s_idx, ref, d_idx, backend="torch")
+    assert torch.equal(dst, ref)
+    out = torch.empty(6, 200, row, dtype=dtype, device="cuda")
+    copy_rows(src[:, :, :], s_idx, out, None)
+    assert torch.equal(out, src[:, s_idx.long()])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_retention_and_migration_gpu(page_size):
+    P = 4
+    groups = local_group(P, "cuda")
+    seqlens = [3, 2000, 517]
+    plan = esp.RetentionPlan.fill_first(seqlens, {2: 200, 0: 200}, page_size)
+    caches = [esp.PagedKVCache(2, 4000 // page_size + 8, page_size, 8, 128, torch.bfloat16, "cuda")
+              for _ in range(P)]
+    batches = [random_varlen_batch(seqlens, 32, 8, 128, dtype=torch.bfloat16, device="cuda",
+                                   generator=torch.Generator().manual_seed(40 + l))
+               for l in range(2)]
+
+    def body(ring, cache):
+        for layer in range(2):
+            b = batches[layer]
+            q, k, v = (stripe(t, seqlens, P)[ring.rank] for t in (b.q, b.k, b.v))
+            esp.ring_prefill(q, k, v, seqlens, ring, retain=(plan, cache, layer))
+        mplan = esp.MigrationPlan([(2, 0, 517, 0, 3), (1, 100, 1900, 2, 1)])
+        esp.migrate_kv(cache, mplan, ring, chunk_bytes=1 << 20)
+        torch.cuda.current_stream().synchronize()
+
+    run_local(groups, body, caches)
+    owner = {}
+    for inst, cache in enumerate(caches):
+        for bi in range(3):
+            pos = cache.positions(bi)
+            for p in pos.tolist():
+                assert (bi, p) not in owner
+                owner[(bi, p)] = inst
+            start = int(batches[0].cu_seqlens[bi])
+            for layer in range(2):
+                k, v = cache.gather(bi, layer)
+                b = batches[layer]
+                assert torch.equal(k, b.k[start + pos.cuda()])
+                assert torch.equal(v, b.v[start + pos.cuda()])
+    assert len(owner) == sum(seqlens)
+    assert all(owner[(2, p)] == 3 for p in range(517))

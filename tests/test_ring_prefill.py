@@ -1,0 +1,214 @@
+"""Striped ring prefill vs the reference on the full batch: gloo processes, virtual ranks, the
+Triton step under the interpreter (CPU) and the compiled/Triton kernels on GPU."""
+
+import math
+
+import pytest
+import torch
+
+import esp_kernels as esp
+from esp_kernels.comm import local_group, run_local
+from esp_kernels.prefill.step import ring_step
+from esp_kernels.testing import (assert_close, cu_seqlens, poison_, random_varlen_batch, stripe,
+                                 stripe_lengths, unstripe)
+from dist_utils import run_gloo
+
+CONFIGS = [(8, 8, 64), (8, 2, 128), (8, 1, 64)]  # (Hq, Hkv, D): GQA 1, 4, 8
+
+
+def lengths_for(P):
+    return [L for L in (1, P - 1, P, P + 1, 97, 1000) if L > 0]
+
+
+def batch(seed, lens, hq, hkv, d, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return random_varlen_batch(lens, hq, hkv, d, dtype=dtype, device=device, generator=g)
+
+
+def ring_order(P):
+    return [(3 * i + 1) % P for i in range(P)] if P in (2, 4) else list(range(P))[::-1]
+
+
+def prefill_rank(world, seed):
+    """Per rank: run every config on a ring ordered unlike the world; return its stripes."""
+    P = world.size
+    ring = world.subgroup(ring_order(P))
+    out = []
+    for hq, hkv, d in CONFIGS:
+        lens = lengths_for(P)
+        b = batch(seed, lens, hq, hkv, d)
+        r = ring.rank
+        q, k, v = (stripe(t, lens, P)[r] for t in (b.q, b.k, b.v))
+        o, lse = esp.ring_prefill(q, k, v, lens, ring)
+        out.append((r, o, lse))
+    return out
+
+
+def check_gathered(per_rank, P, seed):
+    for c, (hq, hkv, d) in enumerate(CONFIGS):
+        lens = lengths_for(P)
+        b = batch(seed, lens, hq, hkv, d)
+        parts = sorted((res[c] for res in per_rank), key=lambda x: x[0])
+        o = unstripe([p[1] for p in parts], lens)
+        lse = unstripe([p[2] for p in parts], lens)
+        ref_o, ref_l = esp.reference.attention(b.q.double(), b.k.double(), b.v.double(),
+                                               b.cu_seqlens, b.cu_seqlens)
+        assert_close(o, ref_o, torch.float32, name=f"out P={P} cfg={hq, hkv, d}")
+        assert_close(lse, ref_l, torch.float32, name=f"lse P={P} cfg={hq, hkv, d}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("P", [1, 2, 3, 4])
+def test_ring_prefill_gloo(P):
+    check_gathered(run_gloo(P, prefill_rank, 1234 + P), P, 1234 + P)
+
+
+@pytest.mark.parametrize("P", [1, 2, 3, 4])
+def test_ring_prefill_virtual_ranks(P):
+    check_gathered(run_local(local_group(P), prefill_rank, [77 + P] * P), P, 77 + P)
+
+
+def test_non_causal_and_scale(gen):
+    P, lens = 3, [5, 40]
+    b = random_varlen_batch(lens, 4, 2, 64, generator=gen)
+    groups = local_group(P)
+
+    def body(g):
+        q, k, v = (stripe(t, lens, P)[g.rank] for t in (b.q, b.k, b.v))
+        return esp.ring_prefill(q, k, v, lens, g, softmax_scale=0.05, causal=False)
+
+    res = run_local(groups, body)
+    o = unstripe([r[0] for r in res], lens)
+    ref_o, _ = esp.reference.attention(b.q, b.k, b.v, b.cu_seqlens, b.cu_seqlens, causal=False,
+                                       softmax_scale=0.05)
+    assert_close(o, ref_o, torch.float32)
+
+
+def test_bad_input():
+    g = local_group(2)[0]
+    lens = [5, 3]
+    n = sum(stripe_lengths(lens, 2, 0))
+    q, k = torch.randn(n, 4, 64), torch.randn(n, 2, 64)
+    with pytest.raises(ValueError, match="q has 3 tokens but rank 0 of 2 holds 5"):
+        esp.ring_prefill(q[:3], k[:3], k[:3], lens, g)
+    with pytest.raises(ValueError, match="multiple"):
+        esp.ring_prefill(q, torch.randn(n, 3, 64), torch.randn(n, 3, 64), lens, g)
+    with pytest.raises(TypeError, match="share one dtype"):
+        esp.ring_prefill(q, k.half(), k.half(), lens, g)
+    with pytest.raises(ValueError, match="head dim"):
+        esp.ring_prefill(q, k[..., :32], k[..., :32], lens, g)
+    with pytest.raises(ValueError, match="seqlens"):
+        esp.ring_prefill(q, k, k, [5, -3], g)
+    with pytest.raises(ValueError, match="ring group communicates"):
+        esp.ring_prefill(q.to("meta"), k, k, lens, g)
+    with pytest.raises(ValueError, match="backend"):
+        esp.ring_prefill(q, k, k, lens, g, backend="fast")
+
+
+def _step_case(dtype, hq, hkv, d, shift, accumulate, gen, device="cpu", lq=None, lk=None):
+    lq = lq or [5, 1, 37, 0, 19, 70]
+    lk = lk or [5, 0, 37, 3, 18, 70]
+    q = torch.randn(sum(lq), hq, d, generator=gen).to(device, dtype)
+    k = torch.randn(sum(lk), hkv, d, generator=gen).to(device, dtype)
+    v = torch.randn(sum(lk), hkv, d, generator=gen).to(device, dtype)
+    o0 = torch.randn(sum(lq), hq, d, generator=gen).to(device)
+    l0 = (torch.randn(sum(lq), hq, generator=gen) * 2).to(device)
+    l0.view(-1)[::3] = -math.inf
+    o0.view(-1, d)[::3] = 0
+    cq, ck = cu_seqlens(lq, device), cu_seqlens(lk, device)
+    ref_o, ref_l = o0.clone().double(), l0.clone().double()
+    ring_step(q.double(), k.double(), v.double(), cq, ck, max(lq), ref_o, ref_l, mask_shift=shift,
+              accumulate=accumulate, softmax_scale=0.3, backend="torch")
+    return (q, k, v, cq, ck, max(lq), o0, l0), (ref_o, ref_l)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 1, 32), (6, 2, 64), (8, 8, 32)])
+@pytest.mark.parametrize("shift,accumulate", [(0, False), (-1, True), (0, True)])
+def test_triton_step_interpreter(dtype, hq, hkv, d, shift, accumulate, gen):
+    """The Triton step kernel under TRITON_INTERPRET=1 (fp16/fp32: bf16 dot is wrong there)."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter tier runs on CPU machines; the GPU tier covers Triton")
+    args, (ref_o, ref_l) = _step_case(dtype, hq, hkv, d, shift, accumulate, gen)
+    o, l = args[6], args[7]
+    ring_step(*args, mask_shift=shift, accumulate=accumulate, softmax_scale=0.3,
+              backend="triton")
+    assert_close(o, ref_o, dtype)
+    assert_close(l, ref_l, torch.float32)
+
+
+# ---------------------------------------------------------------- GPU tier
+
+STEP_BACKENDS = ["cuda", "triton"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d", [(8, 8, 64), (32, 8, 128), (16, 2, 128), (6, 2, 64),
+                                      (8, 1, 128)])
+@pytest.mark.parametrize("shift,accumulate", [(0, False), (-1, True), (0, True)])
+def test_step_kernel_gpu(backend, dtype, hq, hkv, d, shift, accumulate, gen):
+    lq = [5, 1, 37, 0, 19, 700, 130]
+    lk = [5, 0, 37, 3, 18, 700, 129]
+    args, (ref_o, ref_l) = _step_case(dtype, hq, hkv, d, shift, accumulate, gen, "cuda", lq, lk)
+    o, l = args[6], args[7]
+    ring_step(*args, mask_shift=shift, accumulate=accumulate, softmax_scale=0.3,
+              backend=backend)
+    assert not torch.isnan(o).any(), "NaN in output state"
+    assert_close(o.cpu(), ref_o.cpu(), dtype)
+    assert_close(l.cpu(), ref_l.cpu(), torch.float32, factor=0.1 / 2e-5 * 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+def test_step_kernel_overwrites_poisoned_state(backend, gen):
+    args, (ref_o, ref_l) = _step_case(torch.bfloat16, 32, 8, 128, -1, False, gen, "cuda")
+    o, l = poison_(args[6]), poison_(args[7])
+    ring_step(*args, mask_shift=-1, accumulate=False, softmax_scale=0.3, backend=backend)
+    assert not torch.isnan(o).any() and not torch.isnan(l).any()
+    assert_close(o.cpu(), ref_o.cpu(), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("P", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ring_prefill_virtual_ranks_gpu(backend, P, dtype):
+    lens = lengths_for(P) + [4099]
+    b = batch(5 + P, lens, 32, 8, 128, dtype=dtype, device="cuda")
+    groups = local_group(P, "cuda")
+    rings = [g.subgroup(ring_order(P)) for g in groups]
+
+    def body(ring):
+        q, k, v = (stripe(t, lens, P)[ring.rank] for t in (b.q, b.k, b.v))
+        return ring.rank, esp.ring_prefill(q, k, v, lens, ring, backend=backend)
+
+    res = sorted(run_local(rings, body), key=lambda x: x[0])
+    o = unstripe([r[1][0] for r in res], lens)
+    lse = unstripe([r[1][1] for r in res], lens)
+    ref_o, ref_l = esp.reference.attention(b.q.float(), b.k.float(), b.v.float(), b.cu_seqlens,
+                                           b.cu_seqlens)
+    assert_close(o.float(), ref_o, dtype)
+    assert_close(lse, ref_l, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+def test_ring_prefill_64k_gpu(backend):
+    """64k tokens on 4 virtual ranks; checked on sampled query rows against the reference."""
+    P, L = 4, 65536
+    b = batch(11, [L], 32, 8, 128, dtype=torch.bfloat16, device="cuda")
+    groups = local_group(P, "cuda")
+
+    def body(ring):
+        q, k, v = (stripe(t, [L], P)[ring.rank] for t in (b.q, b.k, b.v))
+        return esp.ring_prefill(q, k, v, [L], ring, backend=backend)
+
+    res = run_local(groups, body)
+    o = unstripe([r[0] for r in res], [L])
+    rows = torch.tensor([0, 1, 5, 4097, 30000, 65534, 65535], device="cuda")
+    ref_o, _ = esp.reference.attention(b.q[rows].float(), b.k.float(), b.v.float(),
+                                       cu_seqlens([rows.numel()], "cuda"), cu_seqlens([L], "cuda"),
+                                       q_positions=rows, k_positions=torch.arange(L, device="cuda"))
+    assert_close(o[rows].float(), ref_o, torch.bfloat16)
