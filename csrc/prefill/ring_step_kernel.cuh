@@ -7,17 +7,20 @@
 // (GQA packing, as FlashInfer does), and a causal tile spans only kBlockM / G tokens, which makes
 // the diagonal (masked) region short.
 //
-// Per CTA: 4 warps, each owns 32 rows (two m16 tiles); S = Q K^T and O = P V with
-// mma.sync.m16n8k16 (fp32 accumulators). Q lives in shared memory and is re-read with ldmatrix
-// every key tile: keeping it in registers would need 64 registers per thread for D = 128 on top of
-// O (128) and S (64) — over the 255 limit — and halving the rows per warp instead doubles the
-// ldmatrix traffic per MMA (each K/V fragment would feed one m16 tile instead of two), which makes
-// the loop shared-memory-bound on H100 (128 B/clk/SM). K/V tiles stream through a two-stage
-// cp.async ring: tile n-1 loads while tile n computes. Shared layout: 16-byte chunks XOR-swizzled
-// by (row & 7), so the 8 rows of every ldmatrix phase and every cp.async phase hit distinct banks.
+// Per CTA: 4 warps, each owns 32 rows (two m16 tiles, so every K/V fragment loaded with ldmatrix
+// feeds two MMAs); S = Q K^T and O = P V with mma.sync.m16n8k16, fp32 accumulators, P kept in
+// registers as the A operand of P V. K/V tiles of BN keys stream through a two-stage cp.async
+// ring (tile n-1 loads while tile n computes); each tile is consumed in steps of SN keys.
+// Register budget at D = 128 (255 per thread, 2 CTAs per SM): O takes 128, so
+//   - Q stays in shared memory and is re-read with ldmatrix each step (in registers it would take
+//     64 more);
+//   - SN = 32 (S: 32 registers). With SN = 64 ptxas spills, whatever else is trimmed;
+//   - the O rescale of the online softmax is lazy (see attend_tile).
+// Shared layout: 16-byte chunks XOR-swizzled by (row & 7), so the 8 rows of every ldmatrix phase
+// and every cp.async phase hit distinct banks.
 //
 // Key tiles are visited from the last one down: the masked tiles (causal diagonal, partial tail of
-// the block) come first and the loop then runs mask-free. Tiles no row can see are never loaded.
+// the block) come first, then a mask-free loop. Tiles no row can see are never loaded.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -61,13 +64,14 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kWarpRows = 32;                  // two m16 MMA tiles per warp
 constexpr int kBlockM = kWarps * kWarpRows;    // 128 packed rows per CTA
 constexpr float kLn2 = 0.69314718055994530942f;
+constexpr float kRefSlack = 8.f;  // log2 units: p = exp2(...) stays <= 256 (see attend_tile)
 
-// Tiles start on 1024-byte boundaries (see lane_addr); dynamic shared memory only promises 16, so
+// Tiles start on 1024-byte boundaries (see swizzled); dynamic shared memory only promises 16, so
 // the kernel rounds its base up and asks for 1 KB of slack.
 constexpr int kSmemAlign = 1024;
 
 template <int D, int BN>
-constexpr int smem_bytes() {
+constexpr int smem_bytes() {  // dynamic shared memory of one CTA
   return (kBlockM + 4 * BN) * D * 2 + kSmemAlign;  // Q + two stages of (K, V), 16-bit elements
 }
 
@@ -75,20 +79,17 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// Byte offset of 16-byte chunk `c` of row `r` in a tile whose rows hold D 16-bit elements.
+// Shared tiles: rows of D 16-bit elements (D*2 bytes), 16-byte chunk c of row r stored at chunk
+// c ^ (r & 7). The 8 rows of an ldmatrix phase and the 8 chunks of a cp.async phase then hit 8
+// distinct 16-byte bank groups. Every tile starts on a 1024-byte boundary.
+//
+// Address of chunk 2*kk + hi (hi in {0, 1}) of row r, for any kk: with a = the address for kk = 0,
+// it is a ^ (32*kk), because 2*kk + hi = 2*kk ^ hi, the swizzle is a XOR of the chunk index, and
+// 32*kk < D*2 only touches bits below the row's start. So each lane keeps one address per operand
+// and every k-step costs one LOP, instead of a register per (row, k-step) address.
 template <int D>
-__device__ __forceinline__ uint32_t swz(int r, int c) {
-  return static_cast<uint32_t>((r * (D / 8) + (c ^ (r & 7))) * 16);
-}
-
-// ldmatrix address of a lane for k-step (chunk pair) 0: row `r` of a tile at `tile` (1024-byte
-// aligned), 16-byte chunk `hi` in {0, 1}. Chunk 2*kk + hi of that row is then at addr ^ (32*kk):
-// 2*kk + hi = 2*kk ^ hi, the swizzle XORs (r & 7) into the chunk index, and 32*kk < D*2 only
-// touches address bits below the row's start. One LOP per ldmatrix instead of a register per
-// (row, k-step) address, which is what keeps the D = 128 kernel within 255 registers.
-template <int D>
-__device__ __forceinline__ uint32_t lane_addr(uint32_t tile, int r, int hi) {
-  return tile + static_cast<uint32_t>(r * D * 2 + ((hi ^ (r & 7)) << 4));
+__device__ __forceinline__ uint32_t swizzled(uint32_t tile, int r, int c) {
+  return tile + static_cast<uint32_t>(r * D * 2 + ((c ^ (r & 7)) << 4));
 }
 
 // 16-byte async copy; `full == false` writes 16 zero bytes and reads nothing (src must still be a
@@ -152,6 +153,22 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// The value of x, hidden from the optimizer (an empty volatile asm "produces" it), so that
+// expressions using it are evaluated where written instead of being hoisted out of a loop.
+__device__ __forceinline__ int64_t opaque(int64_t x) {
+  asm volatile("" : "+l"(x));
+  return x;
+}
+__device__ __forceinline__ int opaque(int x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+template <typename T>
+__device__ __forceinline__ const T* opaque(const T* x) {
+  asm volatile("" : "+l"(x));
+  return x;
+}
+
 // MUFU.EX2 directly: exp2f() adds denormal handling we do not need; ex2(-inf) = +0.
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -166,34 +183,55 @@ __device__ __forceinline__ int visible_end(int tok, int shift, int len_k) {
   return static_cast<int>(e < 0 ? 0 : (e > len_k ? len_k : e));
 }
 
-// One key tile for one warp: S = Q K^T (32 x BN), mask, online softmax, O += P V.
-// q_addr, k_addr, v_addr: this lane's ldmatrix addresses for k-step 0 (see lane_addr); key0: local
-// index of the tile's first key; lim[i][h]: keys visible to this thread's row (i, h) (read only
-// when kMasked).
-template <typename T, int D, int BN, bool kMasked>
+// What a CTA works on. Block order: KV head fastest, then request, then row tile from the last
+// (heaviest under a causal mask) to the first, so the longest CTAs start in the first wave.
+struct Tile {
+  int kvh, row0;
+  int q_start, rows;  // first query token of the request; packed rows = its tokens * G
+  int k_start, len_k;
+};
+__device__ __forceinline__ Tile locate_tile(const RingStepParams& p, int block) {
+  Tile t;
+  t.kvh = block % p.Hkv;
+  const int rest = block / p.Hkv;
+  const int b = rest % p.B;
+  t.row0 = (p.num_m_tiles - 1 - rest / p.B) * kBlockM;
+  t.q_start = p.cu_q[b];
+  t.rows = (p.cu_q[b + 1] - t.q_start) * p.G;
+  t.k_start = p.cu_k[b];
+  t.len_k = p.cu_k[b + 1] - t.k_start;
+  return t;
+}
+
+// One step of SN keys for one warp: S = Q K^T (32 x SN), mask, online softmax, O += P V.
+// q_addr: this lane's ldmatrix address in the warp's Q rows, k_addr / v_addr: in the stage's K / V
+// tile, each for k-step 0 (see swizzled). The lane roles of each ldmatrix.x4 are chosen so that its
+// 4 destination registers are already in MMA operand order: HMMA reads an A fragment from 4
+// consecutive registers and a B fragment from 2, and any other order costs MOVs and registers.
+// key0: local index of the step's first key; lim[i][h]: keys visible to this thread's row (i, h)
+// (read only when kMasked).
+template <typename T, int D, int SN, bool kMasked>
 __device__ __forceinline__ void attend_tile(uint32_t q_addr, uint32_t k_addr, uint32_t v_addr,
                                             int lane, int key0, const int (&lim)[2][2],
                                             float scale_log2, float (&acc_o)[2][D / 8][4],
-                                            float (&row_max)[2][2], float (&row_sum)[2][2]) {
+                                            float (&m_ref)[2][2], float (&row_sum)[2][2]) {
   constexpr int kRowBytes = D * 2;
-  float s[2][BN / 8][4];
+  float s[2][SN / 8][4];
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j)
+    for (int j = 0; j < SN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[i][j][e] = 0.f;
 
-  // Chunk pair kk of a lane's row is at addr ^ (32*kk) (see lane_addr); the 16-row steps between
-  // m16 tiles and key groups are plain immediate offsets.
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t qa[2][4];
 #pragma unroll
-    for (int i = 0; i < 2; ++i)  // matrices: rows 0-7 / 8-15 x k 0-7 / 8-15 -> a0..a3
+    for (int i = 0; i < 2; ++i)  // (rows 0-7, k lo), (8-15, k lo), (0-7, k hi), (8-15, k hi)
       ldmatrix_x4(qa[i], (q_addr ^ (kk * 32)) + i * 16 * kRowBytes);
 #pragma unroll
-    for (int jj = 0; jj < BN / 16; ++jj) {
+    for (int jj = 0; jj < SN / 16; ++jj) {
       uint32_t kb[4];  // (keys 0-7, k lo), (keys 0-7, k hi), (keys 8-15, k lo), (keys 8-15, k hi)
       ldmatrix_x4(kb, (k_addr ^ (kk * 32)) + jj * 16 * kRowBytes);
 #pragma unroll
@@ -210,49 +248,73 @@ __device__ __forceinline__ void attend_tile(uint32_t q_addr, uint32_t k_addr, ui
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
+      for (int j = 0; j < SN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           if (key0 + j * 8 + 2 * (lane & 3) + (e & 1) >= lim[i][e >> 1]) s[i][j][e] = -INFINITY;
   }
 
+  // Online softmax in the exp2 domain against a lazily moved reference max m_ref (scaled units,
+  // per row): p = 2^(s*scale_log2 - m_ref). The reference only moves when a step's max exceeds it
+  // by more than kRefSlack, so p <= 2^kRefSlack, harmless in fp32 sums and in 16-bit P (the final
+  // o = acc / l is exact whatever the reference). The O/l rescale is then a rare warp-uniform
+  // branch (in practice a row's first visible step) instead of D/4 FMULs per thread and row pair
+  // every step; kept out of the MMA stream, it also stops ptxas from interleaving 128 FMULs with
+  // the HMMAs, one of the things that pushed the D = 128 kernel into spills.
+  float t[2][2];
+  bool grow = false;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float mx = row_max[i][h];
+      float mx = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(s[i][j][2 * h], s[i][j][2 * h + 1]));
+      for (int j = 0; j < SN / 8; ++j) mx = fmaxf(mx, fmaxf(s[i][j][2 * h], s[i][j][2 * h + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a row
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // A row with nothing visible yet keeps max -inf; subtracting 0 instead of -inf keeps every
-      // exponent below -inf or finite, so p = 0 and alpha = 0, never NaN.
-      const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
-      const float alpha = fast_exp2(fmaf(row_max[i][h], scale_log2, -m_scaled));
-      row_max[i][h] = mx;
+      t[i][h] = mx * scale_log2;  // -inf when the row sees nothing in this step
+      // -inf + slack = -inf: a row's first visible key always moves its reference.
+      grow |= t[i][h] > m_ref[i][h] + kRefSlack;
+    }
+  if (__any_sync(0xffffffffu, grow)) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (!(t[i][h] > m_ref[i][h] + kRefSlack)) continue;
+        const float alpha = fast_exp2(m_ref[i][h] - t[i][h]);  // 0 when m_ref was -inf
+        m_ref[i][h] = t[i][h];
+        row_sum[i][h] *= alpha;
+#pragma unroll
+        for (int d = 0; d < D / 8; ++d) {
+          acc_o[i][d][2 * h] *= alpha;
+          acc_o[i][d][2 * h + 1] *= alpha;
+        }
+      }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // m_ref is -inf only if the row has seen no key yet, and then all its s are -inf too:
+      // subtracting 0 gives p = 0 instead of NaN.
+      const float m_use = m_ref[i][h] == -INFINITY ? 0.f : m_ref[i][h];
       float sum = 0.f;
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
+      for (int j = 0; j < SN / 8; ++j)
 #pragma unroll
         for (int e = 2 * h; e < 2 * h + 2; ++e) {
-          s[i][j][e] = fast_exp2(fmaf(s[i][j][e], scale_log2, -m_scaled));
+          s[i][j][e] = fast_exp2(fmaf(s[i][j][e], scale_log2, -m_use));
           sum += s[i][j][e];
         }
-      // Per-lane partial sum: alpha is the same on the row's 4 lanes, so the quad reduction can
-      // wait for the epilogue.
-      row_sum[i][h] = fmaf(row_sum[i][h], alpha, sum);
-#pragma unroll
-      for (int d = 0; d < D / 8; ++d) {
-        acc_o[i][d][2 * h] *= alpha;
-        acc_o[i][d][2 * h + 1] *= alpha;
-      }
+      // Per-lane partial sum (the row's 4 lanes share m_ref); reduced in the epilogue.
+      row_sum[i][h] += sum;
     }
-  }
 
   // P (in registers, rounded to T) is directly the A operand of P V: the C layout of n-tiles
   // 2kk, 2kk+1 is the A layout of k-step kk.
 #pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) {
+  for (int kk = 0; kk < SN / 16; ++kk) {
     uint32_t pa[2][4];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -263,7 +325,7 @@ __device__ __forceinline__ void attend_tile(uint32_t q_addr, uint32_t k_addr, ui
     }
 #pragma unroll
     for (int dd = 0; dd < D / 16; ++dd) {
-      uint32_t vb[4];  // transposed: (keys 0-7, d lo), (keys 8-15, d lo), (0-7, d hi), (8-15, d hi)
+      uint32_t vb[4];  // transposed: (keys 0-7, d lo), (8-15, d lo), (0-7, d hi), (8-15, d hi)
       ldmatrix_x4_trans(vb, (v_addr ^ (dd * 32)) + kk * 16 * kRowBytes);
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
@@ -276,26 +338,16 @@ __device__ __forceinline__ void attend_tile(uint32_t q_addr, uint32_t k_addr, ui
 
 // 2 CTAs per SM: 8 warps to hide MMA/ldmatrix latency; also what the register file allows at
 // up to 255 registers per thread.
-template <typename T, int D, int BN>
+template <typename T, int D, int BN, int SN>
 __global__ void __launch_bounds__(kThreads, 2) ring_step_kernel(const RingStepParams p) {
-  constexpr int kChunks = D / 8;                  // 16-byte chunks per row
-  constexpr int kRowsPerPass = kThreads / kChunks;
-  static_assert(D % 16 == 0 && BN % 16 == 0 && kThreads % kChunks == 0, "tile shape");
-  static_assert(kBlockM % kRowsPerPass == 0 && BN % kRowsPerPass == 0, "copy shape");
+  constexpr int kRowBytes = D * 2;
+  constexpr uint32_t kTileBytes = BN * kRowBytes;
+  constexpr int kChunkGroups = D / 64;  // a thread copies chunks c8 + 8u, u < kChunkGroups
+  static_assert(D % 64 == 0 && SN % 16 == 0 && BN % SN == 0, "tile shape");
 
-  // Block order: KV head fastest, then request, then row tile from the last (heaviest under a
-  // causal mask) to the first, so the longest CTAs start in the first wave (LPT order).
-  const int kvh = blockIdx.x % p.Hkv;
-  const int rest = blockIdx.x / p.Hkv;
-  const int b = rest % p.B;
-  const int m_block = p.num_m_tiles - 1 - rest / p.B;
-
-  const int q_start = p.cu_q[b];
-  const int rows = (p.cu_q[b + 1] - q_start) * p.G;  // packed rows of this (request, KV head)
-  const int row0 = m_block * kBlockM;
+  const Tile tile = locate_tile(p, blockIdx.x);
+  const int row0 = tile.row0, rows = tile.rows, len_k = tile.len_k, kvh = tile.kvh;
   if (row0 >= rows) return;
-  const int k_start = p.cu_k[b];
-  const int len_k = p.cu_k[b + 1] - k_start;
   const int G = p.G;
 
   // Keys [0, n_end) are seen by some row of the tile, keys [0, full_end) by every row.
@@ -312,11 +364,10 @@ __global__ void __launch_bounds__(kThreads, 2) ring_step_kernel(const RingStepPa
 
   extern __shared__ __align__(16) unsigned char smem[];
   const uint32_t sq = (smem_u32(smem) + (kSmemAlign - 1)) & ~static_cast<uint32_t>(kSmemAlign - 1);
-  const uint32_t skv = sq + kBlockM * D * 2;
-  constexpr uint32_t kTileBytes = BN * D * 2;  // stage s: K at skv + 2s*kTileBytes, V after it
+  const uint32_t skv = sq + kBlockM * kRowBytes;  // stage s: K at skv + 2s*kTileBytes, V after
 
   float acc_o[2][D / 8][4];
-  float row_max[2][2], row_sum[2][2];
+  float m_ref[2][2], row_sum[2][2];  // reference max (scaled, see attend_tile), partial sum
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
 #pragma unroll
@@ -325,75 +376,90 @@ __global__ void __launch_bounds__(kThreads, 2) ring_step_kernel(const RingStepPa
       for (int e = 0; e < 4; ++e) acc_o[i][d][e] = 0.f;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      row_max[i][h] = -INFINITY;
+      m_ref[i][h] = -INFINITY;
       row_sum[i][h] = 0.f;
     }
   }
 
   if (n_blocks > 0) {
-    const int cc = tid % kChunks, cr = tid / kChunks;  // this thread's copy chunk and first row
-    const T* q_req = static_cast<const T*>(p.q) + q_start * p.q_st + kvh * G * p.q_sh;
-    const T* k_req = static_cast<const T*>(p.k) + k_start * p.k_st + kvh * p.k_sh;
-    const T* v_req = static_cast<const T*>(p.v) + k_start * p.v_st + kvh * p.v_sh;
-
+    // Copies: a thread moves chunks c8 + 8u of rows r8 + 8i (Q: r8 + 16i), so (row & 7) is the
+    // same for all its rows and every destination is one register plus an immediate.
+    const int c8 = tid & 7;
+    const T* q_req = static_cast<const T*>(p.q) + tile.q_start * p.q_st + kvh * G * p.q_sh;
+    {
+      const int r16 = tid >> 3;
+      const uint32_t dst = swizzled<D>(sq, r16, c8);
 #pragma unroll
-    for (int i = 0; i < kBlockM / kRowsPerPass; ++i) {
-      const int r = cr + i * kRowsPerPass;
-      const int prow = row0 + r;
-      const bool ok = prow < rows;
-      const T* src = ok ? q_req + static_cast<int64_t>(prow / G) * p.q_st +
-                              static_cast<int64_t>(prow % G) * p.q_sh + cc * 8
-                        : q_req;
-      cp_async_16(sq + swz<D>(r, cc), src, ok);
-    }
-    // This thread copies chunk cc of K/V rows cr + i*kRowsPerPass of a tile. Only the first tile
-    // loaded (n_blocks - 1, the highest) can run past the block's end; its missing rows are
-    // zero-filled, since V garbage (even NaN) times p = 0 would be NaN. Every later tile is full,
-    // so the in-loop copies carry no bounds checks and their addresses are one running offset.
-    const T* k_thr = k_req + cr * p.k_st + cc * 8;
-    const T* v_thr = v_req + cr * p.v_st + cc * 8;
-    const uint32_t kv_dst = skv + swz<D>(cr, cc);  // (r & 7) == (cr & 7) for all rows copied
-    auto load_kv = [&](int n, int stage, auto bounded) {
-      const uint32_t sk = kv_dst + 2 * stage * kTileBytes, sv = sk + kTileBytes;
-      const int64_t key0 = static_cast<int64_t>(n) * BN;
+      for (int i = 0; i < kBlockM / 16; ++i) {
+        const int prow = row0 + r16 + 16 * i;
+        const bool ok = prow < rows;
+        const T* src = ok ? q_req + static_cast<int64_t>(prow / G) * p.q_st +
+                                static_cast<int64_t>(prow % G) * p.q_sh + c8 * 8
+                          : q_req;
 #pragma unroll
-      for (int i = 0; i < BN / kRowsPerPass; ++i) {
-        const int64_t key = key0 + i * kRowsPerPass;
-        const uint32_t off = i * kRowsPerPass * D * 2;
-        if constexpr (decltype(bounded)::value) {
-          const bool ok = key + cr < len_k;
-          cp_async_16(sk + off, ok ? k_thr + key * p.k_st : k_req, ok);
-          cp_async_16(sv + off, ok ? v_thr + key * p.v_st : v_req, ok);
-        } else {
-          cp_async_16(sk + off, k_thr + key * p.k_st, true);
-          cp_async_16(sv + off, v_thr + key * p.v_st, true);
-        }
+        for (int u = 0; u < kChunkGroups; ++u)
+          cp_async_16(dst + i * 16 * kRowBytes + u * 128, src + (ok ? u * 64 : 0), ok);
       }
+    }
+    // K/V: threads 0-63 copy K, 64-127 copy V (one global pointer per thread, not two).
+    // Only the first tile loaded (n_blocks - 1, the highest) can run past the block's end; its
+    // missing rows are zero-filled, since V garbage (even NaN) times p = 0 would be NaN. Every
+    // later tile is full, so the in-loop copies carry no bounds checks.
+    const bool copies_v = tid >= 64;  // warp-uniform
+    const int r8 = (tid & 63) >> 3;
+    const T* kv_req = copies_v
+        ? static_cast<const T*>(p.v) + tile.k_start * p.v_st + kvh * p.v_sh
+        : static_cast<const T*>(p.k) + tile.k_start * p.k_st + kvh * p.k_sh;
+    // One opaque 64-bit pointer: left alone, the compiler keeps its parts (request base, row
+    // offset) in separate 64-bit registers through the key loop.
+    const T* kv_thr = opaque(kv_req + r8 * (copies_v ? p.v_st : p.k_st) + c8 * 8);
+    const uint32_t kv_dst = swizzled<D>(skv + (copies_v ? kTileBytes : 0), r8, c8);
+    auto load_kv = [&](int n, int stage, auto bounded) {
+      const uint32_t dst = kv_dst + 2 * stage * kTileBytes;
+      // The row offsets are recomputed on every call: `opaque` stops the compiler from hoisting
+      // them out of the key loop, where they would pin BN/8 64-bit registers and spill.
+      auto copy = [&](int64_t st) {
+        st = opaque(st);
+        const T* src0 = kv_thr + static_cast<int64_t>(n) * BN * st;
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) {
+          const T* src = src0 + 8 * i * st;
+          bool ok = true;
+          if constexpr (decltype(bounded)::value) ok = n * BN + r8 + 8 * i < len_k;
+#pragma unroll
+          for (int u = 0; u < kChunkGroups; ++u)
+            cp_async_16(dst + i * 8 * kRowBytes + u * 128, ok ? src + u * 64 : kv_req, ok);
+        }
+      };
+      if (copies_v)
+        copy(p.v_st);
+      else
+        copy(p.k_st);
     };
-    load_kv(n_blocks - 1, 0, std::true_type{});
+    // Tile n lives in stage n & 1.
+    load_kv(n_blocks - 1, (n_blocks - 1) & 1, std::true_type{});
     cp_async_commit();
 
-    // Lane roles in the ldmatrix x4 of each operand (matrix index = lane / 8):
-    //   Q (A, rows x k):        rows (lane & 15),                 chunk lane >> 4
-    //   K (B, keys x k):        rows 8*(lane >> 4) + (lane & 7),  chunk (lane >> 3) & 1
-    //   V (B^T, keys x d):      rows 8*((lane >> 3) & 1) + (lane & 7), chunk lane >> 4
-    const uint32_t q_addr = lane_addr<D>(sq, warp * kWarpRows + (lane & 15), lane >> 4);
-    const uint32_t k_lane = lane_addr<D>(0, ((lane >> 4) << 3) + (lane & 7), (lane >> 3) & 1);
-    const uint32_t v_lane = lane_addr<D>(0, (((lane >> 3) & 1) << 3) + (lane & 7), lane >> 4);
+    // ldmatrix lane roles: lanes 8m..8m+7 address the rows of matrix m.
+    //   Q (A, rows x k):   rows (lane & 15),                      chunk lane >> 4
+    //   K (B, keys x k):   rows 8*(lane >> 4) + (lane & 7),       chunk (lane >> 3) & 1
+    //   V (B^T, keys x d): rows 8*((lane >> 3) & 1) + (lane & 7), chunk lane >> 4
+    const uint32_t q_addr = swizzled<D>(sq, warp * kWarpRows + (lane & 15), lane >> 4);
+    const uint32_t k_off = swizzled<D>(0, ((lane >> 4) << 3) + (lane & 7), (lane >> 3) & 1);
+    const uint32_t v_off =
+        swizzled<D>(kTileBytes, (((lane >> 3) & 1) << 3) + (lane & 7), lane >> 4);
 
-    for (int it = 0; it < n_blocks; ++it) {
-      const int n = n_blocks - 1 - it;
+    auto step = [&](int n, auto masked) {
       // After this barrier tile n is visible to all threads and every warp has finished tile
       // n+1, so its stage may be refilled with tile n-1 while tile n computes.
       cp_async_wait_all();
       __syncthreads();
-      if (n > 0) load_kv(n - 1, (it + 1) & 1, std::false_type{});
+      if (n > 0) load_kv(n - 1, (n - 1) & 1, std::false_type{});
       cp_async_commit();
-      const uint32_t sk = skv + 2 * (it & 1) * kTileBytes, sv = sk + kTileBytes;
-      if (n >= n_full) {
-        // Visible-key limits of this thread's 4 rows; recomputed on the few masked tiles rather
-        // than held in registers through the whole loop.
-        int lim[2][2];
+      const uint32_t stage = skv + 2 * (n & 1) * kTileBytes;
+      int lim[2][2] = {};
+      if constexpr (decltype(masked)::value) {
+        // Visible-key limits of this thread's 4 rows, only computed on the masked tiles.
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -401,18 +467,25 @@ __global__ void __launch_bounds__(kThreads, 2) ring_step_kernel(const RingStepPa
             const int tok = (row0 + warp * kWarpRows + i * 16 + h * 8 + (lane >> 2)) / G;
             lim[i][h] = p.causal ? visible_end(tok, p.mask_shift, len_k) : len_k;
           }
-        attend_tile<T, D, BN, true>(q_addr, sk + k_lane, sv + v_lane, lane, n * BN, lim,
-                                    p.scale_log2, acc_o, row_max, row_sum);
-      } else {
-        attend_tile<T, D, BN, false>(q_addr, sk + k_lane, sv + v_lane, lane, n * BN, {},
-                                     p.scale_log2, acc_o, row_max, row_sum);
       }
-    }
+#pragma unroll
+      for (int j = 0; j < BN / SN; ++j)
+        attend_tile<T, D, SN, decltype(masked)::value>(
+            q_addr, stage + k_off + j * SN * kRowBytes, stage + v_off + j * SN * kRowBytes, lane,
+            n * BN + j * SN, lim, p.scale_log2, acc_o, m_ref, row_sum);
+    };
+    // Two loops so the mask-free one carries none of the mask's state.
+    int n = n_blocks - 1;
+    for (; n >= n_full; --n) step(n, std::true_type{});
+    for (; n >= 0; --n) step(n, std::false_type{});
   }
 
   // Epilogue: block state (o_blk = acc / l, lse_blk) merged with the stored state, per row.
   // Row (i, h) of this thread: packed row row0 + warp*32 + i*16 + h*8 + lane/4; its 4 lanes hold
-  // columns d*8 + 2*(lane & 3) + {0, 1}.
+  // columns d*8 + 2*(lane & 3) + {0, 1}. The tile coordinates are recomputed here (opaque block
+  // index, so the compiler cannot reuse the first copy) to keep them out of the key loop's
+  // registers.
+  const Tile et = locate_tile(p, opaque(static_cast<int>(blockIdx.x)));
   float* o_row[2][2];
   float* lse_ptr[2][2];
   float lse_prev[2][2];
@@ -425,10 +498,10 @@ __global__ void __launch_bounds__(kThreads, 2) ring_step_kernel(const RingStepPa
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       row_sum[i][h] = l;
-      const int prow = row0 + warp * kWarpRows + i * 16 + h * 8 + (lane >> 2);
-      valid[i][h] = prow < rows;
-      const int64_t t = q_start + prow / G;
-      const int64_t hq = static_cast<int64_t>(kvh) * G + prow % G;
+      const int prow = et.row0 + warp * kWarpRows + i * 16 + h * 8 + (lane >> 2);
+      valid[i][h] = prow < et.rows;
+      const int64_t t = et.q_start + prow / G;
+      const int64_t hq = static_cast<int64_t>(et.kvh) * G + prow % G;
       o_row[i][h] = p.o + t * p.o_st + hq * p.o_sh + 2 * (lane & 3);
       lse_ptr[i][h] = p.lse + t * p.lse_st + hq * p.lse_sh;
       lse_prev[i][h] =
@@ -453,8 +526,8 @@ __global__ void __launch_bounds__(kThreads, 2) ring_step_kernel(const RingStepPa
         if ((lane & 3) == 0) *lse_ptr[i][h] = -INFINITY;
         continue;
       }
-      // l > 0 implies a finite row max.
-      const float lse_blk = (row_max[i][h] * p.scale_log2 + log2f(l)) * kLn2;
+      // l > 0 implies a finite reference.
+      const float lse_blk = (m_ref[i][h] + log2f(l)) * kLn2;
       const float lp = lse_prev[i][h];
       float lse_new = lse_blk, w_blk = 1.f / l, w_prev = 0.f;
       const bool has_prev = lp != -INFINITY;  // -inf = empty so far: o_prev is never read
@@ -480,10 +553,10 @@ __global__ void __launch_bounds__(kThreads, 2) ring_step_kernel(const RingStepPa
     }
 }
 
-template <typename T, int D, int BN>
+template <typename T, int D, int BN, int SN>
 void launch_ring_step(const RingStepParams& p, cudaStream_t stream) {
   constexpr int smem = smem_bytes<D, BN>();
-  auto kernel = ring_step_kernel<T, D, BN>;
+  auto kernel = ring_step_kernel<T, D, BN, SN>;
   ESP_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   // Two CTAs per SM need 2 x smem of the unified L1/shared array; ask for the full carveout so

@@ -1,0 +1,77 @@
+"""Latency and bandwidth of one ring step (send to next, receive from previous) per backend on
+one GPU, 16 KB and 64 MB messages, with device copy bandwidth beside (issue 3).
+
+- virtual ranks (2 on one GPU): the step is a device-to-device copy per rank plus event waits;
+- native NCCL, world of 1: send-to-self inside one group call;
+- torch.distributed NCCL cannot send to itself, so it needs two GPUs (not measured here).
+Times are host wall time per step with the device synchronized at the end of 50 steps.
+"""
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from harness import Recorder, copy_bandwidth_gbs, parse_out
+
+from esp_kernels.comm import init_nccl, local_group, run_local
+
+STEPS = 50
+
+
+def local_step_ms(nbytes):
+    groups = local_group(2, "cuda")
+
+    def body(g):
+        x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        y = torch.empty_like(x)
+        for _ in range(5):
+            g.exchange(sends=[(x, 1 - g.rank)], recvs=[(y, 1 - g.rank)]).wait()
+        torch.cuda.current_stream().synchronize()
+        t0 = time.perf_counter()
+        for _ in range(STEPS):
+            g.exchange(sends=[(x, 1 - g.rank)], recvs=[(y, 1 - g.rank)]).wait()
+        torch.cuda.current_stream().synchronize()
+        return (time.perf_counter() - t0) / STEPS * 1e3
+
+    return max(run_local(groups, body))
+
+
+def nccl_step_ms(group, nbytes):
+    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(5):
+        group.exchange(sends=[(x, 0)], recvs=[(y, 0)]).wait()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(STEPS):
+        group.exchange(sends=[(x, 0)], recvs=[(y, 0)]).wait()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / STEPS * 1e3
+
+
+def main():
+    args = parse_out(default_name="bench.jsonl")
+    rec = Recorder("comm_ring_step", args.out)
+    copy = copy_bandwidth_gbs()
+    nccl = None
+    try:
+        nccl = init_nccl(0, 1, dist.HashStore(), device=torch.device("cuda", 0))
+    except Exception as exc:
+        print(f"  native NCCL unavailable: {exc}")
+    for nbytes, label in ((16 << 10, "16 KB"), (64 << 20, "64 MB")):
+        for name, fn in (("virtual ranks", local_step_ms),
+                         ("native NCCL (self)", (lambda b: nccl_step_ms(nccl, b)) if nccl else None)):
+            if fn is None:
+                continue
+            ms = fn(nbytes)
+            # bytes read + written per rank and step, comparable with the copy ceiling
+            gbs = 2 * nbytes / (ms * 1e-3) / 1e9
+            rec.add(f"{label} ring step, {name}", "GB/s (read+write)", gbs, "device copy", copy,
+                    "GB/s", latency_us=ms * 1e3)
+    if nccl is not None:
+        nccl.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Decode benchmarks, same run:
+
+1. partial decode kernel over paged KV: KV bytes read / time vs device copy bandwidth and vs torch
+   SDPA CUDNN on contiguous KV of the same shape (bf16, D 128, Hq 32 / Hkv 8, page 16 and 1).
+   Bar: >= 85% of copy bandwidth and >= 1.0x CUDNN at (B1, L128k), (B16, L16k), (B64, L4k);
+   (B8, L1k) reported as is.
+2. one multi-master decode layer on 2 and 4 virtual ranks vs one instance over the same KV.
+3. host overhead per decode layer without graph capture (bar <= 30 us), and graph replay.
+"""
+
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from harness import Recorder, copy_bandwidth_gbs, parse_out, time_cuda, time_wall
+
+import esp_kernels as esp
+from esp_kernels.comm import local_group, run_local
+from esp_kernels.decode.partial import decode_partial
+
+Hq, Hkv, D = 32, 8, 128
+
+
+def paged(B, L, page_size, gen):
+    pages = (L + page_size - 1) // page_size
+    num = B * pages
+    k = torch.randn(num, page_size, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    perm = torch.randperm(num, device="cuda", generator=gen).to(torch.int32)
+    bt = perm.view(B, pages)
+    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    return k, v, bt, lens
+
+
+def sdpa_cudnn_ms(q, B, L, gen):
+    """SDPA on contiguous KV with GQA; CUDNN first, the best other backend if it refuses."""
+    qt = q.view(B, Hq, 1, D)
+    k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    for name, be in (("SDPA CUDNN", SDPBackend.CUDNN_ATTENTION),
+                     ("SDPA FLASH", SDPBackend.FLASH_ATTENTION),
+                     ("SDPA EFFICIENT", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel([be]):
+                fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+                    qt, k, v, enable_gqa=True)
+                fn()
+                return name, time_cuda(fn)
+        except RuntimeError as exc:
+            print(f"  {name} refused B={B} L={L}: {str(exc).splitlines()[0][:100]}")
+    return None, None
+
+
+def kernel_bench(rec, quick):
+    copy = copy_bandwidth_gbs()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(1, 131072), (16, 16384), (64, 4096), (8, 1024)]
+    if quick:
+        shapes = [(1, 32768), (8, 1024)]
+    for B, L in shapes:
+        q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        kv_bytes = 2 * B * L * Hkv * D * 2
+        aname, at = sdpa_cudnn_ms(q, B, L, gen)
+        for ps in (16, 1):
+            k, v, bt, lens = paged(B, L, ps, gen)
+            o = torch.empty(B, Hq, D, device="cuda")
+            lse = torch.empty(B, Hq, device="cuda")
+            t = time_cuda(lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse))
+            gbs = kv_bytes / (t["ms"] * 1e-3) / 1e9
+            case = f"B{B} L{L} page {ps}"
+            rec.add(case, "decode_partial", gbs, "device copy", copy, "GB/s", ms=t["ms"],
+                    p10=t["p10"], p90=t["p90"])
+            if at is not None:
+                rec.add(case, "decode_partial", t["ms"], f"{aname} (contiguous KV)", at["ms"],
+                        "ms", higher_is_better=False)
+            del k, v, bt
+
+
+def build_sharded(groups, B, L, N, gen):
+    """B requests of L tokens, each split into N contiguous ranges, one per instance."""
+    caches = []
+    for inst in range(N):
+        c = esp.PagedKVCache(1, B * (L // N + 16) // 16 + 8, 16, Hkv, D, torch.bfloat16, "cuda")
+        c.kv.normal_(generator=gen)
+        for b in range(B):
+            c.allocate(b, range(inst * L // N, (inst + 1) * L // N))
+        caches.append(c)
+    masters = [b % N for b in range(B)]
+    plans = run_local(groups, lambda g, c: esp.DecodePlan.build(g, c, list(range(B)), masters),
+                      caches)
+    return caches, plans
+
+
+def multi_master_bench(rec, quick):
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    B, L = (4, 4096) if quick else (16, 16384)
+    q_all = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    one = local_group(1, "cuda")
+    caches1, plans1 = build_sharded(one, B, L, 1, gen)
+
+    def single():
+        run_local(one, lambda g, c, p: esp.distributed_decode(q_all, c, p, g), caches1, plans1)
+
+    t1 = time_wall(single, warmup=2, reps=10)
+    for N in (2, 4):
+        groups = local_group(N, "cuda")
+        caches, plans = build_sharded(groups, B, L, N, gen)
+        qs = [q_all[[b for b in range(B) if b % N == r]] for r in range(N)]
+
+        def multi():
+            run_local(groups, lambda g, c, p, q: esp.distributed_decode(q, c, p, g), caches,
+                      plans, qs)
+
+        tN = time_wall(multi, warmup=2, reps=10)
+        rec.add(f"B{B} L{L} one layer, {N} virtual ranks", "distributed_decode", tN["ms"],
+                "one instance, same KV", t1["ms"], "ms", higher_is_better=False)
+
+
+def host_overhead_bench(rec):
+    """Per-layer host time with tiny KV, so the GPU never limits the loop."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    layers = 200
+    for N in (1, 2, 4):
+        groups = local_group(N, "cuda")
+        caches, plans = build_sharded(groups, 8, 256, N, gen)
+        qs = [torch.randn(len(plans[0].mastered_by(r)), Hq, D, device="cuda",
+                          dtype=torch.bfloat16, generator=gen) for r in range(N)]
+
+        def loop(g, c, p, q):
+            for _ in range(10):
+                esp.distributed_decode(q, c, p, g)
+            torch.cuda.current_stream().synchronize()
+            t0 = time.perf_counter()
+            for _ in range(layers):
+                esp.distributed_decode(q, c, p, g)
+            host = (time.perf_counter() - t0) / layers * 1e6
+            torch.cuda.current_stream().synchronize()
+            return host
+
+        per_rank = run_local(groups, loop, caches, plans, qs)
+        rec.add(f"{N} virtual ranks (threads), 8 requests", "host us/layer (max rank)",
+                max(per_rank), "bar", 30.0, "us", higher_is_better=False)
+    # CUDA graph: one instance, fixed plan.
+    g = local_group(1, "cuda")[0]
+    caches, plans = build_sharded([g], 16, 4096, 1, gen)
+    c, p = caches[0], plans[0]
+    q = torch.randn(16, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            esp.distributed_decode(q, c, p, g)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=s):
+            esp.distributed_decode(q, c, p, g)
+    torch.cuda.current_stream().wait_stream(s)
+    te = time_cuda(lambda: esp.distributed_decode(q, c, p, g), flush=False)
+    tg = time_cuda(graph.replay, flush=False)
+    rec.add("B16 L4k one instance, one layer", "graph replay", tg["ms"] * 1e3, "eager",
+            te["ms"] * 1e3, "us", higher_is_better=False)
+
+
+def main():
+    args = parse_out(default_name="bench.jsonl")
+    rec = Recorder("decode", args.out)
+    kernel_bench(rec, args.quick)
+    multi_master_bench(rec, args.quick)
+    host_overhead_bench(rec)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Ring-step kernels: effective TFLOP/s of all P x P steps of a striped ring (useful causal FLOPs /
+summed kernel time) vs torch SDPA FLASH and CUDNN one-call causal attention on the same total work.
+
+Bar (issue 4): >= 1.0x SDPA FLASH; goal >= 1.0x SDPA CUDNN. L = 64k global tokens, Hq 32, Hkv 8,
+D 128, bf16, P = 4 and 8 (16k and 8k tokens per rank). SDPA gets K/V expanded to 32 heads (same
+FLOPs; its GQA path is not available on every backend).
+"""
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from harness import Recorder, parse_out, time_cuda
+
+from esp_kernels.prefill.step import ring_step
+from esp_kernels.testing import cu_seqlens, stripe
+
+
+def sdpa_tflops(q, k, v, backend, flops):
+    qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    G = q.shape[1] // k.shape[1]
+    kt = kt.repeat_interleave(G, dim=1)
+    vt = vt.repeat_interleave(G, dim=1)
+    try:
+        with sdpa_kernel([backend]):
+            t = time_cuda(lambda: torch.nn.functional.scaled_dot_product_attention(
+                qt, kt, vt, is_causal=True), warmup=2, reps=5)
+    except RuntimeError as exc:
+        print(f"  SDPA {backend} unavailable: {str(exc).splitlines()[0]}")
+        return None, None
+    return flops / (t["ms"] * 1e-3) / 1e12, t
+
+
+def main():
+    args = parse_out(default_name="bench.jsonl")
+    rec = Recorder("prefill_step", args.out)
+    L = 16384 if args.quick else 65536
+    Hq, Hkv, D = 32, 8, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(L, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    flops = 4 * D * Hq * L * (L + 1) / 2
+    anchors = {}
+    for name, be in (("SDPA FLASH", SDPBackend.FLASH_ATTENTION),
+                     ("SDPA CUDNN", SDPBackend.CUDNN_ATTENTION)):
+        tf, t = sdpa_tflops(q, k, v, be, flops)
+        if tf is not None:
+            anchors[name] = tf
+            print(f"  {name}: {tf:.1f} TFLOP/s ({t['ms']:.2f} ms)")
+    for P in (4, 8):
+        qs, ks, vs = (stripe(t, [L], P) for t in (q, k, v))
+        n = L // P
+        cu = cu_seqlens([n], "cuda")
+        o = torch.empty(n, Hq, D, device="cuda", dtype=torch.float32)
+        lse = torch.empty(n, Hq, device="cuda", dtype=torch.float32)
+        for backend in ("cuda", "triton"):
+            def all_steps():
+                for i in range(P):
+                    for s in range(P):
+                        j = (i - s) % P
+                        ring_step(qs[i], ks[j], vs[j], cu, cu, n, o, lse, causal=True,
+                                  mask_shift=0 if j <= i else -1, accumulate=s > 0,
+                                  softmax_scale=D ** -0.5, backend=backend)
+            try:
+                t = time_cuda(all_steps, warmup=1, reps=3)
+            except Exception as exc:  # report and continue with the other backend
+                print(f"  {backend} step failed: {type(exc).__name__}: {exc}")
+                continue
+            tf = flops / (t["ms"] * 1e-3) / 1e12
+            for aname, aval in anchors.items():
+                rec.add(f"L={L} P={P} ({n} tok/rank) Hq{Hq}/Hkv{Hkv} D{D} bf16",
+                        f"ring_step[{backend}]", tf, aname, aval, "TFLOP/s", ms=t["ms"],
+                        p10=t["p10"], p90=t["p90"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Striped ring prefill on P virtual ranks of one GPU (L = 64k, P = 4 and 8), same run:
+
+- vs its step kernels alone (the P x P steps back to back, no communication): ring overhead,
+  bar <= 10% (moonshot <= 3%);
+- vs a ring-flash-attention-style loop (bench/ring_flash_style.py) on the same Group: bar >= 1.3x;
+- with proactive retention vs without (issue 5): bar <= 5% slower.
+"""
+
+import torch
+
+from harness import Recorder, parse_out, time_cuda, time_wall
+from ring_flash_style import rfa_style_prefill
+
+import esp_kernels as esp
+from esp_kernels.comm import local_group, run_local
+from esp_kernels.prefill.step import ring_step, resolve_backend
+from esp_kernels.testing import cu_seqlens, stripe
+
+
+def main():
+    args = parse_out(default_name="bench.jsonl")
+    rec = Recorder("ring_prefill", args.out)
+    L = 16384 if args.quick else 65536
+    Hq, Hkv, D = 32, 8, 128
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(L, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    backend = resolve_backend("auto", q.device)
+    for P in (4, 8):
+        qs, ks, vs = (stripe(t, [L], P) for t in (q, k, v))
+        n = L // P
+        cu = cu_seqlens([n], "cuda")
+        o = torch.empty(n, Hq, D, device="cuda")
+        lse = torch.empty(n, Hq, device="cuda")
+
+        def steps_alone():
+            for i in range(P):
+                for s in range(P):
+                    j = (i - s) % P
+                    ring_step(qs[i], ks[j], vs[j], cu, cu, n, o, lse,
+                              mask_shift=0 if j <= i else -1, accumulate=s > 0,
+                              softmax_scale=D ** -0.5, backend=backend)
+
+        t_steps = time_cuda(steps_alone, warmup=1, reps=3)
+        groups = local_group(P, "cuda")
+
+        def ours():
+            run_local(groups, lambda gr: esp.ring_prefill(qs[gr.rank], ks[gr.rank], vs[gr.rank],
+                                                         [L], gr))
+
+        def style():
+            run_local(groups, lambda gr: rfa_style_prefill(qs[gr.rank], ks[gr.rank], vs[gr.rank],
+                                                          gr))
+
+        t_ours = time_wall(ours, warmup=1, reps=3)
+        t_style = time_wall(style, warmup=1, reps=3)
+        case = f"L={L} P={P} virtual ranks Hq{Hq}/Hkv{Hkv} D{D} bf16 [{backend}]"
+        rec.add(case, "ring_prefill", t_ours["ms"], "its step kernels alone", t_steps["ms"],
+                "ms", higher_is_better=False, overhead=t_ours["ms"] / t_steps["ms"] - 1)
+        rec.add(case, "ring_prefill", t_ours["ms"], "ring-flash-attn style", t_style["ms"],
+                "ms", higher_is_better=False)
+
+        # Retention: decode keeps every token on 2 of the P instances (fill-first).
+        caches = [esp.PagedKVCache(1, L // 16 + 64, 16, Hkv, D, torch.bfloat16, "cuda")
+                  for _ in range(P)]
+        plan = esp.RetentionPlan.fill_first([L], {0: L // 32 + 32, 1: L // 32 + 32}, 16)
+
+        def with_retention():
+            run_local(groups, lambda gr, c: esp.ring_prefill(
+                qs[gr.rank], ks[gr.rank], vs[gr.rank], [L], gr, retain=(plan, c, 0)), caches)
+
+        t_ret = time_wall(with_retention, warmup=1, reps=3)
+        rec.add(case, "ring_prefill+retention", t_ret["ms"], "ring_prefill", t_ours["ms"], "ms",
+                higher_is_better=False, overhead=t_ret["ms"] / t_ours["ms"] - 1,
+                retained_bytes=L * 2 * Hkv * D * 2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build, GPU test tier, compute-sanitizer, benchmarks.
+#   STAGES="build test sanitize bench" (default: all)   BENCHES="merge prefill_step ring decode kv_copy comm"
+#   PYTEST_ARGS (extra pytest arguments)                 QUICK=1 (smaller benchmark sizes)
+# Writes under $OUT (default bench/results/local): log.txt, pytest_gpu.txt, sanitizer.txt,
+# bench.jsonl. The machine has no network: carried wheels in .whl/ are installed to /tmp/site.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/local}
+STAGES=${STAGES:-build test sanitize bench}
+BENCHES=${BENCHES:-merge prefill_step ring decode kv_copy comm}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+exec > >(tee -a "$OUT/log.txt") 2>&1
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+stamp() { echo "=== $(date -u +%H:%M:%S) $*"; }
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+stamp "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+python3 - <<'PY'
+import torch, triton, sys
+print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__,
+      "cuda", torch.version.cuda, "nccl(torch)", torch.cuda.nccl.version())
+try:
+    import nvidia.nccl; print("nvidia.nccl", nvidia.nccl.__path__)
+except ImportError as e: print("no nvidia-nccl wheel:", e)
+PY
+nvcc --version | tail -1
+
+if has build; then
+  stamp "build"
+  start=$(date +%s)
+  MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install --no-build-isolation --no-deps -e . \
+    || { echo "BUILD FAILED"; exit 1; }
+  echo "build took $(( $(date +%s) - start )) s"
+fi
+python3 -m esp_kernels show-config
+
+if has test; then
+  stamp "pytest -m gpu"
+  python3 -m pytest -m gpu tests -q -rfE -p no:cacheprovider --timeout=600 ${PYTEST_ARGS:-} \
+    2>&1 | tee "$OUT/pytest_gpu.txt" | tail -60
+fi
+
+if has sanitize; then
+  stamp "compute-sanitizer"
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/sanitize_cases.py \
+      > "$OUT/sanitizer_$tool.txt" 2>&1
+    echo "compute-sanitizer $tool exit $?"; tail -5 "$OUT/sanitizer_$tool.txt"
+  done
+  cat "$OUT"/sanitizer_*.txt > "$OUT/sanitizer.txt" && rm -f "$OUT"/sanitizer_*.txt
+fi
+
+if has bench; then
+  for b in $BENCHES; do
+    stamp "bench $b"
+    python3 bench/bench_$b.py --out "$OUT/bench.jsonl" ${QUICK:+--quick}
+  done
+fi
+stamp "done"

@@ -1,0 +1,131 @@
+"""Benchmark harness: event timing, same-run anchors, result rows, plots.
+
+Every benchmark row carries our number, the anchor's number measured in the same run, and their
+ratio; rows are appended as JSON lines tagged with device, commit and date. Timing: CUDA events
+around the measured call, warm-up first, L2 flushed before every repetition (a 256 MB write), the
+median and the 10th/90th percentiles reported.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+_FLUSH = None
+
+
+def _flush_l2():
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    _FLUSH.fill_(1)
+
+
+def time_cuda(fn, warmup: int = 3, reps: int = 10, flush: bool = True) -> dict:
+    """Median / p10 / p90 milliseconds of fn() measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if flush:
+            _flush_l2()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return _summary(times)
+
+
+def time_wall(fn, warmup: int = 2, reps: int = 5) -> dict:
+    """Host wall time of fn() including a final device synchronize (multi-stream work)."""
+    for _ in range(warmup):
+        fn()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            _flush_l2()
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return _summary(times)
+
+
+def _summary(times):
+    s = sorted(times)
+    q = lambda f: s[min(len(s) - 1, int(f * (len(s) - 1) + 0.5))]  # noqa: E731
+    return {"ms": statistics.median(s), "p10": q(0.1), "p90": q(0.9), "n": len(s)}
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read + written (the memory ceiling)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = time_cuda(lambda: b.copy_(a), warmup=3, reps=10, flush=False)
+    return 2 * nbytes / (t["ms"] * 1e-3) / 1e9
+
+
+def run_info() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "commit": commit or os.environ.get("ESP_COMMIT", "unknown"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+    }
+
+
+class Recorder:
+    """Collects rows of one benchmark family, prints them as they come, appends JSON lines."""
+
+    def __init__(self, family: str, out: str | None):
+        self.family, self.out = family, out
+        self.info = run_info()
+        self.rows = []
+        print(f"\n== {family} on {self.info['device']} (commit {self.info['commit']}) ==",
+              flush=True)
+
+    def add(self, case: str, ours: str, ours_val: float, anchor: str, anchor_val: float,
+            unit: str, higher_is_better: bool = True, **extra):
+        ratio = (ours_val / anchor_val if higher_is_better else anchor_val / ours_val) \
+            if anchor_val and ours_val else float("nan")
+        row = {"family": self.family, "case": case, "ours": ours, "ours_value": ours_val,
+               "anchor": anchor, "anchor_value": anchor_val, "unit": unit, "ratio": ratio,
+               "higher_is_better": higher_is_better, **extra, **self.info}
+        self.rows.append(row)
+        print(f"  {case:<44} {ours:<22} {ours_val:>10.3f} {unit:<8} | {anchor:<26} "
+              f"{anchor_val:>10.3f} | ratio {ratio:6.3f}", flush=True)
+        if self.out:
+            os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
+            with open(self.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+
+def parse_out(argv=None, default_name="bench.jsonl"):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", default_name))
+    p.add_argument("--quick", action="store_true", help="smaller sizes")
+    return p.parse_args(argv)
