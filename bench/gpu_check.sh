@@ -42,9 +42,19 @@ fi
 python3 -m esp_kernels show-config
 
 if has test; then
-  stamp "pytest -m gpu"
-  python3 -m pytest -m gpu tests -q -rfE -p no:cacheprovider --timeout=600 ${PYTEST_ARGS:-} \
-    2>&1 | tee "$OUT/pytest_gpu.txt" | tail -60
+  # NCCL tests in their own process: a crash there must not hide the other results.
+  stamp "pytest -m gpu (all but NCCL)"
+  python3 -m pytest -m gpu tests -q -rfE -p no:cacheprovider --timeout=600 \
+    --ignore=tests/test_comm_nccl.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -40
+  stamp "pytest -m gpu tests/test_comm_nccl.py"
+  python3 -m pytest -m gpu tests/test_comm_nccl.py -q -rfE -p no:cacheprovider --timeout=300 \
+    2>&1 | tee -a "$OUT/pytest_gpu.txt" | tail -20
+fi
+
+if has nccl_diag; then
+  stamp "NCCL world-of-1 under cuda-gdb (native backtrace on a crash)"
+  NCCL_DEBUG=INFO timeout 120 cuda-gdb -q -batch -ex run -ex bt \
+    --args python3 bench/diag_nccl.py 2>&1 | grep -v "^\[New Thread\|^\[Thread" | tail -60
 fi
 
 if has sanitize; then

@@ -55,11 +55,13 @@ _MAX_KERNEL_STATES = 64
 
 
 def _run(o, lse, out, lse_out, backend: str):
+    """Merge states o [S, T, H, D], lse [S, T, H] into out / lse_out. o and lse may also be
+    _Pair values: two states the kernel reads at base + s * stride_s (see _pair_view)."""
     if backend not in ("auto", "torch", "cuda"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
-    if o.device.type == "cuda" and backend != "torch":
+    if out.device.type == "cuda" and backend != "torch":
         C = _core.require_compiled("merge_states")
-        if o.shape[0] > _MAX_KERNEL_STATES:
+        if not isinstance(o, _Pair) and o.shape[0] > _MAX_KERNEL_STATES:
             n = _MAX_KERNEL_STATES
             head_o = torch.empty(o.shape[1:], dtype=torch.float32, device=o.device)
             head_lse = torch.empty(lse.shape[1:], dtype=torch.float32, device=o.device)
@@ -69,30 +71,45 @@ def _run(o, lse, out, lse_out, backend: str):
             _run(o[n:], lse[n:], rest_o, rest_lse, backend)
             o = torch.stack([head_o, rest_o])
             lse = torch.stack([head_lse, rest_lse])
-        C.merge_states(_core.desc(o), _core.desc(lse), _core.desc(out),
+        C.merge_states(_states_desc(o), _states_desc(lse), _core.desc(out),
                        None if lse_out is None else _core.desc(lse_out),
-                       o.device.index, _core.stream_handle(o.device))
+                       out.device.index, _core.stream_handle(out.device))
     elif backend == "cuda":
         raise ValueError("backend='cuda' needs CUDA tensors")
     else:
+        if isinstance(o, _Pair):
+            o, lse = torch.stack(o.tensors), torch.stack(lse.tensors)
         _merge_torch(o, lse, out, lse_out)
 
 
-def _pair_as_stack(o_a, lse_a, o_b, lse_b):
-    """View two states as one [2, T, H, D] strided tensor without copying when possible.
+class _Pair:
+    """Two same-layout tensors seen as one [2, ...] operand, `stride_s` elements apart."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, stride_s: int):
+        self.tensors, self.stride_s = (a, b), stride_s
+
+
+def _states_desc(x):
+    if isinstance(x, _Pair):
+        a = x.tensors[0]
+        return _core._C.TensorDesc(a.data_ptr(), _core.DTYPE_CODES[a.dtype], [2] + list(a.shape),
+                                   [x.stride_s] + list(a.stride()))
+    return _core.desc(x)
+
+
+def _pair_view(o_a, lse_a, o_b, lse_b):
+    """Two states as one S=2 operand of the kernel without copying when their layouts match.
 
     The kernel reads state s at base + s * stride_s; for two separate tensors with identical
-    layouts that stride is the distance between their data pointers. Otherwise they are stacked.
+    layouts that stride is the distance between their data pointers, which torch cannot express
+    as a view (storage bounds), so the pair goes to the core as a raw descriptor. Otherwise the
+    states are stacked (one copy).
     """
-    same_layout = (o_a.dtype == o_b.dtype and o_a.stride() == o_b.stride()
-                   and lse_a.stride() == lse_b.stride() and o_a.device.type == "cuda")
-    if same_layout:
-        eo, el = o_a.element_size(), 4
+    if (o_a.device.type == "cuda" and o_a.dtype == o_b.dtype and o_a.stride() == o_b.stride()
+            and lse_a.stride() == lse_b.stride()):
         do, dl = o_b.data_ptr() - o_a.data_ptr(), lse_b.data_ptr() - lse_a.data_ptr()
-        if do % eo == 0 and dl % el == 0:
-            o = o_a.as_strided((2,) + tuple(o_a.shape), (do // eo,) + tuple(o_a.stride()))
-            lse = lse_a.as_strided((2,) + tuple(lse_a.shape), (dl // el,) + tuple(lse_a.stride()))
-            return o, lse
+        if do % o_a.element_size() == 0 and dl % 4 == 0:
+            return (_Pair(o_a, o_b, do // o_a.element_size()), _Pair(lse_a, lse_b, dl // 4))
     return torch.stack([o_a, o_b.to(o_a.dtype)]), torch.stack([lse_a, lse_b])
 
 
@@ -113,7 +130,7 @@ def merge_states(o_a, lse_a, o_b, lse_b, out=None, lse_out=None, backend="auto")
         lse_out = torch.empty_like(lse_a)
     else:
         _check_state(out, lse_out, "out", "lse_out")
-    o, lse = _pair_as_stack(o_a, lse_a, o_b, lse_b)
+    o, lse = _pair_view(o_a, lse_a, o_b, lse_b)
     _run(o, lse, out, lse_out, backend)
     return out, lse_out
 

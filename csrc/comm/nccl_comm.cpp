@@ -105,7 +105,7 @@ const char* result_name(int r) {
     case ncclInvalidUsage: return "ncclInvalidUsage";
     case ncclRemoteError: return "ncclRemoteError";
     case ncclInProgress: return "ncclInProgress";
-    case ncclTimeout: return "ncclTimeout";
+    case 8: return "ncclTimeout";  // enum member only in NCCL >= 2.29 headers
     default: return "ncclResult";
   }
 }

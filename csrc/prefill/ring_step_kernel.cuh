@@ -66,9 +66,10 @@ constexpr int kBlockM = kWarps * kWarpRows;    // 128 packed rows per CTA
 constexpr float kLn2 = 0.69314718055994530942f;
 constexpr float kRefSlack = 8.f;  // log2 units: p = exp2(...) stays <= 256 (see attend_tile)
 
-// Tiles start on 1024-byte boundaries (see swizzled); dynamic shared memory only promises 16, so
-// the kernel rounds its base up and asks for 1 KB of slack.
-constexpr int kSmemAlign = 1024;
+// Every tile must start on a multiple of its row size (D*2 <= 256 bytes, see swizzled); dynamic
+// shared memory only promises 16-byte alignment, so the kernel rounds its base up to 256 and asks
+// for that much slack.
+constexpr int kSmemAlign = 256;
 
 template <int D, int BN>
 constexpr int smem_bytes() {  // dynamic shared memory of one CTA
@@ -81,12 +82,13 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 
 // Shared tiles: rows of D 16-bit elements (D*2 bytes), 16-byte chunk c of row r stored at chunk
 // c ^ (r & 7). The 8 rows of an ldmatrix phase and the 8 chunks of a cp.async phase then hit 8
-// distinct 16-byte bank groups. Every tile starts on a 1024-byte boundary.
+// distinct 16-byte bank groups. Every tile starts on a multiple of 256 bytes.
 //
 // Address of chunk 2*kk + hi (hi in {0, 1}) of row r, for any kk: with a = the address for kk = 0,
 // it is a ^ (32*kk), because 2*kk + hi = 2*kk ^ hi, the swizzle is a XOR of the chunk index, and
-// 32*kk < D*2 only touches bits below the row's start. So each lane keeps one address per operand
-// and every k-step costs one LOP, instead of a register per (row, k-step) address.
+// the row starts on a multiple of D*2 > 32*kk, so the XOR only touches the chunk bits. So each lane
+// keeps one address per operand and every k-step costs one LOP, instead of a register per
+// (row, k-step) address.
 template <int D>
 __device__ __forceinline__ uint32_t swizzled(uint32_t tile, int r, int c) {
   return tile + static_cast<uint32_t>(r * D * 2 + ((c ^ (r & 7)) << 4));
@@ -258,9 +260,9 @@ __device__ __forceinline__ void attend_tile(uint32_t q_addr, uint32_t k_addr, ui
   // per row): p = 2^(s*scale_log2 - m_ref). The reference only moves when a step's max exceeds it
   // by more than kRefSlack, so p <= 2^kRefSlack, harmless in fp32 sums and in 16-bit P (the final
   // o = acc / l is exact whatever the reference). The O/l rescale is then a rare warp-uniform
-  // branch (in practice a row's first visible step) instead of D/4 FMULs per thread and row pair
-  // every step; kept out of the MMA stream, it also stops ptxas from interleaving 128 FMULs with
-  // the HMMAs, one of the things that pushed the D = 128 kernel into spills.
+  // branch (on random data only a row's first visible step) instead of D FMULs per thread every
+  // step; kept out of the MMA stream, it also stops ptxas from interleaving those FMULs with the
+  // HMMAs, one of the things that pushed the D = 128 kernel into spills.
   float t[2][2];
   bool grow = false;
 #pragma unroll
@@ -382,8 +384,9 @@ __global__ void __launch_bounds__(kThreads, 2) ring_step_kernel(const RingStepPa
   }
 
   if (n_blocks > 0) {
-    // Copies: a thread moves chunks c8 + 8u of rows r8 + 8i (Q: r8 + 16i), so (row & 7) is the
-    // same for all its rows and every destination is one register plus an immediate.
+    // Copies: a thread moves 16-byte chunks c8 + 8u of rows r16 + 16i (Q) or r8 + 8i (K, V), so
+    // (row & 7) is the same for all its rows and every destination is one register plus an
+    // immediate.
     const int c8 = tid & 7;
     const T* q_req = static_cast<const T*>(p.q) + tile.q_start * p.q_st + kvh * G * p.q_sh;
     {
