@@ -297,7 +297,8 @@ def test_retention_and_migration_gpu(page_size):
     P = 4
     groups = local_group(P, "cuda")
     seqlens = [3, 2000, 517]
-    plan = esp.RetentionPlan.fill_first(seqlens, {2: 200, 0: 200}, page_size)
+    plan = esp.RetentionPlan.fill_first(seqlens, {2: 1600 // page_size, 0: 1600 // page_size},
+                                        page_size)
     caches = [esp.PagedKVCache(2, 4000 // page_size + 8, page_size, 8, 128, torch.bfloat16, "cuda")
               for _ in range(P)]
     batches = [random_varlen_batch(seqlens, 32, 8, 128, dtype=torch.bfloat16, device="cuda",

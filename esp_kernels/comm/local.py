@@ -5,9 +5,10 @@ ordinary blocking code that only enqueues asynchronous GPU work, so the same cod
 torch.distributed and virtual ranks. Each virtual rank has its own compute stream (made current in
 its thread by `run_local`) and its own communication stream.
 
-A message is a device-to-device copy: send posts (tensor, ready-event) to the receiver's mailbox;
-whichever side arrives second enqueues `buffer.copy_(tensor)` on the receiver's communication
-stream after the ready-event and records a done-event, which both sides' Works wait on. So the
+A message is a device-to-device copy: each side posts its tensor with an event recorded on its
+current stream; whichever side arrives second enqueues `buffer.copy_(tensor)` on the receiver's
+communication stream after both events (the data is written and the buffer is free) and records a
+done-event, which both sides' Works wait on. So the
 sender's compute never blocks, the receiver's compute waits only on an event, and no device-wide
 synchronize happens. Matching follows posting order per (source, destination) pair, as in NCCL.
 On the CPU the copy is immediate.
@@ -27,11 +28,12 @@ from .group import DEFAULT_TIMEOUT_S, CommError, CommTimeout, Group, Work
 class _Message:
     """One matched (or half-matched) transfer between two virtual ranks."""
 
-    __slots__ = ("tensor", "ready", "buffer", "done", "error", "matched", "src", "dst")
+    __slots__ = ("tensor", "ready", "buffer", "buffer_ready", "done", "error", "matched", "src",
+                 "dst")
 
     def __init__(self, src, dst):
         self.src, self.dst = src, dst
-        self.tensor = self.ready = self.buffer = self.done = None
+        self.tensor = self.ready = self.buffer = self.buffer_ready = self.done = None
         self.error: Exception | None = None
         self.matched = threading.Event()
 
@@ -55,8 +57,11 @@ class _LocalWorld:
                 f"message {msg.src}->{msg.dst}: sent {t.numel()} x {t.dtype} but the receive "
                 f"buffer holds {buf.numel()} x {buf.dtype}")
         elif self.device.type == "cuda":
+            # The copy reads the sender's tensor and overwrites the receiver's buffer: it waits
+            # for both owners' streams as they were when each side posted.
             stream = self.comm_streams[msg.dst]
             stream.wait_event(msg.ready)
+            stream.wait_event(msg.buffer_ready)
             with torch.cuda.stream(stream):
                 buf.view(-1).copy_(t.view(-1), non_blocking=True)
             # The copy reads t and writes buf on `stream`: keep the allocator from reusing them.
@@ -71,7 +76,7 @@ class _LocalWorld:
     def post(self, me: int, sends, recvs) -> list[_Message]:
         msgs = []
         ready = None
-        if self.device.type == "cuda" and sends:
+        if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
         with self.lock:
@@ -90,11 +95,11 @@ class _LocalWorld:
                 q = self.pending_sends[(src, me)]
                 if q:
                     msg = q.popleft()
-                    msg.buffer = buf
+                    msg.buffer, msg.buffer_ready = buf, ready
                     self._transfer(msg)
                 else:
                     msg = _Message(src, me)
-                    msg.buffer = buf
+                    msg.buffer, msg.buffer_ready = buf, ready
                     self.pending_recvs[(src, me)].append(msg)
                 msgs.append(msg)
         return msgs

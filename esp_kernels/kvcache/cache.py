@@ -94,6 +94,8 @@ class PagedKVCache:
         self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.kv = torch.empty((num_layers, 2, num_pages, page_size, num_kv_heads, head_dim),
                               dtype=dtype, device=self.device)
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low pages first
