@@ -31,6 +31,8 @@ try:
 except ImportError as e: print("no nvidia-nccl wheel:", e)
 PY
 nvcc --version | tail -1
+for c in g++ /usr/bin/g++; do echo "$c: $($c --version | head -1) ($(command -v $c))"; done
+echo "CXX=${CXX:-unset} CC=${CC:-unset} CUDAHOSTCXX=${CUDAHOSTCXX:-unset}"
 
 if has build; then
   stamp "build"

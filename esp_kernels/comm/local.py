@@ -17,6 +17,7 @@ On the CPU the copy is immediate.
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 from typing import Any, Callable, Sequence
 
@@ -174,6 +175,9 @@ def local_group(n: int, device: torch.device | str = "cpu",
     return [LocalGroup(world, ranks, r) for r in range(n)]
 
 
+_SWITCH_INTERVAL_S = 20e-6
+
+
 def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: Sequence[Any],
               timeout: float | None = None) -> list[Any]:
     """Run fn(group, *args_r) for every virtual rank in its own thread; return the results.
@@ -201,14 +205,22 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
             errors[r] = exc
 
     threads = [threading.Thread(target=body, args=(r,), name=f"esp-vrank-{r}") for r in range(n)]
-    for t in threads:
-        t.start()
-    limit = timeout if timeout is not None else max(getattr(g, "timeout", DEFAULT_TIMEOUT_S)
-                                                     for g in groups) * 2
-    for t in threads:
-        t.join(limit)
-        if t.is_alive():
-            raise CommTimeout(f"virtual rank thread {t.name} did not finish within {limit} s")
+    # A rank woken by its peer's message must take the GIL from a running rank, which by default
+    # lets go only every 5 ms: one decode layer on 4 ranks took 6 ms of host time (run 1). While
+    # the ranks run, the switch interval drops to 20 us.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, _SWITCH_INTERVAL_S))
+    try:
+        for t in threads:
+            t.start()
+        limit = timeout if timeout is not None else max(getattr(g, "timeout", DEFAULT_TIMEOUT_S)
+                                                         for g in groups) * 2
+        for t in threads:
+            t.join(limit)
+            if t.is_alive():
+                raise CommTimeout(f"virtual rank thread {t.name} did not finish within {limit} s")
+    finally:
+        sys.setswitchinterval(interval)
     for r, e in enumerate(errors):
         if e is not None:
             raise e

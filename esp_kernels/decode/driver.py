@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from .. import _core
 from .._checks import FLOAT_DTYPES, check_tensor
 from ..kvcache.cache import PagedKVCache
 from ..kvcache.copy import copy_rows
@@ -108,7 +109,6 @@ class _DecodeStep:
         self.num_splits = num_splits_for(max(1, n_hold), Hkv, max_len, sms, D)
         self.workspace = None
         if dev.type == "cuda" and n_hold:
-            from .. import _core
             C = _core.require_compiled("distributed_decode")
             self.workspace = torch.empty(
                 max(1, C.decode_workspace_elems(n_hold, Hq, D, self.num_splits)),
@@ -142,6 +142,64 @@ class _DecodeStep:
                 else:
                     gidx[s, b] = n_hold + self.recv_seg[h][0] + self.serve[h].index(i)
         self.gather_idx = gidx.flatten().to(dev)
+
+        # Everything a layer needs is fixed by the plan: message lists, merge buffers and, on
+        # CUDA, the core's tensor descriptors (building them costs ~2 us each per call otherwise;
+        # the per-layer host budget is 30 us).
+        self.fwd_sends = [(self.q_send[a:b], self.peers[h]) for h, (a, b) in self.q_send_seg.items()]
+        self.fwd_sends += [(self.kv_send[a:b], self.peers[t])
+                           for t, (a, b) in self.app_send_seg.items()]
+        self.fwd_recvs = [(self.q_hold[a:b], self.peers[m]) for m, (a, b) in self.hold_seg.items()
+                          if m != me and b > a]
+        self.fwd_recvs += [(self.kv_recv[a:b], self.peers[m])
+                           for m, (a, b) in self.app_recv_seg.items()]
+        self.back_sends = [(self.X[a:b], self.peers[m]) for m, (a, b) in self.hold_seg.items()
+                           if m != me and b > a]
+        self.back_recvs = [(self.X[n_hold + a: n_hold + b], self.peers[h])
+                           for h, (a, b) in self.recv_seg.items() if b > a]
+        Bm = len(self.mine)
+        self.o_h, self.lse_h = self.states(slice(0, n_hold))
+        self.G = torch.empty(max(S, 1) * Bm * srow, dtype=torch.float32, device=dev)
+        self.g_o = self.G.as_strided((max(S, 1), Bm, Hq, D), (Bm * srow, srow, D, 1))
+        self.g_lse = self.G.as_strided((max(S, 1), Bm, Hq), (Bm * srow, srow, 1), Hq * D)
+        self.lse_out = torch.empty(Bm, Hq, dtype=torch.float32, device=dev)
+        self.fast = dev.type == "cuda" and _core.has_compiled()
+        if self.fast:
+            d = _core.desc
+            self.d_hold = [d(t) for t in (self.q_hold, self.o_h, self.lse_h, self.block_table,
+                                          self.kv_lens)]
+            self.d_ws = d(self.workspace if self.workspace is not None else self.X)
+            self.d_merge = (d(self.g_o), d(self.g_lse), d(self.lse_out))
+            self.d_layers = {}
+
+    def partial(self, cache: PagedKVCache, layer: int, scale: float, backend: str):
+        """One partial state over this instance's shard for every request it holds."""
+        if self.fast and backend != "torch":
+            dl = self.d_layers.get(layer)
+            if dl is None:
+                dl = self.d_layers[layer] = tuple(_core.desc(t) for t in cache.layer(layer))
+            dq, do, dlse, dbt, dlen = self.d_hold
+            _core._C.decode_partial(dq, dl[0], dl[1], dbt, dlen, do, dlse, self.d_ws,
+                                    self.num_splits, scale, self.device.index,
+                                    torch.cuda.current_stream(self.device).cuda_stream)
+        else:
+            k_l, v_l = cache.layer(layer)
+            decode_partial(self.q_hold, k_l, v_l, self.block_table, self.kv_lens,
+                           softmax_scale=scale, num_splits=self.num_splits, o=self.o_h,
+                           lse=self.lse_h, workspace=self.workspace, backend=backend)
+
+    def merge(self, dtype: torch.dtype, backend: str) -> torch.Tensor:
+        """Gather every holder's state of my requests and merge them exactly (fp32)."""
+        torch.index_select(self.X, 0, self.gather_idx, out=self.G.view(-1, self.srow))
+        out = torch.empty(len(self.mine), self.Hq, self.D, dtype=dtype, device=self.device)
+        if self.fast and backend != "torch":
+            go, glse, dlse = self.d_merge
+            _core._C.merge_states(go, glse, _core.desc(out), dlse, self.device.index,
+                                  torch.cuda.current_stream(self.device).cuda_stream)
+        else:
+            merge_states_multi(self.g_o, self.g_lse, out=out, lse_out=self.lse_out,
+                               backend="torch" if backend == "torch" else "auto")
+        return out
 
     @staticmethod
     def _slots(plan, cache, idxs, dev):
@@ -215,38 +273,19 @@ def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer
         torch.index_select(q, 0, step.q_self_idx, out=step.q_hold[s0:s1])
     if step.q_send_idx.numel():
         torch.index_select(q, 0, step.q_send_idx, out=step.q_send)
-    sends = [(step.q_send[a:b], step.peers[h]) for h, (a, b) in step.q_send_seg.items()]
-    sends += [(step.kv_send[a:b], step.peers[t]) for t, (a, b) in step.app_send_seg.items()]
-    recvs = [(step.q_hold[a:b], step.peers[m]) for m, (a, b) in step.hold_seg.items()
-             if m != me and b > a]
-    recvs += [(step.kv_recv[a:b], step.peers[m]) for m, (a, b) in step.app_recv_seg.items()]
-    work = group.exchange(sends=sends, recvs=recvs)
-    work.wait()
+    group.exchange(step.fwd_sends, step.fwd_recvs).wait()
 
     # 2. store others' new tokens, then one partial state over my shard for all held requests.
-    _write_kv(cache, layer, step.kv_recv, step.app_recv_slots)
+    if step.app_recv_slots.numel():
+        _write_kv(cache, layer, step.kv_recv, step.app_recv_slots)
     if step.n_hold:
-        o_h, lse_h = step.states(slice(0, step.n_hold))
-        k_l, v_l = cache.layer(layer)
-        decode_partial(step.q_hold, k_l, v_l, step.block_table, step.kv_lens,
-                       softmax_scale=softmax_scale, num_splits=step.num_splits, o=o_h, lse=lse_h,
-                       workspace=step.workspace, backend=backend)
+        step.partial(cache, layer, D ** -0.5 if softmax_scale is None else float(softmax_scale),
+                     backend)
 
     # 3. states back to masters: one message [o | lse] per peer.
-    sends = [(step.X[a:b], step.peers[m]) for m, (a, b) in step.hold_seg.items()
-             if m != me and b > a]
-    recvs = [(step.X[step.n_hold + a: step.n_hold + b], step.peers[h])
-             for h, (a, b) in step.recv_seg.items() if b > a]
-    work = group.exchange(sends=sends, recvs=recvs)
-    work.wait()
+    group.exchange(step.back_sends, step.back_recvs).wait()
 
     # 4. exact fp32 merge of every holder's state of my requests.
     if Bm == 0:
         return q.new_empty(q.shape)
-    g = step.X.index_select(0, step.gather_idx)
-    S = max(step.S, 1)
-    o_all = g.as_strided((S, Bm, Hq, D), (Bm * step.srow, step.srow, D, 1))
-    lse_all = g.as_strided((S, Bm, Hq), (Bm * step.srow, step.srow, 1), Hq * D)
-    out, _ = merge_states_multi(o_all, lse_all, out_dtype=q.dtype,
-                                backend="torch" if backend == "torch" else "auto")
-    return out
+    return step.merge(q.dtype, backend)

@@ -139,14 +139,19 @@ def _config(head_dim: int, group: int, device: torch.device) -> dict:
 
 
 def ring_step_triton(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
-                     accumulate, softmax_scale):
-    """Launch the Triton ring step (arguments as esp_kernels._C.ring_step, torch tensors)."""
+                     accumulate, softmax_scale, config=None):
+    """Launch the Triton ring step (arguments as esp_kernels._C.ring_step, torch tensors).
+
+    `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the tuned tile shape; the
+    benchmark bench/bench_triton_configs.py sweeps it."""
     Tq, Hq, D = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
     if D & (D - 1) or D < 16:
         raise ValueError(f"the Triton ring step needs a power-of-two head dim >= 16, got {D}")
     cfg = _config(D, group, q.device)
+    if config is not None:
+        cfg = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), config))
     # Rows per token padded to a power of two (tl.arange needs one); e.g. G=3 uses 4 slots.
     group_pad = 1 << (group - 1).bit_length()
     block_m = max(cfg["BLOCK_M"], group_pad)
