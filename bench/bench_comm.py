@@ -54,23 +54,27 @@ def main():
     args = parse_out(default_name="bench.jsonl")
     rec = Recorder("comm_ring_step", args.out)
     copy = copy_bandwidth_gbs()
-    nccl = None
-    try:
-        nccl = init_nccl(0, 1, dist.HashStore(), device=torch.device("cuda", 0))
-    except Exception as exc:
-        print(f"  native NCCL unavailable: {exc}")
+    worlds = {}
+    for blocking in (False, True):
+        try:
+            worlds[blocking] = init_nccl(0, 1, dist.HashStore(), device=torch.device("cuda", 0),
+                                         prefix=f"bench{int(blocking)}", blocking=blocking)
+        except Exception as exc:
+            print(f"  native NCCL (blocking={blocking}) unavailable: {exc}")
     for nbytes, label in ((16 << 10, "16 KB"), (64 << 20, "64 MB")):
-        for name, fn in (("virtual ranks", local_step_ms),
-                         ("native NCCL (self)", (lambda b: nccl_step_ms(nccl, b)) if nccl else None)):
-            if fn is None:
-                continue
+        backends = [("virtual ranks", local_step_ms)]
+        for blocking, w in worlds.items():
+            kind = "blocking" if blocking else "nonblocking"
+            backends.append((f"native NCCL self, {kind} comm",
+                             lambda b, w=w: nccl_step_ms(w, b)))
+        for name, fn in backends:
             ms = fn(nbytes)
             # bytes read + written per rank and step, comparable with the copy ceiling
             gbs = 2 * nbytes / (ms * 1e-3) / 1e9
             rec.add(f"{label} ring step, {name}", "GB/s (read+write)", gbs, "device copy", copy,
                     "GB/s", latency_us=ms * 1e3)
-    if nccl is not None:
-        nccl.close()
+    for w in worlds.values():
+        w.close()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,11 @@ if has nccl_diag; then
     --args python3 bench/diag_nccl.py 2>&1 | grep -v "^\[New Thread\|^\[Thread" | tail -60
 fi
 
+if has host_diag; then
+  stamp "host overhead diagnostic"
+  (cd bench && python3 diag_host.py 2>&1 | head -80)
+fi
+
 if has sanitize; then
   stamp "compute-sanitizer"
   for tool in memcheck racecheck; do

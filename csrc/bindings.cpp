@@ -76,11 +76,12 @@ PYBIND11_MODULE(_C, m) {
       // The id arrives as std::string (converted while the GIL is held): a py::bytes parameter
       // would be released after the guard below dropped the GIL.
       .def(py::init([](const std::string& uid, int rank, int world_size, int device,
-                       double timeout_s) {
-             return new esp::NcclComm(uid, rank, world_size, device, timeout_s);
+                       double timeout_s, bool blocking) {
+             return new esp::NcclComm(uid, rank, world_size, device, timeout_s, blocking);
            }),
            py::arg("unique_id"), py::arg("rank"), py::arg("world_size"), py::arg("device"),
-           py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
+           py::arg("timeout_s"), py::arg("blocking") = false,
+           py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("rank", &esp::NcclComm::rank)
       .def_property_readonly("size", &esp::NcclComm::size)
       .def_property_readonly("device", &esp::NcclComm::device)

@@ -299,7 +299,7 @@ std::string nccl_unique_id() {
 // ---- communicator -----------------------------------------------------------------------------
 
 NcclComm::NcclComm(const std::string& unique_id, int rank, int world_size, int device,
-                   double timeout_s)
+                   double timeout_s, bool blocking)
     : rank_(rank), world_size_(world_size), device_(device), timeout_s_(timeout_s) {
   const NcclApi& a = api();
   ESP_CHECK(unique_id.size() == sizeof(ncclUniqueId), "NcclComm: unique_id must be ",
@@ -325,7 +325,7 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int world_size, int d
     ncclUniqueId id;
     std::memcpy(&id, unique_id.data(), sizeof(id));
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-    config.blocking = 0;
+    config.blocking = blocking ? 1 : 0;
     ncclComm_t comm = nullptr;
     ncclResult_t r = a.CommInitRankConfig(&comm, world_size, id, rank, &config);
     comm_ = comm;  // may be set even when r is an error (nonblocking init): fail() aborts it

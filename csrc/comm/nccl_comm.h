@@ -36,7 +36,11 @@ struct P2POp {
 // NCCL's message; the communicator is then aborted. Never calls exit().
 class NcclComm {
  public:
-  NcclComm(const std::string& unique_id, int rank, int world_size, int device, double timeout_s);
+  // blocking=false: nonblocking communicator (creation honours the timeout; NCCL enqueues each
+  // group launch from a helper thread). blocking=true: lower launch latency, but creation waits
+  // for every peer without a timeout.
+  NcclComm(const std::string& unique_id, int rank, int world_size, int device, double timeout_s,
+           bool blocking = false);
   ~NcclComm();
   NcclComm(const NcclComm&) = delete;
   NcclComm& operator=(const NcclComm&) = delete;

@@ -11,12 +11,14 @@ from .local import LocalGroup, local_group, run_local
 from .torch_backend import TorchGroup, from_torch
 
 
-def init_nccl(rank, world_size, store, device=None, timeout=None, prefix="esp_nccl"):
+def init_nccl(rank, world_size, store, device=None, timeout=None, prefix="esp_nccl",
+              blocking=False):
     """Native NCCL world group (see esp_kernels/comm/nccl.py)."""
     from . import nccl
 
     kwargs = {} if timeout is None else {"timeout": timeout}
-    return nccl.init_nccl(rank, world_size, store, device=device, prefix=prefix, **kwargs)
+    return nccl.init_nccl(rank, world_size, store, device=device, prefix=prefix,
+                          blocking=blocking, **kwargs)
 
 
 __all__ = ["CommError", "CommTimeout", "CompletedWork", "Group", "Work", "LocalGroup",
