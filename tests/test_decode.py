@@ -94,6 +94,31 @@ def test_decode_virtual_ranks(n, hq, hkv, d, page_size):
     check_decode(res, n, 100 + n, hq, hkv, d, 2)
 
 
+def test_decode_instance_mastering_nothing_while_appending():
+    """Instance 1 masters no request but holds KV and receives the appended token."""
+    g = local_group(2)
+    caches = [esp.PagedKVCache(1, 8, 4, 2, 16, torch.float32, "cpu") for _ in range(2)]
+    full = torch.randn(2, 9, 2 * 16)
+    for inst, pos in ((0, [0, 1, 2, 3]), (1, [4, 5, 6, 7])):
+        slots = caches[inst].allocate("r", pos)
+        caches[inst].slot_rows(0)[:, slots] = full[:, pos]
+    caches[0].allocate("filler", range(7 * 4))  # instance 0 has no free slot left: 1 stores
+    q = torch.randn(1, 4, 16)
+
+    def body(group, cache):
+        plan = esp.DecodePlan.build(group, cache, ["r"], [0]).scale_up(group, cache)
+        assert plan.append_to == [1]
+        mine = plan.mastered_by(group.rank)
+        kn = full[0, 8:9].view(1, 2, 16)[: len(mine)]
+        vn = full[1, 8:9].view(1, 2, 16)[: len(mine)]
+        return esp.distributed_decode(q[: len(mine)], cache, plan, group, k_new=kn, v_new=vn)
+
+    out = run_local(g, body, caches)[0]
+    ref, _ = esp.reference.attention(q, full[0].view(9, 2, 16), full[1].view(9, 2, 16),
+                                     cu_seqlens([1]), cu_seqlens([9]), causal=False)
+    assert_close(out, ref, torch.float32)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 4])
 def test_decode_gloo(n):

@@ -260,7 +260,8 @@ def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer
             if tuple(t.shape) != (Bm, cache.num_kv_heads, D) or t.dtype != cache.dtype:
                 raise ValueError(f"{name} must be [{Bm}, {cache.num_kv_heads}, {D}] "
                                  f"{cache.dtype}, got {tuple(t.shape)} {t.dtype}")
-        new_kv = torch.stack((k_new.reshape(Bm, -1), v_new.reshape(Bm, -1)), 1)
+        row = cache.num_kv_heads * D
+        new_kv = torch.stack((k_new.reshape(Bm, row), v_new.reshape(Bm, row)), 1)
         _write_kv(cache, layer, new_kv[step.app_self_rows], step.app_self_slots)
         if step.app_send_idx.numel():
             torch.index_select(new_kv, 0, step.app_send_idx, out=step.kv_send)
