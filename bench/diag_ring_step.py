@@ -9,7 +9,8 @@
    with the ranks' work still queued on their own non-blocking streams; if only the first read
    fails, the kernel is fine and the test/harness lacks a stream join.
 
-Usage: python bench/diag_ring_step.py [step|ring]   (both by default)
+Usage: python bench/diag_ring_step.py [step] [ring] [triton]   (step + ring with cuda by default;
+"triton" runs the ring part with the Triton step instead)
 """
 
 import math
@@ -81,5 +82,5 @@ if __name__ == "__main__":
     what = sys.argv[1:] or ["step", "ring"]
     if "step" in what:
         step_part()
-    if "ring" in what:
-        ring_part("cuda")
+    if "ring" in what or what == ["triton"]:
+        ring_part("triton" if "triton" in what else "cuda")

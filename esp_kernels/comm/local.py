@@ -184,6 +184,10 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
 
     `per_rank_args` are sequences indexed by rank. In each thread the rank's compute stream is
     current. The first exception (by rank) is re-raised after all threads end.
+
+    Stream order on CUDA: the ranks' streams start after the caller's current stream (inputs
+    the caller produced are ready), and the caller's current stream continues after every rank's
+    streams (results are complete before the caller's next kernel reads them); no host sync.
     """
     n = len(groups)
     for i, a in enumerate(per_rank_args):
@@ -191,6 +195,13 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
             raise ValueError(f"per_rank_args[{i}] has {len(a)} entries for {n} ranks")
     results: list[Any] = [None] * n
     errors: list[BaseException | None] = [None] * n
+    worlds = {id(g._world): g._world for g in groups if isinstance(g, LocalGroup)
+              and g.device.type == "cuda"}
+    callers = {}
+    for w in worlds.values():
+        caller = callers[id(w)] = torch.cuda.current_stream(w.device)
+        for stream in w.compute_streams + w.comm_streams:
+            stream.wait_stream(caller)
 
     def body(r):
         g = groups[r]
@@ -221,6 +232,9 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
                 raise CommTimeout(f"virtual rank thread {t.name} did not finish within {limit} s")
     finally:
         sys.setswitchinterval(interval)
+        for w in worlds.values():
+            for stream in w.compute_streams + w.comm_streams:
+                callers[id(w)].wait_stream(stream)
     for r, e in enumerate(errors):
         if e is not None:
             raise e
