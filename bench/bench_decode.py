@@ -131,16 +131,20 @@ def host_overhead_bench(rec):
             for _ in range(10):
                 esp.distributed_decode(q, c, p, g)
             torch.cuda.current_stream().synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             for _ in range(layers):
                 esp.distributed_decode(q, c, p, g)
-            host = (time.perf_counter() - t0) / layers * 1e6
+            wall = (time.perf_counter() - t0) / layers * 1e6
+            cpu = (time.thread_time() - c0) / layers * 1e6
             torch.cuda.current_stream().synchronize()
-            return host
+            return wall, cpu
 
         per_rank = run_local(groups, loop, caches, plans, qs)
-        rec.add(f"{N} virtual ranks (threads), 8 requests", "host us/layer (max rank)",
-                max(per_rank), "bar", 30.0, "us", higher_is_better=False)
+        # CPU time of one rank's thread = the host cost of one instance (its own process in a
+        # deployment); wall time adds the waits for the GIL that virtual ranks share.
+        rec.add(f"{N} virtual ranks (threads), 8 requests", "host CPU us/layer/rank",
+                max(c for _, c in per_rank), "bar", 30.0, "us", higher_is_better=False,
+                wall_us=max(w for w, _ in per_rank))
     # CUDA graph: one instance, fixed plan.
     g = local_group(1, "cuda")[0]
     caches, plans = build_sharded([g], 16, 4096, 1, gen)

@@ -79,7 +79,7 @@ class _LocalWorld:
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.device))
+            ready.record()  # on the current stream
         with self.lock:
             for t, dst in sends:
                 q = self.pending_recvs[(me, dst)]
@@ -122,10 +122,9 @@ class _LocalWork(Work):
         self._await_matched(self.timeout)
         if self.device.type != "cuda":
             return
-        stream = stream or torch.cuda.current_stream(self.device)
         for m in self.msgs:
             if m.done is not None:
-                stream.wait_event(m.done)
+                m.done.wait(stream)  # None: the current stream
 
     def synchronize(self, timeout=None):
         self._await_matched(self.timeout if timeout is None else timeout)

@@ -74,8 +74,11 @@ class _DecodeStep:
         q_rows = [row_of[i] for h in remote for i in self.serve[h]]
         self.q_send_idx = torch.tensor(q_rows, dtype=torch.long, device=dev)
         self.q_send_seg = dict(zip(remote, rseg))
-        self.q_self_idx = torch.tensor([row_of[i] for i in self.hold_by_master.get(me, [])],
-                                       dtype=torch.long, device=dev)
+        self_rows = [row_of[i] for i in self.hold_by_master.get(me, [])]
+        self.q_self_idx = torch.tensor(self_rows, dtype=torch.long, device=dev)
+        # Holding exactly my own requests, in my row order: the kernel reads q itself.
+        self.q_identity = self_rows == list(range(len(self.mine))) and n_hold == len(self.mine)
+        self.q_direct = None
         # Appends: which of my new tokens go where, and which tokens I store for others.
         self.appending = any(t is not None for t in plan.append_to)
         app_dst = {}
@@ -179,12 +182,15 @@ class _DecodeStep:
             if dl is None:
                 dl = self.d_layers[layer] = tuple(_core.desc(t) for t in cache.layer(layer))
             dq, do, dlse, dbt, dlen = self.d_hold
+            if self.q_direct is not None:
+                dq = _core.desc(self.q_direct)
             _core._C.decode_partial(dq, dl[0], dl[1], dbt, dlen, do, dlse, self.d_ws,
                                     self.num_splits, scale, self.device.index,
-                                    torch.cuda.current_stream(self.device).cuda_stream)
+                                    _core.stream_handle(self.device))
         else:
             k_l, v_l = cache.layer(layer)
-            decode_partial(self.q_hold, k_l, v_l, self.block_table, self.kv_lens,
+            q = self.q_hold if self.q_direct is None else self.q_direct
+            decode_partial(q, k_l, v_l, self.block_table, self.kv_lens,
                            softmax_scale=scale, num_splits=self.num_splits, o=self.o_h,
                            lse=self.lse_h, workspace=self.workspace, backend=backend)
 
@@ -195,7 +201,7 @@ class _DecodeStep:
         if self.fast and backend != "torch":
             go, glse, dlse = self.d_merge
             _core._C.merge_states(go, glse, _core.desc(out), dlse, self.device.index,
-                                  torch.cuda.current_stream(self.device).cuda_stream)
+                                  _core.stream_handle(self.device))
         else:
             merge_states_multi(self.g_o, self.g_lse, out=out, lse_out=self.lse_out,
                                backend="torch" if backend == "torch" else "auto")
@@ -269,7 +275,8 @@ def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer
         raise ValueError("k_new/v_new given but the plan appends nothing (call plan.scale_up)")
 
     # 1. queries (+ appended K/V) to holders, in one grouped exchange.
-    if step.q_self_idx.numel():
+    step.q_direct = q if step.q_identity and q.is_contiguous() else None
+    if step.q_self_idx.numel() and step.q_direct is None:
         s0, s1 = step.hold_seg[me]
         torch.index_select(q, 0, step.q_self_idx, out=step.q_hold[s0:s1])
     if step.q_send_idx.numel():
