@@ -74,7 +74,6 @@ def kernel_bench(rec, quick):
             if at is not None:
                 rec.add(case, "decode_partial", t["ms"], f"{aname} (contiguous KV)", at["ms"],
                         "ms", higher_is_better=False)
-            del k, v, bt
 
 
 def build_sharded(groups, B, L, N, gen):

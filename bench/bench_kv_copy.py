@@ -32,7 +32,6 @@ def main():
             rec.add(f"{name} {n} tokens x {layers} layers, page {page_size}", f"copy_rows {name}",
                     nbytes / (t["ms"] * 1e-3) / 1e9, "device copy", copy, "GB/s", ms=t["ms"],
                     bytes=nbytes)
-        del kv, rows, staged
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from harness import Recorder, parse_out, time_cuda
+from ring_cases import StripedRing, causal_flops, random_qkv
 
 from esp_kernels.prefill.step import ring_step
-from esp_kernels.testing import cu_seqlens, stripe
 
 
 def sdpa_tflops(q, k, v, backend, flops):
@@ -35,11 +35,8 @@ def main():
     rec = Recorder("prefill_step", args.out)
     L = 16384 if args.quick else 65536
     Hq, Hkv, D = 32, 8, 128
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(L, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    flops = 4 * D * Hq * L * (L + 1) / 2
+    q, k, v = random_qkv(L, Hq, Hkv, D)
+    flops = causal_flops(L, Hq, D)
     anchors = {}
     for name, be in (("SDPA FLASH", SDPBackend.FLASH_ATTENTION),
                      ("SDPA CUDNN", SDPBackend.CUDNN_ATTENTION)):
@@ -48,21 +45,14 @@ def main():
             anchors[name] = tf
             print(f"  {name}: {tf:.1f} TFLOP/s ({t['ms']:.2f} ms)")
     for P in (4, 8):
-        qs, ks, vs = (stripe(t, [L], P) for t in (q, k, v))
-        n = L // P
-        cu = cu_seqlens([n], "cuda")
-        o = torch.empty(n, Hq, D, device="cuda", dtype=torch.float32)
-        lse = torch.empty(n, Hq, device="cuda", dtype=torch.float32)
+        ring = StripedRing(q, k, v, P)
+        n = ring.n
         for backend in ("cuda", "triton"):
-            def all_steps():
-                for i in range(P):
-                    for s in range(P):
-                        j = (i - s) % P
-                        ring_step(qs[i], ks[j], vs[j], cu, cu, n, o, lse, causal=True,
-                                  mask_shift=0 if j <= i else -1, accumulate=s > 0,
-                                  softmax_scale=D ** -0.5, backend=backend)
+            def step(qi, kj, vj, cu, n, o, lse, shift, acc, backend=backend):
+                ring_step(qi, kj, vj, cu, cu, n, o, lse, mask_shift=shift, accumulate=acc,
+                          softmax_scale=D ** -0.5, backend=backend)
             try:
-                t = time_cuda(all_steps, warmup=1, reps=3)
+                t = time_cuda(lambda: ring.all_steps(step), warmup=1, reps=3)
             except Exception as exc:  # report and continue with the other backend
                 print(f"  {backend} step failed: {type(exc).__name__}: {exc}")
                 continue

@@ -9,12 +9,12 @@
 import torch
 
 from harness import Recorder, parse_out, time_cuda, time_wall
+from ring_cases import StripedRing, random_qkv
 from ring_flash_style import rfa_style_prefill
 
 import esp_kernels as esp
 from esp_kernels.comm import local_group, run_local
 from esp_kernels.prefill.step import ring_step, resolve_backend
-from esp_kernels.testing import cu_seqlens, stripe
 
 
 def main():
@@ -22,27 +22,17 @@ def main():
     rec = Recorder("ring_prefill", args.out)
     L = 16384 if args.quick else 65536
     Hq, Hkv, D = 32, 8, 128
-    g = torch.Generator(device="cuda").manual_seed(1)
-    q = torch.randn(L, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = random_qkv(L, Hq, Hkv, D, seed=1)
     backend = resolve_backend("auto", q.device)
     for P in (4, 8):
-        qs, ks, vs = (stripe(t, [L], P) for t in (q, k, v))
-        n = L // P
-        cu = cu_seqlens([n], "cuda")
-        o = torch.empty(n, Hq, D, device="cuda")
-        lse = torch.empty(n, Hq, device="cuda")
+        ring = StripedRing(q, k, v, P)
+        qs, ks, vs = ring.qs, ring.ks, ring.vs
 
-        def steps_alone():
-            for i in range(P):
-                for s in range(P):
-                    j = (i - s) % P
-                    ring_step(qs[i], ks[j], vs[j], cu, cu, n, o, lse,
-                              mask_shift=0 if j <= i else -1, accumulate=s > 0,
-                              softmax_scale=D ** -0.5, backend=backend)
+        def step(qi, kj, vj, cu, n, o, lse, shift, acc):
+            ring_step(qi, kj, vj, cu, cu, n, o, lse, mask_shift=shift, accumulate=acc,
+                      softmax_scale=D ** -0.5, backend=backend)
 
-        t_steps = time_cuda(steps_alone, warmup=1, reps=3)
+        t_steps = time_cuda(lambda: ring.all_steps(step), warmup=1, reps=3)
         groups = local_group(P, "cuda")
 
         def ours():

@@ -1,14 +1,13 @@
 """Tile-shape sweep of the Triton ring step (bench/NOTES.md records the outcome): all P x P
 steps of a striped ring, L = 64k, Hq 32 / Hkv 8, D 128, bf16; each config next to SDPA FLASH."""
 
-import torch
 from torch.nn.attention import SDPBackend
 
 from harness import Recorder, parse_out, time_cuda
 from bench_prefill_step import sdpa_tflops
+from ring_cases import StripedRing, causal_flops, random_qkv
 
 from esp_kernels.prefill.triton_step import ring_step_triton
-from esp_kernels.testing import cu_seqlens, stripe
 
 # (BLOCK_M rows, BLOCK_N keys, warps, stages); rows are (token, head) pairs: 128 rows = 32 tokens
 CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
@@ -19,27 +18,18 @@ def main():
     args = parse_out(default_name="bench.jsonl")
     rec = Recorder("triton_step_configs", args.out)
     L, Hq, Hkv, D = (16384 if args.quick else 65536), 32, 8, 128
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(L, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    flops = 4 * D * Hq * L * (L + 1) / 2
+    q, k, v = random_qkv(L, Hq, Hkv, D)
+    flops = causal_flops(L, Hq, D)
     flash, _ = sdpa_tflops(q, k, v, SDPBackend.FLASH_ATTENTION, flops)
     for P in (4, 8):
-        qs, ks, vs = (stripe(t, [L], P) for t in (q, k, v))
-        n = L // P
-        cu = cu_seqlens([n], "cuda")
-        o = torch.empty(n, Hq, D, device="cuda")
-        lse = torch.empty(n, Hq, device="cuda")
+        ring = StripedRing(q, k, v, P)
+        n = ring.n
         for cfg in CONFIGS:
-            def run():
-                for i in range(P):
-                    for s in range(P):
-                        j = (i - s) % P
-                        ring_step_triton(qs[i], ks[j], vs[j], cu, cu, n, o, lse, True,
-                                         0 if j <= i else -1, s > 0, D ** -0.5, config=cfg)
+            def step(qi, kj, vj, cu, n, o, lse, shift, acc, cfg=cfg):
+                ring_step_triton(qi, kj, vj, cu, cu, n, o, lse, True, shift, acc, D ** -0.5,
+                                 config=cfg)
             try:
-                t = time_cuda(run, warmup=1, reps=3)
+                t = time_cuda(lambda: ring.all_steps(step), warmup=1, reps=3)
             except Exception as exc:  # e.g. out of shared memory for a large tile
                 print(f"  config {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
                 continue

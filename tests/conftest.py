@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 
-import esp_kernels
 from esp_kernels import _core
 
 

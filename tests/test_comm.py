@@ -5,7 +5,6 @@ import time
 import pytest
 import torch
 
-import esp_kernels as esp
 from esp_kernels.comm import CommTimeout, local_group, run_local
 from dist_utils import run_gloo
 

@@ -19,7 +19,7 @@ import torch
 
 from esp_kernels import _core
 from esp_kernels.comm import nccl as espnccl
-from esp_kernels.comm.group import CommError, CommTimeout
+from esp_kernels.comm.group import CommError
 
 needs_core = pytest.mark.skipif(not _core.has_compiled(),
                                 reason=f"esp_kernels._C unavailable: {_core._C_ERROR}")

@@ -8,7 +8,6 @@ instance with room otherwise; old KV never moves) and allocates the slots.
 
 from __future__ import annotations
 
-import math
 from typing import Hashable, Mapping, Sequence
 
 from ..kvcache.cache import CacheOutOfMemory, PagedKVCache
