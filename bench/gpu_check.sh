@@ -74,6 +74,12 @@ if has sanitize; then
   cat "$OUT"/sanitizer_*.txt > "$OUT/sanitizer.txt" && rm -f "$OUT"/sanitizer_*.txt
 fi
 
+if has micro; then
+  stamp "pytest-benchmark microbenchmarks"
+  python3 -m pytest bench/test_microbench.py -q -p no:cacheprovider --benchmark-columns=min,median,max \
+    2>&1 | tail -15
+fi
+
 if has bench; then
   for b in $BENCHES; do
     stamp "bench $b"
