@@ -1,33 +1,62 @@
 // decode_partial: host entry. Validates the arguments, launches the paged decode kernel
 // (decode_partial_kernel.cuh; instantiated per head dim in decode_partial_d*.cu) and, when the
-// KV is split, reduces the splits' states from the workspace with merge_states.
+// KV is split, reduces the splits' states from the workspace with decode_merge_kernel.
 //
-// Choosing num_splits (the Python driver implements this; the kernel accepts any value in
-// [1, 64], 64 being merge_states' limit):
+// Kv heads per CTA (hg): the largest power of two dividing Hkv with hg * mt <= 4 (mt = 1, 2, 4
+// head tiles of 16 query heads for G <= 16, 32, 64); the CTA reads the hg heads' rows of a token
+// as one contiguous run.
 //
-//   pairs    = B * Hkv                   CTAs per split
-//   slots    = num_sms * ctas_per_sm     ctas_per_sm = 2 at D = 128 (96 KB smem, 180 registers),
-//                                        4 at D = 64 (48 KB, 118 registers)
+// Choosing num_splits (the Python driver implements this as num_splits_for; the kernel accepts
+// any value in [1, 256]):
+//
+//   hg       = largest power of two dividing Hkv, at most 4   (the model assumes G <= 16)
+//   pairs    = B * Hkv / hg              CTAs per split
+//   slots    = num_sms * ctas_per_sm     ctas_per_sm = 2 at D = 128 (~100 KB smem), 4 at D = 64
 //   chunk(s) = roundup(ceil(max_len / s), 64)        tokens per CTA
-//   cost(s)  = ceil(pairs * s / slots) * (chunk(s) + 64) + (64 if s > 1 else 0)
-//   num_splits = argmin of cost(s) over 1 <= s <= min(64, max(1, ceil(max_len / 256))),
+//   cost(s)  = ceil(pairs * s / slots) * (chunk(s) * hg + 64) + (64 if s > 1 else 0)
+//   num_splits = argmin of cost(s) over 1 <= s <= min(256, max(1, ceil(max_len * hg / 256))),
 //                the smallest s on ties.
 //
-// cost is in tokens of one CTA's bandwidth share (~50 ns per token at D = 128 when the GPU is
-// saturated): whole waves times per-CTA work, +64 for a CTA's fixed start (kv_lens -> block
-// table -> first tile: three dependent memory latencies, ~2-3 us) and +64 for the merge_states
-// launch when the KV is split. Whole waves matter because every CTA of a uniform batch takes
-// the same time: on 132 SMs (264 slots) B=16 L=16k picks s=2 (256 CTAs, one wave) where "at
-// least two waves" would take s=5 (640 CTAs, 2.4 waves: ~20% slower); B=1 L=128k picks s=33
-// (264 CTAs of 4032 tokens); B=64 L=4k picks s=1 (512 CTAs); B=8 L=1k picks s=4. The 256-token
-// floor keeps the start cost and the workspace traffic (s * B * Hq * (D+1) * 8 bytes) small next
-// to the KV a CTA reads.
+// cost is in (token, kv head) rows of one CTA's bandwidth share (~50 ns per row at D = 128 when
+// the GPU is saturated): whole waves times per-CTA work, +64 for a CTA's fixed start (kv_lens ->
+// block table -> first tile: three dependent memory latencies, ~2-3 us) and +64 for the merge
+// launch when the KV is split. Whole waves matter because every CTA of a uniform batch takes the
+// same time. On 132 SMs (264 slots), Hkv = 8 (hg = 4): B=1 L=128k picks s=128 (256 CTAs of 1024
+// tokens), B=16 L=16k s=8 and B=64 L=4k s=2 (256 CTAs of 2048 tokens), B=8 L=1k s=16 (256 CTAs
+// of 64 tokens). The floor of 256 rows per CTA keeps the start cost and the workspace traffic
+// (s * B * Hq * (D+1) * 8 bytes) small next to the KV a CTA reads.
+//
+// Performance notes (H100 run 1 of the previous design: 67-82% of copy bandwidth; cuDNN on
+// contiguous KV 94%). That design had one kv head per CTA, 16-byte cp.async of 256-byte head
+// rows, 3 stages of 64 tokens, the wait for tile t taken with only tiles t, t+1 in flight, and
+// merge_states as a second launch. Bytes in flight were not short by Little's law (64-128 KB per
+// SM against ~45 KB at 3 TB/s and ~2 us loaded latency), and page 1 ran within 2-6% of page 16,
+// so page tables and TLB reach were not it either. What it did differ in from the kernels that
+// reach 94-100% on the same GPU (cuDNN, copy_rows on random 2 KB rows, merge_states) is the
+// request stream: 256-byte pieces, each CTA one head's slice of every token row at a 2 KB stride,
+// all through the load/store unit's 16-byte requests. B1 L128k lost ~4% more to the merge launch
+// (2 CTAs walking 33 states serially, ~10 us).
+// Changes, with the predicted effect:
+//   1. hg = 4 kv heads per CTA: 1 KB contiguous per token row (page 16: 16 such rows per page).
+//   2. 1-D bulk copies (TMA) of those rows, completing on per-stage mbarriers; warp 0 issues 32
+//      copies per stage instead of 128 threads issuing 2048 16-byte cp.async.
+//   3. Tile t+2 issued before the wait for tile t: all 3 stages (96 KB of KV) in flight per CTA
+//      during every wait, ~190 KB per SM, instead of 2 tiles (64 KB per CTA).
+//   4. More splits (B1: 128) and decode_merge_kernel (all warps of a CTA on one row's splits,
+//      launched programmatically so its launch overlaps the decode tail) instead of
+//      merge_states: the B1 merge ~10 us -> ~3 us.
+//   Predicted (H100, bf16, page 16; page 1 within ~3%), as time = ~23 us fixed per call (the
+//   timing's L2-flush write-back ~17 us, prologue, tail, merge) + bytes / 2.85-3.0 TB/s (cuDNN's
+//   steady rate): B16 L16k and B64 L4k 0.38-0.40 ms = 2.7-2.8 TB/s (91-96% of copy, 0.90-0.95x
+//   cuDNN); B1 L128k 0.204-0.213 ms = 2.5-2.65 TB/s (85-90%, 0.90-0.95x cuDNN); B8 L1k ~0.028
+//   ms. 1.0x cuDNN needs a faster stream than cuDNN's own on contiguous KV, which this does not
+//   claim. If (1)-(2) do not move the stream (the limit was elsewhere), (3)-(4) alone give B1
+//   ~+5% and the others ~+1-2%.
 #include "decode_partial.h"
 
 #include <cmath>
 #include <limits>
 
-#include "../merge/merge_states.h"
 #include "decode_partial_kernel.cuh"
 
 namespace esp {
@@ -39,12 +68,14 @@ extern template void launch_decode_partial<__nv_bfloat16, 64>(const DecodeParams
 extern template void launch_decode_partial<__half, 128>(const DecodeParams&, cudaStream_t, int);
 extern template void launch_decode_partial<__nv_bfloat16, 128>(const DecodeParams&, cudaStream_t,
                                                                int);
+extern template void launch_decode_merge<64>(const MergeParams&, cudaStream_t);
+extern template void launch_decode_merge<128>(const MergeParams&, cudaStream_t);
 
 }  // namespace decode
 
 namespace {
 
-constexpr int kMaxSplits = 64;  // merge_states keeps one weight per state in registers
+constexpr int kMaxSplits = 256;  // bounds the workspace; decode_merge_kernel takes any count
 
 }  // namespace
 
@@ -72,6 +103,8 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
   ESP_CHECK(aligned_to(q.ptr, 4) && q.stride(0) % 2 == 0 && q.stride(1) % 2 == 0,
             "decode_partial: q must be 4-byte aligned with even batch/head strides");
   ESP_CHECK(B <= 65535, "decode_partial: batch must be <= 65535 (grid z), got ", B);
+  ESP_CHECK(B * Hq < std::numeric_limits<int32_t>::max(),
+            "decode_partial: batch * q heads must be < 2^31 (merge rows are int32)");
 
   for (const TensorDesc* t : {&k_cache, &v_cache}) {
     const char* name = t == &k_cache ? "k_cache" : "v_cache";
@@ -164,10 +197,19 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
   p.page_size = static_cast<int>(page_size);
   p.max_pages = static_cast<int>(max_pages);
   p.num_splits = num_splits;
+  {
+    // hg: the largest power of two dividing Hkv with hg * (head tiles) <= 4 warps.
+    const int max_hg = decode::kMaxHeadsPerCta / decode::head_tiles(static_cast<int>(G));
+    int hg = 1;
+    while (hg * 2 <= max_hg && Hkv % (hg * 2) == 0) hg *= 2;
+    p.heads_per_cta = hg;
+    // One bulk copy per token when the hg heads' rows are adjacent in memory.
+    p.row_per_token = (hg == 1 || (k_cache.stride(2) == D && v_cache.stride(2) == D)) ? 1 : 0;
+  }
   p.scale_log2 = static_cast<float>(static_cast<double>(softmax_scale) * 1.4426950408889634);
 
   // One split: the kernel writes the final state. Several: each split writes its slot of the
-  // workspace, viewed as o [S, B, Hq, D] then lse [S, B, Hq], and merge_states reduces them.
+  // workspace, viewed as o [S, B, Hq, D] then lse [S, B, Hq], and decode_merge_kernel reduces them.
   const int64_t ws_o_elems = num_splits * B * Hq * D;
   float* ws = workspace.data<float>();
   if (num_splits == 1) {
@@ -201,11 +243,30 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
   });
 
   if (num_splits > 1) {
-    const TensorDesc ws_o{workspace.ptr, DType::kFloat32, {num_splits, B, Hq, D},
-                          {B * Hq * D, Hq * D, D, 1}};
-    const TensorDesc ws_lse{reinterpret_cast<uintptr_t>(ws + ws_o_elems), DType::kFloat32,
-                            {num_splits, B, Hq}, {B * Hq, Hq, 1}};
-    merge_states(ws_o, ws_lse, o, &lse, device, stream);
+    decode::MergeParams m{};
+    m.o = ws;
+    m.lse = ws + ws_o_elems;
+    m.o_ss = B * Hq * D;
+    m.l_ss = B * Hq;
+    m.out = o.data<float>();
+    m.out_sb = o.stride(0);
+    m.out_sh = o.stride(1);
+    m.lse_out = lse.data<float>();
+    m.lse_sb = lse.stride(0);
+    m.lse_sh = lse.stride(1);
+    m.splits = num_splits;
+    m.rows = static_cast<int>(B * Hq);
+    m.heads = static_cast<int>(Hq);
+    // Warps per row: enough to spread the splits (one split per warp per step at D = 128, two at
+    // D = 64), at most the CTA's 8.
+    const int per_step = D == 64 ? 2 : 1;
+    m.warps_per_row = 1;
+    while (m.warps_per_row < 8 && m.warps_per_row * per_step < num_splits) m.warps_per_row *= 2;
+    if (D == 64) {
+      decode::launch_decode_merge<64>(m, s);
+    } else {
+      decode::launch_decode_merge<128>(m, s);
+    }
   }
 }
 

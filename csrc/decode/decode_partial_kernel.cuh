@@ -1,34 +1,41 @@
-// decode_partial kernel: attention of one query token per request over a paged KV shard, giving
-// the partial state (o normalized fp32, lse natural log) that multi-master decode merges.
+// decode_partial kernels: attention of one query token per request over a paged KV shard, giving
+// the partial state (o normalized fp32, lse natural log) that multi-master decode merges, and the
+// reduction of the KV splits' states.
 //
-// Work split. Grid (Hkv, num_splits, B): one CTA per (kv head, split, request) computes all
-// G = Hq/Hkv query heads of its kv head, so every K/V row crosses the memory bus once. blockIdx.x
-// is the kv head so the Hkv CTAs that read the same pages (a slot holds all kv heads) run side
-// by side and hit the same DRAM rows. Each CTA derives its token range [start, end) from kv_lens on
-// the GPU (chunk = ceil(len / num_splits) rounded up to a tile), so the launch depends only on
-// host ints and is CUDA-graph capturable; a CTA with no tokens writes (0, -inf).
+// Work split. Grid (Hkv / hg, num_splits, B): one CTA per (group of hg kv heads, split, request)
+// computes all G = Hq/Hkv query heads of its hg kv heads, so every K/V row crosses the memory bus
+// once. hg (heads_per_cta, chosen on the host: the largest power of two dividing Hkv with
+// hg * mt <= 4 warps) makes the rows a CTA reads per token hg * D * 2 bytes long and contiguous
+// in the cache layout [page, slot, head, D] (1 KB at hg = 4, D = 128, bf16) instead of one head's
+// 256 bytes, so each copy moves one contiguous run of that length. Each CTA derives its token range
+// [start, end) from kv_lens on the GPU (chunk = ceil(len / num_splits) rounded up to 64 tokens), so
+// the launch depends only on host ints and is CUDA-graph capturable; a CTA with no tokens writes
+// (0, -inf).
 //
-// Memory pipeline. 128 threads stream 64-token tiles of K and V into shared memory with 16-byte
-// cp.async (16 consecutive threads cover one 256-byte row of D = 128: fully coalesced whatever
-// the page size), 3 stages deep: two tiles (64 KB at D = 128) stay in flight per CTA while one is
-// consumed, and two CTAs fit per SM (96 KB smem each), i.e. ~128 KB in flight per SM against the
-// ~25 KB Little's law asks for at 3 TB/s. Rows past `end` are zero-filled (cp.async src-size 0)
-// so stale or uninitialized shared memory can never put NaN into P.V. Block-table entries are
-// loaded into registers one tile before the copies that need them, so their latency hides behind
-// a tile of compute instead of stalling the issue.
+// Memory pipeline. A stage holds kRows = 64 (token, head) rows of K and of V: T = 64 / hg tokens
+// of the hg heads. Warp 0 fills a stage with 1-D bulk copies (cp.async.bulk through the TMA unit,
+// one per token row of hg heads, or one per head row when the heads are not adjacent in memory),
+// all completing on the stage's mbarrier with a fixed transaction count (32 KB at D = 128). The
+// copy engine tracks the bytes in flight, not the load/store unit, and the loop issues tile t+2
+// before it waits for tile t: all 3 stages (96 KB of KV per CTA, 2 CTAs per SM at D = 128) are in
+// flight whenever a warp waits (sm_80 builds use 16-byte cp.async for the same copies). Tokens
+// past `end` in the last tile copy the row of token end-1 (real, finite data; its scores are
+// masked to -inf, so P = 0 there) rather than stale shared memory. A token row in shared memory
+// is padded by 16 bytes, which puts the 8 rows an ldmatrix reads on 8 distinct 4-bank groups (no
+// bank conflicts without a swizzle, which 1-D bulk copies cannot do).
 //
-// Math. Tensor cores (mma.sync m16n8k16, fp32 accumulate) with the query heads as the 16 MMA
-// rows: S = Q K^T per 16-token block, online softmax in fp32 (exp2 of pre-scaled scores), O += P V
-// with P rounded to the input type as in FlashAttention-2. Padding G = 4 heads to 16 rows wastes
-// 3/4 of the MMA work, which is still < 5% of the tensor-core time the bandwidth leaves (128
-// MMAs per 32 KB tile vs ~5800 cycles per tile per CTA at 2.5 TB/s), and it keeps G up to 16 at
-// the same cost. Warp w takes head tile w % MT (MT = 1, 2, 4 for G <= 16, 32, 64) and token
-// blocks w / MT + k * (4/MT) of each tile; for G <= 16 the 4 warps take the 4 16-token
-// blocks. Shared tiles use a 16-byte-chunk XOR swizzle (chunk ^ row % 8) so ldmatrix and
-// cp.async are free of bank conflicts.
+// Math. Tensor cores (mma.sync m16n8k16, fp32 accumulate) with the query heads of one kv head as
+// the 16 MMA rows: S = Q K^T per 16-token block, online softmax in fp32 (exp2 of pre-scaled
+// scores), O += P V with P rounded to the input type as in FlashAttention-2. Padding G = 4 heads
+// to 16 rows wastes 3/4 of the MMA work, still a few % of the tensor-core time the bandwidth
+// leaves. Warp w has the role p = w % (hg*mt): kv head h = p / mt of the group, head tile
+// ht = p % mt (mt = 1, 2, 4 for G <= 16, 32, 64), and token group tg = w / (hg*mt): it takes the
+// 16-token blocks tg + k * ntg (ntg = 4 / (hg*mt)) of every stage, mt blocks per stage.
 //
-// In-CTA merge. Each warp keeps its own (max, sum, O) per head row; at the end they meet in
-// shared memory (reusing the pipeline buffers) and are combined exactly like merge_states.
+// In-CTA merge. Each warp keeps its own (max, sum, O) per head row; at the end the ntg warps of a
+// (head, head tile) meet in shared memory (reusing the pipeline buffers) and are combined exactly
+// like merge_states. Splits > 1 write their states to the workspace and decode_merge_kernel
+// reduces them (any number of splits; warps of a CTA share the splits of one row).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -39,6 +46,12 @@
 #include <vector>
 
 #include "../common/vec.cuh"
+
+#ifdef ESP_DECODE_EMULATOR
+#include ESP_DECODE_EMULATOR
+#else
+#include "decode_partial_ptx.cuh"
+#endif
 
 namespace esp {
 namespace decode {
@@ -61,110 +74,72 @@ struct DecodeParams {
   float* lse;
   int64_t lse_ss, lse_sb, lse_sh;
   int batch, num_kv_heads, group, page_size, max_pages, num_splits;
-  float scale_log2;  // softmax_scale * log2(e): scores go through exp2
+  int heads_per_cta;  // hg: kv heads per CTA, a power of two <= 4 dividing num_kv_heads
+  int row_per_token;  // 1: the hg heads of a token are adjacent (k_sh == v_sh == D): one copy each
+  float scale_log2;   // softmax_scale * log2(e): scores go through exp2
+};
+
+// Reduction of the splits' states: out row (b, h) = merge over s of the state at
+// o + s*o_ss + (b*H + h)*D, lse + s*l_ss + b*H + h.
+struct MergeParams {
+  const float* o;
+  const float* lse;
+  int64_t o_ss, l_ss;
+  float* out;
+  int64_t out_sb, out_sh;
+  float* lse_out;
+  int64_t lse_sb, lse_sh;
+  int splits, rows, heads;  // rows = B * H
+  int warps_per_row;        // 1, 2, 4 or 8 warps of a CTA share one row's splits
 };
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kTile = 64;  // tokens per pipeline stage: one 16-token MMA block per warp
+constexpr int kRows = 64;        // (token, kv head) rows of K, and of V, per pipeline stage
 constexpr int kStages = 3;
+constexpr int kTile = 64;        // a CTA's token range is a multiple of kTile tokens
 constexpr int kMaxGroup = 16 * kWarps;  // one 16-row head tile per warp at most
+constexpr int kMaxHeadsPerCta = kWarps;
+constexpr int kRowPad = 16;      // bytes after each token row in shared memory (bank spread)
+constexpr int kMaxCopiesPerLane = 2 * kRows / 32;  // bulk copies per stage / warp 0's lanes
+constexpr int kMergeThreads = 256;
 
+// Shared-memory layout of a stage: T = kRows / hg token rows of K, then T of V, each row the hg
+// heads' D elements followed by kRowPad bytes.
+__host__ __device__ constexpr int token_row_bytes(int hg, int d, int elem_bytes) {
+  return hg * d * elem_bytes + kRowPad;
+}
+__host__ __device__ constexpr int stage_bytes(int hg, int d, int elem_bytes) {
+  return 2 * (kRows / hg) * token_row_bytes(hg, d, elem_bytes);
+}
 template <typename T, int D>
-constexpr int smem_bytes() {
-  return kStages * 2 * kTile * D * static_cast<int>(sizeof(T));
+constexpr int smem_bytes(int hg) {
+  return kStages * stage_bytes(hg, D, static_cast<int>(sizeof(T)));
+}
+// Head tiles of 16 query heads per kv head.
+__host__ __device__ constexpr int head_tiles(int group) {
+  return group <= 16 ? 1 : (group <= 32 ? 2 : 4);
 }
 
 template <typename T, int D>
 void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device);
+template <int D>
+void launch_decode_merge(const MergeParams& p, cudaStream_t stream);
 
 namespace detail {
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy; src_bytes = 0 reads nothing and writes 16 zero bytes.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// c[16x8] += a[16x16] * b[16x8], fp32 accumulate.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
-                                                         uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4],
-                                                  uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats as one 32-bit MMA operand register: `lo` (the lower column) in the low half.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// 2^x; ex2.approx gives +0 for -inf, which is what masked scores and empty states need.
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// One warp, one 16-token block `kb` of the tile in shared memory (k_tile/v_tile: shared
-// addresses of this stage's K and V, [kTile][D] with swizzled 16-byte chunks), against the
-// warp's 16 head rows held as A fragments in `qa`. Updates the running state of this thread's
-// two rows (lane/4 and lane/4 + 8): row_ms = running max of scaled scores (log2 units),
-// row_l = this thread's share of the row sum, o = unnormalized output fragments.
+// One warp, one 16-token block `kb` of the stage in shared memory (k_head/v_head: shared
+// addresses of the warp's kv head in the stage's first K/V token row; token rows `rb` bytes
+// apart), against the warp's 16 head rows held as A fragments in `qa`. Updates the running state
+// of this thread's two rows (lane/4 and lane/4 + 8): row_ms = running max of scaled scores
+// (log2 units), row_l = this thread's share of the row sum, o = unnormalized output fragments.
 template <typename T, int D>
-__device__ __forceinline__ void attend_block(uint32_t k_tile, uint32_t v_tile, int kb,
+__device__ __forceinline__ void attend_block(uint32_t k_head, uint32_t v_head, uint32_t rb, int kb,
                                              int first_tok, int end, float scale_log2,
                                              const uint32_t (&qa)[D / 16][4],
                                              float (&o)[D / 8][4], float (&row_ms)[2],
                                              float (&row_l)[2], int lane) {
-  constexpr int kChunks = D / 8;
-  constexpr uint32_t kRowBytes = D * sizeof(T);
+  constexpr int kChunks = D / 8;  // 16-byte chunks per head row
 
   // S = Q K^T: two n-tiles of 8 tokens; each ldmatrix.x4 gives the B fragments of two k-steps.
   float s[2][4];
@@ -172,12 +147,12 @@ __device__ __forceinline__ void attend_block(uint32_t k_tile, uint32_t v_tile, i
   for (int j = 0; j < 2; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
-    const uint32_t row_addr = k_tile + (kb * 16 + j * 8 + (lane & 7)) * kRowBytes;
+    const uint32_t row_addr = k_head + (kb * 16 + j * 8 + (lane & 7)) * rb;
 #pragma unroll
     for (int c4 = 0; c4 < kChunks / 4; ++c4) {
       const int chunk = c4 * 4 + (lane >> 3);
       uint32_t b[4];
-      ldsm_x4(b, row_addr + ((chunk ^ (lane & 7)) << 4));
+      ldsm_x4(b, row_addr + (chunk << 4));
       mma_16816<T>(s[j], qa[2 * c4], b[0], b[1]);
       mma_16816<T>(s[j], qa[2 * c4 + 1], b[2], b[3]);
     }
@@ -225,13 +200,12 @@ __device__ __forceinline__ void attend_block(uint32_t k_tile, uint32_t v_tile, i
   const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
                           pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
   // ldmatrix.trans matrices: tokens 0-7 / 8-15 (lanes 0-7 / 8-15) of chunk 2c, then of chunk 2c+1.
-  const uint32_t v_row_addr =
-      v_tile + (kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kRowBytes;
+  const uint32_t v_row_addr = v_head + (kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * rb;
 #pragma unroll
   for (int c2 = 0; c2 < kChunks / 2; ++c2) {
     const int chunk = c2 * 2 + (lane >> 4);
     uint32_t b[4];
-    ldsm_x4_trans(b, v_row_addr + ((chunk ^ (lane & 7)) << 4));
+    ldsm_x4_trans(b, v_row_addr + (chunk << 4));
     mma_16816<T>(o[2 * c2], pa, b[0], b[1]);
     mma_16816<T>(o[2 * c2 + 1], pa, b[2], b[3]);
   }
@@ -240,104 +214,144 @@ __device__ __forceinline__ void attend_block(uint32_t k_tile, uint32_t v_tile, i
 }  // namespace detail
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 2) decode_partial_kernel(const DecodeParams p) {
-  static_assert(D % 64 == 0 && D <= 128, "head dims 64 and 128");
-  constexpr int kChunks = D / 8;                     // 16-byte chunks per row
-  constexpr int kRowStep = kThreads / kChunks;       // rows one CTA-wide copy pass covers
-  constexpr int kRowsPerThread = kTile / kRowStep;   // 8 at D = 128
-  constexpr int kStageElems = 2 * kTile * D;         // K tile then V tile
+__global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
+    decode_partial_kernel(const DecodeParams p) {
+  static_assert(D == 64 || D == 128, "head dims 64 and 128");
+  constexpr int kHeadBytes = D * static_cast<int>(sizeof(T));
   // Merge buffer rows padded by 4 floats: the float2 fragment stores of 8 rows then hit
   // distinct banks (a 512-byte stride would put all 8 rows on the same banks).
   constexpr int kRedStride = D + 4;
-  static_assert(kWarps * 16 * kRedStride * 4 <= smem_bytes<T, D>(), "merge buffer fits");
+  static_assert(kWarps * 16 * kRedStride * 4 <= kStages * 2 * kRows * kHeadBytes,
+                "merge buffer fits in the pipeline buffers");
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* smem = reinterpret_cast<T*>(smem_raw);
+  unsigned char* smem_raw = detail::dyn_smem();
   __shared__ float s_max[kWarps][16], s_sum[kWarps][16];
+  __shared__ __align__(8) uint64_t full_bar[kStages];
 
-  const int kvh = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+  const int grp = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = p.group;
+  const int hg = p.heads_per_cta, kvh0 = grp * hg;
+  const int hg_log2 = hg == 4 ? 2 : (hg == 2 ? 1 : 0);
+  const int T_stage = kRows >> hg_log2;                      // tokens per stage
+  const uint32_t rb = hg * kHeadBytes + kRowPad;             // token row bytes in shared memory
+  const uint32_t sb = 2 * T_stage * rb;                      // stage bytes
+  const uint32_t smem0 = detail::smem_addr(smem_raw);
+
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s)
+      detail::mbar_init(detail::smem_addr(&full_bar[s]), detail::kStageArrivals);
+    detail::mbar_init_fence();
+  }
+  // The split merge (if any) may be scheduled now; it waits for this whole grid to complete.
+  detail::launch_dependents();
 
   // This CTA's token range. The length is clamped to what the block table can address, so a
   // bad kv_lens cannot read past block_table (the host checks max_pages * page_size < 2^31 - 64).
   const int64_t cap = static_cast<int64_t>(p.max_pages) * p.page_size;
-  const int64_t len =
-      max(int64_t{0}, min(static_cast<int64_t>(__ldg(p.kv_lens + b * p.kl_s)), cap));
+  const int64_t len = max(int64_t{0},
+                          min(static_cast<int64_t>(detail::ldg(p.kv_lens + b * p.kl_s)), cap));
   const int64_t chunk = ((len + p.num_splits - 1) / p.num_splits + kTile - 1) / kTile * kTile;
   const int start = static_cast<int>(min(len, split * chunk));
   const int end = static_cast<int>(min(len, split * chunk + chunk));
-  const int num_tiles = (end - start + kTile - 1) / kTile;
+  const int num_tiles = (end - start + T_stage - 1) / T_stage;
 
-  // Copy assignment: thread -> chunk `cc` of rows row0 + i * kRowStep of every tile.
-  const int cc = tid % kChunks, row0 = tid / kChunks;
-  const T* k_src = static_cast<const T*>(p.k) + kvh * p.k_sh + cc * 8;
-  const T* v_src = static_cast<const T*>(p.v) + kvh * p.v_sh + cc * 8;
+  // Bulk copies of a stage, issued by warp 0: copy c < n_copies of lane c % 32. Copies [0, per_kv)
+  // fill the K rows, [per_kv, 2 per_kv) the V rows; copy j of a half moves token j of the stage
+  // (all hg heads, adjacent in memory) or, when the heads are not adjacent, head j % hg of token
+  // j / hg. Every stage moves 2 * kRows * kHeadBytes bytes whatever the split.
+  const int per_kv = p.row_per_token ? T_stage : kRows;
+  const int n_copies = 2 * per_kv;  // 32, 64 or 128: a multiple of 32, so lanes stay uniform
+  const uint32_t copy_bytes = p.row_per_token ? hg * kHeadBytes : kHeadBytes;
+  const uint32_t stage_tx = 2 * kRows * kHeadBytes;
   const int* bt = p.block_table + b * p.bt_sb;
   const int ps = p.page_size;
-
-  auto load_pages = [&](int tile, int (&page)[kRowsPerThread], int (&slot)[kRowsPerThread]) {
+  auto copy_token = [&](int c) {  // token of the stage that copy c moves
+    const int j = c < per_kv ? c : c - per_kv;
+    return p.row_per_token ? j : (j >> hg_log2);
+  };
+  // Page and slot of each of this lane's copies for `tile`; tokens past `end` take end-1.
+  auto lookup = [&](int tile, int (&page)[kMaxCopiesPerLane], int (&slot)[kMaxCopiesPerLane]) {
 #pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i) {
-      const int tok = start + tile * kTile + row0 + i * kRowStep;
+    for (int i = 0; i < kMaxCopiesPerLane; ++i) {
+      const int c = lane + 32 * i;
       page[i] = 0;
       slot[i] = 0;
-      if (tok < end) {
+      if (c < n_copies) {
+        const int tok = min(start + tile * T_stage + copy_token(c), end - 1);
         // Unsigned division is cheaper; both are >= 0.
         const int lp = static_cast<int>(static_cast<unsigned>(tok) / static_cast<unsigned>(ps));
-        page[i] = __ldg(bt + lp * p.bt_sp);
+        page[i] = detail::ldg(bt + lp * p.bt_sp);
         slot[i] = tok - lp * ps;
       }
     }
   };
-  auto issue = [&](int tile, const int (&page)[kRowsPerThread],
-                   const int (&slot)[kRowsPerThread]) {
-    T* k_dst = smem + (tile % kStages) * kStageElems;
-    T* v_dst = k_dst + kTile * D;
+  auto issue = [&](int tile, const int (&page)[kMaxCopiesPerLane],
+                   const int (&slot)[kMaxCopiesPerLane]) {
+    const int stage = tile % kStages;
+    const uint32_t bar = detail::smem_addr(&full_bar[stage]);
+    const uint32_t dst0 = smem0 + stage * sb;
+    if (lane == 0) detail::mbar_arrive_expect_tx(bar, stage_tx);
+    __syncwarp();
 #pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i) {
-      const int r = row0 + i * kRowStep;
-      const int bytes = start + tile * kTile + r < end ? 16 : 0;
-      const int swz = r * D + ((cc ^ (r & 7)) << 3);
-      detail::cp_async_16(detail::smem_addr(k_dst + swz),
-                          k_src + page[i] * p.k_sp + slot[i] * p.k_ss, bytes);
-      detail::cp_async_16(detail::smem_addr(v_dst + swz),
-                          v_src + page[i] * p.v_sp + slot[i] * p.v_ss, bytes);
+    for (int i = 0; i < kMaxCopiesPerLane; ++i) {
+      const int c = lane + 32 * i;
+      if (c < n_copies) {
+        const bool is_v = c >= per_kv;
+        const int j = is_v ? c - per_kv : c;
+        const int head = p.row_per_token ? 0 : (j & (hg - 1));
+        const uint32_t dst = dst0 + (is_v ? T_stage * rb : 0u) + copy_token(c) * rb +
+                             head * kHeadBytes;
+        const T* src = is_v ? static_cast<const T*>(p.v) + page[i] * p.v_sp + slot[i] * p.v_ss +
+                                  (kvh0 + head) * p.v_sh
+                            : static_cast<const T*>(p.k) + page[i] * p.k_sp + slot[i] * p.k_ss +
+                                  (kvh0 + head) * p.k_sh;
+        detail::bulk_g2s(dst, src, copy_bytes, bar);
+      }
     }
+    detail::copies_issued(bar);
   };
 
-  // Head tiles: warp -> (head tile ht, token-block group tg); see the header comment.
-  const int mt = G <= 16 ? 1 : (G <= 32 ? 2 : 4);
-  const int ht = warp % mt, tg = warp / mt, ntg = kWarps / mt;
+  // Warp role: kv head h of the group, head tile ht, token group tg (see the header comment).
+  const int mt = head_tiles(G);
+  const int roles = hg * mt;
+  const int role = warp % roles, h = role / mt, ht = role % mt;
+  const int tg = warp / roles, ntg = kWarps / roles;
 
   // Pages of the first kStages tiles are read together so the prologue waits one latency.
-  int pre_page[kStages - 1][kRowsPerThread], pre_slot[kStages - 1][kRowsPerThread];
-  int page[kRowsPerThread], slot[kRowsPerThread];
+  int pre_page[kStages - 1][kMaxCopiesPerLane], pre_slot[kStages - 1][kMaxCopiesPerLane];
+  int page[kMaxCopiesPerLane], slot[kMaxCopiesPerLane];
+  if (warp == 0) {
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) load_pages(s, pre_page[s], pre_slot[s]);
-  load_pages(kStages - 1, page, slot);
+    for (int s = 0; s < kStages - 1; ++s)
+      if (s < num_tiles) lookup(s, pre_page[s], pre_slot[s]);
+    if (kStages - 1 < num_tiles) lookup(kStages - 1, page, slot);
+  }
 
   // Q as MMA A fragments (rows = the warp's 16 heads, zero past G), loaded while pages arrive.
   uint32_t qa[D / 16][4];
   {
-    const int h0 = ht * 16 + (lane >> 2), h1 = h0 + 8;
+    const int r0 = ht * 16 + (lane >> 2), r1 = r0 + 8;
     const T* q_row = static_cast<const T*>(p.q) + b * p.q_sb + (lane & 3) * 2;
     // Rows past G read nothing; clamping keeps even their pointers inside q.
-    const T* q0 = q_row + static_cast<int64_t>(kvh * G + min(h0, G - 1)) * p.q_sh;
-    const T* q1 = q_row + static_cast<int64_t>(kvh * G + min(h1, G - 1)) * p.q_sh;
+    const int64_t qh = static_cast<int64_t>(kvh0 + h) * G;
+    const T* q0 = q_row + (qh + min(r0, G - 1)) * p.q_sh;
+    const T* q1 = q_row + (qh + min(r1, G - 1)) * p.q_sh;
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
-      qa[ks][0] = h0 < G ? __ldg(reinterpret_cast<const unsigned*>(q0 + ks * 16)) : 0u;
-      qa[ks][1] = h1 < G ? __ldg(reinterpret_cast<const unsigned*>(q1 + ks * 16)) : 0u;
-      qa[ks][2] = h0 < G ? __ldg(reinterpret_cast<const unsigned*>(q0 + ks * 16 + 8)) : 0u;
-      qa[ks][3] = h1 < G ? __ldg(reinterpret_cast<const unsigned*>(q1 + ks * 16 + 8)) : 0u;
+      qa[ks][0] = r0 < G ? detail::ldg(reinterpret_cast<const unsigned*>(q0 + ks * 16)) : 0u;
+      qa[ks][1] = r1 < G ? detail::ldg(reinterpret_cast<const unsigned*>(q1 + ks * 16)) : 0u;
+      qa[ks][2] = r0 < G ? detail::ldg(reinterpret_cast<const unsigned*>(q0 + ks * 16 + 8)) : 0u;
+      qa[ks][3] = r1 < G ? detail::ldg(reinterpret_cast<const unsigned*>(q1 + ks * 16 + 8)) : 0u;
     }
   }
 
+  __syncthreads();  // the barriers are initialized
+  if (warp == 0) {
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < num_tiles) issue(s, pre_page[s], pre_slot[s]);
-    detail::cp_async_commit();  // empty groups keep the wait_group count uniform
+    for (int s = 0; s < kStages - 1; ++s)
+      if (s < num_tiles) issue(s, pre_page[s], pre_slot[s]);
   }
 
   float o[D / 8][4];
@@ -348,22 +362,25 @@ __global__ void __launch_bounds__(kThreads, 2) decode_partial_kernel(const Decod
   float row_ms[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
 
   for (int t = 0; t < num_tiles; ++t) {
-    detail::cp_async_wait<kStages - 2>();  // this thread's copies of tile t have landed
-    __syncthreads();  // everyone's have, and every warp is done with tile t-1's stage
-    const int next = t + kStages - 1;  // goes into the stage tile t-1 used
-    if (next < num_tiles) issue(next, page, slot);
-    detail::cp_async_commit();
-    if (next + 1 < num_tiles) load_pages(next + 1, page, slot);  // used one iteration later
+    // Every warp is done with tile t-1, whose stage tile t+2 reuses: refill it before waiting
+    // for tile t, so all kStages stages are in flight during the wait.
+    __syncthreads();
+    const int next = t + kStages - 1;
+    if (warp == 0 && next < num_tiles) {
+      issue(next, page, slot);
+      if (next + 1 < num_tiles) lookup(next + 1, page, slot);  // used one iteration later
+    }
+    const int stage = t % kStages;
+    detail::mbar_wait(detail::smem_addr(&full_bar[stage]), (t / kStages) & 1);
 
-    const T* k_tile = smem + (t % kStages) * kStageElems;
-    const uint32_t k_addr = detail::smem_addr(k_tile);
-    const uint32_t v_addr = detail::smem_addr(k_tile + kTile * D);
-    const int t0 = start + t * kTile;
+    const uint32_t k_head = smem0 + stage * sb + h * kHeadBytes;
+    const uint32_t v_head = k_head + T_stage * rb;
+    const int t0 = start + t * T_stage;
 #pragma unroll 1
     for (int s = 0; s < mt; ++s) {
       const int kb = tg + s * ntg;
       if (t0 + kb * 16 >= end) break;  // warp-uniform; later blocks are further out
-      detail::attend_block<T, D>(k_addr, v_addr, kb, t0 + kb * 16, end, p.scale_log2, qa, o,
+      detail::attend_block<T, D>(k_head, v_head, rb, kb, t0 + kb * 16, end, p.scale_log2, qa, o,
                                  row_ms, row_l, lane);
     }
   }
@@ -381,23 +398,23 @@ __global__ void __launch_bounds__(kThreads, 2) decode_partial_kernel(const Decod
       s_sum[warp][(lane >> 2) + 8 * i] = row_l[i];
     }
   }
-  detail::cp_async_wait<0>();  // only empty groups can remain; the buffer is reused below
-  __syncthreads();
+  __syncthreads();  // every stage has been consumed: the buffers are free for the merge
 
   const int64_t out_row = split * p.o_ss + b * p.o_sb;
   const int64_t lse_row = split * p.lse_ss + b * p.lse_sb;
-  float* red = reinterpret_cast<float*>(smem_raw);  // [kWarps][16][kRedStride]
+  const int64_t qh0 = static_cast<int64_t>(kvh0) * G;  // first query head of the group
+  float* red = reinterpret_cast<float*>(smem_raw);     // [kWarps][16][kRedStride]
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int r = (lane >> 2) + 8 * i, h = ht * 16 + r;
-    if (h >= G) continue;
+    const int r = (lane >> 2) + 8 * i, g = ht * 16 + r;
+    if (g >= G) continue;
     // State of all warps on this head: max M, sum L = sum_w l_w * 2^(m_w - M).
     float m_all = -INFINITY;
-    for (int g = 0; g < ntg; ++g) m_all = fmaxf(m_all, s_max[g * mt + ht][r]);
+    for (int k = 0; k < ntg; ++k) m_all = fmaxf(m_all, s_max[k * roles + role][r]);
     float l_all = 0.f;
-    for (int g = 0; g < ntg; ++g) {
-      const float m = s_max[g * mt + ht][r];
-      if (m != -INFINITY) l_all += s_sum[g * mt + ht][r] * detail::ex2(m - m_all);
+    for (int k = 0; k < ntg; ++k) {
+      const float m = s_max[k * roles + role][r];
+      if (m != -INFINITY) l_all += s_sum[k * roles + role][r] * detail::ex2(m - m_all);
     }
     // An empty warp (max -inf) has o = 0 and weight 0; an empty head (L = 0) gets (0, -inf).
     const float w = (l_all > 0.f && row_ms[i] != -INFINITY)
@@ -409,33 +426,117 @@ __global__ void __launch_bounds__(kThreads, 2) decode_partial_kernel(const Decod
       *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][2 * i] * w, o[n][2 * i + 1] * w);
     if (tg == 0 && (lane & 3) == 0) {
       // lse = ln(sum exp(scale * s)) = (M + log2 L) * ln 2, M in log2 units.
-      p.lse[lse_row + static_cast<int64_t>(kvh * G + h) * p.lse_sh] =
+      p.lse[lse_row + (qh0 + h * G + g) * p.lse_sh] =
           l_all > 0.f ? (m_all + __log2f(l_all)) * 0.69314718055994531f : -INFINITY;
     }
   }
   __syncthreads();
 
-  // Sum the token-group warps of each head and store 16-byte, coalesced rows.
+  // Sum the token-group warps of each head and store 16-byte, coalesced rows. Query row qr of
+  // the group is kv head qr / G, head qr % G: role (qr / G) * mt + (qr % G) / 16.
   constexpr int kVec4 = D / 4;
-  for (int idx = tid; idx < G * kVec4; idx += kThreads) {
-    const int h = idx / kVec4, c4 = idx % kVec4;
+  for (int idx = tid; idx < hg * G * kVec4; idx += kThreads) {
+    const int qr = idx / kVec4, c4 = idx % kVec4;
+    const int g = qr % G, rrole = (qr / G) * mt + (g >> 4);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int g = 0; g < ntg; ++g) {
+    for (int k = 0; k < ntg; ++k) {
       const float4 x = *reinterpret_cast<const float4*>(
-          red + ((g * mt + (h >> 4)) * 16 + (h & 15)) * kRedStride + c4 * 4);
+          red + ((k * roles + rrole) * 16 + (g & 15)) * kRedStride + c4 * 4);
       acc.x += x.x;
       acc.y += x.y;
       acc.z += x.z;
       acc.w += x.w;
     }
-    *reinterpret_cast<float4*>(p.o + out_row + static_cast<int64_t>(kvh * G + h) * p.o_sh +
-                               c4 * 4) = acc;
+    *reinterpret_cast<float4*>(p.o + out_row + (qh0 + qr) * p.o_sh + c4 * 4) = acc;
   }
 }
 
+// One row (b, h) per warps_per_row warps: every warp reduces the row's lse values itself, then
+// takes every (warps_per_row * kSpw)-th split (kSpw = 32 lanes / (D/4) float4 columns: 1 at
+// D = 128, 2 at D = 64) with kUnroll loads in flight per lane; the partial sums meet in shared
+// memory. Same arithmetic as merge_states: empty states (lse -inf) are skipped, never multiplied,
+// and a row with only empty states gives (0, -inf).
+template <int D>
+__global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const MergeParams p) {
+  constexpr int kCols = D / 4;
+  constexpr int kSpw = 32 / kCols;
+  constexpr int kWarpsM = kMergeThreads / 32;
+  constexpr int kUnroll = 8;
+  __shared__ float4 part[kWarpsM][32];
+
+  detail::wait_prerequisites();  // the decode grid has completed (programmatic launch)
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int wpr = p.warps_per_row;
+  const int row = blockIdx.x * (kWarpsM / wpr) + warp / wpr;
+  const int sw = warp % wpr;  // this warp's share of the row's splits
+  const bool valid = row < p.rows;
+  const float* lrow = p.lse + row;
+
+  float m = -INFINITY;
+  if (valid)
+    for (int s = lane; s < p.splits; s += 32) m = fmaxf(m, lrow[s * p.l_ss]);
+#pragma unroll
+  for (int x = 16; x >= 1; x >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, x));
+  float sum = 0.f;
+  if (valid && m != -INFINITY)
+    for (int s = lane; s < p.splits; s += 32) {
+      const float l = lrow[s * p.l_ss];
+      if (l != -INFINITY) sum += __expf(l - m);
+    }
+#pragma unroll
+  for (int x = 16; x >= 1; x >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, x);
+  const float lse = m == -INFINITY ? -INFINITY : m + __logf(sum);
+
+  const int c = lane % kCols;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (valid && lse != -INFINITY) {
+    const int step = wpr * kSpw;
+    const float* obase = p.o + static_cast<int64_t>(row) * D + c * 4;
+    for (int s0 = sw * kSpw + lane / kCols; s0 < p.splits; s0 += kUnroll * step) {
+      float l[kUnroll];
+      float4 x[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int s = s0 + u * step;
+        l[u] = s < p.splits ? lrow[s * p.l_ss] : -INFINITY;
+        x[u] = s < p.splits ? *reinterpret_cast<const float4*>(obase + s * p.o_ss)
+                            : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (l[u] == -INFINITY) continue;  // empty state: skipped, never multiplied by 0
+        const float w = __expf(l[u] - lse);
+        acc.x = fmaf(w, x[u].x, acc.x);
+        acc.y = fmaf(w, x[u].y, acc.y);
+        acc.z = fmaf(w, x[u].z, acc.z);
+        acc.w = fmaf(w, x[u].w, acc.w);
+      }
+    }
+  }
+  part[warp][lane] = acc;
+  __syncthreads();
+  if (valid && sw == 0 && lane < kCols) {
+    float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int w2 = 0; w2 < wpr; ++w2)
+#pragma unroll
+      for (int k = 0; k < kSpw; ++k) {
+        const float4 y = part[warp + w2][lane + k * kCols];
+        r.x += y.x;
+        r.y += y.y;
+        r.z += y.z;
+        r.w += y.w;
+      }
+    const int bb = row / p.heads, hh = row % p.heads;
+    *reinterpret_cast<float4*>(p.out + bb * p.out_sb + hh * p.out_sh + c * 4) = r;
+    if (lane == 0) p.lse_out[bb * p.lse_sb + hh * p.lse_sh] = lse;
+  }
+}
+
+#ifndef ESP_DECODE_EMULATOR
+
 template <typename T, int D>
 void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device) {
-  constexpr int kSmem = smem_bytes<T, D>();
+  constexpr int kSmemMax = smem_bytes<T, D>(1);  // hg = 1 has the most padding
   {
     // The opt-in above 48 KB is per device and per kernel; set it once, not every launch
     // (host overhead budget per decode layer is ~10-30 us).
@@ -445,14 +546,44 @@ void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int devic
     if (device >= static_cast<int>(ready.size())) ready.resize(device + 1, 0);
     if (!ready[device]) {
       ESP_CUDA_CHECK(cudaFuncSetAttribute(decode_partial_kernel<T, D>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax));
+      // 2 (D = 128) or 4 (D = 64) CTAs of ~100 / ~55 KB per SM need the largest carveout.
+      ESP_CUDA_CHECK(cudaFuncSetAttribute(decode_partial_kernel<T, D>,
+                                          cudaFuncAttributePreferredSharedMemoryCarveout,
+                                          cudaSharedmemCarveoutMaxShared));
       ready[device] = 1;
     }
   }
-  const dim3 grid(p.num_kv_heads, p.num_splits, p.batch);
-  decode_partial_kernel<T, D><<<grid, kThreads, kSmem, stream>>>(p);
+  const dim3 grid(p.num_kv_heads / p.heads_per_cta, p.num_splits, p.batch);
+  decode_partial_kernel<T, D><<<grid, kThreads, smem_bytes<T, D>(p.heads_per_cta), stream>>>(p);
   check_launch("decode_partial_kernel");
 }
+
+template <int D>
+void launch_decode_merge(const MergeParams& p, cudaStream_t stream) {
+  const int rows_per_block = (kMergeThreads / 32) / p.warps_per_row;
+  const int blocks = (p.rows + rows_per_block - 1) / rows_per_block;
+  // Programmatic dependent launch: the merge's CTAs are scheduled while the decode grid drains
+  // (hiding the launch gap) and wait in griddepcontrol.wait for its completion. If the launch
+  // is refused, launch it the ordinary way.
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kMergeThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (cudaLaunchKernelEx(&cfg, decode_merge_kernel<D>, p) != cudaSuccess) {
+    (void)cudaGetLastError();
+    decode_merge_kernel<D><<<blocks, kMergeThreads, 0, stream>>>(p);
+  }
+  check_launch("decode_merge_kernel");
+}
+
+#endif  // ESP_DECODE_EMULATOR
 
 }  // namespace decode
 }  // namespace esp

@@ -7,6 +7,7 @@ gathers each request's K/V and runs the reference. A request with no tokens here
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,23 +17,31 @@ from .._checks import HALF_DTYPES, FLOAT_DTYPES, check_tensor
 from ..reference import attention
 
 
+@functools.lru_cache(maxsize=4096)
 def num_splits_for(batch: int, num_kv_heads: int, max_len: int, num_sms: int,
                    head_dim: int = 128) -> int:
     """KV splits per request for the CUDA kernel: the cost model of csrc/decode/decode_partial.cu.
 
-    A CTA (one request, KV head, split) streams `chunk` tokens; CTAs of a uniform batch finish
-    together, so whole waves count: cost(s) = waves(s) * (chunk(s) + 64) (+64 for the split
-    merge), minimized over 1 <= s <= min(64, ceil(max_len / 256)). E.g. on 132 SMs: B1 L128k ->
-    33, B16 L16k -> 2, B64 L4k -> 1, B8 L1k -> 4.
+    A CTA (one request, group of hg kv heads, split) streams `chunk` tokens of its hg heads, hg the
+    largest power of two dividing num_kv_heads, at most 4 (the kernel takes fewer heads per CTA
+    when a kv head has more than 16 query heads; the model ignores that). CTAs of a uniform batch
+    finish together, so whole waves count: cost(s) = waves(s) * (chunk(s) * hg + 64) (+64 for the
+    split merge), minimized over 1 <= s <= min(256, ceil(max_len * hg / 256)). E.g. on 132 SMs
+    with 8 kv heads: B1 L128k -> 128, B16 L16k -> 8, B64 L4k -> 2, B8 L1k -> 16. Memoized: the
+    search walks up to 256 candidates, and decode_partial calls this per launch when num_splits
+    is not given.
     """
     if max_len <= 0:
         return 1
-    pairs = max(1, batch * num_kv_heads)
+    hg = 1
+    while hg < 4 and num_kv_heads % (hg * 2) == 0:
+        hg *= 2
+    pairs = max(1, batch * num_kv_heads // hg)
     slots = num_sms * (2 if head_dim > 64 else 4)  # resident CTAs per SM (smem/registers)
     best, best_cost = 1, None
-    for s in range(1, min(64, max(1, math.ceil(max_len / 256))) + 1):
+    for s in range(1, min(256, max(1, math.ceil(max_len * hg / 256))) + 1):
         chunk = math.ceil(math.ceil(max_len / s) / 64) * 64
-        cost = math.ceil(pairs * s / slots) * (chunk + 64) + (64 if s > 1 else 0)
+        cost = math.ceil(pairs * s / slots) * (chunk * hg + 64) + (64 if s > 1 else 0)
         if best_cost is None or cost < best_cost:
             best, best_cost = s, cost
     return best
