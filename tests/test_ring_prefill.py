@@ -105,7 +105,8 @@ def test_bad_input():
         esp.ring_prefill(q, k, k, lens, g, backend="fast")
 
 
-def _step_case(dtype, hq, hkv, d, shift, accumulate, gen, device="cpu", lq=None, lk=None):
+def _step_case(dtype, hq, hkv, d, shift, accumulate, gen, device="cpu", lq=None, lk=None,
+               causal=True):
     lq = lq or [5, 1, 37, 0, 19, 70]
     lk = lk or [5, 0, 37, 3, 18, 70]
     q = torch.randn(sum(lq), hq, d, generator=gen).to(device, dtype)
@@ -118,7 +119,7 @@ def _step_case(dtype, hq, hkv, d, shift, accumulate, gen, device="cpu", lq=None,
     cq, ck = cu_seqlens(lq, device), cu_seqlens(lk, device)
     ref_o, ref_l = o0.clone().double(), l0.clone().double()
     ring_step(q.double(), k.double(), v.double(), cq, ck, max(lq), ref_o, ref_l, mask_shift=shift,
-              accumulate=accumulate, softmax_scale=0.3, backend="torch")
+              accumulate=accumulate, softmax_scale=0.3, backend="torch", causal=causal)
     return (q, k, v, cq, ck, max(lq), o0, l0), (ref_o, ref_l)
 
 
@@ -129,12 +130,14 @@ def test_triton_step_interpreter(dtype, hq, hkv, d, shift, accumulate, gen):
     """The Triton step kernel under TRITON_INTERPRET=1 (fp16/fp32: bf16 dot is wrong there)."""
     if torch.cuda.is_available():
         pytest.skip("the interpreter tier runs on CPU machines; the GPU tier covers Triton")
-    args, (ref_o, ref_l) = _step_case(dtype, hq, hkv, d, shift, accumulate, gen)
-    o, l = args[6], args[7]
-    ring_step(*args, mask_shift=shift, accumulate=accumulate, softmax_scale=0.3,
-              backend="triton")
-    assert_close(o, ref_o, dtype)
-    assert_close(l, ref_l, torch.float32)
+    for causal in (True, False):
+        args, (ref_o, ref_l) = _step_case(dtype, hq, hkv, d, shift, accumulate, gen,
+                                          causal=causal)
+        o, l = args[6], args[7]
+        ring_step(*args, mask_shift=shift, accumulate=accumulate, softmax_scale=0.3,
+                  backend="triton", causal=causal)
+        assert_close(o, ref_o, dtype)
+        assert_close(l, ref_l, torch.float32)
 
 
 # ---------------------------------------------------------------- GPU tier

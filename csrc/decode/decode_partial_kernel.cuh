@@ -45,13 +45,9 @@
 #include <mutex>
 #include <vector>
 
+#include "../common/mma.cuh"
 #include "../common/vec.cuh"
-
-#ifdef ESP_DECODE_EMULATOR
-#include ESP_DECODE_EMULATOR
-#else
 #include "decode_partial_ptx.cuh"
-#endif
 
 namespace esp {
 namespace decode {
@@ -152,7 +148,7 @@ __device__ __forceinline__ void attend_block(uint32_t k_head, uint32_t v_head, u
     for (int c4 = 0; c4 < kChunks / 4; ++c4) {
       const int chunk = c4 * 4 + (lane >> 3);
       uint32_t b[4];
-      ldsm_x4(b, row_addr + (chunk << 4));
+      ldmatrix_x4(b, row_addr + (chunk << 4));
       mma_16816<T>(s[j], qa[2 * c4], b[0], b[1]);
       mma_16816<T>(s[j], qa[2 * c4 + 1], b[2], b[3]);
     }
@@ -205,7 +201,7 @@ __device__ __forceinline__ void attend_block(uint32_t k_head, uint32_t v_head, u
   for (int c2 = 0; c2 < kChunks / 2; ++c2) {
     const int chunk = c2 * 2 + (lane >> 4);
     uint32_t b[4];
-    ldsm_x4_trans(b, v_row_addr + (chunk << 4));
+    ldmatrix_x4_trans(b, v_row_addr + (chunk << 4));
     mma_16816<T>(o[2 * c2], pa, b[0], b[1]);
     mma_16816<T>(o[2 * c2 + 1], pa, b[2], b[3]);
   }
@@ -236,12 +232,12 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   const int T_stage = kRows >> hg_log2;                      // tokens per stage
   const uint32_t rb = hg * kHeadBytes + kRowPad;             // token row bytes in shared memory
   const uint32_t sb = 2 * T_stage * rb;                      // stage bytes
-  const uint32_t smem0 = detail::smem_addr(smem_raw);
+  const uint32_t smem0 = smem_u32(smem_raw);
 
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < kStages; ++s)
-      detail::mbar_init(detail::smem_addr(&full_bar[s]), detail::kStageArrivals);
+      detail::mbar_init(smem_u32(&full_bar[s]), detail::kStageArrivals);
     detail::mbar_init_fence();
   }
   // The split merge (if any) may be scheduled now; it waits for this whole grid to complete.
@@ -290,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   auto issue = [&](int tile, const int (&page)[kMaxCopiesPerLane],
                    const int (&slot)[kMaxCopiesPerLane]) {
     const int stage = tile % kStages;
-    const uint32_t bar = detail::smem_addr(&full_bar[stage]);
+    const uint32_t bar = smem_u32(&full_bar[stage]);
     const uint32_t dst0 = smem0 + stage * sb;
     if (lane == 0) detail::mbar_arrive_expect_tx(bar, stage_tx);
     __syncwarp();
@@ -371,7 +367,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
       if (next + 1 < num_tiles) lookup(next + 1, page, slot);  // used one iteration later
     }
     const int stage = t % kStages;
-    detail::mbar_wait(detail::smem_addr(&full_bar[stage]), (t / kStages) & 1);
+    detail::mbar_wait(smem_u32(&full_bar[stage]), (t / kStages) & 1);
 
     const uint32_t k_head = smem0 + stage * sb + h * kHeadBytes;
     const uint32_t v_head = k_head + T_stage * rb;
@@ -532,8 +528,6 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
   }
 }
 
-#ifndef ESP_DECODE_EMULATOR
-
 template <typename T, int D>
 void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device) {
   constexpr int kSmemMax = smem_bytes<T, D>(1);  // hg = 1 has the most padding
@@ -582,8 +576,6 @@ void launch_decode_merge(const MergeParams& p, cudaStream_t stream) {
   }
   check_launch("decode_merge_kernel");
 }
-
-#endif  // ESP_DECODE_EMULATOR
 
 }  // namespace decode
 }  // namespace esp

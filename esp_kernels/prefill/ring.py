@@ -103,8 +103,14 @@ def ring_prefill(q, k, v, seqlens, ring, retain=None, softmax_scale=None, *, cau
 
         writer = RetentionWriter.prepare(retain, lengths, ring, k)
 
-    # Layout of every block, by source rank, computed once: [P, B+1] int32 on the device.
-    cu_all = torch.tensor([_cumsum(x) for x in local], dtype=torch.int32).to(q.device)
+    # Layout of every block, by source rank, computed once: [P, B+1] int32 on the device. The
+    # upload is pinned and asynchronous: a pageable copy waits for the work already queued, so
+    # the host could not enqueue the next layer's ring while this one runs (an 18% gap between
+    # a world-of-1 ring and its kernel, GPU run 4).
+    cu_host = torch.tensor([_cumsum(x) for x in local], dtype=torch.int32)
+    if q.device.type == "cuda":
+        cu_host = cu_host.pin_memory()
+    cu_all = cu_host.to(q.device, non_blocking=True)
     cu_q = cu_all[me]
     max_q_len = max(local[me], default=0)
 

@@ -82,25 +82,18 @@ def _ring_step_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
         last_tok = tl.minimum(t0 + TOK_M, q_len) - 1
         n_end = tl.minimum(k_len, last_tok + shift + 1)      # keys past this are never visible
         n_full = tl.maximum(tl.minimum(k_len, t0 + shift + 1), 0)  # visible to every row
-        n_full = (n_full // BLOCK_N) * BLOCK_N
-        for start_n in range(0, n_full, BLOCK_N):
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
-                                          start_n, k_len, tok, shift, offs_d, qk_scale,
-                                          BLOCK_N, False, CAUSAL)
-        for start_n in range(n_full, n_end, BLOCK_N):
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
-                                          start_n, k_len, tok, shift, offs_d, qk_scale,
-                                          BLOCK_N, True, CAUSAL)
     else:
-        n_full = (k_len // BLOCK_N) * BLOCK_N
-        for start_n in range(0, n_full, BLOCK_N):
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
-                                          start_n, k_len, tok, shift, offs_d, qk_scale,
-                                          BLOCK_N, False, CAUSAL)
-        for start_n in range(n_full, k_len, BLOCK_N):
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
-                                          start_n, k_len, tok, shift, offs_d, qk_scale,
-                                          BLOCK_N, True, CAUSAL)
+        n_end = k_len
+        n_full = k_len
+    n_full = (n_full // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):  # no mask needed
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
+                                      start_n, k_len, tok, shift, offs_d, qk_scale,
+                                      BLOCK_N, False, CAUSAL)
+    for start_n in range(n_full, n_end, BLOCK_N):  # diagonal band and ragged tail
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
+                                      start_n, k_len, tok, shift, offs_d, qk_scale,
+                                      BLOCK_N, True, CAUSAL)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
