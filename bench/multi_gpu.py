@@ -165,6 +165,7 @@ def bench(world, dev, out_path):
             for r in rows:
                 r.update(family="multi_gpu", device=f"{n}x {dev_name}",
                          ratio=r["ours_value"] / r["anchor_value"],
+                         commit=os.environ.get("ESP_COMMIT", "unknown"),
                          date=time.strftime("%Y-%m-%dT%H:%M:%S"))
                 f.write(json.dumps(r) + "\n")
                 print(json.dumps(r))

@@ -42,7 +42,8 @@ def main(path):
             ax.set_xlabel(f"{unit} ({better} is better; ratio > 1 favours esp_kernels)")
             ax.legend(fontsize=7, loc="lower right")
         info = rs[0]
-        fig.suptitle(f"{family} — {info['device']}, commit {info['commit']}, {info['date'][:10]}",
+        fig.suptitle(f"{family} — {info['device']}, commit {info.get('commit', '?')}, "
+                     f"{info.get('date', '')[:10]}",
                      fontsize=9)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, f"{family}.png"), dpi=110)
