@@ -238,6 +238,29 @@ def test_decode_virtual_ranks_gpu(n):
 
 
 @pytest.mark.gpu
+def test_decode_single_instance_gpu(gen):
+    """Every request held only by its master (the merge reads the state rows directly)."""
+    g = local_group(1, "cuda")[0]
+    cache = esp.PagedKVCache(2, 200, 16, 8, 128, torch.bfloat16, "cuda")
+    cache.kv.normal_()
+    lens = [1, 700, 0, 2049]
+    for i, n in enumerate(lens):
+        cache.allocate(i, range(n))
+    plan = esp.DecodePlan.build(g, cache, list(range(4)), [0] * 4)
+    q = torch.randn(4, 32, 128, generator=gen).to("cuda", torch.bfloat16)
+    out = esp.distributed_decode(q, cache, plan, g, layer=1)
+    for i, n in enumerate(lens):
+        if n == 0:
+            assert torch.all(out[i] == 0)
+            continue
+        k, v = cache.gather(i, 1)
+        ref, _ = esp.reference.attention(q[i:i + 1].float(), k.float(), v.float(),
+                                         cu_seqlens([1], "cuda"), cu_seqlens([n], "cuda"),
+                                         causal=False)
+        assert_close(out[i:i + 1].float().cpu(), ref.cpu(), torch.bfloat16)
+
+
+@pytest.mark.gpu
 def test_decode_layer_cuda_graph_replay_equals_eager(gen):
     """One instance (the group of one virtual rank): a decode layer captured in a CUDA graph with
     a fixed plan replays to the eager result for new queries."""

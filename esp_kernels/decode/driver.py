@@ -166,13 +166,19 @@ class _DecodeStep:
         self.g_o = self.G.as_strided((max(S, 1), Bm, Hq, D), (Bm * srow, srow, D, 1))
         self.g_lse = self.G.as_strided((max(S, 1), Bm, Hq), (Bm * srow, srow, 1), Hq * D)
         self.lse_out = torch.empty(Bm, Hq, dtype=torch.float32, device=dev)
+        # Every request of mine held by me alone, rows in my order: the merge reads my state
+        # rows directly (no gather; a single state merge is the conversion to q's dtype).
+        self.self_only = S == 1 and self.q_identity and not remote
         self.fast = dev.type == "cuda" and _core.has_compiled()
         if self.fast:
             d = _core.desc
             self.d_hold = [d(t) for t in (self.q_hold, self.o_h, self.lse_h, self.block_table,
                                           self.kv_lens)]
             self.d_ws = d(self.workspace if self.workspace is not None else self.X)
-            self.d_merge = (d(self.g_o), d(self.g_lse), d(self.lse_out))
+            if self.self_only:
+                self.d_merge = (d(self.o_h[None]), d(self.lse_h[None]), d(self.lse_out))
+            else:
+                self.d_merge = (d(self.g_o), d(self.g_lse), d(self.lse_out))
             self.d_layers = {}
 
     def partial(self, cache: PagedKVCache, layer: int, scale: float, backend: str):
@@ -196,7 +202,8 @@ class _DecodeStep:
 
     def merge(self, dtype: torch.dtype, backend: str) -> torch.Tensor:
         """Gather every holder's state of my requests and merge them exactly (fp32)."""
-        torch.index_select(self.X, 0, self.gather_idx, out=self.G.view(-1, self.srow))
+        if not (self.self_only and self.fast and backend != "torch"):
+            torch.index_select(self.X, 0, self.gather_idx, out=self.G.view(-1, self.srow))
         out = torch.empty(len(self.mine), self.Hq, self.D, dtype=dtype, device=self.device)
         if self.fast and backend != "torch":
             go, glse, dlse = self.d_merge
@@ -281,7 +288,8 @@ def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer
         torch.index_select(q, 0, step.q_self_idx, out=step.q_hold[s0:s1])
     if step.q_send_idx.numel():
         torch.index_select(q, 0, step.q_send_idx, out=step.q_send)
-    group.exchange(step.fwd_sends, step.fwd_recvs).wait()
+    if step.fwd_sends or step.fwd_recvs:
+        group.exchange(step.fwd_sends, step.fwd_recvs).wait()
 
     # 2. store others' new tokens, then one partial state over my shard for all held requests.
     if step.app_recv_slots.numel():
@@ -291,7 +299,8 @@ def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer
                      backend)
 
     # 3. states back to masters: one message [o | lse] per peer.
-    group.exchange(step.back_sends, step.back_recvs).wait()
+    if step.back_sends or step.back_recvs:
+        group.exchange(step.back_sends, step.back_recvs).wait()
 
     # 4. exact fp32 merge of every holder's state of my requests.
     if Bm == 0:
