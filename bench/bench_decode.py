@@ -76,6 +76,29 @@ def kernel_bench(rec, quick):
                         "ms", higher_is_better=False)
 
 
+def split_sweep(rec, gen):
+    """Split counts around the cost model's choice: if 1.5-2 waves beat one wave, stragglers of
+    a single wave limit the long shapes (bench/NOTES.md)."""
+    from esp_kernels.decode.partial import num_splits_for
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for B, L, splits in ((1, 131072, (64, 128, 192, 256)), (16, 16384, (8, 16, 24))):
+        q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k, v, bt, lens = paged(B, L, 16, gen)
+        o = torch.empty(B, Hq, D, device="cuda")
+        lse = torch.empty(B, Hq, device="cuda")
+        chosen = num_splits_for(B, Hkv, L, sms, D)
+        base = time_cuda(lambda: decode_partial(q, k, v, bt, lens, num_splits=chosen, o=o,
+                                                lse=lse), reps=30)
+        for s in splits:
+            if s == chosen:
+                continue
+            t = time_cuda(lambda: decode_partial(q, k, v, bt, lens, num_splits=s, o=o, lse=lse),
+                          reps=30)
+            rec.add(f"B{B} L{L} page 16, {s} splits", "decode_partial", t["ms"],
+                    f"cost model's {chosen} splits", base["ms"], "ms", higher_is_better=False)
+
+
 def build_sharded(groups, B, L, N, gen):
     """B requests of L tokens, each split into N contiguous ranges, one per instance."""
     caches = []
@@ -168,6 +191,8 @@ def main():
     args = parse_out(default_name="bench.jsonl")
     rec = Recorder("decode", args.out)
     kernel_bench(rec, args.quick)
+    if not args.quick:
+        split_sweep(rec, torch.Generator(device="cuda").manual_seed(4))
     multi_master_bench(rec, args.quick)
     host_overhead_bench(rec)
 

@@ -52,6 +52,27 @@
 //   ms. 1.0x cuDNN needs a faster stream than cuDNN's own on contiguous KV, which this does not
 //   claim. If (1)-(2) do not move the stream (the limit was elsewhere), (3)-(4) alone give B1
 //   ~+5% and the others ~+1-2%.
+// Run 4 (H100, page 16): B1 0.236 ms (77%), B16 0.434 (84%), B64 0.402 (90.5%), B8 0.030.
+//   A tile is 16 tokens x 4 heads (32 KB of K+V): B1 CTAs stream 64 tiles, B16/B64 128. The
+//   kernel's own fixed costs are small: prologue (kv_lens -> table -> first data, three cold
+//   DRAM trips) ~3-4 us, fill < 1 us (256 x 64 KB requested at once), drain ~1-2 us + epilogue
+//   ~1 us, split merge ~3 us (PDL release, then batched lse and o loads: 3-4 L2 round trips;
+//   128 states for B1, 8 for B16, 2 for B64, all 2.1 MB of workspace), so ~10 us = 4% of B1
+//   and 2% of B16/B64. Net of those and the ~17 us flush write-back every call pays, the stream
+//   runs at ~2.6 (B1), ~2.6 (B16), ~2.9 (B64) TB/s against cuDNN's 3.16 TB/s (its B1 -> B64
+//   slope): the gap is in the streaming phase, not in fill/drain/prologue/merge. B16 and B64
+//   launch the same work (256 CTAs x 128 tiles, 16384 shuffled pages, 2.1 MB workspace); their
+//   8% difference is inside run-to-run spread (previous kernel: B16 faster in run 1, slower in
+//   run 2). Untested causes of the stream deficit: DRAM/TLB locality of 1 KB pieces on random
+//   pages (page 1 is 3-7% slower still), and one wave of equal CTAs with no dynamic balancing
+//   (stragglers set the end). A persistent CTA, 4 stages (1 CTA/SM at D = 128) or a fused
+//   last-CTA reduction (B1: one CTA would reduce ~1 MB, slower than this merge's 32 CTAs)
+//   address the ~10 us, not the stream. Change: warp 1 prefetches block-table lines into L2
+//   two iterations ahead of warp 0's page loads (page 1: a new line every 2 tiles, whose load
+//   had one iteration, ~2.6 us, to cover a loaded DRAM latency) and, before kv_lens arrives, the
+//   first tiles' lines under len = capacity. Predicted: page 16 unchanged (+-0.5%, ~0.5 us of
+//   prologue); page 1 +0-3% (B1 0.237-0.244 ms, B16 0.440-0.453, B64 0.420-0.433). If page 1
+//   stays 3-7% behind page 16, that deficit is TLB/DRAM locality, not the table lookups.
 #include "decode_partial.h"
 
 #include <cmath>

@@ -18,11 +18,14 @@
 // all completing on the stage's mbarrier with a fixed transaction count (32 KB at D = 128). The
 // copy engine tracks the bytes in flight, not the load/store unit, and the loop issues tile t+2
 // before it waits for tile t: all 3 stages (96 KB of KV per CTA, 2 CTAs per SM at D = 128) are in
-// flight whenever a warp waits (sm_80 builds use 16-byte cp.async for the same copies). Tokens
-// past `end` in the last tile copy the row of token end-1 (real, finite data; its scores are
-// masked to -inf, so P = 0 there) rather than stale shared memory. A token row in shared memory
-// is padded by 16 bytes, which puts the 8 rows an ldmatrix reads on 8 distinct 4-bank groups (no
-// bank conflicts without a swizzle, which 1-D bulk copies cannot do).
+// flight whenever a warp waits (sm_80 builds use 16-byte cp.async for the same copies). Warp 0
+// loads a tile's page indices one iteration before it issues the tile; warp 1 prefetches the
+// block-table lines into L2 two iterations before that load (and, while kv_lens is in flight,
+// the lines of the first tiles under the guess len = table capacity). Tokens past `end` in the
+// last tile copy the row of token end-1 (real, finite data; its scores are masked to -inf, so
+// P = 0 there) rather than stale shared memory. A token row in shared memory is padded by 16
+// bytes, which puts the 8 rows an ldmatrix reads on 8 distinct 4-bank groups (no bank conflicts
+// without a swizzle, which 1-D bulk copies cannot do).
 //
 // Math. Tensor cores (mma.sync m16n8k16, fp32 accumulate) with the query heads of one kv head as
 // the 16 MMA rows: S = Q K^T per 16-token block, online softmax in fp32 (exp2 of pre-scaled
@@ -246,12 +249,48 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   // This CTA's token range. The length is clamped to what the block table can address, so a
   // bad kv_lens cannot read past block_table (the host checks max_pages * page_size < 2^31 - 64).
   const int64_t cap = static_cast<int64_t>(p.max_pages) * p.page_size;
-  const int64_t len = max(int64_t{0},
-                          min(static_cast<int64_t>(detail::ldg(p.kv_lens + b * p.kl_s)), cap));
+  const int len_in = detail::ldg(p.kv_lens + b * p.kl_s);
+  const int* bt = p.block_table + b * p.bt_sb;
+  const int ps = p.page_size;
+  // While kv_lens is in flight, warp 1 prefetches the block-table lines of the first kStages
+  // tiles this CTA would have if the request filled its table (len = cap; exact for a full
+  // table, a few wasted prefetches otherwise), so the lookups below hit L2 instead of paying a
+  // second DRAM round trip. Tokens are probed 16 apart (16 entries = 64 bytes at page 1).
+  if (warp == 1 && 16 * lane <= kStages * T_stage && cap > 0) {
+    const unsigned capu = static_cast<unsigned>(cap);  // < 2^31
+    const unsigned S = static_cast<unsigned>(p.num_splits);
+    const int64_t chunk_g = ((capu + S - 1) / S + kTile - 1) / kTile * kTile;
+    const int64_t start_g = split * chunk_g;
+    if (start_g < cap) {
+      const int64_t last_g = min(cap, start_g + min(chunk_g, int64_t{kStages} * T_stage)) - 1;
+      const int64_t tok = min(start_g + 16 * lane, last_g);
+      detail::prefetch_l2(bt + static_cast<int>(static_cast<unsigned>(tok) /
+                                                static_cast<unsigned>(ps)) * p.bt_sp);
+    }
+  }
+  const int64_t len = max(int64_t{0}, min(static_cast<int64_t>(len_in), cap));
   const int64_t chunk = ((len + p.num_splits - 1) / p.num_splits + kTile - 1) / kTile * kTile;
   const int start = static_cast<int>(min(len, split * chunk));
   const int end = static_cast<int>(min(len, split * chunk + chunk));
   const int num_tiles = (end - start + T_stage - 1) / T_stage;
+
+  // Block-table prefetch (warp 1, lanes < n_probes): the L2 lines holding the page indices of
+  // `tile`, probed every 16 tokens and at its last token, so with contiguous table rows every
+  // line its lookups read is touched. Warp 0 loads the indices of tile t+kStages during
+  // iteration t; warp 1 prefetches tile t+kStages+kBtAhead then, so that load hits L2 rather
+  // than waiting a loaded DRAM latency (page 1: a new 128-byte line every 2 tiles at hg = 4).
+  // Addresses stay inside the table (tile < num_tiles, token < end <= cap).
+  constexpr int kBtAhead = 2;
+  const int n_probes = T_stage / 16 + 1;
+  auto prefetch_pages = [&](int tile, int probe) {
+    if (tile >= num_tiles || probe >= n_probes) return;
+    const int first = start + tile * T_stage;
+    const int tok = min(probe * 16 < T_stage ? first + probe * 16 : first + T_stage - 1, end - 1);
+    detail::prefetch_l2(
+        bt + static_cast<int>(static_cast<unsigned>(tok) / static_cast<unsigned>(ps)) * p.bt_sp);
+  };
+  if (warp == 1 && lane < kBtAhead * n_probes)
+    prefetch_pages(kStages + lane / n_probes, lane % n_probes);
 
   // Bulk copies of a stage, issued by warp 0: copy c < n_copies of lane c % 32. Copies [0, per_kv)
   // fill the K rows, [per_kv, 2 per_kv) the V rows; copy j of a half moves token j of the stage
@@ -261,8 +300,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   const int n_copies = 2 * per_kv;  // 32, 64 or 128: a multiple of 32, so lanes stay uniform
   const uint32_t copy_bytes = p.row_per_token ? hg * kHeadBytes : kHeadBytes;
   const uint32_t stage_tx = 2 * kRows * kHeadBytes;
-  const int* bt = p.block_table + b * p.bt_sb;
-  const int ps = p.page_size;
   auto copy_token = [&](int c) {  // token of the stage that copy c moves
     const int j = c < per_kv ? c : c - per_kv;
     return p.row_per_token ? j : (j >> hg_log2);
@@ -366,6 +403,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
       issue(next, page, slot);
       if (next + 1 < num_tiles) lookup(next + 1, page, slot);  // used one iteration later
     }
+    if (warp == 1 && lane < n_probes) prefetch_pages(next + 1 + kBtAhead, lane);
     const int stage = t % kStages;
     detail::mbar_wait(smem_u32(&full_bar[stage]), (t / kStages) & 1);
 

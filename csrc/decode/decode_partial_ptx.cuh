@@ -1,6 +1,7 @@
 // PTX wrappers specific to the decode kernels (sm_90; sm_80 fallbacks for multi-arch builds):
-// mbarriers, 1-D bulk (TMA) copies, the dynamic shared-memory base and exp2. The tensor-core
-// wrappers shared with the ring step (ldmatrix, mma.sync, pack2) are in ../common/mma.cuh.
+// mbarriers, 1-D bulk (TMA) copies, L2 prefetch, the dynamic shared-memory base and exp2. The
+// tensor-core wrappers shared with the ring step (ldmatrix, mma.sync, pack2) are in
+// ../common/mma.cuh.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -116,6 +117,12 @@ __device__ __forceinline__ void wait_prerequisites() {
 #if ESP_DECODE_BULK
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+}
+
+// Prefetch into L2 of the line holding `p` (a valid global address): nothing is returned and
+// nothing waits for it, so it cannot change a result.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }
 
 // Loads of data no thread of this grid writes (q, kv_lens, block table), through the
