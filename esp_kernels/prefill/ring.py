@@ -82,6 +82,8 @@ def _block_layout(lengths: tuple, P: int, device: torch.device) -> torch.Tensor:
     table, event = entry
     if event is not None:
         event.wait()
+        # Used on this stream too: an eviction must not hand the block back before it is done.
+        table.record_stream(torch.cuda.current_stream(device))
     return table
 
 
