@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU test tier, compute-sanitizer, benchmarks.
 #   STAGES="build test sanitize bench" (default: all)   BENCHES="merge prefill_step ring decode kv_copy comm"
-#   PYTEST_ARGS (extra pytest arguments)                 QUICK=1 (smaller benchmark sizes)
+#   PYTEST_K (a pytest -k expression), PYTEST_ARGS (extra arguments, split on spaces)
+#   QUICK=1 (smaller benchmark sizes)
 # Writes under $OUT (default bench/results/local): log.txt, pytest_gpu.txt, sanitizer.txt,
 # bench.jsonl. The machine has no network: carried wheels in .whl/ are installed to /tmp/site.
 set -uo pipefail
@@ -47,7 +48,8 @@ if has test; then
   # NCCL tests in their own process: a crash there must not hide the other results.
   stamp "pytest -m gpu (all but NCCL)"
   python3 -m pytest -m gpu tests -q -rfE -p no:cacheprovider --timeout=600 \
-    --ignore=tests/test_comm_nccl.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -40
+    --ignore=tests/test_comm_nccl.py ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} 2>&1 \
+    | tee "$OUT/pytest_gpu.txt" | tail -40
   stamp "pytest -m gpu tests/test_comm_nccl.py"
   python3 -m pytest -m gpu tests/test_comm_nccl.py -q -rfE -p no:cacheprovider --timeout=300 \
     2>&1 | tee -a "$OUT/pytest_gpu.txt" | tail -20
