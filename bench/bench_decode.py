@@ -66,14 +66,17 @@ def kernel_bench(rec, quick):
             k, v, bt, lens = paged(B, L, ps, gen)
             o = torch.empty(B, Hq, D, device="cuda")
             lse = torch.empty(B, Hq, device="cuda")
-            t = time_cuda(lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse))
-            gbs = kv_bytes / (t["ms"] * 1e-3) / 1e9
-            case = f"B{B} L{L} page {ps}"
-            rec.add(case, "decode_partial", gbs, "device copy", copy, "GB/s", ms=t["ms"],
-                    p10=t["p10"], p90=t["p90"])
-            if at is not None:
-                rec.add(case, "decode_partial", t["ms"], f"{aname} (contiguous KV)", at["ms"],
-                        "ms", higher_is_better=False)
+            # The default (balanced splits) and the bitwise-reproducible schedule.
+            for det in (False, True):
+                t = time_cuda(lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse,
+                                                     deterministic=det))
+                gbs = kv_bytes / (t["ms"] * 1e-3) / 1e9
+                case = f"B{B} L{L} page {ps}" + (", deterministic" if det else "")
+                rec.add(case, "decode_partial", gbs, "device copy", copy, "GB/s", ms=t["ms"],
+                        p10=t["p10"], p90=t["p90"])
+                if at is not None:
+                    rec.add(case, "decode_partial", t["ms"], f"{aname} (contiguous KV)",
+                            at["ms"], "ms", higher_is_better=False)
 
 
 def split_sweep(rec, gen):
@@ -149,24 +152,27 @@ def host_overhead_bench(rec):
         qs = [torch.randn(len(plans[0].mastered_by(r)), Hq, D, device="cuda",
                           dtype=torch.bfloat16, generator=gen) for r in range(N)]
 
-        def loop(g, c, p, q):
+        def loop(g, c, p, q, det):
             for _ in range(10):
-                esp.distributed_decode(q, c, p, g)
+                esp.distributed_decode(q, c, p, g, deterministic=det)
             torch.cuda.current_stream().synchronize()
             t0, c0 = time.perf_counter(), time.thread_time()
             for _ in range(layers):
-                esp.distributed_decode(q, c, p, g)
+                esp.distributed_decode(q, c, p, g, deterministic=det)
             wall = (time.perf_counter() - t0) / layers * 1e6
             cpu = (time.thread_time() - c0) / layers * 1e6
             torch.cuda.current_stream().synchronize()
             return wall, cpu
 
-        per_rank = run_local(groups, loop, caches, plans, qs)
-        # CPU time of one rank's thread = the host cost of one instance (its own process in a
-        # deployment); wall time adds the waits for the GIL that virtual ranks share.
-        rec.add(f"{N} virtual ranks (threads), 8 requests", "host CPU us/layer/rank",
-                max(c for _, c in per_rank), "bar", 30.0, "us", higher_is_better=False,
-                wall_us=max(w for w, _ in per_rank))
+        # deterministic=True skips the balanced schedule's counter reset (one cudaMemsetAsync).
+        for det in ((False, True) if N == 1 else (False,)):
+            per_rank = run_local(groups, loop, caches, plans, qs, [det] * N)
+            # CPU time of one rank's thread = the host cost of one instance (its own process in
+            # a deployment); wall time adds the waits for the GIL that virtual ranks share.
+            rec.add(f"{N} virtual ranks (threads), 8 requests" + (", deterministic" if det
+                                                                   else ""),
+                    "host CPU us/layer/rank", max(c for _, c in per_rank), "bar", 30.0, "us",
+                    higher_is_better=False, wall_us=max(w for w, _ in per_rank))
     # CUDA graph: one instance, fixed plan.
     g = local_group(1, "cuda")[0]
     caches, plans = build_sharded([g], 16, 4096, 1, gen)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU test tier, compute-sanitizer, benchmarks.
-#   STAGES="build test sanitize bench" (default: all)   BENCHES="merge prefill_step ring decode kv_copy comm"
+#   STAGES="build test sanitize bench" (default; also: nccl_diag host_diag
+#   decode_diag decode_ncu micro)
+#   BENCHES="merge prefill_step ring decode kv_copy comm"
 #   PYTEST_K (a pytest -k expression), PYTEST_ARGS (extra arguments, split on spaces)
 #   QUICK=1 (smaller benchmark sizes)
 # Writes under $OUT (default bench/results/local): log.txt, pytest_gpu.txt, sanitizer.txt,
@@ -64,6 +66,25 @@ fi
 if has host_diag; then
   stamp "host overhead diagnostic"
   (cd bench && python3 diag_host.py 2>&1 | head -80)
+fi
+
+if has decode_diag; then
+  stamp "decode diagnostic: page order, head layout, cuDNN"
+  (cd bench && python3 diag_decode.py)
+fi
+
+if has decode_ncu; then
+  stamp "decode under Nsight Compute"
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [ -n "$NCU" ]; then
+    (cd bench && "$NCU" --clock-control none --profile-from-start off --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+      --section LaunchStats python3 diag_decode.py --ncu) > "$OUT/ncu_decode.txt" 2>&1
+    echo "ncu exit $?"; grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput" \
+      "$OUT/ncu_decode.txt" | head -80
+  else
+    echo "no ncu on this machine"
+  fi
 fi
 
 if has sanitize; then

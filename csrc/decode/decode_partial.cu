@@ -105,14 +105,17 @@ int64_t decode_workspace_elems(int batch, int num_q_heads, int head_dim, int num
             "decode_workspace_elems: sizes must be >= 0");
   ESP_CHECK(num_splits >= 1, "decode_workspace_elems: num_splits must be >= 1, got ", num_splits);
   if (num_splits == 1) return 0;  // the kernel writes o/lse directly
-  // o [num_splits, B, Hq, D] then lse [num_splits, B, Hq], both float32.
-  return static_cast<int64_t>(num_splits) * batch * num_q_heads * (head_dim + 1);
+  // o [num_splits, B, Hq, D] then lse [num_splits, B, Hq], both float32, then the balanced
+  // schedule's int32 tile counters, one per (request, kv-head group): at most B * Hq.
+  return static_cast<int64_t>(num_splits) * batch * num_q_heads * (head_dim + 1) +
+         static_cast<int64_t>(batch) * num_q_heads;
 }
 
 void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const TensorDesc& v_cache,
                     const TensorDesc& block_table, const TensorDesc& kv_lens,
                     const TensorDesc& o, const TensorDesc& lse, const TensorDesc& workspace,
-                    int num_splits, float softmax_scale, int device, uintptr_t stream) {
+                    int num_splits, float softmax_scale, bool deterministic, int device,
+                    uintptr_t stream) {
   using decode::DecodeParams;
   ESP_CHECK(q.ndim() == 3, "decode_partial: q must be [B, Hq, D], got ", q.ndim(), " dims");
   ESP_CHECK(q.dtype == DType::kFloat16 || q.dtype == DType::kBFloat16,
@@ -255,6 +258,13 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
 
   DeviceGuard guard(device);
   cudaStream_t s = as_stream(stream);
+  p.tile_counter = nullptr;
+  if (num_splits > 1 && !deterministic) {
+    // A memset node in a captured graph, so every replay starts from zero.
+    p.tile_counter = reinterpret_cast<int*>(ws + ws_o_elems + num_splits * B * Hq);
+    ESP_CUDA_CHECK(cudaMemsetAsync(p.tile_counter, 0,
+                                   sizeof(int) * B * (Hkv / p.heads_per_cta), s));
+  }
   ESP_DISPATCH_HALF(q.dtype, T, [&] {
     if (D == 64) {
       decode::launch_decode_partial<T, 64>(p, s, device);

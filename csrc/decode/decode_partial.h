@@ -14,12 +14,16 @@ namespace esp {
 //   o            float32 [B, Hq, D], lse float32 [B, Hq]: the partial state (natural log);
 //                a request with 0 tokens here gets (0, -inf), never garbage or NaN
 //   workspace    float32, at least decode_workspace_elems(B, Hq, D, num_splits) elements
-//   num_splits   KV splits per request, fixed for the launch; each CTA derives its token range
-//                from kv_lens on the GPU, so the launch is CUDA-graph capturable for a fixed plan
+//   num_splits   KV splits per request, fixed for the launch; each CTA derives its tiles from
+//                kv_lens on the GPU, so the launch is CUDA-graph capturable for a fixed plan
+//   deterministic  true: each split takes a fixed token range (bitwise reproducible); false:
+//                the splits of a request share its tiles through a counter in the workspace
+//                (faster: no CTA waits for a slow sibling; last-bit differences between runs)
 void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const TensorDesc& v_cache,
                     const TensorDesc& block_table, const TensorDesc& kv_lens,
                     const TensorDesc& o, const TensorDesc& lse, const TensorDesc& workspace,
-                    int num_splits, float softmax_scale, int device, uintptr_t stream);
+                    int num_splits, float softmax_scale, bool deterministic, int device,
+                    uintptr_t stream);
 
 int64_t decode_workspace_elems(int batch, int num_q_heads, int head_dim, int num_splits);
 

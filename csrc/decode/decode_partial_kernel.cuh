@@ -7,10 +7,23 @@
 // once. hg (heads_per_cta, chosen on the host: the largest power of two dividing Hkv with
 // hg * mt <= 4 warps) makes the rows a CTA reads per token hg * D * 2 bytes long and contiguous
 // in the cache layout [page, slot, head, D] (1 KB at hg = 4, D = 128, bf16) instead of one head's
-// 256 bytes, so each copy moves one contiguous run of that length. Each CTA derives its token range
-// [start, end) from kv_lens on the GPU (chunk = ceil(len / num_splits) rounded up to 64 tokens), so
-// the launch depends only on host ints and is CUDA-graph capturable; a CTA with no tokens writes
-// (0, -inf).
+// 256 bytes, so each copy moves one contiguous run of that length. Each CTA derives its tiles
+// from kv_lens on the GPU (below), so the launch depends only on host ints and is CUDA-graph
+// capturable; a CTA with no tokens writes (0, -inf).
+//
+// Tile schedule. A tile is one pipeline stage of T = 64 / hg tokens. Static (deterministic):
+// split s takes the contiguous range [s * chunk, (s+1) * chunk) of the request, chunk =
+// ceil(len / num_splits) rounded up to 64 tokens. Balanced (the default when num_splits > 1):
+// the num_splits CTAs of a (request, kv-head group) share its tiles: CTA s first takes tiles
+// s*3 .. s*3+2 (no atomic before the first copies), then the next unclaimed tile from a
+// per-group counter (zeroed by the host before the launch), claimed one iteration before its
+// page indices are read. A state is exact for any set of tokens, so each CTA still writes one
+// state to its split's slot and the merge is unchanged; only the fp32 summation order depends
+// on which CTA claimed which tile (results can differ in the last bits between runs). Why:
+// Nsight Compute on H100 (B1 L128k, static, one wave of 256 equal CTAs) showed the SMs active
+// for only 85% of the kernel's cycles (CTAs with the same bytes to read finish far apart) with
+// DRAM at 79% of peak; in-order pages or whole-page reads did not change the time
+// (bench/diag_decode.py). cuDNN's one-wave kernel kept its SMs active 91% at 90% of peak.
 //
 // Memory pipeline. A stage holds kRows = 64 (token, head) rows of K and of V: T = 64 / hg tokens
 // of the hg heads. Warp 0 fills a stage with 1-D bulk copies (cp.async.bulk through the TMA unit,
@@ -75,6 +88,9 @@ struct DecodeParams {
   int batch, num_kv_heads, group, page_size, max_pages, num_splits;
   int heads_per_cta;  // hg: kv heads per CTA, a power of two <= 4 dividing num_kv_heads
   int row_per_token;  // 1: the hg heads of a token are adjacent (k_sh == v_sh == D): one copy each
+  // Balanced schedule (num_splits > 1): one zeroed counter per (request, kv-head group),
+  // tile_counter[b * (Hkv / hg) + group]; nullptr: static ranges (deterministic).
+  int* tile_counter;
   float scale_log2;   // softmax_scale * log2(e): scores go through exp2
 };
 
@@ -226,6 +242,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   unsigned char* smem_raw = detail::dyn_smem();
   __shared__ float s_max[kWarps][16], s_sum[kWarps][16];
   __shared__ __align__(8) uint64_t full_bar[kStages];
+  __shared__ int s_first[kStages];  // first token of the tile in each stage, -1: none
 
   const int grp = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -246,39 +263,54 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   // The split merge (if any) may be scheduled now; it waits for this whole grid to complete.
   detail::launch_dependents();
 
-  // This CTA's token range. The length is clamped to what the block table can address, so a
-  // bad kv_lens cannot read past block_table (the host checks max_pages * page_size < 2^31 - 64).
+  // The length is clamped to what the block table can address, so a bad kv_lens cannot read
+  // past block_table (the host checks max_pages * page_size < 2^31 - 64).
   const int64_t cap = static_cast<int64_t>(p.max_pages) * p.page_size;
   const int len_in = detail::ldg(p.kv_lens + b * p.kl_s);
   const int* bt = p.block_table + b * p.bt_sb;
   const int ps = p.page_size;
+  // Which tiles (T_stage tokens each) this CTA computes; see "Tile schedule" in the header.
+  const bool balanced = p.tile_counter != nullptr && p.num_splits > 1;
   // While kv_lens is in flight, warp 1 prefetches the block-table lines of the first kStages
   // tiles this CTA would have if the request filled its table (len = cap; exact for a full
   // table, a few wasted prefetches otherwise), so the lookups below hit L2 instead of paying a
   // second DRAM round trip. Tokens are probed 16 apart (16 entries = 64 bytes at page 1).
   if (warp == 1 && 16 * lane <= kStages * T_stage && cap > 0) {
-    const unsigned capu = static_cast<unsigned>(cap);  // < 2^31
-    const unsigned S = static_cast<unsigned>(p.num_splits);
-    const int64_t chunk_g = ((capu + S - 1) / S + kTile - 1) / kTile * kTile;
-    const int64_t start_g = split * chunk_g;
-    if (start_g < cap) {
-      const int64_t last_g = min(cap, start_g + min(chunk_g, int64_t{kStages} * T_stage)) - 1;
-      const int64_t tok = min(start_g + 16 * lane, last_g);
+    int64_t first_g = int64_t{split} * kStages * T_stage, span = int64_t{kStages} * T_stage;
+    if (!balanced) {
+      const unsigned capu = static_cast<unsigned>(cap);  // < 2^31
+      const unsigned S = static_cast<unsigned>(p.num_splits);
+      const int64_t chunk_g = ((capu + S - 1) / S + kTile - 1) / kTile * kTile;
+      first_g = split * chunk_g;
+      span = min(chunk_g, span);
+    }
+    if (first_g < cap) {
+      const int64_t tok = min(first_g + 16 * lane, min(cap, first_g + span) - 1);
       detail::prefetch_l2(bt + static_cast<int>(static_cast<unsigned>(tok) /
                                                 static_cast<unsigned>(ps)) * p.bt_sp);
     }
   }
   const int64_t len = max(int64_t{0}, min(static_cast<int64_t>(len_in), cap));
-  const int64_t chunk = ((len + p.num_splits - 1) / p.num_splits + kTile - 1) / kTile * kTile;
-  const int start = static_cast<int>(min(len, split * chunk));
-  const int end = static_cast<int>(min(len, split * chunk + chunk));
+  int start = 0, end = static_cast<int>(len);  // tile i covers [start + i*T_stage, ...) < end
+  if (!balanced) {
+    const int64_t chunk = ((len + p.num_splits - 1) / p.num_splits + kTile - 1) / kTile * kTile;
+    start = static_cast<int>(min(len, split * chunk));
+    end = static_cast<int>(min(len, split * chunk + chunk));
+  }
   const int num_tiles = (end - start + T_stage - 1) / T_stage;
+  // Tile of pipeline slot t, or -1 past the last: static, tile t of the range; balanced, tile
+  // split * kStages + t for the first kStages slots, then tiles taken from the request's counter
+  // (value c -> tile num_splits * kStages + c).
+  auto valid_tile = [&](int tile) { return tile < num_tiles ? tile : -1; };
+  int* const counter = balanced ? p.tile_counter + b * gridDim.x + grp : nullptr;
+  const int first_dynamic_tile = p.num_splits * kStages;
 
-  // Block-table prefetch (warp 1, lanes < n_probes): the L2 lines holding the page indices of
-  // `tile`, probed every 16 tokens and at its last token, so with contiguous table rows every
-  // line its lookups read is touched. Warp 0 loads the indices of tile t+kStages during
-  // iteration t; warp 1 prefetches tile t+kStages+kBtAhead then, so that load hits L2 rather
-  // than waiting a loaded DRAM latency (page 1: a new 128-byte line every 2 tiles at hg = 4).
+  // Block-table prefetch (static schedule; warp 1, lanes < n_probes): the L2 lines holding the
+  // page indices of `tile`, probed every 16 tokens and at its last token, so with contiguous
+  // table rows every line its lookups read is touched. Warp 0 loads the indices of tile
+  // t+kStages during iteration t; warp 1 prefetches tile t+kStages+kBtAhead then, so that load
+  // hits L2 rather than waiting a loaded DRAM latency (page 1: a new 128-byte line every 2 tiles
+  // at hg = 4). The balanced schedule learns its tiles one iteration ahead and skips this.
   // Addresses stay inside the table (tile < num_tiles, token < end <= cap).
   constexpr int kBtAhead = 2;
   const int n_probes = T_stage / 16 + 1;
@@ -289,7 +321,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     detail::prefetch_l2(
         bt + static_cast<int>(static_cast<unsigned>(tok) / static_cast<unsigned>(ps)) * p.bt_sp);
   };
-  if (warp == 1 && lane < kBtAhead * n_probes)
+  if (!balanced && warp == 1 && lane < kBtAhead * n_probes)
     prefetch_pages(kStages + lane / n_probes, lane % n_probes);
 
   // Bulk copies of a stage, issued by warp 0: copy c < n_copies of lane c % 32. Copies [0, per_kv)
@@ -320,17 +352,23 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
       }
     }
   };
-  auto issue = [&](int tile, const int (&page)[kMaxCopiesPerLane],
+  // Fills the stage of slot t with `tile`, or, for tile -1, completes its barrier phase with no
+  // bytes. The slot's first token (-1: none, the loop ends there) goes to s_first[stage]; the
+  // __syncthreads at the top of the next iteration publishes it before any warp reads it.
+  auto issue = [&](int t, int tile, const int (&page)[kMaxCopiesPerLane],
                    const int (&slot)[kMaxCopiesPerLane]) {
-    const int stage = tile % kStages;
+    const int stage = t % kStages;
     const uint32_t bar = smem_u32(&full_bar[stage]);
     const uint32_t dst0 = smem0 + stage * sb;
-    if (lane == 0) detail::mbar_arrive_expect_tx(bar, stage_tx);
+    if (lane == 0) {
+      s_first[stage] = tile < 0 ? -1 : start + tile * T_stage;
+      detail::mbar_arrive_expect_tx(bar, tile < 0 ? 0u : stage_tx);
+    }
     __syncwarp();
 #pragma unroll
     for (int i = 0; i < kMaxCopiesPerLane; ++i) {
       const int c = lane + 32 * i;
-      if (c < n_copies) {
+      if (tile >= 0 && c < n_copies) {
         const bool is_v = c >= per_kv;
         const int j = is_v ? c - per_kv : c;
         const int head = p.row_per_token ? 0 : (j & (hg - 1));
@@ -352,14 +390,23 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   const int role = warp % roles, h = role / mt, ht = role % mt;
   const int tg = warp / roles, ntg = kWarps / roles;
 
-  // Pages of the first kStages tiles are read together so the prologue waits one latency.
+  // Pages of the first kStages tiles are read together so the prologue waits one latency. Warp
+  // 0 carries the tile of the slot it looks up next (look_tile) and, balanced, lane 0 the
+  // counter value for the slot after it (grab), taken one iteration before its pages are read.
+  int pre_tile[kStages - 1];
   int pre_page[kStages - 1][kMaxCopiesPerLane], pre_slot[kStages - 1][kMaxCopiesPerLane];
   int page[kMaxCopiesPerLane], slot[kMaxCopiesPerLane];
+  int look_tile = -1, grab = 0;
   if (warp == 0) {
+    const int first = balanced ? split * kStages : 0;
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s)
-      if (s < num_tiles) lookup(s, pre_page[s], pre_slot[s]);
-    if (kStages - 1 < num_tiles) lookup(kStages - 1, page, slot);
+    for (int s = 0; s < kStages - 1; ++s) {
+      pre_tile[s] = valid_tile(first + s);
+      if (pre_tile[s] >= 0) lookup(pre_tile[s], pre_page[s], pre_slot[s]);
+    }
+    look_tile = valid_tile(first + kStages - 1);
+    if (look_tile >= 0) lookup(look_tile, page, slot);
+    if (balanced && lane == 0) grab = atomicAdd(counter, 1);
   }
 
   // Q as MMA A fragments (rows = the warp's 16 heads, zero past G), loaded while pages arrive.
@@ -383,8 +430,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   __syncthreads();  // the barriers are initialized
   if (warp == 0) {
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s)
-      if (s < num_tiles) issue(s, pre_page[s], pre_slot[s]);
+    for (int s = 0; s < kStages - 1; ++s) issue(s, pre_tile[s], pre_page[s], pre_slot[s]);
   }
 
   float o[D / 8][4];
@@ -394,22 +440,35 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     for (int e = 0; e < 4; ++e) o[n][e] = 0.f;
   float row_ms[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
 
-  for (int t = 0; t < num_tiles; ++t) {
-    // Every warp is done with tile t-1, whose stage tile t+2 reuses: refill it before waiting
-    // for tile t, so all kStages stages are in flight during the wait.
+  // Slots are consumed in order and their tiles never come back once one is -1 (a counter that
+  // ran out stays out), so the loop ends at the first empty slot with no copy in flight.
+  for (int t = 0;; ++t) {
+    // Every warp is done with slot t-1, whose stage slot t+2 reuses: refill it before waiting
+    // for slot t, so all kStages stages are in flight during the wait.
     __syncthreads();
     const int next = t + kStages - 1;
-    if (warp == 0 && next < num_tiles) {
-      issue(next, page, slot);
-      if (next + 1 < num_tiles) lookup(next + 1, page, slot);  // used one iteration later
+    if (warp == 0) {
+      issue(next, look_tile, page, slot);
+      int tile = -1;  // of slot next + 1, looked up now, issued one iteration later
+      if (look_tile >= 0) {
+        if (balanced) {
+          tile = valid_tile(first_dynamic_tile + __shfl_sync(0xffffffffu, grab, 0));
+          if (tile >= 0 && lane == 0) grab = atomicAdd(counter, 1);
+        } else {
+          tile = valid_tile(next + 1);
+        }
+        if (tile >= 0) lookup(tile, page, slot);
+      }
+      look_tile = tile;
     }
-    if (warp == 1 && lane < n_probes) prefetch_pages(next + 1 + kBtAhead, lane);
+    if (!balanced && warp == 1 && lane < n_probes) prefetch_pages(next + 1 + kBtAhead, lane);
     const int stage = t % kStages;
+    const int t0 = s_first[stage];
+    if (t0 < 0) break;  // uniform: every warp reads the same value
     detail::mbar_wait(smem_u32(&full_bar[stage]), (t / kStages) & 1);
 
     const uint32_t k_head = smem0 + stage * sb + h * kHeadBytes;
     const uint32_t v_head = k_head + T_stage * rb;
-    const int t0 = start + t * T_stage;
 #pragma unroll 1
     for (int s = 0; s < mt; ++s) {
       const int kb = tg + s * ntg;

@@ -181,7 +181,8 @@ class _DecodeStep:
                 self.d_merge = (d(self.g_o), d(self.g_lse), d(self.lse_out))
             self.d_layers = {}
 
-    def partial(self, cache: PagedKVCache, layer: int, scale: float, backend: str):
+    def partial(self, cache: PagedKVCache, layer: int, scale: float, deterministic: bool,
+                backend: str):
         """One partial state over this instance's shard for every request it holds."""
         if self.fast and backend != "torch":
             dl = self.d_layers.get(layer)
@@ -191,14 +192,15 @@ class _DecodeStep:
             if self.q_direct is not None:
                 dq = _core.desc(self.q_direct)
             _core._C.decode_partial(dq, dl[0], dl[1], dbt, dlen, do, dlse, self.d_ws,
-                                    self.num_splits, scale, self.device.index,
+                                    self.num_splits, scale, deterministic, self.device.index,
                                     _core.stream_handle(self.device))
         else:
             k_l, v_l = cache.layer(layer)
             q = self.q_hold if self.q_direct is None else self.q_direct
             decode_partial(q, k_l, v_l, self.block_table, self.kv_lens,
                            softmax_scale=scale, num_splits=self.num_splits, o=self.o_h,
-                           lse=self.lse_h, workspace=self.workspace, backend=backend)
+                           lse=self.lse_h, workspace=self.workspace,
+                           deterministic=deterministic, backend=backend)
 
     def merge(self, dtype: torch.dtype, backend: str) -> torch.Tensor:
         """Gather every holder's state of my requests and merge them exactly (fp32)."""
@@ -235,7 +237,8 @@ def _write_kv(cache: PagedKVCache, layer: int, rows: torch.Tensor, slots: torch.
 
 
 def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer: int = 0,
-                       k_new=None, v_new=None, softmax_scale=None, backend="auto"):
+                       k_new=None, v_new=None, softmax_scale=None, deterministic=False,
+                       backend="auto"):
     """One decode attention layer across the group (call on every instance of `group`).
 
     Args:
@@ -246,6 +249,8 @@ def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer
         k_new, v_new: [B_m, Hkv, D] the new token's K/V of each mastered request, required when
             the plan appends (after `plan.scale_up`); stored at this layer on the instance the
             plan chose before attention, so each query attends to its own token too.
+        deterministic: bitwise-reproducible partial states (see `decode_partial`); the default
+            balances the KV splits dynamically, which is faster on long shards.
     Returns out [B_m, Hq, D] in q.dtype.
     """
     check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
@@ -296,7 +301,7 @@ def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer
         _write_kv(cache, layer, step.kv_recv, step.app_recv_slots)
     if step.n_hold:
         step.partial(cache, layer, D ** -0.5 if softmax_scale is None else float(softmax_scale),
-                     backend)
+                     deterministic, backend)
 
     # 3. states back to masters: one message [o | lse] per peer.
     if step.back_sends or step.back_recvs:

@@ -68,7 +68,7 @@ def _partial_torch(q, k_cache, v_cache, block_table, kv_lens, softmax_scale, o, 
 
 def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=None,
                    num_splits=None, max_len=None, o=None, lse=None, workspace=None,
-                   backend="auto"):
+                   deterministic=False, backend="auto"):
     """Partial decode attention over a paged shard.
 
     Args:
@@ -81,6 +81,10 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
         workspace: optional float32 buffer of `_C.decode_workspace_elems(...)` elements (the
             driver keeps one per plan so captured graphs reuse it).
         o, lse: optional outputs, float32 [B, Hq, D] and [B, Hq] (strided views allowed).
+        deterministic: when the KV is split, False (default) lets the splits of a request share
+            its tiles through a counter (no split waits for a slow sibling; the fp32 summation
+            order, hence the last bits, can change between runs); True gives every split a
+            fixed token range and bitwise-reproducible results. The CPU path is deterministic.
     Returns (o, lse).
     """
     check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
@@ -123,7 +127,7 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
             ws = torch.empty(max(need, 1), dtype=torch.float32, device=q.device)
         d = _core.desc
         C.decode_partial(d(q), d(k_cache), d(v_cache), d(block_table), d(kv_lens), d(o), d(lse),
-                         d(ws), int(num_splits), scale, q.device.index,
+                         d(ws), int(num_splits), scale, bool(deterministic), q.device.index,
                          _core.stream_handle(q.device))
     else:
         _partial_torch(q, k_cache, v_cache, block_table, kv_lens, scale, o, lse)

@@ -1,0 +1,96 @@
+"""Where the decode kernel's stream falls short of cuDNN's (gpu_check.sh stage decode_diag).
+
+Times the paged decode kernel with the block table in order (pages laid out like contiguous KV)
+against shuffled pages (bench_decode.py's layout), next to SDPA CUDNN on contiguous KV, for the
+two shapes that miss the bar. If in-order pages close the gap, DRAM/TLB locality of the pieces
+is the cause; if not, the kernel's own stream is. With --ncu, runs each case once inside
+cudaProfilerStart/Stop for `ncu --profile-from-start off`.
+"""
+
+import argparse
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from harness import copy_bandwidth_gbs, time_cuda
+
+from esp_kernels.decode.partial import decode_partial
+
+Hq, Hkv, D = 32, 8, 128
+
+
+def cases(gen):
+    for B, L in ((1, 131072), (16, 16384)):
+        q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        o = torch.empty(B, Hq, D, device="cuda")
+        lse = torch.empty(B, Hq, device="cuda")
+        for ps in (16, 1):
+            pages = L // ps
+            k = torch.randn(B * pages, ps, Hkv, D, device="cuda", dtype=torch.bfloat16,
+                            generator=gen)
+            v = torch.randn_like(k)
+            lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+            layouts = {
+                "in order": torch.arange(B * pages, device="cuda", dtype=torch.int32),
+                "shuffled": torch.randperm(B * pages, device="cuda", generator=gen)
+                .to(torch.int32),
+            }
+            for name, flat in layouts.items():
+                bt = flat.view(B, pages)
+                yield (f"B{B} L{L} page {ps} {name}", 4 * B * L * Hkv * D,
+                       lambda q=q, k=k, v=v, bt=bt, lens=lens, L=L, o=o, lse=lse:
+                       decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse))
+            del k, v
+        kc = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        vc = torch.randn_like(kc)
+        qt = q.view(B, Hq, 1, D)
+
+        def cudnn(qt=qt, kc=kc, vc=vc):
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                return torch.nn.functional.scaled_dot_product_attention(qt, kc, vc,
+                                                                        enable_gqa=True)
+        yield f"B{B} L{L} SDPA CUDNN contiguous", 4 * B * L * Hkv * D, cudnn
+
+
+def head_layouts(gen):
+    """Same KV bytes (537 MB), same CTA count (256 x 1024 tokens x 4 kv heads), different
+    distance between a CTA's 1 KB pieces: Hkv = 4 reads whole pages (pieces adjacent), Hkv = 8
+    every other KB (bench_decode's shape), Hkv = 16 one KB in four."""
+    for hq, hkv, L in ((16, 4, 262144), (32, 8, 131072), (64, 16, 65536)):
+        q = torch.randn(1, hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(L // 16, 16, hkv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn_like(k)
+        bt = torch.randperm(L // 16, device="cuda", generator=gen).to(torch.int32).view(1, -1)
+        lens = torch.full((1,), L, dtype=torch.int32, device="cuda")
+        yield (f"B1 L{L} Hq{hq}/Hkv{hkv} page 16 shuffled", 4 * L * hkv * D,
+               lambda q=q, k=k, v=v, bt=bt, lens=lens, L=L: decode_partial(q, k, v, bt, lens,
+                                                                         max_len=L))
+        del k, v
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ncu", action="store_true")
+    args = ap.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.ncu:
+        for name, _, fn in cases(gen):
+            fn()
+            torch.cuda.synchronize()
+            torch.cuda.profiler.start()
+            fn()
+            torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
+            print("profiled", name)
+        return
+    copy = copy_bandwidth_gbs()
+    print(f"device copy {copy:.0f} GB/s (read + write)")
+    for name, nbytes, fn in list(head_layouts(gen)) + list(cases(gen)):
+        t = time_cuda(fn, reps=30)
+        gbs = nbytes / (t["ms"] * 1e-3) / 1e9
+        print(f"{name:40s} {t['ms'] * 1e3:7.1f} us (p10 {t['p10'] * 1e3:6.1f}, p90 "
+              f"{t['p90'] * 1e3:6.1f})  {gbs:6.0f} GB/s = {gbs / copy:5.3f} of copy")
+
+
+if __name__ == "__main__":
+    main()
