@@ -4,7 +4,8 @@ Times the paged decode kernel with the block table in order (pages laid out like
 against shuffled pages (bench_decode.py's layout), next to SDPA CUDNN on contiguous KV, for the
 two shapes that miss the bar. If in-order pages close the gap, DRAM/TLB locality of the pieces
 is the cause; if not, the kernel's own stream is. With --ncu, runs each case once inside
-cudaProfilerStart/Stop for `ncu --profile-from-start off`.
+cudaProfilerStart/Stop for `ncu --profile-from-start off`; with --ab, compares the balanced and
+deterministic split schedules in interleaved rounds.
 """
 
 import argparse
@@ -68,11 +69,42 @@ def head_layouts(gen):
         del k, v
 
 
+def schedules_ab(gen, rounds=8, reps=15):
+    """Balanced vs deterministic schedule, interleaved in rounds so that drift of the shared
+    machine (run-to-run spread of +-5-10% between benchmark phases) hits both alike."""
+    copy = copy_bandwidth_gbs()
+    for B, L in ((1, 131072), (16, 16384), (64, 4096)):
+        for ps in (16, 1):
+            q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+            k = torch.randn(B * L // ps, ps, Hkv, D, device="cuda", dtype=torch.bfloat16,
+                            generator=gen)
+            v = torch.randn_like(k)
+            bt = torch.randperm(B * L // ps, device="cuda", generator=gen).to(torch.int32)
+            lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+            times = {False: [], True: []}
+            for _ in range(rounds):
+                for det in (False, True):
+                    t = time_cuda(lambda: decode_partial(q, k, v, bt.view(B, -1), lens, max_len=L,
+                                                         deterministic=det), reps=reps)
+                    times[det].append(t["ms"])
+            med = {d: sorted(x)[len(x) // 2] for d, x in times.items()}
+            gbs = {d: 4 * B * L * Hkv * D / (m * 1e-3) / 1e9 for d, m in med.items()}
+            print(f"B{B} L{L} page {ps}: balanced {med[False] * 1e3:6.1f} us "
+                  f"({gbs[False] / copy:5.3f} of copy), deterministic {med[True] * 1e3:6.1f} us "
+                  f"({gbs[True] / copy:5.3f}); balanced / deterministic time "
+                  f"{med[False] / med[True]:5.3f}")
+            del k, v
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ncu", action="store_true")
+    ap.add_argument("--ab", action="store_true", help="balanced vs deterministic only")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.ab:
+        schedules_ab(gen)
+        return
     if args.ncu:
         for name, _, fn in cases(gen):
             fn()
