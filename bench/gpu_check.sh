@@ -4,7 +4,7 @@
 #   decode_diag decode_ncu micro)
 #   BENCHES="merge prefill_step ring decode kv_copy comm"
 #   PYTEST_K (a pytest -k expression), PYTEST_ARGS (extra arguments, split on spaces)
-#   QUICK=1 (smaller benchmark sizes)
+#   QUICK=1 (smaller benchmark sizes); ESP_COMMIT tags result rows (the copied .git can be stale)
 # Writes under $OUT (default bench/results/local): log.txt, pytest_gpu.txt, sanitizer.txt,
 # bench.jsonl. The machine has no network: carried wheels in .whl/ are installed to /tmp/site.
 set -uo pipefail

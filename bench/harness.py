@@ -82,14 +82,17 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
 
 
 def run_info() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    # ESP_COMMIT first: a copied working tree (the GPU machine's) can carry a stale .git.
+    commit = os.environ.get("ESP_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "commit": commit or os.environ.get("ESP_COMMIT", "unknown"),
+        "commit": commit or "unknown",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
     }
