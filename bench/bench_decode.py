@@ -22,10 +22,11 @@ from esp_kernels.decode.partial import decode_partial
 Hq, Hkv, D = 32, 8, 128
 
 
-def paged(B, L, page_size, gen):
+def paged(B, L, page_size, gen, hkv=Hkv):
+    """Paged K/V of B requests of L tokens, pages shuffled over the pool; block table [B, pages]."""
     pages = (L + page_size - 1) // page_size
     num = B * pages
-    k = torch.randn(num, page_size, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(num, page_size, hkv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn_like(k)
     perm = torch.randperm(num, device="cuda", generator=gen).to(torch.int32)
     bt = perm.view(B, pages)

@@ -13,6 +13,7 @@ import argparse
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench_decode import paged
 from harness import copy_bandwidth_gbs, time_cuda
 
 from esp_kernels.decode.partial import decode_partial
@@ -26,18 +27,9 @@ def cases(gen):
         o = torch.empty(B, Hq, D, device="cuda")
         lse = torch.empty(B, Hq, device="cuda")
         for ps in (16, 1):
-            pages = L // ps
-            k = torch.randn(B * pages, ps, Hkv, D, device="cuda", dtype=torch.bfloat16,
-                            generator=gen)
-            v = torch.randn_like(k)
-            lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
-            layouts = {
-                "in order": torch.arange(B * pages, device="cuda", dtype=torch.int32),
-                "shuffled": torch.randperm(B * pages, device="cuda", generator=gen)
-                .to(torch.int32),
-            }
-            for name, flat in layouts.items():
-                bt = flat.view(B, pages)
+            k, v, shuffled, lens = paged(B, L, ps, gen)
+            in_order = torch.arange(shuffled.numel(), device="cuda", dtype=torch.int32)
+            for name, bt in (("in order", in_order.view_as(shuffled)), ("shuffled", shuffled)):
                 yield (f"B{B} L{L} page {ps} {name}", 4 * B * L * Hkv * D,
                        lambda q=q, k=k, v=v, bt=bt, lens=lens, L=L, o=o, lse=lse:
                        decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse))
@@ -59,10 +51,7 @@ def head_layouts(gen):
     every other KB (bench_decode's shape), Hkv = 16 one KB in four."""
     for hq, hkv, L in ((16, 4, 262144), (32, 8, 131072), (64, 16, 65536)):
         q = torch.randn(1, hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(L // 16, 16, hkv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn_like(k)
-        bt = torch.randperm(L // 16, device="cuda", generator=gen).to(torch.int32).view(1, -1)
-        lens = torch.full((1,), L, dtype=torch.int32, device="cuda")
+        k, v, bt, lens = paged(1, L, 16, gen, hkv=hkv)
         yield (f"B1 L{L} Hq{hq}/Hkv{hkv} page 16 shuffled", 4 * L * hkv * D,
                lambda q=q, k=k, v=v, bt=bt, lens=lens, L=L: decode_partial(q, k, v, bt, lens,
                                                                          max_len=L))
@@ -76,15 +65,11 @@ def schedules_ab(gen, rounds=8, reps=15):
     for B, L in ((1, 131072), (16, 16384), (64, 4096)):
         for ps in (16, 1):
             q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-            k = torch.randn(B * L // ps, ps, Hkv, D, device="cuda", dtype=torch.bfloat16,
-                            generator=gen)
-            v = torch.randn_like(k)
-            bt = torch.randperm(B * L // ps, device="cuda", generator=gen).to(torch.int32)
-            lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+            k, v, bt, lens = paged(B, L, ps, gen)
             times = {False: [], True: []}
             for _ in range(rounds):
                 for det in (False, True):
-                    t = time_cuda(lambda: decode_partial(q, k, v, bt.view(B, -1), lens, max_len=L,
+                    t = time_cuda(lambda: decode_partial(q, k, v, bt, lens, max_len=L,
                                                          deterministic=det), reps=reps)
                     times[det].append(t["ms"])
             med = {d: sorted(x)[len(x) // 2] for d, x in times.items()}

@@ -10,6 +10,15 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def resolve_device(device) -> torch.device:
+    """torch.device of `device`, with a bare "cuda" pinned to the current CUDA device, so that
+    objects created from it compare equal to the tensors they make (cuda:N)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def check_tensor(t, name: str, ndim: int | None = None, dtypes: Iterable[torch.dtype] | None = None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

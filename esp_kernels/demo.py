@@ -17,6 +17,7 @@ import time
 import torch
 
 from . import comm
+from ._checks import resolve_device
 from .config import config
 from .decode import DecodePlan, distributed_decode
 from .kvcache import PagedKVCache, RetentionPlan
@@ -27,26 +28,20 @@ from .testing import TOLERANCES, cu_seqlens, random_varlen_batch, rel_err, strip
 
 
 def _timer(device):
-    if device.type == "cuda":
-        def run(fn):
-            torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            out = fn()
-            torch.cuda.synchronize(device)
-            return out, (time.perf_counter() - t0) * 1e3
-    else:
-        def run(fn):
-            t0 = time.perf_counter()
-            out = fn()
-            return out, (time.perf_counter() - t0) * 1e3
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def run(fn):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        return out, (time.perf_counter() - t0) * 1e3
     return run
 
 
 def run_demo(device=None, quick=False) -> int:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
-    if gpu and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     cfg = config()
     print(f"esp_kernels {cfg['version']} ({cfg['commit']}) on {device} "
           f"[{cfg['devices']}], compiled core: {cfg['compiled_module']}")

@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   static_assert(kWarps * 16 * kRedStride * 4 <= kStages * 2 * kRows * kHeadBytes,
                 "merge buffer fits in the pipeline buffers");
 
-  unsigned char* smem_raw = detail::dyn_smem();
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ float s_max[kWarps][16], s_sum[kWarps][16];
   __shared__ __align__(8) uint64_t full_bar[kStages];
   __shared__ int s_first[kStages];  // first token of the tile in each stage, -1: none
@@ -271,6 +271,12 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   const int ps = p.page_size;
   // Which tiles (T_stage tokens each) this CTA computes; see "Tile schedule" in the header.
   const bool balanced = p.tile_counter != nullptr && p.num_splits > 1;
+  // Static schedule: tokens per split for a request of n tokens (n <= cap < 2^31, so unsigned
+  // 32-bit arithmetic is exact and cheaper than 64-bit division).
+  auto split_chunk = [&](int64_t n) -> int64_t {
+    const unsigned S = static_cast<unsigned>(p.num_splits);
+    return ((static_cast<unsigned>(n) + S - 1) / S + kTile - 1) / kTile * kTile;
+  };
   // While kv_lens is in flight, warp 1 prefetches the block-table lines of the first kStages
   // tiles this CTA would have if the request filled its table (len = cap; exact for a full
   // table, a few wasted prefetches otherwise), so the lookups below hit L2 instead of paying a
@@ -278,9 +284,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   if (warp == 1 && 16 * lane <= kStages * T_stage && cap > 0) {
     int64_t first_g = int64_t{split} * kStages * T_stage, span = int64_t{kStages} * T_stage;
     if (!balanced) {
-      const unsigned capu = static_cast<unsigned>(cap);  // < 2^31
-      const unsigned S = static_cast<unsigned>(p.num_splits);
-      const int64_t chunk_g = ((capu + S - 1) / S + kTile - 1) / kTile * kTile;
+      const int64_t chunk_g = split_chunk(cap);
       first_g = split * chunk_g;
       span = min(chunk_g, span);
     }
@@ -293,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   const int64_t len = max(int64_t{0}, min(static_cast<int64_t>(len_in), cap));
   int start = 0, end = static_cast<int>(len);  // tile i covers [start + i*T_stage, ...) < end
   if (!balanced) {
-    const int64_t chunk = ((len + p.num_splits - 1) / p.num_splits + kTile - 1) / kTile * kTile;
+    const int64_t chunk = split_chunk(len);
     start = static_cast<int>(min(len, split * chunk));
     end = static_cast<int>(min(len, split * chunk + chunk));
   }

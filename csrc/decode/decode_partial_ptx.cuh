@@ -1,7 +1,6 @@
 // PTX wrappers specific to the decode kernels (sm_90; sm_80 fallbacks for multi-arch builds):
-// mbarriers, 1-D bulk (TMA) copies, L2 prefetch, the dynamic shared-memory base and exp2. The
-// tensor-core wrappers shared with the ring step (ldmatrix, mma.sync, pack2) are in
-// ../common/mma.cuh.
+// mbarriers, 1-D bulk (TMA) copies, L2 prefetch and exp2. The tensor-core wrappers shared with
+// the ring step (ldmatrix, mma.sync, pack2) are in ../common/mma.cuh.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,12 +11,6 @@
 namespace esp {
 namespace decode {
 namespace detail {
-
-// The kernel's dynamic shared memory (declared here so the emulator can supply its own).
-__device__ __forceinline__ unsigned char* dyn_smem() {
-  extern __shared__ __align__(128) unsigned char esp_decode_dyn_smem[];
-  return esp_decode_dyn_smem;
-}
 
 // ---- stage completion: mbarriers and 1-D bulk copies ----
 // sm_90: a stage's barrier takes one arrival (lane 0's arrive.expect_tx of the stage's bytes) and

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .._checks import resolve_device
 from .group import DEFAULT_TIMEOUT_S, CommError, CommTimeout, Group, Work
 
 
@@ -166,10 +167,7 @@ def local_group(n: int, device: torch.device | str = "cpu",
     """n virtual ranks in this process on `device`: returns one Group handle per rank."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"local_group needs n >= 1 ranks, got {n!r}")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    world = _LocalWorld(n, device, timeout)
+    world = _LocalWorld(n, resolve_device(device), timeout)
     ranks = tuple(range(n))
     return [LocalGroup(world, ranks, r) for r in range(n)]
 

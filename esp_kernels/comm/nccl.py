@@ -39,6 +39,7 @@ from typing import Sequence
 import torch
 
 from .. import _core
+from .._checks import resolve_device
 from .group import DEFAULT_TIMEOUT_S, CommError, CommTimeout, Group, Work
 
 __all__ = ["NcclGroup", "init_nccl", "find_nccl_library", "load_nccl", "nccl_version"]
@@ -319,16 +320,12 @@ def _as_int(x, name: str) -> int:
 
 
 def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device())
     if isinstance(device, int):
-        dev = torch.device("cuda", device)
-    else:
-        dev = torch.device(device)
+        device = torch.device("cuda", device)
+    dev = torch.device(device or "cuda")
     if dev.type != "cuda":
         raise ValueError(f"init_nccl needs a CUDA device, got {dev}")
-    if dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = resolve_device(dev)
     if not 0 <= dev.index < torch.cuda.device_count():
         raise ValueError(f"device {dev} does not exist ({torch.cuda.device_count()} CUDA "
                          "device(s) visible)")

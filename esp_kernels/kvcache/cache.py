@@ -19,7 +19,7 @@ from typing import Hashable, Iterable, Mapping
 
 import torch
 
-from .._checks import FLOAT_DTYPES
+from .._checks import FLOAT_DTYPES, resolve_device
 from .copy import copy_rows
 
 
@@ -93,9 +93,7 @@ class PagedKVCache:
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = resolve_device(device)
         self.kv = torch.empty((num_layers, 2, num_pages, page_size, num_kv_heads, head_dim),
                               dtype=dtype, device=self.device)
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low pages first
