@@ -22,14 +22,18 @@ from esp_kernels.decode.partial import decode_partial
 Hq, Hkv, D = 32, 8, 128
 
 
-def paged(B, L, page_size, gen, hkv=Hkv):
-    """Paged K/V of B requests of L tokens, pages shuffled over the pool; block table [B, pages]."""
+def paged(B, L, page_size, gen, hkv=Hkv, shuffled=True):
+    """Paged K/V of B requests of L tokens; block table [B, pages]. shuffled: pages in random
+    order over the whole pool (a fragmented pool); else in pool order (a fresh allocator)."""
     pages = (L + page_size - 1) // page_size
     num = B * pages
     k = torch.randn(num, page_size, hkv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn_like(k)
-    perm = torch.randperm(num, device="cuda", generator=gen).to(torch.int32)
-    bt = perm.view(B, pages)
+    if shuffled:
+        order = torch.randperm(num, device="cuda", generator=gen)
+    else:
+        order = torch.arange(num, device="cuda")
+    bt = order.to(torch.int32).view(B, pages)
     lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
     return k, v, bt, lens
 
@@ -63,21 +67,25 @@ def kernel_bench(rec, quick):
         q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         kv_bytes = 2 * B * L * Hkv * D * 2
         aname, at = sdpa_cudnn_ms(q, B, L, gen)
-        for ps in (16, 1):
-            k, v, bt, lens = paged(B, L, ps, gen)
+        # Pages in random order (a fragmented pool; costs 3-9% of DRAM locality, bench/NOTES.md)
+        # and in pool order (a fresh allocator), each with the default balanced schedule and
+        # the bitwise-reproducible one.
+        for ps, shuffled, det in ((16, True, False), (16, True, True), (16, False, False),
+                                  (1, True, False), (1, True, True), (1, False, False)):
+            k, v, bt, lens = paged(B, L, ps, gen, shuffled=shuffled)
             o = torch.empty(B, Hq, D, device="cuda")
             lse = torch.empty(B, Hq, device="cuda")
-            # The default (balanced splits) and the bitwise-reproducible schedule.
-            for det in (False, True):
-                t = time_cuda(lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse,
-                                                     deterministic=det))
-                gbs = kv_bytes / (t["ms"] * 1e-3) / 1e9
-                case = f"B{B} L{L} page {ps}" + (", deterministic" if det else "")
-                rec.add(case, "decode_partial", gbs, "device copy", copy, "GB/s", ms=t["ms"],
-                        p10=t["p10"], p90=t["p90"])
-                if at is not None:
-                    rec.add(case, "decode_partial", t["ms"], f"{aname} (contiguous KV)",
-                            at["ms"], "ms", higher_is_better=False)
+            t = time_cuda(lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse,
+                                                 deterministic=det))
+            gbs = kv_bytes / (t["ms"] * 1e-3) / 1e9
+            case = (f"B{B} L{L} page {ps}" + ("" if shuffled else ", pages in order")
+                    + (", deterministic" if det else ""))
+            rec.add(case, "decode_partial", gbs, "device copy", copy, "GB/s", ms=t["ms"],
+                    p10=t["p10"], p90=t["p90"])
+            if at is not None:
+                rec.add(case, "decode_partial", t["ms"], f"{aname} (contiguous KV)", at["ms"],
+                        "ms", higher_is_better=False)
+            del k, v
 
 
 def split_sweep(rec, gen):

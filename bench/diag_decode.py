@@ -5,16 +5,19 @@ against shuffled pages (bench_decode.py's layout), next to SDPA CUDNN on contigu
 two shapes that miss the bar. If in-order pages close the gap, DRAM/TLB locality of the pieces
 is the cause; if not, the kernel's own stream is. With --ncu, runs each case once inside
 cudaProfilerStart/Stop for `ncu --profile-from-start off`; with --ab, compares the balanced and
-deterministic split schedules in interleaved rounds.
+deterministic split schedules in interleaved rounds; with --profile, splits bench_decode's event
+time (L2 flushed before each call) into the device time of each kernel it launches, for ours and
+cuDNN, so time outside the main kernel (launch gaps, the split merge, memsets) is visible.
 """
 
 import argparse
+import collections
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench_decode import paged
-from harness import copy_bandwidth_gbs, time_cuda
+from harness import copy_bandwidth_gbs, flush_and_get_ahead, time_cuda
 
 from esp_kernels.decode.partial import decode_partial
 
@@ -81,12 +84,53 @@ def schedules_ab(gen, rounds=8, reps=15):
             del k, v
 
 
+def profile_kernels(gen, reps=20):
+    """Event time of one call vs the CUPTI device time of every kernel in it (same loop)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for B, L in ((1, 131072), (16, 16384), (64, 4096)):
+        q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k, v, bt, lens = paged(B, L, 16, gen)
+        kc = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        vc = torch.randn_like(kc)
+        qt = q.view(B, Hq, 1, D)
+
+        def cudnn():
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                return torch.nn.functional.scaled_dot_product_attention(qt, kc, vc,
+                                                                        enable_gqa=True)
+        ours = lambda: decode_partial(q, k, v, bt, lens, max_len=L)  # noqa: E731
+        for name, fn in (("decode_partial page 16", ours), ("SDPA CUDNN contiguous", cudnn)):
+            ev = time_cuda(fn, reps=reps)["ms"] * 1e3
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    flush_and_get_ahead()
+                    fn()
+                torch.cuda.synchronize()
+            per = collections.defaultdict(float)
+            for e in prof.events():
+                name = e.name.lower()
+                if (e.device_type == torch.autograd.DeviceType.CUDA
+                        and "fill" not in name and "spin" not in name):
+                    per[e.name[:70]] += e.device_time / reps
+            total = sum(per.values())
+            print(f"B{B} L{L} {name}: event {ev:7.1f} us, kernels {total:7.1f} us, "
+                  f"outside kernels {ev - total:6.1f} us")
+            for n, us in sorted(per.items(), key=lambda x: -x[1]):
+                print(f"    {us:8.1f} us  {n}")
+        del k, v, kc, vc
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ncu", action="store_true")
     ap.add_argument("--ab", action="store_true", help="balanced vs deterministic only")
+    ap.add_argument("--profile", action="store_true", help="per-kernel device time only")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.profile:
+        profile_kernels(gen)
+        return
     if args.ab:
         schedules_ab(gen)
         return

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU test tier, compute-sanitizer, benchmarks.
 #   STAGES="build test sanitize bench" (default; also: nccl_diag host_diag
-#   decode_diag decode_ncu micro)
+#   decode_diag decode_profile decode_ncu micro)
 #   BENCHES="merge prefill_step ring decode kv_copy comm"
 #   PYTEST_K (a pytest -k expression), PYTEST_ARGS (extra arguments, split on spaces)
 #   QUICK=1 (smaller benchmark sizes); ESP_COMMIT tags result rows (the copied .git can be stale)
@@ -71,6 +71,11 @@ fi
 if has decode_diag; then
   stamp "decode diagnostic: page order, head layout, cuDNN"
   (cd bench && python3 diag_decode.py)
+fi
+
+if has decode_profile; then
+  stamp "decode: event time vs per-kernel device time"
+  (cd bench && python3 diag_decode.py --profile) 2>&1 | tee "$OUT/decode_profile.txt"
 fi
 
 if has decode_ncu; then

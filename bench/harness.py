@@ -3,7 +3,12 @@
 Every benchmark row carries our number, the anchor's number measured in the same run, and their
 ratio; rows are appended as JSON lines tagged with device, commit and date. Timing: CUDA events
 around the measured call, warm-up first, L2 flushed before every repetition (a 256 MB write), the
-median and the 10th/90th percentiles reported.
+median and the 10th/90th percentiles reported. With the flush, the GPU also spins ~0.3 ms before
+the start event, so the host has queued the measured call before the GPU reaches it: the events
+then time the device work (kernels and the gaps between them), not the host's launch overhead,
+which bench_decode measures on its own. Without this, an op whose Python launch path outlasts
+the flush (SDPA's context manager, ~0.1 ms) had up to 100 us of host time in its "kernel" time
+(H100 run 8: cuDNN decode 438 us by events vs 357 us of kernels in the same loop).
 """
 
 from __future__ import annotations
@@ -24,11 +29,16 @@ sys.path.insert(0, ROOT)
 _FLUSH = None
 
 
-def _flush_l2():
+_HOST_AHEAD_CYCLES = 500_000  # ~0.3 ms at H100 clocks
+
+
+def flush_and_get_ahead():
+    """Evict L2 (256 MB write), then keep the GPU busy so the host gets ahead of it."""
     global _FLUSH
     if _FLUSH is None:
         _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     _FLUSH.fill_(1)
+    torch.cuda._sleep(_HOST_AHEAD_CYCLES)
 
 
 def time_cuda(fn, warmup: int = 3, reps: int = 10, flush: bool = True) -> dict:
@@ -39,7 +49,7 @@ def time_cuda(fn, warmup: int = 3, reps: int = 10, flush: bool = True) -> dict:
     times = []
     for _ in range(reps):
         if flush:
-            _flush_l2()
+            flush_and_get_ahead()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -58,7 +68,7 @@ def time_wall(fn, warmup: int = 2, reps: int = 5) -> dict:
     times = []
     for _ in range(reps):
         if torch.cuda.is_available():
-            _flush_l2()
+            flush_and_get_ahead()
             sync()
         t0 = time.perf_counter()
         fn()

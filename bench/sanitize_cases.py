@@ -40,7 +40,8 @@ def main():
                           mask_shift=shift, accumulate=acc, softmax_scale=0.1, backend=backend)
             res.append(os_)
         print("ring_step", hq, hkv, d, rel_err(res[0], res[1]))
-    # decode_partial with splits and page size 16 / 1
+    # decode_partial with splits and page size 16 / 1: 3 splits merge in the kernel's last CTA,
+    # 20 in decode_merge_kernel
     for ps in (16, 1):
         cache = esp.PagedKVCache(1, 200 // ps + 8, ps, 2, 128, torch.bfloat16, dev)
         cache.kv.normal_()
@@ -49,9 +50,10 @@ def main():
         bt, kl = cache.block_table([0, 1, 2, 3])
         k, v = cache.layer(0)
         q = torch.randn(4, 8, 128, generator=g).to(dev, torch.bfloat16)
-        a = decode_partial(q, k, v, bt, kl, num_splits=3)[0]
         b = decode_partial(q, k, v, bt, kl, backend="torch")[0]
-        print("decode_partial page", ps, rel_err(a, b))
+        for splits in (3, 20):
+            a = decode_partial(q, k, v, bt, kl, num_splits=splits)[0]
+            print("decode_partial page", ps, "splits", splits, rel_err(a, b))
     # copy_rows
     src = torch.randn(4, 50, 256, generator=g).to(dev, torch.bfloat16)
     dst = torch.zeros(4, 80, 256, device=dev, dtype=torch.bfloat16)

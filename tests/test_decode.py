@@ -208,7 +208,7 @@ def test_decode_partial_kernel(dtype, hq, hkv, d, page_size, splits, determinist
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [1, 16])
-@pytest.mark.parametrize("splits", [2, 17, 128])
+@pytest.mark.parametrize("splits", [2, 16, 17, 128])
 def test_decode_partial_balanced_long(page_size, splits, gen):
     """Long shards, where the balanced schedule hands most tiles out through its counters:
     matches the reference and the deterministic schedule; the deterministic one is bitwise

@@ -11,7 +11,7 @@
 //
 //   hg       = largest power of two dividing Hkv, at most 4   (the model assumes G <= 16)
 //   pairs    = B * Hkv / hg              CTAs per split
-//   slots    = num_sms * ctas_per_sm     ctas_per_sm = 2 at D = 128 (~100 KB smem), 4 at D = 64
+//   slots    = num_sms * ctas_per_sm     ctas_per_sm = 2 at D = 128 (~70 KB smem), 4 at D = 64
 //   chunk(s) = roundup(ceil(max_len / s), 64)        tokens per CTA
 //   cost(s)  = ceil(pairs * s / slots) * (chunk(s) * hg + 64) + (64 if s > 1 else 0)
 //   num_splits = argmin of cost(s) over 1 <= s <= min(256, max(1, ceil(max_len * hg / 256))),
@@ -73,6 +73,18 @@
 //   first tiles' lines under len = capacity. Predicted: page 16 unchanged (+-0.5%, ~0.5 us of
 //   prologue); page 1 +0-3% (B1 0.237-0.244 ms, B16 0.440-0.453, B64 0.420-0.433). If page 1
 //   stays 3-7% behind page 16, that deficit is TLB/DRAM locality, not the table lookups.
+// Runs 5-7: B1 78-79% of copy, B16 83-88%, B64 83-85%; balanced tiles (run 7) fixed the tail
+//   (SMs active 85% -> 93%) but Nsight Compute still had DRAM at 82% of peak vs cuDNN's 90%.
+// Run 8, interleaved A/B of copy mechanisms and depths (same grid, static schedule, B1 page 16):
+//   TMA 3 stages 226 us, TMA 2 stages 216, 16-byte cp.async by all threads 3 stages 223, 2
+//   stages 216 (and the fastest on page 1 and at B16/B64 page 16 by 1-3%), 6 stages at 1 CTA/SM
+//   TMA 285, cp.async 214; 3 CTAs/SM did not help. Kept: cp.async, 2 stages. With the balanced
+//   schedule: B1 210 us (86% of copy), B16 386 (93%), B64 388 (93%) page 16; Nsight Compute on
+//   pages in pool order: 180 us at 89% of DRAM peak, cuDNN 180 us at 89%. Shuffled pages cost
+//   the rest (191 us, 84%): page 16 (32 KB runs) loses almost as much as page 1 (2 KB runs), so
+//   it is address-translation reach over the 0.5 GB pool rather than DRAM rows. The split merge
+//   (6-8 us after the last CTA, Nsight Compute) now runs in the last CTA of each group when
+//   num_splits <= 16 (B16, B64, B8), predicted to save 5-10 us there.
 #include "decode_partial.h"
 
 #include <cmath>
@@ -107,8 +119,10 @@ int64_t decode_workspace_elems(int batch, int num_q_heads, int head_dim, int num
   if (num_splits == 1) return 0;  // the kernel writes o/lse directly
   // o [num_splits, B, Hq, D] then lse [num_splits, B, Hq], both float32, then the balanced
   // schedule's int32 tile counters, one per (request, kv-head group): at most B * Hq.
+  // States of every split, then two int32 counters per (request, kv-head group) at most: the
+  // balanced schedule's tile counter and the fused merge's done counter (groups <= Hq).
   return static_cast<int64_t>(num_splits) * batch * num_q_heads * (head_dim + 1) +
-         static_cast<int64_t>(batch) * num_q_heads;
+         2 * static_cast<int64_t>(batch) * num_q_heads;
 }
 
 void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const TensorDesc& v_cache,
@@ -227,8 +241,6 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
     int hg = 1;
     while (hg * 2 <= max_hg && Hkv % (hg * 2) == 0) hg *= 2;
     p.heads_per_cta = hg;
-    // One bulk copy per token when the hg heads' rows are adjacent in memory.
-    p.row_per_token = (hg == 1 || (k_cache.stride(2) == D && v_cache.stride(2) == D)) ? 1 : 0;
   }
   p.scale_log2 = static_cast<float>(static_cast<double>(softmax_scale) * 1.4426950408889634);
 
@@ -258,13 +270,22 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
 
   DeviceGuard guard(device);
   cudaStream_t s = as_stream(stream);
-  p.tile_counter = nullptr;
-  if (num_splits > 1 && !deterministic) {
-    // A memset node in a captured graph, so every replay starts from zero.
-    p.tile_counter = reinterpret_cast<int*>(ws + ws_o_elems + num_splits * B * Hq);
-    ESP_CUDA_CHECK(cudaMemsetAsync(p.tile_counter, 0,
-                                   sizeof(int) * B * (Hkv / p.heads_per_cta), s));
-  }
+  // Counters, zeroed per launch by a memset (a memset node in a captured graph, so every replay
+  // starts from zero): the balanced schedule's tiles, then the fused merge's finished CTAs,
+  // one of each per (request, kv-head group).
+  const int64_t groups = B * (Hkv / p.heads_per_cta);
+  int* counters = reinterpret_cast<int*>(ws + ws_o_elems + num_splits * B * Hq);
+  const bool fused_merge = num_splits > 1 && num_splits <= decode::kFusedMergeMaxSplits;
+  p.tile_counter = num_splits > 1 && !deterministic ? counters : nullptr;
+  p.done_counter = fused_merge ? counters + groups : nullptr;
+  p.final_o = o.data<float>();
+  p.final_o_sb = o.stride(0);
+  p.final_o_sh = o.stride(1);
+  p.final_lse = lse.data<float>();
+  p.final_lse_sb = lse.stride(0);
+  p.final_lse_sh = lse.stride(1);
+  if (p.tile_counter != nullptr || p.done_counter != nullptr)
+    ESP_CUDA_CHECK(cudaMemsetAsync(counters, 0, sizeof(int) * 2 * groups, s));
   ESP_DISPATCH_HALF(q.dtype, T, [&] {
     if (D == 64) {
       decode::launch_decode_partial<T, 64>(p, s, device);
@@ -273,7 +294,7 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
     }
   });
 
-  if (num_splits > 1) {
+  if (num_splits > 1 && !fused_merge) {
     decode::MergeParams m{};
     m.o = ws;
     m.lse = ws + ws_o_elems;

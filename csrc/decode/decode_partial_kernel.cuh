@@ -7,7 +7,7 @@
 // once. hg (heads_per_cta, chosen on the host: the largest power of two dividing Hkv with
 // hg * mt <= 4 warps) makes the rows a CTA reads per token hg * D * 2 bytes long and contiguous
 // in the cache layout [page, slot, head, D] (1 KB at hg = 4, D = 128, bf16) instead of one head's
-// 256 bytes, so each copy moves one contiguous run of that length. Each CTA derives its tiles
+// 256 bytes, so a warp's copies of a token read one contiguous run. Each CTA derives its tiles
 // from kv_lens on the GPU (below), so the launch depends only on host ints and is CUDA-graph
 // capturable; a CTA with no tokens writes (0, -inf).
 //
@@ -15,8 +15,8 @@
 // split s takes the contiguous range [s * chunk, (s+1) * chunk) of the request, chunk =
 // ceil(len / num_splits) rounded up to 64 tokens. Balanced (the default when num_splits > 1):
 // the num_splits CTAs of a (request, kv-head group) share its tiles: CTA s first takes tiles
-// s*3 .. s*3+2 (no atomic before the first copies), then the next unclaimed tile from a
-// per-group counter (zeroed by the host before the launch), claimed one iteration before its
+// 2s and 2s+1 (no atomic before the first copies), then the next unclaimed tile from a
+// per-group counter (zeroed by the host before the launch), claimed two iterations before its
 // page indices are read. A state is exact for any set of tokens, so each CTA still writes one
 // state to its split's slot and the merge is unchanged; only the fp32 summation order depends
 // on which CTA claimed which tile (results can differ in the last bits between runs). Why:
@@ -26,19 +26,22 @@
 // (bench/diag_decode.py). cuDNN's one-wave kernel kept its SMs active 91% at 90% of peak.
 //
 // Memory pipeline. A stage holds kRows = 64 (token, head) rows of K and of V: T = 64 / hg tokens
-// of the hg heads. Warp 0 fills a stage with 1-D bulk copies (cp.async.bulk through the TMA unit,
-// one per token row of hg heads, or one per head row when the heads are not adjacent in memory),
-// all completing on the stage's mbarrier with a fixed transaction count (32 KB at D = 128). The
-// copy engine tracks the bytes in flight, not the load/store unit, and the loop issues tile t+2
-// before it waits for tile t: all 3 stages (96 KB of KV per CTA, 2 CTAs per SM at D = 128) are in
-// flight whenever a warp waits (sm_80 builds use 16-byte cp.async for the same copies). Warp 0
-// loads a tile's page indices one iteration before it issues the tile; warp 1 prefetches the
+// of the hg heads (32 KB at D = 128). All 128 threads fill it with 16-byte cp.async (.cg, L2
+// only), a warp's 32 copies covering 512 contiguous bytes, and each thread then arrives on the
+// stage's mbarrier through cp.async.mbarrier.arrive (the arrival fires when its copies have
+// landed). kStages = 2: the loop issues tile t+1 before it waits for tile t, so 32-64 KB of KV per
+// CTA, 64-128 KB per SM (2 CTAs at D = 128), are in flight. Why not more: on H100 (run 8,
+// bench/NOTES.md) 1-D bulk copies (TMA, issued by warp 0) with 3 stages in flight streamed
+// 3-4% slower than this, and with every copy mechanism 2 stages beat 3 (and 6 stages at 1 CTA
+// per SM), so deeper is not better here; at kernel level on in-order pages this streams like
+// cuDNN's decode kernel (Nsight Compute: 180 us, 89% of DRAM peak, both). Each thread loads the
+// page indices of its rows one iteration before it issues them; warp 1 prefetches the
 // block-table lines into L2 two iterations before that load (and, while kv_lens is in flight,
 // the lines of the first tiles under the guess len = table capacity). Tokens past `end` in the
 // last tile copy the row of token end-1 (real, finite data; its scores are masked to -inf, so
 // P = 0 there) rather than stale shared memory. A token row in shared memory is padded by 16
-// bytes, which puts the 8 rows an ldmatrix reads on 8 distinct 4-bank groups (no bank conflicts
-// without a swizzle, which 1-D bulk copies cannot do).
+// bytes, which puts the 8 rows an ldmatrix reads on 8 distinct 4-bank groups (no bank
+// conflicts without a swizzle).
 //
 // Math. Tensor cores (mma.sync m16n8k16, fp32 accumulate) with the query heads of one kv head as
 // the 16 MMA rows: S = Q K^T per 16-token block, online softmax in fp32 (exp2 of pre-scaled
@@ -50,8 +53,10 @@
 //
 // In-CTA merge. Each warp keeps its own (max, sum, O) per head row; at the end the ntg warps of a
 // (head, head tile) meet in shared memory (reusing the pipeline buffers) and are combined exactly
-// like merge_states. Splits > 1 write their states to the workspace and decode_merge_kernel
-// reduces them (any number of splits; warps of a CTA share the splits of one row).
+// like merge_states. Splits > 1 write their states to the workspace; up to
+// kFusedMergeMaxSplits of them are merged by the last CTA of each group to finish (no second
+// launch: the merge kernel and its launch cost 6-16 us after the last CTA, 2-4% of B16/B64 L16k),
+// more by decode_merge_kernel (any number of splits; warps of a CTA share the splits of a row).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -87,10 +92,18 @@ struct DecodeParams {
   int64_t lse_ss, lse_sb, lse_sh;
   int batch, num_kv_heads, group, page_size, max_pages, num_splits;
   int heads_per_cta;  // hg: kv heads per CTA, a power of two <= 4 dividing num_kv_heads
-  int row_per_token;  // 1: the hg heads of a token are adjacent (k_sh == v_sh == D): one copy each
   // Balanced schedule (num_splits > 1): one zeroed counter per (request, kv-head group),
   // tile_counter[b * (Hkv / hg) + group]; nullptr: static ranges (deterministic).
   int* tile_counter;
+  // Fused split merge (1 < num_splits <= kFusedMergeMaxSplits): one zeroed counter per (request,
+  // kv-head group), done_counter[b * (Hkv / hg) + group]; the last CTA of a group to finish
+  // merges the group's states from the workspace into final_o / final_lse. nullptr: the splits
+  // are merged by decode_merge_kernel (or there is one split and o/lse are final already).
+  int* done_counter;
+  float* final_o;
+  int64_t final_o_sb, final_o_sh;
+  float* final_lse;
+  int64_t final_lse_sb, final_lse_sh;
   float scale_log2;   // softmax_scale * log2(e): scores go through exp2
 };
 
@@ -111,13 +124,17 @@ struct MergeParams {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRows = 64;        // (token, kv head) rows of K, and of V, per pipeline stage
-constexpr int kStages = 3;
+constexpr int kStages = 2;
+constexpr int kTileRing = 4;     // balanced schedule: tile ids published ahead (see the kernel)
 constexpr int kTile = 64;        // a CTA's token range is a multiple of kTile tokens
 constexpr int kMaxGroup = 16 * kWarps;  // one 16-row head tile per warp at most
 constexpr int kMaxHeadsPerCta = kWarps;
 constexpr int kRowPad = 16;      // bytes after each token row in shared memory (bank spread)
-constexpr int kMaxCopiesPerLane = 2 * kRows / 32;  // bulk copies per stage / warp 0's lanes
 constexpr int kMergeThreads = 256;
+// Up to this many splits the last CTA of a group merges them (reading splits x hg*G rows of
+// states, <= 16 x 64 x 516 B, from L2); above, decode_merge_kernel does (B1 L128k: 128 splits,
+// ~1 MB per group: too much for one CTA).
+constexpr int kFusedMergeMaxSplits = 16;
 
 // Shared-memory layout of a stage: T = kRows / hg token rows of K, then T of V, each row the hg
 // heads' D elements followed by kRowPad bytes.
@@ -226,6 +243,64 @@ __device__ __forceinline__ void attend_block(uint32_t k_head, uint32_t v_head, u
   }
 }
 
+// Fused split merge, run by every CTA after it stored its state (see DecodeParams::done_counter):
+// the CTA that completes its group's count merges the group's R = hg * G query rows over all
+// splits, with merge_states' arithmetic (empty states skipped, never multiplied; a row with only
+// empty states gives (0, -inf)), in a fixed split order, so results do not depend on which CTA
+// came last. The other CTAs' states are visible to it: each CTA fences its stores before its
+// count (the threadFenceReduction pattern) and the last one reads through L2 (ld.cg).
+template <int D>
+__device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b, int grp,
+                                              int64_t qh0, int R, float* smem) {
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0)
+    s_last = atomicAdd(p.done_counter + b * gridDim.x + grp, 1) == p.num_splits - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int S = p.num_splits, tid = threadIdx.x;
+  // smem: [R][S] split lse values, replaced by their merge weights.
+  for (int i = tid; i < R * S; i += kThreads) {
+    const int r = i / S, sp = i % S;
+    smem[i] = __ldcg(p.lse + sp * p.lse_ss + b * p.lse_sb + (qh0 + r) * p.lse_sh);
+  }
+  __syncthreads();
+  if (tid < R) {
+    float* w = smem + tid * S;
+    float m = -INFINITY;
+    for (int sp = 0; sp < S; ++sp) m = fmaxf(m, w[sp]);
+    float sum = 0.f;
+    if (m != -INFINITY)
+      for (int sp = 0; sp < S; ++sp)
+        if (w[sp] != -INFINITY) sum += __expf(w[sp] - m);
+    const float lse = m == -INFINITY ? -INFINITY : m + __logf(sum);
+    for (int sp = 0; sp < S; ++sp)
+      w[sp] = (lse == -INFINITY || w[sp] == -INFINITY) ? 0.f : __expf(w[sp] - lse);
+    p.final_lse[b * p.final_lse_sb + (qh0 + tid) * p.final_lse_sh] = lse;
+  }
+  __syncthreads();
+  constexpr int kVec4 = D / 4;
+  for (int idx = tid; idx < R * kVec4; idx += kThreads) {
+    const int r = idx / kVec4, c4 = idx % kVec4;
+    const float* w = smem + r * S;
+    const float* src = p.o + b * p.o_sb + (qh0 + r) * p.o_sh + c4 * 4;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int sp = 0; sp < S; ++sp) {
+      if (w[sp] == 0.f) continue;  // empty (or negligible) state: skipped, never multiplied
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(src + sp * p.o_ss));
+      acc.x = fmaf(w[sp], x.x, acc.x);
+      acc.y = fmaf(w[sp], x.y, acc.y);
+      acc.z = fmaf(w[sp], x.z, acc.z);
+      acc.w = fmaf(w[sp], x.w, acc.w);
+    }
+    *reinterpret_cast<float4*>(p.final_o + b * p.final_o_sb + (qh0 + r) * p.final_o_sh + c4 * 4) =
+        acc;
+  }
+}
+
 }  // namespace detail
 
 template <typename T, int D>
@@ -238,11 +313,17 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   constexpr int kRedStride = D + 4;
   static_assert(kWarps * 16 * kRedStride * 4 <= kStages * 2 * kRows * kHeadBytes,
                 "merge buffer fits in the pipeline buffers");
+  // Copies: in pass i, thread tid moves 16-byte chunk tid % kCpr of head row
+  // i * kRpp + tid / kCpr (head row = token * hg + head) of the stage's K and of its V.
+  constexpr int kCpr = kHeadBytes / 16;  // chunks per head row: 16 (D 128) or 8 (D 64)
+  constexpr int kRpp = kThreads / kCpr;  // head rows per pass
+  constexpr int kPasses = kRows / kRpp;  // passes per stage: 8 (D 128) or 4 (D 64)
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ float s_max[kWarps][16], s_sum[kWarps][16];
   __shared__ __align__(8) uint64_t full_bar[kStages];
   __shared__ int s_first[kStages];  // first token of the tile in each stage, -1: none
+  __shared__ int s_tile[kTileRing];  // balanced: tile of slot u at s_tile[u % kTileRing]
 
   const int grp = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -257,8 +338,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < kStages; ++s)
-      detail::mbar_init(smem_u32(&full_bar[s]), detail::kStageArrivals);
-    detail::mbar_init_fence();
+      detail::mbar_init(smem_u32(&full_bar[s]), kThreads);
   }
   // The split merge (if any) may be scheduled now; it waits for this whole grid to complete.
   detail::launch_dependents();
@@ -311,10 +391,10 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
 
   // Block-table prefetch (static schedule; warp 1, lanes < n_probes): the L2 lines holding the
   // page indices of `tile`, probed every 16 tokens and at its last token, so with contiguous
-  // table rows every line its lookups read is touched. Warp 0 loads the indices of tile
+  // table rows every line its lookups read is touched. Every thread loads the indices of tile
   // t+kStages during iteration t; warp 1 prefetches tile t+kStages+kBtAhead then, so that load
   // hits L2 rather than waiting a loaded DRAM latency (page 1: a new 128-byte line every 2 tiles
-  // at hg = 4). The balanced schedule learns its tiles one iteration ahead and skips this.
+  // at hg = 4). The balanced schedule learns its tiles only two iterations ahead and skips this.
   // Addresses stay inside the table (tile < num_tiles, token < end <= cap).
   constexpr int kBtAhead = 2;
   const int n_probes = T_stage / 16 + 1;
@@ -328,64 +408,42 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   if (!balanced && warp == 1 && lane < kBtAhead * n_probes)
     prefetch_pages(kStages + lane / n_probes, lane % n_probes);
 
-  // Bulk copies of a stage, issued by warp 0: copy c < n_copies of lane c % 32. Copies [0, per_kv)
-  // fill the K rows, [per_kv, 2 per_kv) the V rows; copy j of a half moves token j of the stage
-  // (all hg heads, adjacent in memory) or, when the heads are not adjacent, head j % hg of token
-  // j / hg. Every stage moves 2 * kRows * kHeadBytes bytes whatever the split.
-  const int per_kv = p.row_per_token ? T_stage : kRows;
-  const int n_copies = 2 * per_kv;  // 32, 64 or 128: a multiple of 32, so lanes stay uniform
-  const uint32_t copy_bytes = p.row_per_token ? hg * kHeadBytes : kHeadBytes;
-  const uint32_t stage_tx = 2 * kRows * kHeadBytes;
-  auto copy_token = [&](int c) {  // token of the stage that copy c moves
-    const int j = c < per_kv ? c : c - per_kv;
-    return p.row_per_token ? j : (j >> hg_log2);
-  };
-  // Page and slot of each of this lane's copies for `tile`; tokens past `end` take end-1.
-  auto lookup = [&](int tile, int (&page)[kMaxCopiesPerLane], int (&slot)[kMaxCopiesPerLane]) {
+  // Page and slot of each of this thread's copies of `tile`; tokens past `end` take end-1.
+  auto lookup = [&](int tile, int (&page)[kPasses], int (&slot)[kPasses]) {
 #pragma unroll
-    for (int i = 0; i < kMaxCopiesPerLane; ++i) {
-      const int c = lane + 32 * i;
-      page[i] = 0;
-      slot[i] = 0;
-      if (c < n_copies) {
-        const int tok = min(start + tile * T_stage + copy_token(c), end - 1);
-        // Unsigned division is cheaper; both are >= 0.
-        const int lp = static_cast<int>(static_cast<unsigned>(tok) / static_cast<unsigned>(ps));
-        page[i] = detail::ldg(bt + lp * p.bt_sp);
-        slot[i] = tok - lp * ps;
-      }
+    for (int i = 0; i < kPasses; ++i) {
+      const int hr = i * kRpp + tid / kCpr;
+      const int tok = min(start + tile * T_stage + (hr >> hg_log2), end - 1);
+      // Unsigned division is cheaper; both are >= 0.
+      const int lp = static_cast<int>(static_cast<unsigned>(tok) / static_cast<unsigned>(ps));
+      page[i] = detail::ldg(bt + lp * p.bt_sp);
+      slot[i] = tok - lp * ps;
     }
   };
-  // Fills the stage of slot t with `tile`, or, for tile -1, completes its barrier phase with no
-  // bytes. The slot's first token (-1: none, the loop ends there) goes to s_first[stage]; the
-  // __syncthreads at the top of the next iteration publishes it before any warp reads it.
-  auto issue = [&](int t, int tile, const int (&page)[kMaxCopiesPerLane],
-                   const int (&slot)[kMaxCopiesPerLane]) {
+  // Fills the stage of slot t with `tile` (every thread its chunks), or, for tile -1, only
+  // arrives. Each thread's arrival fires when its copies have landed, so the stage's phase
+  // completes when all 2 * kRows head rows are in shared memory. The slot's first token (-1:
+  // none, the loop ends there) goes to s_first[stage]; the __syncthreads at the top of the
+  // next iteration publishes it before any warp reads it.
+  auto issue = [&](int t, int tile, const int (&page)[kPasses], const int (&slot)[kPasses]) {
     const int stage = t % kStages;
-    const uint32_t bar = smem_u32(&full_bar[stage]);
-    const uint32_t dst0 = smem0 + stage * sb;
-    if (lane == 0) {
-      s_first[stage] = tile < 0 ? -1 : start + tile * T_stage;
-      detail::mbar_arrive_expect_tx(bar, tile < 0 ? 0u : stage_tx);
-    }
-    __syncwarp();
+    if (tid == 0) s_first[stage] = tile < 0 ? -1 : start + tile * T_stage;
+    if (tile >= 0) {
+      const int col = (tid % kCpr) * 8;  // elements: 16 bytes of 2-byte T
+      const uint32_t dst0 = smem0 + stage * sb + (tid % kCpr) * 16;
 #pragma unroll
-    for (int i = 0; i < kMaxCopiesPerLane; ++i) {
-      const int c = lane + 32 * i;
-      if (tile >= 0 && c < n_copies) {
-        const bool is_v = c >= per_kv;
-        const int j = is_v ? c - per_kv : c;
-        const int head = p.row_per_token ? 0 : (j & (hg - 1));
-        const uint32_t dst = dst0 + (is_v ? T_stage * rb : 0u) + copy_token(c) * rb +
-                             head * kHeadBytes;
-        const T* src = is_v ? static_cast<const T*>(p.v) + page[i] * p.v_sp + slot[i] * p.v_ss +
-                                  (kvh0 + head) * p.v_sh
-                            : static_cast<const T*>(p.k) + page[i] * p.k_sp + slot[i] * p.k_ss +
-                                  (kvh0 + head) * p.k_sh;
-        detail::bulk_g2s(dst, src, copy_bytes, bar);
+      for (int i = 0; i < kPasses; ++i) {
+        const int hr = i * kRpp + tid / kCpr;
+        const int tok = hr >> hg_log2, head = hr & (hg - 1);
+        const uint32_t dst = dst0 + tok * rb + head * kHeadBytes;
+        detail::cp_async_16(dst, static_cast<const T*>(p.k) + page[i] * p.k_sp +
+                                     slot[i] * p.k_ss + (kvh0 + head) * p.k_sh + col);
+        detail::cp_async_16(dst + T_stage * rb, static_cast<const T*>(p.v) + page[i] * p.v_sp +
+                                                    slot[i] * p.v_ss + (kvh0 + head) * p.v_sh +
+                                                    col);
       }
     }
-    detail::copies_issued(bar);
+    detail::arrive_on_copies(smem_u32(&full_bar[stage]));
   };
 
   // Warp role: kv head h of the group, head tile ht, token group tg (see the header comment).
@@ -394,26 +452,35 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   const int role = warp % roles, h = role / mt, ht = role % mt;
   const int tg = warp / roles, ntg = kWarps / roles;
 
-  // Pages of the first kStages tiles are read together so the prologue waits one latency. Warp
-  // 0 carries the tile of the slot it looks up next (look_tile) and, balanced, lane 0 the
-  // counter value for the slot after it (grab), taken one iteration before its pages are read.
-  int pre_tile[kStages - 1];
-  int pre_page[kStages - 1][kMaxCopiesPerLane], pre_slot[kStages - 1][kMaxCopiesPerLane];
-  int page[kMaxCopiesPerLane], slot[kMaxCopiesPerLane];
-  int look_tile = -1, grab = 0;
-  if (warp == 0) {
-    const int first = balanced ? split * kStages : 0;
+  // Tiles of the pipeline slots (see "Tile schedule"): static, slot u takes tile u of the range;
+  // balanced, slot u < kStages takes tile split * kStages + u and later slots come from the
+  // counter. Slot u's pages are looked up in iteration u - kStages and its copies issued in
+  // iteration u - kStages + 1, so for a counter slot thread 0 takes the counter value in
+  // iteration u - kStages - 2 and publishes the tile in s_tile during iteration
+  // u - kStages - 1; the __syncthreads that opens iteration u - kStages makes it visible
+  // (the first two counter slots are taken before the loop). Tiles only run out, never return:
+  // once a slot has none, no later slot has one.
+  auto first_tile = [&](int u) { return valid_tile(balanced ? split * kStages + u : u); };
+  int grab = 0, published = -1;  // thread 0, balanced: counter value of the next slot to publish
+  if (balanced && tid == 0) {
+    published = valid_tile(first_dynamic_tile + atomicAdd(counter, 1));
+    s_tile[kStages % kTileRing] = published;
+    if (published >= 0) grab = atomicAdd(counter, 1);
+  }
+  int page[kPasses], slot[kPasses];
+  int look_tile = first_tile(kStages - 1);  // the slot whose pages are in page/slot
+  if (look_tile >= 0) lookup(look_tile, page, slot);
+  {
+    int pre_page[kStages - 1][kPasses], pre_slot[kStages - 1][kPasses];
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      pre_tile[s] = valid_tile(first + s);
-      if (pre_tile[s] >= 0) lookup(pre_tile[s], pre_page[s], pre_slot[s]);
-    }
-    look_tile = valid_tile(first + kStages - 1);
-    if (look_tile >= 0) lookup(look_tile, page, slot);
-    if (balanced && lane == 0) grab = atomicAdd(counter, 1);
+    for (int u = 0; u < kStages - 1; ++u)
+      if (first_tile(u) >= 0) lookup(first_tile(u), pre_page[u], pre_slot[u]);
+    // Q as MMA A fragments (rows = the warp's 16 heads, zero past G), loaded while pages arrive.
+    __syncthreads();  // the barriers are initialized; s_tile holds the first counter slot
+#pragma unroll
+    for (int u = 0; u < kStages - 1; ++u) issue(u, first_tile(u), pre_page[u], pre_slot[u]);
   }
 
-  // Q as MMA A fragments (rows = the warp's 16 heads, zero past G), loaded while pages arrive.
   uint32_t qa[D / 16][4];
   {
     const int r0 = ht * 16 + (lane >> 2), r1 = r0 + 8;
@@ -431,12 +498,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     }
   }
 
-  __syncthreads();  // the barriers are initialized
-  if (warp == 0) {
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) issue(s, pre_tile[s], pre_page[s], pre_slot[s]);
-  }
-
   float o[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n)
@@ -444,26 +505,22 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     for (int e = 0; e < 4; ++e) o[n][e] = 0.f;
   float row_ms[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
 
-  // Slots are consumed in order and their tiles never come back once one is -1 (a counter that
-  // ran out stays out), so the loop ends at the first empty slot with no copy in flight.
+  // Slots are consumed in order, so the loop ends at the first empty slot with no copy in
+  // flight.
   for (int t = 0;; ++t) {
-    // Every warp is done with slot t-1, whose stage slot t+2 reuses: refill it before waiting
-    // for slot t, so all kStages stages are in flight during the wait.
+    // Every warp is done with slot t-1, whose stage slot t+kStages-1 reuses: refill it before
+    // waiting for slot t, so all kStages stages are in flight during the wait.
     __syncthreads();
     const int next = t + kStages - 1;
-    if (warp == 0) {
-      issue(next, look_tile, page, slot);
-      int tile = -1;  // of slot next + 1, looked up now, issued one iteration later
-      if (look_tile >= 0) {
-        if (balanced) {
-          tile = valid_tile(first_dynamic_tile + __shfl_sync(0xffffffffu, grab, 0));
-          if (tile >= 0 && lane == 0) grab = atomicAdd(counter, 1);
-        } else {
-          tile = valid_tile(next + 1);
-        }
-        if (tile >= 0) lookup(tile, page, slot);
-      }
-      look_tile = tile;
+    issue(next, look_tile, page, slot);
+    int tile = -1;  // of slot next + 1, looked up now, issued one iteration later
+    if (look_tile >= 0) tile = balanced ? s_tile[(next + 1) % kTileRing] : valid_tile(next + 1);
+    if (tile >= 0) lookup(tile, page, slot);
+    look_tile = tile;
+    if (balanced && tid == 0) {
+      published = published >= 0 ? valid_tile(first_dynamic_tile + grab) : -1;
+      s_tile[(next + 2) % kTileRing] = published;
+      if (published >= 0) grab = atomicAdd(counter, 1);
     }
     if (!balanced && warp == 1 && lane < n_probes) prefetch_pages(next + 1 + kBtAhead, lane);
     const int stage = t % kStages;
@@ -546,6 +603,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     }
     *reinterpret_cast<float4*>(p.o + out_row + (qh0 + qr) * p.o_sh + c4 * 4) = acc;
   }
+  if (p.done_counter != nullptr) detail::merge_if_last<D>(p, b, grp, qh0, hg * G, red);
 }
 
 // One row (b, h) per warps_per_row warps: every warp reduces the row's lse values itself, then
@@ -642,7 +700,7 @@ void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int devic
     if (!ready[device]) {
       ESP_CUDA_CHECK(cudaFuncSetAttribute(decode_partial_kernel<T, D>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax));
-      // 2 (D = 128) or 4 (D = 64) CTAs of ~100 / ~55 KB per SM need the largest carveout.
+      // 2 (D = 128) or 4 (D = 64) CTAs of ~70 / ~37 KB per SM need the largest carveout.
       ESP_CUDA_CHECK(cudaFuncSetAttribute(decode_partial_kernel<T, D>,
                                           cudaFuncAttributePreferredSharedMemoryCarveout,
                                           cudaSharedmemCarveoutMaxShared));

@@ -1,6 +1,7 @@
-// PTX wrappers specific to the decode kernels (sm_90; sm_80 fallbacks for multi-arch builds):
-// mbarriers, 1-D bulk (TMA) copies, L2 prefetch and exp2. The tensor-core wrappers shared with
-// the ring step (ldmatrix, mma.sync, pack2) are in ../common/mma.cuh.
+// PTX wrappers specific to the decode kernels: mbarriers completed by cp.async arrivals, 16-byte
+// cp.async, programmatic dependent launch, L2 prefetch and exp2 (sm_80 and up; sm_90 extras behind
+// ESP_DECODE_SM90). The tensor-core wrappers shared with the ring step (ldmatrix, mma.sync,
+// pack2) are in ../common/mma.cuh.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,44 +13,28 @@ namespace esp {
 namespace decode {
 namespace detail {
 
-// ---- stage completion: mbarriers and 1-D bulk copies ----
-// sm_90: a stage's barrier takes one arrival (lane 0's arrive.expect_tx of the stage's bytes) and
-// completes when the bulk copies (TMA) issued against it have delivered those bytes.
-// Older targets (an "80;90a" build): the copies are 16-byte cp.async and each of warp 0's 32
-// lanes arrives once its own copies have landed (cp.async.mbarrier.arrive.noinc).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define ESP_DECODE_BULK 0
+#define ESP_DECODE_SM90 0
 #else
-#define ESP_DECODE_BULK 1
+#define ESP_DECODE_SM90 1
 #endif
-constexpr uint32_t kStageArrivals = ESP_DECODE_BULK ? 1 : 32;
 
+// ---- stage completion: every thread's copies arrive on the stage's mbarrier ----
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
 }
-// Makes the initialized barriers visible to the async proxy (the bulk copies); a __syncthreads
-// must follow before any thread uses them.
-__device__ __forceinline__ void mbar_init_fence() {
-#if ESP_DECODE_BULK
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
+// 16-byte global -> shared copy through L2 only (.cg: the KV is read once, L1 would only evict).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
 }
-// Lane 0, before a stage's copies: arrives once and adds `bytes` to the phase's transaction count.
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-#if ESP_DECODE_BULK
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-#endif
-}
-// Every lane of warp 0, after issuing its copies of a stage.
-__device__ __forceinline__ void copies_issued(uint32_t bar) {
-#if !ESP_DECODE_BULK
+// One arrival on `bar`, made when every cp.async this thread issued before has landed (noinc:
+// the barrier's expected count already includes it).
+__device__ __forceinline__ void arrive_on_copies(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-#endif
 }
 // Blocks until the phase with parity `parity` has completed (all its bytes have landed).
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-#if ESP_DECODE_BULK
+#if ESP_DECODE_SM90
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
@@ -72,23 +57,6 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 #endif
 }
 
-// Global -> shared copy of `bytes` (a multiple of 16; both ends 16-byte aligned) completing on
-// `bar`: one bulk copy through the TMA unit on sm_90.
-__device__ __forceinline__ void bulk_g2s(uint32_t dst, const void* src, uint32_t bytes,
-                                         uint32_t bar) {
-#if ESP_DECODE_BULK
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-      ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
-      : "memory");
-#else
-  for (uint32_t off = 0; off < bytes; off += 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst + off),
-                 "l"(static_cast<const char*>(src) + off)
-                 : "memory");
-#endif
-}
-
 // ---- tensor cores ----
 
 // 2^x; ex2.approx gives +0 for -inf, which is what masked scores and empty states need.
@@ -102,12 +70,12 @@ __device__ __forceinline__ float ex2(float x) {
 // merge waits here until the decode grid has completed and its writes are visible (a no-op when
 // it was launched without the programmatic attribute).
 __device__ __forceinline__ void launch_dependents() {
-#if ESP_DECODE_BULK
+#if ESP_DECODE_SM90
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
 __device__ __forceinline__ void wait_prerequisites() {
-#if ESP_DECODE_BULK
+#if ESP_DECODE_SM90
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
