@@ -40,8 +40,7 @@ def main():
                           mask_shift=shift, accumulate=acc, softmax_scale=0.1, backend=backend)
             res.append(os_)
         print("ring_step", hq, hkv, d, rel_err(res[0], res[1]))
-    # decode_partial with splits and page size 16 / 1: 3 splits merge in the kernel's last CTA,
-    # 20 in decode_merge_kernel
+    # decode_partial with splits and page size 16 / 1
     for ps in (16, 1):
         cache = esp.PagedKVCache(1, 200 // ps + 8, ps, 2, 128, torch.bfloat16, dev)
         cache.kv.normal_()

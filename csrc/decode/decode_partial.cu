@@ -82,9 +82,7 @@
 //   schedule: B1 210 us (86% of copy), B16 386 (93%), B64 388 (93%) page 16; Nsight Compute on
 //   pages in pool order: 180 us at 89% of DRAM peak, cuDNN 180 us at 89%. Shuffled pages cost
 //   the rest (191 us, 84%): page 16 (32 KB runs) loses almost as much as page 1 (2 KB runs), so
-//   it is address-translation reach over the 0.5 GB pool rather than DRAM rows. The split merge
-//   (6-8 us after the last CTA, Nsight Compute) now runs in the last CTA of each group when
-//   num_splits <= 16 (B16, B64, B8), predicted to save 5-10 us there.
+//   it is address-translation reach over the 0.5 GB pool rather than DRAM rows.
 #include "decode_partial.h"
 
 #include <cmath>
@@ -119,10 +117,10 @@ int64_t decode_workspace_elems(int batch, int num_q_heads, int head_dim, int num
   if (num_splits == 1) return 0;  // the kernel writes o/lse directly
   // o [num_splits, B, Hq, D] then lse [num_splits, B, Hq], both float32, then the balanced
   // schedule's int32 tile counters, one per (request, kv-head group): at most B * Hq.
-  // States of every split, then two int32 counters per (request, kv-head group) at most: the
-  // balanced schedule's tile counter and the fused merge's done counter (groups <= Hq).
+  // States of every split, then the balanced schedule's int32 tile counter per (request,
+  // kv-head group) (groups <= Hq).
   return static_cast<int64_t>(num_splits) * batch * num_q_heads * (head_dim + 1) +
-         2 * static_cast<int64_t>(batch) * num_q_heads;
+         static_cast<int64_t>(batch) * num_q_heads;
 }
 
 void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const TensorDesc& v_cache,
@@ -270,22 +268,13 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
 
   DeviceGuard guard(device);
   cudaStream_t s = as_stream(stream);
-  // Counters, zeroed per launch by a memset (a memset node in a captured graph, so every replay
-  // starts from zero): the balanced schedule's tiles, then the fused merge's finished CTAs,
-  // one of each per (request, kv-head group).
-  const int64_t groups = B * (Hkv / p.heads_per_cta);
-  int* counters = reinterpret_cast<int*>(ws + ws_o_elems + num_splits * B * Hq);
-  const bool fused_merge = num_splits > 1 && num_splits <= decode::kFusedMergeMaxSplits;
-  p.tile_counter = num_splits > 1 && !deterministic ? counters : nullptr;
-  p.done_counter = fused_merge ? counters + groups : nullptr;
-  p.final_o = o.data<float>();
-  p.final_o_sb = o.stride(0);
-  p.final_o_sh = o.stride(1);
-  p.final_lse = lse.data<float>();
-  p.final_lse_sb = lse.stride(0);
-  p.final_lse_sh = lse.stride(1);
-  if (p.tile_counter != nullptr || p.done_counter != nullptr)
-    ESP_CUDA_CHECK(cudaMemsetAsync(counters, 0, sizeof(int) * 2 * groups, s));
+  p.tile_counter = nullptr;
+  if (num_splits > 1 && !deterministic) {
+    // A memset node in a captured graph, so every replay starts from zero.
+    p.tile_counter = reinterpret_cast<int*>(ws + ws_o_elems + num_splits * B * Hq);
+    ESP_CUDA_CHECK(cudaMemsetAsync(p.tile_counter, 0,
+                                   sizeof(int) * B * (Hkv / p.heads_per_cta), s));
+  }
   ESP_DISPATCH_HALF(q.dtype, T, [&] {
     if (D == 64) {
       decode::launch_decode_partial<T, 64>(p, s, device);
@@ -294,7 +283,7 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
     }
   });
 
-  if (num_splits > 1 && !fused_merge) {
+  if (num_splits > 1) {
     decode::MergeParams m{};
     m.o = ws;
     m.lse = ws + ws_o_elems;

@@ -53,10 +53,10 @@
 //
 // In-CTA merge. Each warp keeps its own (max, sum, O) per head row; at the end the ntg warps of a
 // (head, head tile) meet in shared memory (reusing the pipeline buffers) and are combined exactly
-// like merge_states. Splits > 1 write their states to the workspace; up to
-// kFusedMergeMaxSplits of them are merged by the last CTA of each group to finish (no second
-// launch: the merge kernel and its launch cost 6-16 us after the last CTA, 2-4% of B16/B64 L16k),
-// more by decode_merge_kernel (any number of splits; warps of a CTA share the splits of a row).
+// like merge_states. Splits > 1 write their states to the workspace and decode_merge_kernel
+// reduces them (any number of splits; warps of a CTA share the splits of one row). Merging in
+// the last CTA of each group instead (run 8) saved the merge launch but took as long inside the
+// kernel (B16: 5 us either way), and cost B8 L1k ~2 us, so the second launch stays.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -95,15 +95,6 @@ struct DecodeParams {
   // Balanced schedule (num_splits > 1): one zeroed counter per (request, kv-head group),
   // tile_counter[b * (Hkv / hg) + group]; nullptr: static ranges (deterministic).
   int* tile_counter;
-  // Fused split merge (1 < num_splits <= kFusedMergeMaxSplits): one zeroed counter per (request,
-  // kv-head group), done_counter[b * (Hkv / hg) + group]; the last CTA of a group to finish
-  // merges the group's states from the workspace into final_o / final_lse. nullptr: the splits
-  // are merged by decode_merge_kernel (or there is one split and o/lse are final already).
-  int* done_counter;
-  float* final_o;
-  int64_t final_o_sb, final_o_sh;
-  float* final_lse;
-  int64_t final_lse_sb, final_lse_sh;
   float scale_log2;   // softmax_scale * log2(e): scores go through exp2
 };
 
@@ -131,10 +122,6 @@ constexpr int kMaxGroup = 16 * kWarps;  // one 16-row head tile per warp at most
 constexpr int kMaxHeadsPerCta = kWarps;
 constexpr int kRowPad = 16;      // bytes after each token row in shared memory (bank spread)
 constexpr int kMergeThreads = 256;
-// Up to this many splits the last CTA of a group merges them (reading splits x hg*G rows of
-// states, <= 16 x 64 x 516 B, from L2); above, decode_merge_kernel does (B1 L128k: 128 splits,
-// ~1 MB per group: too much for one CTA).
-constexpr int kFusedMergeMaxSplits = 16;
 
 // Shared-memory layout of a stage: T = kRows / hg token rows of K, then T of V, each row the hg
 // heads' D elements followed by kRowPad bytes.
@@ -240,64 +227,6 @@ __device__ __forceinline__ void attend_block(uint32_t k_head, uint32_t v_head, u
     ldmatrix_x4_trans(b, v_row_addr + (chunk << 4));
     mma_16816<T>(o[2 * c2], pa, b[0], b[1]);
     mma_16816<T>(o[2 * c2 + 1], pa, b[2], b[3]);
-  }
-}
-
-// Fused split merge, run by every CTA after it stored its state (see DecodeParams::done_counter):
-// the CTA that completes its group's count merges the group's R = hg * G query rows over all
-// splits, with merge_states' arithmetic (empty states skipped, never multiplied; a row with only
-// empty states gives (0, -inf)), in a fixed split order, so results do not depend on which CTA
-// came last. The other CTAs' states are visible to it: each CTA fences its stores before its
-// count (the threadFenceReduction pattern) and the last one reads through L2 (ld.cg).
-template <int D>
-__device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b, int grp,
-                                              int64_t qh0, int R, float* smem) {
-  __shared__ int s_last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0)
-    s_last = atomicAdd(p.done_counter + b * gridDim.x + grp, 1) == p.num_splits - 1;
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  const int S = p.num_splits, tid = threadIdx.x;
-  // smem: [R][S] split lse values, replaced by their merge weights.
-  for (int i = tid; i < R * S; i += kThreads) {
-    const int r = i / S, sp = i % S;
-    smem[i] = __ldcg(p.lse + sp * p.lse_ss + b * p.lse_sb + (qh0 + r) * p.lse_sh);
-  }
-  __syncthreads();
-  if (tid < R) {
-    float* w = smem + tid * S;
-    float m = -INFINITY;
-    for (int sp = 0; sp < S; ++sp) m = fmaxf(m, w[sp]);
-    float sum = 0.f;
-    if (m != -INFINITY)
-      for (int sp = 0; sp < S; ++sp)
-        if (w[sp] != -INFINITY) sum += __expf(w[sp] - m);
-    const float lse = m == -INFINITY ? -INFINITY : m + __logf(sum);
-    for (int sp = 0; sp < S; ++sp)
-      w[sp] = (lse == -INFINITY || w[sp] == -INFINITY) ? 0.f : __expf(w[sp] - lse);
-    p.final_lse[b * p.final_lse_sb + (qh0 + tid) * p.final_lse_sh] = lse;
-  }
-  __syncthreads();
-  constexpr int kVec4 = D / 4;
-  for (int idx = tid; idx < R * kVec4; idx += kThreads) {
-    const int r = idx / kVec4, c4 = idx % kVec4;
-    const float* w = smem + r * S;
-    const float* src = p.o + b * p.o_sb + (qh0 + r) * p.o_sh + c4 * 4;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int sp = 0; sp < S; ++sp) {
-      if (w[sp] == 0.f) continue;  // empty (or negligible) state: skipped, never multiplied
-      const float4 x = __ldcg(reinterpret_cast<const float4*>(src + sp * p.o_ss));
-      acc.x = fmaf(w[sp], x.x, acc.x);
-      acc.y = fmaf(w[sp], x.y, acc.y);
-      acc.z = fmaf(w[sp], x.z, acc.z);
-      acc.w = fmaf(w[sp], x.w, acc.w);
-    }
-    *reinterpret_cast<float4*>(p.final_o + b * p.final_o_sb + (qh0 + r) * p.final_o_sh + c4 * 4) =
-        acc;
   }
 }
 
@@ -459,14 +388,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   // iteration u - kStages - 2 and publishes the tile in s_tile during iteration
   // u - kStages - 1; the __syncthreads that opens iteration u - kStages makes it visible
   // (the first two counter slots are taken before the loop). Tiles only run out, never return:
-  // once a slot has none, no later slot has one.
+  // once a slot has none, no later slot has one (counter values only grow).
   auto first_tile = [&](int u) { return valid_tile(balanced ? split * kStages + u : u); };
-  int grab = 0, published = -1;  // thread 0, balanced: counter value of the next slot to publish
-  if (balanced && tid == 0) {
-    published = valid_tile(first_dynamic_tile + atomicAdd(counter, 1));
-    s_tile[kStages % kTileRing] = published;
-    if (published >= 0) grab = atomicAdd(counter, 1);
-  }
   int page[kPasses], slot[kPasses];
   int look_tile = first_tile(kStages - 1);  // the slot whose pages are in page/slot
   if (look_tile >= 0) lookup(look_tile, page, slot);
@@ -475,12 +398,23 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
 #pragma unroll
     for (int u = 0; u < kStages - 1; ++u)
       if (first_tile(u) >= 0) lookup(first_tile(u), pre_page[u], pre_slot[u]);
-    // Q as MMA A fragments (rows = the warp's 16 heads, zero past G), loaded while pages arrive.
-    __syncthreads();  // the barriers are initialized; s_tile holds the first counter slot
+    __syncthreads();  // the barriers are initialized
 #pragma unroll
     for (int u = 0; u < kStages - 1; ++u) issue(u, first_tile(u), pre_page[u], pre_slot[u]);
   }
+  // Balanced: thread 0 takes the first two counter values only now, with the first copies in
+  // flight, and in one round trip (the second is wasted when the first is already past the end;
+  // an earlier version took them one after the other before the first copies and cost B8 L1k
+  // ~4 us). The __syncthreads opening iteration 0 publishes s_tile.
+  int grab = 0, published = -1;  // thread 0: counter value of the next slot to publish
+  if (balanced && tid == 0) {
+    const int c0 = atomicAdd(counter, 1);
+    grab = atomicAdd(counter, 1);
+    published = valid_tile(first_dynamic_tile + c0);
+    s_tile[kStages % kTileRing] = published;
+  }
 
+  // Q as MMA A fragments (rows = the warp's 16 heads, zero past G), loaded while pages arrive.
   uint32_t qa[D / 16][4];
   {
     const int r0 = ht * 16 + (lane >> 2), r1 = r0 + 8;
@@ -603,7 +537,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     }
     *reinterpret_cast<float4*>(p.o + out_row + (qh0 + qr) * p.o_sh + c4 * 4) = acc;
   }
-  if (p.done_counter != nullptr) detail::merge_if_last<D>(p, b, grp, qh0, hg * G, red);
 }
 
 // One row (b, h) per warps_per_row warps: every warp reduces the row's lse values itself, then
