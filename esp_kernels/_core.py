@@ -59,13 +59,18 @@ def as_tensor(x, name: str) -> torch.Tensor:
                     f"got {type(x).__name__}")
 
 
+def raw_desc(ptr: int, dtype: torch.dtype, shape, strides):
+    """TensorDesc of the core for memory torch cannot express as one tensor view."""
+    try:
+        code = DTYPE_CODES[dtype]
+    except KeyError:
+        raise TypeError(f"dtype {dtype} is not supported by the compiled core") from None
+    return _C.TensorDesc(ptr, code, list(shape), list(strides))
+
+
 def desc(t: torch.Tensor):
     """TensorDesc of the core for tensor `t` (pointer, dtype code, shape, strides)."""
-    try:
-        code = DTYPE_CODES[t.dtype]
-    except KeyError:
-        raise TypeError(f"dtype {t.dtype} is not supported by the compiled core") from None
-    return _C.TensorDesc(t.data_ptr(), code, list(t.shape), list(t.stride()))
+    return raw_desc(t.data_ptr(), t.dtype, t.shape, t.stride())
 
 
 # torch's C accessor skips the Stream object torch.cuda.current_stream builds (measured at ~20 us

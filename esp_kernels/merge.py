@@ -51,7 +51,7 @@ def _merge_torch(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, lse_out)
 
 
 # The kernel keeps per-state weights in registers; more states are merged in rounds.
-_MAX_KERNEL_STATES = 64
+MAX_KERNEL_STATES = 64
 
 
 def _run(o, lse, out, lse_out, backend: str):
@@ -61,8 +61,8 @@ def _run(o, lse, out, lse_out, backend: str):
         raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
     if out.device.type == "cuda" and backend != "torch":
         C = _core.require_compiled("merge_states")
-        if not isinstance(o, _Pair) and o.shape[0] > _MAX_KERNEL_STATES:
-            n = _MAX_KERNEL_STATES
+        if not isinstance(o, _Pair) and o.shape[0] > MAX_KERNEL_STATES:
+            n = MAX_KERNEL_STATES
             head_o = torch.empty(o.shape[1:], dtype=torch.float32, device=o.device)
             head_lse = torch.empty(lse.shape[1:], dtype=torch.float32, device=o.device)
             _run(o[:n], lse[:n], head_o, head_lse, backend)
@@ -92,8 +92,7 @@ class _Pair:
 def _states_desc(x):
     if isinstance(x, _Pair):
         a = x.tensors[0]
-        return _core._C.TensorDesc(a.data_ptr(), _core.DTYPE_CODES[a.dtype], [2] + list(a.shape),
-                                   [x.stride_s] + list(a.stride()))
+        return _core.raw_desc(a.data_ptr(), a.dtype, [2, *a.shape], [x.stride_s, *a.stride()])
     return _core.desc(x)
 
 
@@ -105,11 +104,12 @@ def _pair_view(o_a, lse_a, o_b, lse_b):
     as a view (storage bounds), so the pair goes to the core as a raw descriptor. Otherwise the
     states are stacked (one copy).
     """
-    if (o_a.device.type == "cuda" and o_a.dtype == o_b.dtype and o_a.stride() == o_b.stride()
-            and lse_a.stride() == lse_b.stride()):
+    if (o_a.device.type == "cuda" and o_a.dtype == o_b.dtype and lse_a.dtype == lse_b.dtype
+            and o_a.stride() == o_b.stride() and lse_a.stride() == lse_b.stride()):
         do, dl = o_b.data_ptr() - o_a.data_ptr(), lse_b.data_ptr() - lse_a.data_ptr()
-        if do % o_a.element_size() == 0 and dl % 4 == 0:
-            return (_Pair(o_a, o_b, do // o_a.element_size()), _Pair(lse_a, lse_b, dl // 4))
+        eo, el = o_a.element_size(), lse_a.element_size()
+        if do % eo == 0 and dl % el == 0:
+            return (_Pair(o_a, o_b, do // eo), _Pair(lse_a, lse_b, dl // el))
     return torch.stack([o_a, o_b.to(o_a.dtype)]), torch.stack([lse_a, lse_b])
 
 

@@ -24,8 +24,8 @@ from .. import _core
 from .._checks import FLOAT_DTYPES, check_tensor
 from ..kvcache.cache import PagedKVCache
 from ..kvcache.copy import copy_rows
-from ..merge import merge_states_multi
-from .partial import decode_partial, num_splits_for
+from ..merge import MAX_KERNEL_STATES, merge_states_multi
+from .partial import decode_partial, default_num_splits, new_workspace
 from .plan import DecodePlan
 
 
@@ -78,7 +78,6 @@ class _DecodeStep:
         self.q_self_idx = torch.tensor(self_rows, dtype=torch.long, device=dev)
         # Holding exactly my own requests, in my row order: the kernel reads q itself.
         self.q_identity = self_rows == list(range(len(self.mine))) and n_hold == len(self.mine)
-        self.q_direct = None
         # Appends: which of my new tokens go where, and which tokens I store for others.
         self.appending = any(t is not None for t in plan.append_to)
         app_dst = {}
@@ -107,15 +106,10 @@ class _DecodeStep:
         hold_ids = [plan.requests[i] for i in hold_order]
         self.block_table, self.kv_lens = cache.block_table(hold_ids)
         max_len = max([plan.shards[i][me] for i in hold_order], default=0)
-        sms = (torch.cuda.get_device_properties(dev).multi_processor_count
-               if dev.type == "cuda" else 1)
-        self.num_splits = num_splits_for(max(1, n_hold), Hkv, max_len, sms, D)
+        self.num_splits = default_num_splits(max(1, n_hold), Hkv, max_len, dev, D)
         self.workspace = None
         if dev.type == "cuda" and n_hold:
-            C = _core.require_compiled("distributed_decode")
-            self.workspace = torch.empty(
-                max(1, C.decode_workspace_elems(n_hold, Hq, D, self.num_splits)),
-                dtype=torch.float32, device=dev)
+            self.workspace = new_workspace(n_hold, Hq, D, self.num_splits, dev)
 
         # Buffers. States: one fp32 row [o (Hq*D) | lse (Hq) | pad] per request, so the states of
         # a master's requests are one contiguous message; the row is padded to 4 floats so
@@ -170,33 +164,34 @@ class _DecodeStep:
         # rows directly (no gather; a single state merge is the conversion to q's dtype).
         self.self_only = S == 1 and self.q_identity and not remote
         self.fast = dev.type == "cuda" and _core.has_compiled()
+        # The merge kernel takes at most MAX_KERNEL_STATES states per launch; a request with
+        # more holders goes through merge_states_multi, which merges in rounds.
+        self.fast_merge = self.fast and max(S, 1) <= MAX_KERNEL_STATES
         if self.fast:
             d = _core.desc
             self.d_hold = [d(t) for t in (self.q_hold, self.o_h, self.lse_h, self.block_table,
                                           self.kv_lens)]
-            self.d_ws = d(self.workspace if self.workspace is not None else self.X)
+            self.d_ws = d(self.workspace) if self.workspace is not None else None
             if self.self_only:
                 self.d_merge = (d(self.o_h[None]), d(self.lse_h[None]), d(self.lse_out))
             else:
                 self.d_merge = (d(self.g_o), d(self.g_lse), d(self.lse_out))
-            self.d_layers = {}
 
-    def partial(self, cache: PagedKVCache, layer: int, scale: float, deterministic: bool,
-                backend: str):
-        """One partial state over this instance's shard for every request it holds."""
+    def partial(self, cache: PagedKVCache, layer: int, q_direct, scale: float,
+                deterministic: bool, backend: str):
+        """One partial state over this instance's shard for every request it holds; q_direct:
+        the caller's q when the kernel can read it in place (else q_hold was filled)."""
         if self.fast and backend != "torch":
-            dl = self.d_layers.get(layer)
-            if dl is None:
-                dl = self.d_layers[layer] = tuple(_core.desc(t) for t in cache.layer(layer))
+            dk, dv = cache.layer_descs(layer)
             dq, do, dlse, dbt, dlen = self.d_hold
-            if self.q_direct is not None:
-                dq = _core.desc(self.q_direct)
-            _core._C.decode_partial(dq, dl[0], dl[1], dbt, dlen, do, dlse, self.d_ws,
-                                    self.num_splits, scale, deterministic, self.device.index,
+            if q_direct is not None:
+                dq = _core.desc(q_direct)
+            _core._C.decode_partial(dq, dk, dv, dbt, dlen, do, dlse, self.d_ws, self.num_splits,
+                                    scale, deterministic, self.device.index,
                                     _core.stream_handle(self.device))
         else:
             k_l, v_l = cache.layer(layer)
-            q = self.q_hold if self.q_direct is None else self.q_direct
+            q = self.q_hold if q_direct is None else q_direct
             decode_partial(q, k_l, v_l, self.block_table, self.kv_lens,
                            softmax_scale=scale, num_splits=self.num_splits, o=self.o_h,
                            lse=self.lse_h, workspace=self.workspace,
@@ -204,10 +199,11 @@ class _DecodeStep:
 
     def merge(self, dtype: torch.dtype, backend: str) -> torch.Tensor:
         """Gather every holder's state of my requests and merge them exactly (fp32)."""
-        if not (self.self_only and self.fast and backend != "torch"):
+        fast = self.fast_merge and backend != "torch"
+        if not (self.self_only and fast):
             torch.index_select(self.X, 0, self.gather_idx, out=self.G.view(-1, self.srow))
         out = torch.empty(len(self.mine), self.Hq, self.D, dtype=dtype, device=self.device)
-        if self.fast and backend != "torch":
+        if fast:
             go, glse, dlse = self.d_merge
             _core._C.merge_states(go, glse, _core.desc(out), dlse, self.device.index,
                                   _core.stream_handle(self.device))
@@ -232,8 +228,7 @@ class _DecodeStep:
 
 def _write_kv(cache: PagedKVCache, layer: int, rows: torch.Tensor, slots: torch.Tensor):
     """rows [n, 2, Hkv*D] (K, V of n new tokens) -> the cache's slots of one layer."""
-    if slots.numel():
-        copy_rows(rows.transpose(0, 1), None, cache.slot_rows(layer), slots)
+    copy_rows(rows.transpose(0, 1), None, cache.slot_rows(layer), slots)
 
 
 def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer: int = 0,
@@ -280,15 +275,16 @@ def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer
                                  f"{cache.dtype}, got {tuple(t.shape)} {t.dtype}")
         row = cache.num_kv_heads * D
         new_kv = torch.stack((k_new.reshape(Bm, row), v_new.reshape(Bm, row)), 1)
-        _write_kv(cache, layer, new_kv[step.app_self_rows], step.app_self_slots)
+        if step.app_self_slots.numel():
+            _write_kv(cache, layer, new_kv[step.app_self_rows], step.app_self_slots)
         if step.app_send_idx.numel():
             torch.index_select(new_kv, 0, step.app_send_idx, out=step.kv_send)
     elif k_new is not None or v_new is not None:
         raise ValueError("k_new/v_new given but the plan appends nothing (call plan.scale_up)")
 
     # 1. queries (+ appended K/V) to holders, in one grouped exchange.
-    step.q_direct = q if step.q_identity and q.is_contiguous() else None
-    if step.q_self_idx.numel() and step.q_direct is None:
+    q_direct = q if step.q_identity and q.is_contiguous() else None
+    if step.q_self_idx.numel() and q_direct is None:
         s0, s1 = step.hold_seg[me]
         torch.index_select(q, 0, step.q_self_idx, out=step.q_hold[s0:s1])
     if step.q_send_idx.numel():
@@ -300,8 +296,9 @@ def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer
     if step.app_recv_slots.numel():
         _write_kv(cache, layer, step.kv_recv, step.app_recv_slots)
     if step.n_hold:
-        step.partial(cache, layer, D ** -0.5 if softmax_scale is None else float(softmax_scale),
-                     deterministic, backend)
+        step.partial(cache, layer, q_direct,
+                     D ** -0.5 if softmax_scale is None else float(softmax_scale), deterministic,
+                     backend)
 
     # 3. states back to masters: one message [o | lse] per peer.
     if step.back_sends or step.back_recvs:

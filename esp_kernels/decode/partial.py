@@ -47,6 +47,22 @@ def num_splits_for(batch: int, num_kv_heads: int, max_len: int, num_sms: int,
     return best
 
 
+def default_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device,
+                       head_dim: int) -> int:
+    """num_splits_for with the SM count of `device` (1 off CUDA)."""
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 1)
+    return num_splits_for(batch, num_kv_heads, max_len, sms, head_dim)
+
+
+def new_workspace(batch: int, num_q_heads: int, head_dim: int, num_splits: int,
+                  device: torch.device) -> torch.Tensor:
+    """A float32 workspace of `_C.decode_workspace_elems` elements (at least one) on `device`."""
+    C = _core.require_compiled("decode_partial")
+    need = C.decode_workspace_elems(batch, num_q_heads, head_dim, num_splits)
+    return torch.empty(max(need, 1), dtype=torch.float32, device=device)
+
+
 def _partial_torch(q, k_cache, v_cache, block_table, kv_lens, softmax_scale, o, lse):
     page_size = k_cache.shape[1]
     lens = kv_lens.tolist()
@@ -119,12 +135,10 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
         if num_splits is None:
             if max_len is None:
                 max_len = k_cache.shape[1] * block_table.shape[1]
-            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-            num_splits = num_splits_for(B, k_cache.shape[2], max_len, sms, D)
-        need = C.decode_workspace_elems(B, Hq, D, int(num_splits))
+            num_splits = default_num_splits(B, k_cache.shape[2], max_len, q.device, D)
         ws = workspace
-        if ws is None or ws.numel() < need:
-            ws = torch.empty(max(need, 1), dtype=torch.float32, device=q.device)
+        if ws is None or ws.numel() < C.decode_workspace_elems(B, Hq, D, int(num_splits)):
+            ws = new_workspace(B, Hq, D, int(num_splits), q.device)
         d = _core.desc
         C.decode_partial(d(q), d(k_cache), d(v_cache), d(block_table), d(kv_lens), d(o), d(lse),
                          d(ws), int(num_splits), scale, bool(deterministic), q.device.index,

@@ -19,6 +19,7 @@ from typing import Hashable, Iterable, Mapping
 
 import torch
 
+from .. import _core
 from .._checks import FLOAT_DTYPES, resolve_device
 from .copy import copy_rows
 
@@ -97,6 +98,7 @@ class PagedKVCache:
         self.kv = torch.empty((num_layers, 2, num_pages, page_size, num_kv_heads, head_dim),
                               dtype=dtype, device=self.device)
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low pages first
+        self._layer_descs: dict[int, tuple] = {}
         self._shards: dict[Hashable, _Shard] = {}
 
     # ---- views ---------------------------------------------------------------------------
@@ -113,6 +115,14 @@ class PagedKVCache:
         """(k, v) of one layer, each [num_pages, page_size, num_kv_heads, head_dim]."""
         self._check_layer(layer)
         return self.kv[layer, 0], self.kv[layer, 1]
+
+    def layer_descs(self, layer: int) -> tuple:
+        """Compiled-core descriptors of `layer`'s (k, v), built once: the pool never moves, and
+        building them costs ~2 us each, per layer of every decode step otherwise."""
+        descs = self._layer_descs.get(layer)
+        if descs is None:
+            descs = self._layer_descs[layer] = tuple(_core.desc(t) for t in self.layer(layer))
+        return descs
 
     def slot_rows(self, layer: int | None = None) -> torch.Tensor:
         """[2, num_slots, row] for one layer, or [num_layers * 2, num_slots, row] for all."""

@@ -81,9 +81,10 @@ def _block_layout(lengths: tuple, P: int, device: torch.device) -> torch.Tensor:
             _LAYOUTS.move_to_end(key)
     table, event = entry
     if event is not None:
-        event.wait()
+        stream = torch.cuda.current_stream(device)
+        stream.wait_event(event)
         # Used on this stream too: an eviction must not hand the block back before it is done.
-        table.record_stream(torch.cuda.current_stream(device))
+        table.record_stream(stream)
     return table
 
 
