@@ -19,39 +19,32 @@ from esp_kernels.comm import init_nccl, local_group, run_local
 STEPS = 50
 
 
-def local_step_ms(nbytes):
-    groups = local_group(2, "cuda")
-
-    def body(g):
-        x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-        y = torch.empty_like(x)
-        for _ in range(5):
-            g.exchange(sends=[(x, 1 - g.rank)], recvs=[(y, 1 - g.rank)]).wait()
-        torch.cuda.current_stream().synchronize()
-        t0 = time.perf_counter()
-        for _ in range(STEPS):
-            g.exchange(sends=[(x, 1 - g.rank)], recvs=[(y, 1 - g.rank)]).wait()
-        torch.cuda.current_stream().synchronize()
-        return (time.perf_counter() - t0) / STEPS * 1e3
-
-    return max(run_local(groups, body))
-
-
-def nccl_step_ms(group, nbytes):
+def step_ms(group, peer, nbytes, sync):
+    """Milliseconds per exchange of `nbytes` with `peer` (5 warm-up steps, then STEPS)."""
     x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     for _ in range(5):
-        group.exchange(sends=[(x, 0)], recvs=[(y, 0)]).wait()
-    torch.cuda.synchronize()
+        group.exchange(sends=[(x, peer)], recvs=[(y, peer)]).wait()
+    sync()
     t0 = time.perf_counter()
     for _ in range(STEPS):
-        group.exchange(sends=[(x, 0)], recvs=[(y, 0)]).wait()
-    torch.cuda.synchronize()
+        group.exchange(sends=[(x, peer)], recvs=[(y, peer)]).wait()
+    sync()
     return (time.perf_counter() - t0) / STEPS * 1e3
 
 
+def local_step_ms(nbytes):
+    # Each virtual rank synchronizes the stream it runs on (current in its thread).
+    return max(run_local(local_group(2, "cuda"), lambda g: step_ms(
+        g, 1 - g.rank, nbytes, lambda: torch.cuda.current_stream().synchronize())))
+
+
+def nccl_step_ms(group, nbytes):
+    return step_ms(group, 0, nbytes, torch.cuda.synchronize)
+
+
 def main():
-    args = parse_out(default_name="bench.jsonl")
+    args = parse_out()
     rec = Recorder("comm_ring_step", args.out)
     copy = copy_bandwidth_gbs()
     worlds = {}

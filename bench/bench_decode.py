@@ -38,20 +38,27 @@ def paged(B, L, page_size, gen, hkv=Hkv, shuffled=True):
     return k, v, bt, lens
 
 
-def sdpa_cudnn_ms(q, B, L, gen):
-    """SDPA on contiguous KV with GQA; CUDNN first, the best other backend if it refuses."""
+def sdpa_contiguous(q, B, L, gen):
+    """Random contiguous K/V [B, Hkv, L, D] for the decode queries q [B, Hq, D]; returns
+    run(backend=CUDNN), one SDPA call (GQA) over them with that backend."""
     qt = q.view(B, Hq, 1, D)
     k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn_like(k)
+
+    def run(backend=SDPBackend.CUDNN_ATTENTION):
+        with sdpa_kernel([backend]):
+            return torch.nn.functional.scaled_dot_product_attention(qt, k, v, enable_gqa=True)
+    return run
+
+
+def sdpa_cudnn_ms(q, B, L, gen):
+    """SDPA on contiguous KV with GQA; CUDNN first, the best other backend if it refuses."""
+    run = sdpa_contiguous(q, B, L, gen)
     for name, be in (("SDPA CUDNN", SDPBackend.CUDNN_ATTENTION),
                      ("SDPA FLASH", SDPBackend.FLASH_ATTENTION),
                      ("SDPA EFFICIENT", SDPBackend.EFFICIENT_ATTENTION)):
         try:
-            with sdpa_kernel([be]):
-                fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-                    qt, k, v, enable_gqa=True)
-                fn()
-                return name, time_cuda(fn)
+            return name, time_cuda(lambda: run(be))  # its warm-up raises if `be` refuses
         except RuntimeError as exc:
             print(f"  {name} refused B={B} L={L}: {str(exc).splitlines()[0][:100]}")
     return None, None
@@ -70,21 +77,22 @@ def kernel_bench(rec, quick):
         # Pages in random order (a fragmented pool; costs 3-9% of DRAM locality, bench/NOTES.md)
         # and in pool order (a fresh allocator), each with the default balanced schedule and
         # the bitwise-reproducible one.
-        for ps, shuffled, det in ((16, True, False), (16, True, True), (16, False, False),
-                                  (1, True, False), (1, True, True), (1, False, False)):
+        o = torch.empty(B, Hq, D, device="cuda")
+        lse = torch.empty(B, Hq, device="cuda")
+        for ps, shuffled, schedules in ((16, True, (False, True)), (16, False, (False,)),
+                                        (1, True, (False, True)), (1, False, (False,))):
             k, v, bt, lens = paged(B, L, ps, gen, shuffled=shuffled)
-            o = torch.empty(B, Hq, D, device="cuda")
-            lse = torch.empty(B, Hq, device="cuda")
-            t = time_cuda(lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse,
-                                                 deterministic=det))
-            gbs = kv_bytes / (t["ms"] * 1e-3) / 1e9
-            case = (f"B{B} L{L} page {ps}" + ("" if shuffled else ", pages in order")
-                    + (", deterministic" if det else ""))
-            rec.add(case, "decode_partial", gbs, "device copy", copy, "GB/s", ms=t["ms"],
-                    p10=t["p10"], p90=t["p90"])
-            if at is not None:
-                rec.add(case, "decode_partial", t["ms"], f"{aname} (contiguous KV)", at["ms"],
-                        "ms", higher_is_better=False)
+            for det in schedules:  # both schedules read the same pages
+                t = time_cuda(lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse,
+                                                     deterministic=det))
+                gbs = kv_bytes / (t["ms"] * 1e-3) / 1e9
+                case = (f"B{B} L{L} page {ps}" + ("" if shuffled else ", pages in order")
+                        + (", deterministic" if det else ""))
+                rec.add(case, "decode_partial", gbs, "device copy", copy, "GB/s", ms=t["ms"],
+                        p10=t["p10"], p90=t["p90"])
+                if at is not None:
+                    rec.add(case, "decode_partial", t["ms"], f"{aname} (contiguous KV)",
+                            at["ms"], "ms", higher_is_better=False)
             del k, v
 
 
@@ -203,7 +211,7 @@ def host_overhead_bench(rec):
 
 
 def main():
-    args = parse_out(default_name="bench.jsonl")
+    args = parse_out()
     rec = Recorder("decode", args.out)
     kernel_bench(rec, args.quick)
     if not args.quick:

@@ -9,7 +9,7 @@ from esp_kernels.kvcache import copy_rows
 
 
 def main():
-    args = parse_out(default_name="bench.jsonl")
+    args = parse_out()
     rec = Recorder("kv_pack_unpack", args.out)
     copy = copy_bandwidth_gbs()
     layers, Hkv, D = 16, 8, 128

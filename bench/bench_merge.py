@@ -11,7 +11,7 @@ import esp_kernels as esp
 
 
 def main():
-    args = parse_out(default_name="bench.jsonl")
+    args = parse_out()
     rec = Recorder("merge_states", args.out)
     copy = copy_bandwidth_gbs()
     T = 4096 if args.quick else 32768

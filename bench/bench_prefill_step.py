@@ -31,7 +31,7 @@ def sdpa_tflops(q, k, v, backend, flops):
 
 
 def main():
-    args = parse_out(default_name="bench.jsonl")
+    args = parse_out()
     rec = Recorder("prefill_step", args.out)
     L = 16384 if args.quick else 65536
     Hq, Hkv, D = 32, 8, 128

@@ -18,7 +18,7 @@ from esp_kernels.prefill.step import ring_step, resolve_backend
 
 
 def main():
-    args = parse_out(default_name="bench.jsonl")
+    args = parse_out()
     rec = Recorder("ring_prefill", args.out)
     L = 16384 if args.quick else 65536
     Hq, Hkv, D = 32, 8, 128

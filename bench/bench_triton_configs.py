@@ -15,7 +15,7 @@ CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
 
 
 def main():
-    args = parse_out(default_name="bench.jsonl")
+    args = parse_out()
     rec = Recorder("triton_step_configs", args.out)
     L, Hq, Hkv, D = (16384 if args.quick else 65536), 32, 8, 128
     q, k, v = random_qkv(L, Hq, Hkv, D)

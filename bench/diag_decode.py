@@ -13,15 +13,14 @@ cuDNN, so time outside the main kernel (launch gaps, the split merge, memsets) i
 import argparse
 import collections
 
-import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+import itertools
 
-from bench_decode import paged
+import torch
+
+from bench_decode import D, Hkv, Hq, paged, sdpa_contiguous
 from harness import copy_bandwidth_gbs, flush_and_get_ahead, time_cuda
 
 from esp_kernels.decode.partial import decode_partial
-
-Hq, Hkv, D = 32, 8, 128
 
 
 def cases(gen):
@@ -37,15 +36,8 @@ def cases(gen):
                        lambda q=q, k=k, v=v, bt=bt, lens=lens, L=L, o=o, lse=lse:
                        decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse))
             del k, v
-        kc = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        vc = torch.randn_like(kc)
-        qt = q.view(B, Hq, 1, D)
-
-        def cudnn(qt=qt, kc=kc, vc=vc):
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                return torch.nn.functional.scaled_dot_product_attention(qt, kc, vc,
-                                                                        enable_gqa=True)
-        yield f"B{B} L{L} SDPA CUDNN contiguous", 4 * B * L * Hkv * D, cudnn
+        yield (f"B{B} L{L} SDPA CUDNN contiguous", 4 * B * L * Hkv * D,
+               sdpa_contiguous(q, B, L, gen))
 
 
 def head_layouts(gen):
@@ -91,14 +83,7 @@ def profile_kernels(gen, reps=20):
     for B, L in ((1, 131072), (16, 16384), (64, 4096)):
         q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         k, v, bt, lens = paged(B, L, 16, gen)
-        kc = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        vc = torch.randn_like(kc)
-        qt = q.view(B, Hq, 1, D)
-
-        def cudnn():
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                return torch.nn.functional.scaled_dot_product_attention(qt, kc, vc,
-                                                                        enable_gqa=True)
+        cudnn = sdpa_contiguous(q, B, L, gen)
         ours = lambda: decode_partial(q, k, v, bt, lens, max_len=L)  # noqa: E731
         for name, fn in (("decode_partial page 16", ours), ("SDPA CUDNN contiguous", cudnn)):
             ev = time_cuda(fn, reps=reps)["ms"] * 1e3
@@ -118,7 +103,7 @@ def profile_kernels(gen, reps=20):
                   f"outside kernels {ev - total:6.1f} us")
             for n, us in sorted(per.items(), key=lambda x: -x[1]):
                 print(f"    {us:8.1f} us  {n}")
-        del k, v, kc, vc
+        del k, v, cudnn
 
 
 def main():
@@ -146,7 +131,7 @@ def main():
         return
     copy = copy_bandwidth_gbs()
     print(f"device copy {copy:.0f} GB/s (read + write)")
-    for name, nbytes, fn in list(head_layouts(gen)) + list(cases(gen)):
+    for name, nbytes, fn in itertools.chain(head_layouts(gen), cases(gen)):
         t = time_cuda(fn, reps=30)
         gbs = nbytes / (t["ms"] * 1e-3) / 1e9
         print(f"{name:40s} {t['ms'] * 1e3:7.1f} us (p10 {t['p10'] * 1e3:6.1f}, p90 "

@@ -32,12 +32,17 @@ _FLUSH = None
 _HOST_AHEAD_CYCLES = 500_000  # ~0.3 ms at H100 clocks
 
 
-def flush_and_get_ahead():
-    """Evict L2 (256 MB write), then keep the GPU busy so the host gets ahead of it."""
+def flush_l2():
+    """Evict L2 (256 MB write)."""
     global _FLUSH
     if _FLUSH is None:
         _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     _FLUSH.fill_(1)
+
+
+def flush_and_get_ahead():
+    """Evict L2, then keep the GPU busy so the host gets ahead of it."""
+    flush_l2()
     torch.cuda._sleep(_HOST_AHEAD_CYCLES)
 
 
@@ -68,7 +73,7 @@ def time_wall(fn, warmup: int = 2, reps: int = 5) -> dict:
     times = []
     for _ in range(reps):
         if torch.cuda.is_available():
-            flush_and_get_ahead()
+            flush_l2()  # the sync below already puts the host ahead
             sync()
         t0 = time.perf_counter()
         fn()
@@ -135,10 +140,10 @@ class Recorder:
         return row
 
 
-def parse_out(argv=None, default_name="bench.jsonl"):
+def parse_out(argv=None):
     import argparse
 
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", default_name))
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "bench.jsonl"))
     p.add_argument("--quick", action="store_true", help="smaller sizes")
     return p.parse_args(argv)

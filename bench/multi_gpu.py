@@ -9,13 +9,12 @@ Checks (every rank, against esp.reference.attention / the full K/V), then benchm
    world, with proactive retention onto the first half of the group;
 2. reactive migration of a request between ranks;
 3. multi-master decode with scale-up across all ranks;
-4. benchmarks (GPU): ring-prefill efficiency = one-GPU time / (GPUs x ring time) for 8k tokens
-   per GPU (bf16, D128, Hq32/Hkv8), communication hidden fraction, migration GB/s, decode step
-   latency on the world vs one GPU. Rows are appended to --out as JSON lines.
+4. benchmark (GPU): ring-prefill efficiency = one-GPU time / (GPUs x ring time) for 8k tokens
+   per GPU (bf16, D128, Hq32/Hkv8) and the communication hidden fraction, appended to --out as
+   a JSON line (bench/harness.Recorder).
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import esp_kernels as esp  # noqa: E402
+from harness import Recorder  # noqa: E402
 from esp_kernels.prefill.step import ring_step  # noqa: E402
 from esp_kernels.testing import (TOLERANCES, cu_seqlens, random_varlen_batch, rel_err,  # noqa: E402
                                  stripe)
@@ -155,20 +155,12 @@ def bench(world, dev, out_path):
             ring_step(qs, ks, vs, cun, cun, per_gpu, on, ln, mask_shift=0 if s == 0 else -1,
                       accumulate=s > 0, softmax_scale=D ** -0.5)
     comp_ms = timed(steps_only)
-    rows = [dict(case=f"ring prefill {n} GPUs x {per_gpu} tokens", ours="efficiency",
-                 ours_value=one_ms / (n * ring_ms), anchor="ring-flash-attention striped (8xH800)",
-                 anchor_value=0.74, unit="fraction", ring_ms=ring_ms, one_gpu_ms=one_ms,
-                 compute_ms=comp_ms, comm_hidden=min(1.0, comp_ms / ring_ms))]
     if rank == 0:
-        dev_name = torch.cuda.get_device_name()
-        with open(out_path, "a") as f:
-            for r in rows:
-                r.update(family="multi_gpu", device=f"{n}x {dev_name}",
-                         ratio=r["ours_value"] / r["anchor_value"],
-                         commit=os.environ.get("ESP_COMMIT", "unknown"),
-                         date=time.strftime("%Y-%m-%dT%H:%M:%S"))
-                f.write(json.dumps(r) + "\n")
-                print(json.dumps(r))
+        rec = Recorder("multi_gpu", out_path)
+        rec.info["device"] = f"{n}x {torch.cuda.get_device_name()}"
+        rec.add(f"ring prefill {n} GPUs x {per_gpu} tokens", "efficiency", one_ms / (n * ring_ms),
+                "ring-flash-attention striped (8xH800)", 0.74, "fraction", ring_ms=ring_ms,
+                one_gpu_ms=one_ms, compute_ms=comp_ms, comm_hidden=min(1.0, comp_ms / ring_ms))
 
 
 def main():

@@ -20,6 +20,7 @@ import torch
 from esp_kernels import _core
 from esp_kernels.comm import nccl as espnccl
 from esp_kernels.comm.group import CommError
+from esp_kernels.testing import poison_
 
 needs_core = pytest.mark.skipif(not _core.has_compiled(),
                                 reason=f"esp_kernels._C unavailable: {_core._C_ERROR}")
@@ -144,19 +145,13 @@ def _rand(gen, shape, dtype, device):
         .to(device)
 
 
-def _poisoned_like(x):
-    if x.dtype.is_floating_point:
-        return torch.full_like(x, float("nan"))
-    return torch.full_like(x, -7)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,shape", [(torch.float32, (1000, 37)), (torch.bfloat16, (3, 5, 128)),
                                          (torch.int64, (1,)), (torch.uint8, (1 << 20) + 3)])
 def test_send_to_self(world, gen, dtype, shape):
     assert world.size == 1 and world.rank == 0 and world.world_ranks == (0,)
     x = _rand(gen, shape, dtype, world.device)
-    y = _poisoned_like(x)
+    y = poison_(torch.empty_like(x))
     work = world.exchange(sends=[(x, 0)], recvs=[(y, 0)])
     work.wait()
     torch.cuda.current_stream(world.device).synchronize()
@@ -168,7 +163,7 @@ def test_send_to_self(world, gen, dtype, shape):
 def test_send_to_self_several_messages(world, gen):
     dev = world.device
     xs = [_rand(gen, (n,), torch.float32, dev) for n in (17, 0, 4096, 1)]
-    ys = [_poisoned_like(x) for x in xs]
+    ys = [poison_(torch.empty_like(x)) for x in xs]
     work = world.exchange(sends=[(x, 0) for x in xs], recvs=[(y, 0) for y in ys])
     work.synchronize(60)
     for x, y in zip(xs, ys):
@@ -206,7 +201,7 @@ def test_receive_consumed_on_compute_stream(blocking, gen):
     x = a
     for _ in range(20):
         x = torch.tanh(x @ a)
-    y = _poisoned_like(x)
+    y = poison_(torch.empty_like(x))
     work = world.exchange(sends=[(x, 0)], recvs=[(y, 0)])
     work.wait()
     z = y * 2 + 1                                   # consumes the receive on the compute stream
@@ -252,7 +247,7 @@ def test_subgroup_shares_the_world(world, gen):
     assert sub.world_ranks == (0,) and sub.rank == 0 and sub.size == 1
     assert sub.comm is world.comm and sub.comm_stream is world.comm_stream
     x = _rand(gen, (333,), torch.float16, world.device)
-    y = _poisoned_like(x)
+    y = poison_(torch.empty_like(x))
     sub.exchange(sends=[(x, 0)], recvs=[(y, 0)]).synchronize(60)
     assert torch.equal(x, y)
     assert sub.subgroup([0]).comm is world.comm
@@ -286,7 +281,7 @@ def test_finalize_then_use_raises(world):
 
 
 @pytest.mark.gpu
-def test_abort_then_use_raises_and_context_manager(gen):
+def test_abort_then_use_raises_and_context_manager():
     dev = torch.cuda.current_device()
     x = torch.ones(8, device=dev)
     y = torch.zeros(8, device=dev)
@@ -337,7 +332,7 @@ def test_two_worlds_in_one_process(gen):
         assert g1.comm is not g2.comm
         for g in (g1, g2):
             x = _rand(gen, (100,), torch.float32, g.device)
-            y = _poisoned_like(x)
+            y = poison_(torch.empty_like(x))
             g.exchange(sends=[(x, 0)], recvs=[(y, 0)]).synchronize(60)
             assert torch.equal(x, y)
     finally:

@@ -16,7 +16,7 @@ from dist_utils import run_gloo
 REQUESTS = ["a", "b", "c", "d", "e"]
 
 
-def scenario(n, seed, L=2, max_len=300):
+def scenario(n, seed, max_len=300):
     """Lengths, masters and a random token placement (some shards empty, request 'd' empty,
     'e' mastered by an instance that holds none of it)."""
     g = torch.Generator().manual_seed(seed)
@@ -25,18 +25,28 @@ def scenario(n, seed, L=2, max_len=300):
     place = {r: torch.randint(0, n, (lens[r],), generator=g) for r in REQUESTS}
     if n > 1:
         place["e"] = torch.randint(0, n - 1, (lens["e"],), generator=g)  # master n-1 holds none
-    return lens, masters, place, g
+    return lens, masters, place
+
+
+LAYERS = 2
+
+
+def scenario_tensors(lens, seed, steps, hq, hkv, d):
+    """Every request's full K/V per layer (its shards plus the tokens appended by `steps`
+    decode steps) and the queries of every step, layer and request."""
+    g = torch.Generator().manual_seed(seed + 1)
+    full = {r: [(torch.randn(lens[r] + steps, hkv, d, generator=g),
+                 torch.randn(lens[r] + steps, hkv, d, generator=g)) for _ in range(LAYERS)]
+            for r in REQUESTS}
+    qs = torch.randn(steps, LAYERS, len(REQUESTS), hq, d, generator=g)
+    return full, qs
 
 
 def decode_rank(world, n, seed, hq, hkv, d, page_size, steps, dtype=torch.float32, device="cpu"):
-    L = 2
-    lens, masters, place, _ = scenario(n, seed)
+    L = LAYERS
+    lens, masters, place = scenario(n, seed)
     me = world.world_ranks[world.rank]
-    g = torch.Generator().manual_seed(seed + 1)
-    full = {r: [(torch.randn(lens[r] + steps, hkv, d, generator=g),
-                 torch.randn(lens[r] + steps, hkv, d, generator=g)) for _ in range(L)]
-            for r in REQUESTS}
-    qs = torch.randn(steps, L, len(REQUESTS), hq, d, generator=g)
+    full, qs = scenario_tensors(lens, seed, steps, hq, hkv, d)
     cache = esp.PagedKVCache(L, 600 // page_size + 16, page_size, hkv, d, dtype, device)
     for r in REQUESTS:
         pos = torch.nonzero(place[r] == me).flatten()
@@ -65,12 +75,8 @@ def decode_rank(world, n, seed, hq, hkv, d, page_size, steps, dtype=torch.float3
 
 
 def check_decode(per_rank, n, seed, hq, hkv, d, steps, dtype=torch.float32):
-    lens, masters, _, _ = scenario(n, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    full = {r: [(torch.randn(lens[r] + steps, hkv, d, generator=g),
-                 torch.randn(lens[r] + steps, hkv, d, generator=g)) for _ in range(2)]
-            for r in REQUESTS}
-    qs = torch.randn(steps, 2, len(REQUESTS), hq, d, generator=g)
+    lens, _, _ = scenario(n, seed)
+    full, qs = scenario_tensors(lens, seed, steps, hq, hkv, d)
     checked = 0
     for outs in per_rank:
         for step, layer, mine, out in outs:
@@ -162,17 +168,17 @@ def test_zero_length_shard_gives_empty_state():
 # ---------------------------------------------------------------- GPU tier
 
 
-def paged_case(B, lens, hq, hkv, d, page_size, dtype, gen, shuffle=True):
+def paged_case(lens, hq, hkv, d, page_size, dtype, gen):
     """A cache with random (shuffled) pages per request; returns q, cache views and reference."""
     pages_per = [math.ceil(n / page_size) for n in lens]
     total = sum(pages_per) + 3
     k_all = torch.randn(total + 2, page_size, hkv, d, generator=gen).to(dtype)
     v_all = torch.randn(total + 2, page_size, hkv, d, generator=gen).to(dtype)
-    perm = torch.randperm(total, generator=gen) if shuffle else torch.arange(total)
-    bt = torch.zeros(B, max(1, max(pages_per)), dtype=torch.int32)
+    perm = torch.randperm(total, generator=gen)
+    bt = torch.zeros(len(lens), max(1, max(pages_per)), dtype=torch.int32)
     at = 0
     refs = []
-    q = torch.randn(B, hq, d, generator=gen).to(dtype)
+    q = torch.randn(len(lens), hq, d, generator=gen).to(dtype)
     for b, n in enumerate(lens):
         pg = perm[at:at + pages_per[b]]
         at += pages_per[b]
@@ -195,7 +201,7 @@ def paged_case(B, lens, hq, hkv, d, page_size, dtype, gen, shuffle=True):
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_decode_partial_kernel(dtype, hq, hkv, d, page_size, splits, deterministic, gen):
     lens = [0, 1, 63, 64, 65, 1000, 333]
-    q, k, v, bt, kl, ref_o, ref_l = paged_case(len(lens), lens, hq, hkv, d, page_size, dtype, gen)
+    q, k, v, bt, kl, ref_o, ref_l = paged_case(lens, hq, hkv, d, page_size, dtype, gen)
     o = poison_(torch.empty(len(lens), hq, d, device="cuda"))
     lse = poison_(torch.empty(len(lens), hq, device="cuda"))
     decode_partial(q.cuda(), k.cuda(), v.cuda(), bt.cuda(), kl.cuda(), num_splits=splits, o=o,
@@ -214,7 +220,7 @@ def test_decode_partial_balanced_long(page_size, splits, gen):
     matches the reference and the deterministic schedule; the deterministic one is bitwise
     reproducible."""
     lens = [0, 5, 20000, 4097]
-    q, k, v, bt, kl, ref_o, ref_l = paged_case(len(lens), lens, 32, 8, 128, page_size,
+    q, k, v, bt, kl, ref_o, ref_l = paged_case(lens, 32, 8, 128, page_size,
                                                torch.bfloat16, gen)
     args = (q.cuda(), k.cuda(), v.cuda(), bt.cuda(), kl.cuda())
     ws = torch.empty(esp._C.decode_workspace_elems(len(lens), 32, 128, splits), device="cuda")

@@ -127,11 +127,19 @@ def test_retention_plan_validation():
         esp.RetentionPlan.fill_first([100], {0: 1, 1: 1}, 16)
 
 
+def retention_batches(P, seed):
+    """The batch lengths of a retention test on P ranks and its 2 layers' q/k/v."""
+    seqlens = [1, P - 1 or 1, 97, 40]
+    return seqlens, [random_varlen_batch(seqlens, 4, 2, 64,
+                                         generator=torch.Generator().manual_seed(seed + layer))
+                     for layer in range(2)]
+
+
 def retention_rank(world, seed, policy, page_size):
     """Prefill 2 layers on a reordered ring with retention onto instances {1, 3} (or {0, 1})."""
     P = world.size
     ring = world.subgroup(list(range(P))[::-1])
-    seqlens = [1, P - 1 or 1, 97, 40]
+    seqlens, batches = retention_batches(P, seed)
     keepers = {1: 60, 3: 120} if P == 4 else {0: 60, 1: 120}
     plan = getattr(esp.RetentionPlan, policy)(seqlens, {k: v // page_size + 4 for k, v in
                                                         keepers.items()}, page_size)
@@ -139,9 +147,7 @@ def retention_rank(world, seed, policy, page_size):
     me = world.world_ranks[world.rank]
     if me in plan.instances:
         plan.reserve(cache, me)  # the engine reserves before prefill
-    for layer in range(2):
-        b = random_varlen_batch(seqlens, 4, 2, 64, generator=torch.Generator().manual_seed(
-            seed + layer))
+    for layer, b in enumerate(batches):
         q, k, v = (stripe(t, seqlens, P)[ring.rank] for t in (b.q, b.k, b.v))
         esp.ring_prefill(q, k, v, seqlens, ring, retain=(plan, cache, layer))
     return {bi: (cache.positions(bi), [cache.gather(bi, l) for l in range(2)])
@@ -149,14 +155,12 @@ def retention_rank(world, seed, policy, page_size):
 
 
 def check_retention(per_rank, seed, P):
-    seqlens = [1, P - 1 or 1, 97, 40]
+    seqlens, batches = retention_batches(P, seed)
     seen = {bi: [] for bi in range(len(seqlens))}
     for stored in per_rank:
         for bi, (pos, layers) in stored.items():
             seen[bi].append(pos)
-            for layer, (k, v) in enumerate(layers):
-                b = random_varlen_batch(seqlens, 4, 2, 64,
-                                        generator=torch.Generator().manual_seed(seed + layer))
+            for (k, v), b in zip(layers, batches):
                 start = int(b.cu_seqlens[bi])
                 assert torch.equal(k, b.k[start + pos]) and torch.equal(v, b.v[start + pos])
     for bi, L in enumerate(seqlens):
@@ -190,14 +194,6 @@ def test_retention_rejects_instances_outside_the_ring():
 
 
 # ---------------------------------------------------------------- migration
-
-
-def _fill(cache, req, positions, seed):
-    slots = cache.allocate(req, positions)
-    g = torch.Generator().manual_seed(seed)
-    data = torch.randn(cache.num_layers * 2, len(positions), cache.row_elems, generator=g)
-    cache.slot_rows()[:, slots] = data.to(cache.dtype)
-    return data
 
 
 def migration_rank(world, page_size, chunk_bytes, dst_pages):
@@ -234,7 +230,7 @@ def check_migration(res, n, expect_fail=False):
             assert p not in owner, f"token {p} on {owner.get(p)} and {me}"
             owner[p] = me
         if expect_fail and me in (0, n - 1):
-            assert err is not None and "kept" in err or "cannot take" in err, err
+            assert err is not None and ("kept" in err or "cannot take" in err), err
     assert sorted(owner) == list(range(200)), "tokens lost"
     if not expect_fail:
         assert all(owner[p] == n - 1 for p in range(10, 60) if owner[p] != 2 or n == 2)
@@ -312,7 +308,6 @@ def test_retention_and_migration_gpu(page_size):
             esp.ring_prefill(q, k, v, seqlens, ring, retain=(plan, cache, layer))
         mplan = esp.MigrationPlan([(2, 0, 517, 0, 3), (1, 100, 1900, 2, 1)])
         esp.migrate_kv(cache, mplan, ring, chunk_bytes=1 << 20)
-        torch.cuda.current_stream().synchronize()
 
     run_local(groups, body, caches)
     owner = {}
