@@ -29,7 +29,6 @@
 #include <mutex>
 #include <thread>
 #include <type_traits>
-#include <unordered_map>
 
 #include "common/esp_common.h"
 
@@ -318,34 +317,29 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int world_size, int d
   ESP_CHECK(device >= 0 && device < ndev, "NcclComm: device ", device, " does not exist (",
             ndev, " CUDA device(s) visible)");
 
-  state_ = std::make_shared<CommState>();
-  auto st = state_;
-  {
-    DeviceGuard guard(device);
-    ncclUniqueId id;
-    std::memcpy(&id, unique_id.data(), sizeof(id));
-    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-    config.blocking = blocking ? 1 : 0;
-    ncclComm_t comm = nullptr;
-    ncclResult_t r = a.CommInitRankConfig(&comm, world_size, id, rank, &config);
-    comm_ = comm;  // may be set even when r is an error (nonblocking init): fail() aborts it
-    const std::string what = str_cat("creating the communicator (ncclCommInitRankConfig, rank ",
-                                     rank, " of ", world_size, " on device ", device, ")");
-    std::lock_guard<std::mutex> lock(st->mu);
-    if (r != ncclSuccess && r != ncclInProgress) fail(what, r);
-    if (comm_ == nullptr) fail(what, ncclInternalError);
-    wait_ready(what.c_str());
-  }
+  state_ = std::make_unique<CommState>();
+  CommState& st = *state_;
+  DeviceGuard guard(device);
+  ncclUniqueId id;
+  std::memcpy(&id, unique_id.data(), sizeof(id));
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = blocking ? 1 : 0;
+  ncclComm_t comm = nullptr;
+  ncclResult_t r = a.CommInitRankConfig(&comm, world_size, id, rank, &config);
+  comm_ = comm;  // may be set even when r is an error (nonblocking init): fail() aborts it
+  const std::string what = str_cat("creating the communicator (ncclCommInitRankConfig, rank ",
+                                   rank, " of ", world_size, " on device ", device, ")");
+  std::lock_guard<std::mutex> lock(st.mu);
+  if (r != ncclSuccess && r != ncclInProgress) fail(what, r);
+  if (comm_ == nullptr) fail(what, ncclInternalError);
+  wait_ready(what.c_str());
 }
 
 NcclComm::~NcclComm() {
   try {
-    std::shared_ptr<CommState> st = state_;
-    if (st) {
-      std::lock_guard<std::mutex> lock(st->mu);
-      abort_comm(comm_, *st, device_);  // neither finalized nor aborted: abort (never destroy:
-                                        // a clean destroy could wait forever on peers)
-    }
+    std::lock_guard<std::mutex> lock(state_->mu);
+    abort_comm(comm_, *state_, device_);  // neither finalized nor aborted: abort (never destroy:
+                                          // a clean destroy could wait forever on peers)
   } catch (...) {
   }
 }
@@ -354,7 +348,7 @@ NcclComm::~NcclComm() {
 // state's mutex (or is the constructor) and has set the device.
 void NcclComm::wait_ready(const char* what) {
   const NcclApi& a = api();
-  std::shared_ptr<CommState> st = state_;
+  CommState& st = *state_;
   Deadline deadline(timeout_s_);
   Backoff backoff(/*spin_us=*/50, /*first_sleep_us=*/20);
   for (;;) {
@@ -363,7 +357,7 @@ void NcclComm::wait_ready(const char* what) {
     if (r != ncclSuccess) fail(str_cat(what, " [ncclCommGetAsyncError]"), r);
     if (state == ncclSuccess) return;
     if (state != ncclInProgress) fail(what, state);
-    if (st->abort_requested.load(std::memory_order_acquire))
+    if (st.abort_requested.load(std::memory_order_acquire))
       fail(str_cat("interrupted by abort() from another thread while ", what), ncclInProgress);
     if (deadline.expired())
       fail(str_cat("timed out after ", timeout_s_, " s while ", what), ncclInProgress);
@@ -384,14 +378,8 @@ void NcclComm::fail(const std::string& what, int result) {
   const char* last = a.GetLastError(static_cast<ncclComm_t>(comm_));
   if (last && *last) msg += str_cat("; last NCCL error: ", last);
   msg += str_cat(" [rank ", rank_, " of ", world_size_, ", device ", device_, "]");
-  std::shared_ptr<CommState> st = state_;
   if (comm_ != nullptr) {
-    if (st) {
-      abort_comm(comm_, *st, device_);
-    } else {
-      CommState tmp;
-      abort_comm(comm_, tmp, device_);
-    }
+    abort_comm(comm_, *state_, device_);
     msg += "; the communicator was aborted";
   }
   throw NcclError(msg);
@@ -408,12 +396,12 @@ void NcclComm::group_p2p(const std::vector<P2POp>& ops, uintptr_t stream) {
               op.nbytes, " bytes");
   }
   const NcclApi& a = api();
-  std::shared_ptr<CommState> st = state_;
-  std::lock_guard<std::mutex> lock(st->mu);
-  if (comm_ == nullptr) throw_closed(*st);
-  if (st->abort_requested.load(std::memory_order_acquire)) {
-    abort_comm(comm_, *st, device_);
-    throw_closed(*st);
+  CommState& st = *state_;
+  std::lock_guard<std::mutex> lock(st.mu);
+  if (comm_ == nullptr) throw_closed(st);
+  if (st.abort_requested.load(std::memory_order_acquire)) {
+    abort_comm(comm_, st, device_);
+    throw_closed(st);
   }
   bool any = false;
   for (const P2POp& op : ops) any = any || op.nbytes > 0;
@@ -451,9 +439,9 @@ void NcclComm::group_p2p(const std::vector<P2POp>& ops, uintptr_t stream) {
 
 void NcclComm::check() {
   const NcclApi& a = api();
-  std::shared_ptr<CommState> st = state_;
-  std::lock_guard<std::mutex> lock(st->mu);
-  if (comm_ == nullptr) throw_closed(*st);
+  CommState& st = *state_;
+  std::lock_guard<std::mutex> lock(st.mu);
+  if (comm_ == nullptr) throw_closed(st);
   ncclResult_t state = ncclSuccess;
   ncclResult_t r = a.CommGetAsyncError(static_cast<ncclComm_t>(comm_), &state);
   if (r != ncclSuccess) fail("checking for asynchronous errors (ncclCommGetAsyncError)", r);
@@ -465,7 +453,7 @@ void NcclComm::wait_event(uintptr_t event, double timeout_s) {
   ESP_CHECK(event != 0, "wait_event: event is null");
   check_timeout(timeout_s, "wait_event: timeout_s");
   const NcclApi& a = api();
-  std::shared_ptr<CommState> st = state_;
+  CommState& st = *state_;
   auto ev = reinterpret_cast<cudaEvent_t>(event);
   DeviceGuard guard(device_);
   Deadline deadline(timeout_s);
@@ -473,8 +461,8 @@ void NcclComm::wait_event(uintptr_t event, double timeout_s) {
   for (;;) {
     {
       // Short critical section: other threads may post work or abort between polls.
-      std::lock_guard<std::mutex> lock(st->mu);
-      if (comm_ == nullptr) throw_closed(*st);
+      std::lock_guard<std::mutex> lock(st.mu);
+      if (comm_ == nullptr) throw_closed(st);
       ncclResult_t state = ncclSuccess;
       ncclResult_t r = a.CommGetAsyncError(static_cast<ncclComm_t>(comm_), &state);
       if (r != ncclSuccess)
@@ -491,8 +479,8 @@ void NcclComm::wait_event(uintptr_t event, double timeout_s) {
                                        cudaGetErrorString(e)));
     }
     if (deadline.expired()) {
-      std::lock_guard<std::mutex> lock(st->mu);
-      if (comm_ == nullptr) throw_closed(*st);
+      std::lock_guard<std::mutex> lock(st.mu);
+      if (comm_ == nullptr) throw_closed(st);
       fail(str_cat("timed out after ", timeout_s,
                    " s waiting for send/recv work to complete (its CUDA event was not reached; "
                    "a peer may not have posted the matching operation)"),
@@ -503,19 +491,19 @@ void NcclComm::wait_event(uintptr_t event, double timeout_s) {
 }
 
 void NcclComm::abort() {
-  std::shared_ptr<CommState> st = state_;
-  st->abort_requested.store(true, std::memory_order_release);  // interrupts a wait in progress
-  std::lock_guard<std::mutex> lock(st->mu);
-  abort_comm(comm_, *st, device_);  // no-op when already aborted or finalized
+  CommState& st = *state_;
+  st.abort_requested.store(true, std::memory_order_release);  // interrupts a wait in progress
+  std::lock_guard<std::mutex> lock(st.mu);
+  abort_comm(comm_, st, device_);  // no-op when already aborted or finalized
 }
 
 void NcclComm::finalize() {
   const NcclApi& a = api();
-  std::shared_ptr<CommState> st = state_;
-  std::lock_guard<std::mutex> lock(st->mu);
+  CommState& st = *state_;
+  std::lock_guard<std::mutex> lock(st.mu);
   if (comm_ == nullptr) return;  // idempotent (also after abort)
-  if (st->abort_requested.load(std::memory_order_acquire)) {
-    abort_comm(comm_, *st, device_);
+  if (st.abort_requested.load(std::memory_order_acquire)) {
+    abort_comm(comm_, st, device_);
     return;
   }
   DeviceGuard guard(device_);
@@ -525,7 +513,7 @@ void NcclComm::finalize() {
   wait_ready("finalizing the communicator (ncclCommFinalize)");
   r = a.CommDestroy(static_cast<ncclComm_t>(comm_));
   comm_ = nullptr;  // finalized: the destroy released it (or failed without a safe retry)
-  st->closed = "finalized";
+  st.closed = "finalized";
   if (r != ncclSuccess) {
     const char* last = a.GetLastError(nullptr);
     throw NcclError(str_cat("NCCL error while destroying the finalized communicator "

@@ -62,7 +62,7 @@ class NcclComm {
 
  private:
   void* comm_ = nullptr;  // ncclComm_t, guarded by state_->mu
-  std::shared_ptr<CommState> state_;
+  std::unique_ptr<CommState> state_;  // set by the constructor before any use
   int rank_ = 0, world_size_ = 0, device_ = 0;
   double timeout_s_ = 0;
   void wait_ready(const char* what);

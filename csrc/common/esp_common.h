@@ -120,4 +120,9 @@ inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_
 // Multiprocessor count of the current device, cached per device (grid sizing).
 int num_sms(int device);
 
+// Lets `kernel` use `smem_bytes` of dynamic shared memory and asks for the largest shared-memory
+// carveout (several CTAs per SM need it), once per (kernel, device): the attributes persist, and
+// setting them on every launch costs two driver calls per layer on the host's critical path.
+void set_smem_attributes_once(const void* kernel, int smem_bytes, int device);
+
 }  // namespace esp

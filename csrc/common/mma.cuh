@@ -1,6 +1,6 @@
 // Warp-level tensor-core building blocks shared by the attention kernels (ring step, decode):
-// shared-memory addresses, ldmatrix, mma.sync m16n8k16 with fp32 accumulation, and packing two
-// floats into one 16-bit-pair operand register.
+// shared-memory addresses, ldmatrix, mma.sync m16n8k16 with fp32 accumulation, packing two
+// floats into one 16-bit-pair operand register, and the softmax's exp2.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -60,6 +60,14 @@ template <>
 __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// 2^x on MUFU.EX2 directly: exp2f() adds denormal handling the softmax does not need, and
+// ex2.approx gives +0 for -inf, which masked scores and empty states need.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 }  // namespace esp

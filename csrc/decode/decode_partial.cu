@@ -26,63 +26,8 @@
 // of 64 tokens). The floor of 256 rows per CTA keeps the start cost and the workspace traffic
 // (s * B * Hq * (D+1) * 8 bytes) small next to the KV a CTA reads.
 //
-// Performance notes (H100 run 1 of the previous design: 67-82% of copy bandwidth; cuDNN on
-// contiguous KV 94%). That design had one kv head per CTA, 16-byte cp.async of 256-byte head
-// rows, 3 stages of 64 tokens, the wait for tile t taken with only tiles t, t+1 in flight, and
-// merge_states as a second launch. Bytes in flight were not short by Little's law (64-128 KB per
-// SM against ~45 KB at 3 TB/s and ~2 us loaded latency), and page 1 ran within 2-6% of page 16,
-// so page tables and TLB reach were not it either. What it did differ in from the kernels that
-// reach 94-100% on the same GPU (cuDNN, copy_rows on random 2 KB rows, merge_states) is the
-// request stream: 256-byte pieces, each CTA one head's slice of every token row at a 2 KB stride,
-// all through the load/store unit's 16-byte requests. B1 L128k lost ~4% more to the merge launch
-// (2 CTAs walking 33 states serially, ~10 us).
-// Changes, with the predicted effect:
-//   1. hg = 4 kv heads per CTA: 1 KB contiguous per token row (page 16: 16 such rows per page).
-//   2. 1-D bulk copies (TMA) of those rows, completing on per-stage mbarriers; warp 0 issues 32
-//      copies per stage instead of 128 threads issuing 2048 16-byte cp.async.
-//   3. Tile t+2 issued before the wait for tile t: all 3 stages (96 KB of KV) in flight per CTA
-//      during every wait, ~190 KB per SM, instead of 2 tiles (64 KB per CTA).
-//   4. More splits (B1: 128) and decode_merge_kernel (all warps of a CTA on one row's splits,
-//      launched programmatically so its launch overlaps the decode tail) instead of
-//      merge_states: the B1 merge ~10 us -> ~3 us.
-//   Predicted (H100, bf16, page 16; page 1 within ~3%), as time = ~23 us fixed per call (the
-//   timing's L2-flush write-back ~17 us, prologue, tail, merge) + bytes / 2.85-3.0 TB/s (cuDNN's
-//   steady rate): B16 L16k and B64 L4k 0.38-0.40 ms = 2.7-2.8 TB/s (91-96% of copy, 0.90-0.95x
-//   cuDNN); B1 L128k 0.204-0.213 ms = 2.5-2.65 TB/s (85-90%, 0.90-0.95x cuDNN); B8 L1k ~0.028
-//   ms. 1.0x cuDNN needs a faster stream than cuDNN's own on contiguous KV, which this does not
-//   claim. If (1)-(2) do not move the stream (the limit was elsewhere), (3)-(4) alone give B1
-//   ~+5% and the others ~+1-2%.
-// Run 4 (H100, page 16): B1 0.236 ms (77%), B16 0.434 (84%), B64 0.402 (90.5%), B8 0.030.
-//   A tile is 16 tokens x 4 heads (32 KB of K+V): B1 CTAs stream 64 tiles, B16/B64 128. The
-//   kernel's own fixed costs are small: prologue (kv_lens -> table -> first data, three cold
-//   DRAM trips) ~3-4 us, fill < 1 us (256 x 64 KB requested at once), drain ~1-2 us + epilogue
-//   ~1 us, split merge ~3 us (PDL release, then batched lse and o loads: 3-4 L2 round trips;
-//   128 states for B1, 8 for B16, 2 for B64, all 2.1 MB of workspace), so ~10 us = 4% of B1
-//   and 2% of B16/B64. Net of those and the ~17 us flush write-back every call pays, the stream
-//   runs at ~2.6 (B1), ~2.6 (B16), ~2.9 (B64) TB/s against cuDNN's 3.16 TB/s (its B1 -> B64
-//   slope): the gap is in the streaming phase, not in fill/drain/prologue/merge. B16 and B64
-//   launch the same work (256 CTAs x 128 tiles, 16384 shuffled pages, 2.1 MB workspace); their
-//   8% difference is inside run-to-run spread (previous kernel: B16 faster in run 1, slower in
-//   run 2). Untested causes of the stream deficit: DRAM/TLB locality of 1 KB pieces on random
-//   pages (page 1 is 3-7% slower still), and one wave of equal CTAs with no dynamic balancing
-//   (stragglers set the end). A persistent CTA, 4 stages (1 CTA/SM at D = 128) or a fused
-//   last-CTA reduction (B1: one CTA would reduce ~1 MB, slower than this merge's 32 CTAs)
-//   address the ~10 us, not the stream. Change: warp 1 prefetches block-table lines into L2
-//   two iterations ahead of warp 0's page loads (page 1: a new line every 2 tiles, whose load
-//   had one iteration, ~2.6 us, to cover a loaded DRAM latency) and, before kv_lens arrives, the
-//   first tiles' lines under len = capacity. Predicted: page 16 unchanged (+-0.5%, ~0.5 us of
-//   prologue); page 1 +0-3% (B1 0.237-0.244 ms, B16 0.440-0.453, B64 0.420-0.433). If page 1
-//   stays 3-7% behind page 16, that deficit is TLB/DRAM locality, not the table lookups.
-// Runs 5-7: B1 78-79% of copy, B16 83-88%, B64 83-85%; balanced tiles (run 7) fixed the tail
-//   (SMs active 85% -> 93%) but Nsight Compute still had DRAM at 82% of peak vs cuDNN's 90%.
-// Run 8, interleaved A/B of copy mechanisms and depths (same grid, static schedule, B1 page 16):
-//   TMA 3 stages 226 us, TMA 2 stages 216, 16-byte cp.async by all threads 3 stages 223, 2
-//   stages 216 (and the fastest on page 1 and at B16/B64 page 16 by 1-3%), 6 stages at 1 CTA/SM
-//   TMA 285, cp.async 214; 3 CTAs/SM did not help. Kept: cp.async, 2 stages. With the balanced
-//   schedule: B1 210 us (86% of copy), B16 386 (93%), B64 388 (93%) page 16; Nsight Compute on
-//   pages in pool order: 180 us at 89% of DRAM peak, cuDNN 180 us at 89%. Shuffled pages cost
-//   the rest (191 us, 84%): page 16 (32 KB runs) loses almost as much as page 1 (2 KB runs), so
-//   it is address-translation reach over the 0.5 GB pool rather than DRAM rows.
+// The designs tried (v1-v5) and their H100 measurements are in bench/NOTES.md; the kernel
+// header (decode_partial_kernel.cuh) says why the current pipeline is what it is.
 #include "decode_partial.h"
 
 #include <cmath>
@@ -99,8 +44,8 @@ extern template void launch_decode_partial<__nv_bfloat16, 64>(const DecodeParams
 extern template void launch_decode_partial<__half, 128>(const DecodeParams&, cudaStream_t, int);
 extern template void launch_decode_partial<__nv_bfloat16, 128>(const DecodeParams&, cudaStream_t,
                                                                int);
-extern template void launch_decode_merge<64>(const MergeParams&, cudaStream_t);
-extern template void launch_decode_merge<128>(const MergeParams&, cudaStream_t);
+extern template void launch_decode_merge<64>(MergeParams, cudaStream_t);
+extern template void launch_decode_merge<128>(MergeParams, cudaStream_t);
 
 }  // namespace decode
 
@@ -117,8 +62,6 @@ int64_t decode_workspace_elems(int batch, int num_q_heads, int head_dim, int num
   if (num_splits == 1) return 0;  // the kernel writes o/lse directly
   // o [num_splits, B, Hq, D] then lse [num_splits, B, Hq], both float32, then the balanced
   // schedule's int32 tile counters, one per (request, kv-head group): at most B * Hq.
-  // States of every split, then the balanced schedule's int32 tile counter per (request,
-  // kv-head group) (groups <= Hq).
   return static_cast<int64_t>(num_splits) * batch * num_q_heads * (head_dim + 1) +
          static_cast<int64_t>(batch) * num_q_heads;
 }
@@ -285,10 +228,10 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
 
   if (num_splits > 1) {
     decode::MergeParams m{};
-    m.o = ws;
-    m.lse = ws + ws_o_elems;
-    m.o_ss = B * Hq * D;
-    m.l_ss = B * Hq;
+    m.o = p.o;  // the workspace states the decode kernel wrote
+    m.lse = p.lse;
+    m.o_ss = p.o_ss;
+    m.l_ss = p.lse_ss;
     m.out = o.data<float>();
     m.out_sb = o.stride(0);
     m.out_sh = o.stride(1);
@@ -298,11 +241,6 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
     m.splits = num_splits;
     m.rows = static_cast<int>(B * Hq);
     m.heads = static_cast<int>(Hq);
-    // Warps per row: enough to spread the splits (one split per warp per step at D = 128, two at
-    // D = 64), at most the CTA's 8.
-    const int per_step = D == 64 ? 2 : 1;
-    m.warps_per_row = 1;
-    while (m.warps_per_row < 8 && m.warps_per_row * per_step < num_splits) m.warps_per_row *= 2;
     if (D == 64) {
       decode::launch_decode_merge<64>(m, s);
     } else {

@@ -7,7 +7,7 @@ namespace decode {
 
 template void launch_decode_partial<__half, 128>(const DecodeParams&, cudaStream_t, int);
 template void launch_decode_partial<__nv_bfloat16, 128>(const DecodeParams&, cudaStream_t, int);
-template void launch_decode_merge<128>(const MergeParams&, cudaStream_t);
+template void launch_decode_merge<128>(MergeParams, cudaStream_t);
 
 }  // namespace decode
 }  // namespace esp

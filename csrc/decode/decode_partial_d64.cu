@@ -7,7 +7,7 @@ namespace decode {
 
 template void launch_decode_partial<__half, 64>(const DecodeParams&, cudaStream_t, int);
 template void launch_decode_partial<__nv_bfloat16, 64>(const DecodeParams&, cudaStream_t, int);
-template void launch_decode_merge<64>(const MergeParams&, cudaStream_t);
+template void launch_decode_merge<64>(MergeParams, cudaStream_t);
 
 }  // namespace decode
 }  // namespace esp

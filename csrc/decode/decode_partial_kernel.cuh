@@ -63,8 +63,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <mutex>
-#include <vector>
 
 #include "../common/mma.cuh"
 #include "../common/vec.cuh"
@@ -109,7 +107,7 @@ struct MergeParams {
   float* lse_out;
   int64_t lse_sb, lse_sh;
   int splits, rows, heads;  // rows = B * H
-  int warps_per_row;        // 1, 2, 4 or 8 warps of a CTA share one row's splits
+  int warps_per_row;        // 1, 2, 4 or 8 warps of a CTA share one row's splits (set by the launcher)
 };
 
 constexpr int kThreads = 128;
@@ -143,7 +141,7 @@ __host__ __device__ constexpr int head_tiles(int group) {
 template <typename T, int D>
 void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device);
 template <int D>
-void launch_decode_merge(const MergeParams& p, cudaStream_t stream);
+void launch_decode_merge(MergeParams p, cudaStream_t stream);  // chooses p.warps_per_row
 
 namespace detail {
 
@@ -260,8 +258,9 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   const int hg = p.heads_per_cta, kvh0 = grp * hg;
   const int hg_log2 = hg == 4 ? 2 : (hg == 2 ? 1 : 0);
   const int T_stage = kRows >> hg_log2;                      // tokens per stage
-  const uint32_t rb = hg * kHeadBytes + kRowPad;             // token row bytes in shared memory
-  const uint32_t sb = 2 * T_stage * rb;                      // stage bytes
+  // Shared-memory layout, as the host sized it (smem_bytes): token row and stage bytes.
+  const uint32_t rb = token_row_bytes(hg, D, static_cast<int>(sizeof(T)));
+  const uint32_t sb = stage_bytes(hg, D, static_cast<int>(sizeof(T)));
   const uint32_t smem0 = smem_u32(smem_raw);
 
   if (tid == 0) {
@@ -275,11 +274,12 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   // The length is clamped to what the block table can address, so a bad kv_lens cannot read
   // past block_table (the host checks max_pages * page_size < 2^31 - 64).
   const int64_t cap = static_cast<int64_t>(p.max_pages) * p.page_size;
-  const int len_in = detail::ldg(p.kv_lens + b * p.kl_s);
+  // q, kv_lens and the block table are read-only for this grid: __ldg (read-only data path).
+  const int len_in = __ldg(p.kv_lens + b * p.kl_s);
   const int* bt = p.block_table + b * p.bt_sb;
   const int ps = p.page_size;
   // Which tiles (T_stage tokens each) this CTA computes; see "Tile schedule" in the header.
-  const bool balanced = p.tile_counter != nullptr && p.num_splits > 1;
+  const bool balanced = p.tile_counter != nullptr;  // the host sets it only for num_splits > 1
   // Static schedule: tokens per split for a request of n tokens (n <= cap < 2^31, so unsigned
   // 32-bit arithmetic is exact and cheaper than 64-bit division).
   auto split_chunk = [&](int64_t n) -> int64_t {
@@ -345,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
       const int tok = min(start + tile * T_stage + (hr >> hg_log2), end - 1);
       // Unsigned division is cheaper; both are >= 0.
       const int lp = static_cast<int>(static_cast<unsigned>(tok) / static_cast<unsigned>(ps));
-      page[i] = detail::ldg(bt + lp * p.bt_sp);
+      page[i] = __ldg(bt + lp * p.bt_sp);
       slot[i] = tok - lp * ps;
     }
   };
@@ -425,10 +425,10 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     const T* q1 = q_row + (qh + min(r1, G - 1)) * p.q_sh;
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
-      qa[ks][0] = r0 < G ? detail::ldg(reinterpret_cast<const unsigned*>(q0 + ks * 16)) : 0u;
-      qa[ks][1] = r1 < G ? detail::ldg(reinterpret_cast<const unsigned*>(q1 + ks * 16)) : 0u;
-      qa[ks][2] = r0 < G ? detail::ldg(reinterpret_cast<const unsigned*>(q0 + ks * 16 + 8)) : 0u;
-      qa[ks][3] = r1 < G ? detail::ldg(reinterpret_cast<const unsigned*>(q1 + ks * 16 + 8)) : 0u;
+      qa[ks][0] = r0 < G ? __ldg(reinterpret_cast<const unsigned*>(q0 + ks * 16)) : 0u;
+      qa[ks][1] = r1 < G ? __ldg(reinterpret_cast<const unsigned*>(q1 + ks * 16)) : 0u;
+      qa[ks][2] = r0 < G ? __ldg(reinterpret_cast<const unsigned*>(q0 + ks * 16 + 8)) : 0u;
+      qa[ks][3] = r1 < G ? __ldg(reinterpret_cast<const unsigned*>(q1 + ks * 16 + 8)) : 0u;
     }
   }
 
@@ -502,11 +502,11 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     float l_all = 0.f;
     for (int k = 0; k < ntg; ++k) {
       const float m = s_max[k * roles + role][r];
-      if (m != -INFINITY) l_all += s_sum[k * roles + role][r] * detail::ex2(m - m_all);
+      if (m != -INFINITY) l_all += s_sum[k * roles + role][r] * ex2(m - m_all);
     }
     // An empty warp (max -inf) has o = 0 and weight 0; an empty head (L = 0) gets (0, -inf).
     const float w = (l_all > 0.f && row_ms[i] != -INFINITY)
-                        ? detail::ex2(row_ms[i] - m_all) / l_all
+                        ? ex2(row_ms[i] - m_all) / l_all
                         : 0.f;
     float* dst = red + (warp * 16 + r) * kRedStride + (lane & 3) * 2;
 #pragma unroll
@@ -622,31 +622,21 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
 
 template <typename T, int D>
 void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device) {
-  constexpr int kSmemMax = smem_bytes<T, D>(1);  // hg = 1 has the most padding
-  {
-    // The opt-in above 48 KB is per device and per kernel; set it once, not every launch
-    // (host overhead budget per decode layer is ~10-30 us).
-    static std::mutex mu;
-    static std::vector<char> ready;
-    std::lock_guard<std::mutex> lock(mu);
-    if (device >= static_cast<int>(ready.size())) ready.resize(device + 1, 0);
-    if (!ready[device]) {
-      ESP_CUDA_CHECK(cudaFuncSetAttribute(decode_partial_kernel<T, D>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax));
-      // 2 (D = 128) or 4 (D = 64) CTAs of ~70 / ~37 KB per SM need the largest carveout.
-      ESP_CUDA_CHECK(cudaFuncSetAttribute(decode_partial_kernel<T, D>,
-                                          cudaFuncAttributePreferredSharedMemoryCarveout,
-                                          cudaSharedmemCarveoutMaxShared));
-      ready[device] = 1;
-    }
-  }
+  // hg = 1 has the most padding; 2 (D = 128) or 4 (D = 64) CTAs of ~70 / ~37 KB per SM.
+  set_smem_attributes_once(reinterpret_cast<const void*>(decode_partial_kernel<T, D>),
+                           smem_bytes<T, D>(1), device);
   const dim3 grid(p.num_kv_heads / p.heads_per_cta, p.num_splits, p.batch);
   decode_partial_kernel<T, D><<<grid, kThreads, smem_bytes<T, D>(p.heads_per_cta), stream>>>(p);
   check_launch("decode_partial_kernel");
 }
 
 template <int D>
-void launch_decode_merge(const MergeParams& p, cudaStream_t stream) {
+void launch_decode_merge(MergeParams p, cudaStream_t stream) {
+  // Warps per row: enough to spread the splits (kSpw of them per warp per step: 1 at D = 128,
+  // 2 at D = 64), at most the CTA's 8.
+  constexpr int kSpw = 32 / (D / 4);
+  p.warps_per_row = 1;
+  while (p.warps_per_row < 8 && p.warps_per_row * kSpw < p.splits) p.warps_per_row *= 2;
   const int rows_per_block = (kMergeThreads / 32) / p.warps_per_row;
   const int blocks = (p.rows + rows_per_block - 1) / rows_per_block;
   // Programmatic dependent launch: the merge's CTAs are scheduled while the decode grid drains

@@ -1,11 +1,8 @@
 // PTX wrappers specific to the decode kernels: mbarriers completed by cp.async arrivals, 16-byte
-// cp.async, programmatic dependent launch, L2 prefetch and exp2 (sm_80 and up; sm_90 extras behind
-// ESP_DECODE_SM90). The tensor-core wrappers shared with the ring step (ldmatrix, mma.sync,
-// pack2) are in ../common/mma.cuh.
+// cp.async, programmatic dependent launch and L2 prefetch (sm_80 and up; sm_90 extras behind
+// ESP_DECODE_SM90). The wrappers shared with the ring step (ldmatrix, mma.sync, pack2, ex2) are
+// in ../common/mma.cuh.
 #pragma once
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <cstdint>
 
@@ -57,14 +54,7 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 #endif
 }
 
-// ---- tensor cores ----
-
-// 2^x; ex2.approx gives +0 for -inf, which is what masked scores and empty states need.
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
+// ---- programmatic dependent launch, prefetch ----
 
 // Programmatic dependent launch: the decode kernel lets the split merge be scheduled early; the
 // merge waits here until the decode grid has completed and its writes are visible (a no-op when
@@ -84,13 +74,6 @@ __device__ __forceinline__ void wait_prerequisites() {
 // nothing waits for it, so it cannot change a result.
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
-}
-
-// Loads of data no thread of this grid writes (q, kv_lens, block table), through the
-// read-only path.
-template <typename T>
-__device__ __forceinline__ T ldg(const T* p) {
-  return __ldg(p);
 }
 
 }  // namespace detail

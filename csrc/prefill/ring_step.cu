@@ -118,9 +118,9 @@ void ring_step(const TensorDesc& q, const TensorDesc& k, const TensorDesc& v,
   DeviceGuard guard(device);
   const cudaStream_t s = as_stream(stream);
   if (D == 64)
-    ring_step_d64(p, q.dtype, s);
+    ring_step_d64(p, q.dtype, s, device);
   else
-    ring_step_d128(p, q.dtype, s);
+    ring_step_d128(p, q.dtype, s, device);
 }
 
 }  // namespace esp

@@ -6,9 +6,9 @@
 
 namespace esp {
 
-void ring_step_d64(const RingStepParams& p, DType dtype, cudaStream_t stream) {
+void ring_step_d64(const RingStepParams& p, DType dtype, cudaStream_t stream, int device) {
   ESP_DISPATCH_HALF(dtype, T,
-                    [&] { ring_step_impl::launch_ring_step<T, 64, 128, 32>(p, stream); });
+                    [&] { ring_step_impl::launch_ring_step<T, 64, 128, 32>(p, stream, device); });
 }
 
 }  // namespace esp

@@ -55,8 +55,8 @@ struct RingStepParams {
 
 // One translation unit per head dim (ring_step_d64.cu, ring_step_d128.cu) so the heavy
 // instantiations compile in parallel; ring_step.cu only validates and calls these.
-void ring_step_d64(const RingStepParams& p, DType dtype, cudaStream_t stream);
-void ring_step_d128(const RingStepParams& p, DType dtype, cudaStream_t stream);
+void ring_step_d64(const RingStepParams& p, DType dtype, cudaStream_t stream, int device);
+void ring_step_d128(const RingStepParams& p, DType dtype, cudaStream_t stream, int device);
 
 namespace ring_step_impl {
 
@@ -118,13 +118,6 @@ template <typename T>
 __device__ __forceinline__ const T* opaque(const T* x) {
   asm volatile("" : "+l"(x));
   return x;
-}
-
-// MUFU.EX2 directly: exp2f() adds denormal handling we do not need; ex2(-inf) = +0.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // Number of keys (a prefix of the request's block) that query token `tok` may see:
@@ -233,7 +226,7 @@ __device__ __forceinline__ void attend_tile(uint32_t q_addr, uint32_t k_addr, ui
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if (!(t[i][h] > m_ref[i][h] + kRefSlack)) continue;
-        const float alpha = fast_exp2(m_ref[i][h] - t[i][h]);  // 0 when m_ref was -inf
+        const float alpha = ex2(m_ref[i][h] - t[i][h]);  // 0 when m_ref was -inf
         m_ref[i][h] = t[i][h];
         row_sum[i][h] *= alpha;
 #pragma unroll
@@ -255,7 +248,7 @@ __device__ __forceinline__ void attend_tile(uint32_t q_addr, uint32_t k_addr, ui
       for (int j = 0; j < SN / 8; ++j)
 #pragma unroll
         for (int e = 2 * h; e < 2 * h + 2; ++e) {
-          s[i][j][e] = fast_exp2(fmaf(s[i][j][e], scale_log2, -m_use));
+          s[i][j][e] = ex2(fmaf(s[i][j][e], scale_log2, -m_use));
           sum += s[i][j][e];
         }
       // Per-lane partial sum (the row's 4 lanes share m_ref); reduced in the epilogue.
@@ -506,15 +499,11 @@ __global__ void __launch_bounds__(kThreads, 2) ring_step_kernel(const RingStepPa
 }
 
 template <typename T, int D, int BN, int SN>
-void launch_ring_step(const RingStepParams& p, cudaStream_t stream) {
+void launch_ring_step(const RingStepParams& p, cudaStream_t stream, int device) {
   constexpr int smem = smem_bytes<D, BN>();
   auto kernel = ring_step_kernel<T, D, BN, SN>;
-  ESP_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  // Two CTAs per SM need 2 x smem of the unified L1/shared array; ask for the full carveout so
-  // the driver does not pick a split that fits only one.
-  ESP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                      cudaSharedmemCarveoutMaxShared));
+  // Two CTAs per SM need 2 x smem of the unified L1/shared array: the full carveout.
+  set_smem_attributes_once(reinterpret_cast<const void*>(kernel), smem, device);
   const int blocks = p.num_m_tiles * p.B * p.Hkv;  // host checked it fits in int
   kernel<<<blocks, kThreads, smem, stream>>>(p);
   check_launch("ring_step_kernel");
