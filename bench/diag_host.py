@@ -1,5 +1,6 @@
 """Where the host time of a decode layer goes on virtual ranks (gpu_check.sh host_diag):
-exchange cost with CPU vs GPU tensors, then cProfile of rank 0's decode loop with 2 ranks."""
+exchange cost with CPU vs GPU tensors (a thread per rank, and run_steps), then cProfile of the
+run_steps decode loop (all ranks in one thread) with 2 and 4 ranks."""
 
 import cProfile
 import io
@@ -8,9 +9,8 @@ import time
 
 import torch
 
-import esp_kernels as esp
-from esp_kernels.comm import local_group, run_local
-from bench_decode import build_sharded, Hq, D
+from esp_kernels.comm import local_group, run_local, run_steps
+from bench_decode import build_sharded, decode_layers, Hq, D
 
 
 def exchange_us(n, device):
@@ -26,31 +26,41 @@ def exchange_us(n, device):
     return max(run_local(local_group(n, device), body))
 
 
+def exchange_steps_us(n, device, reps=300):
+    def body(g, reps):
+        x, y = torch.zeros(4, device=device), torch.zeros(4, device=device)
+        P, r = g.size, g.rank
+        for _ in range(reps):
+            yield g.exchange([(x, (r + 1) % P)], [(y, (r - 1) % P)])
+    groups = local_group(n, device)
+    run_steps(groups, [body(g, 20) for g in groups])
+    t = time.perf_counter()
+    run_steps(groups, [body(g, reps) for g in groups])
+    return (time.perf_counter() - t) / reps / n * 1e6
+
+
 def main():
     for n in (1, 2, 4):
-        print(f"exchange, {n} virtual ranks: cpu {exchange_us(n, 'cpu'):.1f} us, "
+        print(f"exchange, {n} virtual ranks, a thread each: cpu {exchange_us(n, 'cpu'):.1f} us, "
               f"cuda {exchange_us(n, 'cuda'):.1f} us")
+        print(f"exchange per rank, {n} virtual ranks, run_steps: "
+              f"cpu {exchange_steps_us(n, 'cpu'):.1f} us, cuda {exchange_steps_us(n, 'cuda'):.1f} us")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    groups = local_group(2, "cuda")
-    caches, plans = build_sharded(groups, 8, 256, 2, gen)
-    qs = [torch.randn(4, Hq, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-
-    def loop(g, c, p, q):
-        for _ in range(10):
-            esp.distributed_decode(q, c, p, g)
-        prof = cProfile.Profile() if g.rank == 0 else None
-        if prof:
-            prof.enable()
-        for _ in range(100):
-            esp.distributed_decode(q, c, p, g)
-        if prof:
-            prof.disable()
-            s = io.StringIO()
-            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
-            return s.getvalue()
-        return ""
-
-    print(run_local(groups, loop, caches, plans, qs)[0])
+    for n in (2, 4):
+        groups = local_group(n, "cuda")
+        caches, plans = build_sharded(groups, 8, 256, n, gen)
+        qs = [torch.randn(len(plans[0].mastered_by(r)), Hq, D, device="cuda",
+                          dtype=torch.bfloat16) for r in range(n)]
+        decode_layers(groups, caches, plans, qs, 10)
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        decode_layers(groups, caches, plans, qs, 200)
+        prof.disable()
+        torch.cuda.synchronize()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+        print(f"--- {n} ranks, 200 layers, run_steps ---\n{s.getvalue()}")
 
 
 if __name__ == "__main__":

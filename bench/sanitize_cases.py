@@ -59,6 +59,20 @@ def main():
     idx = torch.randperm(80, generator=g)[:50].to(torch.int32).to(dev)
     copy_rows(src, None, dst, idx)
     print("copy_rows", bool(torch.equal(dst[:, idx.long()], src)))
+    # virtual-rank messages (one copy kernel per post): 16-byte aligned with a tail, unaligned
+    # byte offsets, empty, and one large enough for several blocks per message
+    groups = esp.comm.local_group(3, dev)
+    base = torch.randint(0, 255, (300_000,), generator=g, dtype=torch.uint8).to(dev)
+    views = [base[0:4100], base[5:1000], base[0:0], base[16:300_000]]
+
+    def rank(group):
+        P, r = group.size, group.rank
+        bufs = [torch.zeros(t.numel(), dtype=torch.uint8, device=dev) for t in views]
+        yield group.exchange([(t, (r + 1) % P) for t in views],
+                             [(b, (r - 1) % P) for b in bufs])
+        return all(torch.equal(b, t) for b, t in zip(bufs, views))
+
+    print("virtual-rank copies", esp.comm.run_steps(groups, [rank(x) for x in groups]))
     torch.cuda.synchronize()
 
 

@@ -13,7 +13,7 @@ See README.md for shapes, dtypes and the support matrix.
 
 from . import comm, reference, testing
 from .config import __version__, config, show_config
-from .decode import DecodePlan, decode_partial, distributed_decode
+from .decode import DecodePlan, decode_partial, distributed_decode, distributed_decode_steps
 from .kvcache import (CacheOutOfMemory, MigrationError, MigrationPlan, PagedKVCache,
                       RetentionPlan, migrate_kv)
 from .merge import merge_states, merge_states_, merge_states_multi
@@ -24,4 +24,5 @@ __all__ = [
     "merge_states", "merge_states_", "merge_states_multi",
     "ring_prefill", "PagedKVCache", "CacheOutOfMemory", "RetentionPlan", "MigrationPlan",
     "MigrationError", "migrate_kv", "DecodePlan", "decode_partial", "distributed_decode",
+    "distributed_decode_steps",
 ]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import esp_kernels as esp
-from esp_kernels.comm import local_group, run_local
+from esp_kernels.comm import local_group, run_local, run_steps
 from esp_kernels.decode.partial import decode_partial
 from esp_kernels.testing import assert_close, cu_seqlens, poison_
 from dist_utils import run_gloo
@@ -42,35 +42,66 @@ def scenario_tensors(lens, seed, steps, hq, hkv, d):
     return full, qs
 
 
-def decode_rank(world, n, seed, hq, hkv, d, page_size, steps, dtype=torch.float32, device="cpu"):
-    L = LAYERS
+def rank_cache(world, n, seed, hkv, d, page_size, steps, dtype, device):
+    """This instance's cache filled with its shards of the scenario, and the decode plan."""
     lens, masters, place = scenario(n, seed)
     me = world.world_ranks[world.rank]
-    full, qs = scenario_tensors(lens, seed, steps, hq, hkv, d)
-    cache = esp.PagedKVCache(L, 600 // page_size + 16, page_size, hkv, d, dtype, device)
+    full, _ = scenario_tensors(lens, seed, steps, 1, hkv, d)
+    cache = esp.PagedKVCache(LAYERS, 600 // page_size + 16, page_size, hkv, d, dtype, device)
     for r in REQUESTS:
         pos = torch.nonzero(place[r] == me).flatten()
         if pos.numel():
             slots = cache.allocate(r, pos).to(device)
-            for layer in range(L):
+            for layer in range(LAYERS):
                 rows = cache.slot_rows(layer)
                 rows[0, slots] = full[r][layer][0][pos].reshape(pos.numel(), -1).to(device, dtype)
                 rows[1, slots] = full[r][layer][1][pos].reshape(pos.numel(), -1).to(device, dtype)
-    plan = esp.DecodePlan.build(world, cache, REQUESTS, masters)
+    return cache, esp.DecodePlan.build(world, cache, REQUESTS, masters)
+
+
+def layer_inputs(mine, n, seed, hq, hkv, d, steps, step, layer, dtype, device):
+    """q, k_new, v_new of the requests `mine` at (step, layer)."""
+    lens, _, _ = scenario(n, seed)
+    full, qs = scenario_tensors(lens, seed, steps, hq, hkv, d)
+    pos = [lens[REQUESTS[i]] + step for i in mine]
+    kv = [torch.stack([full[REQUESTS[i]][layer][j][p] for i, p in zip(mine, pos)]) if mine
+          else torch.empty(0, hkv, d) for j in (0, 1)]
+    return [t.to(device, dtype) for t in (qs[step, layer, mine], *kv)]
+
+
+def decode_rank(world, n, seed, hq, hkv, d, page_size, steps, dtype=torch.float32, device="cpu"):
+    cache, plan = rank_cache(world, n, seed, hkv, d, page_size, steps, dtype, device)
+    me = world.world_ranks[world.rank]
     outs = []
     for step in range(steps):
         plan = plan.scale_up(world, cache)
         mine = plan.mastered_by(me)
-        for layer in range(L):
-            pos = [lens[REQUESTS[i]] + step for i in mine]
-            q = qs[step, layer, mine].to(device, dtype)
-            kn = torch.stack([full[REQUESTS[i]][layer][0][p] for i, p in zip(mine, pos)]) if mine \
-                else torch.empty(0, hkv, d)
-            vn = torch.stack([full[REQUESTS[i]][layer][1][p] for i, p in zip(mine, pos)]) if mine \
-                else torch.empty(0, hkv, d)
-            out = esp.distributed_decode(q, cache, plan, world, layer=layer,
-                                         k_new=kn.to(device, dtype), v_new=vn.to(device, dtype))
+        for layer in range(LAYERS):
+            q, kn, vn = layer_inputs(mine, n, seed, hq, hkv, d, steps, step, layer, dtype, device)
+            out = esp.distributed_decode(q, cache, plan, world, layer=layer, k_new=kn, v_new=vn)
             outs.append((step, layer, mine, out.cpu()))
+    return outs
+
+
+def decode_all_steps(n, seed, hq, hkv, d, page_size, steps, dtype=torch.float32, device="cpu"):
+    """decode_rank's work on n virtual ranks, every layer run by `run_steps` in this thread
+    (plans are built and scaled up with threads: that is host-blocking metadata exchange)."""
+    groups = local_group(n, device)
+    caches, plans = zip(*run_local(groups, rank_cache, *[[a] * n for a in
+                                                         (n, seed, hkv, d, page_size, steps,
+                                                          dtype, device)]))
+    outs = [[] for _ in range(n)]
+    for step in range(steps):
+        plans = run_local(groups, lambda g, c, p: p.scale_up(g, c), caches, plans)
+        mines = [plans[r].mastered_by(r) for r in range(n)]
+        for layer in range(LAYERS):
+            ins = [layer_inputs(m, n, seed, hq, hkv, d, steps, step, layer, dtype, device)
+                   for m in mines]
+            res = run_steps(groups, [esp.distributed_decode_steps(
+                q, caches[r], plans[r], groups[r], layer=layer, k_new=kn, v_new=vn)
+                for r, (q, kn, vn) in enumerate(ins)])
+            for r in range(n):
+                outs[r].append((step, layer, mines[r], res[r].cpu()))
     return outs
 
 
@@ -98,6 +129,14 @@ def test_decode_virtual_ranks(n, hq, hkv, d, page_size):
     args = (n, 100 + n, hq, hkv, d, page_size, 2)
     res = run_local(local_group(n), decode_rank, *[[a] * n for a in args])
     check_decode(res, n, 100 + n, hq, hkv, d, 2)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("hq,hkv,d,page_size", [(4, 4, 64, 1), (8, 1, 128, 16)])
+def test_decode_run_steps_one_thread(n, hq, hkv, d, page_size):
+    """The step-generator form of the layer on every virtual rank from one thread."""
+    res = decode_all_steps(n, 200 + n, hq, hkv, d, page_size, 2)
+    check_decode(res, n, 200 + n, hq, hkv, d, 2)
 
 
 def test_decode_instance_mastering_nothing_while_appending():
@@ -268,6 +307,13 @@ def test_decode_virtual_ranks_gpu(n):
     args = (n, 500 + n, 32, 8, 128, 16, 2, torch.bfloat16, "cuda")
     res = run_local(local_group(n, "cuda"), decode_rank, *[[a] * n for a in args])
     check_decode(res, n, 500 + n, 32, 8, 128, 2, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [2, 4])
+def test_decode_run_steps_gpu(n):
+    res = decode_all_steps(n, 600 + n, 32, 8, 128, 16, 2, torch.bfloat16, "cuda")
+    check_decode(res, n, 600 + n, 32, 8, 128, 2, torch.bfloat16)
 
 
 @pytest.mark.gpu

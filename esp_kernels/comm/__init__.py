@@ -1,13 +1,15 @@
 """Communication groups behind one interface (see group.py):
 
-    esp.comm.local_group(n, device)             # n virtual ranks in this process (threads)
+    esp.comm.local_group(n, device)             # n virtual ranks in this process
+    esp.comm.run_local(groups, fn, ...)         # fn on every virtual rank, one thread each
+    esp.comm.run_steps(groups, steps)           # step generators of all ranks in this thread
     esp.comm.from_torch(process_group)          # wrap torch.distributed (gloo / nccl)
     esp.comm.init_nccl(rank, world_size, store) # native NCCL world communicator
     ring = g.subgroup([3, 0, 5])                # ordered ESP group, no new communicator
 """
 
-from .group import CommError, CommTimeout, CompletedWork, Group, Work
-from .local import LocalGroup, local_group, run_local
+from .group import CommError, CommTimeout, CompletedWork, Group, Work, drive
+from .local import LocalGroup, local_group, run_local, run_steps
 from .torch_backend import TorchGroup, from_torch
 
 
@@ -21,5 +23,5 @@ def init_nccl(rank, world_size, store, device=None, timeout=None, prefix="esp_nc
                           blocking=blocking, **kwargs)
 
 
-__all__ = ["CommError", "CommTimeout", "CompletedWork", "Group", "Work", "LocalGroup",
-           "local_group", "run_local", "TorchGroup", "from_torch", "init_nccl"]
+__all__ = ["CommError", "CommTimeout", "CompletedWork", "Group", "Work", "drive", "LocalGroup",
+           "local_group", "run_local", "run_steps", "TorchGroup", "from_torch", "init_nccl"]

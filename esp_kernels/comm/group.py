@@ -57,6 +57,37 @@ class CompletedWork(Work):
         return None
 
 
+def drive(steps):
+    """Run a step generator (one that yields the Work of each exchange it posts instead of
+    waiting on it, e.g. `esp.decode.distributed_decode_steps`) to its end on any group, waiting
+    on each Work at once; return its return value. `run_steps` runs one per virtual rank in one
+    thread instead."""
+    try:
+        work = next(steps)
+        while True:
+            work.wait()
+            work = steps.send(None)
+    except StopIteration as stop:
+        return stop.value
+
+
+class PreparedExchange:
+    """Sends and receives checked by `Group.prepare_exchange`, posted by each `start()`."""
+
+    __slots__ = ("group", "sends", "recvs")
+
+    def __init__(self, group: "Group", sends, recvs):
+        self.group, self.sends, self.recvs = group, sends, recvs  # peers as world ranks
+
+    def __bool__(self) -> bool:
+        return bool(self.sends or self.recvs)
+
+    def start(self) -> Work:
+        if not self:
+            return CompletedWork()
+        return self.group._world_p2p(self.sends, self.recvs)
+
+
 class Group(abc.ABC):
     """Ordered group of ranks. Attributes: rank, size, device, world_ranks, timeout."""
 
@@ -117,10 +148,10 @@ class Group(abc.ABC):
             raise ValueError(f"{what} must be contiguous (shape {tuple(t.shape)}, strides "
                              f"{t.stride()})")
 
-    def exchange(self, sends: Sequence[tuple[torch.Tensor, int]] = (),
-                 recvs: Sequence[tuple[torch.Tensor, int]] = ()) -> Work:
-        """Post several sends and receives together (one ring step: send to next, receive from
-        previous). Peers are ranks of this group. Returns one Work for all of them."""
+    def prepare_exchange(self, sends: Sequence[tuple[torch.Tensor, int]] = (),
+                         recvs: Sequence[tuple[torch.Tensor, int]] = ()) -> "PreparedExchange":
+        """Check an exchange's tensors and peers once; `start()` then posts it as often as
+        needed (a driver's fixed buffers, e.g. a decode plan's, skip the per-call checks)."""
         ws, wr = [], []
         for i, (t, dst) in enumerate(sends):
             self._check_buffer(t, f"sends[{i}] tensor")
@@ -128,9 +159,13 @@ class Group(abc.ABC):
         for i, (t, src) in enumerate(recvs):
             self._check_buffer(t, f"recvs[{i}] buffer")
             wr.append((t, self._check_peer(src, f"recvs[{i}] source")))
-        if not ws and not wr:
-            return CompletedWork()
-        return self._world_p2p(ws, wr)
+        return PreparedExchange(self, ws, wr)
+
+    def exchange(self, sends: Sequence[tuple[torch.Tensor, int]] = (),
+                 recvs: Sequence[tuple[torch.Tensor, int]] = ()) -> Work:
+        """Post several sends and receives together (one ring step: send to next, receive from
+        previous). Peers are ranks of this group. Returns one Work for all of them."""
+        return self.prepare_exchange(sends, recvs).start()
 
     def send(self, tensor: torch.Tensor, dst: int) -> Work:
         return self.exchange(sends=[(tensor, dst)])

@@ -1,17 +1,27 @@
 """Virtual ranks: n ranks inside one process on one device (or the CPU).
 
-How drivers run per rank: **one Python thread per virtual rank** (`run_local`). The drivers are
-ordinary blocking code that only enqueues asynchronous GPU work, so the same code runs on NCCL,
-torch.distributed and virtual ranks. Each virtual rank has its own compute stream (made current in
-its thread by `run_local`) and its own communication stream.
+Two ways to run a driver on every virtual rank:
+  * `run_local(groups, fn, ...)`: **one Python thread per virtual rank**. The drivers are ordinary
+    blocking code that only enqueues asynchronous GPU work, so the same code runs on NCCL,
+    torch.distributed and virtual ranks. Rank threads contend for the GIL, though: a decode layer
+    on 2 / 4 ranks cost 613 / 2207 us of CPU per rank (run 8) against 28 us on one.
+  * `run_steps(groups, steps)`: one *step generator* per rank (e.g.
+    `esp.decode.distributed_decode_steps`), all advanced in the calling thread. A step generator
+    yields the Work of each exchange it posts; `run_steps` resumes a rank once every message of
+    its Work has been posted by both sides, so no thread ever blocks and nothing is contended.
+    The same generator runs on any other group through `group.drive`.
 
-A message is a device-to-device copy: each side posts its tensor with an event recorded on its
-current stream; whichever side arrives second enqueues `buffer.copy_(tensor)` on the receiver's
-communication stream after both events (the data is written and the buffer is free) and records a
-done-event, which both sides' Works wait on. So the
-sender's compute never blocks, the receiver's compute waits only on an event, and no device-wide
-synchronize happens. Matching follows posting order per (source, destination) pair, as in NCCL.
-On the CPU the copy is immediate.
+Each virtual rank has its own compute stream (current while its code runs) and its own
+communication stream. A message is a device-to-device copy: each side posts its tensor with an
+event recorded on its current stream; whichever side arrives second enqueues the copy on a
+communication stream after both events (the data is written and the buffer is free) and records
+a done-event, which both sides' Works wait on (with the compiled core: one copy kernel per post
+for all the messages it matched, on the poster's communication stream). So the sender's compute never blocks,
+the receiver's compute waits only on an event, and no device-wide synchronize happens. Matching
+follows posting order per (source, destination) pair, as in NCCL. On the CPU the copy is
+immediate. With the compiled core, events and copies are single driver calls
+(csrc/comm/local_copy.cpp) and the tensors of a message stay referenced until its copy has
+completed on the GPU, so the caching allocator never hands them out early.
 """
 
 from __future__ import annotations
@@ -19,10 +29,11 @@ from __future__ import annotations
 import collections
 import sys
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import torch
 
+from .. import _core
 from .._checks import resolve_device
 from .group import DEFAULT_TIMEOUT_S, CommError, CommTimeout, Group, Work
 
@@ -37,27 +48,41 @@ class _Message:
         self.src, self.dst = src, dst
         self.tensor = self.ready = self.buffer = self.buffer_ready = self.done = None
         self.error: Exception | None = None
-        self.matched = threading.Event()
+        self.matched = False  # set under the world's lock; waiters use its condition
 
 
 class _LocalWorld:
     def __init__(self, n: int, device: torch.device, timeout: float):
         self.n, self.device, self.timeout = n, device, timeout
         self.lock = threading.Lock()
+        # Notified whenever messages get matched (one condition per world: a threading.Event
+        # per message cost ~2 us to create, a tenth of a decode layer's host budget).
+        self.matched = threading.Condition(self.lock)
+        self.waiting = 0  # threads blocked on `matched` (run_steps never blocks)
         # (src, dst) -> FIFO of messages posted by exactly one side so far
         self.pending_sends: dict = collections.defaultdict(collections.deque)
         self.pending_recvs: dict = collections.defaultdict(collections.deque)
         cuda = device.type == "cuda"
         self.compute_streams = [torch.cuda.Stream(device) if cuda else None for _ in range(n)]
         self.comm_streams = [torch.cuda.Stream(device) if cuda else None for _ in range(n)]
+        # The compiled core's events and copies (None: torch's, e.g. a build without nvcc).
+        self.core = _core._C if cuda and _core.has_compiled() else None
+        if self.core is not None:
+            self.comm_handles = [s.cuda_stream for s in self.comm_streams]
+            # (done event, messages) of copies the GPU may still run, oldest first.
+            self.inflight: collections.deque = collections.deque()
 
-    def _transfer(self, msg: _Message):
-        """Called once both sides have posted: check and enqueue the copy."""
+    def _match(self, msg: _Message, batch: list):
+        """Both sides have posted: check the message, then copy it (CPU), enqueue its copy
+        (torch's stream API), or add it to this post's batch (compiled core)."""
         t, buf = msg.tensor, msg.buffer
         if t.numel() != buf.numel() or t.dtype != buf.dtype:
             msg.error = ValueError(
                 f"message {msg.src}->{msg.dst}: sent {t.numel()} x {t.dtype} but the receive "
                 f"buffer holds {buf.numel()} x {buf.dtype}")
+        elif self.core is not None:
+            batch.append(msg)
+            return
         elif self.device.type == "cuda":
             # The copy reads the sender's tensor and overwrites the receiver's buffer: it waits
             # for both owners' streams as they were when each side posted.
@@ -73,21 +98,42 @@ class _LocalWorld:
             msg.done.record(stream)
         else:
             buf.view(-1).copy_(t.view(-1))
-        msg.matched.set()
+        msg.matched = True
+
+    def _copy_batch(self, me: int, batch: list):
+        """The messages one post matched, copied by one kernel on the poster's communication
+        stream after every owner's ready event, with one done event (a copy per message cost
+        ~10 us of driver calls: 6 per layer and rank on 4 ranks, run 11)."""
+        done = self.core.Event(self.device.index)
+        self.core.local_copies([m.buffer.data_ptr() for m in batch],
+                               [m.tensor.data_ptr() for m in batch],
+                               [m.tensor.numel() * m.tensor.element_size() for m in batch],
+                               self.comm_handles[me],
+                               [e for m in batch for e in (m.ready, m.buffer_ready)], done,
+                               self.device.index)
+        for m in batch:
+            m.done, m.matched = done, True
+        self.inflight.append((done, batch))  # the tensors live until the copies are done
 
     def post(self, me: int, sends, recvs) -> list[_Message]:
-        msgs = []
+        msgs, batch = [], []
         ready = None
-        if self.device.type == "cuda":
+        if self.core is not None:
+            ready = self.core.Event(self.device.index)
+            ready.record(_core.stream_handle(self.device))
+        elif self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()  # on the current stream
         with self.lock:
+            if self.core is not None:  # release the tensors of copies the GPU has finished
+                while self.inflight and self.inflight[0][0].query():
+                    self.inflight.popleft()
             for t, dst in sends:
                 q = self.pending_recvs[(me, dst)]
                 if q:
                     msg = q.popleft()
                     msg.tensor, msg.ready = t, ready
-                    self._transfer(msg)
+                    self._match(msg, batch)
                 else:
                     msg = _Message(me, dst)
                     msg.tensor, msg.ready = t, ready
@@ -98,30 +144,55 @@ class _LocalWorld:
                 if q:
                     msg = q.popleft()
                     msg.buffer, msg.buffer_ready = buf, ready
-                    self._transfer(msg)
+                    self._match(msg, batch)
                 else:
                     msg = _Message(src, me)
                     msg.buffer, msg.buffer_ready = buf, ready
                     self.pending_recvs[(src, me)].append(msg)
                 msgs.append(msg)
+            if batch:
+                self._copy_batch(me, batch)
+            if self.waiting:
+                self.matched.notify_all()
         return msgs
 
 
 class _LocalWork(Work):
-    def __init__(self, msgs: list[_Message], timeout: float, device: torch.device):
-        self.msgs, self.timeout, self.device = msgs, timeout, device
+    def __init__(self, msgs: list[_Message], world: _LocalWorld):
+        self.msgs, self.timeout, self.device = msgs, world.timeout, world.device
+        self.world, self.core = world, world.core
 
     def _await_matched(self, timeout):
+        if not self.matched():
+            world = self.world
+            with world.matched:
+                world.waiting += 1
+                try:
+                    ok = world.matched.wait_for(self.matched, timeout)
+                finally:
+                    world.waiting -= 1
+            if not ok:
+                m = next(m for m in self.msgs if not m.matched)
+                raise CommTimeout(f"virtual rank message {m.src}->{m.dst} was not matched by "
+                                  f"its peer within {timeout:.1f} s")
         for m in self.msgs:
-            if not m.matched.wait(timeout):
-                raise CommTimeout(f"virtual rank message {m.src}->{m.dst} was not matched by its "
-                                  f"peer within {timeout:.1f} s")
             if m.error is not None:
                 raise m.error
+
+    def matched(self) -> bool:
+        """Both sides of every message have posted (the copies are enqueued)."""
+        for m in self.msgs:
+            if not m.matched:
+                return False
+        return True
 
     def wait(self, stream=None):
         self._await_matched(self.timeout)
         if self.device.type != "cuda":
+            return
+        if self.core is not None:
+            handle = _core.stream_handle(self.device) if stream is None else stream.cuda_stream
+            self.core.stream_wait_events(handle, [m.done for m in self.msgs])
             return
         # One stream lookup per wait, not one per message (each costs ~20 us under GIL contention).
         stream = torch.cuda.current_stream(self.device) if stream is None else stream
@@ -160,8 +231,7 @@ class LocalGroup(Group):
         return LocalGroup(self._world, world_ranks, rank)
 
     def _world_p2p(self, sends, recvs) -> Work:
-        return _LocalWork(self._world.post(self.world_rank, sends, recvs), self.timeout,
-                          self.device)
+        return _LocalWork(self._world.post(self.world_rank, sends, recvs), self._world)
 
 
 def local_group(n: int, device: torch.device | str = "cpu",
@@ -172,6 +242,24 @@ def local_group(n: int, device: torch.device | str = "cpu",
     world = _LocalWorld(n, resolve_device(device), timeout)
     ranks = tuple(range(n))
     return [LocalGroup(world, ranks, r) for r in range(n)]
+
+
+def _fork_streams(groups):
+    """Start every CUDA virtual rank's streams after the caller's current stream; return the
+    function that makes the caller's stream continue after all of them."""
+    worlds = {id(g._world): g._world for g in groups if isinstance(g, LocalGroup)
+              and g.device.type == "cuda"}
+    callers = {}
+    for w in worlds.values():
+        caller = callers[id(w)] = torch.cuda.current_stream(w.device)
+        for stream in w.compute_streams + w.comm_streams:
+            stream.wait_stream(caller)
+
+    def join():
+        for w in worlds.values():
+            for stream in w.compute_streams + w.comm_streams:
+                callers[id(w)].wait_stream(stream)
+    return join
 
 
 _SWITCH_INTERVAL_S = 20e-6
@@ -194,13 +282,7 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
             raise ValueError(f"per_rank_args[{i}] has {len(a)} entries for {n} ranks")
     results: list[Any] = [None] * n
     errors: list[BaseException | None] = [None] * n
-    worlds = {id(g._world): g._world for g in groups if isinstance(g, LocalGroup)
-              and g.device.type == "cuda"}
-    callers = {}
-    for w in worlds.values():
-        caller = callers[id(w)] = torch.cuda.current_stream(w.device)
-        for stream in w.compute_streams + w.comm_streams:
-            stream.wait_stream(caller)
+    join = _fork_streams(groups)
 
     def body(r):
         g = groups[r]
@@ -231,13 +313,72 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
                 raise CommTimeout(f"virtual rank thread {t.name} did not finish within {limit} s")
     finally:
         sys.setswitchinterval(interval)
-        for w in worlds.values():
-            for stream in w.compute_streams + w.comm_streams:
-                callers[id(w)].wait_stream(stream)
+        join()
     for r, e in enumerate(errors):
         if e is not None:
             raise e
     return results
 
 
-__all__ = ["LocalGroup", "local_group", "run_local", "CommError"]
+def run_steps(groups: Sequence[LocalGroup], steps: Sequence[Generator]) -> list[Any]:
+    """Run one step generator per virtual rank (steps[r] drives groups[r]) in this thread; return
+    their return values.
+
+    A step generator posts an exchange and yields its Work instead of waiting on it; it is
+    resumed, with the Work waited on, once every message of that Work has been posted by both
+    sides (see the module docstring). Each rank runs with its compute stream current, and the
+    stream order with the caller is as in `run_local`. Ranks that wait on messages no rank will
+    post raise CommError. The first exception (by rank) is re-raised once no rank can go on.
+    """
+    n = len(groups)
+    if len(steps) != n:
+        raise ValueError(f"{len(steps)} step generators for {n} ranks")
+    results: list[Any] = [None] * n
+    errors: list[BaseException | None] = [None] * n
+    waiting: list[Work | None] = [None] * n
+    streams = [getattr(g, "stream", None) for g in groups]
+    callers = {s.device: torch.cuda.current_stream(s.device) for s in streams if s is not None}
+    device = torch.cuda.current_device() if callers else None  # set_stream switches devices
+    join = _fork_streams(groups)
+    live = list(range(n))
+    try:
+        while live:
+            progressed, still = False, []
+            for r in live:
+                w = waiting[r]
+                if isinstance(w, _LocalWork) and not w.matched():
+                    still.append(r)
+                    continue
+                progressed = True
+                if streams[r] is not None:
+                    torch.cuda.set_stream(streams[r])
+                try:
+                    if w is not None:
+                        w.wait()
+                    waiting[r] = steps[r].send(None)
+                    still.append(r)
+                except StopIteration as stop:
+                    results[r] = stop.value
+                except BaseException as exc:  # re-raised below, once no rank can go on
+                    errors[r] = exc
+            live = still
+            if not progressed:
+                if not any(e is not None for e in errors):
+                    raise CommError(f"virtual ranks {live} wait on messages that no rank posts "
+                                    "(the ranks' exchanges do not match)")
+                break
+    finally:
+        for r in live:
+            steps[r].close()
+        for caller in callers.values():
+            torch.cuda.set_stream(caller)
+        if device is not None:
+            torch.cuda.set_device(device)
+        join()
+    for e in errors:
+        if e is not None:
+            raise e
+    return results
+
+
+__all__ = ["LocalGroup", "local_group", "run_local", "run_steps", "CommError"]

@@ -12,6 +12,10 @@ Per layer, on every instance of the group:
 All index maps and buffers depend only on (plan, instance, shapes): they are built once per plan
 (`_DecodeStep`) and reused by every layer, so a layer costs a few launches and two exchanges, and
 with a fixed plan its buffers keep their addresses (CUDA-graph capturable).
+
+`distributed_decode_steps` is the same layer as a step generator: it yields the Work of each
+exchange instead of waiting on it, so `esp.comm.run_steps` can run every virtual rank of a
+single-GPU setup in one thread (no GIL contention between rank threads).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from .. import _core
 from .._checks import FLOAT_DTYPES, check_tensor
+from ..comm.group import drive
 from ..kvcache.cache import PagedKVCache
 from ..kvcache.copy import copy_rows
 from ..merge import MAX_KERNEL_STATES, merge_states_multi
@@ -72,12 +77,19 @@ class _DecodeStep:
 
         # Query send buffer: rows of mine for each remote holder, holder segments in order.
         q_rows = [row_of[i] for h in remote for i in self.serve[h]]
-        self.q_send_idx = torch.tensor(q_rows, dtype=torch.long, device=dev)
         self.q_send_seg = dict(zip(remote, rseg))
         self_rows = [row_of[i] for i in self.hold_by_master.get(me, [])]
-        self.q_self_idx = torch.tensor(self_rows, dtype=torch.long, device=dev)
         # Holding exactly my own requests, in my row order: the kernel reads q itself.
         self.q_identity = self_rows == list(range(len(self.mine))) and n_hold == len(self.mine)
+        # Q = [q_hold ; q_send] is filled from q by one row gather, keyed by whether the kernel
+        # reads q in place (then only the rows for remote holders): (rows of q, rows of Q).
+        s0 = self.hold_seg.get(me, (0, 0))[0]
+        send_dst = list(range(n_hold, n_hold + len(q_rows)))
+        self.q_gather = {
+            True: (q_rows, send_dst),
+            False: (self_rows + q_rows, list(range(s0, s0 + len(self_rows))) + send_dst)}
+        self.q_gather = {k: tuple(torch.tensor(x, dtype=torch.int32, device=dev) for x in v)
+                         for k, v in self.q_gather.items()}
         # Appends: which of my new tokens go where, and which tokens I store for others.
         self.appending = any(t is not None for t in plan.append_to)
         app_dst = {}
@@ -121,8 +133,8 @@ class _DecodeStep:
         self.X[-1, : Hq * D] = 0
         self.X[-1, Hq * D:] = -math.inf
         self.X[:, Hq * D + Hq:] = 0  # padding travels with the rows: keep it defined
-        self.q_hold = torch.empty(n_hold, Hq, D, dtype=q_dtype, device=dev)
-        self.q_send = torch.empty(len(q_rows), Hq, D, dtype=q_dtype, device=dev)
+        self.Q = torch.empty(n_hold + len(q_rows), Hq, D, dtype=q_dtype, device=dev)
+        self.q_hold, self.q_send = self.Q[:n_hold], self.Q[n_hold:]
         self.kv_send = torch.empty(self.app_send_idx.numel(), 2, self.row, dtype=cache.dtype,
                                    device=dev)
         self.kv_recv = torch.empty(n_in, 2, self.row, dtype=cache.dtype, device=dev)
@@ -154,6 +166,7 @@ class _DecodeStep:
                            if m != me and b > a]
         self.back_recvs = [(self.X[n_hold + a: n_hold + b], self.peers[h])
                            for h, (a, b) in self.recv_seg.items() if b > a]
+        self.bind(group)
         Bm = len(self.mine)
         self.o_h, self.lse_h = self.states(slice(0, n_hold))
         self.G = torch.empty(max(S, 1) * Bm * srow, dtype=torch.float32, device=dev)
@@ -172,10 +185,39 @@ class _DecodeStep:
             self.d_hold = [d(t) for t in (self.q_hold, self.o_h, self.lse_h, self.block_table,
                                           self.kv_lens)]
             self.d_ws = d(self.workspace) if self.workspace is not None else None
+            # Per-call operands of fixed shape: the pointer is swapped in on each layer.
+            self.d_q_direct = d(self.q_hold)
+            self.d_q_rows = _core.raw_desc(0, q_dtype, (1, Bm, Hq * D), (Bm * Hq * D, Hq * D, 1))
+            self.d_Q = d(self.Q.view(1, -1, Hq * D))
+            self.d_q_gather = {k: (d(a), d(b)) for k, (a, b) in self.q_gather.items()}
+            self.d_out = _core.raw_desc(0, q_dtype, (Bm, Hq, D), (Hq * D, D, 1))
             if self.self_only:
                 self.d_merge = (d(self.o_h[None]), d(self.lse_h[None]), d(self.lse_out))
             else:
                 self.d_merge = (d(self.g_o), d(self.g_lse), d(self.lse_out))
+            self.gather_idx32 = self.gather_idx.to(torch.int32)  # the descriptor's memory
+            self.d_gather = (d(self.X[None]), d(self.gather_idx32), d(self.G.view(1, -1, srow)))
+
+    def bind(self, group):
+        """Check the exchanges' fixed buffers once for this group handle (not on every layer)."""
+        self.group = group
+        self.fwd = group.prepare_exchange(self.fwd_sends, self.fwd_recvs)
+        self.back = group.prepare_exchange(self.back_sends, self.back_recvs)
+
+    def gather_q(self, q: torch.Tensor, direct: bool, backend: str):
+        """My rows of q into Q: those for remote holders, and my own held ones unless the
+        kernel reads q in place (`direct`)."""
+        src, dst = self.q_gather[direct]
+        if not src.numel():
+            return
+        if self.fast and backend != "torch" and q.is_contiguous():
+            dq = self.d_q_rows
+            dq.ptr = q.data_ptr()
+            ds, dd = self.d_q_gather[direct]
+            _core._C.copy_rows(dq, ds, self.d_Q, dd, self.device.index,
+                               _core.stream_handle(self.device))
+        else:
+            self.Q[dst.long()] = q[src.long()]
 
     def partial(self, cache: PagedKVCache, layer: int, q_direct, scale: float,
                 deterministic: bool, backend: str):
@@ -185,7 +227,8 @@ class _DecodeStep:
             dk, dv = cache.layer_descs(layer)
             dq, do, dlse, dbt, dlen = self.d_hold
             if q_direct is not None:
-                dq = _core.desc(q_direct)
+                dq = self.d_q_direct
+                dq.ptr = q_direct.data_ptr()
             _core._C.decode_partial(dq, dk, dv, dbt, dlen, do, dlse, self.d_ws, self.num_splits,
                                     scale, deterministic, self.device.index,
                                     _core.stream_handle(self.device))
@@ -200,14 +243,17 @@ class _DecodeStep:
     def merge(self, dtype: torch.dtype, backend: str) -> torch.Tensor:
         """Gather every holder's state of my requests and merge them exactly (fp32)."""
         fast = self.fast_merge and backend != "torch"
-        if not (self.self_only and fast):
-            torch.index_select(self.X, 0, self.gather_idx, out=self.G.view(-1, self.srow))
         out = torch.empty(len(self.mine), self.Hq, self.D, dtype=dtype, device=self.device)
         if fast:
+            stream = _core.stream_handle(self.device)
+            if not self.self_only:
+                x, idx, g = self.d_gather
+                _core._C.copy_rows(x, idx, g, None, self.device.index, stream)
             go, glse, dlse = self.d_merge
-            _core._C.merge_states(go, glse, _core.desc(out), dlse, self.device.index,
-                                  _core.stream_handle(self.device))
+            self.d_out.ptr = out.data_ptr()
+            _core._C.merge_states(go, glse, self.d_out, dlse, self.device.index, stream)
         else:
+            torch.index_select(self.X, 0, self.gather_idx, out=self.G.view(-1, self.srow))
             merge_states_multi(self.g_o, self.g_lse, out=out, lse_out=self.lse_out,
                                backend="torch" if backend == "torch" else "auto")
         return out
@@ -247,7 +293,21 @@ def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer
         deterministic: bitwise-reproducible partial states (see `decode_partial`); the default
             balances the KV splits dynamically, which is faster on long shards.
     Returns out [B_m, Hq, D] in q.dtype.
+
+    On virtual ranks of one process, `esp.comm.run_steps(groups, [distributed_decode_steps(...)
+    for each rank])` runs the same layer on every rank from one thread.
     """
+    return drive(distributed_decode_steps(
+        q, cache, plan, group, layer=layer, k_new=k_new, v_new=v_new, softmax_scale=softmax_scale,
+        deterministic=deterministic, backend=backend))
+
+
+def distributed_decode_steps(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer: int = 0,
+                             k_new=None, v_new=None, softmax_scale=None, deterministic=False,
+                             backend="auto"):
+    """`distributed_decode` as a step generator: yields the Work of each exchange it posts
+    (resume it once the Work can be waited on; `esp.comm.drive` / `run_steps` do) and returns
+    out. Arguments are checked when it first runs."""
     check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
     if not isinstance(plan, DecodePlan):
         raise TypeError(f"plan must be a DecodePlan, got {type(plan).__name__}")
@@ -264,6 +324,8 @@ def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer
     step = plan._steps.get(key)
     if step is None:
         step = plan._steps[key] = _DecodeStep(plan, group, cache, Hq, D, q.dtype)
+    elif step.group is not group:
+        step.bind(group)
     if Bm != len(step.mine):
         raise ValueError(f"q has {Bm} rows but this instance masters {len(step.mine)} requests "
                          "of the plan")
@@ -284,13 +346,9 @@ def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer
 
     # 1. queries (+ appended K/V) to holders, in one grouped exchange.
     q_direct = q if step.q_identity and q.is_contiguous() else None
-    if step.q_self_idx.numel() and q_direct is None:
-        s0, s1 = step.hold_seg[me]
-        torch.index_select(q, 0, step.q_self_idx, out=step.q_hold[s0:s1])
-    if step.q_send_idx.numel():
-        torch.index_select(q, 0, step.q_send_idx, out=step.q_send)
-    if step.fwd_sends or step.fwd_recvs:
-        group.exchange(step.fwd_sends, step.fwd_recvs).wait()
+    step.gather_q(q, q_direct is not None, backend)
+    if step.fwd:
+        yield step.fwd.start()
 
     # 2. store others' new tokens, then one partial state over my shard for all held requests.
     if step.app_recv_slots.numel():
@@ -301,8 +359,8 @@ def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer
                      backend)
 
     # 3. states back to masters: one message [o | lse] per peer.
-    if step.back_sends or step.back_recvs:
-        group.exchange(step.back_sends, step.back_recvs).wait()
+    if step.back:
+        yield step.back.start()
 
     # 4. exact fp32 merge of every holder's state of my requests.
     if Bm == 0:
