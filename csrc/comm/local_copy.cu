@@ -59,8 +59,23 @@ bool Event::query() const {
 
 void Event::synchronize() const { ESP_CUDA_CHECK(cudaEventSynchronize(event_)); }
 
+namespace {
+
+// `s` waits once for each distinct event: the messages of one post share their done event, and
+// a post waits on the same ready event for every message of a peer.
+void wait_distinct(cudaStream_t s, const std::vector<const Event*>& events) {
+  std::vector<cudaEvent_t> seen;
+  for (const Event* e : events) {
+    if (std::find(seen.begin(), seen.end(), e->get()) != seen.end()) continue;
+    seen.push_back(e->get());
+    ESP_CUDA_CHECK(cudaStreamWaitEvent(s, e->get(), 0));
+  }
+}
+
+}  // namespace
+
 void stream_wait_events(uintptr_t stream, const std::vector<const Event*>& events) {
-  for (const Event* e : events) ESP_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream), e->get(), 0));
+  wait_distinct(as_stream(stream), events);
 }
 
 namespace {
@@ -115,12 +130,7 @@ void local_copies(const std::vector<uintptr_t>& dst, const std::vector<uintptr_t
             "local_copies: dst, src and nbytes differ in length");
   DeviceGuard guard(device);
   cudaStream_t s = as_stream(stream);
-  std::vector<cudaEvent_t> seen;
-  for (const Event* e : waits) {
-    if (std::find(seen.begin(), seen.end(), e->get()) != seen.end()) continue;
-    seen.push_back(e->get());
-    ESP_CUDA_CHECK(cudaStreamWaitEvent(s, e->get(), 0));
-  }
+  wait_distinct(s, waits);
   // Up to 4 blocks per SM in all; a small message gets one block per 16 KB.
   const int64_t cap = static_cast<int64_t>(num_sms(device)) * 4;
   for (size_t first = 0; first < dst.size(); first += kMaxSegments) {

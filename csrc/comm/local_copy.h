@@ -25,7 +25,7 @@ class Event {
   int device_ = 0;
 };
 
-// `stream` waits for every event (enqueued waits: returns at once).
+// `stream` waits for every event, once per distinct one (enqueued waits: returns at once).
 void stream_wait_events(uintptr_t stream, const std::vector<const Event*>& events);
 
 // The virtual-rank messages one post matched: on `stream`, after every event of `waits`, copy

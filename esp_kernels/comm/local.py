@@ -9,18 +9,18 @@ Two ways to run a driver on every virtual rank:
     `esp.decode.distributed_decode_steps`), all advanced in the calling thread. A step generator
     yields the Work of each exchange it posts; `run_steps` resumes a rank once every message of
     its Work has been posted by both sides, so no thread ever blocks and nothing is contended.
-    The same generator runs on any other group through `group.drive`.
+    The same generator runs on any other group through `esp.comm.drive`.
 
 Each virtual rank has its own compute stream (current while its code runs) and its own
 communication stream. A message is a device-to-device copy: each side posts its tensor with an
 event recorded on its current stream; whichever side arrives second enqueues the copy on a
 communication stream after both events (the data is written and the buffer is free) and records
-a done-event, which both sides' Works wait on (with the compiled core: one copy kernel per post
-for all the messages it matched, on the poster's communication stream). So the sender's compute never blocks,
-the receiver's compute waits only on an event, and no device-wide synchronize happens. Matching
+a done-event, which both sides' Works wait on. So the sender's compute never blocks, the
+receiver's compute waits only on an event, and no device-wide synchronize happens. Matching
 follows posting order per (source, destination) pair, as in NCCL. On the CPU the copy is
-immediate. With the compiled core, events and copies are single driver calls
-(csrc/comm/local_copy.cpp) and the tensors of a message stay referenced until its copy has
+immediate. With the compiled core (csrc/comm/local_copy.cu), events are pooled driver events,
+the messages one post matched are moved by one copy kernel on the poster's communication stream
+with one done event, and the tensors of a message stay referenced until its copy has
 completed on the GPU, so the caching allocator never hands them out early.
 """
 

@@ -83,13 +83,12 @@ class _DecodeStep:
         self.q_identity = self_rows == list(range(len(self.mine))) and n_hold == len(self.mine)
         # Q = [q_hold ; q_send] is filled from q by one row gather, keyed by whether the kernel
         # reads q in place (then only the rows for remote holders): (rows of q, rows of Q).
-        s0 = self.hold_seg.get(me, (0, 0))[0]
+        own_start = self.hold_seg.get(me, (0, 0))[0]
         send_dst = list(range(n_hold, n_hold + len(q_rows)))
-        self.q_gather = {
-            True: (q_rows, send_dst),
-            False: (self_rows + q_rows, list(range(s0, s0 + len(self_rows))) + send_dst)}
-        self.q_gather = {k: tuple(torch.tensor(x, dtype=torch.int32, device=dev) for x in v)
-                         for k, v in self.q_gather.items()}
+        own_dst = list(range(own_start, own_start + len(self_rows)))
+        idx = lambda rows: torch.tensor(rows, dtype=torch.int32, device=dev)  # noqa: E731
+        self.q_gather = {True: (idx(q_rows), idx(send_dst)),
+                         False: (idx(self_rows + q_rows), idx(own_dst + send_dst))}
         # Appends: which of my new tokens go where, and which tokens I store for others.
         self.appending = any(t is not None for t in plan.append_to)
         app_dst = {}
@@ -142,7 +141,6 @@ class _DecodeStep:
         S = max([len(plan.holders(i)) for i in self.mine], default=0)
         self.S = S
         gidx = torch.full((max(S, 1), len(self.mine)), n_hold + n_recv, dtype=torch.long)
-        own_start = self.hold_seg.get(me, (0, 0))[0]
         own_pos = {i: own_start + k for k, i in enumerate(self.hold_by_master.get(me, []))}
         for b, i in enumerate(self.mine):
             for s, h in enumerate(plan.holders(i)):
@@ -150,7 +148,7 @@ class _DecodeStep:
                     gidx[s, b] = own_pos[i]
                 else:
                     gidx[s, b] = n_hold + self.recv_seg[h][0] + self.serve[h].index(i)
-        self.gather_idx = gidx.flatten().to(dev)
+        self.gather_idx = gidx.flatten().to(dev, torch.int32)  # copy_rows and index_select
 
         # Everything a layer needs is fixed by the plan: message lists, merge buffers and, on
         # CUDA, the core's tensor descriptors (building them costs ~2 us each per call otherwise;
@@ -195,8 +193,7 @@ class _DecodeStep:
                 self.d_merge = (d(self.o_h[None]), d(self.lse_h[None]), d(self.lse_out))
             else:
                 self.d_merge = (d(self.g_o), d(self.g_lse), d(self.lse_out))
-            self.gather_idx32 = self.gather_idx.to(torch.int32)  # the descriptor's memory
-            self.d_gather = (d(self.X[None]), d(self.gather_idx32), d(self.G.view(1, -1, srow)))
+            self.d_gather = (d(self.X[None]), d(self.gather_idx), d(self.G.view(1, -1, srow)))
 
     def bind(self, group):
         """Check the exchanges' fixed buffers once for this group handle (not on every layer)."""
@@ -217,7 +214,7 @@ class _DecodeStep:
             _core._C.copy_rows(dq, ds, self.d_Q, dd, self.device.index,
                                _core.stream_handle(self.device))
         else:
-            self.Q[dst.long()] = q[src.long()]
+            self.Q[dst] = q[src]
 
     def partial(self, cache: PagedKVCache, layer: int, q_direct, scale: float,
                 deterministic: bool, backend: str):
