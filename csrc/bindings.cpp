@@ -6,7 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include "comm/local_copy.h"
+#include "comm/local_mailbox.h"
 #include "comm/nccl_comm.h"
 #include "common/esp_common.h"
 #include "decode/decode_partial.h"
@@ -43,6 +43,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("lse_out"), py::arg("device"), py::arg("stream"),
         "Merge S states o [S,T,H,D], lse [S,T,H] into out [T,H,D], lse_out [T,H] (may alias "
         "state 0).");
+  m.def("merge_states_gather", &esp::merge_states_gather, py::arg("o"), py::arg("lse"),
+        py::arg("rows"), py::arg("out"), py::arg("lse_out"), py::arg("device"), py::arg("stream"),
+        "Merge, for each row t, the states at pool rows rows[:, t] of o [R,H,D], lse [R,H].");
 
   m.def("ring_step", &esp::ring_step, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_q"),
         py::arg("cu_k"), py::arg("max_q_len"), py::arg("o_state"), py::arg("lse_state"),
@@ -63,15 +66,36 @@ PYBIND11_MODULE(_C, m) {
         "dst[o, dst_idx[i]] = src[o, src_idx[i]] (retention writes, KV pack/unpack).");
 
   // ---- virtual-rank messages (esp_kernels/comm/local.py) ----
-  py::class_<esp::Event>(m, "Event")
-      .def(py::init<int>(), py::arg("device"))
-      .def("record", &esp::Event::record, py::arg("stream"))
-      .def("query", &esp::Event::query)
-      .def("synchronize", &esp::Event::synchronize, py::call_guard<py::gil_scoped_release>());
-  m.def("stream_wait_events", &esp::stream_wait_events, py::arg("stream"), py::arg("events"));
-  m.def("local_copies", &esp::local_copies, py::arg("dst"), py::arg("src"), py::arg("nbytes"),
-        py::arg("stream"), py::arg("waits"), py::arg("done"), py::arg("device"),
-        "Virtual-rank messages: one copy kernel on `stream` after `waits`, then record done.");
+  using Spec = std::tuple<uintptr_t, int64_t, int64_t, std::string, int>;
+  py::class_<esp::MessageList>(m, "MessageList")
+      .def(py::init([](const std::vector<Spec>& sends, const std::vector<Spec>& recvs) {
+             auto convert = [](const std::vector<Spec>& in) {
+               std::vector<esp::MessageSpec> out;
+               for (const auto& [ptr, numel, elem_size, dtype, peer] : in) {
+                 ESP_CHECK(numel >= 0 && elem_size > 0, "MessageList: bad size ", numel, " x ",
+                           elem_size);
+                 out.push_back(esp::MessageSpec{ptr, numel, elem_size, dtype, peer});
+               }
+               return out;
+             };
+             return esp::MessageList{convert(sends), convert(recvs)};
+           }),
+           py::arg("sends"), py::arg("recvs"),
+           "Messages of one exchange: (ptr, numel, element size, dtype name, peer) each.");
+  py::class_<esp::LocalWork, std::shared_ptr<esp::LocalWork>>(m, "LocalWork")
+      .def("matched", &esp::LocalWork::matched)
+      .def("wait_matched", &esp::LocalWork::wait_matched, py::arg("timeout_s"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("first_unmatched", &esp::LocalWork::first_unmatched)
+      .def("wait", &esp::LocalWork::wait, py::arg("stream"))
+      .def("synchronize", &esp::LocalWork::synchronize, py::call_guard<py::gil_scoped_release>());
+  py::class_<esp::LocalMailbox>(m, "LocalMailbox")
+      .def(py::init<int, int, std::vector<uintptr_t>>(), py::arg("n"), py::arg("device"),
+           py::arg("comm_streams"))
+      .def("post", &esp::LocalMailbox::post, py::arg("rank"), py::arg("msgs"), py::arg("stream"),
+           py::arg("keep"),
+           "Post rank's messages; returns its LocalWork. `keep` stays referenced until the "
+           "copies using it have completed.");
 
   // ---- NCCL ----
   py::register_exception<esp::NcclError>(m, "NcclError", PyExc_RuntimeError);

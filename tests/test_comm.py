@@ -5,8 +5,22 @@ import time
 import pytest
 import torch
 
+from esp_kernels import _core
 from esp_kernels.comm import CommError, CommTimeout, drive, from_torch, local_group, run_local, run_steps
+from esp_kernels.comm import local as local_mod
 from dist_utils import run_gloo
+
+
+@pytest.fixture(params=["core", "python"])
+def protocol(request, monkeypatch):
+    """Virtual ranks on the compiled mailbox, then on the Python protocol (builds without it)."""
+    if request.param == "core":
+        if not _core.has_compiled():
+            pytest.skip(f"esp_kernels._C unavailable: {_core._C_ERROR}")
+        assert local_mod._Mailbox is not None
+    else:
+        monkeypatch.setattr(local_mod, "_Mailbox", None)
+    return request.param
 
 
 def ring_cases(world):
@@ -102,13 +116,14 @@ def test_gloo_errors_and_timeout():
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_local_ring_exchange(n):
+def test_local_ring_exchange(n, protocol):
     groups = local_group(n)
+    assert (groups[0]._world.box is not None) == (protocol == "core")
     _check(run_local(groups, ring_cases))
     _check(run_local(groups, error_cases))
 
 
-def test_local_size_mismatch_and_timeout():
+def test_local_size_mismatch_and_timeout(protocol):
     g = local_group(2, timeout=1.0)
 
     def mismatch(group):
@@ -117,7 +132,8 @@ def test_local_size_mismatch_and_timeout():
         else:
             group.recv(torch.zeros(4), 0).synchronize()
 
-    with pytest.raises(ValueError, match="sent 3"):
+    with pytest.raises(ValueError, match=r"message 0->1: sent 3 x torch.float32 but the receive "
+                                         r"buffer holds 4 x torch.float32"):
         run_local(g, mismatch)
 
     def never(group):
@@ -125,7 +141,7 @@ def test_local_size_mismatch_and_timeout():
             group.send(torch.zeros(3), 1).synchronize()
 
     t0 = time.time()
-    with pytest.raises(CommTimeout):
+    with pytest.raises(CommTimeout, match="message 0->1 was not matched"):
         run_local(local_group(2, timeout=1.0), never)
     assert time.time() - t0 < 5
 
@@ -151,7 +167,7 @@ def expected_ring(P, rounds):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_run_steps_ring(n):
+def test_run_steps_ring(n, protocol):
     groups = local_group(n)
     res = run_steps(groups, [ring_steps(g, 3) for g in groups])
     assert [float(x[0]) for x in res] == expected_ring(n, 3)
@@ -161,7 +177,7 @@ def test_run_steps_ring(n):
     assert [float(x[0]) for x in res] == expected_ring(n, 3)
 
 
-def test_run_steps_mismatch_and_errors():
+def test_run_steps_mismatch_and_errors(protocol):
     """Each case on a fresh world: a message left unmatched stays queued in its world."""
     g = local_group(3)
 
@@ -205,7 +221,7 @@ def test_local_group_arguments():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [2, 4])
-def test_local_gpu_stream_ordering(n):
+def test_local_gpu_stream_ordering(n, protocol):
     """Receives consumed on each rank's compute stream after work.wait(), no device sync."""
     groups = local_group(n, "cuda")
 
@@ -225,9 +241,33 @@ def test_local_gpu_stream_ordering(n):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [2, 4])
-def test_run_steps_gpu_stream_ordering(n):
+def test_run_steps_gpu_stream_ordering(n, protocol):
     """run_steps on CUDA: each round's payload is made on the rank's stream from what the last
     round received (the copies must be ordered after both ranks' streams), no device sync."""
     groups = local_group(n, "cuda")
     res = run_steps(groups, [ring_steps(g, 5, "cuda") for g in groups])
     assert [float(x[0]) for x in res] == expected_ring(n, 5)
+
+
+@pytest.mark.gpu
+def test_local_gpu_sent_tensor_outlives_caller(protocol):
+    """A sender drops its tensor right after posting and allocates (and fills) a new one of the
+    same size on its stream before the receiver posts: the caching allocator would hand the
+    dropped block out again unless the world keeps it until its copy has run."""
+    groups = local_group(2, "cuda")
+
+    def body(group):
+        n = 1 << 20
+        if group.rank == 0:
+            tmp = torch.arange(n, device="cuda", dtype=torch.float32)
+            work = group.send(tmp, 1)
+            del tmp
+            junk = torch.full((n,), -1.0, device="cuda")
+            yield work
+            return junk.sum().item()
+        buf = torch.empty(n, device="cuda")
+        yield group.recv(buf, 0)
+        return torch.equal(buf, torch.arange(n, device="cuda", dtype=torch.float32))
+
+    res = run_steps(groups, [body(g) for g in groups])
+    assert res[1] is True and res[0] == -(1 << 20)

@@ -124,3 +124,34 @@ def test_kernel_multi_and_strided(S, gen):
     out2, lse2 = esp.merge_states_multi(o_v, l_v)
     assert_close(out2.cpu(), ref_o, torch.float32)
     assert_close(lse2.cpu(), ref_l, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [1, 2, 5])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_kernel_gather_from_state_rows(S, out_dtype, gen):
+    """The decode driver's merge: state s of row t is row rows[s, t] of a pool laid out as
+    strided [o | lse | pad] rows (empty pool rows included: NaN o, -inf lse)."""
+    from esp_kernels import _core
+    R, T, H, D = 23, 17, 8, 128
+    pool_o, pool_l = random_state(R, H, D, gen, empty_every=5)
+    row = H * D + H + 8
+    buf = torch.full((R, row), math.nan, device="cuda")
+    buf[:, : H * D] = pool_o.reshape(R, H * D).cuda()
+    buf[:, H * D: H * D + H] = pool_l.cuda()
+    x_o = buf.as_strided((R, H, D), (row, D, 1))
+    x_l = buf.as_strided((R, H), (row, 1), H * D)
+    rows = torch.randint(0, R, (S, T), generator=gen, dtype=torch.int32)
+    out = poison_(torch.empty(T, H, D, device="cuda", dtype=out_dtype))
+    lse_out = poison_(torch.empty(T, H, device="cuda"))
+    d = _core.desc
+    _core._C.merge_states_gather(d(x_o), d(x_l), d(rows.cuda()), d(out), d(lse_out), 0,
+                                 _core.stream_handle(torch.device("cuda", 0)))
+    idx = rows.long()
+    ref_o, ref_l = exact_merge([pool_o[idx[s]] for s in range(S)], [pool_l[idx[s]] for s in range(S)])
+    assert not torch.isnan(out).any()
+    assert_close(out.cpu(), ref_o.to(out_dtype), out_dtype)
+    assert_close(lse_out.cpu(), ref_l, torch.float32)
+    with pytest.raises(ValueError, match="rows must be contiguous int32"):
+        _core._C.merge_states_gather(d(x_o), d(x_l), d(rows.cuda().long()), d(out), d(lse_out),
+                                     0, _core.stream_handle(torch.device("cuda", 0)))

@@ -4,10 +4,10 @@
 
 namespace esp {
 
-// A CUDA event without timing, owned by its Python object (the virtual-rank messages of
-// esp_kernels/comm/local.py), taken from and returned to a per-device pool. torch's Event and
+// A CUDA event without timing, taken from and returned to a per-device pool; the virtual-rank
+// mailbox (local_mailbox.h) records one per post and one per copy batch. torch's Event and
 // Stream wrappers cost 5-20 us of Python per call under rank threads (run 3 profile: 104 us per
-// one-message exchange on one rank); these are single driver calls behind one pybind call each.
+// one-message exchange on one rank).
 class Event {
  public:
   explicit Event(int device);

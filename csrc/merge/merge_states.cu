@@ -18,10 +18,13 @@ namespace {
 constexpr int kMaxStates = 64;  // weights live in registers; more states are rejected on host
 
 struct MergeParams {
-  const void* o;        // state s, row (t, h), element d at o + s*o_ss + t*o_st + h*o_sh + d
+  // State s of row (t, h), element d at o + s*o_ss + r*o_st + h*o_sh + d, with r = t, or
+  // r = rows[s*T + t] when gathering (then o_ss = l_ss = 0: o/lse are pools of state rows).
+  const void* o;
   int64_t o_ss, o_st, o_sh;
-  const float* lse;     // lse + s*l_ss + t*l_st + h*l_sh
+  const float* lse;     // lse + s*l_ss + r*l_st + h*l_sh
   int64_t l_ss, l_st, l_sh;
+  const int* rows;      // null: no gather
   void* out;            // out + t*out_st + h*out_sh + d
   int64_t out_st, out_sh;
   float* lse_out;       // may be null
@@ -76,15 +79,21 @@ __global__ void merge_states_kernel(MergeParams p) {
         store_from_float<TOut, VEC>(orow + c * VEC, acc);
       }
     } else if (valid) {
-      const float* lrow = p.lse + t * p.l_st + h * p.l_sh;
+      // Row of state s in the o/lse pools (uniform branch: rows is the same for the whole grid).
+      auto state_row = [&](int s) -> int64_t {
+        return p.rows == nullptr ? t : __ldg(p.rows + static_cast<int64_t>(s) * p.T + t);
+      };
+      auto lse_of = [&](int s) {
+        return p.lse[s * p.l_ss + state_row(s) * p.l_st + h * p.l_sh];
+      };
       float m = -INFINITY;
-      for (int s = 0; s < p.S; ++s) m = fmaxf(m, lrow[s * p.l_ss]);
+      for (int s = 0; s < p.S; ++s) m = fmaxf(m, lse_of(s));
       if (m != -INFINITY) {
         float sum = 0.f;
-        for (int s = 0; s < p.S; ++s) sum += __expf(lrow[s * p.l_ss] - m);
+        for (int s = 0; s < p.S; ++s) sum += __expf(lse_of(s) - m);
         lse = m + __logf(sum);
       }
-      const TIn* obase = static_cast<const TIn*>(p.o) + t * p.o_st + h * p.o_sh;
+      const TIn* obase = static_cast<const TIn*>(p.o) + h * p.o_sh;
       TOut* orow = static_cast<TOut*>(p.out) + t * p.out_st + h * p.out_sh;
       for (int c = sl; c < chunks_per_row; c += G) {
         float acc[VEC];
@@ -92,11 +101,11 @@ __global__ void merge_states_kernel(MergeParams p) {
         for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
         if (lse != -INFINITY) {
           for (int s = 0; s < p.S; ++s) {
-            const float ls = lrow[s * p.l_ss];
+            const float ls = lse_of(s);
             if (ls == -INFINITY) continue;  // empty state: skipped, never multiplied by 0
             const float w = __expf(ls - lse);
             float v[VEC];
-            load_as_float<TIn, VEC>(obase + s * p.o_ss + c * VEC, v);
+            load_as_float<TIn, VEC>(obase + s * p.o_ss + state_row(s) * p.o_st + c * VEC, v);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) acc[i] = fmaf(w, v[i], acc[i]);
           }
@@ -111,7 +120,7 @@ __global__ void merge_states_kernel(MergeParams p) {
 
 template <typename TIn, typename TOut, int VEC>
 void launch(const MergeParams& p, cudaStream_t stream, int device) {
-  const bool pair = p.S == 2;
+  const bool pair = p.S == 2 && p.rows == nullptr;
   MergeParams q = p;
   const int chunks = p.D / VEC;
   q.lanes_per_row = 1;
@@ -144,27 +153,13 @@ bool vec_ok(const MergeParams& p, size_t in_size, size_t out_size, int vec) {
 
 }  // namespace
 
-void merge_states(const TensorDesc& o, const TensorDesc& lse, const TensorDesc& out,
-                  const TensorDesc* lse_out, int device, uintptr_t stream) {
-  ESP_CHECK(o.ndim() == 4, "merge_states: o must be [S, T, H, D], got ", o.ndim(), " dims");
-  ESP_CHECK(lse.ndim() == 3, "merge_states: lse must be [S, T, H]");
-  ESP_CHECK(out.ndim() == 3, "merge_states: out must be [T, H, D]");
-  ESP_CHECK(lse.dtype == DType::kFloat32, "merge_states: lse must be float32");
-  ESP_CHECK(o.stride(-1) == 1 && out.stride(-1) == 1,
-            "merge_states: the head dimension must be contiguous");
-  const int S = static_cast<int>(o.size(0)), T = static_cast<int>(o.size(1)),
-            H = static_cast<int>(o.size(2)), D = static_cast<int>(o.size(3));
-  ESP_CHECK(S >= 1 && S <= kMaxStates, "merge_states: number of states must be in [1, ",
-            kMaxStates, "], got ", S);
-  ESP_CHECK(lse.size(0) == S && lse.size(1) == T && lse.size(2) == H,
-            "merge_states: lse shape does not match o");
-  ESP_CHECK(out.size(0) == T && out.size(1) == H && out.size(2) == D,
-            "merge_states: out shape does not match o");
-  MergeParams p{};
-  p.o = reinterpret_cast<const void*>(o.ptr);
-  p.o_ss = o.stride(0); p.o_st = o.stride(1); p.o_sh = o.stride(2);
-  p.lse = lse.data<const float>();
-  p.l_ss = lse.stride(0); p.l_st = lse.stride(1); p.l_sh = lse.stride(2);
+namespace {
+
+void check_out(const TensorDesc& out, const TensorDesc* lse_out, int T, int H, int D,
+               MergeParams& p) {
+  ESP_CHECK(out.ndim() == 3 && out.size(0) == T && out.size(1) == H && out.size(2) == D,
+            "merge_states: out must be [T, H, D] = [", T, ", ", H, ", ", D, "]");
+  ESP_CHECK(out.stride(-1) == 1, "merge_states: the head dimension of out must be contiguous");
   p.out = reinterpret_cast<void*>(out.ptr);
   p.out_st = out.stride(0); p.out_sh = out.stride(1);
   if (lse_out != nullptr) {
@@ -174,12 +169,13 @@ void merge_states(const TensorDesc& o, const TensorDesc& lse, const TensorDesc& 
     p.lse_out = lse_out->data<float>();
     p.lo_st = lse_out->stride(0); p.lo_sh = lse_out->stride(1);
   }
-  p.S = S; p.T = T; p.H = H; p.D = D;
+}
 
+void run(const MergeParams& p, DType in, DType out, int device, uintptr_t stream) {
   DeviceGuard guard(device);
   cudaStream_t s = as_stream(stream);
-  ESP_DISPATCH_FLOAT(o.dtype, TIn, [&] {
-    ESP_DISPATCH_FLOAT(out.dtype, TOut, [&] {
+  ESP_DISPATCH_FLOAT(in, TIn, [&] {
+    ESP_DISPATCH_FLOAT(out, TOut, [&] {
       if (vec_ok(p, sizeof(TIn), sizeof(TOut), 8)) {
         launch<TIn, TOut, 8>(p, s, device);
       } else {
@@ -187,6 +183,58 @@ void merge_states(const TensorDesc& o, const TensorDesc& lse, const TensorDesc& 
       }
     });
   });
+}
+
+}  // namespace
+
+void merge_states(const TensorDesc& o, const TensorDesc& lse, const TensorDesc& out,
+                  const TensorDesc* lse_out, int device, uintptr_t stream) {
+  ESP_CHECK(o.ndim() == 4, "merge_states: o must be [S, T, H, D], got ", o.ndim(), " dims");
+  ESP_CHECK(lse.ndim() == 3, "merge_states: lse must be [S, T, H]");
+  ESP_CHECK(lse.dtype == DType::kFloat32, "merge_states: lse must be float32");
+  ESP_CHECK(o.stride(-1) == 1, "merge_states: the head dimension must be contiguous");
+  const int S = static_cast<int>(o.size(0)), T = static_cast<int>(o.size(1)),
+            H = static_cast<int>(o.size(2)), D = static_cast<int>(o.size(3));
+  ESP_CHECK(S >= 1 && S <= kMaxStates, "merge_states: number of states must be in [1, ",
+            kMaxStates, "], got ", S);
+  ESP_CHECK(lse.size(0) == S && lse.size(1) == T && lse.size(2) == H,
+            "merge_states: lse shape does not match o");
+  MergeParams p{};
+  p.o = reinterpret_cast<const void*>(o.ptr);
+  p.o_ss = o.stride(0); p.o_st = o.stride(1); p.o_sh = o.stride(2);
+  p.lse = lse.data<const float>();
+  p.l_ss = lse.stride(0); p.l_st = lse.stride(1); p.l_sh = lse.stride(2);
+  check_out(out, lse_out, T, H, D, p);
+  p.S = S; p.T = T; p.H = H; p.D = D;
+  run(p, o.dtype, out.dtype, device, stream);
+}
+
+void merge_states_gather(const TensorDesc& o, const TensorDesc& lse, const TensorDesc& rows,
+                         const TensorDesc& out, const TensorDesc* lse_out, int device,
+                         uintptr_t stream) {
+  ESP_CHECK(o.ndim() == 3, "merge_states_gather: o must be [R, H, D], got ", o.ndim(), " dims");
+  ESP_CHECK(lse.ndim() == 2 && lse.dtype == DType::kFloat32,
+            "merge_states_gather: lse must be float32 [R, H]");
+  ESP_CHECK(o.stride(-1) == 1, "merge_states_gather: the head dimension must be contiguous");
+  const int64_t R = o.size(0);
+  const int H = static_cast<int>(o.size(1)), D = static_cast<int>(o.size(2));
+  ESP_CHECK(lse.size(0) == R && lse.size(1) == H,
+            "merge_states_gather: lse shape does not match o");
+  ESP_CHECK(rows.ndim() == 2 && rows.dtype == DType::kInt32 && rows.stride(1) == 1 &&
+                rows.stride(0) == rows.size(1),
+            "merge_states_gather: rows must be contiguous int32 [S, T]");
+  const int S = static_cast<int>(rows.size(0)), T = static_cast<int>(rows.size(1));
+  ESP_CHECK(S >= 1 && S <= kMaxStates, "merge_states_gather: number of states must be in [1, ",
+            kMaxStates, "], got ", S);
+  MergeParams p{};
+  p.o = reinterpret_cast<const void*>(o.ptr);
+  p.o_st = o.stride(0); p.o_sh = o.stride(1);
+  p.lse = lse.data<const float>();
+  p.l_st = lse.stride(0); p.l_sh = lse.stride(1);
+  p.rows = rows.data<const int>();
+  check_out(out, lse_out, T, H, D, p);
+  p.S = S; p.T = T; p.H = H; p.D = D;
+  run(p, o.dtype, out.dtype, device, stream);
 }
 
 }  // namespace esp

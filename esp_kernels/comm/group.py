@@ -16,6 +16,7 @@ no device-wide synchronize anywhere. CPU backends complete or block on the host 
 from __future__ import annotations
 
 import abc
+import functools
 from typing import Sequence
 
 import torch
@@ -74,18 +75,19 @@ def drive(steps):
 class PreparedExchange:
     """Sends and receives checked by `Group.prepare_exchange`, posted by each `start()`."""
 
-    __slots__ = ("group", "sends", "recvs")
+    __slots__ = ("group", "sends", "recvs", "_post")
 
     def __init__(self, group: "Group", sends, recvs):
         self.group, self.sends, self.recvs = group, sends, recvs  # peers as world ranks
+        self._post = group._prepare_world_p2p(sends, recvs) if sends or recvs else None
 
     def __bool__(self) -> bool:
-        return bool(self.sends or self.recvs)
+        return self._post is not None
 
     def start(self) -> Work:
-        if not self:
+        if self._post is None:
             return CompletedWork()
-        return self.group._world_p2p(self.sends, self.recvs)
+        return self._post()
 
 
 class Group(abc.ABC):
@@ -107,6 +109,11 @@ class Group(abc.ABC):
     def _world_p2p(self, sends: list[tuple[torch.Tensor, int]],
                    recvs: list[tuple[torch.Tensor, int]]) -> Work:
         """Post sends (tensor, world dst) and receives (buffer, world src) together."""
+
+    def _prepare_world_p2p(self, sends: list[tuple[torch.Tensor, int]],
+                           recvs: list[tuple[torch.Tensor, int]]):
+        """A function posting these checked messages (a backend may convert them once here)."""
+        return functools.partial(self._world_p2p, sends, recvs)
 
     @abc.abstractmethod
     def _with_order(self, world_ranks: tuple[int, ...], rank: int) -> "Group":

@@ -13,19 +13,24 @@ Two ways to run a driver on every virtual rank:
 
 Each virtual rank has its own compute stream (current while its code runs) and its own
 communication stream. A message is a device-to-device copy: each side posts its tensor with an
-event recorded on its current stream; whichever side arrives second enqueues the copy on a
+event recorded on its current stream; whichever side arrives second enqueues the copy on its
 communication stream after both events (the data is written and the buffer is free) and records
 a done-event, which both sides' Works wait on. So the sender's compute never blocks, the
 receiver's compute waits only on an event, and no device-wide synchronize happens. Matching
 follows posting order per (source, destination) pair, as in NCCL. On the CPU the copy is
-immediate. With the compiled core (csrc/comm/local_copy.cu), events are pooled driver events,
-the messages one post matched are moved by one copy kernel on the poster's communication stream
-with one done event, and the tensors of a message stay referenced until its copy has
-completed on the GPU, so the caching allocator never hands them out early.
+immediate.
+
+With the compiled core the matching runs in C++ (csrc/comm/local_mailbox.cpp: one call per post
+and one per wait; in Python it cost ~19 us per exchange and rank on the GPU machine's host, run
+11): events come from a pool, the messages one post matched are moved by one copy kernel with
+one done event, and the tensors of a message stay referenced until its copy has completed on the
+GPU, so the caching allocator never hands them out early. Without the core, the same protocol
+runs in Python on torch's stream API (`_LocalWorld.post`).
 """
 
 from __future__ import annotations
 
+import abc
 import collections
 import sys
 import threading
@@ -36,6 +41,10 @@ import torch
 from .. import _core
 from .._checks import resolve_device
 from .group import DEFAULT_TIMEOUT_S, CommError, CommTimeout, Group, Work
+
+# The compiled mailbox class (None without the core); tests swap in None to run the Python
+# protocol.
+_Mailbox = getattr(_core._C, "LocalMailbox", None) if _core.has_compiled() else None
 
 
 class _Message:
@@ -65,24 +74,19 @@ class _LocalWorld:
         cuda = device.type == "cuda"
         self.compute_streams = [torch.cuda.Stream(device) if cuda else None for _ in range(n)]
         self.comm_streams = [torch.cuda.Stream(device) if cuda else None for _ in range(n)]
-        # The compiled core's events and copies (None: torch's, e.g. a build without nvcc).
-        self.core = _core._C if cuda and _core.has_compiled() else None
-        if self.core is not None:
-            self.comm_handles = [s.cuda_stream for s in self.comm_streams]
-            # (done event, messages) of copies the GPU may still run, oldest first.
-            self.inflight: collections.deque = collections.deque()
+        # The compiled core's mailbox (None: the Python protocol below, e.g. a build without nvcc).
+        self.box = None
+        if _Mailbox is not None:
+            self.box = _Mailbox(n, device.index if cuda else -1,
+                                [s.cuda_stream for s in self.comm_streams] if cuda else [])
 
-    def _match(self, msg: _Message, batch: list):
-        """Both sides have posted: check the message, then copy it (CPU), enqueue its copy
-        (torch's stream API), or add it to this post's batch (compiled core)."""
+    def _match(self, msg: _Message):
+        """Both sides have posted: check the message, then copy it (CPU) or enqueue its copy."""
         t, buf = msg.tensor, msg.buffer
         if t.numel() != buf.numel() or t.dtype != buf.dtype:
             msg.error = ValueError(
                 f"message {msg.src}->{msg.dst}: sent {t.numel()} x {t.dtype} but the receive "
                 f"buffer holds {buf.numel()} x {buf.dtype}")
-        elif self.core is not None:
-            batch.append(msg)
-            return
         elif self.device.type == "cuda":
             # The copy reads the sender's tensor and overwrites the receiver's buffer: it waits
             # for both owners' streams as they were when each side posted.
@@ -100,40 +104,20 @@ class _LocalWorld:
             buf.view(-1).copy_(t.view(-1))
         msg.matched = True
 
-    def _copy_batch(self, me: int, batch: list):
-        """The messages one post matched, copied by one kernel on the poster's communication
-        stream after every owner's ready event, with one done event (a copy per message cost
-        ~10 us of driver calls: 6 per layer and rank on 4 ranks, run 11)."""
-        done = self.core.Event(self.device.index)
-        self.core.local_copies([m.buffer.data_ptr() for m in batch],
-                               [m.tensor.data_ptr() for m in batch],
-                               [m.tensor.numel() * m.tensor.element_size() for m in batch],
-                               self.comm_handles[me],
-                               [e for m in batch for e in (m.ready, m.buffer_ready)], done,
-                               self.device.index)
-        for m in batch:
-            m.done, m.matched = done, True
-        self.inflight.append((done, batch))  # the tensors live until the copies are done
-
     def post(self, me: int, sends, recvs) -> list[_Message]:
-        msgs, batch = [], []
+        """The Python protocol (no compiled core)."""
+        msgs = []
         ready = None
-        if self.core is not None:
-            ready = self.core.Event(self.device.index)
-            ready.record(_core.stream_handle(self.device))
-        elif self.device.type == "cuda":
+        if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()  # on the current stream
         with self.lock:
-            if self.core is not None:  # release the tensors of copies the GPU has finished
-                while self.inflight and self.inflight[0][0].query():
-                    self.inflight.popleft()
             for t, dst in sends:
                 q = self.pending_recvs[(me, dst)]
                 if q:
                     msg = q.popleft()
                     msg.tensor, msg.ready = t, ready
-                    self._match(msg, batch)
+                    self._match(msg)
                 else:
                     msg = _Message(me, dst)
                     msg.tensor, msg.ready = t, ready
@@ -144,23 +128,36 @@ class _LocalWorld:
                 if q:
                     msg = q.popleft()
                     msg.buffer, msg.buffer_ready = buf, ready
-                    self._match(msg, batch)
+                    self._match(msg)
                 else:
                     msg = _Message(src, me)
                     msg.buffer, msg.buffer_ready = buf, ready
                     self.pending_recvs[(src, me)].append(msg)
                 msgs.append(msg)
-            if batch:
-                self._copy_batch(me, batch)
             if self.waiting:
                 self.matched.notify_all()
         return msgs
 
 
-class _LocalWork(Work):
+class _VirtualWork(Work):
+    """A virtual-rank Work; run_steps resumes its rank once `matched()`."""
+
+    @abc.abstractmethod
+    def matched(self) -> bool:
+        """Both sides of every message have posted (the copies are done or enqueued)."""
+
+
+def _timeout_error(src, dst, timeout):
+    return CommTimeout(f"virtual rank message {src}->{dst} was not matched by its peer within "
+                       f"{timeout:.1f} s")
+
+
+class _LocalWork(_VirtualWork):
+    """Work of the Python protocol."""
+
     def __init__(self, msgs: list[_Message], world: _LocalWorld):
         self.msgs, self.timeout, self.device = msgs, world.timeout, world.device
-        self.world, self.core = world, world.core
+        self.world = world
 
     def _await_matched(self, timeout):
         if not self.matched():
@@ -173,14 +170,12 @@ class _LocalWork(Work):
                     world.waiting -= 1
             if not ok:
                 m = next(m for m in self.msgs if not m.matched)
-                raise CommTimeout(f"virtual rank message {m.src}->{m.dst} was not matched by "
-                                  f"its peer within {timeout:.1f} s")
+                raise _timeout_error(m.src, m.dst, timeout)
         for m in self.msgs:
             if m.error is not None:
                 raise m.error
 
     def matched(self) -> bool:
-        """Both sides of every message have posted (the copies are enqueued)."""
         for m in self.msgs:
             if not m.matched:
                 return False
@@ -189,10 +184,6 @@ class _LocalWork(Work):
     def wait(self, stream=None):
         self._await_matched(self.timeout)
         if self.device.type != "cuda":
-            return
-        if self.core is not None:
-            handle = _core.stream_handle(self.device) if stream is None else stream.cuda_stream
-            self.core.stream_wait_events(handle, [m.done for m in self.msgs])
             return
         # One stream lookup per wait, not one per message (each costs ~20 us under GIL contention).
         stream = torch.cuda.current_stream(self.device) if stream is None else stream
@@ -205,6 +196,43 @@ class _LocalWork(Work):
         for m in self.msgs:
             if m.done is not None:
                 m.done.synchronize()
+
+
+class _CoreWork(_VirtualWork):
+    """Work of the compiled mailbox (the C++ LocalWork plus the world's timeout and device)."""
+
+    def __init__(self, work, world: _LocalWorld):
+        self.work, self.world = work, world
+
+    def matched(self) -> bool:
+        return self.work.matched()
+
+    def _await_matched(self, timeout):
+        if not self.work.wait_matched(timeout):
+            src, dst = self.work.first_unmatched()
+            raise _timeout_error(src, dst, timeout)
+
+    def wait(self, stream=None):
+        work, world = self.work, self.world
+        if not work.matched():
+            self._await_matched(world.timeout)
+        if world.device.type != "cuda":
+            work.wait(0)
+        elif stream is None:
+            work.wait(_core.stream_handle(world.device))
+        else:
+            work.wait(stream.cuda_stream)
+
+    def synchronize(self, timeout=None):
+        if not self.work.matched():
+            self._await_matched(self.world.timeout if timeout is None else timeout)
+        self.work.synchronize()
+
+
+def _message_list(sends, recvs):
+    """The core's MessageList of (tensor, world peer) sends and receives."""
+    spec = lambda t, peer: (t.data_ptr(), t.numel(), t.element_size(), str(t.dtype), peer)  # noqa: E731
+    return _core._C.MessageList([spec(t, p) for t, p in sends], [spec(t, p) for t, p in recvs])
 
 
 class LocalGroup(Group):
@@ -231,7 +259,21 @@ class LocalGroup(Group):
         return LocalGroup(self._world, world_ranks, rank)
 
     def _world_p2p(self, sends, recvs) -> Work:
-        return _LocalWork(self._world.post(self.world_rank, sends, recvs), self._world)
+        world = self._world
+        if world.box is None:
+            return _LocalWork(world.post(self.world_rank, sends, recvs), world)
+        return self._prepare_world_p2p(sends, recvs)()
+
+    def _prepare_world_p2p(self, sends, recvs):
+        world = self._world
+        if world.box is None:
+            return super()._prepare_world_p2p(sends, recvs)
+        post, rank, msgs, keep = world.box.post, self.world_rank, _message_list(sends, recvs), \
+            (sends, recvs)
+        if world.device.type != "cuda":
+            return lambda: _CoreWork(post(rank, msgs, 0, keep), world)
+        stream_handle, device = _core.stream_handle, world.device
+        return lambda: _CoreWork(post(rank, msgs, stream_handle(device), keep), world)
 
 
 def local_group(n: int, device: torch.device | str = "cpu",
@@ -346,7 +388,7 @@ def run_steps(groups: Sequence[LocalGroup], steps: Sequence[Generator]) -> list[
             progressed, still = False, []
             for r in live:
                 w = waiting[r]
-                if isinstance(w, _LocalWork) and not w.matched():
+                if isinstance(w, _VirtualWork) and not w.matched():
                     still.append(r)
                     continue
                 progressed = True

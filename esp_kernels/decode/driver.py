@@ -148,7 +148,7 @@ class _DecodeStep:
                     gidx[s, b] = own_pos[i]
                 else:
                     gidx[s, b] = n_hold + self.recv_seg[h][0] + self.serve[h].index(i)
-        self.gather_idx = gidx.flatten().to(dev, torch.int32)  # copy_rows and index_select
+        self.gather_idx = gidx.to(dev, torch.int32)  # [S, Bm]: merge_states_gather, index_select
 
         # Everything a layer needs is fixed by the plan: message lists, merge buffers and, on
         # CUDA, the core's tensor descriptors (building them costs ~2 us each per call otherwise;
@@ -167,17 +167,15 @@ class _DecodeStep:
         self.bind(group)
         Bm = len(self.mine)
         self.o_h, self.lse_h = self.states(slice(0, n_hold))
-        self.G = torch.empty(max(S, 1) * Bm * srow, dtype=torch.float32, device=dev)
+        self.lse_out = torch.empty(Bm, Hq, dtype=torch.float32, device=dev)
+        self.fast = dev.type == "cuda" and _core.has_compiled()
+        # The merge kernel gathers at most MAX_KERNEL_STATES states per row from X itself; a
+        # request with more holders (or the torch backend) goes through a row gather into G and
+        # merge_states_multi, which merges in rounds.
+        self.fast_merge = self.fast and max(S, 1) <= MAX_KERNEL_STATES
+        self.G = torch.empty(max(S, 1) * Bm, srow, dtype=torch.float32, device=dev)
         self.g_o = self.G.as_strided((max(S, 1), Bm, Hq, D), (Bm * srow, srow, D, 1))
         self.g_lse = self.G.as_strided((max(S, 1), Bm, Hq), (Bm * srow, srow, 1), Hq * D)
-        self.lse_out = torch.empty(Bm, Hq, dtype=torch.float32, device=dev)
-        # Every request of mine held by me alone, rows in my order: the merge reads my state
-        # rows directly (no gather; a single state merge is the conversion to q's dtype).
-        self.self_only = S == 1 and self.q_identity and not remote
-        self.fast = dev.type == "cuda" and _core.has_compiled()
-        # The merge kernel takes at most MAX_KERNEL_STATES states per launch; a request with
-        # more holders goes through merge_states_multi, which merges in rounds.
-        self.fast_merge = self.fast and max(S, 1) <= MAX_KERNEL_STATES
         if self.fast:
             d = _core.desc
             self.d_hold = [d(t) for t in (self.q_hold, self.o_h, self.lse_h, self.block_table,
@@ -189,11 +187,8 @@ class _DecodeStep:
             self.d_Q = d(self.Q.view(1, -1, Hq * D))
             self.d_q_gather = {k: (d(a), d(b)) for k, (a, b) in self.q_gather.items()}
             self.d_out = _core.raw_desc(0, q_dtype, (Bm, Hq, D), (Hq * D, D, 1))
-            if self.self_only:
-                self.d_merge = (d(self.o_h[None]), d(self.lse_h[None]), d(self.lse_out))
-            else:
-                self.d_merge = (d(self.g_o), d(self.g_lse), d(self.lse_out))
-            self.d_gather = (d(self.X[None]), d(self.gather_idx), d(self.G.view(1, -1, srow)))
+            x_o, x_lse = self.states(slice(None))
+            self.d_merge = (d(x_o), d(x_lse), d(self.gather_idx), d(self.lse_out))
 
     def bind(self, group):
         """Check the exchanges' fixed buffers once for this group handle (not on every layer)."""
@@ -242,15 +237,12 @@ class _DecodeStep:
         fast = self.fast_merge and backend != "torch"
         out = torch.empty(len(self.mine), self.Hq, self.D, dtype=dtype, device=self.device)
         if fast:
-            stream = _core.stream_handle(self.device)
-            if not self.self_only:
-                x, idx, g = self.d_gather
-                _core._C.copy_rows(x, idx, g, None, self.device.index, stream)
-            go, glse, dlse = self.d_merge
+            x_o, x_lse, rows, lse_out = self.d_merge
             self.d_out.ptr = out.data_ptr()
-            _core._C.merge_states(go, glse, self.d_out, dlse, self.device.index, stream)
+            _core._C.merge_states_gather(x_o, x_lse, rows, self.d_out, lse_out, self.device.index,
+                                         _core.stream_handle(self.device))
         else:
-            torch.index_select(self.X, 0, self.gather_idx, out=self.G.view(-1, self.srow))
+            torch.index_select(self.X, 0, self.gather_idx.view(-1), out=self.G)
             merge_states_multi(self.g_o, self.g_lse, out=out, lse_out=self.lse_out,
                                backend="torch" if backend == "torch" else "auto")
         return out

@@ -1,0 +1,213 @@
+// Message matching of virtual ranks (see local_mailbox.h).
+#include "local_mailbox.h"
+
+#include <chrono>
+#include <cstring>
+
+namespace py = pybind11;
+
+namespace esp {
+
+struct MailboxState {
+  int n = 0;
+  int device = -1;  // -1: CPU
+  std::vector<uintptr_t> comm_streams;
+  std::mutex mu;
+  std::condition_variable cv;  // notified whenever messages get matched
+  // [src * n + dst]: messages posted by exactly one side so far, oldest first.
+  std::vector<std::deque<std::shared_ptr<LocalMessage>>> pending_sends, pending_recvs;
+  // Copies the GPU may still run, oldest first, with the objects they read or write.
+  struct Inflight {
+    std::shared_ptr<Event> done;
+    std::vector<py::object> keep;
+  };
+  std::deque<Inflight> inflight;
+
+  ~MailboxState() {
+    // The objects may be released only once the copies that use them have completed. No throw
+    // here: at interpreter exit the driver may already be shutting down.
+    for (Inflight& f : inflight) cudaEventSynchronize(f.done->get());
+  }
+};
+
+namespace {
+
+std::string mismatch_error(const LocalMessage& m) {
+  return "message " + std::to_string(m.src) + "->" + std::to_string(m.dst) + ": sent " +
+         std::to_string(m.send.numel) + " x " + m.send.dtype + " but the receive buffer holds " +
+         std::to_string(m.recv.numel) + " x " + m.recv.dtype;
+}
+
+}  // namespace
+
+LocalMailbox::LocalMailbox(int n, int device, std::vector<uintptr_t> comm_streams)
+    : state_(std::make_shared<MailboxState>()) {
+  ESP_CHECK(n >= 1, "LocalMailbox: n must be >= 1, got ", n);
+  ESP_CHECK(device >= -1, "LocalMailbox: device must be a CUDA index or -1 (CPU), got ", device);
+  ESP_CHECK(device < 0 || static_cast<int>(comm_streams.size()) == n,
+            "LocalMailbox: one communication stream per rank on CUDA, got ",
+            comm_streams.size(), " for ", n, " ranks");
+  state_->n = n;
+  state_->device = device;
+  state_->comm_streams = std::move(comm_streams);
+  state_->pending_sends.resize(static_cast<size_t>(n) * n);
+  state_->pending_recvs.resize(static_cast<size_t>(n) * n);
+}
+
+LocalMailbox::~LocalMailbox() = default;
+
+std::shared_ptr<LocalWork> LocalMailbox::post(int rank, const MessageList& msgs,
+                                              uintptr_t stream, py::object keep) {
+  MailboxState& s = *state_;
+  const int n = s.n;
+  ESP_CHECK(rank >= 0 && rank < n, "LocalMailbox.post: rank ", rank, " outside [0, ", n, ")");
+  for (const auto* list : {&msgs.sends, &msgs.recvs})
+    for (const MessageSpec& m : *list)
+      ESP_CHECK(m.peer >= 0 && m.peer < n, "LocalMailbox.post: peer ", m.peer, " outside [0, ",
+                n, ")");
+  const bool cuda = s.device >= 0;
+  std::shared_ptr<Event> ready;
+  if (cuda && !(msgs.sends.empty() && msgs.recvs.empty())) {
+    ready = std::make_shared<Event>(s.device);
+    ready->record(stream);
+  }
+
+  std::vector<std::shared_ptr<LocalMessage>> mine;
+  mine.reserve(msgs.sends.size() + msgs.recvs.size());
+  // Dropped after the lock is released (a decref may run arbitrary Python).
+  std::vector<py::object> released;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    while (!s.inflight.empty() && s.inflight.front().done->query()) {
+      for (py::object& o : s.inflight.front().keep) released.push_back(std::move(o));
+      s.inflight.pop_front();
+    }
+    std::vector<LocalMessage*> batch;  // matched here, copied by this post's kernel (CUDA)
+    MailboxState::Inflight copy;
+    bool any = false;
+    auto match = [&](LocalMessage& m) {
+      any = true;
+      if (m.send.numel != m.recv.numel || m.send.dtype != m.recv.dtype) {
+        m.error = mismatch_error(m);
+      } else if (!cuda) {
+        const int64_t bytes = m.send.numel * m.send.elem_size;
+        if (bytes > 0)
+          std::memcpy(reinterpret_cast<void*>(m.recv.ptr),
+                      reinterpret_cast<const void*>(m.send.ptr), static_cast<size_t>(bytes));
+      } else {
+        batch.push_back(&m);
+        copy.keep.push_back(std::move(m.first_keep));
+        return;  // matched once its copy is enqueued
+      }
+      released.push_back(std::move(m.first_keep));
+      m.matched.store(true, std::memory_order_release);
+    };
+    for (const MessageSpec& spec : msgs.sends) {
+      auto& q = s.pending_recvs[static_cast<size_t>(rank) * n + spec.peer];
+      std::shared_ptr<LocalMessage> m;
+      if (!q.empty()) {
+        m = std::move(q.front());
+        q.pop_front();
+        m->send = spec;
+        m->send_ready = ready;
+        match(*m);
+      } else {
+        m = std::make_shared<LocalMessage>();
+        m->src = rank;
+        m->dst = spec.peer;
+        m->send = spec;
+        m->send_ready = ready;
+        m->first_keep = keep;
+        s.pending_sends[static_cast<size_t>(rank) * n + spec.peer].push_back(m);
+      }
+      mine.push_back(std::move(m));
+    }
+    for (const MessageSpec& spec : msgs.recvs) {
+      auto& q = s.pending_sends[static_cast<size_t>(spec.peer) * n + rank];
+      std::shared_ptr<LocalMessage> m;
+      if (!q.empty()) {
+        m = std::move(q.front());
+        q.pop_front();
+        m->recv = spec;
+        m->recv_ready = ready;
+        match(*m);
+      } else {
+        m = std::make_shared<LocalMessage>();
+        m->src = spec.peer;
+        m->dst = rank;
+        m->recv = spec;
+        m->recv_ready = ready;
+        m->first_keep = keep;
+        s.pending_recvs[static_cast<size_t>(spec.peer) * n + rank].push_back(m);
+      }
+      mine.push_back(std::move(m));
+    }
+    if (!batch.empty()) {
+      std::vector<uintptr_t> dst, src;
+      std::vector<int64_t> nbytes;
+      std::vector<const Event*> waits;
+      for (const LocalMessage* m : batch) {
+        dst.push_back(m->recv.ptr);
+        src.push_back(m->send.ptr);
+        nbytes.push_back(m->send.numel * m->send.elem_size);
+        waits.push_back(m->send_ready.get());
+        waits.push_back(m->recv_ready.get());
+      }
+      copy.done = std::make_shared<Event>(s.device);
+      local_copies(dst, src, nbytes, s.comm_streams[rank], waits, *copy.done, s.device);
+      copy.keep.push_back(keep);
+      for (LocalMessage* m : batch) {
+        m->done = copy.done;
+        m->matched.store(true, std::memory_order_release);
+      }
+      s.inflight.push_back(std::move(copy));
+    }
+    if (any) s.cv.notify_all();
+  }
+  return std::make_shared<LocalWork>(state_, std::move(mine));
+}
+
+bool LocalWork::matched() const {
+  for (const auto& m : msgs_)
+    if (!m->matched.load(std::memory_order_acquire)) return false;
+  return true;
+}
+
+bool LocalWork::wait_matched(double timeout_s) const {
+  if (matched()) return true;
+  std::unique_lock<std::mutex> lock(box_->mu);
+  return box_->cv.wait_for(lock, std::chrono::duration<double>(timeout_s),
+                           [this] { return matched(); });
+}
+
+std::pair<int, int> LocalWork::first_unmatched() const {
+  for (const auto& m : msgs_)
+    if (!m->matched.load(std::memory_order_acquire)) return {m->src, m->dst};
+  return {-1, -1};
+}
+
+void LocalWork::check_errors() const {
+  if (!matched()) throw std::runtime_error("LocalWork: waited on before every message was matched");
+  for (const auto& m : msgs_) ESP_CHECK(m->error.empty(), m->error);
+}
+
+void LocalWork::wait(uintptr_t stream) const {
+  check_errors();
+  if (box_->device < 0) return;
+  std::vector<const Event*> done;
+  for (const auto& m : msgs_) done.push_back(m->done.get());
+  stream_wait_events(stream, done);
+}
+
+void LocalWork::synchronize() const {
+  check_errors();
+  if (box_->device < 0) return;
+  const Event* last = nullptr;  // the messages of one post share their done event
+  for (const auto& m : msgs_) {
+    if (m->done.get() == last) continue;
+    last = m->done.get();
+    last->synchronize();
+  }
+}
+
+}  // namespace esp
