@@ -5,13 +5,15 @@
 // machine's host even for CPU tensors (run 11 host diagnostic), two exchanges per decode layer
 // against a 30 us per-layer budget.
 //
-// Semantics (the same as the pure-Python world, which stays for builds without this core):
+// Semantics (those of the pure-Python world, which stays for builds without this core):
 // messages match in posting order per (source, destination) pair, as in NCCL. Whichever side
 // posts second matches the message: on the CPU it copies at once; on CUDA the messages one post
-// matched are moved by one copy kernel on the poster's communication stream after both sides'
-// ready events (recorded on each poster's stream when it posted), and one done event is
-// recorded that both sides' waits enqueue. The Python objects passed with each post (its
-// tensors) stay referenced until the copies that read or write them have completed.
+// matched are moved by one copy kernel after the first posters' ready events (recorded on their
+// streams when they posted), and one done event is recorded that the first posters' waits
+// enqueue. The kernel runs on the poster's own stream when the batch is small (at most
+// kInlineCopyBytes) and on its communication stream otherwise. The Python objects passed with
+// each post (its tensors) stay referenced until the copies that read or write them have
+// completed.
 
 #include <pybind11/pybind11.h>
 
@@ -49,9 +51,14 @@ struct LocalMessage {
   std::shared_ptr<Event> send_ready, recv_ready;  // CUDA: the posters' ready events
   pybind11::object first_keep;  // the first poster's objects, until the message is matched
   std::shared_ptr<Event> done;  // CUDA: recorded after the copy
+  uintptr_t copy_stream = 0;    // CUDA: the stream the copy was enqueued on
   std::string error;            // set on a size or dtype mismatch
   std::atomic<bool> matched{false};
 };
+
+// A batch up to this size is copied on the posting rank's own stream (a few us of copy; see
+// LocalMailbox::post), a larger one on its communication stream.
+constexpr int64_t kInlineCopyBytes = int64_t{1} << 20;
 
 struct MailboxState;
 

@@ -39,7 +39,9 @@ struct MergeParams {
 // PAIR: the two-state form (running-state merges, finalize). Both states' o chunks and lse values
 // are loaded up front, before any arithmetic, so a lane waits for one DRAM round trip instead of
 // two (lse, then o behind a branch): bf16 pairs ran at 51% of copy bandwidth that way (run 1).
-template <typename TIn, typename TOut, int VEC, bool PAIR>
+// GATHER: the states of a row come from pool rows p.rows[s*T + t] (a template flag: a runtime
+// branch on p.rows in the state loops cost the 8-state merge 11% of its bandwidth, run 14).
+template <typename TIn, typename TOut, int VEC, bool PAIR, bool GATHER>
 __global__ void merge_states_kernel(MergeParams p) {
   const int G = p.lanes_per_row;
   const int lane = threadIdx.x & 31;
@@ -79,12 +81,19 @@ __global__ void merge_states_kernel(MergeParams p) {
         store_from_float<TOut, VEC>(orow + c * VEC, acc);
       }
     } else if (valid) {
-      // Row of state s in the o/lse pools (uniform branch: rows is the same for the whole grid).
-      auto state_row = [&](int s) -> int64_t {
-        return p.rows == nullptr ? t : __ldg(p.rows + static_cast<int64_t>(s) * p.T + t);
+      const float* lrow = p.lse + (GATHER ? 0 : t * p.l_st) + h * p.l_sh;
+      const TIn* obase = static_cast<const TIn*>(p.o) + (GATHER ? 0 : t * p.o_st) + h * p.o_sh;
+      // State s's lse and o row (pool row rows[s, t] when gathering).
+      auto pool_row = [&](int s) -> int64_t {
+        return __ldg(p.rows + static_cast<int64_t>(s) * p.T + t);
       };
-      auto lse_of = [&](int s) {
-        return p.lse[s * p.l_ss + state_row(s) * p.l_st + h * p.l_sh];
+      auto lse_of = [&](int s) -> float {
+        if constexpr (GATHER) return lrow[pool_row(s) * p.l_st];
+        else return lrow[s * p.l_ss];
+      };
+      auto o_of = [&](int s) -> const TIn* {
+        if constexpr (GATHER) return obase + pool_row(s) * p.o_st;
+        else return obase + s * p.o_ss;
       };
       float m = -INFINITY;
       for (int s = 0; s < p.S; ++s) m = fmaxf(m, lse_of(s));
@@ -93,7 +102,6 @@ __global__ void merge_states_kernel(MergeParams p) {
         for (int s = 0; s < p.S; ++s) sum += __expf(lse_of(s) - m);
         lse = m + __logf(sum);
       }
-      const TIn* obase = static_cast<const TIn*>(p.o) + h * p.o_sh;
       TOut* orow = static_cast<TOut*>(p.out) + t * p.out_st + h * p.out_sh;
       for (int c = sl; c < chunks_per_row; c += G) {
         float acc[VEC];
@@ -105,7 +113,7 @@ __global__ void merge_states_kernel(MergeParams p) {
             if (ls == -INFINITY) continue;  // empty state: skipped, never multiplied by 0
             const float w = __expf(ls - lse);
             float v[VEC];
-            load_as_float<TIn, VEC>(obase + s * p.o_ss + state_row(s) * p.o_st + c * VEC, v);
+            load_as_float<TIn, VEC>(o_of(s) + c * VEC, v);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) acc[i] = fmaf(w, v[i], acc[i]);
           }
@@ -120,7 +128,7 @@ __global__ void merge_states_kernel(MergeParams p) {
 
 template <typename TIn, typename TOut, int VEC>
 void launch(const MergeParams& p, cudaStream_t stream, int device) {
-  const bool pair = p.S == 2 && p.rows == nullptr;
+  const bool pair = p.S == 2 && p.rows == nullptr, gather = p.rows != nullptr;
   MergeParams q = p;
   const int chunks = p.D / VEC;
   q.lanes_per_row = 1;
@@ -133,10 +141,12 @@ void launch(const MergeParams& p, cudaStream_t stream, int device) {
   // Enough blocks to fill every SM many times over; the grid-stride loop covers the rest.
   const int64_t cap = static_cast<int64_t>(num_sms(device)) * 32;
   const int blocks = static_cast<int>(want < cap ? want : cap);
-  if (pair) {
-    merge_states_kernel<TIn, TOut, VEC, true><<<blocks, threads, 0, stream>>>(q);
+  if (gather) {
+    merge_states_kernel<TIn, TOut, VEC, false, true><<<blocks, threads, 0, stream>>>(q);
+  } else if (pair) {
+    merge_states_kernel<TIn, TOut, VEC, true, false><<<blocks, threads, 0, stream>>>(q);
   } else {
-    merge_states_kernel<TIn, TOut, VEC, false><<<blocks, threads, 0, stream>>>(q);
+    merge_states_kernel<TIn, TOut, VEC, false, false><<<blocks, threads, 0, stream>>>(q);
   }
   check_launch("merge_states_kernel");
 }
