@@ -196,9 +196,9 @@ class _DecodeStep:
         self.fwd = group.prepare_exchange(self.fwd_sends, self.fwd_recvs)
         self.back = group.prepare_exchange(self.back_sends, self.back_recvs)
 
-    def gather_q(self, q: torch.Tensor, direct: bool, backend: str):
+    def gather_q(self, q: torch.Tensor, direct: bool, backend: str, stream: int):
         """My rows of q into Q: those for remote holders, and my own held ones unless the
-        kernel reads q in place (`direct`)."""
+        kernel reads q in place (`direct`). `stream`: the raw current stream (fast path)."""
         src, dst = self.q_gather[direct]
         if not src.numel():
             return
@@ -206,13 +206,12 @@ class _DecodeStep:
             dq = self.d_q_rows
             dq.ptr = q.data_ptr()
             ds, dd = self.d_q_gather[direct]
-            _core._C.copy_rows(dq, ds, self.d_Q, dd, self.device.index,
-                               _core.stream_handle(self.device))
+            _core._C.copy_rows(dq, ds, self.d_Q, dd, self.device.index, stream)
         else:
             self.Q[dst] = q[src]
 
     def partial(self, cache: PagedKVCache, layer: int, q_direct, scale: float,
-                deterministic: bool, backend: str):
+                deterministic: bool, backend: str, stream: int):
         """One partial state over this instance's shard for every request it holds; q_direct:
         the caller's q when the kernel can read it in place (else q_hold was filled)."""
         if self.fast and backend != "torch":
@@ -222,8 +221,7 @@ class _DecodeStep:
                 dq = self.d_q_direct
                 dq.ptr = q_direct.data_ptr()
             _core._C.decode_partial(dq, dk, dv, dbt, dlen, do, dlse, self.d_ws, self.num_splits,
-                                    scale, deterministic, self.device.index,
-                                    _core.stream_handle(self.device))
+                                    scale, deterministic, self.device.index, stream)
         else:
             k_l, v_l = cache.layer(layer)
             q = self.q_hold if q_direct is None else q_direct
@@ -232,7 +230,7 @@ class _DecodeStep:
                            lse=self.lse_h, workspace=self.workspace,
                            deterministic=deterministic, backend=backend)
 
-    def merge(self, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    def merge(self, dtype: torch.dtype, backend: str, stream: int) -> torch.Tensor:
         """Gather every holder's state of my requests and merge them exactly (fp32)."""
         fast = self.fast_merge and backend != "torch"
         out = torch.empty(len(self.mine), self.Hq, self.D, dtype=dtype, device=self.device)
@@ -240,7 +238,7 @@ class _DecodeStep:
             x_o, x_lse, rows, lse_out = self.d_merge
             self.d_out.ptr = out.data_ptr()
             _core._C.merge_states_gather(x_o, x_lse, rows, self.d_out, lse_out, self.device.index,
-                                         _core.stream_handle(self.device))
+                                         stream)
         else:
             torch.index_select(self.X, 0, self.gather_idx.view(-1), out=self.G)
             merge_states_multi(self.g_o, self.g_lse, out=out, lse_out=self.lse_out,
@@ -295,8 +293,9 @@ def distributed_decode_steps(q, cache: PagedKVCache, plan: DecodePlan, group, *,
                              k_new=None, v_new=None, softmax_scale=None, deterministic=False,
                              backend="auto"):
     """`distributed_decode` as a step generator: yields the Work of each exchange it posts
-    (resume it once the Work can be waited on; `esp.comm.drive` / `run_steps` do) and returns
-    out. Arguments are checked when it first runs."""
+    (resume it once the Work can be waited on, with the stream that was current when it started
+    current again; `esp.comm.drive` / `run_steps` do) and returns out. Arguments are checked
+    when it first runs."""
     check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
     if not isinstance(plan, DecodePlan):
         raise TypeError(f"plan must be a DecodePlan, got {type(plan).__name__}")
@@ -333,9 +332,13 @@ def distributed_decode_steps(q, cache: PagedKVCache, plan: DecodePlan, group, *,
     elif k_new is not None or v_new is not None:
         raise ValueError("k_new/v_new given but the plan appends nothing (call plan.scale_up)")
 
+    # The stream current when the layer starts carries all of its GPU work (a driver resumes
+    # the generator with the same stream current: drive, run_steps); looked up once.
+    stream = _core.stream_handle(q.device) if step.fast else 0
+
     # 1. queries (+ appended K/V) to holders, in one grouped exchange.
     q_direct = q if step.q_identity and q.is_contiguous() else None
-    step.gather_q(q, q_direct is not None, backend)
+    step.gather_q(q, q_direct is not None, backend, stream)
     if step.fwd:
         yield step.fwd.start()
 
@@ -345,7 +348,7 @@ def distributed_decode_steps(q, cache: PagedKVCache, plan: DecodePlan, group, *,
     if step.n_hold:
         step.partial(cache, layer, q_direct,
                      D ** -0.5 if softmax_scale is None else float(softmax_scale), deterministic,
-                     backend)
+                     backend, stream)
 
     # 3. states back to masters: one message [o | lse] per peer.
     if step.back:
@@ -354,4 +357,4 @@ def distributed_decode_steps(q, cache: PagedKVCache, plan: DecodePlan, group, *,
     # 4. exact fp32 merge of every holder's state of my requests.
     if Bm == 0:
         return q.new_empty(q.shape)
-    return step.merge(q.dtype, backend)
+    return step.merge(q.dtype, backend, stream)
