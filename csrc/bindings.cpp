@@ -68,7 +68,8 @@ PYBIND11_MODULE(_C, m) {
   // ---- virtual-rank messages (esp_kernels/comm/local.py) ----
   using Spec = std::tuple<uintptr_t, int64_t, int64_t, std::string, int>;
   py::class_<esp::MessageList>(m, "MessageList")
-      .def(py::init([](const std::vector<Spec>& sends, const std::vector<Spec>& recvs) {
+      .def(py::init([](const std::vector<Spec>& sends, const std::vector<Spec>& recvs,
+                       bool consume_at_once) {
              auto convert = [](const std::vector<Spec>& in) {
                std::vector<esp::MessageSpec> out;
                for (const auto& [ptr, numel, elem_size, dtype, peer] : in) {
@@ -78,9 +79,9 @@ PYBIND11_MODULE(_C, m) {
                }
                return out;
              };
-             return esp::MessageList{convert(sends), convert(recvs)};
+             return esp::MessageList{convert(sends), convert(recvs), consume_at_once};
            }),
-           py::arg("sends"), py::arg("recvs"),
+           py::arg("sends"), py::arg("recvs"), py::arg("consume_at_once") = false,
            "Messages of one exchange: (ptr, numel, element size, dtype name, peer) each.");
   py::class_<esp::LocalWork, std::shared_ptr<esp::LocalWork>>(m, "LocalWork")
       .def("matched", &esp::LocalWork::matched)

@@ -1,5 +1,6 @@
 """Group semantics on every CPU backend: gloo processes (torch.distributed) and virtual ranks."""
 
+import math
 import time
 
 import pytest
@@ -145,8 +146,17 @@ def test_local_size_mismatch_and_timeout(protocol):
         run_local(local_group(2, timeout=1.0), never)
     assert time.time() - t0 < 5
 
+    def late(group):  # rank 0 blocks in its wait until rank 1 posts, with no deadline
+        if group.rank == 1:
+            time.sleep(0.2)
+            group.recv(y := torch.zeros(3), 0).synchronize()
+            return y.tolist()
+        group.send(torch.ones(3), 1).synchronize()
 
-def ring_steps(group, rounds, device="cpu"):
+    assert run_local(local_group(2, timeout=math.inf), late)[1] == [1.0, 1.0, 1.0]
+
+
+def ring_steps(group, rounds, device="cpu", consume_at_once=False):
     """Step generator: `rounds` ring exchanges (message sizes vary by rank and round), each
     round's payload derived from what the previous round received."""
     r, P = group.rank, group.size
@@ -154,7 +164,8 @@ def ring_steps(group, rounds, device="cpu"):
     for k in range(rounds):
         buf = torch.empty((r - 1 - k) % P + 1, device=device)
         mine = torch.full(((r - k) % P + 1,), float(x[0]) + 1, device=device)
-        yield group.exchange(sends=[(mine, (r + 1) % P)], recvs=[(buf, (r - 1) % P)])
+        yield group.prepare_exchange(sends=[(mine, (r + 1) % P)], recvs=[(buf, (r - 1) % P)],
+                                     consume_at_once=consume_at_once).start()
         x = buf * 1  # consumed on this rank's stream after the wait
     return x.cpu()
 
@@ -240,13 +251,39 @@ def test_local_gpu_stream_ordering(n, protocol):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("consume_at_once", [False, True])
 @pytest.mark.parametrize("n", [2, 4])
-def test_run_steps_gpu_stream_ordering(n, protocol):
+def test_run_steps_gpu_stream_ordering(n, consume_at_once, protocol):
     """run_steps on CUDA: each round's payload is made on the rank's stream from what the last
-    round received (the copies must be ordered after both ranks' streams), no device sync."""
+    round received (the copies must be ordered after both ranks' streams), no device sync; with
+    consume_at_once the small copies run on the second poster's own stream."""
     groups = local_group(n, "cuda")
-    res = run_steps(groups, [ring_steps(g, 5, "cuda") for g in groups])
+    res = run_steps(groups, [ring_steps(g, 5, "cuda", consume_at_once) for g in groups])
     assert [float(x[0]) for x in res] == expected_ring(n, 5)
+
+
+@pytest.mark.gpu
+def test_local_gpu_self_message_across_posts(protocol):
+    """A rank sends to itself from one stream and receives in a later post from another: the
+    copy must wait for the stream the send was posted on (its long producer)."""
+    g = local_group(1, "cuda")[0]
+    other = torch.cuda.Stream()
+
+    def body(group):
+        a = torch.randn(2048, 2048, device="cuda")
+        x = (a @ a @ a).sum(1)  # long producer on the rank's stream
+        sent = group.send(x, 0)
+        y = torch.empty_like(x)
+        other.wait_stream(torch.cuda.current_stream())  # y is allocated before `other` runs
+        with torch.cuda.stream(other):
+            got = group.recv(y, 0)
+            got.wait()
+            z = y * 1
+        yield sent
+        torch.cuda.current_stream().wait_stream(other)
+        return torch.equal(z, x)
+
+    assert run_steps([g], [body(g)]) == [True]
 
 
 @pytest.mark.gpu

@@ -152,6 +152,10 @@ def test_kernel_gather_from_state_rows(S, out_dtype, gen):
     assert not torch.isnan(out).any()
     assert_close(out.cpu(), ref_o.to(out_dtype), out_dtype)
     assert_close(lse_out.cpu(), ref_l, torch.float32)
+    # no rows: nothing to do, as merge_states with T = 0
+    empty = torch.empty(0, H, D, device="cuda")
+    _core._C.merge_states_gather(d(x_o), d(x_l), d(rows[:, :0].contiguous().cuda()), d(empty),
+                                 None, 0, _core.stream_handle(torch.device("cuda", 0)))
     with pytest.raises(ValueError, match="rows must be contiguous int32"):
         _core._C.merge_states_gather(d(x_o), d(x_l), d(rows.cuda().long()), d(out), d(lse_out),
                                      0, _core.stream_handle(torch.device("cuda", 0)))

@@ -1,6 +1,7 @@
 // Message matching of virtual ranks (see local_mailbox.h).
 #include "local_mailbox.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -72,121 +73,138 @@ std::shared_ptr<LocalWork> LocalMailbox::post(int rank, const MessageList& msgs,
   std::vector<py::object> released;
   {
     std::lock_guard<std::mutex> lock(s.mu);
-    while (!s.inflight.empty() && s.inflight.front().done->query()) {
-      for (py::object& o : s.inflight.front().keep) released.push_back(std::move(o));
-      s.inflight.pop_front();
-    }
-    std::vector<LocalMessage*> batch;  // matched here, copied by this post's kernel (CUDA)
-    // Messages this post queued, (message, is_send): they get this rank's ready event below.
-    std::vector<std::pair<LocalMessage*, bool>> fresh;
-    MailboxState::Inflight copy;
-    bool any = false;
-    auto match = [&](LocalMessage& m) {
-      any = true;
-      if (m.send.numel != m.recv.numel || m.send.dtype != m.recv.dtype) {
-        m.error = mismatch_error(m);
-      } else if (!cuda) {
-        const int64_t bytes = m.send.numel * m.send.elem_size;
-        if (bytes > 0)
-          std::memcpy(reinterpret_cast<void*>(m.recv.ptr),
-                      reinterpret_cast<const void*>(m.send.ptr), static_cast<size_t>(bytes));
-      } else {
-        batch.push_back(&m);
-        copy.keep.push_back(std::move(m.first_keep));
-        return;  // matched once its copy is enqueued
+    try {
+      while (!s.inflight.empty() && s.inflight.front().done->query()) {
+        for (py::object& o : s.inflight.front().keep) released.push_back(std::move(o));
+        s.inflight.pop_front();
       }
-      released.push_back(std::move(m.first_keep));
-      m.matched.store(true, std::memory_order_release);
-    };
-    for (const MessageSpec& spec : msgs.sends) {
-      auto& q = s.pending_recvs[static_cast<size_t>(rank) * n + spec.peer];
-      std::shared_ptr<LocalMessage> m;
-      if (!q.empty()) {
-        m = std::move(q.front());
-        q.pop_front();
-        m->send = spec;
-        match(*m);
-      } else {
-        m = std::make_shared<LocalMessage>();
-        m->src = rank;
-        m->dst = spec.peer;
-        m->send = spec;
-        m->first_keep = keep;
-        s.pending_sends[static_cast<size_t>(rank) * n + spec.peer].push_back(m);
-        fresh.emplace_back(m.get(), true);
+      std::vector<LocalMessage*> batch;  // matched here, copied by this post's kernel (CUDA)
+      // Messages this post queued, (message, is_send): they get this rank's ready event below.
+      std::vector<std::pair<LocalMessage*, bool>> fresh;
+      MailboxState::Inflight copy;
+      bool any = false;
+      auto match = [&](LocalMessage& m) {
+        any = true;
+        if (!m.error.empty()) {
+          // The first poster failed (see the catch below): the error reaches this side's wait.
+        } else if (m.send.numel != m.recv.numel || m.send.dtype != m.recv.dtype) {
+          m.error = mismatch_error(m);
+        } else if (!cuda) {  // memmove: a rank may send part of a buffer into another part
+          const int64_t bytes = m.send.numel * m.send.elem_size;
+          if (bytes > 0)
+            std::memmove(reinterpret_cast<void*>(m.recv.ptr),
+                         reinterpret_cast<const void*>(m.send.ptr), static_cast<size_t>(bytes));
+        } else {
+          batch.push_back(&m);
+          copy.keep.push_back(std::move(m.first_keep));
+          return;  // matched once its copy is enqueued
+        }
+        released.push_back(std::move(m.first_keep));
+        m.matched.store(true, std::memory_order_release);
+      };
+      for (const MessageSpec& spec : msgs.sends) {
+        auto& q = s.pending_recvs[static_cast<size_t>(rank) * n + spec.peer];
+        std::shared_ptr<LocalMessage> m;
+        if (!q.empty()) {
+          m = std::move(q.front());
+          q.pop_front();
+          m->send = spec;
+          match(*m);
+        } else {
+          m = std::make_shared<LocalMessage>();
+          m->src = rank;
+          m->dst = spec.peer;
+          m->send = spec;
+          m->first_keep = keep;
+          s.pending_sends[static_cast<size_t>(rank) * n + spec.peer].push_back(m);
+          fresh.emplace_back(m.get(), true);
+        }
+        mine.push_back(std::move(m));
       }
-      mine.push_back(std::move(m));
-    }
-    for (const MessageSpec& spec : msgs.recvs) {
-      auto& q = s.pending_sends[static_cast<size_t>(spec.peer) * n + rank];
-      std::shared_ptr<LocalMessage> m;
-      if (!q.empty()) {
-        m = std::move(q.front());
-        q.pop_front();
-        m->recv = spec;
-        match(*m);
-      } else {
-        m = std::make_shared<LocalMessage>();
-        m->src = spec.peer;
-        m->dst = rank;
-        m->recv = spec;
-        m->first_keep = keep;
-        s.pending_recvs[static_cast<size_t>(spec.peer) * n + rank].push_back(m);
-        fresh.emplace_back(m.get(), false);
+      for (const MessageSpec& spec : msgs.recvs) {
+        auto& q = s.pending_sends[static_cast<size_t>(spec.peer) * n + rank];
+        std::shared_ptr<LocalMessage> m;
+        if (!q.empty()) {
+          m = std::move(q.front());
+          q.pop_front();
+          m->recv = spec;
+          match(*m);
+        } else {
+          m = std::make_shared<LocalMessage>();
+          m->src = spec.peer;
+          m->dst = rank;
+          m->recv = spec;
+          m->first_keep = keep;
+          s.pending_recvs[static_cast<size_t>(spec.peer) * n + rank].push_back(m);
+          fresh.emplace_back(m.get(), false);
+        }
+        mine.push_back(std::move(m));
       }
-      mine.push_back(std::move(m));
-    }
 
-    // This rank's ready event: its buffers as of now on `stream`. Needed by a copy on the
-    // communication stream and by the peers that will match the fresh messages.
-    std::shared_ptr<Event> ready;
-    auto my_ready = [&] {
-      if (!ready) {
-        ready = std::make_shared<Event>(s.device);
-        ready->record(stream);
+      // This rank's ready event: its buffers as of now on `stream`. Needed by a copy on the
+      // communication stream and by the peers that will match the fresh messages.
+      std::shared_ptr<Event> ready;
+      auto my_ready = [&] {
+        if (!ready) {
+          ready = std::make_shared<Event>(s.device);
+          ready->record(stream);
+        }
+        return ready.get();
+      };
+      if (!batch.empty()) {
+        int64_t total = 0;
+        std::vector<uintptr_t> dst, src;
+        std::vector<int64_t> nbytes;
+        std::vector<const Event*> waits;  // the peers' ready events
+        for (const LocalMessage* m : batch) {
+          dst.push_back(m->recv.ptr);
+          src.push_back(m->send.ptr);
+          nbytes.push_back(m->send.numel * m->send.elem_size);
+          total += nbytes.back();
+          // The first poster's ready event: this post's side has none (its events are assigned
+          // only to messages left pending), nor has a message to itself matched in one post.
+          for (const Event* e : {m->send_ready.get(), m->recv_ready.get()})
+            if (e != nullptr) waits.push_back(e);
+        }
+        // Small batches are copied on the poster's own stream: that saves this rank a ready
+        // event, the communication stream's wait on it and its own wait on the done event (3 of
+        // the ~12 driver calls of a decode layer per rank, ~5 us each on the GPU machine's host)
+        // for a copy of a few us. Large ones go on the communication stream, so this rank's
+        // compute overlaps them (ring prefill's KV blocks).
+        const bool inline_copy = msgs.consume_at_once && total <= kInlineCopyBytes;
+        const uintptr_t copy_stream = inline_copy ? stream : s.comm_streams[rank];
+        if (!inline_copy) waits.push_back(my_ready());
+        copy.done = std::make_shared<Event>(s.device);
+        local_copies(dst, src, nbytes, copy_stream, waits, *copy.done, s.device);
+        copy.keep.push_back(keep);
+        for (LocalMessage* m : batch) {
+          m->done = copy.done;
+          m->copy_stream = copy_stream;
+          m->matched.store(true, std::memory_order_release);
+        }
+        s.inflight.push_back(std::move(copy));
       }
-      return ready.get();
-    };
-    if (!batch.empty()) {
-      int64_t total = 0;
-      std::vector<uintptr_t> dst, src;
-      std::vector<int64_t> nbytes;
-      std::vector<const Event*> waits;  // the peers' ready events
-      for (const LocalMessage* m : batch) {
-        dst.push_back(m->recv.ptr);
-        src.push_back(m->send.ptr);
-        nbytes.push_back(m->send.numel * m->send.elem_size);
-        total += nbytes.back();
-        // The peer's ready event (none for a message to itself matched within this post).
-        const Event* peer = m->src == rank ? m->recv_ready.get() : m->send_ready.get();
-        if (peer != nullptr) waits.push_back(peer);
+      if (cuda) {
+        for (auto& [m, is_send] : fresh) {  // still pending: its peer's copy will wait on this
+          if (m->matched.load(std::memory_order_relaxed)) continue;
+          my_ready();
+          (is_send ? m->send_ready : m->recv_ready) = ready;
+        }
       }
-      // Small batches are copied on the poster's own stream: that saves this rank a ready
-      // event, the communication stream's wait on it and its own wait on the done event (3 of
-      // the ~12 driver calls of a decode layer per rank, ~5 us each on the GPU machine's host)
-      // for a copy of a few us. Large ones go on the communication stream, so this rank's
-      // compute overlaps them (ring prefill's KV blocks).
-      const bool inline_copy = total <= kInlineCopyBytes;
-      const uintptr_t copy_stream = inline_copy ? stream : s.comm_streams[rank];
-      if (!inline_copy) waits.push_back(my_ready());
-      copy.done = std::make_shared<Event>(s.device);
-      local_copies(dst, src, nbytes, copy_stream, waits, *copy.done, s.device);
-      copy.keep.push_back(keep);
-      for (LocalMessage* m : batch) {
-        m->done = copy.done;
-        m->copy_stream = copy_stream;
+      if (any) s.cv.notify_all();
+    } catch (const std::exception& e) {
+      // A failed event or copy (a CUDA error): every message of this post that is not matched
+      // yet carries the error, so neither side waits for it until its timeout; a peer that
+      // matches one later gets the error at its wait.
+      for (auto& m : mine) {
+        if (m->matched.load(std::memory_order_relaxed)) continue;
+        m->error = std::string("virtual-rank message failed on rank ") + std::to_string(rank) +
+                   ": " + e.what();
         m->matched.store(true, std::memory_order_release);
       }
-      s.inflight.push_back(std::move(copy));
+      s.cv.notify_all();
+      throw;
     }
-    if (cuda) {
-      for (auto& [m, is_send] : fresh) {  // still pending: its peer's copy will wait on this
-        if (m->matched.load(std::memory_order_relaxed)) continue;
-        my_ready();
-        (is_send ? m->send_ready : m->recv_ready) = ready;
-      }
-    }
-    if (any) s.cv.notify_all();
   }
   return std::make_shared<LocalWork>(state_, std::move(mine));
 }
@@ -200,8 +218,13 @@ bool LocalWork::matched() const {
 bool LocalWork::wait_matched(double timeout_s) const {
   if (matched()) return true;
   std::unique_lock<std::mutex> lock(box_->mu);
-  return box_->cv.wait_for(lock, std::chrono::duration<double>(timeout_s),
-                           [this] { return matched(); });
+  auto done = [this] { return matched(); };
+  // Beyond ~10^8 s (and for inf) the duration would overflow the clock's ticks: no deadline.
+  if (!(timeout_s < 1e8)) {
+    box_->cv.wait(lock, done);
+    return true;
+  }
+  return box_->cv.wait_for(lock, std::chrono::duration<double>(std::max(timeout_s, 0.0)), done);
 }
 
 std::pair<int, int> LocalWork::first_unmatched() const {

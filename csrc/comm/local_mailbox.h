@@ -10,10 +10,11 @@
 // posts second matches the message: on the CPU it copies at once; on CUDA the messages one post
 // matched are moved by one copy kernel after the first posters' ready events (recorded on their
 // streams when they posted), and one done event is recorded that the first posters' waits
-// enqueue. The kernel runs on the poster's own stream when the batch is small (at most
-// kInlineCopyBytes) and on its communication stream otherwise. The Python objects passed with
-// each post (its tensors) stay referenced until the copies that read or write them have
-// completed.
+// enqueue. The kernel runs on the poster's communication stream, so the poster's compute goes on
+// meanwhile; when the poster declared it consumes the exchange at once (it waits on it before
+// enqueuing other work, as the decode driver does) and the batch is small (at most
+// kInlineCopyBytes), on the poster's own stream. The Python objects passed with each post (its
+// tensors) stay referenced until the copies that read or write them have completed.
 
 #include <pybind11/pybind11.h>
 
@@ -40,9 +41,11 @@ struct MessageSpec {
 };
 
 // The sends and receives of one exchange, converted once (a prepared exchange posts the same
-// list on every layer).
+// list on every layer). consume_at_once: the poster waits on this exchange before it enqueues
+// other work on its stream, so a small copy batch may run on that stream (see post).
 struct MessageList {
   std::vector<MessageSpec> sends, recvs;
+  bool consume_at_once = false;
 };
 
 struct LocalMessage {
@@ -56,8 +59,8 @@ struct LocalMessage {
   std::atomic<bool> matched{false};
 };
 
-// A batch up to this size is copied on the posting rank's own stream (a few us of copy; see
-// LocalMailbox::post), a larger one on its communication stream.
+// A batch up to this size of an exchange consumed at once is copied on the posting rank's own
+// stream (a few us of copy; see LocalMailbox::post), a larger one on its communication stream.
 constexpr int64_t kInlineCopyBytes = int64_t{1} << 20;
 
 struct MailboxState;

@@ -230,8 +230,9 @@ void merge_states_gather(const TensorDesc& o, const TensorDesc& lse, const Tenso
   const int H = static_cast<int>(o.size(1)), D = static_cast<int>(o.size(2));
   ESP_CHECK(lse.size(0) == R && lse.size(1) == H,
             "merge_states_gather: lse shape does not match o");
-  ESP_CHECK(rows.ndim() == 2 && rows.dtype == DType::kInt32 && rows.stride(1) == 1 &&
-                rows.stride(0) == rows.size(1),
+  ESP_CHECK(rows.ndim() == 2 && rows.dtype == DType::kInt32 &&
+                (rows.numel() == 0 || ((rows.size(1) <= 1 || rows.stride(1) == 1) &&
+                                       (rows.size(0) <= 1 || rows.stride(0) == rows.size(1)))),
             "merge_states_gather: rows must be contiguous int32 [S, T]");
   const int S = static_cast<int>(rows.size(0)), T = static_cast<int>(rows.size(1));
   ESP_CHECK(S >= 1 && S <= kMaxStates, "merge_states_gather: number of states must be in [1, ",

@@ -77,9 +77,10 @@ class PreparedExchange:
 
     __slots__ = ("group", "sends", "recvs", "_post")
 
-    def __init__(self, group: "Group", sends, recvs):
+    def __init__(self, group: "Group", sends, recvs, consume_at_once: bool = False):
         self.group, self.sends, self.recvs = group, sends, recvs  # peers as world ranks
-        self._post = group._prepare_world_p2p(sends, recvs) if sends or recvs else None
+        self._post = (group._prepare_world_p2p(sends, recvs, consume_at_once)
+                      if sends or recvs else None)
 
     def __bool__(self) -> bool:
         return self._post is not None
@@ -111,8 +112,9 @@ class Group(abc.ABC):
         """Post sends (tensor, world dst) and receives (buffer, world src) together."""
 
     def _prepare_world_p2p(self, sends: list[tuple[torch.Tensor, int]],
-                           recvs: list[tuple[torch.Tensor, int]]):
-        """A function posting these checked messages (a backend may convert them once here)."""
+                           recvs: list[tuple[torch.Tensor, int]], consume_at_once: bool = False):
+        """A function posting these checked messages (a backend may convert them once here;
+        `consume_at_once`: see `prepare_exchange`)."""
         return functools.partial(self._world_p2p, sends, recvs)
 
     @abc.abstractmethod
@@ -156,9 +158,15 @@ class Group(abc.ABC):
                              f"{t.stride()})")
 
     def prepare_exchange(self, sends: Sequence[tuple[torch.Tensor, int]] = (),
-                         recvs: Sequence[tuple[torch.Tensor, int]] = ()) -> "PreparedExchange":
+                         recvs: Sequence[tuple[torch.Tensor, int]] = (), *,
+                         consume_at_once: bool = False) -> "PreparedExchange":
         """Check an exchange's tensors and peers once; `start()` then posts it as often as
-        needed (a driver's fixed buffers, e.g. a decode plan's, skip the per-call checks)."""
+        needed (a driver's fixed buffers, e.g. a decode plan's, skip the per-call checks). The
+        tensors' storage must stay where it is (their pointers are taken here).
+
+        consume_at_once: the caller waits on each start()'s Work before it enqueues other work
+        on its stream (as the decode driver does), so a backend may run small copies on that
+        stream instead of a communication stream (virtual ranks: 3 driver calls fewer)."""
         ws, wr = [], []
         for i, (t, dst) in enumerate(sends):
             self._check_buffer(t, f"sends[{i}] tensor")
@@ -166,7 +174,7 @@ class Group(abc.ABC):
         for i, (t, src) in enumerate(recvs):
             self._check_buffer(t, f"recvs[{i}] buffer")
             wr.append((t, self._check_peer(src, f"recvs[{i}] source")))
-        return PreparedExchange(self, ws, wr)
+        return PreparedExchange(self, ws, wr, consume_at_once)
 
     def exchange(self, sends: Sequence[tuple[torch.Tensor, int]] = (),
                  recvs: Sequence[tuple[torch.Tensor, int]] = ()) -> Work:

@@ -23,10 +23,10 @@ immediate.
 With the compiled core the matching runs in C++ (csrc/comm/local_mailbox.cpp: one call per post
 and one per wait; in Python it cost ~19 us per exchange and rank on the GPU machine's host, run
 11): events come from a pool, the messages one post matched are moved by one copy kernel with
-one done event (on the poster's own stream when the batch is at most 1 MiB: three driver calls
-fewer per exchange and rank, for a copy of a few us), and the tensors of a message stay
-referenced until its copy has completed on the GPU, so the caching allocator never hands them
-out early. Without the core, the same protocol
+one done event (on the poster's own stream when the exchange was prepared with
+`consume_at_once=True` and the batch is at most 1 MiB: three driver calls fewer per exchange and
+rank, for a copy of a few us), and the tensors of a message stay referenced until its copy has
+completed on the GPU, so the caching allocator never hands them out early. Without the core, the same protocol
 runs in Python on torch's stream API (`_LocalWorld.post`).
 """
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import math
 import sys
 import threading
 from typing import Any, Callable, Generator, Sequence
@@ -167,7 +168,8 @@ class _LocalWork(_VirtualWork):
             with world.matched:
                 world.waiting += 1
                 try:
-                    ok = world.matched.wait_for(self.matched, timeout)
+                    ok = world.matched.wait_for(self.matched,
+                                                None if math.isinf(timeout) else timeout)
                 finally:
                     world.waiting -= 1
             if not ok:
@@ -245,10 +247,11 @@ def _set_stream(stream_id, device_index, device_type):
         _cuda_set_stream(stream_id=stream_id, device_index=device_index, device_type=device_type)
 
 
-def _message_list(sends, recvs):
+def _message_list(sends, recvs, consume_at_once=False):
     """The core's MessageList of (tensor, world peer) sends and receives."""
     spec = lambda t, peer: (t.data_ptr(), t.numel(), t.element_size(), str(t.dtype), peer)  # noqa: E731
-    return _core._C.MessageList([spec(t, p) for t, p in sends], [spec(t, p) for t, p in recvs])
+    return _core._C.MessageList([spec(t, p) for t, p in sends], [spec(t, p) for t, p in recvs],
+                                consume_at_once)
 
 
 class LocalGroup(Group):
@@ -280,12 +283,12 @@ class LocalGroup(Group):
             return _LocalWork(world.post(self.world_rank, sends, recvs), world)
         return self._prepare_world_p2p(sends, recvs)()
 
-    def _prepare_world_p2p(self, sends, recvs):
+    def _prepare_world_p2p(self, sends, recvs, consume_at_once=False):
         world = self._world
         if world.box is None:
             return super()._prepare_world_p2p(sends, recvs)
-        post, rank, msgs, keep = world.box.post, self.world_rank, _message_list(sends, recvs), \
-            (sends, recvs)
+        post, rank, keep = world.box.post, self.world_rank, (sends, recvs)
+        msgs = _message_list(sends, recvs, consume_at_once)
         if world.device.type != "cuda":
             return lambda: _CoreWork(post(rank, msgs, 0, keep), world)
         stream_handle, device = _core.stream_handle, world.device
@@ -366,7 +369,7 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
         limit = timeout if timeout is not None else max(getattr(g, "timeout", DEFAULT_TIMEOUT_S)
                                                          for g in groups) * 2
         for t in threads:
-            t.join(limit)
+            t.join(None if math.isinf(limit) else limit)
             if t.is_alive():
                 raise CommTimeout(f"virtual rank thread {t.name} did not finish within {limit} s")
     finally:
@@ -403,7 +406,6 @@ def run_steps(groups: Sequence[LocalGroup], steps: Sequence[Generator]) -> list[
     device = torch.cuda.current_device() if callers else None  # set_stream switches devices
     join = _fork_streams(groups)
     live = list(range(n))
-    current = None  # the rank stream set last
     try:
         while live:
             progressed, still = False, []
@@ -414,9 +416,8 @@ def run_steps(groups: Sequence[LocalGroup], steps: Sequence[Generator]) -> list[
                     still.append(r)
                     continue
                 progressed = True
-                if switch[r] is not None and switch[r] is not current:
+                if switch[r] is not None:  # every resume: a step may leave another current
                     _set_stream(*switch[r])
-                    current = switch[r]
                 try:
                     if w is not None:
                         w.wait()

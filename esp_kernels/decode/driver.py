@@ -123,10 +123,12 @@ class _DecodeStep:
             self.workspace = new_workspace(n_hold, Hq, D, self.num_splits, dev)
 
         # Buffers. States: one fp32 row [o (Hq*D) | lse (Hq) | pad] per request, so the states of
-        # a master's requests are one contiguous message; the row is padded to 4 floats so
-        # every o row stays 16-byte aligned for the kernels' vector stores.
+        # a master's requests are one contiguous message; the lse part is padded to 8 floats so
+        # every o row stays 32-byte aligned: the decode kernel's 16-byte stores and the merge's
+        # 8-wide loads (which need a row stride that is a multiple of 8; 4 sent Hq = 4, 12, ...
+        # down the merge's scalar path).
         # X = [held states ; received ; empty state].
-        srow = Hq * D + (Hq + 3) // 4 * 4
+        srow = Hq * D + (Hq + 7) // 8 * 8
         self.srow = srow
         self.X = torch.empty(n_hold + n_recv + 1, srow, dtype=torch.float32, device=dev)
         self.X[-1, : Hq * D] = 0
@@ -193,8 +195,11 @@ class _DecodeStep:
     def bind(self, group):
         """Check the exchanges' fixed buffers once for this group handle (not on every layer)."""
         self.group = group
-        self.fwd = group.prepare_exchange(self.fwd_sends, self.fwd_recvs)
-        self.back = group.prepare_exchange(self.back_sends, self.back_recvs)
+        # Both are waited on right after posting (q before the partial, states before the
+        # merge): consumed at once.
+        self.fwd = group.prepare_exchange(self.fwd_sends, self.fwd_recvs, consume_at_once=True)
+        self.back = group.prepare_exchange(self.back_sends, self.back_recvs,
+                                           consume_at_once=True)
 
     def gather_q(self, q: torch.Tensor, direct: bool, backend: str, stream: int):
         """My rows of q into Q: those for remote holders, and my own held ones unless the
@@ -293,9 +298,8 @@ def distributed_decode_steps(q, cache: PagedKVCache, plan: DecodePlan, group, *,
                              k_new=None, v_new=None, softmax_scale=None, deterministic=False,
                              backend="auto"):
     """`distributed_decode` as a step generator: yields the Work of each exchange it posts
-    (resume it once the Work can be waited on, with the stream that was current when it started
-    current again; `esp.comm.drive` / `run_steps` do) and returns out. Arguments are checked
-    when it first runs."""
+    (resume it once the Work can be waited on; `esp.comm.drive` / `run_steps` do) and returns
+    out. Arguments are checked when it first runs."""
     check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
     if not isinstance(plan, DecodePlan):
         raise TypeError(f"plan must be a DecodePlan, got {type(plan).__name__}")
@@ -332,8 +336,7 @@ def distributed_decode_steps(q, cache: PagedKVCache, plan: DecodePlan, group, *,
     elif k_new is not None or v_new is not None:
         raise ValueError("k_new/v_new given but the plan appends nothing (call plan.scale_up)")
 
-    # The stream current when the layer starts carries all of its GPU work (a driver resumes
-    # the generator with the same stream current: drive, run_steps); looked up once.
+    # The raw current stream for the compiled calls, looked up again after each resume.
     stream = _core.stream_handle(q.device) if step.fast else 0
 
     # 1. queries (+ appended K/V) to holders, in one grouped exchange.
@@ -341,6 +344,7 @@ def distributed_decode_steps(q, cache: PagedKVCache, plan: DecodePlan, group, *,
     step.gather_q(q, q_direct is not None, backend, stream)
     if step.fwd:
         yield step.fwd.start()
+        stream = _core.stream_handle(q.device) if step.fast else 0
 
     # 2. store others' new tokens, then one partial state over my shard for all held requests.
     if step.app_recv_slots.numel():
@@ -353,6 +357,7 @@ def distributed_decode_steps(q, cache: PagedKVCache, plan: DecodePlan, group, *,
     # 3. states back to masters: one message [o | lse] per peer.
     if step.back:
         yield step.back.start()
+        stream = _core.stream_handle(q.device) if step.fast else 0
 
     # 4. exact fp32 merge of every holder's state of my requests.
     if Bm == 0:
