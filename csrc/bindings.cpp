@@ -94,7 +94,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<int, int, std::vector<uintptr_t>>(), py::arg("n"), py::arg("device"),
            py::arg("comm_streams"))
       .def("post", &esp::LocalMailbox::post, py::arg("rank"), py::arg("msgs"), py::arg("stream"),
-           py::arg("keep"),
+           py::arg("keep"), py::arg("send_ptrs") = std::vector<std::pair<int, uintptr_t>>{},
            "Post rank's messages; returns its LocalWork. `keep` stays referenced until the "
            "copies using it have completed.");
 

@@ -308,3 +308,25 @@ def test_local_gpu_sent_tensor_outlives_caller(protocol):
 
     res = run_steps(groups, [body(g) for g in groups])
     assert res[1] is True and res[0] == -(1 << 20)
+
+
+def test_prepared_exchange_replace(protocol):
+    """start(replace) posts other tensors in place of prepared sends for one call; the prepared
+    ones are used again afterwards, and a tensor that cannot stand in is refused."""
+    groups = local_group(2)
+
+    def body(group):
+        r = group.rank
+        fixed, buf = torch.full((4,), float(r)), torch.empty(4)
+        ex = group.prepare_exchange(sends=[(fixed, 1 - r)], recvs=[(buf, 1 - r)])
+        yield ex.start({0: torch.full((4,), 10.0 + r)})
+        first = buf.tolist()
+        yield ex.start()
+        second = buf.tolist()
+        for bad in (torch.zeros(5), torch.zeros(4, dtype=torch.float64), torch.zeros(8)[::2]):
+            with pytest.raises(ValueError, match=r"replace\[0\]"):
+                ex.start({0: bad})
+        return first, second
+
+    res = run_steps(groups, [body(g) for g in groups])
+    assert res[0] == ([11.0] * 4, [1.0] * 4) and res[1] == ([10.0] * 4, [0.0] * 4)

@@ -57,8 +57,9 @@ LocalMailbox::LocalMailbox(int n, int device, std::vector<uintptr_t> comm_stream
 
 LocalMailbox::~LocalMailbox() = default;
 
-std::shared_ptr<LocalWork> LocalMailbox::post(int rank, const MessageList& msgs,
-                                              uintptr_t stream, py::object keep) {
+std::shared_ptr<LocalWork> LocalMailbox::post(
+    int rank, const MessageList& msgs, uintptr_t stream, py::object keep,
+    const std::vector<std::pair<int, uintptr_t>>& send_ptrs) {
   MailboxState& s = *state_;
   const int n = s.n;
   ESP_CHECK(rank >= 0 && rank < n, "LocalMailbox.post: rank ", rank, " outside [0, ", n, ")");
@@ -66,6 +67,9 @@ std::shared_ptr<LocalWork> LocalMailbox::post(int rank, const MessageList& msgs,
     for (const MessageSpec& m : *list)
       ESP_CHECK(m.peer >= 0 && m.peer < n, "LocalMailbox.post: peer ", m.peer, " outside [0, ",
                 n, ")");
+  for (const auto& [i, ptr] : send_ptrs)
+    ESP_CHECK(i >= 0 && i < static_cast<int>(msgs.sends.size()), "LocalMailbox.post: send index ",
+              i, " outside the list's ", msgs.sends.size(), " sends");
   const bool cuda = s.device >= 0;
   std::vector<std::shared_ptr<LocalMessage>> mine;
   mine.reserve(msgs.sends.size() + msgs.recvs.size());
@@ -102,7 +106,10 @@ std::shared_ptr<LocalWork> LocalMailbox::post(int rank, const MessageList& msgs,
         released.push_back(std::move(m.first_keep));
         m.matched.store(true, std::memory_order_release);
       };
-      for (const MessageSpec& spec : msgs.sends) {
+      for (size_t si = 0; si < msgs.sends.size(); ++si) {
+        MessageSpec spec = msgs.sends[si];
+        for (const auto& [i, ptr] : send_ptrs)
+          if (i == static_cast<int>(si)) spec.ptr = ptr;
         auto& q = s.pending_recvs[static_cast<size_t>(rank) * n + spec.peer];
         std::shared_ptr<LocalMessage> m;
         if (!q.empty()) {

@@ -98,9 +98,11 @@ class LocalMailbox {
 
   // Rank `rank` posts `msgs` (its buffers written / free as of `stream`, the caller's current
   // stream; ignored on the CPU). `keep` (e.g. the tensors) stays referenced until the copies
-  // involving them have completed. Call with the GIL held.
+  // involving them have completed. send_ptrs: (send index, pointer) pairs that replace the
+  // list's pointers for this post (a driver's per-call input, same size). Call with the GIL held.
   std::shared_ptr<LocalWork> post(int rank, const MessageList& msgs, uintptr_t stream,
-                                   pybind11::object keep);
+                                   pybind11::object keep,
+                                   const std::vector<std::pair<int, uintptr_t>>& send_ptrs);
 
  private:
   std::shared_ptr<MailboxState> state_;

@@ -16,7 +16,6 @@ no device-wide synchronize anywhere. CPU backends complete or block on the host 
 from __future__ import annotations
 
 import abc
-import functools
 from typing import Sequence
 
 import torch
@@ -85,10 +84,26 @@ class PreparedExchange:
     def __bool__(self) -> bool:
         return self._post is not None
 
-    def start(self) -> Work:
+    def start(self, replace: dict[int, torch.Tensor] | None = None) -> Work:
+        """Post the exchange; `replace` maps send indices to tensors posted in place of the
+        prepared ones for this call (same numel and dtype, same device, contiguous), e.g. a
+        driver's per-call input sent without copying it into the prepared buffer first."""
         if self._post is None:
             return CompletedWork()
-        return self._post()
+        if not replace:
+            return self._post()
+        checked = set()
+        for i, t in replace.items():
+            if id(t) in checked:
+                continue
+            ref = self.sends[i][0]
+            if (t.numel() != ref.numel() or t.dtype != ref.dtype or t.device != ref.device
+                    or not t.is_contiguous()):
+                raise ValueError(f"replace[{i}]: {tuple(t.shape)} {t.dtype} on {t.device} does "
+                                 f"not stand in for the prepared {ref.numel()} x {ref.dtype} on "
+                                 f"{ref.device} (contiguous)")
+            checked.add(id(t))
+        return self._post(replace)
 
 
 class Group(abc.ABC):
@@ -113,9 +128,15 @@ class Group(abc.ABC):
 
     def _prepare_world_p2p(self, sends: list[tuple[torch.Tensor, int]],
                            recvs: list[tuple[torch.Tensor, int]], consume_at_once: bool = False):
-        """A function posting these checked messages (a backend may convert them once here;
-        `consume_at_once`: see `prepare_exchange`)."""
-        return functools.partial(self._world_p2p, sends, recvs)
+        """A function post(replace=None) posting these checked messages, with the sends whose
+        index `replace` maps swapped for its tensors (a backend may convert the messages once
+        here; `consume_at_once`: see `prepare_exchange`)."""
+        def post(replace=None):
+            if replace:
+                return self._world_p2p([(replace.get(i, t), p) for i, (t, p) in enumerate(sends)],
+                                       recvs)
+            return self._world_p2p(sends, recvs)
+        return post
 
     @abc.abstractmethod
     def _with_order(self, world_ranks: tuple[int, ...], rank: int) -> "Group":

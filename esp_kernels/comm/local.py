@@ -287,12 +287,19 @@ class LocalGroup(Group):
         world = self._world
         if world.box is None:
             return super()._prepare_world_p2p(sends, recvs)
-        post, rank, keep = world.box.post, self.world_rank, (sends, recvs)
+        box_post, rank, keep = world.box.post, self.world_rank, (sends, recvs)
         msgs = _message_list(sends, recvs, consume_at_once)
-        if world.device.type != "cuda":
-            return lambda: _CoreWork(post(rank, msgs, 0, keep), world)
-        stream_handle, device = _core.stream_handle, world.device
-        return lambda: _CoreWork(post(rank, msgs, stream_handle(device), keep), world)
+        cuda, stream_handle, device = world.device.type == "cuda", _core.stream_handle, \
+            world.device
+
+        def post(replace=None):
+            stream = stream_handle(device) if cuda else 0
+            if replace:  # the replacements stay referenced with the post's other tensors
+                return _CoreWork(box_post(rank, msgs, stream, (keep, replace),
+                                          [(i, t.data_ptr()) for i, t in replace.items()]),
+                                 world)
+            return _CoreWork(box_post(rank, msgs, stream, keep), world)
+        return post
 
 
 def local_group(n: int, device: torch.device | str = "cpu",

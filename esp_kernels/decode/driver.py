@@ -81,14 +81,24 @@ class _DecodeStep:
         self_rows = [row_of[i] for i in self.hold_by_master.get(me, [])]
         # Holding exactly my own requests, in my row order: the kernel reads q itself.
         self.q_identity = self_rows == list(range(len(self.mine))) and n_hold == len(self.mine)
-        # Q = [q_hold ; q_send] is filled from q by one row gather, keyed by whether the kernel
-        # reads q in place (then only the rows for remote holders): (rows of q, rows of Q).
+        # Every remote holder serves all my requests in my order (e.g. each request's KV spread
+        # over the whole group): its q message is q itself whenever q is contiguous, posted in
+        # place of its q_send segment (no gather launch; the fwd sends start with those
+        # segments).
+        self.q_send_whole = bool(remote) and all(self.serve[h] == self.mine for h in remote)
+        self.q_send_count = len(remote)
+        # Q = [q_hold ; q_send] is filled from q by one row gather, keyed by (the kernel reads q
+        # in place, the holders' messages are q itself): (rows of q, rows of Q).
         own_start = self.hold_seg.get(me, (0, 0))[0]
         send_dst = list(range(n_hold, n_hold + len(q_rows)))
         own_dst = list(range(own_start, own_start + len(self_rows)))
         idx = lambda rows: torch.tensor(rows, dtype=torch.int32, device=dev)  # noqa: E731
-        self.q_gather = {True: (idx(q_rows), idx(send_dst)),
-                         False: (idx(self_rows + q_rows), idx(own_dst + send_dst))}
+        self.q_gather = {}
+        for read in (False, True):
+            for send in (False, True):
+                src = ([] if read else self_rows) + ([] if send else q_rows)
+                dst = ([] if read else own_dst) + ([] if send else send_dst)
+                self.q_gather[read, send] = (idx(src), idx(dst))
         # Appends: which of my new tokens go where, and which tokens I store for others.
         self.appending = any(t is not None for t in plan.append_to)
         app_dst = {}
@@ -201,16 +211,18 @@ class _DecodeStep:
         self.back = group.prepare_exchange(self.back_sends, self.back_recvs,
                                            consume_at_once=True)
 
-    def gather_q(self, q: torch.Tensor, direct: bool, backend: str, stream: int):
-        """My rows of q into Q: those for remote holders, and my own held ones unless the
-        kernel reads q in place (`direct`). `stream`: the raw current stream (fast path)."""
-        src, dst = self.q_gather[direct]
+    def gather_q(self, q: torch.Tensor, read_direct: bool, send_direct: bool, backend: str,
+                 stream: int):
+        """My rows of q into Q: my own held ones unless the kernel reads q in place
+        (`read_direct`), those for remote holders unless q itself is sent (`send_direct`).
+        `stream`: the raw current stream (fast path)."""
+        src, dst = self.q_gather[read_direct, send_direct]
         if not src.numel():
             return
         if self.fast and backend != "torch" and q.is_contiguous():
             dq = self.d_q_rows
             dq.ptr = q.data_ptr()
-            ds, dd = self.d_q_gather[direct]
+            ds, dd = self.d_q_gather[read_direct, send_direct]
             _core._C.copy_rows(dq, ds, self.d_Q, dd, self.device.index, stream)
         else:
             self.Q[dst] = q[src]
@@ -340,10 +352,12 @@ def distributed_decode_steps(q, cache: PagedKVCache, plan: DecodePlan, group, *,
     stream = _core.stream_handle(q.device) if step.fast else 0
 
     # 1. queries (+ appended K/V) to holders, in one grouped exchange.
-    q_direct = q if step.q_identity and q.is_contiguous() else None
-    step.gather_q(q, q_direct is not None, backend, stream)
+    contiguous = q.is_contiguous()
+    q_direct = q if step.q_identity and contiguous else None
+    send_direct = step.q_send_whole and contiguous
+    step.gather_q(q, q_direct is not None, send_direct, backend, stream)
     if step.fwd:
-        yield step.fwd.start()
+        yield step.fwd.start(dict.fromkeys(range(step.q_send_count), q) if send_direct else None)
         stream = _core.stream_handle(q.device) if step.fast else 0
 
     # 2. store others' new tokens, then one partial state over my shard for all held requests.
