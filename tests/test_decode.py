@@ -83,9 +83,11 @@ def decode_rank(world, n, seed, hq, hkv, d, page_size, steps, dtype=torch.float3
     return outs
 
 
-def decode_all_steps(n, seed, hq, hkv, d, page_size, steps, dtype=torch.float32, device="cpu"):
+def decode_all_steps(n, seed, hq, hkv, d, page_size, steps, dtype=torch.float32, device="cpu",
+                     with_out=False):
     """decode_rank's work on n virtual ranks, every layer run by `run_steps` in this thread
-    (plans are built and scaled up with threads: that is host-blocking metadata exchange)."""
+    (plans are built and scaled up with threads: that is host-blocking metadata exchange);
+    with_out: each rank passes a NaN-filled `out` that the layer must fill and return."""
     groups = local_group(n, device)
     caches, plans = zip(*run_local(groups, rank_cache, *[[a] * n for a in
                                                          (n, seed, hkv, d, page_size, steps,
@@ -97,10 +99,12 @@ def decode_all_steps(n, seed, hq, hkv, d, page_size, steps, dtype=torch.float32,
         for layer in range(LAYERS):
             ins = [layer_inputs(m, n, seed, hq, hkv, d, steps, step, layer, dtype, device)
                    for m in mines]
+            outs_in = [torch.full_like(q, math.nan) if with_out else None for q, _, _ in ins]
             res = run_steps(groups, [esp.distributed_decode_steps(
-                q, caches[r], plans[r], groups[r], layer=layer, k_new=kn, v_new=vn)
-                for r, (q, kn, vn) in enumerate(ins)])
+                q, caches[r], plans[r], groups[r], layer=layer, k_new=kn, v_new=vn,
+                out=outs_in[r]) for r, (q, kn, vn) in enumerate(ins)])
             for r in range(n):
+                assert not with_out or res[r] is outs_in[r]
                 outs[r].append((step, layer, mines[r], res[r].cpu()))
     return outs
 
@@ -133,9 +137,10 @@ def test_decode_virtual_ranks(n, hq, hkv, d, page_size):
 
 @pytest.mark.parametrize("n", [1, 2, 4])
 @pytest.mark.parametrize("hq,hkv,d,page_size", [(4, 4, 64, 1), (8, 1, 128, 16)])
-def test_decode_run_steps_one_thread(n, hq, hkv, d, page_size):
+@pytest.mark.parametrize("with_out", [False, True])
+def test_decode_run_steps_one_thread(n, hq, hkv, d, page_size, with_out):
     """The step-generator form of the layer on every virtual rank from one thread."""
-    res = decode_all_steps(n, 200 + n, hq, hkv, d, page_size, 2)
+    res = decode_all_steps(n, 200 + n, hq, hkv, d, page_size, 2, with_out=with_out)
     check_decode(res, n, 200 + n, hq, hkv, d, 2)
 
 
@@ -188,6 +193,11 @@ def test_plan_and_bad_input():
                                g[0], k_new=torch.randn(1, 2, 8), v_new=torch.randn(1, 2, 8))
     with pytest.raises(TypeError, match="DecodePlan"):
         esp.distributed_decode(torch.randn(1, 2, 8), cache, None, g[0])
+    one = esp.DecodePlan(["x"], [0], [{}])
+    for bad in (torch.empty(2, 2, 8), torch.empty(1, 2, 8, dtype=torch.float64),
+                torch.empty(1, 8, 2).transpose(1, 2)):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            esp.distributed_decode(torch.randn(1, 2, 8), cache, one, g[0], out=bad)
 
 
 def test_zero_length_shard_gives_empty_state():
@@ -311,8 +321,9 @@ def test_decode_virtual_ranks_gpu(n):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [2, 4])
-def test_decode_run_steps_gpu(n):
-    res = decode_all_steps(n, 600 + n, 32, 8, 128, 16, 2, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("with_out", [False, True])
+def test_decode_run_steps_gpu(n, with_out):
+    res = decode_all_steps(n, 600 + n, 32, 8, 128, 16, 2, torch.bfloat16, "cuda", with_out)
     check_decode(res, n, 600 + n, 32, 8, 128, 2, torch.bfloat16)
 
 

@@ -247,10 +247,11 @@ class _DecodeStep:
                            lse=self.lse_h, workspace=self.workspace,
                            deterministic=deterministic, backend=backend)
 
-    def merge(self, dtype: torch.dtype, backend: str, stream: int) -> torch.Tensor:
+    def merge(self, dtype: torch.dtype, backend: str, stream: int, out=None) -> torch.Tensor:
         """Gather every holder's state of my requests and merge them exactly (fp32)."""
         fast = self.fast_merge and backend != "torch"
-        out = torch.empty(len(self.mine), self.Hq, self.D, dtype=dtype, device=self.device)
+        if out is None:
+            out = torch.empty(len(self.mine), self.Hq, self.D, dtype=dtype, device=self.device)
         if fast:
             x_o, x_lse, rows, lse_out = self.d_merge
             self.d_out.ptr = out.data_ptr()
@@ -283,7 +284,7 @@ def _write_kv(cache: PagedKVCache, layer: int, rows: torch.Tensor, slots: torch.
 
 def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer: int = 0,
                        k_new=None, v_new=None, softmax_scale=None, deterministic=False,
-                       backend="auto"):
+                       backend="auto", out=None):
     """One decode attention layer across the group (call on every instance of `group`).
 
     Args:
@@ -296,6 +297,9 @@ def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer
             plan chose before attention, so each query attends to its own token too.
         deterministic: bitwise-reproducible partial states (see `decode_partial`); the default
             balances the KV splits dynamically, which is faster on long shards.
+        out: optional contiguous [B_m, Hq, D] tensor of q's dtype and device to write the result
+            into (e.g. a buffer reused by every layer, or a CUDA graph's fixed output); by
+            default a new tensor per call.
     Returns out [B_m, Hq, D] in q.dtype.
 
     On virtual ranks of one process, `esp.comm.run_steps(groups, [distributed_decode_steps(...)
@@ -303,12 +307,12 @@ def distributed_decode(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer
     """
     return drive(distributed_decode_steps(
         q, cache, plan, group, layer=layer, k_new=k_new, v_new=v_new, softmax_scale=softmax_scale,
-        deterministic=deterministic, backend=backend))
+        deterministic=deterministic, backend=backend, out=out))
 
 
 def distributed_decode_steps(q, cache: PagedKVCache, plan: DecodePlan, group, *, layer: int = 0,
                              k_new=None, v_new=None, softmax_scale=None, deterministic=False,
-                             backend="auto"):
+                             backend="auto", out=None):
     """`distributed_decode` as a step generator: yields the Work of each exchange it posts
     (resume it once the Work can be waited on; `esp.comm.drive` / `run_steps` do) and returns
     out. Arguments are checked when it first runs."""
@@ -323,6 +327,13 @@ def distributed_decode_steps(q, cache: PagedKVCache, plan: DecodePlan, group, *,
     if D != cache.head_dim or Hq % cache.num_kv_heads:
         raise ValueError(f"q [.., {Hq}, {D}] does not fit the cache's {cache.num_kv_heads} kv "
                          f"heads of dim {cache.head_dim}")
+    if out is not None:
+        check_tensor(out, "out", ndim=3)
+        if (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+                or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor on "
+                             f"{q.device} (as q), got {tuple(out.shape)} {out.dtype} on "
+                             f"{out.device}")
     me = group.world_ranks[group.rank]
     key = (me, tuple(group.world_ranks), id(cache), Hq, D, q.dtype)
     step = plan._steps.get(key)
@@ -375,5 +386,5 @@ def distributed_decode_steps(q, cache: PagedKVCache, plan: DecodePlan, group, *,
 
     # 4. exact fp32 merge of every holder's state of my requests.
     if Bm == 0:
-        return q.new_empty(q.shape)
-    return step.merge(q.dtype, backend, stream)
+        return q.new_empty(q.shape) if out is None else out
+    return step.merge(q.dtype, backend, stream, out)
