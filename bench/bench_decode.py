@@ -134,12 +134,14 @@ def build_sharded(groups, B, L, N, gen):
     return caches, plans
 
 
-def decode_layers(groups, caches, plans, qs, layers=1, deterministic=False):
-    """`layers` decode layers on every virtual rank, all ranks from this thread (run_steps)."""
+def decode_layers(groups, caches, plans, qs, layers=1, deterministic=False, outs=None):
+    """`layers` decode layers on every virtual rank, all ranks from this thread (run_steps);
+    outs: per-rank output buffers reused by every layer (default: a new tensor per layer)."""
     def rank(r):
         for _ in range(layers):
             yield from esp.distributed_decode_steps(qs[r], caches[r], plans[r], groups[r],
-                                                    deterministic=deterministic)
+                                                    deterministic=deterministic,
+                                                    out=None if outs is None else outs[r])
     return run_steps(groups, [rank(r) for r in range(len(groups))])
 
 
@@ -172,21 +174,23 @@ def host_overhead_bench(rec):
         # deterministic=True skips the balanced schedule's counter reset (one cudaMemsetAsync).
         # The machine's host speed drifts between and within calls (one instance: 22-54 us in
         # runs 11-17): the best of 5 rounds.
-        for det in ((False, True) if N == 1 else (False,)):
-            decode_layers(groups, caches, plans, qs, 10, det)
+        outs = [torch.empty_like(q) for q in qs]
+        for det, out in (((False, None), (True, None), (False, outs)) if N == 1
+                         else ((False, None), (False, outs))):
+            decode_layers(groups, caches, plans, qs, 10, det, out)
             best = None
             for _ in range(5):
                 torch.cuda.synchronize()
                 t0, c0 = time.perf_counter(), time.thread_time()
-                decode_layers(groups, caches, plans, qs, layers, det)
+                decode_layers(groups, caches, plans, qs, layers, det, out)
                 wall = (time.perf_counter() - t0) / layers * 1e6
                 cpu = (time.thread_time() - c0) / layers / N * 1e6
                 best = min(best or (cpu, wall), (cpu, wall))
             torch.cuda.synchronize()
             rec.add(f"{N} virtual ranks, run_steps (one thread), 8 requests"
-                    + (", deterministic" if det else ""), "host CPU us/layer/rank", best[0],
-                    "bar", 30.0, "us", higher_is_better=False, wall_us_per_layer=best[1],
-                    rounds=5)
+                    + (", deterministic" if det else "") + (", out= reused" if out else ""),
+                    "host CPU us/layer/rank", best[0], "bar", 30.0, "us",
+                    higher_is_better=False, wall_us_per_layer=best[1], rounds=5)
 
         # One thread per rank (run_local): the same driver with blocking waits.
         def loop(g, c, p, q):
