@@ -106,47 +106,36 @@ std::shared_ptr<LocalWork> LocalMailbox::post(
         released.push_back(std::move(m.first_keep));
         m.matched.store(true, std::memory_order_release);
       };
+      // One side of a message: match the other side's oldest pending half of this (src, dst)
+      // pair, or queue this half.
+      auto post_side = [&](const MessageSpec& spec, bool is_send) {
+        const int src = is_send ? rank : spec.peer, dst = is_send ? spec.peer : rank;
+        const size_t pair = static_cast<size_t>(src) * n + dst;
+        auto& other = (is_send ? s.pending_recvs : s.pending_sends)[pair];
+        std::shared_ptr<LocalMessage> m;
+        if (!other.empty()) {
+          m = std::move(other.front());
+          other.pop_front();
+          (is_send ? m->send : m->recv) = spec;
+          match(*m);
+        } else {
+          m = std::make_shared<LocalMessage>();
+          m->src = src;
+          m->dst = dst;
+          (is_send ? m->send : m->recv) = spec;
+          m->first_keep = keep;
+          (is_send ? s.pending_sends : s.pending_recvs)[pair].push_back(m);
+          fresh.emplace_back(m.get(), is_send);
+        }
+        mine.push_back(std::move(m));
+      };
       for (size_t si = 0; si < msgs.sends.size(); ++si) {
         MessageSpec spec = msgs.sends[si];
         for (const auto& [i, ptr] : send_ptrs)
           if (i == static_cast<int>(si)) spec.ptr = ptr;
-        auto& q = s.pending_recvs[static_cast<size_t>(rank) * n + spec.peer];
-        std::shared_ptr<LocalMessage> m;
-        if (!q.empty()) {
-          m = std::move(q.front());
-          q.pop_front();
-          m->send = spec;
-          match(*m);
-        } else {
-          m = std::make_shared<LocalMessage>();
-          m->src = rank;
-          m->dst = spec.peer;
-          m->send = spec;
-          m->first_keep = keep;
-          s.pending_sends[static_cast<size_t>(rank) * n + spec.peer].push_back(m);
-          fresh.emplace_back(m.get(), true);
-        }
-        mine.push_back(std::move(m));
+        post_side(spec, true);
       }
-      for (const MessageSpec& spec : msgs.recvs) {
-        auto& q = s.pending_sends[static_cast<size_t>(spec.peer) * n + rank];
-        std::shared_ptr<LocalMessage> m;
-        if (!q.empty()) {
-          m = std::move(q.front());
-          q.pop_front();
-          m->recv = spec;
-          match(*m);
-        } else {
-          m = std::make_shared<LocalMessage>();
-          m->src = spec.peer;
-          m->dst = rank;
-          m->recv = spec;
-          m->first_keep = keep;
-          s.pending_recvs[static_cast<size_t>(spec.peer) * n + rank].push_back(m);
-          fresh.emplace_back(m.get(), false);
-        }
-        mine.push_back(std::move(m));
-      }
+      for (const MessageSpec& spec : msgs.recvs) post_side(spec, false);
 
       // This rank's ready event: its buffers as of now on `stream`. Needed by a copy on the
       // communication stream and by the peers that will match the fresh messages.

@@ -92,16 +92,15 @@ class PreparedExchange:
             return CompletedWork()
         if not replace:
             return self._post()
-        checked = set()
+        checked = set()  # a driver may stand one tensor in for several sends
         for i, t in replace.items():
             if id(t) in checked:
                 continue
+            self.group._check_buffer(t, f"replace[{i}]")
             ref = self.sends[i][0]
-            if (t.numel() != ref.numel() or t.dtype != ref.dtype or t.device != ref.device
-                    or not t.is_contiguous()):
-                raise ValueError(f"replace[{i}]: {tuple(t.shape)} {t.dtype} on {t.device} does "
-                                 f"not stand in for the prepared {ref.numel()} x {ref.dtype} on "
-                                 f"{ref.device} (contiguous)")
+            if t.numel() != ref.numel() or t.dtype != ref.dtype:
+                raise ValueError(f"replace[{i}]: {t.numel()} x {t.dtype} does not stand in for "
+                                 f"the prepared {ref.numel()} x {ref.dtype}")
             checked.add(id(t))
         return self._post(replace)
 

@@ -211,11 +211,9 @@ class _DecodeStep:
         self.back = group.prepare_exchange(self.back_sends, self.back_recvs,
                                            consume_at_once=True)
 
-    def gather_q(self, q: torch.Tensor, read_direct: bool, send_direct: bool, backend: str,
-                 stream: int):
+    def gather_q(self, q: torch.Tensor, read_direct: bool, send_direct: bool, backend: str):
         """My rows of q into Q: my own held ones unless the kernel reads q in place
-        (`read_direct`), those for remote holders unless q itself is sent (`send_direct`).
-        `stream`: the raw current stream (fast path)."""
+        (`read_direct`), those for remote holders unless q itself is sent (`send_direct`)."""
         src, dst = self.q_gather[read_direct, send_direct]
         if not src.numel():
             return
@@ -223,12 +221,13 @@ class _DecodeStep:
             dq = self.d_q_rows
             dq.ptr = q.data_ptr()
             ds, dd = self.d_q_gather[read_direct, send_direct]
-            _core._C.copy_rows(dq, ds, self.d_Q, dd, self.device.index, stream)
+            _core._C.copy_rows(dq, ds, self.d_Q, dd, self.device.index,
+                               _core.stream_handle(self.device))
         else:
             self.Q[dst] = q[src]
 
     def partial(self, cache: PagedKVCache, layer: int, q_direct, scale: float,
-                deterministic: bool, backend: str, stream: int):
+                deterministic: bool, backend: str):
         """One partial state over this instance's shard for every request it holds; q_direct:
         the caller's q when the kernel can read it in place (else q_hold was filled)."""
         if self.fast and backend != "torch":
@@ -238,7 +237,8 @@ class _DecodeStep:
                 dq = self.d_q_direct
                 dq.ptr = q_direct.data_ptr()
             _core._C.decode_partial(dq, dk, dv, dbt, dlen, do, dlse, self.d_ws, self.num_splits,
-                                    scale, deterministic, self.device.index, stream)
+                                    scale, deterministic, self.device.index,
+                                    _core.stream_handle(self.device))
         else:
             k_l, v_l = cache.layer(layer)
             q = self.q_hold if q_direct is None else q_direct
@@ -247,7 +247,7 @@ class _DecodeStep:
                            lse=self.lse_h, workspace=self.workspace,
                            deterministic=deterministic, backend=backend)
 
-    def merge(self, dtype: torch.dtype, backend: str, stream: int, out=None) -> torch.Tensor:
+    def merge(self, dtype: torch.dtype, backend: str, out=None) -> torch.Tensor:
         """Gather every holder's state of my requests and merge them exactly (fp32)."""
         fast = self.fast_merge and backend != "torch"
         if out is None:
@@ -256,7 +256,7 @@ class _DecodeStep:
             x_o, x_lse, rows, lse_out = self.d_merge
             self.d_out.ptr = out.data_ptr()
             _core._C.merge_states_gather(x_o, x_lse, rows, self.d_out, lse_out, self.device.index,
-                                         stream)
+                                         _core.stream_handle(self.device))
         else:
             torch.index_select(self.X, 0, self.gather_idx.view(-1), out=self.G)
             merge_states_multi(self.g_o, self.g_lse, out=out, lse_out=self.lse_out,
@@ -359,17 +359,13 @@ def distributed_decode_steps(q, cache: PagedKVCache, plan: DecodePlan, group, *,
     elif k_new is not None or v_new is not None:
         raise ValueError("k_new/v_new given but the plan appends nothing (call plan.scale_up)")
 
-    # The raw current stream for the compiled calls, looked up again after each resume.
-    stream = _core.stream_handle(q.device) if step.fast else 0
-
     # 1. queries (+ appended K/V) to holders, in one grouped exchange.
     contiguous = q.is_contiguous()
     q_direct = q if step.q_identity and contiguous else None
     send_direct = step.q_send_whole and contiguous
-    step.gather_q(q, q_direct is not None, send_direct, backend, stream)
+    step.gather_q(q, q_direct is not None, send_direct, backend)
     if step.fwd:
         yield step.fwd.start(dict.fromkeys(range(step.q_send_count), q) if send_direct else None)
-        stream = _core.stream_handle(q.device) if step.fast else 0
 
     # 2. store others' new tokens, then one partial state over my shard for all held requests.
     if step.app_recv_slots.numel():
@@ -377,14 +373,13 @@ def distributed_decode_steps(q, cache: PagedKVCache, plan: DecodePlan, group, *,
     if step.n_hold:
         step.partial(cache, layer, q_direct,
                      D ** -0.5 if softmax_scale is None else float(softmax_scale), deterministic,
-                     backend, stream)
+                     backend)
 
     # 3. states back to masters: one message [o | lse] per peer.
     if step.back:
         yield step.back.start()
-        stream = _core.stream_handle(q.device) if step.fast else 0
 
     # 4. exact fp32 merge of every holder's state of my requests.
     if Bm == 0:
         return q.new_empty(q.shape) if out is None else out
-    return step.merge(q.dtype, backend, stream, out)
+    return step.merge(q.dtype, backend, out)
