@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU test tier, compute-sanitizer, benchmarks.
 #   STAGES="build test sanitize bench" (default; also: nccl_diag host_diag
-#   decode_diag decode_profile decode_ncu micro)
+#   decode_diag decode_profile decode_ncu micro multi); multi runs bench/multi_gpu.sh on every
+#   visible GPU (issue 7's checks and benchmarks, one process per GPU over native NCCL)
 #   BENCHES="merge prefill_step ring decode kv_copy comm"
 #   PYTEST_K (a pytest -k expression), PYTEST_ARGS (extra arguments, split on spaces)
 #   QUICK=1 (smaller benchmark sizes); ESP_COMMIT tags result rows (the copied .git can be stale)
@@ -25,6 +26,8 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 stamp "environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+NGPU=$(nvidia-smi -L | grep -c "^GPU")
+if [ "$NGPU" -gt 1 ]; then nvidia-smi topo -m; fi
 python3 - <<'PY'
 import torch, triton, sys
 print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__,
@@ -113,5 +116,10 @@ if has bench; then
     stamp "bench $b"
     python3 bench/bench_$b.py --out "$OUT/bench.jsonl" ${QUICK:+--quick}
   done
+fi
+if has multi; then
+  stamp "multi_gpu.sh $NGPU"
+  bash bench/multi_gpu.sh "$NGPU" --out "$OUT/bench.jsonl" ${QUICK:+--quick}
+  echo "multi_gpu.sh exit $?"
 fi
 stamp "done"
