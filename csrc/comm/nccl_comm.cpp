@@ -138,7 +138,13 @@ class Deadline {
 };
 
 // Poll pacing: yield for the first ~`spin_us` (short waits such as ncclGroupEnd finish in tens
-// of microseconds), then sleep `first_sleep_us`, doubling up to 1 ms.
+// of microseconds), then sleep `first_sleep_us`, doubling up to 1 ms. A sleep lasts at least the
+// kernel's timer slack (50 us by default) more than asked, so the yield phase must cover the
+// waits a decode layer or a migration chunk makes: with 50 us of yielding, a 2xH200 run
+// (bench/diag_migration.py) spent ~150 us per posted message (8 MiB sends 56 GB/s on a link
+// that moves 310 GB/s in one message).
+constexpr int kSpinUs = 2000;
+
 class Backoff {
  public:
   Backoff(int spin_us, int first_sleep_us)
@@ -350,7 +356,7 @@ void NcclComm::wait_ready(const char* what) {
   const NcclApi& a = api();
   CommState& st = *state_;
   Deadline deadline(timeout_s_);
-  Backoff backoff(/*spin_us=*/50, /*first_sleep_us=*/20);
+  Backoff backoff(kSpinUs, /*first_sleep_us=*/20);
   for (;;) {
     ncclResult_t state = ncclSuccess;
     ncclResult_t r = a.CommGetAsyncError(static_cast<ncclComm_t>(comm_), &state);
@@ -457,8 +463,17 @@ void NcclComm::wait_event(uintptr_t event, double timeout_s) {
   auto ev = reinterpret_cast<cudaEvent_t>(event);
   DeviceGuard guard(device_);
   Deadline deadline(timeout_s);
-  Backoff backoff(/*spin_us=*/0, /*first_sleep_us=*/50);
+  Backoff backoff(kSpinUs, /*first_sleep_us=*/50);
   for (;;) {
+    // The event first, the communicator's state second: an abort ends NCCL's kernels early, so
+    // an event reached after an error must not count as a completed transfer.
+    cudaError_t e = cudaEventQuery(ev);
+    if (e != cudaSuccess && e != cudaErrorNotReady) {
+      (void)cudaGetLastError();  // clear a non-sticky error from this runtime's thread state
+      throw std::runtime_error(str_cat("CUDA error while waiting for NCCL communication to "
+                                       "complete (cudaEventQuery): ", cudaGetErrorName(e), ": ",
+                                       cudaGetErrorString(e)));
+    }
     {
       // Short critical section: other threads may post work or abort between polls.
       std::lock_guard<std::mutex> lock(st.mu);
@@ -470,14 +485,7 @@ void NcclComm::wait_event(uintptr_t event, double timeout_s) {
       if (state != ncclSuccess && state != ncclInProgress)
         fail("waiting for communication to complete", state);
     }
-    cudaError_t e = cudaEventQuery(ev);
     if (e == cudaSuccess) return;
-    if (e != cudaErrorNotReady) {
-      (void)cudaGetLastError();  // clear a non-sticky error from this runtime's thread state
-      throw std::runtime_error(str_cat("CUDA error while waiting for NCCL communication to "
-                                       "complete (cudaEventQuery): ", cudaGetErrorName(e), ": ",
-                                       cudaGetErrorString(e)));
-    }
     if (deadline.expired()) {
       std::lock_guard<std::mutex> lock(st.mu);
       if (comm_ == nullptr) throw_closed(st);

@@ -1,0 +1,92 @@
+"""Where reactive migration's time goes on two GPUs (run under torchrun, 2 processes).
+
+    NCCL_NVLS_ENABLE=0 python3 -m torch.distributed.run --standalone --nproc_per_node=2 \
+        bench/diag_migration.py
+
+Rows (rank 0 prints): migrate_kv of 1 GiB (8 layers x 32768 tokens, bf16, Hkv 8, D 128) per
+chunk size; the fixed per-entry cost (a 16-token request); sequential plain sends of the same
+bytes in chunk-sized messages (the link's per-message cost, no pack); host time of the cache's
+allocate / remove_tokens for 32768 tokens.
+"""
+
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import esp_kernels as esp  # noqa: E402
+
+LAYERS, TOKENS = 8, 32768
+
+
+def main():
+    rank = int(os.environ["RANK"])
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]) + 1, 2,
+                          rank == 0)
+    world = esp.comm.init_nccl(rank, 2, store, device=dev)
+
+    def ms(fn, reps=3):
+        fn()
+        torch.cuda.synchronize()
+        world.barrier()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        world.barrier()
+        return (time.perf_counter() - t0) / reps * 1e3
+
+    def say(*a):
+        if rank == 0:
+            print(*a, flush=True)
+
+    cache = esp.PagedKVCache(LAYERS, TOKENS // 16 + 16, 16, 8, 128, torch.bfloat16, dev)
+    nbytes = LAYERS * 2 * TOKENS * cache.row_elems * 2
+    if rank == 0:
+        cache.allocate("m", torch.arange(TOKENS))
+        cache.allocate("tiny", torch.arange(16))
+    there = esp.MigrationPlan([("m", 0, TOKENS, 0, 1)])
+    back = esp.MigrationPlan([("m", 0, TOKENS, 1, 0)])
+    for chunk_mib in (8, 16, 32, 64, 128):
+        cb = chunk_mib << 20
+        t = ms(lambda: (esp.migrate_kv(cache, there, world, chunk_bytes=cb),
+                        esp.migrate_kv(cache, back, world, chunk_bytes=cb)))
+        say(f"migrate_kv 1 GiB, chunk {chunk_mib:4d} MiB: {t / 2:8.2f} ms per direction, "
+            f"{nbytes / (t / 2 * 1e-3) / 1e9:7.1f} GB/s")
+    tiny = (esp.MigrationPlan([("tiny", 0, 16, 0, 1)]), esp.MigrationPlan([("tiny", 0, 16, 1, 0)]))
+    t = ms(lambda: [esp.migrate_kv(cache, p, world) for p in tiny], reps=10)
+    say(f"migrate_kv 16 tokens (fixed per-entry cost): {t / 2:8.3f} ms per direction")
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    for chunk_mib in (8, 32, 128, 1024):
+        cb = chunk_mib << 20
+
+        def sends():
+            works = []
+            for off in range(0, nbytes, cb):
+                part = buf[off:off + cb]
+                works.append(world.send(part, 1) if rank == 0 else world.recv(part, 0))
+            works[-1].synchronize()
+        t = ms(sends)
+        say(f"plain sends in {chunk_mib:4d} MiB messages: {t:8.2f} ms, "
+            f"{nbytes / (t * 1e-3) / 1e9:7.1f} GB/s")
+    host = esp.PagedKVCache(LAYERS, TOKENS // 16 + 16, 16, 8, 128, torch.bfloat16, dev)
+    pos = torch.arange(TOKENS)
+    t0 = time.perf_counter()
+    host.allocate("h", pos)
+    t1 = time.perf_counter()
+    host.remove_tokens("h", pos)
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    say(f"host: allocate {TOKENS} tokens {(t1 - t0) * 1e3:.2f} ms, remove_tokens "
+        f"{(t2 - t1) * 1e3:.2f} ms")
+    world.barrier()
+
+
+if __name__ == "__main__":
+    main()
