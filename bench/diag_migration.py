@@ -53,7 +53,7 @@ def main():
         cache.allocate("tiny", torch.arange(16))
     there = esp.MigrationPlan([("m", 0, TOKENS, 0, 1)])
     back = esp.MigrationPlan([("m", 0, TOKENS, 1, 0)])
-    for chunk_mib in (8, 16, 32, 64, 128):
+    for chunk_mib in (8, 32, 64, 128):
         cb = chunk_mib << 20
         t = ms(lambda: (esp.migrate_kv(cache, there, world, chunk_bytes=cb),
                         esp.migrate_kv(cache, back, world, chunk_bytes=cb)))
@@ -63,18 +63,25 @@ def main():
     t = ms(lambda: [esp.migrate_kv(cache, p, world) for p in tiny], reps=10)
     say(f"migrate_kv 16 tokens (fixed per-entry cost): {t / 2:8.3f} ms per direction")
     buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    for chunk_mib in (8, 32, 128, 1024):
-        cb = chunk_mib << 20
+    blocking_world = esp.comm.init_nccl(rank, 2, store, device=dev, prefix="blocking",
+                                        blocking=True)
+    for name, w in (("nonblocking", world), ("blocking", blocking_world)):
+        for chunk_mib in (1, 8, 32, 128, 1024):
+            cb = chunk_mib << 20
 
-        def sends():
-            works = []
-            for off in range(0, nbytes, cb):
-                part = buf[off:off + cb]
-                works.append(world.send(part, 1) if rank == 0 else world.recv(part, 0))
-            works[-1].synchronize()
-        t = ms(sends)
-        say(f"plain sends in {chunk_mib:4d} MiB messages: {t:8.2f} ms, "
-            f"{nbytes / (t * 1e-3) / 1e9:7.1f} GB/s")
+            def sends():
+                works = []
+                for off in range(0, nbytes, cb):
+                    part = buf[off:off + cb]
+                    works.append(w.send(part, 1) if rank == 0 else w.recv(part, 0))
+                works[-1].synchronize()
+            t = ms(sends)
+            say(f"{name} comm, plain sends in {chunk_mib:4d} MiB messages: {t:8.2f} ms, "
+                f"{nbytes / (t * 1e-3) / 1e9:7.1f} GB/s, {t / (nbytes // cb) * 1e3:7.1f} us each")
+        tiny_out, tiny_in = torch.zeros(1, device=dev), torch.zeros(1, device=dev)
+        t = ms(lambda: (w.exchange(sends=[(tiny_out, 1 - rank)], recvs=[(tiny_in, 1 - rank)])
+                        .synchronize()), reps=200)
+        say(f"{name} comm, 4-byte exchange + synchronize: {t * 1e3:7.1f} us")
     host = esp.PagedKVCache(LAYERS, TOKENS // 16 + 16, 16, 8, 128, torch.bfloat16, dev)
     pos = torch.arange(TOKENS)
     t0 = time.perf_counter()
