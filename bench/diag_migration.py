@@ -4,8 +4,9 @@
         bench/diag_migration.py
 
 Rows (rank 0 prints): migrate_kv of 1 GiB (8 layers x 32768 tokens, bf16, Hkv 8, D 128) per
-chunk size; the fixed per-entry cost (a 16-token request); sequential plain sends of the same
-bytes in chunk-sized messages (the link's per-message cost, no pack); host time of the cache's
+chunk size; the fixed per-entry cost (a 16-token request); on a blocking and a nonblocking
+communicator, sequential plain sends of the same bytes in chunk-sized messages (the link's
+per-message cost, no pack) and a 4-byte exchange's round trip; host time of the cache's
 allocate / remove_tokens for 32768 tokens.
 """
 
@@ -63,9 +64,9 @@ def main():
     t = ms(lambda: [esp.migrate_kv(cache, p, world) for p in tiny], reps=10)
     say(f"migrate_kv 16 tokens (fixed per-entry cost): {t / 2:8.3f} ms per direction")
     buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    blocking_world = esp.comm.init_nccl(rank, 2, store, device=dev, prefix="blocking",
-                                        blocking=True)
-    for name, w in (("nonblocking", world), ("blocking", blocking_world)):
+    nonblocking_world = esp.comm.init_nccl(rank, 2, store, device=dev, prefix="nonblocking",
+                                           blocking=False)
+    for name, w in (("blocking", world), ("nonblocking", nonblocking_world)):
         for chunk_mib in (1, 8, 32, 128, 1024):
             cb = chunk_mib << 20
 

@@ -121,9 +121,9 @@ if has multi; then
   stamp "multi_gpu.sh $NGPU"
   bash bench/multi_gpu.sh "$NGPU" --out "$OUT/bench.jsonl" ${QUICK:+--quick}
   echo "multi_gpu.sh exit $?"
-  stamp "multi_gpu.sh $NGPU --blocking"
-  bash bench/multi_gpu.sh "$NGPU" --blocking --out "$OUT/bench.jsonl" ${QUICK:+--quick}
-  echo "multi_gpu.sh --blocking exit $?"
+  stamp "multi_gpu.sh $NGPU --nonblocking"
+  bash bench/multi_gpu.sh "$NGPU" --nonblocking --out "$OUT/bench.jsonl" ${QUICK:+--quick}
+  echo "multi_gpu.sh --nonblocking exit $?"
   if [ "$NGPU" -ge 2 ]; then
     stamp "migration diagnostic (2 GPUs)"
     python3 -m torch.distributed.run --standalone --nproc_per_node=2 bench/diag_migration.py \

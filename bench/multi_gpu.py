@@ -49,7 +49,7 @@ def world_group(args):
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]) + 1, world,
                           rank == 0)
     return esp.comm.init_nccl(rank, world, store, device=torch.device("cuda", local),
-                              blocking=args.blocking), torch.device("cuda", local)
+                              blocking=not args.nonblocking), torch.device("cuda", local)
 
 
 def check_prefill(world, dev, dtype, quick):
@@ -260,9 +260,9 @@ def main():
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-bench", action="store_true")
-    p.add_argument("--blocking", action="store_true",
-                   help="blocking NCCL communicator (init_nccl(blocking=True)): no helper thread "
-                        "per exchange, but creation cannot time out")
+    p.add_argument("--nonblocking", action="store_true",
+                   help="nonblocking NCCL communicator (init_nccl(blocking=False)): NCCL's own "
+                        "calls time out, but each exchange goes through NCCL's helper thread")
     p.add_argument("--out", default="bench/results/multi_gpu.jsonl")
     args = p.parse_args()
     world, dev = world_group(args)
@@ -282,7 +282,7 @@ def main():
             rec.info["device"] = f"{world.size}x {torch.cuda.get_device_name(dev)}" \
                 if dev.type == "cuda" else f"{world.size}x cpu (gloo)"
             if dev.type == "cuda":
-                rec.info["nccl_comm"] = "blocking" if args.blocking else "nonblocking"
+                rec.info["nccl_comm"] = "nonblocking" if args.nonblocking else "blocking"
         bench_ring(world, dev, rec, quick)
         migrated_ok = bench_migration(world, dev, rec, quick)
         bench_decode(world, dev, rec, quick)

@@ -13,13 +13,15 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 import torch
 
 from esp_kernels import _core
 from esp_kernels.comm import nccl as espnccl
-from esp_kernels.comm.group import CommError
+from esp_kernels.comm.group import CommError, CommTimeout
 from esp_kernels.testing import poison_
 
 needs_core = pytest.mark.skipif(not _core.has_compiled(),
@@ -66,6 +68,40 @@ def test_init_nccl_bad_arguments():
         espnccl.init_nccl("0", 1, store)
     with pytest.raises(TypeError, match="rank"):
         espnccl.init_nccl(True, 1, store)
+
+
+def test_check_in_waits_for_every_rank():
+    store = torch.distributed.HashStore()
+    errors = []
+
+    def rank(r):
+        try:
+            espnccl._check_in(store, "join", r, 3, timeout=30)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert store.add("join", 0) == 3
+
+
+def test_check_in_times_out_naming_the_count():
+    store = torch.distributed.HashStore()
+    t0 = time.monotonic()
+    with pytest.raises(CommTimeout, match=r"only 1 of 2 ranks called init_nccl within the 0.2 s"):
+        espnccl._check_in(store, "join", 0, 2, timeout=0.2)
+    assert time.monotonic() - t0 < 5
+
+
+def test_check_in_store_failure_is_a_comm_error():
+    class BrokenStore:
+        def add(self, key, value):
+            raise RuntimeError("connection reset")
+    with pytest.raises(CommError, match="store error.*connection reset"):
+        espnccl._check_in(BrokenStore(), "join", 1, 2, timeout=1)
 
 
 @needs_no_cuda
@@ -349,7 +385,8 @@ dev = torch.cuda.current_device()
 cycles = int(5e9)                  # torch.cuda._sleep spins this many clocks: ~2.5-3.5 s
 
 # 1. A host wait shorter than the queued work: CommTimeout, the world is aborted.
-g = espnccl.init_nccl(0, 1, torch.distributed.HashStore(), device=dev, timeout=120)
+g = espnccl.init_nccl(0, 1, torch.distributed.HashStore(), device=dev, timeout=120,
+                      blocking=BLOCKING)
 x = torch.ones(1024, device=dev)
 y = torch.zeros(1024, device=dev)
 torch.cuda._sleep(cycles)
@@ -373,7 +410,8 @@ torch.cuda.synchronize()           # the device must still be healthy after the 
 print("device ok after timeout abort")
 
 # 2. abort() from another thread interrupts a long host wait.
-g = espnccl.init_nccl(0, 1, torch.distributed.HashStore(), device=dev, timeout=120)
+g = espnccl.init_nccl(0, 1, torch.distributed.HashStore(), device=dev, timeout=120,
+                      blocking=BLOCKING)
 torch.cuda._sleep(cycles)
 work = g.exchange(sends=[(x, 0)], recvs=[(y, 0)])
 threading.Timer(0.3, g.abort).start()
@@ -390,7 +428,8 @@ torch.cuda.synchronize()
 print("device ok after cross-thread abort")
 
 # 3. A fresh world still works afterwards.
-g = espnccl.init_nccl(0, 1, torch.distributed.HashStore(), device=dev, timeout=120)
+g = espnccl.init_nccl(0, 1, torch.distributed.HashStore(), device=dev, timeout=120,
+                      blocking=BLOCKING)
 z = torch.zeros(1024, device=dev)
 g.exchange(sends=[(x, 0)], recvs=[(z, 0)]).synchronize(60)
 assert torch.equal(x, z)
@@ -400,9 +439,10 @@ print("OK")
 
 
 @pytest.mark.gpu
-def test_timeout_and_cross_thread_abort_in_subprocess():
-    out = subprocess.run([sys.executable, "-c", _TIMEOUT_SCRIPT], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+@pytest.mark.parametrize("blocking", [True, False])
+def test_timeout_and_cross_thread_abort_in_subprocess(blocking):
+    out = subprocess.run([sys.executable, "-c", f"BLOCKING = {blocking}\n" + _TIMEOUT_SCRIPT],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     print(out.stdout)
     print(out.stderr[-4000:])
     assert out.returncode == 0 and out.stdout.rstrip().endswith("OK"), out.stdout + out.stderr

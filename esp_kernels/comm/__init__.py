@@ -14,7 +14,7 @@ from .torch_backend import TorchGroup, from_torch
 
 
 def init_nccl(rank, world_size, store, device=None, timeout=None, prefix="esp_nccl",
-              blocking=False):
+              blocking=True):
     """Native NCCL world group (see esp_kernels/comm/nccl.py)."""
     from . import nccl
 
