@@ -27,11 +27,11 @@ from ..comm.group import CommError
 from .cache import CacheOutOfMemory, PagedKVCache
 from .copy import copy_rows
 
-# Each posted message costs ~120 us of host time on a nonblocking NCCL communicator (2xH200,
-# bench/diag_migration.py), so chunks must be large for the link (~310 GB/s) to stay busy: 1 GiB
-# over 8 / 32 / 64 / 128 MiB chunks took 26.8 / 14.2 / 11.8 / 10.9 ms per direction. 64 MiB
-# costs 128 MiB of staging per side while a migration runs.
-DEFAULT_CHUNK_BYTES = 64 << 20
+# Chunks must be large enough that each posted message's host cost (~45 us on a blocking NCCL
+# communicator, ~120 us on a nonblocking one; 2xH200, bench/diag_migration.py) hides behind the
+# link's ~310 GB/s: 1 GiB over 8 / 32 / 64 / 128 MiB chunks took 11.2 / 6.4 / 6.5 / 6.5 ms per
+# direction (blocking, h200x2 run 4). 32 MiB costs 64 MiB of staging per side while it runs.
+DEFAULT_CHUNK_BYTES = 32 << 20
 
 
 class MigrationError(RuntimeError):
