@@ -4,10 +4,10 @@
         bench/diag_migration.py
 
 Rows (rank 0 prints): migrate_kv of 1 GiB (8 layers x 32768 tokens, bf16, Hkv 8, D 128) per
-chunk size; the fixed per-entry cost (a 16-token request); on a blocking and a nonblocking
-communicator, sequential plain sends of the same bytes in chunk-sized messages (the link's
-per-message cost, no pack) and a 4-byte exchange's round trip; host time of the cache's
-allocate / remove_tokens for 32768 tokens.
+chunk size; the fixed cost of a batch (one 16-token request, then 64 of them in one plan); on a
+blocking and a nonblocking communicator, sequential plain sends of the same bytes in chunk-sized
+messages (the link's per-message cost, no pack) and a 4-byte exchange's round trip; host time
+of the cache's allocate / remove_tokens for 32768 tokens.
 """
 
 import os
@@ -47,11 +47,13 @@ def main():
         if rank == 0:
             print(*a, flush=True)
 
-    cache = esp.PagedKVCache(LAYERS, TOKENS // 16 + 16, 16, 8, 128, torch.bfloat16, dev)
+    cache = esp.PagedKVCache(LAYERS, TOKENS // 16 + 128, 16, 8, 128, torch.bfloat16, dev)
     nbytes = LAYERS * 2 * TOKENS * cache.row_elems * 2
     if rank == 0:
         cache.allocate("m", torch.arange(TOKENS))
         cache.allocate("tiny", torch.arange(16))
+        for r in range(64):
+            cache.allocate(("small", r), torch.arange(16))
     there = esp.MigrationPlan([("m", 0, TOKENS, 0, 1)])
     back = esp.MigrationPlan([("m", 0, TOKENS, 1, 0)])
     for chunk_mib in (8, 32, 64, 128):
@@ -63,6 +65,10 @@ def main():
     tiny = (esp.MigrationPlan([("tiny", 0, 16, 0, 1)]), esp.MigrationPlan([("tiny", 0, 16, 1, 0)]))
     t = ms(lambda: [esp.migrate_kv(cache, p, world) for p in tiny], reps=10)
     say(f"migrate_kv 16 tokens (fixed per-entry cost): {t / 2:8.3f} ms per direction")
+    many = [esp.MigrationPlan([(("small", r), 0, 16, a, b) for r in range(64)])
+            for a, b in ((0, 1), (1, 0))]
+    t = ms(lambda: [esp.migrate_kv(cache, p, world) for p in many], reps=5)
+    say(f"migrate_kv 64 requests x 16 tokens in one plan: {t / 2:8.3f} ms per direction")
     buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     nonblocking_world = esp.comm.init_nccl(rank, 2, store, device=dev, prefix="nonblocking",
                                            blocking=False)

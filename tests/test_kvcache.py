@@ -256,6 +256,65 @@ def test_migration_gloo():
     check_migration(run_gloo(3, migration_rank, 16, 4096, None), 3)
 
 
+def test_migration_batches_follow_plan_order():
+    from esp_kernels.kvcache.migration import _batches
+    plan = esp.MigrationPlan([("a", 0, 9, 0, 1), ("b", 0, 9, 2, 3), ("c", 0, 9, 0, 1),
+                              ("d", 0, 9, 1, 2), ("e", 0, 9, 0, 1)])
+    req = lambda me: [[e.request for e in b] for b in _batches(plan.entries, me)]  # noqa: E731
+    # b (2 -> 3) touches neither 0 nor 1: c joins a's batch; d involves 1 and ends it.
+    assert req(0) == [["a", "c"], ["e"]]
+    assert req(1) == [["a", "c"], ["d"], ["e"]]
+    assert req(2) == [["b"], ["d"]]
+    assert req(3) == [["b"]]
+
+
+def batched_migration_rank(world, dst_pages):
+    """Instance 0 holds requests r0..r4 (20 tokens each) and s (40 tokens); one plan moves them
+    around in batches, one entry too large for its destination, ranges of one request overlap,
+    and an entry moves tokens that an earlier batch brought (order across batches)."""
+    me = world.world_ranks[world.rank]
+    cache = esp.PagedKVCache(2, dst_pages if me == 1 else 64, 4, 1, 8, torch.float32, "cpu")
+    full = {r: torch.randn(2 * 2, 40, 8, generator=torch.Generator().manual_seed(i))
+            for i, r in enumerate(["r0", "r1", "r2", "r3", "r4", "s"])}
+    if me == 0:
+        for r, data in full.items():
+            n = 40 if r == "s" else 20
+            cache.slot_rows()[:, cache.allocate(r, range(n))] = data[:, :n]
+    plan = esp.MigrationPlan([("r0", 0, 20, 0, 1), ("s", 0, 40, 0, 1), ("r1", 0, 10, 0, 1),
+                              ("r1", 5, 20, 0, 1), ("r2", 0, 20, 0, 2), ("r3", 0, 12, 0, 1),
+                              ("r0", 0, 8, 1, 2), ("r4", 0, 20, 0, 1)])
+    try:
+        stats, err = esp.migrate_kv(cache, plan, world, chunk_bytes=256), None
+    except esp.MigrationError as exc:
+        stats, err = None, str(exc)
+    held = {r: (cache.positions(r), cache.slot_rows()[:, cache.slots(r)]) for r in full}
+    return me, held, full, stats, err
+
+
+def test_migration_batches_with_a_failed_entry():
+    # Instance 1 has 14 pages of 4 slots. In allocation order: r0 takes 5, s (10) does not fit,
+    # r1 takes 3 + 2 (its second range overlaps the first), r3's 12 tokens take 3; moving r0's
+    # first 8 tokens on to instance 2 frees 2 pages, still too few for r4 (5).
+    res = run_local(local_group(3), batched_migration_rank, [14] * 3)
+    where = {}
+    for me, held, full, stats, err in res:
+        for r, (pos, data) in held.items():
+            assert torch.equal(data, full[r][:, pos]), f"instance {me} holds wrong K/V of {r}"
+            for p in pos.tolist():
+                assert (r, p) not in where, f"{r}:{p} on two instances"
+                where[r, p] = me
+        if me in (0, 1):
+            assert "'s'" in err and "'r4'" in err and "'r0'" not in err and "'r3'" not in err
+        else:
+            assert err is None and stats == {"sent": 0, "received": 28}  # r2, then r0's first 8
+    n_of = {"r0": 20, "r1": 20, "r2": 20, "r3": 20, "r4": 20, "s": 40}
+    assert sorted(where) == sorted((r, p) for r, n in n_of.items() for p in range(n))
+    expect = {"s": 0, "r4": 0, "r1": 1, "r2": 2}
+    for (r, p), inst in where.items():
+        want = {"r0": 2 if p < 8 else 1, "r3": 1 if p < 12 else 0}.get(r, expect.get(r))
+        assert inst == want, f"{r}:{p} on {inst}, expected {want}"
+
+
 def test_migration_plan_validation():
     with pytest.raises(ValueError, match="itself"):
         esp.MigrationPlan([("a", 0, 4, 1, 1)])
