@@ -21,6 +21,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import esp_kernels as esp  # noqa: E402
+from multi_gpu import timed_ms  # noqa: E402
 
 LAYERS, TOKENS = 8, 32768
 
@@ -34,15 +35,7 @@ def main():
     world = esp.comm.init_nccl(rank, 2, store, device=dev)
 
     def ms(fn, reps=3):
-        fn()
-        torch.cuda.synchronize()
-        world.barrier()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-        world.barrier()
-        return (time.perf_counter() - t0) / reps * 1e3
+        return timed_ms(world, dev, fn, reps)
 
     def say(*a):
         if rank == 0:

@@ -206,11 +206,12 @@ def bench_migration(world, dev, rec, quick):
     buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
 
     def raw_round_trip():
-        if rank < 2:
-            world.exchange(sends=[(buf, 1)] if rank == 0 else [],
-                           recvs=[(buf, 0)] if rank == 1 else []).synchronize()
-            world.exchange(sends=[(buf, 0)] if rank == 1 else [],
-                           recvs=[(buf, 1)] if rank == 0 else []).synchronize()
+        if rank == 0:
+            world.send(buf, 1).synchronize()
+            world.recv(buf, 1).synchronize()
+        elif rank == 1:
+            world.recv(buf, 0).synchronize()
+            world.send(buf, 0).synchronize()
     raw_ms = timed_ms(world, dev, raw_round_trip, reps=3)
     ok = cache.num_tokens("m") == (tokens if rank == 0 else 0)
     if rec:

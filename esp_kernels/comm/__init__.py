@@ -10,17 +10,8 @@
 
 from .group import CommError, CommTimeout, CompletedWork, Group, Work, drive
 from .local import LocalGroup, local_group, run_local, run_steps
+from .nccl import init_nccl
 from .torch_backend import TorchGroup, from_torch
-
-
-def init_nccl(rank, world_size, store, device=None, timeout=None, prefix="esp_nccl",
-              blocking=True):
-    """Native NCCL world group (see esp_kernels/comm/nccl.py)."""
-    from . import nccl
-
-    kwargs = {} if timeout is None else {"timeout": timeout}
-    return nccl.init_nccl(rank, world_size, store, device=device, prefix=prefix,
-                          blocking=blocking, **kwargs)
 
 
 __all__ = ["CommError", "CommTimeout", "CompletedWork", "Group", "Work", "drive", "LocalGroup",

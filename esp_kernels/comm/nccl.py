@@ -335,13 +335,14 @@ def _resolve_device(device) -> torch.device:
 
 
 def init_nccl(rank: int, world_size: int, store, device=None,
-              timeout: float = DEFAULT_TIMEOUT_S, prefix: str = "esp_nccl",
+              timeout: float | None = DEFAULT_TIMEOUT_S, prefix: str = "esp_nccl",
               blocking: bool = True) -> NcclGroup:
     """Create the native NCCL world communicator and return its full group (rank = world rank).
 
     Call on every rank with the same `world_size`, `store` (any torch.distributed Store: TCPStore,
     FileStore, HashStore) and `prefix`. `device`: CUDA device (index, "cuda:i", torch.device;
-    default the current one). `timeout`: seconds for creation, finalize and host waits.
+    default the current one). `timeout`: seconds for creation, finalize and host waits (None:
+    the default).
     Rank 0 publishes the NCCL unique id under ``{prefix}/uid`` (``{prefix}/uid/{n}`` for the n-th
     later world made in this process with the same prefix; after a rank restarts, use a fresh
     prefix on every rank).
@@ -367,7 +368,7 @@ def init_nccl(rank: int, world_size: int, store, device=None,
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside the world of size {world_size}")
-    timeout = float(timeout)
+    timeout = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     if not torch.cuda.is_available():

@@ -31,7 +31,7 @@ from typing import Hashable, Sequence
 import torch
 
 from ..comm.group import CommError
-from .cache import CacheOutOfMemory, PagedKVCache
+from .cache import CacheOutOfMemory, PagedKVCache, _member_mask
 from .copy import copy_rows
 
 # Chunks must be large enough that each posted message's host cost (~45 us on a blocking NCCL
@@ -77,8 +77,23 @@ class MigrationPlan:
         return iter(self.entries)
 
 
-def _token_bytes(cache: PagedKVCache) -> int:
-    return cache.num_layers * 2 * cache.row_elems * cache.kv.element_size()
+def _chunking(cache: PagedKVCache, slots: torch.Tensor, chunk_bytes: int):
+    """What both sides of a batch's data phase share: the cache's slot rows of all layers, the
+    slots on the device, the [t0, t1) token range of each chunk, and staged(c), chunk c's view
+    [layers * 2, t1 - t0, row] of one of two staging buffers (chunk c reuses chunk c - 2's)."""
+    rows = cache.slot_rows()
+    n = slots.numel()
+    token_bytes = rows.shape[0] * cache.row_elems * cache.kv.element_size()
+    step = max(1, min(n, math.ceil(chunk_bytes / token_bytes)))
+    bufs = [torch.empty(rows.shape[0] * step * cache.row_elems, dtype=cache.dtype,
+                        device=cache.device) for _ in range(2)]
+    chunks = [(t0, min(n, t0 + step)) for t0 in range(0, n, step)]
+
+    def staged(c: int) -> torch.Tensor:
+        t0, t1 = chunks[c]
+        return bufs[c % 2][: rows.shape[0] * (t1 - t0) * cache.row_elems].view(
+            rows.shape[0], t1 - t0, -1)
+    return rows, slots.to(torch.int32).to(cache.device), chunks, staged
 
 
 def migrate_kv(cache: PagedKVCache, plan: MigrationPlan, group, *,
@@ -133,29 +148,20 @@ def _batches(entries: list[MigrationEntry], me: int):
         yield batch
 
 
-def _chunk_tokens(cache: PagedKVCache, n: int, chunk_bytes: int) -> int:
-    return max(1, min(n, math.ceil(chunk_bytes / _token_bytes(cache))))
-
-
-def _staging(cache: PagedKVCache, tokens: int) -> list[torch.Tensor]:
-    return [torch.empty(cache.num_layers * 2 * tokens * cache.row_elems, dtype=cache.dtype,
-                        device=cache.device) for _ in range(2)]
-
-
 def _send_batch(cache: PagedKVCache, batch: list[MigrationEntry], group, peer: int,
                 chunk_bytes: int) -> tuple[int, list[str]]:
     """Source side of one batch: (tokens moved, failure messages)."""
     dev = cache.device
-    picked: dict = {}  # request -> positions picked by earlier entries (overlapping ranges)
+    picked: dict = {}  # request -> positions earlier entries took (overlapping ranges)
     positions, slots = [], []
     for e in batch:
         stored = cache.positions(e.request)
         take = (stored >= e.start) & (stored < e.end)
         if e.request in picked:
-            take &= ~torch.isin(stored, picked[e.request])
+            take &= ~_member_mask(stored, torch.cat(picked[e.request]))
         positions.append(stored[take])
         slots.append(cache.slots(e.request)[take])
-        picked[e.request] = torch.cat([picked.get(e.request, stored[:0]), positions[-1]])
+        picked.setdefault(e.request, []).append(positions[-1])
     counts = [p.numel() for p in positions]
     ok = []
     try:
@@ -191,19 +197,14 @@ def _send_chunks(cache: PagedKVCache, slots: torch.Tensor, group, peer: int,
                  chunk_bytes: int) -> list:
     """Pack the tokens at `slots` (all layers) chunk by chunk and send them; returns the sends'
     Works (the last two, still in flight)."""
-    rows = cache.slot_rows()
-    n = slots.numel()
-    step = _chunk_tokens(cache, n, chunk_bytes)
-    bufs = _staging(cache, step)
-    slot_dev = slots.to(torch.int32).to(cache.device)
+    rows, slot_dev, chunks, staged = _chunking(cache, slots, chunk_bytes)
     works = [None, None]
-    for c, t0 in enumerate(range(0, n, step)):
-        t1 = min(n, t0 + step)
+    for c, (t0, t1) in enumerate(chunks):
         if works[c % 2] is not None:
             works[c % 2].wait()  # chunk c-2 has left this staging buffer
-        staged = bufs[c % 2][: rows.shape[0] * (t1 - t0) * cache.row_elems]
-        copy_rows(rows, slot_dev[t0:t1], staged.view(rows.shape[0], t1 - t0, -1), None)
-        works[c % 2] = group.send(staged, peer)
+        buf = staged(c)
+        copy_rows(rows, slot_dev[t0:t1], buf, None)
+        works[c % 2] = group.send(buf, peer)
     return [w for w in works if w is not None]
 
 
@@ -247,24 +248,12 @@ def _recv_batch(cache: PagedKVCache, batch: list[MigrationEntry], group, peer: i
 
 def _recv_chunks(cache: PagedKVCache, slots: torch.Tensor, group, peer: int, chunk_bytes: int):
     """Receive the chunks _send_chunks sends and unpack each into `slots` as it lands."""
-    rows = cache.slot_rows()
-    n = slots.numel()
-    step = _chunk_tokens(cache, n, chunk_bytes)
-    bufs = _staging(cache, step)
-    slot_dev = slots.to(torch.int32).to(cache.device)
+    rows, slot_dev, chunks, staged = _chunking(cache, slots, chunk_bytes)
     # Post the first two receives, then unpack each chunk as it lands and re-post into its
     # buffer (the comm stream waits on the unpack before overwriting it).
-    chunks = [(t0, min(n, t0 + step)) for t0 in range(0, n, step)]
-    views, works = [], []
-    for c, (t0, t1) in enumerate(chunks[:2]):
-        v = bufs[c][: rows.shape[0] * (t1 - t0) * cache.row_elems]
-        views.append(v)
-        works.append(group.recv(v, peer))
+    works = [group.recv(staged(c), peer) for c in range(min(2, len(chunks)))]
     for c, (t0, t1) in enumerate(chunks):
         works[c].wait()
-        copy_rows(views[c].view(rows.shape[0], t1 - t0, -1), None, rows, slot_dev[t0:t1])
+        copy_rows(staged(c), None, rows, slot_dev[t0:t1])
         if c + 2 < len(chunks):
-            u0, u1 = chunks[c + 2]
-            v = bufs[c % 2][: rows.shape[0] * (u1 - u0) * cache.row_elems]
-            views.append(v)
-            works.append(group.recv(v, peer))
+            works.append(group.recv(staged(c + 2), peer))
