@@ -24,12 +24,20 @@ Hq, Hkv, D = 32, 8, 128
 
 def paged(B, L, page_size, gen, hkv=Hkv, shuffled=True):
     """Paged K/V of B requests of L tokens; block table [B, pages]. shuffled: pages in random
-    order over the whole pool (a fragmented pool); else in pool order (a fresh allocator)."""
+    order over the whole pool (a fragmented pool); "2MiB": in random order within each 2 MiB of
+    the pool, the windows in pool order (a diagnostic: as many distinct 2 MiB translation pages
+    in flight as pool order, page runs as scattered as a full shuffle below that size); False: in
+    pool order (a fresh allocator)."""
     pages = (L + page_size - 1) // page_size
     num = B * pages
     k = torch.randn(num, page_size, hkv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn_like(k)
-    if shuffled:
+    if shuffled == "2MiB":
+        w = max(1, (2 << 20) // (page_size * hkv * D * 2))  # pages per 2 MiB of K (and of V)
+        key = torch.arange(num, device="cuda") // w * 2 + torch.rand(num, device="cuda",
+                                                                    generator=gen)
+        order = torch.argsort(key)
+    elif shuffled:
         order = torch.randperm(num, device="cuda", generator=gen)
     else:
         order = torch.arange(num, device="cuda")
@@ -80,14 +88,16 @@ def kernel_bench(rec, quick):
         o = torch.empty(B, Hq, D, device="cuda")
         lse = torch.empty(B, Hq, device="cuda")
         for ps, shuffled, schedules in ((16, True, (False, True)), (16, False, (False,)),
-                                        (1, True, (False, True)), (1, False, (False,))):
+                                        (16, "2MiB", (False,)), (1, True, (False, True)),
+                                        (1, False, (False,)), (1, "2MiB", (False,))):
             k, v, bt, lens = paged(B, L, ps, gen, shuffled=shuffled)
             for det in schedules:  # both schedules read the same pages
                 t = time_cuda(lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse,
                                                      deterministic=det))
                 gbs = kv_bytes / (t["ms"] * 1e-3) / 1e9
-                case = (f"B{B} L{L} page {ps}" + ("" if shuffled else ", pages in order")
-                        + (", deterministic" if det else ""))
+                order = {True: "", False: ", pages in order",
+                         "2MiB": ", shuffled within 2 MiB"}[shuffled]
+                case = f"B{B} L{L} page {ps}{order}" + (", deterministic" if det else "")
                 rec.add(case, "decode_partial", gbs, "device copy", copy, "GB/s", ms=t["ms"],
                         p10=t["p10"], p90=t["p90"])
                 if at is not None:
@@ -232,12 +242,17 @@ def host_overhead_bench(rec):
 
 def main():
     args = parse_out()
+    parts = set(args.only.split(",")) if args.only else {"kernel", "splits", "multi", "host"}
     rec = Recorder("decode", args.out)
-    kernel_bench(rec, args.quick)
-    if not args.quick:
+    print("esp_kernels from", esp.__file__)
+    if "kernel" in parts:
+        kernel_bench(rec, args.quick)
+    if "splits" in parts and not args.quick:
         split_sweep(rec, torch.Generator(device="cuda").manual_seed(4))
-    multi_master_bench(rec, args.quick)
-    host_overhead_bench(rec)
+    if "multi" in parts:
+        multi_master_bench(rec, args.quick)
+    if "host" in parts:
+        host_overhead_bench(rec)
 
 
 if __name__ == "__main__":

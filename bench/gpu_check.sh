@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU test tier, compute-sanitizer, benchmarks.
 #   STAGES="build test sanitize bench" (default; also: nccl_diag host_diag
-#   decode_diag decode_profile decode_ncu micro multi); multi runs bench/multi_gpu.sh on every
-#   visible GPU (issue 7's checks and benchmarks, one process per GPU over native NCCL)
+#   decode_diag decode_profile decode_ncu micro multi host_ab); multi runs bench/multi_gpu.sh on
+#   every visible GPU (issue 7's checks and benchmarks, one process per GPU over native NCCL);
+#   host_ab runs bench/ab_host.sh (host rows, an older tree carried in build/ab_old vs this one)
 #   BENCHES="merge prefill_step ring decode kv_copy comm"
 #   PYTEST_K (a pytest -k expression), PYTEST_ARGS (extra arguments, split on spaces)
 #   QUICK=1 (smaller benchmark sizes); ESP_COMMIT tags result rows (the copied .git can be stale)
@@ -116,6 +117,10 @@ if has bench; then
     stamp "bench $b"
     python3 bench/bench_$b.py --out "$OUT/bench.jsonl" ${QUICK:+--quick}
   done
+fi
+if has host_ab; then
+  stamp "host overhead A/B (bench/ab_host.sh)"
+  bash bench/ab_host.sh
 fi
 if has multi; then
   stamp "multi_gpu.sh $NGPU"

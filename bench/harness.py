@@ -24,7 +24,9 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# ESP_KERNELS_ROOT: import esp_kernels from another tree (an A/B against an older build in the
+# same call, bench/ab_host.sh); by default this checkout.
+sys.path.insert(0, os.environ.get("ESP_KERNELS_ROOT", ROOT))
 
 _FLUSH = None
 
@@ -146,4 +148,6 @@ def parse_out(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "bench.jsonl"))
     p.add_argument("--quick", action="store_true", help="smaller sizes")
+    p.add_argument("--only", default=None,
+                   help="comma-separated parts to run (names per benchmark; default all)")
     return p.parse_args(argv)

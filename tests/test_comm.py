@@ -262,6 +262,48 @@ def test_run_steps_gpu_stream_ordering(n, consume_at_once, protocol):
     assert [float(x[0]) for x in res] == expected_ring(n, 5)
 
 
+def all_to_all_rounds(group, rounds, finish):
+    """Step generator: `rounds` all-to-all exchanges posted consume_at_once (self-message
+    included), each payload made on the rank's stream behind a slow matmul, so a copy that does
+    not wait for its sender's or receiver's stream reads or overwrites stale data. `finish(work)`
+    completes each Work: a yield (run_steps / drive) or a host synchronize. Returns whether every
+    round received p * (round + 1) + rank from every p."""
+    r, P = group.rank, group.size
+    a = torch.randn(1536, 1536, device="cuda")
+    ok = True
+    for k in range(rounds):
+        slow = (a @ a @ a).sum() * 0  # nonzero only if the copies race it (NaN-free: * 0)
+        sends = [(torch.full((300,), float(r * (k + 1) + p), device="cuda") + slow, p)
+                 for p in range(P)]
+        bufs = [torch.full((300,), -1.0, device="cuda") + slow for _ in range(P)]
+        work = group.prepare_exchange(sends=sends, recvs=[(b, p) for p, b in enumerate(bufs)],
+                                      consume_at_once=True).start()
+        yield from finish(work)
+        ok &= all(bool((b == p * (k + 1) + r).all()) for p, b in enumerate(bufs))
+    return ok
+
+
+def _yield(work):
+    yield work
+
+
+def _synchronize(work):
+    work.synchronize()
+    return
+    yield  # noqa: unreachable (makes this a generator)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_consume_at_once_rounds_gpu(n, protocol):
+    """Consume-at-once rounds: the compiled mailbox defers the copies to the round's last
+    poster, or to the first wait when a rank's thread waits before the round is complete."""
+    groups = local_group(n, "cuda")
+    assert run_steps(groups, [all_to_all_rounds(g, 4, _yield) for g in groups]) == [True] * n
+    assert run_local(groups, lambda g: drive(all_to_all_rounds(g, 4, _yield))) == [True] * n
+    assert run_local(groups, lambda g: drive(all_to_all_rounds(g, 4, _synchronize))) == [True] * n
+
+
 @pytest.mark.gpu
 def test_local_gpu_self_message_across_posts(protocol):
     """A rank sends to itself from one stream and receives in a later post from another: the

@@ -70,7 +70,7 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
                     const TensorDesc& block_table, const TensorDesc& kv_lens,
                     const TensorDesc& o, const TensorDesc& lse, const TensorDesc& workspace,
                     int num_splits, float softmax_scale, bool deterministic, int device,
-                    uintptr_t stream) {
+                    uintptr_t stream, bool counters_zeroed) {
   using decode::DecodeParams;
   ESP_CHECK(q.ndim() == 3, "decode_partial: q must be [B, Hq, D], got ", q.ndim(), " dims");
   ESP_CHECK(q.dtype == DType::kFloat16 || q.dtype == DType::kBFloat16,
@@ -211,12 +211,18 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
 
   DeviceGuard guard(device);
   cudaStream_t s = as_stream(stream);
+  int* const counters =
+      num_splits > 1 ? reinterpret_cast<int*>(ws + ws_o_elems + num_splits * B * Hq) : nullptr;
+  const int n_counters = static_cast<int>(B * (Hkv / p.heads_per_cta));
   p.tile_counter = nullptr;
   if (num_splits > 1 && !deterministic) {
-    // A memset node in a captured graph, so every replay starts from zero.
-    p.tile_counter = reinterpret_cast<int*>(ws + ws_o_elems + num_splits * B * Hq);
-    ESP_CUDA_CHECK(cudaMemsetAsync(p.tile_counter, 0,
-                                   sizeof(int) * B * (Hkv / p.heads_per_cta), s));
+    p.tile_counter = counters;
+    // Otherwise a memset node in a captured graph, so every replay starts from zero. Skipped
+    // when the merge of the previous call on this workspace left them zero: one driver call of
+    // the ~7 a decode layer makes per rank (one instance, host CPU per layer: 21.9 us without
+    // it vs 29.3 us with it, run 27).
+    if (!counters_zeroed)
+      ESP_CUDA_CHECK(cudaMemsetAsync(counters, 0, sizeof(int) * n_counters, s));
   }
   ESP_DISPATCH_HALF(q.dtype, T, [&] {
     if (D == 64) {
@@ -241,6 +247,8 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
     m.splits = num_splits;
     m.rows = static_cast<int>(B * Hq);
     m.heads = static_cast<int>(Hq);
+    m.counters = counters;  // zeroed for the next call once the decode grid has completed
+    m.n_counters = n_counters;
     if (D == 64) {
       decode::launch_decode_merge<64>(m, s);
     } else {

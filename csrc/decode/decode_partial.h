@@ -19,11 +19,17 @@ namespace esp {
 //   deterministic  true: each split takes a fixed token range (bitwise reproducible); false:
 //                the splits of a request share its tiles through a counter in the workspace
 //                (faster: no CTA waits for a slow sibling; last-bit differences between runs)
+//   counters_zeroed  the caller guarantees the workspace's tile counters are zero: a zero-filled
+//                workspace used only by calls with this (B, Hq, D, num_splits), each of which
+//                leaves them zero again (the split merge resets them). Skips the
+//                cudaMemsetAsync that otherwise zeroes them before every launch; the decode
+//                driver's own workspace qualifies. With counters that are not zero the balanced
+//                schedule skips tiles: pass false for any other workspace.
 void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const TensorDesc& v_cache,
                     const TensorDesc& block_table, const TensorDesc& kv_lens,
                     const TensorDesc& o, const TensorDesc& lse, const TensorDesc& workspace,
                     int num_splits, float softmax_scale, bool deterministic, int device,
-                    uintptr_t stream);
+                    uintptr_t stream, bool counters_zeroed = false);
 
 int64_t decode_workspace_elems(int batch, int num_q_heads, int head_dim, int num_splits);
 

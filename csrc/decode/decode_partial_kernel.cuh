@@ -106,6 +106,8 @@ struct MergeParams {
   int64_t out_sb, out_sh;
   float* lse_out;
   int64_t lse_sb, lse_sh;
+  int* counters;            // the balanced schedule's tile counters, reset to zero here
+  int n_counters;
   int splits, rows, heads;  // rows = B * H
   int warps_per_row;        // 1, 2, 4 or 8 warps of a CTA share one row's splits (set by the launcher)
 };
@@ -553,6 +555,11 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
   __shared__ float4 part[kWarpsM][32];
 
   detail::wait_prerequisites();  // the decode grid has completed (programmatic launch)
+  // No CTA of the decode grid reads its counters any more: leave them zero for the next launch
+  // on this workspace (decode_partial's counters_zeroed).
+  for (int i = blockIdx.x * kMergeThreads + threadIdx.x; i < p.n_counters;
+       i += gridDim.x * kMergeThreads)
+    p.counters[i] = 0;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wpr = p.warps_per_row;
   const int row = blockIdx.x * (kWarpsM / wpr) + warp / wpr;

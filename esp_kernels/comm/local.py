@@ -26,8 +26,11 @@ and one per wait; in Python it cost ~19 us per exchange and rank on the GPU mach
 one done event (on the poster's own stream when the exchange was prepared with
 `consume_at_once=True` and the batch is at most 1 MiB: three driver calls fewer per exchange and
 rank, for a copy of a few us), and the tensors of a message stay referenced until its copy has
-completed on the GPU, so the caching allocator never hands them out early. Without the core, the same protocol
-runs in Python on torch's stream API (`_LocalWorld.post`).
+completed on the GPU, so the caching allocator never hands them out early. Messages both of whose
+sides were posted consume-at-once are copied together by the last poster of the round (or by
+the first wait that needs them): an all-to-all round of 4 ranks costs 11 driver calls instead
+of 21. Without the core, the same protocol runs in Python on torch's stream API
+(`_LocalWorld.post`).
 """
 
 from __future__ import annotations

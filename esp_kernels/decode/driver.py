@@ -130,7 +130,8 @@ class _DecodeStep:
         self.num_splits = default_num_splits(max(1, n_hold), Hkv, max_len, dev, D)
         self.workspace = None
         if dev.type == "cuda" and n_hold:
-            self.workspace = new_workspace(n_hold, Hq, D, self.num_splits, dev)
+            # Zeroed once: every call then leaves its tile counters zero (counters_zeroed below).
+            self.workspace = new_workspace(n_hold, Hq, D, self.num_splits, dev).zero_()
 
         # Buffers. States: one fp32 row [o (Hq*D) | lse (Hq) | pad] per request, so the states of
         # a master's requests are one contiguous message; the lse part is padded to 8 floats so
@@ -236,9 +237,11 @@ class _DecodeStep:
             if q_direct is not None:
                 dq = self.d_q_direct
                 dq.ptr = q_direct.data_ptr()
+            # The workspace is this step's own, zeroed once and only used with its num_splits:
+            # its tile counters are zero at every call (no memset launch).
             _core._C.decode_partial(dq, dk, dv, dbt, dlen, do, dlse, self.d_ws, self.num_splits,
                                     scale, deterministic, self.device.index,
-                                    _core.stream_handle(self.device))
+                                    _core.stream_handle(self.device), True)
         else:
             k_l, v_l = cache.layer(layer)
             q = self.q_hold if q_direct is None else q_direct
