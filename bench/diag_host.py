@@ -1,14 +1,23 @@
 """Where the host time of a decode layer goes on virtual ranks (gpu_check.sh host_diag):
 exchange cost with CPU vs GPU tensors (a thread per rank, and run_steps), then cProfile of the
-run_steps decode loop (all ranks in one thread) with 2 and 4 ranks."""
+run_steps decode loop (all ranks in one thread) with 2 and 4 ranks.
 
+--calls: the CUDA API calls of one decode layer per rank (torch.profiler, CUPTI), by name: the
+host rows drift ~1.7x within one call on the GPU machine, the call counts do not
+(bench/ab_host.sh runs this for every tree it compares)."""
+
+import argparse
+import collections
 import cProfile
 import io
+import json
 import pstats
 import time
 
+import harness  # noqa: F401  (first: ESP_KERNELS_ROOT picks the esp_kernels tree)
 import torch
 
+import esp_kernels
 from esp_kernels.comm import local_group, run_local, run_steps
 from bench_decode import build_sharded, decode_layers, Hq, D
 
@@ -63,5 +72,34 @@ def main():
         print(f"--- {n} ranks, 200 layers, run_steps ---\n{s.getvalue()}")
 
 
+def api_calls(n, layers=50):
+    """{CUDA API name: calls per decode layer and rank} on n virtual ranks (8 requests of 256
+    tokens, out= reused, run_steps), as CUPTI reports them to torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    groups = local_group(n, "cuda")
+    caches, plans = build_sharded(groups, 8, 256, n, gen)
+    qs = [torch.randn(len(plans[0].mastered_by(r)), Hq, D, device="cuda", dtype=torch.bfloat16,
+                      generator=gen) for r in range(n)]
+    outs = [torch.empty_like(q) for q in qs]
+    decode_layers(groups, caches, plans, qs, 10, outs=outs)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        decode_layers(groups, caches, plans, qs, layers, outs=outs)
+    counts = collections.Counter(e.name for e in prof.events()
+                                 if e.name.startswith("cu") and not e.name.startswith("cuda::"))
+    return {k: round(v / (layers * n), 2) for k, v in sorted(counts.items())}
+
+
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", action="store_true", help="CUDA API calls per layer and rank")
+    if ap.parse_args().calls:
+        print("esp_kernels from", esp_kernels.__file__)
+        for n in (1, 2, 4):
+            c = api_calls(n)
+            print(f"CUDA API calls per decode layer and rank, {n} virtual ranks: "
+                  f"{sum(c.values()):.2f} {json.dumps(c)}")
+    else:
+        main()
