@@ -262,24 +262,27 @@ def test_run_steps_gpu_stream_ordering(n, consume_at_once, protocol):
     assert [float(x[0]) for x in res] == expected_ring(n, 5)
 
 
+def _late_full(value, n=1000):
+    """A tensor of `value` written ~1 ms late on the current stream (a copy that does not wait
+    for this stream reads, or is overwritten by, what was there before)."""
+    torch.cuda._sleep(2_000_000)
+    return torch.full((n,), float(value), device="cuda")
+
+
 def all_to_all_rounds(group, rounds, finish):
     """Step generator: `rounds` all-to-all exchanges posted consume_at_once (self-message
-    included), each payload made on the rank's stream behind a slow matmul, so a copy that does
-    not wait for its sender's or receiver's stream reads or overwrites stale data. `finish(work)`
+    included), every payload and receive buffer written late on the rank's stream. `finish(work)`
     completes each Work: a yield (run_steps / drive) or a host synchronize. Returns whether every
-    round received p * (round + 1) + rank from every p."""
+    round received 100 * p + 10 * round + rank from every p."""
     r, P = group.rank, group.size
-    a = torch.randn(1536, 1536, device="cuda")
     ok = True
     for k in range(rounds):
-        slow = (a @ a @ a).sum() * 0  # nonzero only if the copies race it (NaN-free: * 0)
-        sends = [(torch.full((300,), float(r * (k + 1) + p), device="cuda") + slow, p)
-                 for p in range(P)]
-        bufs = [torch.full((300,), -1.0, device="cuda") + slow for _ in range(P)]
+        sends = [(_late_full(100 * r + 10 * k + p), p) for p in range(P)]
+        bufs = [_late_full(-1) for _ in range(P)]
         work = group.prepare_exchange(sends=sends, recvs=[(b, p) for p, b in enumerate(bufs)],
                                       consume_at_once=True).start()
         yield from finish(work)
-        ok &= all(bool((b == p * (k + 1) + r).all()) for p, b in enumerate(bufs))
+        ok &= all(bool((b == 100 * p + 10 * k + r).all()) for p, b in enumerate(bufs))
     return ok
 
 
@@ -296,12 +299,49 @@ def _synchronize(work):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_consume_at_once_rounds_gpu(n, protocol):
-    """Consume-at-once rounds: the compiled mailbox defers the copies to the round's last
-    poster, or to the first wait when a rank's thread waits before the round is complete."""
+    """Consume-at-once rounds: the compiled mailbox copies each round once, in its last post
+    (run_steps), or in whichever post or wait comes last (a thread per rank)."""
     groups = local_group(n, "cuda")
     assert run_steps(groups, [all_to_all_rounds(g, 4, _yield) for g in groups]) == [True] * n
     assert run_local(groups, lambda g: drive(all_to_all_rounds(g, 4, _yield))) == [True] * n
     assert run_local(groups, lambda g: drive(all_to_all_rounds(g, 4, _synchronize))) == [True] * n
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("finish", ["wait", "synchronize"])
+def test_consume_at_once_copied_by_wait_gpu(finish, protocol):
+    """A consume-at-once half still pending (2 -> 0) keeps the round open, so the 0 <-> 1
+    messages are copied by rank 0's wait (on its stream) or synchronize (on its communication
+    stream), after both ranks' late writes; the 2 -> 0 message by the post that closes it."""
+    g = local_group(3, "cuda")
+
+    def on(r, fn):
+        with torch.cuda.stream(g[r].stream):
+            return fn()
+
+    def post(r, sends=(), recvs=()):
+        return on(r, lambda: g[r].prepare_exchange(sends=list(sends), recvs=list(recvs),
+                                                   consume_at_once=True).start())
+
+    x2, b0_2 = on(2, lambda: _late_full(20)), on(0, lambda: _late_full(-1))
+    w2 = post(2, sends=[(x2, 0)])
+    x0, b0 = on(0, lambda: _late_full(1)), on(0, lambda: _late_full(-1))
+    x1, b1 = on(1, lambda: _late_full(2)), on(1, lambda: _late_full(-1))
+    w1 = post(1, sends=[(x1, 0)], recvs=[(b1, 0)])
+    w0 = post(0, sends=[(x0, 1)], recvs=[(b0, 1)])
+    if finish == "wait":
+        on(0, w0.wait)
+        on(1, w1.wait)
+    else:
+        w0.synchronize()
+        w1.synchronize()
+    got = [on(0, lambda: bool((b0 == 2).all())), on(1, lambda: bool((b1 == 1).all()))]
+    w02 = post(0, recvs=[(b0_2, 2)])
+    on(0, w02.wait)
+    on(2, w2.wait)
+    got.append(on(0, lambda: bool((b0_2 == 20).all())))
+    torch.cuda.synchronize()
+    assert got == [True, True, True]
 
 
 @pytest.mark.gpu

@@ -27,8 +27,8 @@ struct MailboxState {
   // round's last poster, and how many halves posted at once are still waiting for their peer.
   std::vector<std::shared_ptr<LocalMessage>> deferred;
   int64_t pending_at_once = 0;
-  // Objects of deferred messages whose copy failed, dropped by the next post (which holds the
-  // GIL; a flush may run without it).
+  // Objects of deferred messages whose copy failed: kept until the mailbox goes (a copy kernel
+  // launched before the failure may still use them; a flush may run without the GIL).
   std::vector<py::object> orphans;
 
   ~MailboxState() {
@@ -125,8 +125,6 @@ std::shared_ptr<LocalWork> LocalMailbox::post(
   {
     std::lock_guard<std::mutex> lock(s.mu);
     try {
-      for (py::object& o : s.orphans) released.push_back(std::move(o));
-      s.orphans.clear();
       // One cudaEventQuery per finished copy however seldom this polls (polling only every
       // 8 copies left it at 1.04 per decode layer and rank on 2 ranks, runs 31-32).
       while (!s.inflight.empty() && s.inflight.front().done->query()) {
@@ -261,8 +259,20 @@ std::shared_ptr<LocalWork> LocalMailbox::post(
     } catch (const std::exception& e) {
       // A failed event or copy (a CUDA error): every message of this post that is not matched
       // yet carries the error, so neither side waits for it until its timeout; a peer that
-      // matches one later gets the error at its wait.
+      // matches one later gets the error at its wait. A message this post deferred and no flush
+      // has copied carries it too and leaves the round: it never got this rank's ready event, so
+      // a later copy would not wait for this rank's stream.
       for (auto& m : mine) {
+        if (m->deferred) {
+          m->deferred = false;
+          m->error = std::string("virtual-rank message failed on rank ") + std::to_string(rank) +
+                     ": " + e.what();
+          s.deferred.erase(std::remove(s.deferred.begin(), s.deferred.end(), m),
+                           s.deferred.end());
+          released.push_back(std::move(m->first_keep));
+          released.push_back(std::move(m->second_keep));
+          continue;
+        }
         if (m->matched.load(std::memory_order_relaxed)) continue;
         m->error = std::string("virtual-rank message failed on rank ") + std::to_string(rank) +
                    ": " + e.what();

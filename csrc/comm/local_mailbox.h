@@ -19,9 +19,11 @@
 // Rounds of consume-at-once exchanges (CUDA): a message both of whose sides were posted that way
 // is not copied by the post that matches it but deferred, and the post that leaves no such half
 // pending anywhere (the last poster of a round) copies every deferred message with one kernel
-// on its own stream; a wait on a message still deferred copies them first. With P ranks in an
-// all-to-all round that is one copy and one done event per round instead of one per matching
-// post, and P-1 waits on it: 11 driver calls instead of 21 for 4 ranks (see post).
+// on its own stream (whatever their size: every poster waits on them at once anyway); a wait on
+// a message still deferred copies them first, so a half whose peer never posts (a round that
+// never ends) only moves the copies to the waits. With P ranks in an all-to-all round that is
+// one copy and one done event per round instead of one per matching post, and P-1 waits on it:
+// 11 driver calls instead of 21 for 4 ranks (see post).
 
 #include <pybind11/pybind11.h>
 

@@ -238,10 +238,16 @@ class _DecodeStep:
                 dq = self.d_q_direct
                 dq.ptr = q_direct.data_ptr()
             # The workspace is this step's own, zeroed once and only used with its num_splits:
-            # its tile counters are zero at every call (no memset launch).
-            _core._C.decode_partial(dq, dk, dv, dbt, dlen, do, dlse, self.d_ws, self.num_splits,
-                                    scale, deterministic, self.device.index,
-                                    _core.stream_handle(self.device), True)
+            # its tile counters are zero at every call (no memset launch), since the split merge
+            # resets them. A launch that fails between the two leaves them set: zero it again.
+            try:
+                _core._C.decode_partial(dq, dk, dv, dbt, dlen, do, dlse, self.d_ws,
+                                        self.num_splits, scale, deterministic, self.device.index,
+                                        _core.stream_handle(self.device), True)
+            except BaseException:
+                if self.workspace is not None:
+                    self.workspace.zero_()
+                raise
         else:
             k_l, v_l = cache.layer(layer)
             q = self.q_hold if q_direct is None else q_direct
