@@ -171,15 +171,22 @@ def multi_master_bench(rec, quick):
                 "one instance, same KV", t1["ms"], "ms", higher_is_better=False)
 
 
+def host_case(N, gen):
+    """The host rows' decode layer: 8 requests of 256 tokens split over N virtual ranks (KV tiny,
+    so the GPU never limits the loop); returns groups, caches, plans and each rank's q."""
+    groups = local_group(N, "cuda")
+    caches, plans = build_sharded(groups, 8, 256, N, gen)
+    qs = [torch.randn(len(plans[0].mastered_by(r)), Hq, D, device="cuda", dtype=torch.bfloat16,
+                      generator=gen) for r in range(N)]
+    return groups, caches, plans, qs
+
+
 def host_overhead_bench(rec):
-    """Per-layer host time with tiny KV, so the GPU never limits the loop."""
+    """Per-layer host time (host_case)."""
     gen = torch.Generator(device="cuda").manual_seed(3)
     layers = 200
     for N in (1, 2, 4):
-        groups = local_group(N, "cuda")
-        caches, plans = build_sharded(groups, 8, 256, N, gen)
-        qs = [torch.randn(len(plans[0].mastered_by(r)), Hq, D, device="cuda",
-                          dtype=torch.bfloat16, generator=gen) for r in range(N)]
+        groups, caches, plans, qs = host_case(N, gen)
         # All ranks from one thread (run_steps): CPU time of the thread / N = host cost per rank.
         # deterministic=True: the fixed-range schedule (no tile counters).
         # The machine's host speed drifts between and within calls (one instance: 22-54 us in

@@ -19,7 +19,7 @@ import torch
 
 import esp_kernels
 from esp_kernels.comm import local_group, run_local, run_steps
-from bench_decode import build_sharded, decode_layers, Hq, D
+from bench_decode import decode_layers, host_case
 
 
 def exchange_us(n, device):
@@ -56,10 +56,7 @@ def main():
               f"cpu {exchange_steps_us(n, 'cpu'):.1f} us, cuda {exchange_steps_us(n, 'cuda'):.1f} us")
     gen = torch.Generator(device="cuda").manual_seed(0)
     for n in (2, 4):
-        groups = local_group(n, "cuda")
-        caches, plans = build_sharded(groups, 8, 256, n, gen)
-        qs = [torch.randn(len(plans[0].mastered_by(r)), Hq, D, device="cuda",
-                          dtype=torch.bfloat16) for r in range(n)]
+        groups, caches, plans, qs = host_case(n, gen)
         decode_layers(groups, caches, plans, qs, 10)
         torch.cuda.synchronize()
         prof = cProfile.Profile()
@@ -73,15 +70,11 @@ def main():
 
 
 def api_calls(n, layers=50):
-    """{CUDA API name: calls per decode layer and rank} on n virtual ranks (8 requests of 256
-    tokens, out= reused, run_steps), as CUPTI reports them to torch.profiler."""
+    """{CUDA API name: calls per decode layer and rank} of the host rows' layer on n virtual
+    ranks (out= reused, run_steps), as CUPTI reports them to torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    groups = local_group(n, "cuda")
-    caches, plans = build_sharded(groups, 8, 256, n, gen)
-    qs = [torch.randn(len(plans[0].mastered_by(r)), Hq, D, device="cuda", dtype=torch.bfloat16,
-                      generator=gen) for r in range(n)]
+    groups, caches, plans, qs = host_case(n, torch.Generator(device="cuda").manual_seed(3))
     outs = [torch.empty_like(q) for q in qs]
     decode_layers(groups, caches, plans, qs, 10, outs=outs)
     torch.cuda.synchronize()

@@ -256,7 +256,7 @@ def test_local_gpu_stream_ordering(n, protocol):
 def test_run_steps_gpu_stream_ordering(n, consume_at_once, protocol):
     """run_steps on CUDA: each round's payload is made on the rank's stream from what the last
     round received (the copies must be ordered after both ranks' streams), no device sync; with
-    consume_at_once the small copies run on the second poster's own stream."""
+    consume_at_once each round is copied by its last poster on that rank's own stream."""
     groups = local_group(n, "cuda")
     res = run_steps(groups, [ring_steps(g, 5, "cuda", consume_at_once) for g in groups])
     assert [float(x[0]) for x in res] == expected_ring(n, 5)

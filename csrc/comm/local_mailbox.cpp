@@ -46,44 +46,54 @@ std::string mismatch_error(const LocalMessage& m) {
          std::to_string(m.recv.numel) + " x " + m.recv.dtype;
 }
 
-// Copies every deferred message with one kernel on `stream` (box lock held), after the ready
-// event of each side posted on another stream (a side without one was posted on `stream` by
-// the current post). Only moves Python objects: synchronize() runs it without the GIL.
-void flush_locked(MailboxState& s, uintptr_t stream) {
-  if (s.deferred.empty()) return;
-  std::vector<std::shared_ptr<LocalMessage>> msgs;
-  msgs.swap(s.deferred);
+// One copy kernel on `stream` for `msgs` (box lock held), after the ready event of each side
+// posted on another stream (a side without one was posted on `stream` by the current post) and
+// `extra_wait`; records their done event. `keep` (the objects the copies read or write) moves to
+// the inflight list only once the copies are enqueued: on a throw the caller still holds it.
+void copy_batch(MailboxState& s, const std::vector<LocalMessage*>& msgs, uintptr_t stream,
+                const Event* extra_wait, std::vector<py::object>& keep) {
   std::vector<uintptr_t> dst, src;
   std::vector<int64_t> nbytes;
   std::vector<const Event*> waits;
-  for (const auto& m : msgs) {
+  for (const LocalMessage* m : msgs) {
     dst.push_back(m->recv.ptr);
     src.push_back(m->send.ptr);
     nbytes.push_back(m->send.numel * m->send.elem_size);
     if (m->send_ready && m->send_stream != stream) waits.push_back(m->send_ready.get());
     if (m->recv_ready && m->recv_stream != stream) waits.push_back(m->recv_ready.get());
   }
-  MailboxState::Inflight copy;
+  if (extra_wait != nullptr) waits.push_back(extra_wait);
+  auto done = std::make_shared<Event>(s.device);
+  local_copies(dst, src, nbytes, stream, waits, *done, s.device);
+  for (LocalMessage* m : msgs) {
+    m->done = done;
+    m->copy_stream = stream;
+  }
+  s.inflight.push_back(MailboxState::Inflight{std::move(done), std::move(keep)});
+}
+
+// Copies every deferred message on `stream` (box lock held). Only moves Python objects:
+// synchronize() runs it without the GIL.
+void flush_locked(MailboxState& s, uintptr_t stream) {
+  if (s.deferred.empty()) return;
+  std::vector<std::shared_ptr<LocalMessage>> owned;
+  owned.swap(s.deferred);
+  std::vector<LocalMessage*> msgs;
+  std::vector<py::object> keep;
+  for (const auto& m : owned) {
+    m->deferred = false;
+    msgs.push_back(m.get());
+    keep.push_back(std::move(m->first_keep));
+    keep.push_back(std::move(m->second_keep));
+  }
   try {
-    copy.done = std::make_shared<Event>(s.device);
-    local_copies(dst, src, nbytes, stream, waits, *copy.done, s.device);
+    copy_batch(s, msgs, stream, nullptr, keep);
   } catch (const std::exception& e) {
-    for (const auto& m : msgs) {
+    for (LocalMessage* m : msgs)
       m->error = std::string("virtual-rank message copy failed: ") + e.what();
-      m->deferred = false;
-      s.orphans.push_back(std::move(m->first_keep));
-      s.orphans.push_back(std::move(m->second_keep));
-    }
+    for (py::object& o : keep) s.orphans.push_back(std::move(o));
     throw;
   }
-  for (const auto& m : msgs) {
-    m->done = copy.done;
-    m->copy_stream = stream;
-    m->deferred = false;
-    copy.keep.push_back(std::move(m->first_keep));
-    copy.keep.push_back(std::move(m->second_keep));
-  }
-  s.inflight.push_back(std::move(copy));
 }
 
 }  // namespace
@@ -132,11 +142,11 @@ std::shared_ptr<LocalWork> LocalMailbox::post(
         s.inflight.pop_front();
       }
       std::vector<LocalMessage*> batch;  // matched here, copied by this post's kernel (CUDA)
+      std::vector<py::object> batch_keep;  // the first posters' objects of `batch`
       // This post's side of each of its messages, (message, is_send): the ones still pending or
       // deferred after it get this rank's ready event below.
       std::vector<std::pair<LocalMessage*, bool>> sides;
       const bool at_once = cuda && msgs.consume_at_once;
-      MailboxState::Inflight copy;
       bool any = false;
       auto match = [&](const std::shared_ptr<LocalMessage>& mp) {
         LocalMessage& m = *mp;
@@ -159,7 +169,7 @@ std::shared_ptr<LocalWork> LocalMailbox::post(
           return;  // its objects stay with it until the copy
         } else {
           batch.push_back(&m);
-          copy.keep.push_back(std::move(m.first_keep));
+          batch_keep.push_back(std::move(m.first_keep));
           return;  // matched once its copy is enqueued
         }
         released.push_back(std::move(m.first_keep));
@@ -211,37 +221,12 @@ std::shared_ptr<LocalWork> LocalMailbox::post(
         return ready.get();
       };
       if (!batch.empty()) {
-        int64_t total = 0;
-        std::vector<uintptr_t> dst, src;
-        std::vector<int64_t> nbytes;
-        std::vector<const Event*> waits;  // the peers' ready events
-        for (const LocalMessage* m : batch) {
-          dst.push_back(m->recv.ptr);
-          src.push_back(m->send.ptr);
-          nbytes.push_back(m->send.numel * m->send.elem_size);
-          total += nbytes.back();
-          // The first poster's ready event: this post's side has none (its events are assigned
-          // only to messages left pending), nor has a message to itself matched in one post.
-          for (const Event* e : {m->send_ready.get(), m->recv_ready.get()})
-            if (e != nullptr) waits.push_back(e);
-        }
-        // Small batches are copied on the poster's own stream: that saves this rank a ready
-        // event, the communication stream's wait on it and its own wait on the done event (3 of
-        // the ~12 driver calls of a decode layer per rank, ~5 us each on the GPU machine's host)
-        // for a copy of a few us. Large ones go on the communication stream, so this rank's
-        // compute overlaps them (ring prefill's KV blocks).
-        const bool inline_copy = msgs.consume_at_once && total <= kInlineCopyBytes;
-        const uintptr_t copy_stream = inline_copy ? stream : s.comm_streams[rank];
-        if (!inline_copy) waits.push_back(my_ready());
-        copy.done = std::make_shared<Event>(s.device);
-        local_copies(dst, src, nbytes, copy_stream, waits, *copy.done, s.device);
-        copy.keep.push_back(keep);
-        for (LocalMessage* m : batch) {
-          m->done = copy.done;
-          m->copy_stream = copy_stream;
-          m->matched.store(true, std::memory_order_release);
-        }
-        s.inflight.push_back(std::move(copy));
+        // On this rank's communication stream, after its ready event (this post's sides have
+        // none: they are assigned only to messages left pending), so its compute overlaps the
+        // copies (ring prefill's KV blocks).
+        batch_keep.push_back(keep);
+        copy_batch(s, batch, s.comm_streams[rank], my_ready(), batch_keep);
+        for (LocalMessage* m : batch) m->matched.store(true, std::memory_order_release);
       }
       // The last poster of a round of consume-at-once exchanges copies the round: 4 ranks
       // exchanging all-to-all then cost 3 ready events, 3 waits on them, one copy, one done
@@ -262,11 +247,12 @@ std::shared_ptr<LocalWork> LocalMailbox::post(
       // matches one later gets the error at its wait. A message this post deferred and no flush
       // has copied carries it too and leaves the round: it never got this rank's ready event, so
       // a later copy would not wait for this rank's stream.
+      const std::string error =
+          "virtual-rank message failed on rank " + std::to_string(rank) + ": " + e.what();
       for (auto& m : mine) {
         if (m->deferred) {
           m->deferred = false;
-          m->error = std::string("virtual-rank message failed on rank ") + std::to_string(rank) +
-                     ": " + e.what();
+          m->error = error;
           s.deferred.erase(std::remove(s.deferred.begin(), s.deferred.end(), m),
                            s.deferred.end());
           released.push_back(std::move(m->first_keep));
@@ -274,8 +260,7 @@ std::shared_ptr<LocalWork> LocalMailbox::post(
           continue;
         }
         if (m->matched.load(std::memory_order_relaxed)) continue;
-        m->error = std::string("virtual-rank message failed on rank ") + std::to_string(rank) +
-                   ": " + e.what();
+        m->error = error;
         m->matched.store(true, std::memory_order_release);
       }
       s.cv.notify_all();

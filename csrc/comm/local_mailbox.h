@@ -11,12 +11,11 @@
 // matched are moved by one copy kernel after the first posters' ready events (recorded on their
 // streams when they posted), and one done event is recorded that the first posters' waits
 // enqueue. The kernel runs on the poster's communication stream, so the poster's compute goes on
-// meanwhile; when the poster declared it consumes the exchange at once (it waits on it before
-// enqueuing other work, as the decode driver does) and the batch is small (at most
-// kInlineCopyBytes), on the poster's own stream. The Python objects passed with each post (its
-// tensors) stay referenced until the copies that read or write them have completed.
+// meanwhile. The Python objects passed with each post (its tensors) stay referenced until the
+// copies that read or write them have completed.
 //
-// Rounds of consume-at-once exchanges (CUDA): a message both of whose sides were posted that way
+// Rounds of consume-at-once exchanges (CUDA; the poster waits on the exchange before it enqueues
+// other work, as the decode driver does): a message both of whose sides were posted that way
 // is not copied by the post that matches it but deferred, and the post that leaves no such half
 // pending anywhere (the last poster of a round) copies every deferred message with one kernel
 // on its own stream (whatever their size: every poster waits on them at once anyway); a wait on
@@ -51,7 +50,7 @@ struct MessageSpec {
 
 // The sends and receives of one exchange, converted once (a prepared exchange posts the same
 // list on every layer). consume_at_once: the poster waits on this exchange before it enqueues
-// other work on its stream, so a small copy batch may run on that stream (see post).
+// other work on its stream, so its copies may run on that stream (see the top).
 struct MessageList {
   std::vector<MessageSpec> sends, recvs;
   bool consume_at_once = false;
@@ -71,10 +70,6 @@ struct LocalMessage {
   std::string error;            // set on a size or dtype mismatch
   std::atomic<bool> matched{false};
 };
-
-// A batch up to this size of an exchange consumed at once is copied on the posting rank's own
-// stream (a few us of copy; see LocalMailbox::post), a larger one on its communication stream.
-constexpr int64_t kInlineCopyBytes = int64_t{1} << 20;
 
 struct MailboxState;
 

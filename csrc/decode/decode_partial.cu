@@ -218,42 +218,50 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
   if (num_splits > 1 && !deterministic) {
     p.tile_counter = counters;
     // Otherwise a memset node in a captured graph, so every replay starts from zero. Skipped
-    // when the merge of the previous call on this workspace left them zero: one driver call of
-    // the ~7 a decode layer makes per rank (one instance, host CPU per layer: 21.9 us without
-    // it vs 29.3 us with it, run 27).
+    // when the merge of the previous call on this workspace left them zero: one of the 4.34
+    // CUDA API calls of a one-instance decode layer (run 33).
     if (!counters_zeroed)
       ESP_CUDA_CHECK(cudaMemsetAsync(counters, 0, sizeof(int) * n_counters, s));
   }
-  ESP_DISPATCH_HALF(q.dtype, T, [&] {
-    if (D == 64) {
-      decode::launch_decode_partial<T, 64>(p, s, device);
-    } else {
-      decode::launch_decode_partial<T, 128>(p, s, device);
-    }
-  });
+  try {
+    ESP_DISPATCH_HALF(q.dtype, T, [&] {
+      if (D == 64) {
+        decode::launch_decode_partial<T, 64>(p, s, device);
+      } else {
+        decode::launch_decode_partial<T, 128>(p, s, device);
+      }
+    });
 
-  if (num_splits > 1) {
-    decode::MergeParams m{};
-    m.o = p.o;  // the workspace states the decode kernel wrote
-    m.lse = p.lse;
-    m.o_ss = p.o_ss;
-    m.l_ss = p.lse_ss;
-    m.out = o.data<float>();
-    m.out_sb = o.stride(0);
-    m.out_sh = o.stride(1);
-    m.lse_out = lse.data<float>();
-    m.lse_sb = lse.stride(0);
-    m.lse_sh = lse.stride(1);
-    m.splits = num_splits;
-    m.rows = static_cast<int>(B * Hq);
-    m.heads = static_cast<int>(Hq);
-    m.counters = counters;  // zeroed for the next call once the decode grid has completed
-    m.n_counters = n_counters;
-    if (D == 64) {
-      decode::launch_decode_merge<64>(m, s);
-    } else {
-      decode::launch_decode_merge<128>(m, s);
+    if (num_splits > 1) {
+      decode::MergeParams m{};
+      m.o = p.o;  // the workspace states the decode kernel wrote
+      m.lse = p.lse;
+      m.o_ss = p.o_ss;
+      m.l_ss = p.lse_ss;
+      m.out = o.data<float>();
+      m.out_sb = o.stride(0);
+      m.out_sh = o.stride(1);
+      m.lse_out = lse.data<float>();
+      m.lse_sb = lse.stride(0);
+      m.lse_sh = lse.stride(1);
+      m.splits = num_splits;
+      m.rows = static_cast<int>(B * Hq);
+      m.heads = static_cast<int>(Hq);
+      m.counters = counters;  // zeroed for the next call once the decode grid has completed
+      m.n_counters = n_counters;
+      if (D == 64) {
+        decode::launch_decode_merge<64>(m, s);
+      } else {
+        decode::launch_decode_merge<128>(m, s);
+      }
     }
+  } catch (...) {
+    // A launch refused after the decode kernel was queued leaves the counters set, and the next
+    // call with counters_zeroed would skip tiles: zero them (after a sticky error this fails
+    // too, and so does every later call).
+    if (p.tile_counter != nullptr)
+      (void)cudaMemsetAsync(counters, 0, sizeof(int) * n_counters, s);
+    throw;
   }
 }
 

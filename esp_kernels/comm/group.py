@@ -185,8 +185,9 @@ class Group(abc.ABC):
         tensors' storage must stay where it is (their pointers are taken here).
 
         consume_at_once: the caller waits on each start()'s Work before it enqueues other work
-        on its stream (as the decode driver does), so a backend may run small copies on that
-        stream instead of a communication stream (virtual ranks: 3 driver calls fewer)."""
+        on its stream (as the decode driver does), so a backend may run the copies on that
+        stream instead of a communication stream (virtual ranks: one copy per round of such
+        exchanges, made by its last poster)."""
         ws, wr = [], []
         for i, (t, dst) in enumerate(sends):
             self._check_buffer(t, f"sends[{i}] tensor")

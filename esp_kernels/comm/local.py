@@ -23,14 +23,12 @@ immediate.
 With the compiled core the matching runs in C++ (csrc/comm/local_mailbox.cpp: one call per post
 and one per wait; in Python it cost ~19 us per exchange and rank on the GPU machine's host, run
 11): events come from a pool, the messages one post matched are moved by one copy kernel with
-one done event (on the poster's own stream when the exchange was prepared with
-`consume_at_once=True` and the batch is at most 1 MiB: three driver calls fewer per exchange and
-rank, for a copy of a few us), and the tensors of a message stay referenced until its copy has
-completed on the GPU, so the caching allocator never hands them out early. Messages both of whose
-sides were posted consume-at-once are copied together by the last poster of the round (or by
-the first wait that needs them): an all-to-all round of 4 ranks costs 11 driver calls instead
-of 21. Without the core, the same protocol runs in Python on torch's stream API
-(`_LocalWorld.post`).
+one done event, and the tensors of a message stay referenced until its copy has completed on the
+GPU, so the caching allocator never hands them out early. Messages both of whose sides were
+posted with `consume_at_once=True` are copied together by the last poster of the round on its
+own stream (or by the first wait that needs them): an all-to-all round of 4 ranks costs 11
+driver calls instead of 21. Without the core, the same protocol runs in Python on torch's stream
+API (`_LocalWorld.post`).
 """
 
 from __future__ import annotations

@@ -239,15 +239,10 @@ class _DecodeStep:
                 dq.ptr = q_direct.data_ptr()
             # The workspace is this step's own, zeroed once and only used with its num_splits:
             # its tile counters are zero at every call (no memset launch), since the split merge
-            # resets them. A launch that fails between the two leaves them set: zero it again.
-            try:
-                _core._C.decode_partial(dq, dk, dv, dbt, dlen, do, dlse, self.d_ws,
-                                        self.num_splits, scale, deterministic, self.device.index,
-                                        _core.stream_handle(self.device), True)
-            except BaseException:
-                if self.workspace is not None:
-                    self.workspace.zero_()
-                raise
+            # (or, after a failed launch, decode_partial itself) resets them.
+            _core._C.decode_partial(dq, dk, dv, dbt, dlen, do, dlse, self.d_ws, self.num_splits,
+                                    scale, deterministic, self.device.index,
+                                    _core.stream_handle(self.device), True)
         else:
             k_l, v_l = cache.layer(layer)
             q = self.q_hold if q_direct is None else q_direct
