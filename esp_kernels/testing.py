@@ -1,6 +1,6 @@
 """Helpers shared by tests, benchmarks and the demo.
 
-- Striping: token g of a request lives on rank g mod P at local index g div P.
+- Striping helpers, re-exported from `esp_kernels.striping` for older callers.
 - A random variable-length batch generator.
 - The tolerance table and a relative-error check against a float64/fp32 reference.
 - Output poisoning, so an element a kernel forgot to write cannot pass as correct.
@@ -14,6 +14,9 @@ from typing import Sequence
 
 import torch
 
+from .striping import (last_token_location, stripe, stripe_indices,  # noqa: F401
+                       stripe_lengths, stripe_positions, unstripe)
+
 
 def cu_seqlens(lengths: Sequence[int], device=None) -> torch.Tensor:
     """int32 [B+1] offsets of packed sequences of the given lengths."""
@@ -21,46 +24,6 @@ def cu_seqlens(lengths: Sequence[int], device=None) -> torch.Tensor:
     for n in lengths:
         out.append(out[-1] + int(n))
     return torch.tensor(out, dtype=torch.int32, device=device)
-
-
-def stripe_lengths(seqlens: Sequence[int], world: int, rank: int) -> list[int]:
-    """Tokens of each request that rank `rank` of `world` holds: #{g < L : g mod P == rank}."""
-    return [max(0, (int(L) - rank + world - 1) // world) for L in seqlens]
-
-
-def stripe_indices(seqlens: Sequence[int], world: int, rank: int, device=None) -> torch.Tensor:
-    """Indices into the globally packed batch of the tokens rank `rank` holds, in local order."""
-    idx, start = [], 0
-    for L in seqlens:
-        idx.append(torch.arange(start + min(rank, int(L)), start + int(L), world,
-                                dtype=torch.int64))
-        start += int(L)
-    out = torch.cat(idx) if idx else torch.empty(0, dtype=torch.int64)
-    return out.to(device) if device is not None else out
-
-
-def stripe_positions(seqlens: Sequence[int], world: int, rank: int, device=None) -> torch.Tensor:
-    """Global position (within its request) of each token rank `rank` holds, in local order."""
-    pos = [torch.arange(min(rank, int(L)), int(L), world, dtype=torch.int64) for L in seqlens]
-    out = torch.cat(pos) if pos else torch.empty(0, dtype=torch.int64)
-    return out.to(device) if device is not None else out
-
-
-def stripe(x: torch.Tensor, seqlens: Sequence[int], world: int) -> list[torch.Tensor]:
-    """Split a globally packed [T, ...] batch into the `world` ranks' packed stripes."""
-    if x.shape[0] != sum(int(L) for L in seqlens):
-        raise ValueError(f"x has {x.shape[0]} tokens but seqlens sum to {sum(seqlens)}")
-    return [x[stripe_indices(seqlens, world, r, x.device)] for r in range(world)]
-
-
-def unstripe(parts: Sequence[torch.Tensor], seqlens: Sequence[int]) -> torch.Tensor:
-    """Inverse of `stripe`: reassemble the globally packed batch from every rank's stripes."""
-    world = len(parts)
-    total = sum(int(L) for L in seqlens)
-    out = parts[0].new_empty((total,) + tuple(parts[0].shape[1:]))
-    for r, part in enumerate(parts):
-        out[stripe_indices(seqlens, world, r, part.device)] = part
-    return out
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from .._checks import FLOAT_DTYPES, check_gqa, check_tensor
-from ..testing import stripe_lengths
+from ..striping import stripe_lengths
 from .step import resolve_backend, ring_step
 
 
