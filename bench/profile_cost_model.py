@@ -1,0 +1,199 @@
+"""Profile the samples that esp_kernels.scheduler.CostModel is fitted from (GPU machine).
+
+    python3 bench/profile_cost_model.py --out $OUT/cost_samples.json [--quick]
+    python -m esp_kernels.scheduler.fit cost_samples.json -o profile.json   # fit + held-out report
+
+One GPU, bf16, a Llama-3-8B-shaped layer (hidden 4096, 32 q / 8 kv heads, head dim 128,
+intermediate 14336, vocab 128256) with random weights. Every sample is one layer unless its kind
+says otherwise (the format is in esp_kernels/scheduler's docs):
+  dense, lm_head          torch GEMMs of the layer / the head for n tokens (CUDA events, L2 flushed)
+  ring_attn               esp.ring_prefill over P virtual ranks of this GPU (wall time of all ranks:
+                          they share the GPU, so one real instance of a P-GPU group takes ~time/P)
+  decode_attn             esp.distributed_decode of a batch on one instance (paged, page 16)
+  prefill_layer           a whole layer on P virtual ranks: every rank's dense work + the ring
+  decode_layer            a whole decode layer on one instance: dense work + decode attention
+  copy                    device-to-device copy of n bytes (migration pack/unpack)
+  link                    NOT measured here: one GPU has no link. Taken from the 2xH200 results
+                          (bench/results, 2026-11-24): one NCCL send of 1 GiB ran at 304-325 GB/s,
+                          a small blocking exchange cost ~43 us. Marked "modelled".
+The held-out kinds (prefill_layer, decode_layer) let the fit report its error on whole layers
+that it was not fitted on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import run_info, time_cuda, time_wall  # noqa: E402
+
+import esp_kernels as esp  # noqa: E402
+from esp_kernels.comm import local_group, run_local  # noqa: E402
+
+MODEL = {"num_layers": 32, "hidden": 4096, "num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128,
+         "intermediate": 14336, "vocab": 128256, "dtype": "bfloat16"}
+H, HQ, HKV, D, FF, V = (MODEL[k] for k in ("hidden", "num_q_heads", "num_kv_heads", "head_dim",
+                                           "intermediate", "vocab"))
+DT = torch.bfloat16
+DEV = "cuda"
+
+
+class Layer:
+    """Random weights of one decoder layer; the dense parts as plain torch ops."""
+
+    def __init__(self, gen):
+        def w(i, o):
+            return (torch.randn(i, o, device=DEV, generator=gen) * i ** -0.5).to(DT)
+        self.wqkv, self.wo = w(H, (HQ + 2 * HKV) * D), w(HQ * D, H)
+        self.wgu, self.wd = w(H, 2 * FF), w(FF, H)
+        self.norm = torch.ones(H, device=DEV, dtype=DT)
+
+    def rms(self, x):
+        return torch.nn.functional.rms_norm(x, (H,), self.norm, 1e-5)
+
+    def pre(self, x):
+        qkv = self.rms(x) @ self.wqkv
+        q, k, v = qkv.split([HQ * D, HKV * D, HKV * D], dim=-1)
+        return (q.reshape(-1, HQ, D).contiguous(), k.reshape(-1, HKV, D).contiguous(),
+                v.reshape(-1, HKV, D).contiguous())
+
+    def post(self, x, attn):
+        h = x + attn.reshape(-1, HQ * D) @ self.wo
+        g, u = (self.rms(h) @ self.wgu).chunk(2, dim=-1)
+        return h + (torch.nn.functional.silu(g) * u) @ self.wd
+
+    def dense(self, x):
+        q, k, v = self.pre(x)
+        return self.post(x, q)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help="a few samples of each kind")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU, fp32, a tiny model: checks the script itself, numbers meaningless")
+    args = p.parse_args()
+    global DEV, DT, H, HQ, HKV, D, FF, V
+    if args.smoke:
+        DEV, DT, args.quick = "cpu", torch.float32, True
+        H, HQ, HKV, D, FF, V = 64, 4, 2, 16, 128, 256
+    elif not torch.cuda.is_available():
+        sys.exit("profile_cost_model.py needs a CUDA GPU (or --smoke)")
+    timed = time_cuda if DEV == "cuda" else (lambda fn, reps: time_wall(fn, reps=reps))
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    layer = Layer(gen)
+    head = (torch.randn(H, V, device=DEV, generator=gen) * H ** -0.5).to(DT)
+    samples = []
+    t_start = time.time()
+
+    def add(kind, time_s, **fields):
+        samples.append({"kind": kind, **fields, "time_s": time_s})
+        desc = " ".join(f"{k}={v if not isinstance(v, list) or len(v) < 6 else f'{len(v)}x'}"
+                        for k, v in fields.items())
+        print(f"[{time.time() - t_start:6.1f}s] {kind:<14} {desc:<48} {time_s * 1e3:10.3f} ms",
+              flush=True)
+
+    def x_of(n):
+        return torch.randn(n, H, device=DEV, generator=gen).to(DT)
+
+    # Dense layer and head: pure GEMM throughput of this model config.
+    for n in ([1, 64, 1024, 8192] if args.quick else
+              [1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]):
+        x = x_of(n)
+        add("dense", timed(lambda: layer.dense(x), reps=7)["ms"] * 1e-3, tokens=n)
+    for n in ([1, 256] if args.quick else [1, 8, 32, 128, 256, 512]):
+        x = x_of(n)
+        add("lm_head", timed(lambda: layer.rms(x) @ head, reps=7)["ms"] * 1e-3, tokens=n)
+
+    # Striped ring attention on P virtual ranks (its whole wall time, all ranks).
+    batches = ([[64], [256], [32] * 4] if args.smoke else [[4096], [16384], [2048] * 4] if args.quick else
+               [[1024], [4096], [16384], [65536], [2048] * 8, [8192] * 4, [16384, 4096, 1024, 512],
+                [32768, 32768], [512] * 16, [131072]])
+    groups_by_p = {}
+    for P in (1, 2, 4, 8):
+        groups = groups_by_p[P] = local_group(P, DEV)
+        for seqlens in batches:
+            T = sum(seqlens)
+            if T >= 131072 and P < 4:
+                continue  # 4 samples of the longest shape are enough (0.3 s a call)
+            q, k, v = (torch.randn(T, h, D, device=DEV, generator=gen).to(DT)
+                       for h in (HQ, HKV, HKV))
+            parts = [esp.striping.stripe(t, seqlens, P) for t in (q, k, v)]
+
+            def ring():
+                run_local(groups, lambda g: esp.ring_prefill(parts[0][g.rank], parts[1][g.rank],
+                                                            parts[2][g.rank], seqlens, g))
+            add("ring_attn", time_wall(ring, warmup=1, reps=3)["ms"] * 1e-3, group_size=P,
+                seqlens=seqlens)
+            if args.quick or seqlens in ([4096], [16384], [65536], [2048] * 8,
+                                         [16384, 4096, 1024, 512]):
+                xs = esp.striping.stripe(x_of(T), seqlens, P)
+
+                def whole_layer():
+                    def rank(g):
+                        qr, kr, vr = layer.pre(xs[g.rank])
+                        o, _ = esp.ring_prefill(qr, kr, vr, seqlens, g)
+                        return layer.post(xs[g.rank], o)
+                    run_local(groups, rank)
+                add("prefill_layer", time_wall(whole_layer, warmup=1, reps=3)["ms"] * 1e-3,
+                    group_size=P, seqlens=seqlens)
+            del q, k, v, parts
+
+    # Decode on one instance: paged KV (page 16), a batch of B requests of L tokens each.
+    g1 = groups_by_p[1][0]
+    shapes = ([(1, 64), (4, 32)] if args.smoke else [(1, 4096), (32, 4096)] if args.quick else
+              [(1, 1024), (1, 16384), (1, 131072), (8, 1024), (8, 16384), (32, 4096),
+               (32, 16384), (64, 4096), (128, 1024), (128, 4096), (256, 512), (256, 2048)])
+    for B, L in shapes:
+        pages = B * math.ceil(L / 16) + 8
+        cache = esp.PagedKVCache(1, pages, 16, HKV, D, DT, DEV)
+        for r in range(B):
+            cache.allocate(r, range(L))
+        kc, vc = cache.layer(0)
+        kc.normal_(generator=gen)
+        vc.normal_(generator=gen)
+        plan = esp.DecodePlan.build(g1, cache, list(range(B)), [0] * B)
+        q = torch.randn(B, HQ, D, device=DEV, generator=gen).to(DT)
+        t = time_wall(lambda: esp.distributed_decode(q, cache, plan, g1, layer=0), reps=10)
+        add("decode_attn", t["ms"] * 1e-3, kv_lens=[L] * B)
+        x = x_of(B)
+
+        def decode_layer():
+            qd, _, _ = layer.pre(x)
+            o = esp.distributed_decode(qd.contiguous(), cache, plan, g1, layer=0)
+            return layer.post(x, o)
+        add("decode_layer", time_wall(decode_layer, reps=10)["ms"] * 1e-3, kv_lens=[L] * B)
+        del cache
+
+    # Device copy (migration pack/unpack moves every byte twice: pack, then unpack).
+    for nbytes in ([1 << 16, 1 << 20] if args.smoke else [1 << 20, 1 << 28] if args.quick else
+                   [1 << 16, 1 << 20, 1 << 24, 1 << 28, 1 << 30]):
+        a = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
+        b = torch.empty_like(a)
+        add("copy", timed(lambda: b.copy_(a), reps=7)["ms"] * 1e-3, bytes=nbytes)
+        del a, b
+    for nbytes, t in ((4, 43e-6), (1 << 30, (1 << 30) / 310e9)):
+        add("link", t, bytes=nbytes, source="modelled: 2xH200 NCCL, bench/results 2026-11-24 "
+            "(43 us per small blocking exchange, 304-325 GB/s for one 1 GiB send)")
+
+    model = MODEL if not args.smoke else {**MODEL, "hidden": H, "num_q_heads": HQ,
+                                          "num_kv_heads": HKV, "head_dim": D, "intermediate": FF,
+                                          "vocab": V, "dtype": "float32"}
+    doc = {**run_info(), "model": model, "samples": samples}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"{len(samples)} samples -> {args.out} in {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()
