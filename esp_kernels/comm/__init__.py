@@ -8,11 +8,11 @@
     ring = g.subgroup([3, 0, 5])                # ordered ESP group, no new communicator
 """
 
-from .group import CommError, CommTimeout, CompletedWork, Group, Work, drive
+from .group import CommAborted, CommError, CommTimeout, CompletedWork, Group, Work, drive
 from .local import LocalGroup, local_group, run_local, run_steps
 from .nccl import init_nccl
 from .torch_backend import TorchGroup, from_torch
 
 
-__all__ = ["CommError", "CommTimeout", "CompletedWork", "Group", "Work", "drive", "LocalGroup",
+__all__ = ["CommAborted", "CommError", "CommTimeout", "CompletedWork", "Group", "Work", "drive", "LocalGroup",
            "local_group", "run_local", "run_steps", "TorchGroup", "from_torch", "init_nccl"]

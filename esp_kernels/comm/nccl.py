@@ -221,10 +221,6 @@ class NcclGroup(Group):
         return self._world.stream
 
     @property
-    def world_rank(self) -> int:
-        return self._world.rank
-
-    @property
     def world_size(self) -> int:
         return self._world.size
 
