@@ -189,8 +189,8 @@ def host_overhead_bench(rec):
         groups, caches, plans, qs = host_case(N, gen)
         # All ranks from one thread (run_steps): CPU time of the thread / N = host cost per rank.
         # deterministic=True: the fixed-range schedule (no tile counters).
-        # The machine's host speed drifts between and within calls (one instance: 22-54 us in
-        # runs 11-17, and 22-37 us within run 29's call): the best of 15 rounds.
+        # The machine's host speed drifts between and within calls (one instance: 22-54 us
+        # across H100 sessions, 22-37 us within one call): the best of 15 rounds.
         outs = [torch.empty_like(q) for q in qs]
         for det, out in (((False, None), (True, None), (False, outs)) if N == 1
                          else ((False, None), (False, outs))):

@@ -8,7 +8,7 @@ the start event, so the host has queued the measured call before the GPU reaches
 then time the device work (kernels and the gaps between them), not the host's launch overhead,
 which bench_decode measures on its own. Without this, an op whose Python launch path outlasts
 the flush (SDPA's context manager, ~0.1 ms) had up to 100 us of host time in its "kernel" time
-(H100 run 8: cuDNN decode 438 us by events vs 357 us of kernels in the same loop).
+(H100: cuDNN decode 438 us by events vs 357 us of kernels in the same loop).
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ std::shared_ptr<LocalWork> LocalMailbox::post(
     if (!s.aborted.empty()) throw MailboxAborted(s.aborted);
     try {
       // One cudaEventQuery per finished copy however seldom this polls (polling only every
-      // 8 copies left it at 1.04 per decode layer and rank on 2 ranks, runs 31-32).
+      // 8 copies still counted 1.04 queries per decode layer and rank on 2 ranks).
       while (!s.inflight.empty() && s.inflight.front().done->query()) {
         for (py::object& o : s.inflight.front().keep) released.push_back(std::move(o));
         s.inflight.pop_front();

@@ -2,7 +2,7 @@
 
 // The message matching of virtual ranks (esp_kernels/comm/local.py) in C++: one call per post
 // and one per wait. In Python the matching of one exchange cost ~19 us per rank on the GPU
-// machine's host even for CPU tensors (run 11 host diagnostic), two exchanges per decode layer
+// machine's host (H100) even for CPU tensors, two exchanges per decode layer
 // against a 30 us per-layer budget.
 //
 // Semantics (those of the pure-Python world, which stays for builds without this core):
