@@ -349,8 +349,9 @@ def _nccl_worker(rank, tmp, mode, timeout_s):
 @pytest.mark.parametrize("mode", ["raises", "dies"])
 def test_nccl_peer_failure_raises_within_timeout(mode):
     """Native NCCL over two GPUs: rank 0's host wait on a message from a peer that raised (alive,
-    never sends) or died raises CommTimeout within about the timeout, aborts the world (every
-    handle then raises CommError) and the process exits normally."""
+    never sends) or died raises CommTimeout (or NCCL's remote error for a dead peer) within about
+    the timeout, aborts the world (every handle then raises CommError) and the process exits
+    normally."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs (NCCL ranks need one device each)")
     timeout_s = 5.0
@@ -369,5 +370,7 @@ def test_nccl_peer_failure_raises_within_timeout(mode):
         assert not alive and procs[0].exitcode == 0, (alive, procs[0].exitcode)
         with open(os.path.join(tmp, "rank0.pkl"), "rb") as f:
             (outcome, kind, seconds), closed = pickle.load(f)
-    assert outcome == "raised" and kind == "CommTimeout", (outcome, kind)
+    # A dead peer may also surface as NCCL's remote error before the timeout.
+    expected = ("CommTimeout",) if mode == "raises" else ("CommTimeout", "CommError")
+    assert outcome == "raised" and kind in expected, (outcome, kind)
     assert seconds < 2 * timeout_s and closed, (seconds, closed)
