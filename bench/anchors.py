@@ -54,7 +54,8 @@ def fa3_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool 
         run()
         torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001 - a refused shape skips the anchor
-        return _absent("FA3 (FlashInfer)", f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+        return _absent("FA3 (FlashInfer)",
+                       f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
     return run
 
 

@@ -48,7 +48,7 @@ import pytest
 import torch
 
 from esp_kernels import _core
-from esp_kernels.comm import CommAborted, CommError, CommTimeout, drive, local_group, run_local, run_steps
+from esp_kernels.comm import CommAborted, drive, local_group, run_local, run_steps
 from esp_kernels.comm import local as local_mod
 
 PATHS = ("python", "core")
