@@ -1,4 +1,4 @@
-"""Where the decode kernel's stream falls short of cuDNN's (gpu_check.sh stage decode_diag).
+"""Where the decode kernel's stream falls short of cuDNN's (EXTRA="cd bench && python3 diag_decode.py").
 
 Times the paged decode kernel with the block table in order (pages laid out like contiguous KV)
 against shuffled pages (bench_decode.py's layout), next to SDPA CUDNN on contiguous KV, for the

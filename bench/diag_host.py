@@ -1,10 +1,10 @@
-"""Where the host time of a decode layer goes on virtual ranks (gpu_check.sh host_diag):
+"""Where the host time of a decode layer goes on virtual ranks (EXTRA="python3 bench/diag_host.py"):
 exchange cost with CPU vs GPU tensors (a thread per rank, and run_steps), then cProfile of the
 run_steps decode loop (all ranks in one thread) with 2 and 4 ranks.
 
 --calls: the CUDA API calls of one decode layer per rank (torch.profiler, CUPTI), by name: the
-host rows drift ~1.7x within one call on the GPU machine, the call counts do not
-(bench/ab_host.sh runs this for every tree it compares)."""
+host rows drift ~1.7x within one call on the GPU machine, the call counts do not (run it on a
+baseline tree too to compare two commits)."""
 
 import argparse
 import collections
@@ -14,7 +14,7 @@ import json
 import pstats
 import time
 
-import harness  # noqa: F401  (first: ESP_KERNELS_ROOT picks the esp_kernels tree)
+import harness  # noqa: F401  (first: puts this checkout's esp_kernels on the path)
 import torch
 
 import esp_kernels

@@ -10,7 +10,6 @@ messages (the link's per-message cost, no pack) and a 4-byte exchange's round tr
 of the cache's allocate / remove_tokens for 32768 tokens.
 """
 
-import importlib.util
 import os
 import sys
 import time
@@ -63,16 +62,6 @@ def main():
             for a, b in ((0, 1), (1, 0))]
     t = ms(lambda: [esp.migrate_kv(cache, p, world) for p in many], reps=5)
     say(f"migrate_kv 64 requests x 16 tokens in one plan: {t / 2:8.3f} ms per direction")
-    old_path = os.environ.get("ESP_OLD_MIGRATION")  # an earlier migration.py, for an A/B
-    if old_path:
-        spec = importlib.util.spec_from_file_location("esp_kernels.kvcache._old_migration",
-                                                      old_path)
-        old = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(old)
-        old_many = [old.MigrationPlan([(e.request, e.start, e.end, e.src, e.dst) for e in p])
-                    for p in many]
-        t = ms(lambda: [old.migrate_kv(cache, p, world) for p in old_many], reps=5)
-        say(f"  the same with {old_path}: {t / 2:8.3f} ms per direction")
     buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     nonblocking_world = esp.comm.init_nccl(rank, 2, store, device=dev, prefix="nonblocking",
                                            blocking=False)

@@ -1,99 +1,93 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build, GPU test tier, compute-sanitizer, benchmarks.
-#   STAGES="build test sanitize bench" (default; also: nccl_diag host_diag
-#   decode_diag decode_profile decode_ncu micro multi host_ab); multi runs bench/multi_gpu.sh on
-#   every visible GPU (issue 7's checks and benchmarks, one process per GPU over native NCCL);
-#   host_ab runs bench/ab_host.sh (host rows, an older tree carried in build/ab_old vs this one)
-#   BENCHES="merge prefill_step ring decode kv_copy comm"
-#   PYTEST_K (a pytest -k expression), PYTEST_ARGS (extra arguments, split on spaces)
-#   QUICK=1 (smaller benchmark sizes); ESP_COMMIT tags result rows (the copied .git can be stale)
+# One call on the GPU machine: build, GPU test tier, compute-sanitizer, benchmarks with anchors.
+#   STAGES="build test sanitize bench"   (default: all four, in this order; "" for none)
+#   BENCHES="merge prefill_step ring decode kv_copy comm"   (bench/bench_<name>.py)
+#   QUICK=1            smaller benchmark sizes
+#   PYTEST_K / PYTEST_ARGS   a pytest -k expression / extra pytest arguments (split on spaces)
+#   EXTRA="cmd; cmd"   shell commands run after the stages, same environment (e.g.
+#                      EXTRA="python3 bench/diag_host.py --calls; bash bench/multi_gpu.sh 2")
+#   BASELINE_DIR=path  an older checkout (e.g. `git worktree add /tmp/old <commit>`, carried or
+#                      made in the same call): built in place, and its own bench scripts run
+#                      alternately with this tree's, so both sets of rows come from one call
+#                      (the host's speed drifts ~1.3x between calls); a table compares them
+#   ESP_COMMIT / BASELINE_COMMIT   tags for the rows (a copied tree's .git can be stale)
+# Anchors: a carried `.anchors/` (FlashInfer trimmed tarball, tvm-ffi and cuDNN frontend wheels)
+# is installed into /tmp/fi and /tmp/site; without it each benchmark prints one line saying the
+# anchor is skipped. Wheels carried in `.whl/` (e.g. nvidia-cutlass) are installed first.
 # Writes under $OUT (default bench/results/local): log.txt, pytest_gpu.txt, sanitizer.txt,
-# bench.jsonl. The machine has no network: carried wheels in .whl/ are installed to /tmp/site.
+# bench.jsonl (and bench_baseline.jsonl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 OUT=${OUT:-bench/results/local}
-STAGES=${STAGES:-build test sanitize bench}
-BENCHES=${BENCHES:-merge prefill_step ring decode kv_copy comm}
+STAGES=${STAGES-build test sanitize bench}
+BENCHES=${BENCHES-merge prefill_step ring decode kv_copy comm}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 exec > >(tee -a "$OUT/log.txt") 2>&1
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 stamp() { echo "=== $(date -u +%H:%M:%S) $*"; }
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
 stamp "environment"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+fi
+if ls .anchors/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .anchors/*.whl
+fi
+if ls .anchors/flashinfer-*.tar.gz >/dev/null 2>&1; then
+  mkdir -p /tmp/fi && tar -xzf .anchors/flashinfer-*.tar.gz -C /tmp/fi
+  export PYTHONPATH=/tmp/fi/flashinfer_trim:${PYTHONPATH:-}
+  export FLASHINFER_WORKSPACE_BASE=/tmp/fi_ws FLASHINFER_DISABLE_VERSION_CHECK=1
+else
+  echo "no .anchors/flashinfer-*.tar.gz: the FlashInfer anchors will be skipped"
+fi
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
-NGPU=$(nvidia-smi -L | grep -c "^GPU")
-if [ "$NGPU" -gt 1 ]; then nvidia-smi topo -m; fi
 python3 - <<'PY'
-import torch, triton, sys
+import sys, torch, triton
 print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__,
       "cuda", torch.version.cuda, "nccl(torch)", torch.cuda.nccl.version())
-try:
-    import nvidia.nccl; print("nvidia.nccl", nvidia.nccl.__path__)
-except ImportError as e: print("no nvidia-nccl wheel:", e)
+for name in ("flashinfer", "cudnn"):
+    try:
+        m = __import__(name); print(name, getattr(m, "__version__", "?"))
+    except Exception as e: print(name, "absent:", type(e).__name__, e)
 PY
 nvcc --version | tail -1
-for c in g++ /usr/bin/g++; do echo "$c: $($c --version | head -1) ($(command -v $c))"; done
-echo "CXX=${CXX:-unset} CC=${CC:-unset} CUDAHOSTCXX=${CUDAHOSTCXX:-unset}"
+
+build_in_place() {  # the baseline: in its own folder, without touching the editable install
+  local start=$(date +%s)
+  MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace > "$OUT/build_baseline.log" 2>&1 \
+    || { echo "BASELINE BUILD FAILED"; tail -30 "$OUT/build_baseline.log"; return 1; }
+  echo "baseline built in $(( $(date +%s) - start )) s"
+}
 
 if has build; then
   stamp "build"
   start=$(date +%s)
   MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install --no-build-isolation --no-deps -e . \
     || { echo "BUILD FAILED"; exit 1; }
-  echo "build took $(( $(date +%s) - start )) s"
+  echo "built in $(( $(date +%s) - start )) s"
+  if [ -n "${BASELINE_DIR:-}" ]; then
+    (cd "$BASELINE_DIR" && build_in_place) || exit 1
+  fi
 fi
+export PYTHONPATH=$ROOT:$PYTHONPATH
 python3 -m esp_kernels show-config
 
 if has test; then
   # NCCL tests in their own process: a crash there must not hide the other results.
   stamp "pytest -m gpu (all but NCCL)"
   python3 -m pytest -m gpu tests -q -rfE -p no:cacheprovider --timeout=600 \
-    --ignore=tests/test_comm_nccl.py ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} 2>&1 \
-    | tee "$OUT/pytest_gpu.txt" | tail -40
+    --ignore=tests/test_comm_nccl.py \
+    ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -40
   stamp "pytest -m gpu tests/test_comm_nccl.py"
   python3 -m pytest -m gpu tests/test_comm_nccl.py -q -rfE -p no:cacheprovider --timeout=300 \
-    2>&1 | tee -a "$OUT/pytest_gpu.txt" | tail -20
-fi
-
-if has nccl_diag; then
-  stamp "NCCL world-of-1 under cuda-gdb (native backtrace on a crash)"
-  NCCL_DEBUG=INFO timeout 120 cuda-gdb -q -batch -ex run -ex bt \
-    --args python3 bench/diag_nccl.py 2>&1 | grep -v "^\[New Thread\|^\[Thread" | tail -60
-fi
-
-if has host_diag; then
-  stamp "host overhead diagnostic"
-  (cd bench && python3 diag_host.py 2>&1 | head -80)
-fi
-
-if has decode_diag; then
-  stamp "decode diagnostic: page order, head layout, cuDNN"
-  (cd bench && python3 diag_decode.py)
-fi
-
-if has decode_profile; then
-  stamp "decode: event time vs per-kernel device time"
-  (cd bench && python3 diag_decode.py --profile) 2>&1 | tee "$OUT/decode_profile.txt"
-fi
-
-if has decode_ncu; then
-  stamp "decode under Nsight Compute"
-  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  if [ -n "$NCU" ]; then
-    (cd bench && "$NCU" --clock-control none --profile-from-start off --section SpeedOfLight \
-      --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
-      --section LaunchStats python3 diag_decode.py --ncu) > "$OUT/ncu_decode.txt" 2>&1
-    echo "ncu exit $?"; grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput" \
-      "$OUT/ncu_decode.txt" | head -80
-  else
-    echo "no ncu on this machine"
-  fi
+    2>&1 \
+    | tee -a "$OUT/pytest_gpu.txt" | tail -20
 fi
 
 if has sanitize; then
@@ -106,33 +100,31 @@ if has sanitize; then
   cat "$OUT"/sanitizer_*.txt > "$OUT/sanitizer.txt" && rm -f "$OUT"/sanitizer_*.txt
 fi
 
-if has micro; then
-  stamp "pytest-benchmark microbenchmarks"
-  python3 -m pytest bench/test_microbench.py -q -p no:cacheprovider --benchmark-columns=min,median,max \
-    2>&1 | tail -15
-fi
-
 if has bench; then
+  BASE_TAG=${BASELINE_COMMIT:-$(git -C "${BASELINE_DIR:-.}" rev-parse --short HEAD 2>/dev/null \
+    || echo baseline)}
   for b in $BENCHES; do
     stamp "bench $b"
     python3 bench/bench_$b.py --out "$OUT/bench.jsonl" ${QUICK:+--quick}
+    if [ -n "${BASELINE_DIR:-}" ]; then
+      stamp "bench $b, baseline $BASE_TAG ($BASELINE_DIR)"
+      if [ -f "$BASELINE_DIR/bench/bench_$b.py" ]; then
+        (cd "$BASELINE_DIR" && PYTHONPATH=$BASELINE_DIR:${PYTHONPATH#$ROOT:} ESP_COMMIT=$BASE_TAG \
+          python3 bench/bench_$b.py --out "$OUT/bench_baseline.jsonl" ${QUICK:+--quick})
+      else
+        echo "the baseline has no bench/bench_$b.py"
+      fi
+    fi
   done
-fi
-if has host_ab; then
-  stamp "host overhead A/B (bench/ab_host.sh)"
-  bash bench/ab_host.sh
-fi
-if has multi; then
-  stamp "multi_gpu.sh $NGPU"
-  bash bench/multi_gpu.sh "$NGPU" --out "$OUT/bench.jsonl" ${QUICK:+--quick}
-  echo "multi_gpu.sh exit $?"
-  stamp "multi_gpu.sh $NGPU --nonblocking"
-  bash bench/multi_gpu.sh "$NGPU" --nonblocking --out "$OUT/bench.jsonl" ${QUICK:+--quick}
-  echo "multi_gpu.sh --nonblocking exit $?"
-  if [ "$NGPU" -ge 2 ]; then
-    stamp "migration diagnostic (2 GPUs)"
-    python3 -m torch.distributed.run --standalone --nproc_per_node=2 bench/diag_migration.py \
-      2>&1 | grep -v "OMP_NUM_THREADS\|^\*" | tee "$OUT/diag_migration.txt"
+  if [ -n "${BASELINE_DIR:-}" ]; then
+    stamp "baseline ($BASE_TAG) vs this tree"
+    python3 bench/harness.py compare "$OUT/bench_baseline.jsonl" "$OUT/bench.jsonl"
   fi
+fi
+
+if [ -n "${EXTRA:-}" ]; then
+  stamp "EXTRA: $EXTRA"
+  bash -c "$EXTRA"
+  echo "EXTRA exit $?"
 fi
 stamp "done"

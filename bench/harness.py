@@ -8,7 +8,7 @@ the start event, so the host has queued the measured call before the GPU reaches
 then time the device work (kernels and the gaps between them), not the host's launch overhead,
 which bench_decode measures on its own. Without this, an op whose Python launch path outlasts
 the flush (SDPA's context manager, ~0.1 ms) had up to 100 us of host time in its "kernel" time
-(H100 run 8: cuDNN decode 438 us by events vs 357 us of kernels in the same loop).
+(H100: cuDNN decode 438 us by events vs 357 us of kernels in the same loop).
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# ESP_KERNELS_ROOT: import esp_kernels from another tree (an A/B against an older build in the
-# same call, bench/ab_host.sh); by default this checkout.
-sys.path.insert(0, os.environ.get("ESP_KERNELS_ROOT", ROOT))
+sys.path.insert(0, ROOT)  # this checkout's esp_kernels (gpu_check.sh's BASELINE_DIR runs another)
 
 _FLUSH = None
 
@@ -151,3 +149,34 @@ def parse_out(argv=None):
     p.add_argument("--only", default=None,
                    help="comma-separated parts to run (names per benchmark; default all)")
     return p.parse_args(argv)
+
+
+def compare(before_path: str, after_path: str) -> None:
+    """Print the rows two result files share (same family, case, op and anchor): our value
+    before and after and the change (positive: better), e.g. a baseline tree vs this one."""
+    def load(path):
+        rows = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    r = json.loads(line)
+                    rows[(r["family"], r["case"], r["ours"], r["anchor"])] = r
+        return rows
+    before, after = load(before_path), load(after_path)
+    shared = [k for k in after if k in before]
+    print(f"{len(shared)} rows in both ({before_path}: {len(before)}, {after_path}: "
+          f"{len(after)})")
+    for key in shared:
+        b, a = before[key], after[key]
+        better = a["ours_value"] / b["ours_value"] if a["higher_is_better"] else \
+            b["ours_value"] / a["ours_value"]
+        print(f"  {key[0]:<14} {key[1]:<48} {key[2]:<22} {b['ours_value']:>10.3f} -> "
+              f"{a['ours_value']:>10.3f} {a['unit']:<8} {100 * (better - 1):+6.1f}%  "
+              f"(anchor {key[3]})")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "compare":
+        compare(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: python bench/harness.py compare BEFORE.jsonl AFTER.jsonl")

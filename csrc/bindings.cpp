@@ -91,13 +91,19 @@ PYBIND11_MODULE(_C, m) {
       .def("first_unmatched", &esp::LocalWork::first_unmatched)
       .def("wait", &esp::LocalWork::wait, py::arg("stream"))
       .def("synchronize", &esp::LocalWork::synchronize, py::call_guard<py::gil_scoped_release>());
+  py::register_exception<esp::MailboxAborted>(m, "MailboxAborted", PyExc_RuntimeError);
   py::class_<esp::LocalMailbox>(m, "LocalMailbox")
       .def(py::init<int, int, std::vector<uintptr_t>>(), py::arg("n"), py::arg("device"),
            py::arg("comm_streams"))
       .def("post", &esp::LocalMailbox::post, py::arg("rank"), py::arg("msgs"), py::arg("stream"),
            py::arg("keep"), py::arg("send_ptrs") = std::vector<std::pair<int, uintptr_t>>{},
            "Post rank's messages; returns its LocalWork. `keep` stays referenced until the "
-           "copies using it have completed.");
+           "copies using it have completed.")
+      .def("abort", &esp::LocalMailbox::abort, py::arg("reason"),
+           "Cut off every message still waiting for its peer (its waits raise MailboxAborted) "
+           "and refuse later posts; idempotent.")
+      .def_property_readonly("aborted", &esp::LocalMailbox::aborted,
+                             "The abort's reason, empty while the mailbox is open.");
 
   // ---- NCCL ----
   py::register_exception<esp::NcclError>(m, "NcclError", PyExc_RuntimeError);
@@ -120,7 +126,7 @@ PYBIND11_MODULE(_C, m) {
              return new esp::NcclComm(uid, rank, world_size, device, timeout_s, blocking);
            }),
            py::arg("unique_id"), py::arg("rank"), py::arg("world_size"), py::arg("device"),
-           py::arg("timeout_s"), py::arg("blocking") = false,
+           py::arg("timeout_s"), py::arg("blocking") = true,
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("rank", &esp::NcclComm::rank)
       .def_property_readonly("size", &esp::NcclComm::size)

@@ -54,7 +54,7 @@ def random_lengths(batch: int, max_len: int, generator: torch.Generator | None =
 
 # Largest allowed ||out - ref|| / ||ref|| against a float64 reference, by the dtype the kernel
 # reads and writes. bf16/fp16 values are about 2x the error of the same math done by PyTorch in
-# that dtype (DESIGN.md §5); fp32 leaves room for tf32-free fp32 accumulation order.
+# that dtype (docs/DESIGN.md §8); fp32 leaves room for tf32-free fp32 accumulation order.
 TOLERANCES = {
     torch.float64: 1e-10,
     torch.float32: 2e-5,

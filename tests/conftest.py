@@ -35,7 +35,7 @@ def gen():
     return torch.Generator().manual_seed(seed)
 
 
-# Triton kernels run under the interpreter on machines without a GPU (DESIGN.md §4); the flag
+# Triton kernels run under the interpreter on machines without a GPU (docs/DESIGN.md §8); the flag
 # must be set before triton decorates our kernels, i.e. before esp_kernels.prefill.triton_step
 # is first imported (it is imported lazily, on first use).
 if not torch.cuda.is_available():

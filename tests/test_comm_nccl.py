@@ -8,6 +8,7 @@ abort, bad peers; timeouts and cross-thread abort run in a subprocess so a hang 
 cannot take the test session down.
 """
 
+import inspect
 import os
 import re
 import subprocess
@@ -155,6 +156,13 @@ def test_core_load_version_and_unique_id():
 
 
 @needs_core
+def test_one_blocking_default_everywhere():
+    """init_nccl, the compiled communicator and its binding default to blocking alike."""
+    assert inspect.signature(espnccl.init_nccl).parameters["blocking"].default is True
+    assert "blocking: bool = True" in _core._C.NcclComm.__init__.__doc__
+
+
+@needs_core
 @needs_no_cuda
 def test_core_comm_without_gpu_is_a_clear_error():
     espnccl.load_nccl()
@@ -226,7 +234,7 @@ def test_zero_size_message(world):
 def test_receive_consumed_on_compute_stream(blocking, gen):
     """Ordering on both communicator kinds. Not blocking the host is asserted for blocking
     communicators only: with a nonblocking one NCCL 2.28 reported the group launch in progress
-    until the queued producer had finished (GPU run 3), so exchange() waited for it."""
+    until the queued producer had finished (H100), so exchange() waited for it."""
     world = espnccl.init_nccl(0, 1, torch.distributed.HashStore(),
                               device=torch.cuda.current_device(), timeout=120,
                               prefix=f"order{int(blocking)}", blocking=blocking)
@@ -287,6 +295,11 @@ def test_subgroup_shares_the_world(world, gen):
     sub.exchange(sends=[(x, 0)], recvs=[(y, 0)]).synchronize(60)
     assert torch.equal(x, y)
     assert sub.subgroup([0]).comm is world.comm
+
+
+@pytest.mark.gpu
+def test_world_rank(world):
+    assert world.world_rank == 0 and world.subgroup([0]).world_rank == 0
 
 
 @pytest.mark.gpu

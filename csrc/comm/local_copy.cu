@@ -9,7 +9,7 @@ namespace esp {
 namespace {
 
 // Released events per device, reused by the next Event: creating and destroying one per message
-// cost ~6 us each (run 11 profile: 52 us per post on 4 ranks, most of it in cudaEventCreate and
+// cost ~6 us each (H100 host profile: 52 us per post on 4 ranks, most of it in cudaEventCreate and
 // cudaEventDestroy). Reusing an event is safe once its owner is gone: waits already enqueued on
 // it keep the record they saw. Never freed (Python may drop Events during interpreter exit).
 struct EventPool {

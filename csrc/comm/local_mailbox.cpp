@@ -30,6 +30,7 @@ struct MailboxState {
   // Objects of deferred messages whose copy failed: kept until the mailbox goes (a copy kernel
   // launched before the failure may still use them; a flush may run without the GIL).
   std::vector<py::object> orphans;
+  std::string aborted;  // the abort's reason; empty while open
 
   ~MailboxState() {
     // The objects may be released only once the copies that use them have completed. No throw
@@ -134,9 +135,10 @@ std::shared_ptr<LocalWork> LocalMailbox::post(
   std::vector<py::object> released;
   {
     std::lock_guard<std::mutex> lock(s.mu);
+    if (!s.aborted.empty()) throw MailboxAborted(s.aborted);
     try {
       // One cudaEventQuery per finished copy however seldom this polls (polling only every
-      // 8 copies left it at 1.04 per decode layer and rank on 2 ranks, runs 31-32).
+      // 8 copies still counted 1.04 queries per decode layer and rank on 2 ranks).
       while (!s.inflight.empty() && s.inflight.front().done->query()) {
         for (py::object& o : s.inflight.front().keep) released.push_back(std::move(o));
         s.inflight.pop_front();
@@ -270,6 +272,33 @@ std::shared_ptr<LocalWork> LocalMailbox::post(
   return std::make_shared<LocalWork>(state_, rank, std::move(mine));
 }
 
+void LocalMailbox::abort(const std::string& reason) {
+  MailboxState& s = *state_;
+  std::vector<py::object> released;  // dropped after the lock (a decref may run Python)
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (!s.aborted.empty()) return;
+    s.aborted = reason.empty() ? std::string("the virtual-rank world was aborted") : reason;
+    for (auto* queues : {&s.pending_sends, &s.pending_recvs})
+      for (auto& q : *queues) {
+        for (auto& m : q) {
+          m->error = s.aborted;
+          m->aborted = true;
+          released.push_back(std::move(m->first_keep));  // never copied: nothing reads it
+          m->matched.store(true, std::memory_order_release);
+        }
+        q.clear();
+      }
+    s.pending_at_once = 0;  // deferred messages are copied by the waits that need them
+    s.cv.notify_all();
+  }
+}
+
+std::string LocalMailbox::aborted() const {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return state_->aborted;
+}
+
 bool LocalWork::matched() const {
   for (const auto& m : msgs_)
     if (!m->matched.load(std::memory_order_acquire)) return false;
@@ -296,6 +325,8 @@ std::pair<int, int> LocalWork::first_unmatched() const {
 
 void LocalWork::check_errors() const {
   if (!matched()) throw std::runtime_error("LocalWork: waited on before every message was matched");
+  for (const auto& m : msgs_)
+    if (m->aborted) throw MailboxAborted(m->error);
   for (const auto& m : msgs_) ESP_CHECK(m->error.empty(), m->error);
 }
 

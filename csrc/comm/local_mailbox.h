@@ -2,7 +2,7 @@
 
 // The message matching of virtual ranks (esp_kernels/comm/local.py) in C++: one call per post
 // and one per wait. In Python the matching of one exchange cost ~19 us per rank on the GPU
-// machine's host even for CPU tensors (run 11 host diagnostic), two exchanges per decode layer
+// machine's host (H100) even for CPU tensors, two exchanges per decode layer
 // against a 30 us per-layer budget.
 //
 // Semantics (those of the pure-Python world, which stays for builds without this core):
@@ -23,8 +23,14 @@
 // never ends) only moves the copies to the waits. With P ranks in an all-to-all round that is
 // one copy and one done event per round instead of one per matching post, and P-1 waits on it:
 // 11 driver calls instead of 21 for 4 ranks (see post).
+//
+// Abort (a virtual rank failed, esp_kernels/comm/local.py): every message still waiting for its
+// peer gets the abort's reason and counts as matched, so every blocked wait returns at once and
+// raises MailboxAborted; later posts raise it too. Messages already matched keep their copies.
 
 #include <pybind11/pybind11.h>
+
+#include <stdexcept>
 
 #include <atomic>
 #include <condition_variable>
@@ -38,6 +44,13 @@
 #include "local_copy.h"
 
 namespace esp {
+
+// Raised by posts after abort() and by waits on messages the abort cut off (Python:
+// esp_kernels._C.MailboxAborted, turned into esp_kernels.comm.CommAborted).
+class MailboxAborted : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
 
 // One side of a message: a contiguous buffer and its peer (world rank).
 struct MessageSpec {
@@ -67,7 +80,8 @@ struct LocalMessage {
   bool deferred = false;         // both sides posted, copy not enqueued yet (see the top)
   std::shared_ptr<Event> done;  // CUDA: recorded after the copy
   uintptr_t copy_stream = 0;    // CUDA: the stream the copy was enqueued on
-  std::string error;            // set on a size or dtype mismatch
+  std::string error;            // set on a size or dtype mismatch, a failed post or an abort
+  bool aborted = false;         // `error` is the abort's reason (see the top)
   std::atomic<bool> matched{false};
 };
 
@@ -116,6 +130,12 @@ class LocalMailbox {
   std::shared_ptr<LocalWork> post(int rank, const MessageList& msgs, uintptr_t stream,
                                    pybind11::object keep,
                                    const std::vector<std::pair<int, uintptr_t>>& send_ptrs);
+
+  // Cut off every message still waiting for its peer (its waits raise MailboxAborted with
+  // `reason`) and refuse later posts; idempotent (the first reason stays). Call with the GIL.
+  void abort(const std::string& reason);
+  // The abort's reason, empty while the mailbox is open.
+  std::string aborted() const;
 
  private:
   std::shared_ptr<MailboxState> state_;

@@ -31,6 +31,19 @@ class CommTimeout(CommError):
     """A communication did not complete within the group's timeout."""
 
 
+class CommAborted(CommError):
+    """The world was aborted because one of its ranks failed (or `abort()` was called): raised
+    by every wait cut off by the abort and by every later exchange on that world.
+
+    `failed_rank` is the world rank that failed (None when aborted without one); `__cause__` is
+    that rank's exception when it is known.
+    """
+
+    def __init__(self, message: str, failed_rank: int | None = None):
+        super().__init__(message)
+        self.failed_rank = failed_rank
+
+
 class Work(abc.ABC):
     """Handle of posted communication."""
 
@@ -106,7 +119,13 @@ class PreparedExchange:
 
 
 class Group(abc.ABC):
-    """Ordered group of ranks. Attributes: rank, size, device, world_ranks, timeout."""
+    """Ordered group of ranks. Attributes: rank, size, device, world_ranks, timeout; property
+    world_rank.
+
+    Ranks: `rank` and the peers of `exchange`/`send`/`recv` are positions in this group (ring
+    ranks for an ESP group); `world_ranks[i]` is the world rank of position i and `world_rank`
+    this member's own (what plans name instances by).
+    """
 
     #: this process's (or virtual rank's) position in the group
     rank: int
@@ -118,6 +137,11 @@ class Group(abc.ABC):
     world_ranks: tuple[int, ...]
     #: seconds a blocking wait may take before CommTimeout
     timeout: float = DEFAULT_TIMEOUT_S
+
+    @property
+    def world_rank(self) -> int:
+        """This member's rank in the world (the rank plans name it by)."""
+        return self.world_ranks[self.rank]
 
     # ---- backend hook -------------------------------------------------------------------
     @abc.abstractmethod

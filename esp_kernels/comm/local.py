@@ -4,31 +4,37 @@ Two ways to run a driver on every virtual rank:
   * `run_local(groups, fn, ...)`: **one Python thread per virtual rank**. The drivers are ordinary
     blocking code that only enqueues asynchronous GPU work, so the same code runs on NCCL,
     torch.distributed and virtual ranks. Rank threads contend for the GIL, though: a decode layer
-    on 2 / 4 ranks cost 613 / 2207 us of CPU per rank (run 8) against 28 us on one.
+    on 2 / 4 ranks cost 613 / 2207 us of CPU per rank against 28 us on one (H100 host, before
+    the matching moved to C++; bench/NOTES.md).
   * `run_steps(groups, steps)`: one *step generator* per rank (e.g.
     `esp.decode.distributed_decode_steps`), all advanced in the calling thread. A step generator
     yields the Work of each exchange it posts; `run_steps` resumes a rank once every message of
     its Work has been posted by both sides, so no thread ever blocks and nothing is contended.
     The same generator runs on any other group through `esp.comm.drive`.
 
-Each virtual rank has its own compute stream (current while its code runs) and its own
-communication stream. A message is a device-to-device copy: each side posts its tensor with an
-event recorded on its current stream; whichever side arrives second enqueues the copy on its
-communication stream after both events (the data is written and the buffer is free) and records
-a done-event, which both sides' Works wait on. So the sender's compute never blocks, the
-receiver's compute waits only on an event, and no device-wide synchronize happens. Matching
-follows posting order per (source, destination) pair, as in NCCL. On the CPU the copy is
-immediate.
+The message protocol (its spec, run case by case on both implementations, is the docstring of
+tests/test_local_protocol.py): each virtual rank has its own compute stream (current while its
+code runs) and its own communication stream. A message is a device-to-device copy: each side
+posts its tensor with an event recorded on its current stream; whichever side posts second
+matches it and enqueues the copy on its communication stream after both events (the data is
+written and the buffer is free) and records a done event, which both sides' Works wait on. So
+the sender's compute never blocks, the receiver's compute waits only on an event, and no
+device-wide synchronize happens. Matching follows posting order per (source, destination) pair,
+as in NCCL. On the CPU the copy is immediate. Messages both of whose sides were posted with
+`consume_at_once=True` (CUDA only) are not copied by the post that matches them: the last poster
+of the round (the post after which no consume-at-once half waits for its peer) copies them all on
+its own stream, or the first wait that needs one does (on the stream it waits for), or a
+synchronize (on the rank's communication stream).
 
-With the compiled core the matching runs in C++ (csrc/comm/local_mailbox.cpp: one call per post
-and one per wait; in Python it cost ~19 us per exchange and rank on the GPU machine's host, run
-11): events come from a pool, the messages one post matched are moved by one copy kernel with
-one done event, and the tensors of a message stay referenced until its copy has completed on the
-GPU, so the caching allocator never hands them out early. Messages both of whose sides were
-posted with `consume_at_once=True` are copied together by the last poster of the round on its
-own stream (or by the first wait that needs them): an all-to-all round of 4 ranks costs 11
-driver calls instead of 21. Without the core, the same protocol runs in Python on torch's stream
-API (`_LocalWorld.post`).
+Two implementations of that protocol: the compiled core's mailbox (csrc/comm/local_mailbox.cpp:
+one call per post and one per wait; the Python matching of one exchange cost ~19 us per rank on
+the H100 host, two exchanges per decode layer against a 30 us budget; an all-to-all round of 4
+ranks costs 11 driver calls with consume-at-once instead of 21), and `_LocalWorld.post` below on
+torch's stream API for builds without the core.
+
+Failure: `LocalGroup.abort()` (and `run_local` / `run_steps` when a rank raises) aborts the whole
+world: every message still waiting for its peer is cut off, so each wait on one raises
+CommAborted at once, and every later post on the world raises it too.
 """
 
 from __future__ import annotations
@@ -44,24 +50,32 @@ import torch
 
 from .. import _core
 from .._checks import resolve_device
-from .group import DEFAULT_TIMEOUT_S, CommError, CommTimeout, Group, Work
+from .group import DEFAULT_TIMEOUT_S, CommAborted, CommError, CommTimeout, Group, Work
 
 # The compiled mailbox class (None without the core); tests swap in None to run the Python
 # protocol.
 _Mailbox = getattr(_core._C, "LocalMailbox", None) if _core.has_compiled() else None
+_MailboxAborted = getattr(_core._C, "MailboxAborted", None) if _core.has_compiled() else None
 
 
 class _Message:
     """One matched (or half-matched) transfer between two virtual ranks."""
 
     __slots__ = ("tensor", "ready", "buffer", "buffer_ready", "done", "error", "matched", "src",
-                 "dst")
+                 "dst", "first_at_once", "deferred", "copy_stream")
 
     def __init__(self, src, dst):
         self.src, self.dst = src, dst
         self.tensor = self.ready = self.buffer = self.buffer_ready = self.done = None
+        self.copy_stream = None
         self.error: Exception | None = None
+        self.first_at_once = False  # the first side was posted consume_at_once (CUDA)
+        self.deferred = False       # both sides posted consume_at_once, copy not enqueued yet
         self.matched = False  # set under the world's lock; waiters use its condition
+
+
+class _Aborted:
+    """A message's error once the world was aborted (each wait raises a fresh CommAborted)."""
 
 
 class _LocalWorld:
@@ -75,6 +89,12 @@ class _LocalWorld:
         # (src, dst) -> FIFO of messages posted by exactly one side so far
         self.pending_sends: dict = collections.defaultdict(collections.deque)
         self.pending_recvs: dict = collections.defaultdict(collections.deque)
+        # consume-at-once rounds: messages whose copy waits for the round's last poster, and how
+        # many halves posted at once still wait for their peer
+        self.deferred: list[_Message] = []
+        self.pending_at_once = 0
+        # (failed world rank or None, reason, the failed rank's exception) once aborted
+        self.abort_info: tuple[int | None, str, BaseException | None] | None = None
         cuda = device.type == "cuda"
         self.compute_streams = [torch.cuda.Stream(device) if cuda else None for _ in range(n)]
         self.comm_streams = [torch.cuda.Stream(device) if cuda else None for _ in range(n)]
@@ -84,60 +104,122 @@ class _LocalWorld:
             self.box = _Mailbox(n, device.index if cuda else -1,
                                 [s.cuda_stream for s in self.comm_streams] if cuda else [])
 
-    def _match(self, msg: _Message):
-        """Both sides have posted: check the message, then copy it (CPU) or enqueue its copy."""
+    # ---- failure ------------------------------------------------------------------------
+    def abort(self, failed_rank: int | None = None, cause: BaseException | None = None) -> None:
+        """Cut off every message still waiting for its peer and refuse later posts (see the
+        module docstring); idempotent: the first abort's rank and cause stay."""
+        if failed_rank is None:
+            reason = "the virtual-rank world was aborted"
+        else:
+            what = "" if cause is None else f": {type(cause).__name__}: {cause}"
+            reason = f"the virtual-rank world was aborted because rank {failed_rank} failed{what}"
+        with self.lock:
+            if self.abort_info is not None:
+                return
+            self.abort_info = (failed_rank, reason, cause)
+            if self.box is None:
+                for queues in (self.pending_sends, self.pending_recvs):
+                    for q in queues.values():
+                        for msg in q:
+                            msg.error = _Aborted
+                            msg.tensor = msg.buffer = None  # never copied: nothing reads them
+                            msg.matched = True
+                        q.clear()
+                self.pending_at_once = 0  # deferred messages are copied by the waits
+                self.matched.notify_all()
+        if self.box is not None:
+            self.box.abort(reason)
+
+    def raise_aborted(self, me: int):
+        """Raise the CommAborted of rank `me`, caused by the failed rank's exception (the world
+        must have been aborted)."""
+        failed, reason, cause = self.abort_info
+        raise CommAborted(f"virtual rank {me}: {reason}", failed) from cause
+
+    # ---- the Python protocol ------------------------------------------------------------
+    def _copy(self, msgs: list[_Message], stream):
+        """Enqueue the copies of matched messages on `stream` after both sides' ready events;
+        one done event for them (lock held, CUDA)."""
+        with torch.cuda.stream(stream):
+            for m in msgs:
+                stream.wait_event(m.ready)
+                stream.wait_event(m.buffer_ready)
+                m.buffer.view(-1).copy_(m.tensor.view(-1), non_blocking=True)
+                # The copy reads and writes them on `stream`: keep the allocator from reusing them.
+                m.tensor.record_stream(stream)
+                m.buffer.record_stream(stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+        for m in msgs:
+            m.done, m.copy_stream = done, stream
+
+    def _flush(self, stream):
+        """Copy every deferred message on `stream` (lock held)."""
+        if self.deferred:
+            msgs, self.deferred = self.deferred, []
+            for m in msgs:
+                m.deferred = False
+            self._copy(msgs, stream)
+
+    def _match(self, msg: _Message, me: int, at_once: bool, batch: list):
+        """Both sides have posted: check the message, then copy it (CPU), defer it to the round's
+        last poster (both sides consume-at-once), or add it to this post's copy batch."""
+        if msg.first_at_once:
+            self.pending_at_once -= 1
         t, buf = msg.tensor, msg.buffer
         if t.numel() != buf.numel() or t.dtype != buf.dtype:
             msg.error = ValueError(
                 f"message {msg.src}->{msg.dst}: sent {t.numel()} x {t.dtype} but the receive "
                 f"buffer holds {buf.numel()} x {buf.dtype}")
-        elif self.device.type == "cuda":
-            # The copy reads the sender's tensor and overwrites the receiver's buffer: it waits
-            # for both owners' streams as they were when each side posted.
-            stream = self.comm_streams[msg.dst]
-            stream.wait_event(msg.ready)
-            stream.wait_event(msg.buffer_ready)
-            with torch.cuda.stream(stream):
-                buf.view(-1).copy_(t.view(-1), non_blocking=True)
-            # The copy reads t and writes buf on `stream`: keep the allocator from reusing them.
-            t.record_stream(stream)
-            buf.record_stream(stream)
-            msg.done = torch.cuda.Event()
-            msg.done.record(stream)
-        else:
+        elif self.device.type != "cuda":
             buf.view(-1).copy_(t.view(-1))
+        elif at_once and msg.first_at_once:
+            msg.deferred = True
+            self.deferred.append(msg)
+        else:
+            batch.append(msg)
+            return  # matched once its copy is enqueued
         msg.matched = True
 
-    def post(self, me: int, sends, recvs) -> list[_Message]:
+    def post(self, me: int, sends, recvs, consume_at_once: bool = False) -> list[_Message]:
         """The Python protocol (no compiled core)."""
         msgs = []
+        cuda = self.device.type == "cuda"
+        at_once = cuda and consume_at_once
         ready = None
-        if self.device.type == "cuda":
+        if cuda:
             ready = torch.cuda.Event()
             ready.record()  # on the current stream
+        batch: list[_Message] = []
         with self.lock:
-            for t, dst in sends:
-                q = self.pending_recvs[(me, dst)]
-                if q:
-                    msg = q.popleft()
-                    msg.tensor, msg.ready = t, ready
-                    self._match(msg)
-                else:
-                    msg = _Message(me, dst)
-                    msg.tensor, msg.ready = t, ready
-                    self.pending_sends[(me, dst)].append(msg)
-                msgs.append(msg)
-            for buf, src in recvs:
-                q = self.pending_sends[(src, me)]
-                if q:
-                    msg = q.popleft()
-                    msg.buffer, msg.buffer_ready = buf, ready
-                    self._match(msg)
-                else:
-                    msg = _Message(src, me)
-                    msg.buffer, msg.buffer_ready = buf, ready
-                    self.pending_recvs[(src, me)].append(msg)
-                msgs.append(msg)
+            if self.abort_info is not None:
+                self.raise_aborted(me)
+            for is_send, items in ((True, sends), (False, recvs)):
+                for t, peer in items:
+                    src, dst = (me, peer) if is_send else (peer, me)
+                    q = (self.pending_recvs if is_send else self.pending_sends)[(src, dst)]
+                    if q:
+                        msg = q.popleft()
+                    else:
+                        msg = _Message(src, dst)
+                        msg.first_at_once = at_once
+                        self.pending_at_once += at_once
+                        (self.pending_sends if is_send else self.pending_recvs)[(src, dst)] \
+                            .append(msg)
+                    if is_send:
+                        msg.tensor, msg.ready = t, ready
+                    else:
+                        msg.buffer, msg.buffer_ready = t, ready
+                    if msg.tensor is not None and msg.buffer is not None:
+                        self._match(msg, me, at_once, batch)
+                    msgs.append(msg)
+            if batch:
+                # On this rank's communication stream, so its compute overlaps the copies.
+                self._copy(batch, self.comm_streams[me])
+                for m in batch:
+                    m.matched = True
+            if at_once and self.pending_at_once == 0:
+                self._flush(torch.cuda.current_stream(self.device))
             if self.waiting:
                 self.matched.notify_all()
         return msgs
@@ -159,9 +241,9 @@ def _timeout_error(src, dst, timeout):
 class _LocalWork(_VirtualWork):
     """Work of the Python protocol."""
 
-    def __init__(self, msgs: list[_Message], world: _LocalWorld):
+    def __init__(self, msgs: list[_Message], world: _LocalWorld, rank: int):
         self.msgs, self.timeout, self.device = msgs, world.timeout, world.device
-        self.world = world
+        self.world, self.rank = world, rank
 
     def _await_matched(self, timeout):
         if not self.matched():
@@ -177,8 +259,18 @@ class _LocalWork(_VirtualWork):
                 m = next(m for m in self.msgs if not m.matched)
                 raise _timeout_error(m.src, m.dst, timeout)
         for m in self.msgs:
+            if m.error is _Aborted:
+                self.world.raise_aborted(self.rank)
+        for m in self.msgs:
             if m.error is not None:
                 raise m.error
+
+    def _flush_deferred(self, stream):
+        for m in self.msgs:
+            if m.deferred:
+                with self.world.lock:
+                    self.world._flush(stream)
+                return
 
     def matched(self) -> bool:
         for m in self.msgs:
@@ -192,12 +284,16 @@ class _LocalWork(_VirtualWork):
             return
         # One stream lookup per wait, not one per message (each costs ~20 us under GIL contention).
         stream = torch.cuda.current_stream(self.device) if stream is None else stream
+        self._flush_deferred(stream)
         for m in self.msgs:
-            if m.done is not None:
+            if m.done is not None and m.copy_stream != stream:
                 stream.wait_event(m.done)
 
     def synchronize(self, timeout=None):
         self._await_matched(self.timeout if timeout is None else timeout)
+        if self.device.type != "cuda":
+            return
+        self._flush_deferred(self.world.comm_streams[self.rank])
         for m in self.msgs:
             if m.done is not None:
                 m.done.synchronize()
@@ -206,8 +302,8 @@ class _LocalWork(_VirtualWork):
 class _CoreWork(_VirtualWork):
     """Work of the compiled mailbox (the C++ LocalWork plus the world's timeout and device)."""
 
-    def __init__(self, work, world: _LocalWorld):
-        self.work, self.world = work, world
+    def __init__(self, work, world: _LocalWorld, rank: int):
+        self.work, self.world, self.rank = work, world, rank
 
     def matched(self) -> bool:
         return self.work.matched()
@@ -221,17 +317,23 @@ class _CoreWork(_VirtualWork):
         work, world = self.work, self.world
         if not work.matched():
             self._await_matched(world.timeout)
-        if world.device.type != "cuda":
-            work.wait(0)
-        elif stream is None:
-            work.wait(_core.stream_handle(world.device))
-        else:
-            work.wait(stream.cuda_stream)
+        try:
+            if world.device.type != "cuda":
+                work.wait(0)
+            elif stream is None:
+                work.wait(_core.stream_handle(world.device))
+            else:
+                work.wait(stream.cuda_stream)
+        except _MailboxAborted:
+            world.raise_aborted(self.rank)
 
     def synchronize(self, timeout=None):
         if not self.work.matched():
             self._await_matched(self.world.timeout if timeout is None else timeout)
-        self.work.synchronize()
+        try:
+            self.work.synchronize()
+        except _MailboxAborted:
+            self.world.raise_aborted(self.rank)
 
 
 _VIRTUAL_WORKS = (_LocalWork, _CoreWork)
@@ -267,39 +369,52 @@ class LocalGroup(Group):
         self.timeout = world.timeout
 
     @property
-    def world_rank(self) -> int:
-        return self.world_ranks[self.rank]
-
-    @property
     def stream(self):
         """This virtual rank's compute stream (None on CPU)."""
         return self._world.compute_streams[self.world_rank]
+
+    @property
+    def aborted(self) -> bool:
+        """Whether this group's world was aborted (see `abort`)."""
+        return self._world.abort_info is not None
+
+    def abort(self, cause: BaseException | None = None) -> None:
+        """Abort the whole virtual-rank world from any thread: every wait on a message still
+        waiting for its peer raises CommAborted at once (naming this rank as the failed one, with
+        `cause` as its __cause__), and so does every later exchange; idempotent. `run_local` and
+        `run_steps` call it when a rank raises."""
+        self._world.abort(self.world_rank, cause)
 
     def _with_order(self, world_ranks, rank):
         return LocalGroup(self._world, world_ranks, rank)
 
     def _world_p2p(self, sends, recvs) -> Work:
-        world = self._world
-        if world.box is None:
-            return _LocalWork(world.post(self.world_rank, sends, recvs), world)
         return self._prepare_world_p2p(sends, recvs)()
 
     def _prepare_world_p2p(self, sends, recvs, consume_at_once=False):
-        world = self._world
+        world, rank = self._world, self.world_rank
         if world.box is None:
-            return super()._prepare_world_p2p(sends, recvs)
-        box_post, rank, keep = world.box.post, self.world_rank, (sends, recvs)
+            post_py = world.post
+
+            def post(replace=None):
+                s = [(replace.get(i, t), p) for i, (t, p) in enumerate(sends)] if replace else sends
+                return _LocalWork(post_py(rank, s, recvs, consume_at_once), world, rank)
+            return post
+        box_post, keep = world.box.post, (sends, recvs)
         msgs = _message_list(sends, recvs, consume_at_once)
         cuda, stream_handle, device = world.device.type == "cuda", _core.stream_handle, \
             world.device
 
         def post(replace=None):
             stream = stream_handle(device) if cuda else 0
-            if replace:  # the replacements stay referenced with the post's other tensors
-                return _CoreWork(box_post(rank, msgs, stream, (keep, replace),
-                                          [(i, t.data_ptr()) for i, t in replace.items()]),
-                                 world)
-            return _CoreWork(box_post(rank, msgs, stream, keep), world)
+            try:
+                if replace:  # the replacements stay referenced with the post's other tensors
+                    return _CoreWork(box_post(rank, msgs, stream, (keep, replace),
+                                              [(i, t.data_ptr()) for i, t in replace.items()]),
+                                     world, rank)
+                return _CoreWork(box_post(rank, msgs, stream, keep), world, rank)
+            except _MailboxAborted:
+                world.raise_aborted(rank)
         return post
 
 
@@ -331,6 +446,41 @@ def _fork_streams(groups):
     return join
 
 
+class _Failures:
+    """The ranks' exceptions in the order they happened; the first one that is not an abort
+    aborts every virtual-rank world of the run (so no peer waits for the failed rank)."""
+
+    def __init__(self, groups: Sequence[Group]):
+        self.groups = groups
+        self.lock = threading.Lock()
+        self.order: list[tuple[int, BaseException]] = []
+
+    def add(self, r: int, exc: BaseException) -> None:
+        with self.lock:
+            self.order.append((r, exc))
+        if not isinstance(exc, CommAborted):
+            for g in self.groups:
+                if isinstance(g, LocalGroup):
+                    g._world.abort(getattr(self.groups[r], "world_rank", r), exc)
+
+    def raise_first(self) -> None:
+        """Raise the first failure that is not an abort (else the first abort), with a note
+        naming its rank and what the other ranks raised; `peer_errors` maps those ranks to
+        their exceptions (CommAborted for the ranks the abort cut off)."""
+        if not self.order:
+            return
+        r, exc = next(((r, e) for r, e in self.order if not isinstance(e, CommAborted)),
+                      self.order[0])
+        others = {q: e for q, e in self.order if q != r}
+        note = f"raised on virtual rank {r}"
+        if others:
+            note += "; the other ranks raised: " + "; ".join(
+                f"rank {q}: {type(e).__name__}: {e}" for q, e in sorted(others.items()))
+        exc.add_note(note)
+        exc.peer_errors = others
+        raise exc
+
+
 _SWITCH_INTERVAL_S = 20e-6
 
 
@@ -339,7 +489,14 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
     """Run fn(group, *args_r) for every virtual rank in its own thread; return the results.
 
     `per_rank_args` are sequences indexed by rank. In each thread the rank's compute stream is
-    current. The first exception (by rank) is re-raised after all threads end.
+    current.
+
+    Failure: when a rank raises, its world is aborted at once (`LocalGroup.abort`), so every
+    peer blocked on a message raises CommAborted instead of waiting for its timeout. Once every
+    thread has ended, the failing rank's own exception is raised, with a note naming its rank and
+    what the peers raised, and `peer_errors` ({rank: exception}; each CommAborted has that
+    exception as its __cause__). A thread still running after `timeout` (default: twice the
+    groups' timeout) raises CommTimeout.
 
     Stream order on CUDA: the ranks' streams start after the caller's current stream (inputs
     the caller produced are ready), and the caller's current stream continues after every rank's
@@ -350,7 +507,7 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
         if len(a) != n:
             raise ValueError(f"per_rank_args[{i}] has {len(a)} entries for {n} ranks")
     results: list[Any] = [None] * n
-    errors: list[BaseException | None] = [None] * n
+    failures = _Failures(groups)
     join = _fork_streams(groups)
 
     def body(r):
@@ -363,12 +520,12 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
             else:
                 results[r] = fn(g, *(a[r] for a in per_rank_args))
         except BaseException as exc:  # re-raised in the caller's thread
-            errors[r] = exc
+            failures.add(r, exc)
 
     threads = [threading.Thread(target=body, args=(r,), name=f"esp-vrank-{r}") for r in range(n)]
     # A rank woken by its peer's message must take the GIL from a running rank, which by default
-    # lets go only every 5 ms: one decode layer on 4 ranks took 6 ms of host time (run 1). While
-    # the ranks run, the switch interval drops to 20 us.
+    # lets go only every 5 ms: one decode layer on 4 ranks took 6 ms of host time. While the
+    # ranks run, the switch interval drops to 20 us.
     interval = sys.getswitchinterval()
     sys.setswitchinterval(min(interval, _SWITCH_INTERVAL_S))
     try:
@@ -383,9 +540,7 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
     finally:
         sys.setswitchinterval(interval)
         join()
-    for r, e in enumerate(errors):
-        if e is not None:
-            raise e
+    failures.raise_first()
     return results
 
 
@@ -395,19 +550,22 @@ def run_steps(groups: Sequence[LocalGroup], steps: Sequence[Generator]) -> list[
 
     A step generator posts an exchange and yields its Work instead of waiting on it; it is
     resumed, with the Work waited on, once every message of that Work has been posted by both
-    sides (see the module docstring). Each rank runs with its compute stream current, and the
-    stream order with the caller is as in `run_local`. Ranks that wait on messages no rank will
-    post raise CommError. The first exception (by rank) is re-raised once no rank can go on.
+    sides (see the module docstring); an error of that wait (e.g. CommAborted) is thrown into the
+    generator at its yield. Each rank runs with its compute stream current, and the stream order
+    with the caller is as in `run_local`. Failure as in `run_local`: a rank that raises aborts
+    the world, the other ranks' pending waits raise CommAborted into their generators, and the
+    failing rank's exception is raised once every rank has ended. Ranks that wait on messages
+    no rank will post raise CommError.
     """
     n = len(groups)
     if len(steps) != n:
         raise ValueError(f"{len(steps)} step generators for {n} ranks")
     results: list[Any] = [None] * n
-    errors: list[BaseException | None] = [None] * n
+    failures = _Failures(groups)
     waiting: list[Work | None] = [None] * n
     streams = [getattr(g, "stream", None) for g in groups]
-    # torch.cuda.set_stream's Python wrappers cost ~2.5 us a switch on the GPU machine's host
-    # (run 15 profile), two switches per rank and decode layer: call torch's setter directly.
+    # torch.cuda.set_stream's Python wrappers cost ~2.5 us a switch on the H100 host, two
+    # switches per rank and decode layer: call torch's setter directly.
     switch = [None if s is None else (s.stream_id, s.device_index, s.device_type)
               for s in streams]
     callers = {s.device: torch.cuda.current_stream(s.device) for s in streams if s is not None}
@@ -427,20 +585,24 @@ def run_steps(groups: Sequence[LocalGroup], steps: Sequence[Generator]) -> list[
                 if switch[r] is not None:  # every resume: a step may leave another current
                     _set_stream(*switch[r])
                 try:
-                    if w is not None:
-                        w.wait()
-                    waiting[r] = steps[r].send(None)
+                    try:
+                        if w is not None:
+                            w.wait()
+                    except BaseException as exc:  # the rank's code decides what it means
+                        waiting[r] = steps[r].throw(exc)
+                    else:
+                        waiting[r] = steps[r].send(None)
                     still.append(r)
                 except StopIteration as stop:
                     results[r] = stop.value
-                except BaseException as exc:  # re-raised below, once no rank can go on
-                    errors[r] = exc
+                except BaseException as exc:  # raised below, once every rank has ended
+                    failures.add(r, exc)
             live = still
             if not progressed:
-                if not any(e is not None for e in errors):
-                    raise CommError(f"virtual ranks {live} wait on messages that no rank posts "
-                                    "(the ranks' exchanges do not match)")
-                break
+                if failures.order:  # ranks left waiting on a world that is not virtual
+                    break
+                raise CommError(f"virtual ranks {live} wait on messages that no rank posts "
+                                "(the ranks' exchanges do not match)")
     finally:
         for r in live:
             steps[r].close()
@@ -449,10 +611,8 @@ def run_steps(groups: Sequence[LocalGroup], steps: Sequence[Generator]) -> list[
         if device is not None:
             torch.cuda.set_device(device)
         join()
-    for e in errors:
-        if e is not None:
-            raise e
+    failures.raise_first()
     return results
 
 
-__all__ = ["LocalGroup", "local_group", "run_local", "run_steps", "CommError"]
+__all__ = ["LocalGroup", "local_group", "run_local", "run_steps", "CommAborted", "CommError"]

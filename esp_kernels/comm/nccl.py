@@ -221,10 +221,6 @@ class NcclGroup(Group):
         return self._world.stream
 
     @property
-    def world_rank(self) -> int:
-        return self._world.rank
-
-    @property
     def world_size(self) -> int:
         return self._world.size
 
@@ -349,7 +345,7 @@ def init_nccl(rank: int, world_size: int, store, device=None,
 
     Every point-to-point connection is set up here (one tiny exchange with each peer, self
     included): NCCL otherwise connects lazily inside the first exchange with a peer, which waited
-    on work already queued on the device and blocked the host (GPU run 2).
+    on work already queued on the device and blocked the host (seen on H100, NCCL 2.28).
 
     `blocking=True` (default): exchanges are launched directly. Before NCCL's creation (which
     would wait forever for a missing rank) every rank checks in under a store counter, so a rank

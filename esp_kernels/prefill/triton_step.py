@@ -7,7 +7,7 @@ served by one load of each K/V tile (GQA packing). Keys left of the tile's first
 run without a mask; only the diagonal band is masked; keys right of it are never loaded.
 
 On the CPU this runs under the Triton interpreter (TRITON_INTERPRET=1 before triton is imported);
-there `tl.dot` on bfloat16 is wrong (DESIGN.md §4), so CPU tests use float16/float32.
+there `tl.dot` on bfloat16 is wrong (docs/DESIGN.md §8), so CPU tests use float16/float32.
 """
 
 from __future__ import annotations
