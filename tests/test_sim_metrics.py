@@ -103,3 +103,21 @@ def test_a_request_meeting_the_slo_finishes_before_the_horizon(specs, u_ttft, u_
         ttft = u_ttft * max(slo.ttft_scale * s, slo.ttft_floor_s)      # any TTFT within the bound
         finish = r.arrival + ttft + (r.output_len - 1) * u_tpot * slo.tpot_s
         assert finish < horizon
+
+
+def test_requests_for_rate_spans_the_duration():
+    from esp_kernels.sim.runner import requests_for_rate
+    few = requests_for_rate("sharegpt", 0.5, min_requests=50, min_duration_s=120)
+    assert len(few) == 60 and few[-1].arrival == pytest.approx(120, rel=0.3)
+    assert len(requests_for_rate("sharegpt", 0.1, min_requests=50, min_duration_s=120)) == 50
+    assert len(requests_for_rate("sharegpt", 1e6, min_requests=50, max_requests=500)) == 500
+
+
+def test_rescale_arrivals_keeps_the_pattern():
+    from esp_kernels.sim.runner import rescale_arrivals
+    reqs = [Request(0, 10.0, 5, 5), Request(1, 11.0, 6, 6), Request(2, 14.0, 7, 7)]
+    out = rescale_arrivals(reqs, 2.0)              # 2 gaps over 4 s = 0.5 req/s -> 2 req/s
+    assert [r.arrival for r in out] == pytest.approx([0.0, 0.25, 1.0])
+    assert [(r.prompt_len, r.output_len) for r in out] == [(5, 5), (6, 6), (7, 7)]
+    with pytest.raises(ValueError, match="all arrive at once"):
+        rescale_arrivals([Request(0, 1.0, 1, 1), Request(1, 1.0, 1, 1)], 1.0)

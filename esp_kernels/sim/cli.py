@@ -8,7 +8,7 @@ import sys
 
 from .metrics import SLO
 from .report import Progress, format_table, plot_sweep, plot_timeline, write_rows
-from .runner import POLICIES, find_max_rate, make_policy, rescale_arrivals, run_point
+from .runner import POLICIES, find_max_rate, make_policy, requests_for_rate, rescale_arrivals, run_point
 from .workloads import WORKLOADS, load_trace, make_requests
 
 __all__ = ["add_parser", "run_cli", "load_cost_model", "DEFAULT_RATES"]
@@ -60,7 +60,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help=f"{QUICK_REQUESTS} requests, the first "
                    f"{QUICK_RATES} default rates: seconds on a CPU")
     p.add_argument("--max-rate", action="store_true", help="also find each policy's max rate at 90%% "
-                   "SLO attainment (sweep + bisection)")
+                   "SLO attainment (sweep + bisection; each run spans >= 120 s of arrivals, at least "
+                   "--requests requests)")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="GPU memory per instance (GiB)")
     p.add_argument("--mem-fraction", type=float, default=0.9, help="usable fraction of it (default 0.9)")
     p.add_argument("--tp", type=int, default=None, help="replica size for static_sp / chunked_prefill "
@@ -135,7 +136,7 @@ def run_cli(args, cost_model=None, scheduler_cls=None, stream=None) -> int:
             if args.max_rate and not args.trace:
                 rates = sorted(r for r, _ in points)
                 bar = Progress(f"{wl} {pol} max rate")
-                found = find_max_rate(factory, lambda r: make_requests(wl, n, r, args.seed, args.cv), cm,
+                found = find_max_rate(factory, lambda r: requests_for_rate(wl, r, args.seed, args.cv, n), cm,
                                       rates, slo=slo, progress=bar)
                 bar.done()
                 rows.append({"workload": wl, "policy": pol, "config": factory().describe(),
