@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from esp_kernels.sim import (ChunkedPrefillPolicy, DisaggregatedPolicy, ESPPolicy, Launch, Policy,
                              SimulationError, Simulator, StaticSPPolicy, kv_capacity_tokens, make_requests)
 from esp_kernels.sim.workloads import Request
-from sim_fakes import FakeCostModel, FakeScheduler
+from sim_fakes import FakeCostModel, FakeScheduler, IterationPlan
 
 CM = FakeCostModel()
 
@@ -289,3 +289,36 @@ def test_engine_rejects_unsorted_requests():
         Simulator(_Toy(), [Request(1, 0.0, 1, 1)])
     with pytest.raises(ValueError, match="sorted by arrival"):
         Simulator(_Toy(), [Request(0, 1.0, 1, 1), Request(1, 0.0, 1, 1)])
+
+
+# --- how the esp policy reads plans (migrations, batch-less plans) --------------------------------------
+
+class _Migration:
+    def __init__(self, request, start, end, src, dst):
+        self.request, self.start, self.end, self.src, self.dst = request, start, end, src, dst
+
+
+class _MigratingFake(FakeScheduler):
+    """Answers every odd call with a plan holding only a 1000-token migration 0 -> 1 (no batches), and
+    adds that migration to every plan that prefills on instance 0."""
+
+    calls = 0
+
+    def schedule(self, now=0.0):
+        self.calls += 1
+        mig = (_Migration(0, 0, 1000, 0, 1),)
+        if self.calls % 2:
+            return IterationPlan(-1, now, (), (), mig, (), 0.0)
+        plan = super().schedule(now)
+        if any(0 in p.instances for p in plan.prefills):
+            plan = IterationPlan(plan.index, now, plan.prefills, plan.decodes, mig, (), plan.predicted_time)
+        return plan
+
+
+def test_esp_migrations_delay_their_batches_and_batchless_plans_are_retried():
+    r = Request(0, 0.0, 20_000, 3)
+    res = _run(ESPPolicy(CM, 2, scheduler_cls=_MigratingFake), [r])   # stalls unless batch-less plans are retried
+    assert res.launches[0][2] == (0,)           # the prefill ran on instance 0, behind the migration
+    assert res.first_token[0] == pytest.approx(CM.prefill_time(1, [20_000]) + CM.migration_time(1000))
+    # decode plans carry no migration: undelayed
+    assert res.finish[0] == pytest.approx(res.first_token[0] + _decode_sum(20_000, 3, 1, 1))

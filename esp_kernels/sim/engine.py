@@ -115,6 +115,7 @@ class SimResult:
     launches: list = field(default_factory=list)   # (start, end, instances, kind) if recorded
     kv_samples: list = field(default_factory=list)  # per instance: list of (t, kv_used)
     kv_capacity: np.ndarray = None                  # tokens per instance
+    kv_peak: np.ndarray = None                      # most KV tokens seen per instance (check=True)
 
     @property
     def unfinished(self) -> int:
@@ -157,6 +158,15 @@ class Simulator:
         report_every = max(1, n // 100)
         last_reported = n
         check, record = self.check, self.record_timeline
+        kv_peak = np.zeros(N)
+
+        def check_kv(i):
+            used = policy.kv_used(i)
+            if used > caps[i] + 1e-9:
+                raise SimulationError(f"instance {i} holds {used} KV tokens > capacity {caps[i]} at t={now} "
+                                      f"({policy.name})")
+            if used > kv_peak[i]:
+                kv_peak[i] = used
 
         while True:
             t_arr = reqs[next_arrival].arrival if next_arrival < n else math.inf
@@ -177,19 +187,18 @@ class Simulator:
                 events += 1
                 for i in launch.instances:
                     if check:
-                        used = policy.kv_used(i)
-                        if used > caps[i] + 1e-9:
-                            raise SimulationError(f"instance {i} holds {used} KV tokens > capacity "
-                                                  f"{caps[i]} at t={now} ({policy.name})")
+                        check_kv(i)
                     if record:
                         kv_samples[i].append((now, policy.kv_used(i)))
             for launch in policy.schedule(now):
                 if check and not launch.end >= now:
                     raise SimulationError(f"{policy.name} launched a batch ending at {launch.end} < now {now}")
                 for i in launch.instances:
-                    if check and busy_until[i] > now:
-                        raise SimulationError(f"{policy.name} put two batches on instance {i} at t={now} "
-                                              f"(busy until {busy_until[i]})")
+                    if check:
+                        if busy_until[i] > now:
+                            raise SimulationError(f"{policy.name} put two batches on instance {i} at t={now} "
+                                                  f"(busy until {busy_until[i]})")
+                        check_kv(i)         # KV reserved when the batch was planned
                     busy_until[i] = launch.end
                     busy_time[i] += launch.end - now
                 if record:
@@ -214,7 +223,8 @@ class Simulator:
             first_token=np.array(rec.first_token), finish=np.array(rec.finish),
             generated=np.array(rec.generated), preemptions=np.array(rec.preemptions),
             end_time=now, busy_time=np.array(busy_time), num_events=events,
-            launches=launches, kv_samples=kv_samples, kv_capacity=caps)
+            launches=launches, kv_samples=kv_samples, kv_capacity=caps,
+            kv_peak=kv_peak if check else None)
 
 
 # --- KV capacity from the model config ----------------------------------------------------------

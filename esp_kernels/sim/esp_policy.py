@@ -26,6 +26,7 @@ class ESPPolicy(Policy):
     scheduler_kwargs: passed to it (page_size and policy knobs)."""
 
     name = "esp"
+    MAX_BATCHLESS_PLANS = 4
 
     def __init__(self, cost_model, num_instances: int = 8, kv_slots_per_instance: int | None = None,
                  gpu_mem_gib: float = 80.0, mem_fraction: float = 0.9, scheduler_cls=None,
@@ -51,9 +52,19 @@ class ESPPolicy(Policy):
     def schedule(self, now):
         if self.idle == 0:
             return []
-        plan = self.sched.schedule(now=now)
-        if plan.empty:
-            return []
+        launches = []
+        # A plan may hold only migrations / preemptions; its effects can enable batches, so ask again
+        # (bounded: a scheduler that keeps answering with batch-less plans is reported as stalled).
+        for _ in range(self.MAX_BATCHLESS_PLANS):
+            plan = self.sched.schedule(now=now)
+            if plan.empty:
+                break
+            launches += self._launch(plan, now)
+            if launches or self.idle == 0:
+                break
+        return launches
+
+    def _launch(self, plan, now):
         for rid in plan.preemptions:
             self.rec.preempted(rid)
         delay = {}

@@ -110,7 +110,10 @@ def summarize(result, solo: np.ndarray, slo: SLO | None = None) -> dict:
            "throughput_rps": float(done.sum()) / span, "output_tok_s": out_tokens / span,
            "attainment": float(slo_met(result, solo, slo).mean()) if n else math.nan,
            "preemptions": int(result.preemptions.sum()),
-           "utilization_mean": float(utilization(result).mean()), "events": result.num_events}
+           "utilization_mean": float(utilization(result).mean()),
+           "utilization_min": float(utilization(result).min()), "events": result.num_events}
+    if result.kv_peak is not None and result.kv_capacity is not None:
+        row["kv_peak_fraction"] = float(np.max(result.kv_peak / result.kv_capacity))
     for name in ("ttft", "tpot", "per_token", "input_token", "output_token"):
         row |= _pct(lat[name], name)
     return row

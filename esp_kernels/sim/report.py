@@ -16,7 +16,7 @@ TABLE_COLUMNS = (("workload", "{}"), ("policy", "{}"), ("rate", "{:.3g}"), ("att
                  ("throughput_rps", "{:.3g}"), ("output_tok_s", "{:.4g}"), ("ttft_p50", "{:.3g}"),
                  ("ttft_p99", "{:.3g}"), ("tpot_p50", "{:.3g}"), ("tpot_p99", "{:.3g}"),
                  ("per_token_p50", "{:.3g}"), ("input_token_p90", "{:.3g}"),
-                 ("output_token_p90", "{:.3g}"), ("utilization_mean", "{:.2f}"),
+                 ("output_token_p90", "{:.3g}"), ("utilization_mean", "{:.2f}"), ("kv_peak_fraction", "{:.2f}"),
                  ("preemptions", "{}"), ("unfinished", "{}"))
 
 
