@@ -322,3 +322,13 @@ def test_esp_migrations_delay_their_batches_and_batchless_plans_are_retried():
     assert res.first_token[0] == pytest.approx(CM.prefill_time(1, [20_000]) + CM.migration_time(1000))
     # decode plans carry no migration: undelayed
     assert res.finish[0] == pytest.approx(res.first_token[0] + _decode_sum(20_000, 3, 1, 1))
+
+
+class _LyingFake(FakeScheduler):
+    def state(self, rid):
+        return "decoding"
+
+
+def test_esp_checks_the_scheduler_agrees_on_finished_requests():
+    with pytest.raises(SimulationError, match="the scheduler says 'decoding'"):
+        Simulator(ESPPolicy(CM, 2, scheduler_cls=_LyingFake), [Request(0, 0.0, 100, 3)]).run()

@@ -62,6 +62,22 @@ class Recorder:
             return True
         return False
 
+    def tokens(self, rids, now: float) -> list:
+        """One token for each of rids at `now` (a batch step); returns the rids that finished."""
+        gen, out, finished = self.generated, self.output_len, []
+        for rid in rids:
+            g = gen[rid] + 1
+            if g > out[rid]:
+                raise SimulationError(f"request {rid} got token {g} of {out[rid]} at t={now}")
+            gen[rid] = g
+            if g == 1:
+                self.first_token[rid] = now
+            if g == out[rid]:
+                self.finish[rid] = now
+                finished.append(rid)
+        self.unfinished -= len(finished)
+        return finished
+
     def preempted(self, rid: int) -> None:
         self.preemptions[rid] += 1
 
@@ -168,21 +184,24 @@ class Simulator:
             if used > kv_peak[i]:
                 kv_peak[i] = used
 
+        arrivals = [r.arrival for r in reqs] + [math.inf]
+        heappop, heappush = heapq.heappop, heapq.heappush
+        max_time, inf = self.max_time, math.inf
         while True:
-            t_arr = reqs[next_arrival].arrival if next_arrival < n else math.inf
-            t_evt = heap[0][0] if heap else math.inf
-            t = min(t_arr, t_evt)
-            if t == math.inf or t > self.max_time:
+            t = arrivals[next_arrival]
+            if heap and heap[0][0] < t:
+                t = heap[0][0]
+            if t == inf or t > max_time:
                 break
             if check and t < now:
                 raise SimulationError(f"time went back from {now} to {t}")
             now = t
-            while next_arrival < n and reqs[next_arrival].arrival <= now:
+            while arrivals[next_arrival] <= now:
                 policy.on_arrival(reqs[next_arrival], now)
                 next_arrival += 1
                 events += 1
             while heap and heap[0][0] <= now:
-                _, _, launch = heapq.heappop(heap)
+                _, _, launch = heappop(heap)
                 policy.on_complete(launch, now)
                 events += 1
                 for i in launch.instances:
@@ -203,7 +222,7 @@ class Simulator:
                     busy_time[i] += launch.end - now
                 if record:
                     launches.append((now, launch.end, tuple(launch.instances), launch.kind))
-                heapq.heappush(heap, (launch.end, seq, launch))
+                heappush(heap, (launch.end, seq, launch))
                 seq += 1
             if progress is not None and last_reported - rec.unfinished >= report_every:
                 last_reported = rec.unfinished

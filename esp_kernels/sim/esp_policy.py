@@ -84,14 +84,15 @@ class ESPPolicy(Policy):
         batch = launch.payload
         self.sched.update(batch, now=now)
         self.idle += len(launch.instances)
-        token = self.rec.token
-        for rid in batch.requests:
-            # Checked at the last token only (one call per request, not per step): a scheduler that
-            # finished a request early never schedules it again, so the run ends with it unfinished;
-            # one that runs it too long trips the recorder's token-after-finish check.
-            if token(rid, now) and self.check and self.sched.state(rid) != "finished":
-                raise SimulationError(f"request {rid} generated its {self.rec.output_len[rid]} tokens but "
-                                      f"the scheduler says {self.sched.state(rid)!r}")
+        finished = self.rec.tokens(batch.requests, now)
+        # Checked at the last token only (one call per request, not per step): a scheduler that
+        # finished a request early never schedules it again, so the run ends with it unfinished; one
+        # that runs it too long trips the recorder's token-after-finish check.
+        if self.check:
+            for rid in finished:
+                if self.sched.state(rid) != "finished":
+                    raise SimulationError(f"request {rid} generated its {self.rec.output_len[rid]} tokens "
+                                          f"but the scheduler says {self.sched.state(rid)!r}")
 
     def kv_used(self, instance):
         return self.sched.kv_used(instance)
