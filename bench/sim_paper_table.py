@@ -5,7 +5,8 @@ prefill and 5.81x prefill/decode disaggregation, best case over its workloads).
 Like the paper, each baseline is reported at its best configuration: every configuration below is
 simulated and the one with the highest max rate kept (configurations that cannot hold a workload's
 longest request on one replica are skipped). Max rate: a doubling sweep from a quarter of the
-workload's first default rate until attainment drops below 90%, then bisection
+workload's first default rate (from 1/256 of it if that already misses) until attainment drops
+below 90%, then bisection
 (esp_kernels.sim.find_max_rate); every point simulates at least --requests requests and --duration
 seconds of arrivals (">=" marks a rate that never missed: a lower bound).
 
@@ -86,8 +87,12 @@ def main():
                 try:
                     desc = factory().describe()
                     bar = Progress(f"{wl} {desc}")
-                    found = find_max_rate(factory, reqs_at, cm, rate_grid(DEFAULT_RATES[wl][0] / 4, 10),
-                                          bisect_steps=steps, progress=bar)
+                    start = DEFAULT_RATES[wl][0] / 4
+                    found = find_max_rate(factory, reqs_at, cm, rate_grid(start, 10), bisect_steps=steps,
+                                          progress=bar)
+                    if found["max_rate"] == 0.0:      # even the first rate missed: sweep lower
+                        found = find_max_rate(factory, reqs_at, cm, rate_grid(start / 64, 6),
+                                              bisect_steps=steps, progress=bar)
                     bar.done()
                 except ValueError as e:       # a replica cannot hold the longest request
                     print(f"  skip {wl} {pol} {opts}: {e}", file=sys.stderr)
