@@ -61,7 +61,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    f"{QUICK_RATES} default rates: seconds on a CPU")
     p.add_argument("--max-rate", action="store_true", help="also find each policy's max rate at 90%% "
                    "SLO attainment (sweep + bisection; each run spans >= 120 s of arrivals, at least "
-                   "--requests requests)")
+                   "--requests requests; not with --trace)")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="GPU memory per instance (GiB)")
     p.add_argument("--mem-fraction", type=float, default=0.9, help="usable fraction of it (default 0.9)")
     p.add_argument("--tp", type=int, default=None, help="replica size for static_sp / chunked_prefill "

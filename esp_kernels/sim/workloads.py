@@ -85,7 +85,9 @@ def _lognormal_median_for_mean(mean, sigma, lo, hi):
 # are dropped. We model exactly that procedure over synthetic conversations:
 #   - turns alternate human / assistant, starting with human;
 #   - per-turn lengths are lognormal with the means the vLLM paper reports for ShareGPT (Kwon et
-#     al., SOSP'23, Fig. 11: 161.31 input tokens and 337.99 output tokens on average);
+#     al., SOSP'23, Fig. 11: 161.31 input tokens and 337.99 output tokens on average; quoted from
+#     that figure as recalled: the search tools available when this was written could not fetch it
+#     to re-check, so verify before citing);
 #     sigma 1.2 (human) and 0.8 (assistant) are assumptions (prompts are far more skewed than
 #     replies: pasted code/documents);
 #   - number of turns n = 3 + Geometric(p = 0.3) - 1 (mean 5.3): an assumption, no published
@@ -131,8 +133,9 @@ def _sharegpt(rng, n):
 # ---------------------------------------------------------------------------------------------
 # L-Eval (An et al., ACL 2024, arXiv 2307.11088): 20 sub-tasks, 508 long documents, > 2,000
 # human-labelled instruction/answer pairs, inputs 3k~200k tokens. LoongServe makes one request per
-# (document, instruction): prompt = document + instruction. Documents average ~7k words (the issue
-# and LoongServe §6) = ~9,100 tokens at 1.3 tokens/word.
+# (document, instruction): prompt = document + instruction. Documents average ~7k words (the
+# figure issue 20 gives for L-Eval; not re-checked against the L-Eval paper's tables) = ~9,100 tokens
+# at 1.3 tokens/word.
 #   prompt: lognormal truncated to [3,000, 200,000] tokens (the published range), sigma 1.0 (an
 #           assumption: a long right tail up to 200k with most documents at 4k-16k), median solved
 #           so the truncated mean is 9,100 tokens;
