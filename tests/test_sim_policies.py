@@ -282,6 +282,7 @@ def test_engine_checks(kw, match):
 def test_engine_max_time_cuts_the_run():
     res = Simulator(_Toy(), REQ3, max_time=1.5).run()
     assert res.unfinished == 2 and res.finish[0] == 1.0
+    assert res.end_time == 1.0 and res.busy_time.tolist() == [1.0]    # the batch running past the cut
 
 
 def test_engine_rejects_unsorted_requests():

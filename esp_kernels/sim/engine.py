@@ -232,6 +232,9 @@ class Simulator:
                     f"{policy.name} stalled at t={now}: {rec.unfinished} requests unfinished, nothing "
                     f"running and nothing scheduled ({policy.describe()})")
 
+        for i in range(N):          # a run cut at max_time counts busy time only up to its end
+            if busy_until[i] > now:
+                busy_time[i] -= busy_until[i] - now
         if check and rec.unfinished == 0:
             bad = [i for i in range(n) if rec.generated[i] != reqs[i].output_len]
             if bad:
