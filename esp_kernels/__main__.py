@@ -1,4 +1,4 @@
-"""Command line: `python -m esp_kernels show-config | demo [options]`."""
+"""Command line: `python -m esp_kernels show-config | demo | simulate [options]`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,12 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="the ESP lifecycle on virtual instances of this device")
     demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     demo.add_argument("--quick", action="store_true", help="small sizes (seconds on a CPU)")
+    from .sim.cli import add_parser as add_simulate_parser
+
+    add_simulate_parser(sub)   # sets args.func
     args = parser.parse_args(argv)
+    if getattr(args, "func", None) is not None:
+        return args.func(args)
     if args.cmd == "show-config":
         from .config import show_config
 
