@@ -3,7 +3,8 @@
 Two states (o1, lse1), (o2, lse2) of disjoint key sets merge to
     lse = log(exp(lse1) + exp(lse2)),  o = o1 * exp(lse1 - lse) + o2 * exp(lse2 - lse).
 The empty set is (0, -inf); it is skipped rather than multiplied by zero, so the result never
-picks up NaN or garbage from an empty operand, and all-empty rows give (0, -inf).
+picks up NaN or garbage from an empty operand, and all-empty rows give (0, -inf). A NaN lse, or
+NaN in a non-empty state's o, gives a NaN row (NaN is never taken for the empty state).
 
 Shapes: o [T, H, D] (float32 running states, or float16/bfloat16), lse [T, H] float32.
 CUDA tensors go to the compiled kernel; CPU tensors (or ``backend="torch"``) take the torch path.
@@ -34,16 +35,20 @@ def _check_state(o, lse, o_name, lse_name, ndim=3):
 
 
 def _merge_torch(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, lse_out):
-    """o [S, T, H, D], lse [S, T, H] -> writes out [T, H, D] and lse_out [T, H]."""
+    """o [S, T, H, D], lse [S, T, H] -> writes out [T, H, D] and lse_out [T, H].
+
+    Same rules as the CUDA kernel: empty states (lse -inf) are selected away, never multiplied;
+    a NaN lse (amax propagates it) or NaN in a non-empty state's o makes the row NaN."""
     m = lse.amax(dim=0)
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     w = torch.exp(lse - m_safe)                        # exp(-inf) = 0 for empty states
     total = w.sum(dim=0)
-    merged_lse = torch.where(total > 0, m_safe + torch.log(torch.where(total > 0, total, 1)),
-                             torch.full_like(m, -math.inf))
-    weights = torch.where(total > 0, w / torch.where(total > 0, total, 1), torch.zeros_like(w))
+    empty = total == 0                                 # False for NaN: such rows stay NaN
+    total_safe = torch.where(empty, 1, total)
+    merged_lse = torch.where(empty, torch.full_like(m, -math.inf), m_safe + torch.log(total_safe))
+    weights = w / total_safe
     acc = torch.float64 if o.dtype == torch.float64 else torch.float32
-    terms = torch.where(weights[..., None] > 0, o.to(acc) * weights[..., None].to(acc),
+    terms = torch.where((lse != -math.inf)[..., None], o.to(acc) * weights[..., None].to(acc),
                         torch.zeros((), dtype=acc, device=o.device))
     out.copy_(terms.sum(dim=0))
     if lse_out is not None:

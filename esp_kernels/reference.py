@@ -34,7 +34,10 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=No
 
     Returns:
         out [Tq, Hq, D] in q.dtype and lse [Tq, Hq] float32 (natural log). A query row that sees
-        no key gets out = 0 and lse = -inf.
+        no key gets out = 0 and lse = -inf (the empty state). NaN propagates: a NaN in a query
+        row, or in a key row it sees, gives NaN out and lse; a NaN in a value row it sees gives
+        NaN out (lse does not read v). As in FlashAttention, a NaN value row may also reach rows
+        of the same key block whose mask hides it (p = 0 times NaN in the P V product).
     """
     check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_tensor(k, "k", ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
@@ -106,11 +109,14 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=No
                 l_run = l_run * alpha + p.sum(dim=-1)
                 acc = acc * alpha[..., None] + torch.einsum("hgqk,hkd->hgqd", p, vb[:, j:j + bk])
                 m_run = m_new
-            seen = l_run > 0
-            o_blk = torch.where(seen[..., None], acc / torch.where(seen, l_run, 1)[..., None],
-                                torch.zeros_like(acc))
-            lse_blk = torch.where(seen, m_run + torch.log(torch.where(seen, l_run, 1)),
-                                  torch.full_like(m_run, -math.inf))
+            # Empty rows have l = 0 exactly. A NaN in the row's query or in a key/value it sees
+            # makes l (or acc) NaN, and `l == 0` is False for NaN, so the row comes out NaN
+            # instead of passing for empty (`l > 0` would have said empty).
+            empty = l_run == 0
+            l_safe = torch.where(empty, 1, l_run)
+            o_blk = torch.where(empty[..., None], torch.zeros_like(acc), acc / l_safe[..., None])
+            lse_blk = torch.where(empty, torch.full_like(m_run, -math.inf),
+                                  m_run + torch.log(l_safe))
             rows = slice(q0 + i, q0 + i + qpi.shape[0])
             out[rows] = o_blk.permute(2, 0, 1, 3).reshape(-1, Hq, D)
             lse[rows] = lse_blk.permute(2, 0, 1).reshape(-1, Hq)
