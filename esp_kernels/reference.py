@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_cu_seqlens, check_gqa, check_same_device, check_tensor
+from ._checks import (FLOAT_DTYPES, as_cu_seqlens, as_int_tensor, check_cu_seqlens, check_gqa,
+                      check_same_device, check_tensor)
 
 # Scores held at once per block: q_block * k_block * Hq elements (fp32: 4 bytes each).
 _BLOCK_ELEMS = 1 << 25
@@ -24,10 +25,12 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=No
     Args:
         q: [Tq, Hq, D] float tensor; k, v: [Tk, Hkv, D] with Hq % Hkv == 0 (GQA: query head h
             reads KV head h // (Hq // Hkv)).
-        cu_seqlens_q, cu_seqlens_k: int32 [B+1] offsets of each request in q and in k/v.
+        cu_seqlens_q, cu_seqlens_k: int32 [B+1] offsets of each request in q and in k/v (a list
+            or numpy array of ints is converted).
         causal: a query at position p sees keys at positions <= p.
         softmax_scale: defaults to 1/sqrt(D).
-        q_positions, k_positions: optional integer [Tq] / [Tk] global token positions, used by the
+        q_positions, k_positions: optional integer [Tq] / [Tk] global token positions (tensors or
+            sequences of ints), used by the
             causal mask (this is how a stripe of queries meets a stripe of keys). Defaults: keys at
             0..Lk-1 and queries at the end, Lk-Lq..Lk-1 (bottom-right alignment; equal lengths
             give the usual mask).
@@ -42,6 +45,12 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=No
     check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_tensor(k, "k", ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_tensor(v, "v", ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
+    cu_seqlens_q = as_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.device)
+    cu_seqlens_k = as_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q.device)
+    if q_positions is not None and not isinstance(q_positions, torch.Tensor):
+        q_positions = as_int_tensor(q_positions, "q_positions", device=q.device)
+    if k_positions is not None and not isinstance(k_positions, torch.Tensor):
+        k_positions = as_int_tensor(k_positions, "k_positions", device=q.device)
     check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                       q_positions=q_positions, k_positions=k_positions)
     if k.shape != v.shape:

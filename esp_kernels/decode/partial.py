@@ -13,7 +13,7 @@ import math
 import torch
 
 from .. import _core
-from .._checks import HALF_DTYPES, FLOAT_DTYPES, check_tensor
+from .._checks import HALF_DTYPES, FLOAT_DTYPES, as_int, check_tensor
 from ..reference import attention
 
 
@@ -115,6 +115,7 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
     if Hq % k_cache.shape[2]:
         raise ValueError(f"q has {Hq} heads, not a multiple of the cache's {k_cache.shape[2]}")
     for name, t in (("block_table", block_table), ("kv_lens", kv_lens)):
+        check_tensor(t, name)
         if t.dtype != torch.int32:
             raise TypeError(f"{name} must be int32, got {t.dtype}")
         if t.device != q.device:
@@ -123,6 +124,10 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
         raise ValueError(f"block_table must be [B={B}, max_pages] and kv_lens [B], got "
                          f"{tuple(block_table.shape)} and {tuple(kv_lens.shape)}")
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+    if num_splits is not None:
+        num_splits = as_int(num_splits, "num_splits", minimum=1)
+    if max_len is not None:
+        max_len = as_int(max_len, "max_len", minimum=0)
     if o is None:
         o = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
     if lse is None:

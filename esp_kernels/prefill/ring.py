@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .._checks import FLOAT_DTYPES, check_gqa, check_tensor
+from .._checks import FLOAT_DTYPES, as_int, check_gqa, check_tensor
 from ..striping import stripe_lengths
 from .step import resolve_backend, ring_step
 
@@ -35,12 +35,7 @@ def _as_lengths(seqlens) -> list[int]:
         if seqlens.dim() != 1 or seqlens.dtype.is_floating_point:
             raise TypeError("seqlens must be a 1-D integer tensor or a sequence of ints")
         seqlens = seqlens.tolist()
-    out = []
-    for i, L in enumerate(seqlens):
-        if int(L) != L or L < 0:
-            raise ValueError(f"seqlens[{i}] = {L!r} must be a non-negative integer")
-        out.append(int(L))
-    return out
+    return [as_int(L, f"seqlens[{i}]", minimum=0) for i, L in enumerate(seqlens)]
 
 
 def _cumsum(lengths: Sequence[int]) -> list[int]:
