@@ -76,7 +76,11 @@ def test_wheel_carries_build_info_and_leaves_the_source_alone(tmp_path):
     out = run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
                str(wheel)])
     assert out.returncode == 0, out.stderr
-    code = ("import esp_kernels, json; c = esp_kernels.config(); "
+    # A developer machine may hold an editable install of another checkout; its import hook
+    # would serve esp_kernels._C from there, so it is left out of this interpreter.
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+            "if '__editable__' not in getattr(f, '__module__', '')]; "
+            "import esp_kernels, json; c = esp_kernels.config(); "
             "print(json.dumps([esp_kernels.__file__, c['commit'], c['cuda_archs'], "
             "c['compiled_module']]))")
     out = run([sys.executable, "-c", code], cwd=str(tmp_path),
