@@ -82,6 +82,7 @@ def _partial_torch(q, k_cache, v_cache, block_table, kv_lens, softmax_scale, o, 
     lse.copy_(l)
 
 
+@_core.accepts_arrays
 def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=None,
                    num_splits=None, max_len=None, o=None, lse=None, workspace=None,
                    deterministic=False, backend="auto"):
@@ -101,7 +102,9 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
             its tiles through a counter (no split waits for a slow sibling; the fp32 summation
             order, hence the last bits, can change between runs); True gives every split a
             fixed token range and bitwise-reproducible results. The CPU path is deterministic.
-    Returns (o, lse).
+    Returns (o, lse). Takes torch tensors or DLPack / __cuda_array_interface__ arrays (results
+    come back as the caller's kind); under torch.compile it is the op
+    esp_kernels::decode_partial.
     """
     check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor(k_cache, "k_cache", ndim=4)
@@ -132,6 +135,21 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
         o = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
     if lse is None:
         lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    if torch.compiler.is_compiling():
+        torch.ops.esp_kernels.decode_partial(q, k_cache, v_cache, block_table, kv_lens, o, lse,
+                                             workspace, num_splits, max_len, scale,
+                                             bool(deterministic), backend)
+    else:
+        decode_partial_(q, k_cache, v_cache, block_table, kv_lens, o, lse, workspace,
+                        num_splits, max_len, scale, deterministic, backend)
+    return o, lse
+
+
+def decode_partial_(q, k_cache, v_cache, block_table, kv_lens, o, lse, workspace, num_splits,
+                    max_len, scale, deterministic, backend):
+    """decode_partial into o / lse, unchecked: the implementation behind it and the registered
+    op esp_kernels::decode_partial."""
+    B, Hq, D = q.shape
     if q.device.type == "cuda" and backend != "torch":
         if q.dtype not in HALF_DTYPES or k_cache.dtype != q.dtype:
             raise TypeError(f"the CUDA decode kernel needs float16/bfloat16 q and cache of the "
@@ -150,4 +168,3 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
                          _core.stream_handle(q.device))
     else:
         _partial_torch(q, k_cache, v_cache, block_table, kv_lens, scale, o, lse)
-    return o, lse

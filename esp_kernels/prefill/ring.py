@@ -27,7 +27,7 @@ import torch
 
 from .._checks import FLOAT_DTYPES, as_int, check_gqa, check_tensor
 from ..striping import stripe_lengths
-from .step import resolve_backend, ring_step
+from .step import resolve_backend, run_step
 
 
 def _as_lengths(seqlens) -> list[int]:
@@ -171,7 +171,7 @@ def ring_prefill(q, k, v, seqlens, ring, retain=None, softmax_scale=None, *, cau
             work = ring.exchange(sends=[(message(cur, totals[src]), nxt_rank)],
                                  recvs=[(message(nxt, totals[incoming]), prv_rank)])
         kb, vb = kv_views(cur, totals[src])
-        ring_step(q, kb, vb, cu_q, cu_all[src], max_q_len, o_state, lse_state, causal=causal,
+        run_step(q, kb, vb, cu_q, cu_all[src], max_q_len, o_state, lse_state, causal=causal,
                   mask_shift=0 if src <= me else -1, accumulate=s > 0, softmax_scale=scale,
                   backend=backend)
         if writer is not None:
