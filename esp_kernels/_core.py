@@ -102,15 +102,14 @@ def accepts_arrays(op):
     def wrapper(*args, **kwargs):
         if not (any(map(is_foreign_array, args)) or any(map(is_foreign_array, kwargs.values()))):
             return op(*args, **kwargs)
-        mine, export = {}, None
+        mine, first = {}, []
 
         def view(x, name):
-            nonlocal export
             if not is_foreign_array(x):
                 return x
             t = as_tensor(x, name)
             mine[id(t)] = (t, x)
-            export = export or _exporter(x)
+            first.append(x)
             return t
 
         names = list(inspect.signature(op).parameters)
@@ -121,7 +120,7 @@ def accepts_arrays(op):
         def back(r):
             if isinstance(r, torch.Tensor):
                 hit = mine.get(id(r))
-                return hit[1] if hit is not None and hit[0] is r else export(r)
+                return hit[1] if hit is not None and hit[0] is r else _exporter(first[0])(r)
             if isinstance(r, tuple):
                 return tuple(back(x) for x in r)
             return r

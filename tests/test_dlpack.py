@@ -90,6 +90,29 @@ def test_numpy_inputs_are_not_copied(gen):
     assert np.array_equal(parent[1], o_a) and not parent[0].any()
 
 
+class DLPackOnly:
+    """An array that only speaks DLPack, from a library with no from_dlpack of its own."""
+
+    def __init__(self, arr):
+        self.arr = arr
+
+    def __dlpack__(self, **kw):
+        return self.arr.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self.arr.__dlpack_device__()
+
+
+def test_dlpack_only_arrays_in_place_and_unreturnable_results():
+    src = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    dst = np.zeros((2, 2, 4), np.float32)
+    copy_rows(DLPackOnly(src), DLPackOnly(np.array([2, 0], np.int32)), DLPackOnly(dst), None)
+    assert np.array_equal(dst, src[:, [2, 0]])
+    lse = np.zeros((2, 3), np.float32)
+    with pytest.raises(TypeError, match="cannot hand a result back as DLPackOnly"):
+        esp.merge_states(*(DLPackOnly(a) for a in (src, lse, src, lse)))
+
+
 def test_non_array_arguments_still_rejected_clearly():
     with pytest.raises(TypeError, match="o_a must be a torch.Tensor, got list"):
         esp.merge_states([[1.0]], None, None, None)
@@ -145,7 +168,7 @@ def test_cupy_decode_kernel_and_cuda_array_interface(gen):
     dst = cupy.zeros((2, 2, 4), dtype=cupy.float32)
     idx = cupy.asarray([4, 1], dtype=cupy.int32)
     copy_rows(CudaArrayOnly(src), CudaArrayOnly(idx), CudaArrayOnly(dst), None)
-    cupy.cuda.get_current_stream().synchronize()
+    torch.cuda.synchronize()
     assert bool((dst == src[:, [4, 1]]).all())
     o = cupy.empty((3, 2, 8), dtype=cupy.float32)
     l = cupy.empty((3, 2), dtype=cupy.float32)
