@@ -24,7 +24,9 @@ def as_int(value, name: str, minimum: int | None = None) -> int:
     """`value` as a Python int: a Python int, a numpy integer or a 0-d integer tensor. Floats
     (even 2.0), bools and anything else raise a TypeError naming `name`; values below `minimum`
     a ValueError."""
-    if isinstance(value, torch.Tensor):
+    if type(value) is int:  # the common case, first: 0.05 us instead of 0.3
+        out = value
+    elif isinstance(value, torch.Tensor):
         ok = value.dim() == 0 and not (value.dtype.is_floating_point or value.dtype.is_complex
                                        or value.dtype == torch.bool)
         if not ok:

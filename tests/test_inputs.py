@@ -126,3 +126,23 @@ def test_decode_partial_integer_likes_and_tensor_arguments(gen):
     with pytest.raises(TypeError, match="block_table must be a torch.Tensor"):
         esp.decode_partial(q, k, v, bt.tolist(), lens)
     assert math.isfinite(float(out[1][0, 0]))
+
+
+def test_plans_groups_and_striping_take_integer_likes():
+    plan = esp.MigrationPlan([("a", np.int64(0), torch.tensor(4), np.int32(0), 1)])
+    e = plan.entries[0]
+    assert (e.start, e.end, e.src, e.dst) == (0, 4, 0, 1)
+    assert all(type(x) is int for x in (e.start, e.end, e.src, e.dst))
+    with pytest.raises(TypeError, match="end must be an integer, got float 4.5"):
+        esp.MigrationPlan([("a", 0, 4.5, 0, 1)])
+    with pytest.raises(TypeError, match="dst must be an integer"):
+        esp.MigrationPlan([("a", 0, 4, 0, 1.0)])
+    groups = local_group(np.int64(2))
+    assert len(groups) == 2
+    with pytest.raises(TypeError, match="n must be an integer"):
+        local_group(2.0)
+    sub = groups[0].subgroup([np.int64(1), np.int64(0)])
+    assert sub.rank == 1
+    assert esp.striping.stripe_lengths([5, 3], np.int64(2), torch.tensor(1)) == [2, 1]
+    with pytest.raises(TypeError, match="world must be an integer, got float 2.5"):
+        esp.striping.stripe_lengths([5], 2.5, 0)
