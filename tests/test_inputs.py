@@ -146,3 +146,23 @@ def test_plans_groups_and_striping_take_integer_likes():
     assert esp.striping.stripe_lengths([5, 3], np.int64(2), torch.tensor(1)) == [2, 1]
     with pytest.raises(TypeError, match="world must be an integer, got float 2.5"):
         esp.striping.stripe_lengths([5], 2.5, 0)
+
+
+def test_ring_step_op_checks_and_converts_its_arguments(gen):
+    from esp_kernels.prefill.step import ring_step
+
+    q, k, v = (torch.randn(7, 2, 8, generator=gen) for _ in range(3))
+    o, lse = torch.empty(7, 2, 8), torch.empty(7, 2)
+    ring_step(q, k, v, [0, 3, 7], np.array([0, 3, 7], np.int32), np.int64(4), o, lse,
+              accumulate=False)
+    ref = esp.reference.attention(q, k, v, [0, 3, 7], [0, 3, 7])
+    torch.testing.assert_close(o, ref[0])
+    torch.testing.assert_close(lse, ref[1])
+    with pytest.raises(TypeError, match="o_state must have dtype in"):
+        ring_step(q, k, v, [0, 7], [0, 7], 7, o.half(), lse)
+    with pytest.raises(ValueError, match="o_state .* must be q's"):
+        ring_step(q, k, v, [0, 7], [0, 7], 7, o[:6], lse)
+    with pytest.raises(TypeError, match="max_q_len must be an integer"):
+        ring_step(q, k, v, [0, 7], [0, 7], 7.0, o, lse)
+    with pytest.raises(ValueError, match=r"cu_q \(2,\) and cu_k \(3,\)"):
+        ring_step(q, k, v, [0, 7], [0, 3, 7], 7, o, lse)
