@@ -9,6 +9,7 @@ The build needs no torch. nccl.h comes from the nvidia-nccl-cu13 wheel; libnccl 
 time only when a native NCCL group is created.
 """
 
+import functools
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import sys
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -84,24 +86,55 @@ def git_commit():
         return "unknown"
 
 
-def write_build_info(info):
-    path = os.path.join(ROOT, "esp_kernels", "_build_info.py")
+@functools.lru_cache(maxsize=None)
+def build_info() -> dict:
+    """What show-config reports about this build: CUDA archs, nvcc, NCCL header, commit."""
+    nvcc = find_nvcc()
+    if skip_cuda(nvcc):
+        return {"cuda_archs": "none", "nvcc": "none", "nccl_include": "none",
+                "commit": git_commit()}
+    return {"cuda_archs": parse_archs()[1], "nvcc": nvcc_version(nvcc),
+            "nccl_include": nccl_include_dir() or "none", "commit": git_commit()}
+
+
+def skip_cuda(nvcc) -> bool:
+    return os.environ.get("ESP_SKIP_CUDA") == "1" or nvcc is None
+
+
+def write_build_info(package_dir: str) -> str:
+    """Write esp_kernels/_build_info.py into `package_dir`; returns its path."""
+    os.makedirs(package_dir, exist_ok=True)
+    path = os.path.join(package_dir, "_build_info.py")
     with open(path, "w") as f:
-        f.write("# Written by setup.py; not tracked.\n")
-        f.write(f"BUILD_INFO = {info!r}\n")
+        f.write("# Written by setup.py at build time; not tracked.\n")
+        f.write(f"BUILD_INFO = {build_info()!r}\n")
+    return path
+
+
+class BuildPy(build_py):
+    """Copies the package, then generates _build_info.py into the build directory, so every
+    wheel carries it and the source tree is left alone. An editable install imports from the
+    source tree instead: there build_ext (in place) writes it."""
+
+    def run(self):
+        super().run()
+        if not self.editable_mode:
+            write_build_info(os.path.join(self.build_lib, "esp_kernels"))
 
 
 class CMakeBuild(build_ext):
     def run(self):
         nvcc = find_nvcc()
-        if os.environ.get("ESP_SKIP_CUDA") == "1" or nvcc is None:
+        if skip_cuda(nvcc):
             reason = "ESP_SKIP_CUDA=1" if nvcc else "nvcc not found"
             print(f"esp_kernels: {reason}; installing the pure-Python package without _C "
                   "(GPU ops will raise a clear error; CPU paths work).")
-            write_build_info({"cuda_archs": "none", "nvcc": "none", "nccl_include": "none",
-                              "commit": git_commit()})
-            return
-        super().run()
+        else:
+            # setuptools builds into the build directory and, when in place (editable installs,
+            # `setup.py build_ext --inplace`), copies _C next to the sources.
+            super().run()
+        if self.inplace:
+            write_build_info(os.path.join(ROOT, "esp_kernels"))
 
     def build_extension(self, ext):
         nvcc = find_nvcc()
@@ -132,13 +165,6 @@ class CMakeBuild(build_ext):
               f"NCCL header {nccl_inc}, {jobs} jobs")
         subprocess.run(["cmake", ROOT] + args, cwd=build_dir, check=True)
         subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
-        write_build_info({"cuda_archs": label, "nvcc": nvcc_version(nvcc),
-                          "nccl_include": nccl_inc, "commit": git_commit()})
-        # Editable installs import from the source tree: place _C there as well.
-        built = self.get_ext_fullpath(ext.name)
-        inplace = os.path.join(ROOT, "esp_kernels", os.path.basename(built))
-        if os.path.abspath(built) != inplace and os.path.exists(built):
-            shutil.copy2(built, inplace)
 
 
 setup(
@@ -149,7 +175,7 @@ setup(
     packages=find_packages(include=["esp_kernels", "esp_kernels.*"]),
     python_requires=">=3.10",
     ext_modules=[Extension("esp_kernels._C", sources=[])],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_py": BuildPy, "build_ext": CMakeBuild},
     entry_points={"console_scripts": ["esp-kernels=esp_kernels.__main__:main"]},
     zip_safe=False,
 )

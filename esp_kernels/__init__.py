@@ -18,9 +18,10 @@ from .kvcache import (CacheOutOfMemory, MigrationError, MigrationPlan, PagedKVCa
                       RetentionPlan, migrate_kv)
 from .merge import merge_states, merge_states_, merge_states_multi
 from .prefill import ring_prefill
+from . import ops  # noqa: E402  registers torch.ops.esp_kernels.* (torch.compile traces them)
 
 __all__ = [
-    "__version__", "config", "show_config", "comm", "reference", "striping",
+    "__version__", "config", "show_config", "comm", "ops", "reference", "striping",
     "merge_states", "merge_states_", "merge_states_multi",
     "ring_prefill", "PagedKVCache", "CacheOutOfMemory", "RetentionPlan", "MigrationPlan",
     "MigrationError", "migrate_kv", "DecodePlan", "decode_partial", "distributed_decode",

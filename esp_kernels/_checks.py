@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Iterable
 
 import torch
@@ -17,6 +18,56 @@ def resolve_device(device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def as_int(value, name: str, minimum: int | None = None) -> int:
+    """`value` as a Python int: a Python int, a numpy integer or a 0-d integer tensor. Floats
+    (even 2.0), bools and anything else raise a TypeError naming `name`; values below `minimum`
+    a ValueError."""
+    if type(value) is int:  # the common case, first: 0.05 us instead of 0.3
+        out = value
+    elif isinstance(value, torch.Tensor):
+        ok = value.dim() == 0 and not (value.dtype.is_floating_point or value.dtype.is_complex
+                                       or value.dtype == torch.bool)
+        if not ok:
+            raise TypeError(f"{name} must be an integer, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        out = int(value.item())
+    elif isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got the bool {value}")
+    else:
+        try:
+            out = operator.index(value)  # int and numpy integers; not float, str, None
+        except TypeError:
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__} "
+                            f"{value!r}") from None
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {out}")
+    return out
+
+
+def as_int_tensor(values, name: str, dtype: torch.dtype = torch.int64, device=None) -> torch.Tensor:
+    """A 1-D integer tensor from a tensor, numpy array or sequence of integer-likes; float or
+    bool entries raise a TypeError naming `name` (nothing is truncated). Tensors keep their
+    device unless `device` is given."""
+    seq = None
+    if not isinstance(values, torch.Tensor):
+        seq = values if hasattr(values, "__array__") else list(values)
+        try:
+            values = torch.as_tensor(seq) if len(seq) else torch.empty(0, dtype=dtype)
+        except (TypeError, ValueError, RuntimeError):
+            values = None
+    bad = values is None or (values.dtype.is_floating_point or values.dtype.is_complex
+                             or values.dtype == torch.bool)
+    if bad and seq is not None and not hasattr(seq, "__array__"):
+        for i, x in enumerate(seq):  # name the first entry at fault
+            as_int(x, f"{name}[{i}]")
+    if bad:
+        raise TypeError(f"{name} must hold integers, got "
+                        f"{'unconvertible values' if values is None else values.dtype}")
+    if values.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(values.shape)}")
+    return values.to(device=device if device is not None else values.device, dtype=dtype)
 
 
 def check_tensor(t, name: str, ndim: int | None = None, dtypes: Iterable[torch.dtype] | None = None):
@@ -42,6 +93,14 @@ def check_same_device(**tensors):
             raise ValueError(f"{n} is on {t.device} but {first_name} is on {first.device}: "
                              "all tensors must be on one device")
     return first.device
+
+
+def as_cu_seqlens(cu, name: str, device) -> torch.Tensor:
+    """cu_seqlens as given (an int32 tensor), or converted from a list / tuple / numpy array of
+    integers to an int32 tensor on `device`."""
+    if isinstance(cu, torch.Tensor):
+        return cu
+    return as_int_tensor(cu, name, torch.int32, device)
 
 
 def check_cu_seqlens(cu, name: str, total: int, device: torch.device | None = None):

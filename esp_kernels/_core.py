@@ -7,9 +7,12 @@ zero-copy through DLPack / ``__cuda_array_interface__``, e.g. CuPy arrays).
 
 from __future__ import annotations
 
-import torch
-
+import functools
 import importlib
+import inspect
+import sys
+
+import torch
 
 try:  # the package must import without the compiled module (CPU-only installs, CI without nvcc)
     _C = importlib.import_module(f"{__package__}._C")
@@ -47,16 +50,83 @@ def require_compiled(op: str):
     return _C
 
 
+_PLAIN = (torch.Tensor, int, float, str, bool, type(None))
+
+
+def is_foreign_array(x) -> bool:
+    """Whether x is an array of another library that torch can view without a copy."""
+    return not isinstance(x, _PLAIN) and (hasattr(x, "__dlpack__")
+                                          or hasattr(x, "__cuda_array_interface__"))
+
+
 def as_tensor(x, name: str) -> torch.Tensor:
     """View `x` as a torch tensor without copying (torch, DLPack or CUDA array interface)."""
     if isinstance(x, torch.Tensor):
         return x
     if hasattr(x, "__dlpack__"):
+        # DLPack's stream handshake: torch's current stream waits for the producer's work.
         return torch.from_dlpack(x)
     if hasattr(x, "__cuda_array_interface__"):
-        return torch.as_tensor(x, device="cuda")
+        return torch.as_tensor(x)  # on the array's own device, zero-copy
     raise TypeError(f"{name} must be a torch tensor or expose DLPack/__cuda_array_interface__, "
                     f"got {type(x).__name__}")
+
+
+def _exporter(x):
+    """The function that turns a torch tensor into an array of x's kind, zero-copy."""
+    ns = x.__array_namespace__() if hasattr(x, "__array_namespace__") else None
+    top = sys.modules.get(type(x).__module__.partition(".")[0])
+    for mod in (ns, top):
+        if mod is None:
+            continue
+        if hasattr(x, "__dlpack__") and hasattr(mod, "from_dlpack"):
+            return mod.from_dlpack  # the consumer's stream waits for torch's (DLPack handshake)
+        if hasattr(mod, "asarray"):            # e.g. cupy.asarray reads __cuda_array_interface__
+            return mod.asarray
+        if hasattr(getattr(mod, "cuda", None), "as_cuda_array"):  # numba device arrays
+            return mod.cuda.as_cuda_array
+    raise TypeError(f"cannot hand a result back as {type(x).__name__}: its library offers no "
+                    "from_dlpack / asarray")
+
+
+def accepts_arrays(op):
+    """Let `op` take DLPack / __cuda_array_interface__ arrays (CuPy, NumPy, ...) wherever it takes
+    tensors. They are viewed as torch tensors without a copy; tensor results come back as the
+    caller's kind: the caller's own array where the op returns an argument it wrote in place,
+    else a zero-copy array made with the library of the first such argument. The op runs on
+    torch's current stream: arrays come in and results go out through DLPack's stream
+    handshake; arrays written in place are ordered with the caller's later work by that stream
+    (make it the caller's, e.g. torch.cuda.ExternalStream, when the caller uses its own).
+    Torch-only calls pay one isinstance per argument (0.5 us for five on the build machine)."""
+    @functools.wraps(op)
+    def wrapper(*args, **kwargs):
+        if not (any(map(is_foreign_array, args)) or any(map(is_foreign_array, kwargs.values()))):
+            return op(*args, **kwargs)
+        mine, first = {}, []
+
+        def view(x, name):
+            if not is_foreign_array(x):
+                return x
+            t = as_tensor(x, name)
+            mine[id(t)] = (t, x)
+            first.append(x)
+            return t
+
+        names = list(inspect.signature(op).parameters)
+        args = [view(a, names[i] if i < len(names) else f"argument {i}")
+                for i, a in enumerate(args)]
+        kwargs = {k: view(v, k) for k, v in kwargs.items()}
+
+        def back(r):
+            if isinstance(r, torch.Tensor):
+                hit = mine.get(id(r))
+                return hit[1] if hit is not None and hit[0] is r else _exporter(first[0])(r)
+            if isinstance(r, tuple):
+                return tuple(back(x) for x in r)
+            return r
+
+        return back(op(*args, **kwargs))
+    return wrapper
 
 
 def raw_desc(ptr: int, dtype: torch.dtype, shape, strides):

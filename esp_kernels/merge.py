@@ -3,7 +3,8 @@
 Two states (o1, lse1), (o2, lse2) of disjoint key sets merge to
     lse = log(exp(lse1) + exp(lse2)),  o = o1 * exp(lse1 - lse) + o2 * exp(lse2 - lse).
 The empty set is (0, -inf); it is skipped rather than multiplied by zero, so the result never
-picks up NaN or garbage from an empty operand, and all-empty rows give (0, -inf).
+picks up NaN or garbage from an empty operand, and all-empty rows give (0, -inf). A NaN lse, or
+NaN in a non-empty state's o, gives a NaN row (NaN is never taken for the empty state).
 
 Shapes: o [T, H, D] (float32 running states, or float16/bfloat16), lse [T, H] float32.
 CUDA tensors go to the compiled kernel; CPU tensors (or ``backend="torch"``) take the torch path.
@@ -34,16 +35,20 @@ def _check_state(o, lse, o_name, lse_name, ndim=3):
 
 
 def _merge_torch(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, lse_out):
-    """o [S, T, H, D], lse [S, T, H] -> writes out [T, H, D] and lse_out [T, H]."""
+    """o [S, T, H, D], lse [S, T, H] -> writes out [T, H, D] and lse_out [T, H].
+
+    Same rules as the CUDA kernel: empty states (lse -inf) are selected away, never multiplied;
+    a NaN lse (amax propagates it) or NaN in a non-empty state's o makes the row NaN."""
     m = lse.amax(dim=0)
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     w = torch.exp(lse - m_safe)                        # exp(-inf) = 0 for empty states
     total = w.sum(dim=0)
-    merged_lse = torch.where(total > 0, m_safe + torch.log(torch.where(total > 0, total, 1)),
-                             torch.full_like(m, -math.inf))
-    weights = torch.where(total > 0, w / torch.where(total > 0, total, 1), torch.zeros_like(w))
+    empty = total == 0                                 # False for NaN: such rows stay NaN
+    total_safe = torch.where(empty, 1, total)
+    merged_lse = torch.where(empty, torch.full_like(m, -math.inf), m_safe + torch.log(total_safe))
+    weights = w / total_safe
     acc = torch.float64 if o.dtype == torch.float64 else torch.float32
-    terms = torch.where(weights[..., None] > 0, o.to(acc) * weights[..., None].to(acc),
+    terms = torch.where((lse != -math.inf)[..., None], o.to(acc) * weights[..., None].to(acc),
                         torch.zeros((), dtype=acc, device=o.device))
     out.copy_(terms.sum(dim=0))
     if lse_out is not None:
@@ -113,8 +118,20 @@ def _pair_view(o_a, lse_a, o_b, lse_b):
     return torch.stack([o_a, o_b.to(o_a.dtype)]), torch.stack([lse_a, lse_b])
 
 
+def merge_two_(o_a, lse_a, o_b, lse_b, out, lse_out, backend):
+    """The two-state merge into out / lse_out, unchecked: the implementation behind
+    merge_states and the registered op esp_kernels::merge_states_out."""
+    o, lse = _pair_view(o_a, lse_a, o_b, lse_b)
+    _run(o, lse, out, lse_out, backend)
+
+
+@_core.accepts_arrays
 def merge_states(o_a, lse_a, o_b, lse_b, out=None, lse_out=None, backend="auto"):
-    """Merge two states; returns (o, lse) with o in o_a's dtype (or into `out`/`lse_out`)."""
+    """Merge two states; returns (o, lse) with o in o_a's dtype (or into `out`/`lse_out`).
+
+    Takes torch tensors or DLPack / __cuda_array_interface__ arrays (results come back as the
+    caller's kind); under torch.compile it is the op esp_kernels::merge_states_out (or
+    esp_kernels::merge_states_ when writing into state a)."""
     _check_state(o_a, lse_a, "o_a", "lse_a")
     _check_state(o_b, lse_b, "o_b", "lse_b")
     if o_a.shape != o_b.shape:
@@ -130,20 +147,28 @@ def merge_states(o_a, lse_a, o_b, lse_b, out=None, lse_out=None, backend="auto")
         lse_out = torch.empty_like(lse_a)
     else:
         _check_state(out, lse_out, "out", "lse_out")
-    o, lse = _pair_view(o_a, lse_a, o_b, lse_b)
-    _run(o, lse, out, lse_out, backend)
+    if torch.compiler.is_compiling():
+        if out is o_a and lse_out is lse_a:
+            torch.ops.esp_kernels.merge_states_(o_a, lse_a, o_b, lse_b, backend)
+        else:
+            torch.ops.esp_kernels.merge_states_out(o_a, lse_a, o_b, lse_b, out, lse_out, backend)
+    else:
+        merge_two_(o_a, lse_a, o_b, lse_b, out, lse_out, backend)
     return out, lse_out
 
 
+@_core.accepts_arrays
 def merge_states_(o_a, lse_a, o_b, lse_b, backend="auto"):
     """In-place merge of state b into the running state a (o_a, lse_a); returns them."""
     return merge_states(o_a, lse_a, o_b, lse_b, out=o_a, lse_out=lse_a, backend=backend)
 
 
+@_core.accepts_arrays
 def merge_states_multi(o, lse, out=None, lse_out=None, out_dtype=None, backend="auto"):
     """Merge S states at once: o [S, T, H, D] (or a sequence of [T, H, D]), lse [S, T, H].
 
-    Returns (o [T, H, D] in `out_dtype` (default o's dtype), lse [T, H] float32).
+    Returns (o [T, H, D] in `out_dtype` (default o's dtype), lse [T, H] float32). Under
+    torch.compile it is the op esp_kernels::merge_states_multi_out.
     """
     if isinstance(o, (list, tuple)):
         o = torch.stack(list(o))
@@ -159,5 +184,8 @@ def merge_states_multi(o, lse, out=None, lse_out=None, out_dtype=None, backend="
         raise ValueError(f"out {tuple(out.shape)} must be {tuple(o.shape[1:])}")
     if lse_out is None:
         lse_out = torch.empty(lse.shape[1:], dtype=torch.float32, device=o.device)
-    _run(o, lse, out, lse_out, backend)
+    if torch.compiler.is_compiling():
+        torch.ops.esp_kernels.merge_states_multi_out(o, lse, out, lse_out, backend)
+    else:
+        _run(o, lse, out, lse_out, backend)
     return out, lse_out

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_cu_seqlens, check_gqa, check_same_device, check_tensor
+from ._checks import (FLOAT_DTYPES, as_cu_seqlens, as_int_tensor, check_cu_seqlens, check_gqa,
+                      check_same_device, check_tensor)
 
 # Scores held at once per block: q_block * k_block * Hq elements (fp32: 4 bytes each).
 _BLOCK_ELEMS = 1 << 25
@@ -24,21 +25,32 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=No
     Args:
         q: [Tq, Hq, D] float tensor; k, v: [Tk, Hkv, D] with Hq % Hkv == 0 (GQA: query head h
             reads KV head h // (Hq // Hkv)).
-        cu_seqlens_q, cu_seqlens_k: int32 [B+1] offsets of each request in q and in k/v.
+        cu_seqlens_q, cu_seqlens_k: int32 [B+1] offsets of each request in q and in k/v (a list
+            or numpy array of ints is converted).
         causal: a query at position p sees keys at positions <= p.
         softmax_scale: defaults to 1/sqrt(D).
-        q_positions, k_positions: optional integer [Tq] / [Tk] global token positions, used by the
+        q_positions, k_positions: optional integer [Tq] / [Tk] global token positions (tensors or
+            sequences of ints), used by the
             causal mask (this is how a stripe of queries meets a stripe of keys). Defaults: keys at
             0..Lk-1 and queries at the end, Lk-Lq..Lk-1 (bottom-right alignment; equal lengths
             give the usual mask).
 
     Returns:
         out [Tq, Hq, D] in q.dtype and lse [Tq, Hq] float32 (natural log). A query row that sees
-        no key gets out = 0 and lse = -inf.
+        no key gets out = 0 and lse = -inf (the empty state). NaN propagates: a NaN in a query
+        row, or in a key row it sees, gives NaN out and lse; a NaN in a value row it sees gives
+        NaN out (lse does not read v). As in FlashAttention, a NaN value row may also reach rows
+        of the same key block whose mask hides it (p = 0 times NaN in the P V product).
     """
     check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_tensor(k, "k", ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_tensor(v, "v", ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
+    cu_seqlens_q = as_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.device)
+    cu_seqlens_k = as_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q.device)
+    if q_positions is not None and not isinstance(q_positions, torch.Tensor):
+        q_positions = as_int_tensor(q_positions, "q_positions", device=q.device)
+    if k_positions is not None and not isinstance(k_positions, torch.Tensor):
+        k_positions = as_int_tensor(k_positions, "k_positions", device=q.device)
     check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                       q_positions=q_positions, k_positions=k_positions)
     if k.shape != v.shape:
@@ -106,11 +118,14 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=No
                 l_run = l_run * alpha + p.sum(dim=-1)
                 acc = acc * alpha[..., None] + torch.einsum("hgqk,hkd->hgqd", p, vb[:, j:j + bk])
                 m_run = m_new
-            seen = l_run > 0
-            o_blk = torch.where(seen[..., None], acc / torch.where(seen, l_run, 1)[..., None],
-                                torch.zeros_like(acc))
-            lse_blk = torch.where(seen, m_run + torch.log(torch.where(seen, l_run, 1)),
-                                  torch.full_like(m_run, -math.inf))
+            # Empty rows have l = 0 exactly. A NaN in the row's query or in a key/value it sees
+            # makes l (or acc) NaN, and `l == 0` is False for NaN, so the row comes out NaN
+            # instead of passing for empty (`l > 0` would have said empty).
+            empty = l_run == 0
+            l_safe = torch.where(empty, 1, l_run)
+            o_blk = torch.where(empty[..., None], torch.zeros_like(acc), acc / l_safe[..., None])
+            lse_blk = torch.where(empty, torch.full_like(m_run, -math.inf),
+                                  m_run + torch.log(l_safe))
             rows = slice(q0 + i, q0 + i + qpi.shape[0])
             out[rows] = o_blk.permute(2, 0, 1, 3).reshape(-1, Hq, D)
             lse[rows] = lse_blk.permute(2, 0, 1).reshape(-1, Hq)

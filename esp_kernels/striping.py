@@ -16,16 +16,18 @@ from typing import Sequence
 
 import torch
 
+from ._checks import as_int
+
 __all__ = ["stripe_lengths", "stripe_indices", "stripe_positions", "stripe", "unstripe",
            "last_token_location"]
 
 
 def _check_world(world: int, rank: int | None = None) -> tuple[int, int | None]:
-    world = int(world)
+    world = as_int(world, "world")
     if world < 1:
         raise ValueError(f"world (ring size) must be >= 1, got {world}")
     if rank is not None:
-        rank = int(rank)
+        rank = as_int(rank, "rank")
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside the ring of {world} ranks")
     return world, rank

@@ -18,8 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _args(*argv):
     p = argparse.ArgumentParser()
-    cli.add_parser(p.add_subparsers(dest="cmd"))
-    return p.parse_args(["simulate", *argv])
+    cli.add_arguments(p)
+    return p.parse_args(list(argv))
 
 
 def _rows(out_dir):

@@ -32,6 +32,19 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// max(a, b) that returns NaN when either is NaN. fmaxf follows IEEE maxNum and returns the
+// other operand, so a NaN lse would vanish from a merge's max and its row would read as the empty
+// state (0, -inf). Used only where lse values are reduced, never in the attention inner loops.
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return (a != a || b != b) ? a + b : fmaxf(a, b);
+#endif
+}
+
 // VEC consecutive elements of T, aligned so the compiler emits 16-byte loads (two for 32 bytes).
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {

@@ -504,11 +504,13 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     for (int k = 0; k < ntg; ++k) m_all = fmaxf(m_all, s_max[k * roles + role][r]);
     float l_all = 0.f;
     for (int k = 0; k < ntg; ++k) {
-      const float m = s_max[k * roles + role][r];
-      if (m != -INFINITY) l_all += s_sum[k * roles + role][r] * ex2(m - m_all);
+      // Empty warp: sum 0 (skipped). A NaN score leaves the max (fmaxf drops NaN, possibly at
+      // -inf) but not the sum, so a NaN sum is kept and makes L, hence o and lse, NaN.
+      const float l = s_sum[k * roles + role][r];
+      if (l != 0.f) l_all += l * ex2(s_max[k * roles + role][r] - m_all);
     }
     // An empty warp (max -inf) has o = 0 and weight 0; an empty head (L = 0) gets (0, -inf).
-    const float w = (l_all > 0.f && row_ms[i] != -INFINITY)
+    const float w = (l_all != 0.f && row_ms[i] != -INFINITY)
                         ? ex2(row_ms[i] - m_all) / l_all
                         : 0.f;
     float* dst = red + (warp * 16 + r) * kRedStride + (lane & 3) * 2;
@@ -518,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     if (tg == 0 && (lane & 3) == 0) {
       // lse = ln(sum exp(scale * s)) = (M + log2 L) * ln 2, M in log2 units.
       p.lse[lse_row + (qh0 + h * G + g) * p.lse_sh] =
-          l_all > 0.f ? (m_all + __log2f(l_all)) * 0.69314718055994531f : -INFINITY;
+          l_all != 0.f ? (m_all + __log2f(l_all)) * 0.69314718055994531f : -INFINITY;
     }
   }
   __syncthreads();
@@ -546,7 +548,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
 // takes every (warps_per_row * kSpw)-th split (kSpw = 32 lanes / (D/4) float4 columns: 1 at
 // D = 128, 2 at D = 64) with kUnroll loads in flight per lane; the partial sums meet in shared
 // memory. Same arithmetic as merge_states: empty states (lse -inf) are skipped, never multiplied,
-// and a row with only empty states gives (0, -inf).
+// a row with only empty states gives (0, -inf), and a NaN lse makes the row NaN (fmax_nan).
 template <int D>
 __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const MergeParams p) {
   constexpr int kCols = D / 4;
@@ -570,9 +572,9 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
 
   float m = -INFINITY;
   if (valid)
-    for (int s = lane; s < p.splits; s += 32) m = fmaxf(m, lrow[s * p.l_ss]);
+    for (int s = lane; s < p.splits; s += 32) m = fmax_nan(m, lrow[s * p.l_ss]);
 #pragma unroll
-  for (int x = 16; x >= 1; x >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, x));
+  for (int x = 16; x >= 1; x >>= 1) m = fmax_nan(m, __shfl_xor_sync(0xffffffffu, m, x));
   float sum = 0.f;
   if (valid && m != -INFINITY)
     for (int s = lane; s < p.splits; s += 32) {

@@ -4,6 +4,8 @@
 //
 // A state with lse = -inf is the empty set: it is skipped (never multiplied), so garbage or NaN
 // in its o cannot leak into the result, and a row whose states are all empty gives (0, -inf).
+// A NaN lse (or NaN in a non-empty state's o) makes the row NaN: the max over lse values is
+// NaN-propagating (fmax_nan), otherwise a NaN next to empty states would read as empty.
 // Memory-bound: each thread moves VEC consecutive elements of one row (16-byte accesses for
 // half types) and recomputes the row's weights from the S lse values (L1-resident, cheap).
 #include "merge_states.h"
@@ -67,7 +69,7 @@ __global__ void merge_states_kernel(MergeParams p) {
         load_as_float<TIn, VEC>(obase + c * VEC, v0);
         load_as_float<TIn, VEC>(obase + p.o_ss + c * VEC, v1);
         const float l0 = lrow[0], l1 = lrow[p.l_ss];
-        const float m = fmaxf(l0, l1);
+        const float m = fmax_nan(l0, l1);
         const float m_safe = m == -INFINITY ? 0.f : m;
         const float e0 = __expf(l0 - m_safe), e1 = __expf(l1 - m_safe);  // exp(-inf) = 0
         const float sum = e0 + e1;
@@ -96,7 +98,7 @@ __global__ void merge_states_kernel(MergeParams p) {
         else return obase + s * p.o_ss;
       };
       float m = -INFINITY;
-      for (int s = 0; s < p.S; ++s) m = fmaxf(m, lse_of(s));
+      for (int s = 0; s < p.S; ++s) m = fmax_nan(m, lse_of(s));
       if (m != -INFINITY) {
         float sum = 0.f;
         for (int s = 0; s < p.S; ++s) sum += __expf(lse_of(s) - m);

@@ -20,6 +20,8 @@ from typing import Sequence
 
 import torch
 
+from .._checks import as_int
+
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -187,7 +189,8 @@ class Group(abc.ABC):
         return self._with_order(world, order.index(self.rank))
 
     def _check_peer(self, peer: int, what: str) -> int:
-        if not isinstance(peer, int) or not 0 <= peer < self.size:
+        peer = as_int(peer, f"{what} rank")
+        if not 0 <= peer < self.size:
             raise ValueError(f"{what} rank {peer!r} is not in this group of size {self.size}")
         return self.world_ranks[peer]
 

@@ -49,7 +49,7 @@ from typing import Any, Callable, Generator, Sequence
 import torch
 
 from .. import _core
-from .._checks import resolve_device
+from .._checks import as_int, resolve_device
 from .group import DEFAULT_TIMEOUT_S, CommAborted, CommError, CommTimeout, Group, Work
 
 # The compiled mailbox class (None without the core); tests swap in None to run the Python
@@ -421,7 +421,8 @@ class LocalGroup(Group):
 def local_group(n: int, device: torch.device | str = "cpu",
                 timeout: float = DEFAULT_TIMEOUT_S) -> list[LocalGroup]:
     """n virtual ranks in this process on `device`: returns one Group handle per rank."""
-    if not isinstance(n, int) or n < 1:
+    n = as_int(n, "n")
+    if n < 1:
         raise ValueError(f"local_group needs n >= 1 ranks, got {n!r}")
     world = _LocalWorld(n, resolve_device(device), timeout)
     ranks = tuple(range(n))

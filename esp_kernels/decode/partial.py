@@ -13,7 +13,7 @@ import math
 import torch
 
 from .. import _core
-from .._checks import HALF_DTYPES, FLOAT_DTYPES, check_tensor
+from .._checks import HALF_DTYPES, FLOAT_DTYPES, as_int, check_tensor
 from ..reference import attention
 
 
@@ -82,6 +82,7 @@ def _partial_torch(q, k_cache, v_cache, block_table, kv_lens, softmax_scale, o, 
     lse.copy_(l)
 
 
+@_core.accepts_arrays
 def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=None,
                    num_splits=None, max_len=None, o=None, lse=None, workspace=None,
                    deterministic=False, backend="auto"):
@@ -101,7 +102,9 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
             its tiles through a counter (no split waits for a slow sibling; the fp32 summation
             order, hence the last bits, can change between runs); True gives every split a
             fixed token range and bitwise-reproducible results. The CPU path is deterministic.
-    Returns (o, lse).
+    Returns (o, lse). Takes torch tensors or DLPack / __cuda_array_interface__ arrays (results
+    come back as the caller's kind); under torch.compile it is the op
+    esp_kernels::decode_partial.
     """
     check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor(k_cache, "k_cache", ndim=4)
@@ -115,6 +118,7 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
     if Hq % k_cache.shape[2]:
         raise ValueError(f"q has {Hq} heads, not a multiple of the cache's {k_cache.shape[2]}")
     for name, t in (("block_table", block_table), ("kv_lens", kv_lens)):
+        check_tensor(t, name)
         if t.dtype != torch.int32:
             raise TypeError(f"{name} must be int32, got {t.dtype}")
         if t.device != q.device:
@@ -123,10 +127,29 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
         raise ValueError(f"block_table must be [B={B}, max_pages] and kv_lens [B], got "
                          f"{tuple(block_table.shape)} and {tuple(kv_lens.shape)}")
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+    if num_splits is not None:
+        num_splits = as_int(num_splits, "num_splits", minimum=1)
+    if max_len is not None:
+        max_len = as_int(max_len, "max_len", minimum=0)
     if o is None:
         o = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
     if lse is None:
         lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    if torch.compiler.is_compiling():
+        torch.ops.esp_kernels.decode_partial(q, k_cache, v_cache, block_table, kv_lens, o, lse,
+                                             workspace, num_splits, max_len, scale,
+                                             bool(deterministic), backend)
+    else:
+        decode_partial_(q, k_cache, v_cache, block_table, kv_lens, o, lse, workspace,
+                        num_splits, max_len, scale, deterministic, backend)
+    return o, lse
+
+
+def decode_partial_(q, k_cache, v_cache, block_table, kv_lens, o, lse, workspace, num_splits,
+                    max_len, scale, deterministic, backend):
+    """decode_partial into o / lse, unchecked: the implementation behind it and the registered
+    op esp_kernels::decode_partial."""
+    B, Hq, D = q.shape
     if q.device.type == "cuda" and backend != "torch":
         if q.dtype not in HALF_DTYPES or k_cache.dtype != q.dtype:
             raise TypeError(f"the CUDA decode kernel needs float16/bfloat16 q and cache of the "
@@ -145,4 +168,3 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
                          _core.stream_handle(q.device))
     else:
         _partial_torch(q, k_cache, v_cache, block_table, kv_lens, scale, o, lse)
-    return o, lse

@@ -20,7 +20,7 @@ from typing import Hashable, Iterable, Mapping
 import torch
 
 from .. import _core
-from .._checks import FLOAT_DTYPES, resolve_device
+from .._checks import FLOAT_DTYPES, as_int, as_int_tensor, resolve_device
 from .copy import copy_rows
 
 
@@ -68,11 +68,8 @@ class CacheStats:
 
 
 def _positions_tensor(positions, name="positions") -> torch.Tensor:
-    t = positions if isinstance(positions, torch.Tensor) else torch.as_tensor(list(positions),
-                                                                              dtype=torch.int64)
-    if t.dim() != 1 or t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a 1-D sequence of integers")
-    t = t.to("cpu", torch.int64)
+    # Floats are rejected, not truncated (positions [0.0, 1.5] would store 0 and 1).
+    t = as_int_tensor(positions, name, torch.int64, "cpu")
     if t.numel() and int(t.min()) < 0:
         raise ValueError(f"{name} must be non-negative")
     if _has_duplicates(t):
@@ -114,12 +111,13 @@ class PagedKVCache:
     """Paged K/V storage of one instance for all layers (see module docstring)."""
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype = torch.bfloat16, device="cuda"):
-        for name, val in (("num_layers", num_layers), ("num_pages", num_pages),
-                          ("page_size", page_size), ("num_kv_heads", num_kv_heads),
-                          ("head_dim", head_dim)):
-            if not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+                 head_dim: int, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+        # device defaults to the CPU, like torch's factories: a cache never lands on CUDA unless
+        # asked to.
+        num_layers, num_pages, page_size, num_kv_heads, head_dim = (
+            as_int(val, name, minimum=1) for name, val in (
+                ("num_layers", num_layers), ("num_pages", num_pages), ("page_size", page_size),
+                ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)))
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
@@ -143,7 +141,7 @@ class PagedKVCache:
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, v) of one layer, each [num_pages, page_size, num_kv_heads, head_dim]."""
-        self._check_layer(layer)
+        layer = self._check_layer(layer)
         return self.kv[layer, 0], self.kv[layer, 1]
 
     def layer_descs(self, layer: int) -> tuple:
@@ -158,12 +156,14 @@ class PagedKVCache:
         """[2, num_slots, row] for one layer, or [num_layers * 2, num_slots, row] for all."""
         if layer is None:
             return self.kv.view(self.num_layers * 2, self.num_slots, self.row_elems)
-        self._check_layer(layer)
+        layer = self._check_layer(layer)
         return self.kv[layer].view(2, self.num_slots, self.row_elems)
 
-    def _check_layer(self, layer):
-        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+    def _check_layer(self, layer) -> int:
+        layer = as_int(layer, "layer")
+        if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer!r} is outside [0, {self.num_layers})")
+        return layer
 
     # ---- bookkeeping ---------------------------------------------------------------------
     @property

@@ -11,19 +11,31 @@ from __future__ import annotations
 import torch
 
 from .. import _core
+from .._checks import check_tensor
 
 
+@_core.accepts_arrays
 def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor,
               dst_idx: torch.Tensor | None, backend: str = "auto") -> None:
-    if src.dim() != 3 or dst.dim() != 3:
-        raise ValueError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)} must be "
-                         "[n_outer, rows, row_len]")
+    """Takes torch tensors or DLPack / __cuda_array_interface__ arrays; under torch.compile it
+    is the op esp_kernels::copy_rows."""
+    check_tensor(src, "src", ndim=3)
+    check_tensor(dst, "dst", ndim=3)
     for name, idx in (("src_idx", src_idx), ("dst_idx", dst_idx)):
         if idx is not None:
+            check_tensor(idx, name)
             if idx.dtype != torch.int32:
                 raise TypeError(f"{name} must be int32, got {idx.dtype}")
             if idx.device != src.device:
                 raise ValueError(f"{name} is on {idx.device} but src is on {src.device}")
+    if torch.compiler.is_compiling():
+        torch.ops.esp_kernels.copy_rows(src, src_idx, dst, dst_idx, backend)
+    else:
+        copy_rows_(src, src_idx, dst, dst_idx, backend)
+
+
+def copy_rows_(src, src_idx, dst, dst_idx, backend="auto") -> None:
+    """copy_rows, unchecked: the implementation behind it and the op esp_kernels::copy_rows."""
     if src.device.type == "cuda" and backend != "torch":
         C = _core.require_compiled("copy_rows")
         d = _core.desc

@@ -30,6 +30,7 @@ from typing import Hashable, Sequence
 
 import torch
 
+from .._checks import as_int
 from ..comm.group import CommError
 from .cache import CacheOutOfMemory, PagedKVCache, _member_mask
 from .copy import copy_rows
@@ -63,7 +64,9 @@ class MigrationPlan:
             self.add(*(dataclasses.astuple(e) if isinstance(e, MigrationEntry) else e))
 
     def add(self, request, start: int, end: int, src: int, dst: int) -> "MigrationPlan":
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+        start, end = as_int(start, "start"), as_int(end, "end")
+        src, dst = as_int(src, "src"), as_int(dst, "dst")
+        if not 0 <= start <= end:
             raise ValueError(f"bad token range [{start!r}, {end!r}) for request {request!r}")
         if src == dst:
             raise ValueError(f"entry for request {request!r} migrates from {src} to itself")

@@ -25,9 +25,9 @@ from typing import Sequence
 
 import torch
 
-from .._checks import FLOAT_DTYPES, check_gqa, check_tensor
+from .._checks import FLOAT_DTYPES, as_int, check_gqa, check_tensor
 from ..striping import stripe_lengths
-from .step import resolve_backend, ring_step
+from .step import resolve_backend, run_step
 
 
 def _as_lengths(seqlens) -> list[int]:
@@ -35,12 +35,7 @@ def _as_lengths(seqlens) -> list[int]:
         if seqlens.dim() != 1 or seqlens.dtype.is_floating_point:
             raise TypeError("seqlens must be a 1-D integer tensor or a sequence of ints")
         seqlens = seqlens.tolist()
-    out = []
-    for i, L in enumerate(seqlens):
-        if int(L) != L or L < 0:
-            raise ValueError(f"seqlens[{i}] = {L!r} must be a non-negative integer")
-        out.append(int(L))
-    return out
+    return [as_int(L, f"seqlens[{i}]", minimum=0) for i, L in enumerate(seqlens)]
 
 
 def _cumsum(lengths: Sequence[int]) -> list[int]:
@@ -176,7 +171,7 @@ def ring_prefill(q, k, v, seqlens, ring, retain=None, softmax_scale=None, *, cau
             work = ring.exchange(sends=[(message(cur, totals[src]), nxt_rank)],
                                  recvs=[(message(nxt, totals[incoming]), prv_rank)])
         kb, vb = kv_views(cur, totals[src])
-        ring_step(q, kb, vb, cu_q, cu_all[src], max_q_len, o_state, lse_state, causal=causal,
+        run_step(q, kb, vb, cu_q, cu_all[src], max_q_len, o_state, lse_state, causal=causal,
                   mask_shift=0 if src <= me else -1, accumulate=s > 0, softmax_scale=scale,
                   backend=backend)
         if writer is not None:

@@ -6,21 +6,29 @@ running fp32 state. Three implementations of one contract (csrc/prefill/ring_ste
 - "torch":  reference attention with positions + exact merge; any device, the CPU path
 
 Mask: query at local index a (in its request) sees key at local index b iff b <= a + mask_shift.
+
+`ring_step` is the op (checked arguments, DLPack / __cuda_array_interface__ arrays, the op
+esp_kernels::ring_step under torch.compile); the ring driver calls `run_step`, unchecked, since
+it validated the whole prefill once.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
 from .. import _core
-from ..merge import merge_states_
+from .._checks import (FLOAT_DTYPES, as_cu_seqlens, as_int, check_gqa, check_same_device,
+                       check_tensor)
+from ..merge import merge_two_
 from ..reference import attention
 
 # Default kernel on CUDA tensors; ESP_PREFILL_BACKEND overrides. The benchmark decides:
 # bench/results/ holds the step-kernel comparison the choice rests on (see bench/NOTES.md).
 DEFAULT_CUDA_BACKEND = "triton"
+_STATE_DTYPES = (torch.float32, torch.float64)
 BACKENDS = ("auto", "cuda", "triton", "torch")
 
 
@@ -49,14 +57,14 @@ def _step_torch(q, k, v, cu_q, cu_k, o_state, lse_state, causal, mask_shift, acc
     o_blk, lse_blk = attention(q.float(), k.float(), v.float(), cu_q, cu_k, causal=causal,
                                softmax_scale=softmax_scale, q_positions=qpos, k_positions=kpos)
     if accumulate:
-        merge_states_(o_state, lse_state, o_blk, lse_blk, backend="torch")
+        merge_two_(o_state, lse_state, o_blk, lse_blk, o_state, lse_state, "torch")
     else:
         o_state.copy_(o_blk)
         lse_state.copy_(lse_blk)
 
 
-def ring_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True, mask_shift=0,
-              accumulate=True, softmax_scale, backend="auto"):
+def run_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True, mask_shift=0,
+             accumulate=True, softmax_scale, backend="auto"):
     """Run one step with the chosen backend (arguments validated by the caller)."""
     backend = resolve_backend(backend, q.device)
     if backend == "torch":
@@ -73,3 +81,57 @@ def ring_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True
         C.ring_step(d(q), d(k), d(v), d(cu_q), d(cu_k), int(max_q_len), d(o_state),
                     d(lse_state), bool(causal), int(mask_shift), bool(accumulate),
                     float(softmax_scale), q.device.index, _core.stream_handle(q.device))
+
+
+@_core.accepts_arrays
+def ring_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True, mask_shift=0,
+              accumulate=True, softmax_scale=None, backend="auto"):
+    """One ring step: attention of packed queries against one packed KV block, merged into (or,
+    with accumulate=False, written as) the running state.
+
+    Args:
+        q: [Tq, Hq, D]; k, v: [Tk, Hkv, D], one float dtype (CUDA kernel: float16/bfloat16,
+            D 64 or 128; Triton: also float32, D a power of two; torch: also float64).
+        cu_q, cu_k: int32 [B+1] offsets of each request in q and in k/v, on q's device (lists
+            are converted); their contents are not checked here (that would wait on the GPU).
+        max_q_len: the longest request of q (tokens).
+        o_state: float32 [Tq, Hq, D], lse_state: float32 [Tq, Hq], written in place (float64
+            on the torch path, for references).
+        mask_shift: query a (local index in its request) sees key b iff b <= a + mask_shift.
+        softmax_scale: defaults to 1/sqrt(D). backend: "auto", "cuda", "triton", "torch".
+
+    Takes torch tensors or DLPack / __cuda_array_interface__ arrays; under torch.compile it is
+    the op esp_kernels::ring_step.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape or q.shape[2] != k.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [Tk, Hkv, D] with "
+                         f"q's head dim {q.shape[2]}")
+    check_gqa(q.shape[1], k.shape[1])
+    cu_q = as_cu_seqlens(cu_q, "cu_q", q.device)
+    cu_k = as_cu_seqlens(cu_k, "cu_k", q.device)
+    for name, cu in (("cu_q", cu_q), ("cu_k", cu_k)):
+        check_tensor(cu, name, ndim=1, dtypes=(torch.int32,))
+    if cu_q.shape != cu_k.shape or cu_q.shape[0] < 1:
+        raise ValueError(f"cu_q {tuple(cu_q.shape)} and cu_k {tuple(cu_k.shape)} must both be "
+                         "[B+1]")
+    check_tensor(o_state, "o_state", ndim=3, dtypes=_STATE_DTYPES)
+    check_tensor(lse_state, "lse_state", ndim=2, dtypes=_STATE_DTYPES)
+    if o_state.shape != q.shape or lse_state.shape != q.shape[:2]:
+        raise ValueError(f"o_state {tuple(o_state.shape)} and lse_state "
+                         f"{tuple(lse_state.shape)} must be q's [Tq, Hq, D] and [Tq, Hq]")
+    check_same_device(q=q, k=k, v=v, cu_q=cu_q, cu_k=cu_k, o_state=o_state, lse_state=lse_state)
+    max_q_len = as_int(max_q_len, "max_q_len", minimum=0)
+    mask_shift = as_int(mask_shift, "mask_shift")
+    scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
+    if torch.compiler.is_compiling():
+        torch.ops.esp_kernels.ring_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state,
+                                        bool(causal), mask_shift, bool(accumulate), scale,
+                                        backend)
+    else:
+        run_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal=causal,
+                 mask_shift=mask_shift, accumulate=accumulate, softmax_scale=scale,
+                 backend=backend)

@@ -95,7 +95,9 @@ def _ring_step_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                                       start_n, k_len, tok, shift, offs_d, qk_scale,
                                       BLOCK_N, True, CAUSAL)
 
-    seen = l_i > 0.0
+    # l = 0 exactly iff no key was visible; a NaN score (NaN in q or a visible key) makes l NaN
+    # whether or not the max kept it, and NaN != 0, so the row is written (as NaN), not skipped.
+    seen = l_i != 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     o_blk = acc / l_safe[:, None]
     lse_blk = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -110,8 +112,8 @@ def _ring_step_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
         w_prev = tl.exp(lse_prev - m_s)
         w_blk = tl.exp(lse_blk - m_s)
         tot = w_prev + w_blk
-        tot_s = tl.where(tot > 0.0, tot, 1.0)
-        lse_new = tl.where(tot > 0.0, m_s + tl.log(tot_s), float("-inf"))
+        tot_s = tl.where(tot != 0.0, tot, 1.0)  # NaN (a NaN state) passes and stays NaN
+        lse_new = tl.where(tot != 0.0, m_s + tl.log(tot_s), float("-inf"))
         o_new = (tl.where(w_prev[:, None] > 0.0, o_prev * (w_prev / tot_s)[:, None], 0.0)
                  + o_blk * (w_blk / tot_s)[:, None])
         tl.store(o_ptrs, o_new, mask=(row_ok & seen)[:, None])

@@ -11,7 +11,7 @@ from .report import Progress, format_table, plot_sweep, plot_timeline, write_row
 from .runner import POLICIES, find_max_rate, make_policy, requests_for_rate, rescale_arrivals, run_point
 from .workloads import WORKLOADS, load_trace, make_requests
 
-__all__ = ["add_parser", "run_cli", "load_cost_model", "DEFAULT_RATES"]
+__all__ = ["add_arguments", "run_cli", "load_cost_model", "DEFAULT_RATES"]
 
 # Request rates (req/s, 8 instances) that span light load to overload for each workload under
 # the default cost model's scale (a sweep start, not a result).
@@ -37,11 +37,8 @@ def _csv(kind, choices=None):
     return parse
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the `simulate` subcommand on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "simulate", help="discrete-event serving simulator: ESP vs static SP / chunked prefill / "
-                         "disaggregation", description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `simulate` options (`python -m esp_kernels simulate --help`)."""
     p.add_argument("--workload", type=_csv(str, WORKLOADS), default=["sharegpt"],
                    help=f"comma list of {', '.join(WORKLOADS)} (default sharegpt)")
     p.add_argument("--trace", default=None, help="CSV/JSONL trace (arrival,prompt_len,output_len) instead "
@@ -70,8 +67,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prefill-instances", type=int, default=None, help="disaggregated prefill pool size "
                    "(default half)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
-    p.set_defaults(func=run_cli)
-    return p
 
 
 def load_cost_model(path=None):
