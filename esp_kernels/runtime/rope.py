@@ -52,6 +52,7 @@ class Rope:
                                       f"(rotary dim {self.dim} of head dim {head_dim})")
         self.max_pos = int(max_position_embeddings)
         self.inv_freq, self.attention_scaling = self._init()
+        self._on_device = {}   # device -> inv_freq there (uploaded once, not per batch)
 
     @classmethod
     def from_config(cls, cfg: Mapping, head_dim: int) -> "Rope":
@@ -133,7 +134,10 @@ class Rope:
                 inv[sel] = self._dynamic_inv_freq(L).to(dev)
             freqs = positions[:, None].float() * inv
         else:
-            freqs = positions[:, None].float() * self.inv_freq.to(dev)
+            inv = self._on_device.get(dev)
+            if inv is None:
+                inv = self._on_device[dev] = self.inv_freq.to(dev)
+            freqs = positions[:, None].float() * inv
         emb = torch.cat((freqs, freqs), dim=-1)
         return ((emb.cos() * self.attention_scaling).to(dtype),
                 (emb.sin() * self.attention_scaling).to(dtype))
