@@ -282,11 +282,20 @@ def test_esp_scheduler_workload_matches_hf(num_instances):
     news = [int(x) for x in torch.randint(1, 8, (10,), generator=g)]
     prompts = {f"r{i}": torch.randint(0, VOCAB, (L,), generator=g).tolist()
                for i, L in enumerate(lengths)}
-    page, slots = 4, 64
+    # Tight memory: at most ~2 prompts per instance (40 slots each of 2, 64 of 4).
+    page, slots = 4, {2: 40, 4: 64}[num_instances]
     sched = ESPScheduler(num_instances, slots, CostModel.default(), page_size=page)
     cluster = VirtualCluster(LlamaAdapter.from_hf(model), num_instances, slots, page)
     work = [Arrival(rid, tuple(p), news[i], 0.0) for i, (rid, p) in enumerate(prompts.items())]
     res = serve(cluster, sched, work)
+    plans = [it.plan for it in res.iterations]
+    print("rings > 1:", sum(len(p.instances) > 1 for it in plans for p in it.prefills),
+          "spread retention:", sum(len(r) > 1 for it in plans for p in it.prefills
+                                   for r in p.retention),
+          "scale-ups:", sum(m != a for it in plans for d in it.decodes
+                            for m, a in zip(d.masters, d.append_to)),
+          "migrations:", sum(len(it.migrations) for it in plans),
+          "preemptions:", sum(len(it.preemptions) for it in plans))
     for i, (rid, p) in enumerate(prompts.items()):
         assert res.requests[rid].tokens == hf_greedy(model, p, news[i]), rid
     assert all(e.cache.stats().used_tokens == 0 for e in cluster.engines)
