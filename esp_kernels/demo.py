@@ -92,22 +92,44 @@ def describe(plan, took: float, max_items: int = 6) -> list[str]:
     return lines
 
 
+def elastic_summary(plans) -> str:
+    prefills = [p for it in plans for p in it.prefills]
+    decodes = [d for it in plans for d in it.decodes]
+    return (f"elastic: {len(prefills)} prefill groups "
+            f"({sum(len(p.instances) > 1 for p in prefills)} on rings of 2+, "
+            f"{sum(len(r) > 1 for p in prefills for r in p.retention)} requests kept on 2+ "
+            f"instances), {len(decodes)} decode batches ("
+            f"{sum(len(s) > 1 for d in decodes for s in d.shards)} request steps over 2+ "
+            f"instances, {sum(t != m for d in decodes for m, t in zip(d.masters, d.append_to))}"
+            f" scale-up appends), {sum(len(it.migrations) for it in plans)} migrations, "
+            f"{sum(len(it.preemptions) for it in plans)} preemptions")
+
+
 def _hf_model(adapter, dtype, device, model_dir):
     try:
         import transformers
     except ImportError:
         raise SystemExit("demo: checking outputs needs transformers (pip install "
                          "transformers), or pass --no-verify") from None
+    # No dtype keyword (its name changed across transformers versions): cast afterwards.
     if model_dir:
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            model_dir, local_files_only=True, dtype=dtype).to(device).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir,
+                                                                  local_files_only=True)
+        return model.to(device, dtype).eval()
     cfg_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "qwen2": transformers.Qwen2Config}[adapter.config.get("model_type", "llama")]
     cfg = cfg_cls(**{k: v for k, v in adapter.config.items() if k != "model_type"})
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model.load_state_dict(adapter.state_dict(), strict=True)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    model.to(dtype).load_state_dict(adapter.state_dict(), strict=True)
     return model.eval()
+
+
+def last_logits(hf, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """HF's float32 logits [n, vocab] of the last n positions of ids [1, T] (the base model and
+    the LM head: `logits_to_keep` is not in every transformers version)."""
+    h = hf.model(input_ids=ids).last_hidden_state[0, -n:]
+    return hf.lm_head(h).float()
 
 
 def verify(hf, result, workload, exact: bool, progress=print) -> tuple[int, float]:
@@ -125,7 +147,7 @@ def verify(hf, result, workload, exact: bool, progress=print) -> tuple[int, floa
                 good = ref == got
             else:
                 seq = torch.tensor([list(a.prompt) + got[:-1]], device=dev)
-                logits = hf(seq, logits_to_keep=len(got)).logits[0].float()
+                logits = last_logits(hf, seq, len(got))
                 margin = (logits.max(-1).values -
                           logits.gather(1, torch.tensor(got, device=dev)[:, None])[:, 0])
                 worst = max(worst, float(margin.max()))
@@ -243,13 +265,7 @@ def _run(device, instances, model_dir, requests, rate, seed, verify_outputs, tim
     print(f"\nserved {len(work)} requests, {res.generated_tokens} tokens in {res.wall:.2f} s "
           f"over {len(res.iterations)} iterations: {res.generated_tokens / res.wall:.1f} tok/s")
     print(f"TTFT {_percentiles(ttft)}   TPOT {_percentiles(tpot)}")
-    recomputed = sum(cluster.state(a.rid).recomputes for a in work)
-    print(f"elastic: {sum(len(i.plan.prefills) for i in res.iterations)} prefill groups, "
-          f"{sum(len(i.plan.migrations) for i in res.iterations)} migrations, "
-          f"{sum(len(i.plan.preemptions) for i in res.iterations)} preemptions "
-          f"({recomputed} recomputes), "
-          f"{sum(t != m for i in res.iterations for d in i.plan.decodes for m, t in zip(d.masters, d.append_to))} "
-          f"scale-up appends")
+    print(elastic_summary([it.plan for it in res.iterations]))
     if timeline_path:
         try:
             timeline(res, instances, timeline_path)

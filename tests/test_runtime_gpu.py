@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+from esp_kernels.demo import last_logits
 from esp_kernels.runtime import Arrival, LlamaAdapter, VirtualCluster, serve
 from esp_kernels.runtime.llama import PRESETS
 from esp_kernels.testing import rel_err
@@ -61,9 +62,9 @@ def test_bf16_teacher_forced_logits_1b_32k():
     hf.load_state_dict(adapter.state_dict())
     seq = torch.tensor([prompt + forced[:-1]], device=dev)
     with torch.no_grad():
-        hf16 = hf(seq, logits_to_keep=FORCED).logits[0].float().cpu()
+        hf16 = last_logits(hf, seq, FORCED).cpu()
         hf.float()
-        hf32 = hf(seq, logits_to_keep=FORCED).logits[0].cpu()
+        hf32 = last_logits(hf, seq, FORCED).cpu()
     for step in range(FORCED):
         err, err_hf = rel_err(ours[step], hf32[step]), rel_err(hf16[step], hf32[step])
         print(f"step {step}: ours {err:.2e}, HF bf16 {err_hf:.2e}")
