@@ -276,8 +276,8 @@ def _run(device, instances, model_dir, requests, rate, seed, verify_outputs, tim
         print("outputs not verified (--no-verify)")
         return 0
     exact = case["dtype"] == torch.float32
-    print(f"\nchecking every output against transformers ("
-          f"{'greedy tokens identical' if exact else f'teacher-forced, logit tol {BF16_LOGIT_TOL}'})")
+    how = "greedy tokens identical" if exact else f"teacher-forced, logit tol {BF16_LOGIT_TOL}"
+    print(f"\nchecking every output against transformers ({how})")
     hf = _hf_model(adapter, case["dtype"], device, model_dir)
     ok, worst = verify(hf, res, work, exact)
     extra = "" if exact else f", worst logit margin {worst:.3f}"

@@ -3,7 +3,7 @@
     from esp_kernels.runtime import LlamaAdapter, VirtualCluster, serve
     adapter = LlamaAdapter.from_hf(hf_model)          # or .from_dir(path) / .random(cfg)
     cluster = VirtualCluster(adapter, num_instances=4, kv_slots_per_instance=4096)
-    result = serve(cluster, scheduler, workload)      # scheduler: esp_kernels.scheduler.ESPScheduler
+    result = serve(cluster, scheduler, workload)      # an esp_kernels.scheduler.ESPScheduler
 
 One `Engine` per instance (engine.py: what an iteration does); `VirtualCluster` runs N of them on
 one device with shared weights; a process per GPU runs one `Engine` over a torch.distributed or
