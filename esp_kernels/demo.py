@@ -256,9 +256,17 @@ def _run(device, instances, model_dir, requests, rate, seed, verify_outputs, tim
           f"{lens[0]}..{lens[-1]} (median {lens[len(lens) // 2]}), {instances} virtual "
           f"instances of {slots} KV slots (page {page})\n")
 
+    last = [0.0]
+
     def show(it):
         if not quiet or it.plan.prefills or it.plan.migrations or it.plan.preemptions:
             print("\n".join(describe(it.plan, it.end - it.start)), flush=True)
+        elif it.end - last[0] > 2:   # progress through long decode-only stretches
+            done = sum(cluster.state(a.rid).finished for a in work if a.rid in
+                       cluster.engines[0].requests)
+            print(f"it {it.plan.index:4d} t={it.end:7.3f}s: {done}/{len(work)} requests done",
+                  flush=True)
+        last[0] = it.end
     res = serve(cluster, sched, work, on_iteration=show)
     ttft = [r.ttft for r in res.requests.values()]
     tpot = [r.tpot for r in res.requests.values() if r.tpot is not None]

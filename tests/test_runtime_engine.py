@@ -115,3 +115,15 @@ def test_demo_runs_or_says_why(capsys):
     assert run_demo("cpu", instances=3, requests=8, timeline_path=None) == 0
     out = capsys.readouterr().out
     assert "PASS: 8/8 outputs match transformers" in out and "TTFT p50=" in out
+
+
+def test_sliding_window_models_are_served_up_to_their_window():
+    cfg = dict(PRESETS["tiny"], model_type="mistral", sliding_window=8)
+    adapter = LlamaAdapter.random(cfg)
+    assert adapter.max_len == 8
+    cluster = VirtualCluster(adapter, 1, 32, 4)
+    cluster.add_request("ok", [1] * 5, 4)                     # 5 + 4 - 1 = 8 tokens
+    with pytest.raises(ValueError, match="sliding window"):
+        cluster.add_request("long", [1] * 6, 4)
+    qwen = dict(cfg, model_type="qwen2", use_sliding_window=False)
+    assert LlamaAdapter.random(qwen).max_len is None

@@ -5,6 +5,12 @@ instances (all idle, since the previous iteration completed), the executor runs 
 instance (a VirtualCluster, or an Engine in a process per GPU, each process running the same
 deterministic scheduler on the same arrivals), and the scheduler learns what completed and which
 requests stopped at EOS. Arrivals are in seconds from the start on the wall clock (or `clock`).
+
+With a process per instance, every process must execute the same plans in the same order:
+either every process runs the same deterministic scheduler on a shared logical clock (pass
+`clock`, e.g. one that counts iterations: the wall clocks of processes differ), or one
+process schedules and sends the plans (their to_dict() is plain JSON) to the others, which call
+`Engine.execute` on each.
 """
 
 from __future__ import annotations
