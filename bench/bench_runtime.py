@@ -97,6 +97,13 @@ class DecodeBench:
             h[m] = h.get(m, 0) + 1
         return self.IterationPlan(self.index, 0.0, (), (db,), (), (), 0.0)
 
+    def close(self):
+        """Free the requests' KV everywhere (the cluster serves the next case)."""
+        for e in self.cluster.engines:
+            for rid in self.rids:
+                e.cache.free(rid)
+                e.requests[rid].finished = True
+
     def run(self, iters: int) -> list[float]:
         """Wall seconds of each iteration (execute ends with the token exchange's sync)."""
         times = []
@@ -129,6 +136,7 @@ def part_host(rec, model, dev, dtype, smoke):
 
 
 def part_share(rec, model, dev, dtype, smoke):
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     if dev.type != "cuda":
         print("  share: needs CUDA kernels (skipped on CPU)")
@@ -144,7 +152,7 @@ def part_share(rec, model, dev, dtype, smoke):
             wall = sum(bench.run(iters))
         ours = total = 0.0
         for evt in prof.events():
-            if evt.device_type == torch.autograd.DeviceType.CUDA:
+            if evt.device_type == DeviceType.CUDA:
                 us = evt.time_range.elapsed_us()
                 total += us
                 if any(k in evt.name for k in OUR_KERNELS):
@@ -168,7 +176,8 @@ def part_cost(rec, model, dev, dtype, smoke):
     errors = []
     prefills = ([4096], [16384], [32768], [1024] * 8) if not smoke else ([64], [16] * 3)
     decodes = ([1024] * 16, [4096] * 32, [16384] * 4, [65536]) if not smoke else ([32] * 2,)
-    slots = max(sum(c) for c in prefills + decodes) + 64 * 64
+    # One pool for every case: the largest one plus its decode appends (cases free their KV).
+    slots = max(sum(c) + 64 * len(c) for c in prefills + decodes)
     cluster = VirtualCluster(adapter, 1, (slots // 16 + 4) * 16, 16)
     for k, seqlens in enumerate(prefills):
         def run(tag):
@@ -190,20 +199,16 @@ def part_cost(rec, model, dev, dtype, smoke):
                 "cost model predicted", predicted * 1e3, "ms", higher_is_better=False,
                 rel_err=err)
     for kv_lens in decodes:
-        c = VirtualCluster(adapter, 1, ((sum(kv_lens) + 64 * len(kv_lens)) // 16 + 4) * 16, 16) \
-            if not smoke else cluster
-        bench = DecodeBench(c, kv_lens, spread=False)
+        bench = DecodeBench(cluster, kv_lens, spread=False)
         bench.run(3)
         measured = statistics.median(bench.run(5 if smoke else 20))
+        bench.close()
         predicted = cm.decode_time(kv_lens, 1, 1)
         err = abs(predicted - measured) / measured
         errors.append(err)
         rec.add(f"decode {len(kv_lens)}x{kv_lens[0]}, 1 instance", "measured", measured * 1e3,
                 "cost model predicted", predicted * 1e3, "ms", higher_is_better=False,
                 rel_err=err)
-        del bench, c
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
     print(f"  cost model vs measured one-instance iterations: mean relative error "
           f"{100 * statistics.mean(errors):.1f}%, max {100 * max(errors):.1f}% "
           f"({len(errors)} cases; target < 10%)")
