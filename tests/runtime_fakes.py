@@ -177,3 +177,47 @@ class ScriptedScheduler:
 
     def update(self, done, finished=(), now=None):
         self.updates.append((done, tuple(finished)))
+
+
+def random_plans(rng, num_instances: int, requests: Mapping[Hashable, tuple]) -> list:
+    """A random valid plan sequence serving every request to its end: each iteration either
+    prefills some waiting requests on a random ring (any order, any size) with random
+    contiguous retention ranges on its members, or decodes every running request with random
+    masters and append targets, after maybe preempting one and migrating a random range of
+    another. rng: a random.Random."""
+    s = Script(num_instances, requests)
+    waiting, running = list(requests), []
+    while waiting or running:
+        if waiting and (not running or rng.random() < 0.5):
+            batch = rng.sample(waiting, rng.randint(1, min(3, len(waiting))))
+            ring = rng.sample(range(num_instances), rng.randint(1, num_instances))
+            keeps = {}
+            for rid in batch:
+                L = s._seqlen(rid)
+                cuts = sorted(rng.sample(range(1, L), min(L - 1, rng.randint(0, len(ring) - 1))))
+                bounds = [0] + cuts + [L]
+                keeps[rid] = tuple((rng.choice(ring), a, b) for a, b in zip(bounds, bounds[1:]))
+            s.iteration(prefills=[(tuple(ring), keeps)])
+            for rid in batch:
+                waiting.remove(rid)
+                if rid not in s.finished:
+                    running.append(rid)
+            continue
+        preempt, migrations = [], []
+        if len(running) > 1 and rng.random() < 0.2:
+            victim = rng.choice(running)
+            preempt.append(victim)
+            running.remove(victim)
+            waiting.append(victim)
+        if num_instances > 1 and rng.random() < 0.4:
+            rid = rng.choice(running)
+            src = rng.choice(sorted(set(s.owner[rid])))
+            dst = rng.choice([i for i in range(num_instances) if i != src])
+            L = len(s.owner[rid])
+            a = rng.randrange(L)
+            migrations.append((rid, a, rng.randint(a + 1, L), src, dst))
+        masters = {rid: rng.randrange(num_instances) for rid in running}
+        spills = {rid: rng.randrange(num_instances) for rid in running if rng.random() < 0.3}
+        s.iteration(preempt=preempt, migrations=migrations, decodes=[(masters, spills)])
+        running = [rid for rid in running if rid not in s.finished]
+    return s.plans

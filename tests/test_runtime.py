@@ -9,13 +9,17 @@ and a ring of one; then by the real ESPScheduler when it is importable.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from esp_kernels.runtime import (Arrival, LlamaAdapter, SamplingParams, VirtualCluster, sample,
                                  serve)
 from esp_kernels.runtime.sampling import _draw
-from runtime_fakes import Script, ScriptedScheduler
+from runtime_fakes import Script, ScriptedScheduler, random_plans
 
 transformers = pytest.importorskip("transformers", reason="runtime tests compare against "
                                    "transformers (pip install transformers)")
@@ -56,7 +60,8 @@ def prompts_for(lengths, seed=1):
 
 def serve_plans(adapter, num_instances, plans, prompts, max_new, kv_slots=96, page_size=4,
                 sampling=None, sampler=sample):
-    cluster = VirtualCluster(adapter, num_instances, kv_slots, page_size, sampler=sampler)
+    cluster = VirtualCluster(adapter, num_instances, kv_slots, page_size, sampler=sampler,
+                             timeout=30)   # a failing instance fails its peers in 30 s
     work = [Arrival(rid, tuple(p), max_new[rid], 0.0, sampling) for rid, p in prompts.items()]
     res = serve(cluster, ScriptedScheduler(plans), work)
     return {rid: rec.tokens for rid, rec in res.requests.items()}, cluster
@@ -110,6 +115,47 @@ def test_elastic_plan_matches_hf_greedy(family, extra):
     assert cluster.state("b").recomputes == 1
     for e in cluster.engines:   # every request finished: all KV freed
         assert e.cache.stats().used_tokens == 0
+
+
+def test_ring_members_without_tokens():
+    """A 2-token prompt on a ring of 4: ring ranks 2 and 3 (instances 0 and 2) hold no token,
+    and instance 0 still keeps the whole KV for decode."""
+    model = tiny_model(seed=9)
+    prompts = prompts_for({"s": 2}, seed=10)
+    s = Script(4, {"s": (2, 3)})
+    s.iteration(prefills=[((3, 1, 0, 2), {"s": 0})])
+    s.iteration(decodes=[({"s": 2}, {"s": 3})])
+    s.iteration(decodes=[({"s": 0}, {})])
+    got, _ = serve_plans(LlamaAdapter.from_hf(model), 4, s.plans, prompts, {"s": 3})
+    assert got["s"] == hf_greedy(model, prompts["s"], 3)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), num_instances=st.integers(1, 4))
+def test_random_elastic_plans_match_hf_greedy(seed, num_instances):
+    """Random valid plan sequences (rings of any order and size, random retention ranges,
+    masters, spills, migrations, preemptions) serve the same greedy tokens as HF."""
+    rng = random.Random(seed)
+    lengths = {f"q{i}": rng.randint(1, 24) for i in range(rng.randint(1, 5))}
+    max_new = {rid: rng.randint(1, 6) for rid in lengths}
+    plans = random_plans(rng, num_instances, {r: (lengths[r], max_new[r]) for r in lengths})
+    prompts = prompts_for(lengths, seed=seed % 1000)
+    got, cluster = serve_plans(_MODEL["adapter"], num_instances, plans, prompts, max_new,
+                               kv_slots=128)
+    for rid, p in prompts.items():
+        assert got[rid] == hf_greedy(_MODEL["hf"], p, max_new[rid]), f"request {rid}"
+    assert all(e.cache.stats().used_tokens == 0 for e in cluster.engines)
+
+
+_MODEL = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shared_model():
+    """One model for the property test's examples (hypothesis forbids function fixtures)."""
+    model = tiny_model(seed=6)
+    _MODEL.update(hf=model, adapter=LlamaAdapter.from_hf(model))
+    yield
 
 
 @pytest.mark.parametrize("rope", [

@@ -15,6 +15,7 @@ import time
 import torch
 
 from .. import comm
+from ..comm.group import DEFAULT_TIMEOUT_S, CommError
 from .engine import Engine, IterationResult
 from .sampling import sample
 
@@ -35,14 +36,15 @@ class PhaseTimes:
 
 class VirtualCluster:
     """num_instances engines on `adapter.device` sharing `adapter`; each has a cache of
-    kv_slots_per_instance token slots in pages of page_size."""
+    kv_slots_per_instance token slots in pages of page_size; timeout: seconds an instance may
+    wait on another before CommTimeout."""
 
     def __init__(self, adapter, num_instances: int, kv_slots_per_instance: int,
-                 page_size: int = 16, sampler=sample):
+                 page_size: int = 16, sampler=sample, timeout: float = DEFAULT_TIMEOUT_S):
         if not isinstance(num_instances, int) or num_instances < 1:
             raise ValueError(f"num_instances must be an int >= 1, got {num_instances!r}")
         self.adapter = adapter
-        self.groups = comm.local_group(num_instances, adapter.device)
+        self.groups = comm.local_group(num_instances, adapter.device, timeout)
         self.engines = [Engine.create(g, adapter, kv_slots_per_instance, page_size, sampler)
                         for g in self.groups]
         self.page_size = page_size
@@ -60,17 +62,38 @@ class VirtualCluster:
         """The request's state (identical on every engine; engine 0's copy)."""
         return self.engines[0].requests[rid]
 
+    def _run_local(self, fn) -> None:
+        """fn(engine) on every instance, a thread each. An instance that fails leaves its peers
+        waiting until they time out, and run_local raises the first error by rank, maybe a
+        peer's timeout: the failure itself is raised instead."""
+        causes: list = []
+
+        def body(group, engine):
+            try:
+                fn(engine)
+            except CommError:
+                raise
+            except BaseException as exc:
+                causes.append(exc)
+                raise
+        try:
+            comm.run_local(self.groups, body, self.engines)
+        except CommError as exc:
+            if causes:
+                raise causes[0] from exc
+            raise
+
     def execute(self, plan) -> IterationResult:
         times = self.last_times = PhaseTimes()
         for e in self.engines:
             e.begin(plan)
         t = time.perf_counter()
         if plan.migrations:
-            comm.run_local(self.groups, lambda g, e: e.migrate(plan), self.engines)
+            self._run_local(lambda e: e.migrate(plan))
             times.migrate = time.perf_counter() - t
             t = time.perf_counter()
         if plan.prefills:
-            comm.run_local(self.groups, lambda g, e: e.prefill(plan), self.engines)
+            self._run_local(lambda e: e.prefill(plan))
             times.prefill = time.perf_counter() - t
             t = time.perf_counter()
         if plan.decodes:

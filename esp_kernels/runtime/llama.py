@@ -260,7 +260,7 @@ class LlamaAdapter:
 
     def attention_out(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         L = self.layers[layer]
-        h = h + F.linear(attn.reshape(h.shape[0], -1), L["o"], L["o_b"])
+        h = h + F.linear(attn.reshape(h.shape[0], self._split[0]), L["o"], L["o_b"])
         x = _rms_norm(h, L["ln_post"], self.eps)
         gate, up = F.linear(x, L["gate_up"], L["gate_up_b"]).split(self.intermediate, dim=-1)
         return h + F.linear(self.act(gate) * up, L["down"], L["down_b"])
