@@ -286,6 +286,7 @@ def _run(device, instances, model_dir, requests, rate, seed, verify_outputs, tim
     exact = case["dtype"] == torch.float32
     how = "greedy tokens identical" if exact else f"teacher-forced, logit tol {BF16_LOGIT_TOL}"
     print(f"\nchecking every output against transformers ({how})")
+    print("  building the transformers model ...", flush=True)
     hf = _hf_model(adapter, case["dtype"], device, model_dir)
     ok, worst = verify(hf, res, work, exact)
     extra = "" if exact else f", worst logit margin {worst:.3f}"
