@@ -3,7 +3,8 @@
 Instances are world ranks. A plan is built collectively from every instance's cache
 (`DecodePlan.build`), is the same object on every instance, and changes only between decode
 steps: `scale_up` decides where each request's next token is stored (its master by default, any
-instance with room otherwise; old KV never moves) and allocates the slots.
+instance with room otherwise; old KV never moves) and allocates the slots; `allocate_appends`
+allocates them for targets decided elsewhere (the scheduler's `append_to`), with no collective.
 """
 
 from __future__ import annotations
