@@ -127,3 +127,13 @@ def test_sliding_window_models_are_served_up_to_their_window():
         cluster.add_request("long", [1] * 6, 4)
     qwen = dict(cfg, model_type="qwen2", use_sliding_window=False)
     assert LlamaAdapter.random(qwen).max_len is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope_is_hf_rotate_half_bit_for_bit(dtype):
+    from esp_kernels.runtime.rope import apply_rope, rope_tables
+    g = torch.Generator().manual_seed(0)
+    x, cos, sin = (torch.randn(*s, generator=g).to(dtype) for s in ((9, 3, 16), (9, 16),
+                                                                  (9, 16)))
+    hf = x * cos[:, None] + torch.cat((-x[..., 8:], x[..., :8]), -1) * sin[:, None]
+    assert torch.equal(apply_rope(x, rope_tables(cos, sin)), hf)

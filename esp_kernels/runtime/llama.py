@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import resolve_device
-from .rope import Rope, apply_rope
+from .rope import Rope, apply_rope, rope_tables
 
 FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -245,17 +245,16 @@ class LlamaAdapter:
         return F.embedding(tokens, self.embed_w)
 
     def positions(self, positions: torch.Tensor, lengths: torch.Tensor):
-        return self.rope.cos_sin(positions, self.dtype, lengths)
+        return rope_tables(*self.rope.cos_sin(positions, self.dtype, lengths))
 
     def attention_in(self, layer: int, h: torch.Tensor, pos):
         L = self.layers[layer]
         T = h.shape[0]
         x = _rms_norm(h, L["ln_in"], self.eps)
         q, k, v = F.linear(x, L["qkv"], L["qkv_b"]).split(self._split, dim=-1)
-        cos, sin = pos
         D = self.head_dim
-        q = apply_rope(q.view(T, self.num_q_heads, D), cos, sin)
-        k = apply_rope(k.view(T, self.num_kv_heads, D), cos, sin)
+        q = apply_rope(q.view(T, self.num_q_heads, D), pos)
+        k = apply_rope(k.view(T, self.num_kv_heads, D), pos)
         return q, k, v.reshape(T, self.num_kv_heads, D)
 
     def attention_out(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
