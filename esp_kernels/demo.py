@@ -208,6 +208,11 @@ def run_demo(device=None, instances: int = 4, model_dir: str | None = None,
              verify_outputs: bool = True, timeline_path: str | None = "esp_timeline.png",
              quiet: bool = False) -> int:
     CostModel, ESPScheduler = _scheduler()
+    if instances < 1:
+        raise SystemExit(f"demo: --instances must be >= 1, got {instances}")
+    if device is not None and torch.device(device).type == "cuda" and \
+            not torch.cuda.is_available():
+        raise SystemExit("demo: --device cuda, but torch sees no CUDA device")
     device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         # The tiny model's ops are microseconds: intra-op threads only add hand-offs, worse
