@@ -29,13 +29,25 @@ def _show_config(args) -> int:
 
 def _demo_arguments(parser):
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    parser.add_argument("--quick", action="store_true", help="small sizes (seconds on a CPU)")
+    parser.add_argument("--instances", type=int, default=4, help="virtual instances (default 4)")
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="local checkpoint dir (config.json + safetensors); default: random")
+    parser.add_argument("--requests", type=int, default=None, help="number of requests")
+    parser.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeline", default="esp_timeline.png", help="PNG path ('' for none)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the transformers check")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print decode-only iterations only in the summary")
 
 
 def _demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(device=args.device, quick=args.quick)
+    return run_demo(device=args.device, instances=args.instances, model_dir=args.model,
+                    requests=args.requests, rate=args.rate, seed=args.seed,
+                    verify_outputs=not args.no_verify, timeline_path=args.timeline or None,
+                    quiet=args.quiet)
 
 
 def _simulate_arguments(parser):
@@ -52,7 +64,8 @@ def _simulate(args) -> int:
 
 COMMANDS = [
     Command("show-config", "version, build, devices", _show_config),
-    Command("demo", "the ESP lifecycle on virtual instances of this device", _demo,
+    Command("demo", "serve a model over elastic virtual instances of this device, verified "
+            "against transformers", _demo,
             _demo_arguments),
     Command("simulate", "discrete-event serving simulator: ESP vs static SP / chunked prefill / "
             "disaggregation", _simulate, _simulate_arguments),

@@ -3,7 +3,8 @@
 Instances are world ranks. A plan is built collectively from every instance's cache
 (`DecodePlan.build`), is the same object on every instance, and changes only between decode
 steps: `scale_up` decides where each request's next token is stored (its master by default, any
-instance with room otherwise; old KV never moves) and allocates the slots.
+instance with room otherwise; old KV never moves) and allocates the slots; `allocate_appends`
+allocates them for targets decided elsewhere (the scheduler's `append_to`), with no collective.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ class DecodePlan:
         for i, s in enumerate(self.shards):
             if any(n < 0 for n in s.values()):
                 raise ValueError(f"request {self.requests[i]!r} has a negative shard length")
-        self.append_to = list(append_to) if append_to is not None else [None] * len(self.requests)
+        self.append_to = ([None if t is None else int(t) for t in append_to]
+                          if append_to is not None else [None] * len(self.requests))
+        if len(self.append_to) != len(self.requests):
+            raise ValueError(f"append_to has {len(self.append_to)} entries for "
+                             f"{len(self.requests)} requests")
         self.free_pages = dict(free_pages or {})
         self.page_size = page_size
         self.append_slots: dict = {}
@@ -106,13 +111,29 @@ class DecodePlan:
                 free[t] -= 1
             local[t][i] += 1
             targets.append(t)
-        mine = {rid: [self.total_len(i)] for i, rid in enumerate(self.requests) if targets[i] == me}
+        return DecodePlan(self.requests, self.masters, self.shards, append_to=targets,
+                          free_pages=free, page_size=ps).allocate_appends(cache, me)
+
+    def allocate_appends(self, cache: PagedKVCache, instance: int) -> "DecodePlan":
+        """The plan of a step whose `append_to` was decided beforehand (by `scale_up`, or
+        centrally, e.g. by esp_kernels.scheduler, with `shards` as they are before the step).
+
+        Not collective: every instance of the step calls it with the same plan and its own
+        cache. Returns a new plan whose shards count each appended token on its target, with
+        `append_slots` holding the slots allocated in `cache` for the tokens `instance` stores
+        (each at global position = the request's length before the step). Raises
+        CacheOutOfMemory, with nothing allocated, if they do not fit.
+        """
+        instance = int(instance)
+        mine = {rid: [self.total_len(i)] for i, rid in enumerate(self.requests)
+                if self.append_to[i] == instance}
         slots = cache.allocate_many(mine)
         shards = [dict(s) for s in self.shards]
-        for i, t in enumerate(targets):
-            shards[i][t] = shards[i].get(t, 0) + 1
-        plan = DecodePlan(self.requests, self.masters, shards, append_to=targets,
-                          free_pages=free, page_size=ps)
+        for i, t in enumerate(self.append_to):
+            if t is not None:
+                shards[i][t] = shards[i].get(t, 0) + 1
+        plan = DecodePlan(self.requests, self.masters, shards, append_to=self.append_to,
+                          free_pages=self.free_pages, page_size=cache.page_size)
         plan.append_slots = {rid: int(s[0]) for rid, s in slots.items()}
         return plan
 
