@@ -17,10 +17,11 @@ REQUESTS = ["a", "b", "c", "d", "e"]
 
 
 def scenario(n, seed, max_len=300):
-    """Lengths, masters and a random token placement (some shards empty, request 'd' empty,
-    'e' mastered by an instance that holds none of it)."""
+    """Lengths, masters and a random token placement (some shards empty, 'c' of one token, 'd'
+    of two, 'e' mastered by an instance that holds none of it, so its first appended token
+    starts a shard there)."""
     g = torch.Generator().manual_seed(seed)
-    lens = {"a": max_len, "b": 77, "c": 1, "d": 0, "e": 40}
+    lens = {"a": max_len, "b": 77, "c": 1, "d": 2, "e": 40}
     masters = [0, (1 % n), (2 % n), 0, n - 1]
     place = {r: torch.randint(0, n, (lens[r],), generator=g) for r in REQUESTS}
     if n > 1:
@@ -157,7 +158,7 @@ def test_decode_instance_mastering_nothing_while_appending():
 
     def body(group, cache):
         plan = esp.DecodePlan.build(group, cache, ["r"], [0]).scale_up(group, cache)
-        assert plan.append_to == [1]
+        assert plan.append_to == (1,)
         mine = plan.mastered_by(group.rank)
         kn = full[0, 8:9].view(1, 2, 16)[: len(mine)]
         vn = full[1, 8:9].view(1, 2, 16)[: len(mine)]
