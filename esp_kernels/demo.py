@@ -99,9 +99,10 @@ def run_demo(device=None, quick=False) -> int:
     stored_ok = True
     for inst in decode_instances:
         for bi, L in enumerate(seqlens):
-            pos = caches[inst].positions(bi)
+            rid = plan.request_ids[bi]
+            pos = caches[inst].positions(rid)
             if pos.numel():
-                k, _ = caches[inst].gather(bi, 1)
+                k, _ = caches[inst].gather(rid, 1)
                 start = int(batches[1].cu_seqlens[bi])
                 stored_ok &= bool(torch.equal(k, batches[1].k[start + pos.to(device)]))
     ok &= stored_ok

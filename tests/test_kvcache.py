@@ -142,7 +142,8 @@ def retention_rank(world, seed, policy, page_size):
     seqlens, batches = retention_batches(P, seed)
     keepers = {1: 60, 3: 120} if P == 4 else {0: 60, 1: 120}
     plan = getattr(esp.RetentionPlan, policy)(seqlens, {k: v // page_size + 4 for k, v in
-                                                        keepers.items()}, page_size)
+                                                        keepers.items()}, page_size,
+                                              request_ids=range(len(seqlens)))
     cache = esp.PagedKVCache(2, 200 // page_size + 8, page_size, 2, 64, torch.float32, "cpu")
     me = world.world_ranks[world.rank]
     if me in plan.instances:
@@ -353,7 +354,7 @@ def test_retention_and_migration_gpu(page_size):
     groups = local_group(P, "cuda")
     seqlens = [3, 2000, 517]
     plan = esp.RetentionPlan.fill_first(seqlens, {2: 1600 // page_size, 0: 1600 // page_size},
-                                        page_size)
+                                        page_size, request_ids=[0, 1, 2])
     caches = [esp.PagedKVCache(2, 4000 // page_size + 8, page_size, 8, 128, torch.bfloat16, "cuda")
               for _ in range(P)]
     batches = [random_varlen_batch(seqlens, 32, 8, 128, dtype=torch.bfloat16, device="cuda",
