@@ -115,8 +115,8 @@ def run_demo(device=None, quick=False) -> int:
     # 3. multi-master decode with scale-up on the decode instances
     dgroups = [groups[i].subgroup(decode_instances) for i in decode_instances]
     dcaches = [caches[i] for i in decode_instances]
-    requests = list(range(len(seqlens)))
-    masters = [decode_instances[i % len(decode_instances)] for i in requests]
+    requests = list(plan.request_ids)  # the ids the retention stored the requests under
+    masters = [decode_instances[i % len(decode_instances)] for i in range(len(requests))]
     qs = torch.randn(steps, layers, len(requests), Hq, D, generator=gen).to(device, dtype)
     kn = torch.randn(steps, layers, len(requests), Hkv, D, generator=gen).to(device, dtype)
     vn = torch.randn(steps, layers, len(requests), Hkv, D, generator=gen).to(device, dtype)
