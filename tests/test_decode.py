@@ -215,6 +215,72 @@ def test_zero_length_shard_gives_empty_state():
     assert torch.isfinite(lse[1]).all()
 
 
+def one_instance_case():
+    g = local_group(1)[0]
+    cache = esp.PagedKVCache(2, 16, 4, 2, 8, torch.float32, "cpu")
+    cache.kv.normal_()
+    cache.allocate("r", range(9))
+    cache.allocate("s", range(3))
+    return g, cache, esp.DecodePlan.build(g, cache, ["r", "s"], [0, 0])
+
+
+def reference_decode(cache, rids, q, layer):
+    outs = []
+    for b, rid in enumerate(rids):
+        k, v = cache.gather(rid, layer)
+        outs.append(esp.reference.attention(q[b:b + 1], k, v, cu_seqlens([1]),
+                                            cu_seqlens([k.shape[0]]), causal=False)[0])
+    return torch.cat(outs)
+
+
+def test_decode_runner_prepared_once_run_per_layer():
+    """The runner object behind distributed_decode: the same results, reused by the one-call
+    form for an equal plan, and tied to its shapes and to its requests' placement."""
+    g, cache, plan = one_instance_case()
+    runner = esp.DecodeRunner(plan, g, cache, 4, 8, torch.float32)
+    q = torch.randn(2, 4, 8)
+    for layer in range(2):
+        out = runner.run(q, layer)
+        assert_close(out, reference_decode(cache, ["r", "s"], q, layer), torch.float32)
+        assert torch.equal(out, esp.distributed_decode(q, cache, plan, g, layer=layer))
+    from esp_kernels.decode import decode_runner
+    first = decode_runner(plan, g, cache, 4, 8, torch.float32)
+    assert decode_runner(esp.DecodePlan.from_dict(plan.to_dict()), g, cache, 4, 8,
+                         torch.float32) is first
+    with pytest.raises(ValueError, match="as this runner was prepared"):
+        runner.run(q.double().float()[:, :2], 0)
+    with pytest.raises(ValueError, match="as this runner was prepared"):
+        runner.run(q.half(), 0)
+    with pytest.raises(ValueError, match="layer 2 is outside"):
+        runner.run(q, 2)
+    # Other requests come and go: the runner's requests did not move, it still runs.
+    cache.allocate("other", range(6))
+    cache.free("other")
+    assert_close(runner.run(q, 1), reference_decode(cache, ["r", "s"], q, 1), torch.float32)
+    # Its requests moved: it raises instead of reading stale pages.
+    cache.remove_tokens("r", [0, 1])
+    with pytest.raises(ValueError, match="moved tokens of this DecodeRunner's requests"):
+        runner.run(q, 0)
+    with pytest.raises(ValueError, match="holds 9 tokens of request 'r' but its cache holds 7"):
+        esp.DecodeRunner(plan, g, cache, 4, 8, torch.float32)
+
+
+def test_decode_runner_needs_the_appended_slot_reserved():
+    g, cache, plan = one_instance_case()
+    up = esp.DecodePlan(plan.requests, plan.masters, [{0: 10}, {0: 3}], append_to=[0, None])
+    with pytest.raises(ValueError, match="call plan.reserve"):
+        esp.DecodeRunner(up, g, cache, 4, 8, torch.float32)
+    assert up.reserve(cache, 0) == {"r": cache.last_token("r")[1]}
+    runner = esp.DecodeRunner(up, g, cache, 4, 8, torch.float32)
+    q, kn, vn = torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    with pytest.raises(ValueError, match="k_new must be"):
+        runner.run(q, 0, k_new=kn[:1], v_new=vn)
+    out = runner.run(q, 0, k_new=kn, v_new=vn)
+    k, v = cache.gather("r", 0)
+    assert torch.equal(k[-1], kn[0]) and torch.equal(v[-1], vn[0])
+    assert_close(out, reference_decode(cache, ["r", "s"], q, 0), torch.float32)
+
+
 # ---------------------------------------------------------------- GPU tier
 
 

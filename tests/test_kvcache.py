@@ -256,6 +256,28 @@ def test_migration_gloo():
     check_migration(run_gloo(3, migration_rank, 16, 4096, None), 3)
 
 
+def test_migration_runner():
+    """MigrationRunner prepares the batches and chunking once; run() moves what migrate_kv
+    would (tiny chunks: several per batch share the runner's two staging buffers)."""
+    def body(g):
+        me = g.world_ranks[g.rank]
+        cache = esp.PagedKVCache(2, 32, 4, 1, 8, torch.float32, "cpu")
+        data = torch.randn(4, 30, 8, generator=torch.Generator().manual_seed(3))
+        if me == 0:
+            cache.slot_rows()[:, cache.allocate("a", range(30))] = data
+        plan = esp.MigrationPlan([("a", 0, 12, 0, 1), ("a", 20, 30, 0, 1)])
+        runner = esp.MigrationRunner(plan, g, cache, chunk_bytes=4 * 8 * 4 * 3)
+        assert runner.chunk_tokens == 3 and len(runner.batches) == 1
+        stats = runner.run()
+        pos = cache.positions("a")
+        assert torch.equal(cache.slot_rows()[:, cache.slots("a")], data[:, pos])
+        return stats, sorted(pos.tolist())
+
+    (s0, p0), (s1, p1) = run_local(local_group(2), body)
+    assert s0 == {"sent": 22, "received": 0} and s1 == {"sent": 0, "received": 22}
+    assert p0 == list(range(12, 20)) and p1 == list(range(12)) + list(range(20, 30))
+
+
 def test_migration_batches_follow_plan_order():
     from esp_kernels.kvcache.migration import _batches
     plan = esp.MigrationPlan([("a", 0, 9, 0, 1), ("b", 0, 9, 2, 3), ("c", 0, 9, 0, 1),

@@ -105,6 +105,45 @@ def test_bad_input():
         esp.ring_prefill(q, k, k, lens, g, backend="fast")
 
 
+def test_ring_prefill_runner_prepared_once_run_per_layer():
+    """RingPrefillRunner: one batch prepared once (layout, buffers, retention writer), run per
+    layer; equal to ring_prefill, checked against its prepared shapes."""
+    P, lens = 2, [5, 40, 1]
+    layers = [random_varlen_batch(lens, 4, 2, 16, generator=torch.Generator().manual_seed(l))
+              for l in range(2)]
+    plan = esp.RetentionPlan.fill_first(lens, {1: 8}, 8, request_ids=["a", "b", "c"])
+    caches = [esp.PagedKVCache(2, 8, 8, 2, 16, torch.float32, "cpu") for _ in range(P)]
+
+    def body(g, cache):
+        runner = esp.RingPrefillRunner(lens, g, 4, 2, 16, torch.float32, retain=(plan, cache))
+        outs = []
+        for layer, b in enumerate(layers):
+            q, k, v = (stripe(t, lens, P)[g.rank] for t in (b.q, b.k, b.v))
+            o, lse = runner.run(q, k, v, layer)
+            o2, lse2 = esp.ring_prefill(q, k, v, lens, g)
+            assert torch.equal(o, o2) and torch.equal(lse, lse2)
+            outs.append(o)
+        with pytest.raises(ValueError, match="layer is required"):
+            runner.run(q, k, v)
+        with pytest.raises(ValueError, match=r"k must be \[\d+, 2, 16\]"):
+            runner.run(q, k[:, :1], v, 0)
+        with pytest.raises(ValueError, match="float32"):
+            runner.run(q.double(), k, v, 0)
+        return outs
+
+    res = run_local(local_group(P), body, caches)
+    for layer, b in enumerate(layers):
+        o = unstripe([r[layer] for r in res], lens)
+        ref, _ = esp.reference.attention(b.q, b.k, b.v, b.cu_seqlens, b.cu_seqlens)
+        assert_close(o, ref, torch.float32)
+        for bi, rid in enumerate(plan.request_ids):  # retained on instance 1 only
+            k, v = caches[1].gather(rid, layer)
+            start = int(b.cu_seqlens[bi])
+            assert torch.equal(k, b.k[start:start + lens[bi]])
+            assert torch.equal(v, b.v[start:start + lens[bi]])
+            assert caches[0].num_tokens(rid) == 0
+
+
 def _step_case(dtype, hq, hkv, d, shift, accumulate, gen, device="cpu", lq=None, lk=None,
                causal=True):
     lq = lq or [5, 1, 37, 0, 19, 70]

@@ -200,11 +200,15 @@ class DecodeRunner:
         if cache.version != self._version:
             # Placement changed somewhere in the cache (e.g. a prefill retained other requests):
             # fine as long as this runner's requests sit where they did.
-            state = self._cache_state(cache)
+            moved = ("the cache moved tokens of this DecodeRunner's requests since it was "
+                     "prepared (allocation, free or migration): prepare a new runner for the "
+                     "current plan")
+            try:
+                state = self._cache_state(cache)
+            except ValueError as exc:
+                raise ValueError(f"{moved} ({exc})") from None
             if state != self._state:
-                raise ValueError("the cache moved tokens of this DecodeRunner's requests since "
-                                 "it was prepared (allocation, free or migration): prepare a new "
-                                 "runner for the current plan")
+                raise ValueError(moved)
             self._version = cache.version
         return cache
 
