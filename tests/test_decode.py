@@ -435,7 +435,7 @@ def test_decode_layer_cuda_graph_replay_equals_eager(deterministic, gen):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(2):  # warm up (builds the plan's step, allocations) outside capture
+        for _ in range(2):  # warm up (prepares the plan's runner, allocations) outside capture
             esp.distributed_decode(q, cache, plan, g, deterministic=deterministic)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):

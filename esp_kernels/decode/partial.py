@@ -208,9 +208,17 @@ class PreparedDecodePartial:
         prepared o / lse. q: None for the prepared q buffer, or a contiguous tensor of its
         shape and dtype on its device to read in place."""
         if q is not None and (q.shape != self._q_shape or q.dtype != self._q_dtype
-                              or not q.is_contiguous()):
+                              or not q.is_contiguous() or q.device != self._device):
             raise ValueError(f"q must be a contiguous {tuple(self._q_shape)} {self._q_dtype} "
-                             f"tensor, got {tuple(q.shape)} {q.dtype}")
+                             f"tensor on {self._device}, got {tuple(q.shape)} {q.dtype} on "
+                             f"{q.device}")
+        self.launch(layer, q, softmax_scale=softmax_scale, deterministic=deterministic,
+                    backend=backend)
+
+    def launch(self, layer: int, q=None, *, softmax_scale: float, deterministic: bool = False,
+               backend: str = "auto"):
+        """`__call__` without its check of q, for a caller that checked it already (a decode
+        runner checks q once per layer)."""
         if self._descs is not None and backend != "torch":
             dk, dv, dq = self._d_k, self._d_v, self._d_q
             dk.ptr = self._k_base + layer * self._k_step

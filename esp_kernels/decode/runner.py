@@ -292,7 +292,7 @@ class DecodeRunner:
         if gather is not None:
             src, dst, prepared = gather
             if contiguous and backend != "torch":
-                prepared(q)
+                prepared.launch(q)  # q checked above
             else:
                 self.Q[dst] = q[src]
         if self._fwd:
@@ -304,9 +304,9 @@ class DecodeRunner:
         if self._app_recv_slots.numel():
             _write_kv(cache, layer, self.kv_recv, self._app_recv_slots)
         if self._partial is not None:
-            self._partial(layer, q_direct, softmax_scale=D ** -0.5 if softmax_scale is None
-                          else float(softmax_scale), deterministic=deterministic,
-                          backend=backend)
+            scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
+            self._partial.launch(layer, q_direct, softmax_scale=scale,
+                                 deterministic=deterministic, backend=backend)
 
         # 3. states back to masters: one message [o | lse] per peer.
         if self._back:

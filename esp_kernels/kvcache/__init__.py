@@ -7,4 +7,5 @@ from .migration import (MigrationEntry, MigrationError, MigrationPlan, Migration
 from .retention import RetentionPlan, RetentionWriter
 
 __all__ = ["CacheOutOfMemory", "CacheStats", "PagedKVCache", "copy_rows", "MigrationEntry",
-           "MigrationError", "MigrationPlan", "MigrationRunner", "migrate_kv", "RetentionPlan", "RetentionWriter"]
+           "MigrationError", "MigrationPlan", "MigrationRunner", "migrate_kv", "RetentionPlan",
+           "RetentionWriter"]

@@ -76,6 +76,11 @@ class PreparedCopyRows:
         if src.numel() != self._numel or src.dtype != self.dst.dtype or not src.is_contiguous():
             raise ValueError(f"src must be a contiguous tensor of {self._numel} {self.dst.dtype} "
                              f"elements, got {tuple(src.shape)} {src.dtype}")
+        self.launch(src, backend)
+
+    def launch(self, src: torch.Tensor, backend: str = "auto") -> None:
+        """`__call__` without its check of src, for a caller that checked it already (a
+        decode runner checks q once per layer)."""
         if self._descs is not None and backend != "torch":
             self._d_src.ptr = src.data_ptr()
             s_idx, d_dst, d_idx = self._descs

@@ -325,7 +325,8 @@ class MigrationRunner:
             if n:
                 self._recv_chunks(cache, torch.cat([s for _, _, s in allocated]), peer)
                 # Posted after the last unpack on the current stream: stored means stored.
-                self.group.send(torch.tensor([n], dtype=torch.int64, device=dev), peer).synchronize()
+                self.group.send(torch.tensor([n], dtype=torch.int64, device=dev),
+                                peer).synchronize()
             return n, failures
         except CommError as exc:
             for i, pos, _ in allocated:

@@ -68,8 +68,8 @@ def _block_layout(lengths: tuple, P: int, device: torch.device) -> torch.Tensor:
     Every layer of a prefill has the same batch, so the table is uploaded once and reused from a
     small LRU cache (shared by the runners of one batch on every virtual rank): a per-layer
     host-to-device copy (pageable, or a fresh pinned buffer) held the host until the queued work
-    finished, a 17% gap between a world-of-1 ring and its kernel. The upload may have run on another rank's stream: the caller's current
-    stream waits on its event (no host sync).
+    finished, a 17% gap between a world-of-1 ring and its kernel. The upload may have run on
+    another rank's stream: the caller's current stream waits on its event (no host sync).
     """
     key = (lengths, P, device)
     with _LAYOUTS_LOCK:
