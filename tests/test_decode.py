@@ -228,8 +228,9 @@ def reference_decode(cache, rids, q, layer):
     outs = []
     for b, rid in enumerate(rids):
         k, v = cache.gather(rid, layer)
-        outs.append(esp.reference.attention(q[b:b + 1], k, v, cu_seqlens([1]),
-                                            cu_seqlens([k.shape[0]]), causal=False)[0])
+        outs.append(esp.reference.attention(
+            q[b:b + 1].float(), k.float(), v.float(), cu_seqlens([1], q.device),
+            cu_seqlens([k.shape[0]], q.device), causal=False)[0])
     return torch.cat(outs)
 
 
@@ -279,6 +280,56 @@ def test_decode_runner_needs_the_appended_slot_reserved():
     k, v = cache.gather("r", 0)
     assert torch.equal(k[-1], kn[0]) and torch.equal(v[-1], vn[0])
     assert_close(out, reference_decode(cache, ["r", "s"], q, 0), torch.float32)
+
+
+def gather_case(device, gen, S=3, T=5, H=4, D=16, R=9, pad=8):
+    """A state pool with strided rows (as the runner's [o | lse | pad] rows), an empty row at
+    R-1, and a row map naming some rows twice and the empty row."""
+    srow = H * D + pad
+    X = torch.randn(R, srow, generator=gen).to(device)
+    X[-1, : H * D] = 0
+    X[-1, H * D:] = -math.inf
+    o = X.as_strided((R, H, D), (srow, D, 1))
+    lse = X.as_strided((R, H), (srow, 1), H * D)
+    rows = torch.randint(0, R, (S, T), generator=gen, dtype=torch.int32)
+    rows[:, 0] = R - 1  # all-empty row: (0, -inf)
+    return o, lse, rows.to(device)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_merge_states_gather_op(out_dtype, gen):
+    from esp_kernels.decode.merge_gather import merge_states_gather, prepare_merge_states_gather
+    o, lse, rows = gather_case("cpu", gen)
+    ref_o, ref_l = esp.merge_states_multi(o[rows.long()], lse[rows.long()], out_dtype=torch.float32)
+    out, lse_out = merge_states_gather(o, lse, rows, out=torch.empty(5, 4, 16, dtype=out_dtype))
+    assert_close(out.float(), ref_o, out_dtype)
+    assert torch.equal(lse_out, ref_l)
+    assert torch.all(out[0] == 0) and torch.all(lse_out[0] == -math.inf)
+    prepared = prepare_merge_states_gather(o, lse, rows, out_dtype=out_dtype)
+    again = torch.full((5, 4, 16), math.nan, dtype=out_dtype)
+    assert prepared(again) is again and torch.equal(again, out)
+    with pytest.raises(ValueError, match="rows must lie in"):
+        merge_states_gather(o, lse, rows + 9)
+    with pytest.raises(ValueError, match="lse_pool"):
+        merge_states_gather(o, lse[:3], rows)
+
+
+def test_prepared_decode_partial_matches_the_op_per_layer(gen):
+    from esp_kernels.decode.partial import prepare_decode_partial
+    cache = esp.PagedKVCache(3, 12, 4, 2, 16, torch.float32, "cpu")
+    cache.kv.normal_(generator=gen)
+    cache.allocate("a", range(13))
+    cache.allocate("b", range(2))
+    bt, lens = cache.block_table(["a", "none", "b"])
+    q = torch.randn(3, 4, 16, generator=gen)
+    o, lse = torch.empty(3, 4, 16), torch.empty(3, 4)
+    prepared = prepare_decode_partial(torch.empty_like(q), *cache.layers(), bt, lens, o=o, lse=lse)
+    for layer in range(3):
+        prepared(layer, q, softmax_scale=0.3)
+        ref_o, ref_l = decode_partial(q, *cache.layer(layer), bt, lens, softmax_scale=0.3)
+        assert torch.equal(o, ref_o) and torch.equal(lse, ref_l)
+    with pytest.raises(ValueError, match="q must be a contiguous"):
+        prepared(0, q[:2], softmax_scale=0.3)
 
 
 # ---------------------------------------------------------------- GPU tier
@@ -449,3 +500,64 @@ def test_decode_layer_cuda_graph_replay_equals_eager(deterministic, gen):
             torch.testing.assert_close(out_static, eager, rtol=0, atol=0)
         else:
             assert_close(out_static, eager, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [3, 70])  # 70 > MAX_KERNEL_STATES: gathered, merged in rounds
+def test_merge_states_gather_op_gpu(S, gen):
+    from esp_kernels.decode.merge_gather import prepare_merge_states_gather
+    o, lse, rows = gather_case("cuda", gen, S=S, T=33, H=32, D=128, R=40)
+    ref_o, ref_l = esp.merge_states_multi(o[rows.long()].cpu(), lse[rows.long()].cpu(),
+                                          backend="torch")
+    prepared = prepare_merge_states_gather(o, lse, rows, out_dtype=torch.bfloat16)
+    out = poison_(torch.empty(33, 32, 128, device="cuda")).to(torch.bfloat16)
+    prepared(out)
+    assert_close(out.float().cpu(), ref_o, torch.bfloat16)
+    assert_close(prepared.lse_out.cpu(), ref_l, torch.float32)
+    assert torch.all(out[0] == 0) and torch.all(prepared.lse_out[0] == -math.inf)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_prepared_decode_partial_gpu(deterministic, gen):
+    """The prepared launch (descriptors built once, layer pointers swapped, counters left zero
+    by each launch) equals the op on every layer, several times over."""
+    from esp_kernels.decode.partial import prepare_decode_partial
+    cache = esp.PagedKVCache(3, 400, 16, 8, 128, torch.bfloat16, "cuda")
+    cache.kv.normal_()
+    for i, n in enumerate([1, 3000, 0, 700]):
+        cache.allocate(i, range(n))
+    bt, lens = cache.block_table(range(4))
+    q = torch.randn(4, 32, 128, generator=gen).to("cuda", torch.bfloat16)
+    o = poison_(torch.empty(4, 32, 128, device="cuda"))
+    lse = poison_(torch.empty(4, 32, device="cuda"))
+    prepared = prepare_decode_partial(q.clone(), *cache.layers(), bt, lens, o=o, lse=lse,
+                                      max_len=3000)
+    for _ in range(2):
+        for layer in (2, 0, 1):
+            for q_in in (None, q):
+                if q_in is None:
+                    prepared.q.copy_(q)
+                prepared(layer, q_in, softmax_scale=0.1, deterministic=deterministic)
+                ref_o, ref_l = decode_partial(q, *cache.layer(layer), bt, lens,
+                                              softmax_scale=0.1, backend="torch")
+                assert_close(o.cpu(), ref_o.cpu(), torch.bfloat16)
+                assert_close(lse.cpu(), ref_l.cpu(), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_decode_runner_gpu_equals_one_call_form(gen):
+    g = local_group(1, "cuda")[0]
+    cache = esp.PagedKVCache(2, 200, 16, 8, 128, torch.bfloat16, "cuda")
+    cache.kv.normal_()
+    for i, n in enumerate([5, 900, 2049]):
+        cache.allocate(i, range(n))
+    plan = esp.DecodePlan.build(g, cache, [0, 1, 2], [0, 0, 0])
+    runner = esp.DecodeRunner(plan, g, cache, 32, 128, torch.bfloat16)
+    q = torch.randn(3, 32, 128, generator=gen).to("cuda", torch.bfloat16)
+    for layer in range(2):
+        a = runner.run(q, layer, deterministic=True)
+        b = esp.distributed_decode(q, cache, plan, g, layer=layer, deterministic=True)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        ref = reference_decode(cache, [0, 1, 2], q.float(), layer)
+        assert_close(a.float(), ref, torch.bfloat16)
