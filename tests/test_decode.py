@@ -2,7 +2,9 @@
 virtual ranks, scale-up appends, zero-token shards, masters without KV; the CUDA partial kernel,
 CUDA-graph replay and the per-layer host overhead on GPU."""
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -264,6 +266,17 @@ def test_decode_runner_prepared_once_run_per_layer():
         runner.run(q, 0)
     with pytest.raises(ValueError, match="holds 9 tokens of request 'r' but its cache holds 7"):
         esp.DecodeRunner(plan, g, cache, 4, 8, torch.float32)
+
+
+def test_one_call_form_keeps_no_cache_alive():
+    """The one-call form's runners are keyed weakly by the cache and hold it weakly: a cache
+    the engine drops is freed (with its runners' buffers)."""
+    g, cache, plan = one_instance_case()
+    esp.distributed_decode(torch.randn(2, 4, 8), cache, plan, g)
+    gone = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert gone() is None
 
 
 def test_decode_runner_needs_the_appended_slot_reserved():

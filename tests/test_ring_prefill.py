@@ -1,7 +1,9 @@
 """Striped ring prefill vs the reference on the full batch: gloo processes, virtual ranks, the
 Triton step under the interpreter (CPU) and the compiled/Triton kernels on GPU."""
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -142,6 +144,26 @@ def test_ring_prefill_runner_prepared_once_run_per_layer():
             assert torch.equal(k, b.k[start:start + lens[bi]])
             assert torch.equal(v, b.v[start:start + lens[bi]])
             assert caches[0].num_tokens(rid) == 0
+
+
+def test_one_call_form_frees_its_runner_with_the_ring_handle():
+    P, lens = 2, [5, 3]
+    b = random_varlen_batch(lens, 2, 1, 8, generator=torch.Generator().manual_seed(0))
+    world = local_group(P)
+    caches = [esp.PagedKVCache(1, 4, 4, 1, 8, torch.float32, "cpu") for _ in range(P)]
+    plan = esp.RetentionPlan.fill_first(lens, {0: 4}, 4, request_ids=["a", "b"])
+
+    def body(g, cache):
+        ring = g.subgroup([1, 0])
+        q, k, v = (stripe(t, lens, P)[ring.rank] for t in (b.q, b.k, b.v))
+        esp.ring_prefill(q, k, v, lens, ring, retain=(plan, cache, 0))
+        return weakref.ref(ring)
+
+    rings = run_local(world, body, caches)
+    gones = [weakref.ref(c) for c in caches]
+    del caches
+    gc.collect()
+    assert all(r() is None for r in rings) and all(c() is None for c in gones)
 
 
 def _step_case(dtype, hq, hkv, d, shift, accumulate, gen, device="cpu", lq=None, lk=None,

@@ -46,7 +46,7 @@ def decode_runner(plan: DecodePlan, group, cache: PagedKVCache, num_q_heads: int
             if (r.group is group and r.num_q_heads == num_q_heads and r.head_dim == head_dim
                     and r.q_dtype == q_dtype and r.plan == plan):
                 return r
-    runner = DecodeRunner(plan, group, cache, num_q_heads, head_dim, q_dtype)
+    runner = DecodeRunner(plan, group, cache, num_q_heads, head_dim, q_dtype)._hold_cache_weakly()
     with _RUNNERS_LOCK:
         entries.insert(0, runner)
         del entries[_RUNNERS_PER_CACHE:]

@@ -49,8 +49,7 @@ class DecodeRunner:
             `plan.scale_up` calls).
         num_q_heads, head_dim, q_dtype: the queries' shape and dtype.
 
-    `run(q, layer, ...)` runs one layer (`steps(...)`: the same as a step generator). The
-    runner keeps only a weak reference to the cache (the caller owns it).
+    `run(q, layer, ...)` runs one layer (`steps(...)`: the same as a step generator).
     """
 
     def __init__(self, plan: DecodePlan, group, cache: PagedKVCache, num_q_heads: int,
@@ -79,7 +78,7 @@ class DecodeRunner:
         self.plan, self.group, self.layout = plan, group, lay
         self.num_q_heads, self.head_dim, self.q_dtype = Hq, D, q_dtype
         self.device = dev = cache.device
-        self._cache = weakref.ref(cache)
+        self._cache = lambda: cache  # `_hold_cache_weakly` swaps in a weak reference
         self._state = self._cache_state(cache)
         self._version = cache.version
         Bm, n_held, n_recv = len(lay.mine), lay.n_held, lay.n_recv
@@ -192,6 +191,12 @@ class DecodeRunner:
                                  "plan.reserve(cache, instance) (plan.scale_up does)")
             slots[i] = last[1]
         return tuple(cache.placement(plan.requests[i]) for i in lay.held), slots
+
+    def _hold_cache_weakly(self) -> "DecodeRunner":
+        """Keep only a weak reference to the cache: for a table of runners keyed weakly by
+        their caches (the one-call form's), whose entries must not keep their key alive."""
+        self._cache = weakref.ref(self._cache())
+        return self
 
     def _live_cache(self) -> PagedKVCache:
         cache = self._cache()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-import weakref
 from typing import Hashable, Sequence
 
 import torch
@@ -129,7 +128,7 @@ class MigrationRunner:
     every instance, see the module docstring) and the chunking of the data phase (tokens per
     chunk from `chunk_bytes`; two staging buffers shared by every batch and both directions,
     allocated when first needed). `run()` moves the tokens; call it on every instance of the
-    group. Holds the cache weakly."""
+    group."""
 
     def __init__(self, plan: MigrationPlan, group, cache: PagedKVCache, *,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES):
@@ -151,19 +150,13 @@ class MigrationRunner:
                     raise ValueError(f"migration entry {e} names instance {who}, which is not "
                                      f"in the group {list(group.world_ranks)}")
         self.plan, self.group = plan, group
-        self._cache = weakref.ref(cache)
+        self.cache = cache
         self.entries = list(plan.entries)  # a copy: the plan may be added to later
         self.batches = list(_batches(self.entries, self.me))
         self._rows = cache.slot_rows()     # [layers * 2, slots, row] of the whole pool
         token_bytes = self._rows.shape[0] * cache.row_elems * cache.kv.element_size()
         self.chunk_tokens = max(1, math.ceil(chunk_bytes / token_bytes))
         self._bufs: list[torch.Tensor] = []
-
-    def _live_cache(self) -> PagedKVCache:
-        cache = self._cache()
-        if cache is None:
-            raise RuntimeError("the MigrationRunner's cache no longer exists")
-        return cache
 
     def run(self) -> dict:
         """Run the plan on this instance; returns {"sent": tokens, "received": tokens}.
@@ -175,7 +168,7 @@ class MigrationRunner:
         communication) leaves its source intact, the others go on, and MigrationError names
         the failures at the end.
         """
-        cache = self._live_cache()
+        cache = self.cache
         self._check_sources(cache)
         stats = {"sent": 0, "received": 0}
         failures = []

@@ -123,7 +123,7 @@ class RingPrefillRunner:
         check_gqa(Hq, Hkv)
         P, me = ring.size, ring.rank
         self.lengths, self.P, self.rank = tuple(lengths), P, me
-        self._ring = weakref.ref(ring)  # the convenience table is keyed by the ring handle
+        self._ring = lambda: ring  # `_hold_ring_weakly` swaps in a weak reference
         self.world_ranks = tuple(ring.world_ranks)
         self.num_q_heads, self.num_kv_heads, self.head_dim, self.dtype = Hq, Hkv, D, dtype
         self.device = dev = ring.device
@@ -140,6 +140,7 @@ class RingPrefillRunner:
             except (TypeError, ValueError):
                 raise TypeError("retain must be a (RetentionPlan, PagedKVCache) pair") from None
             self.writer = _retention_writer(plan, cache, self.lengths, ring, Hkv, D, dtype)
+            self._retain_cache = cache  # the writer (shared by a table keyed by it) holds it weakly
         self._row = Hkv * D
         self._bufs = []
         if sum(lengths):
@@ -147,6 +148,12 @@ class RingPrefillRunner:
             t_max = max(self.totals)  # rank 0 holds the most tokens of every request
             self._bufs = [torch.empty(2 * t_max * self._row, dtype=dtype, device=dev)
                           for _ in range(2 if P > 1 else 1)]
+
+    def _hold_ring_weakly(self) -> "RingPrefillRunner":
+        """Keep only a weak reference to the ring handle: for the one-call form's table of
+        runners keyed weakly by ring handle, whose entries must not keep their key alive."""
+        self._ring = weakref.ref(self._ring())
+        return self
 
     def matches(self, lengths, ring, Hq, Hkv, D, dtype, softmax_scale, causal, backend,
                 retain) -> bool:
@@ -316,6 +323,7 @@ def ring_prefill(q, k, v, seqlens, ring, retain=None, softmax_scale=None, *, cau
     if runner is None or not runner.matches(lengths, ring, Hq, Hkv, D, q.dtype, softmax_scale,
                                             causal, backend, retain):
         runner = RingPrefillRunner(lengths, ring, Hq, Hkv, D, q.dtype, retain=retain,
-                                   softmax_scale=softmax_scale, causal=causal, backend=backend)
+                                   softmax_scale=softmax_scale, causal=causal,
+                                   backend=backend)._hold_ring_weakly()
         _RUNNERS[ring] = runner
     return runner.run(q, k, v, layer)
