@@ -23,10 +23,11 @@ from .runner import DecodeRunner
 
 # A decode step runs every layer with one plan, and scale_up makes the next step's plan: two
 # runners per cache cover a plan in use plus one being switched to, without keeping the
-# buffers of many stale plans alive.
+# buffers of many stale plans alive. Keyed by id(cache) with a finalizer that drops the entry
+# when the cache goes (a WeakKeyDictionary lookup builds a weakref per call, ~0.2 us a layer);
+# the runners hold their cache weakly, so the table never keeps a cache alive.
 _RUNNERS_PER_CACHE = 2
-_RUNNERS: "weakref.WeakKeyDictionary[PagedKVCache, list[DecodeRunner]]" = \
-    weakref.WeakKeyDictionary()
+_RUNNERS: dict[int, list[DecodeRunner]] = {}
 _RUNNERS_LOCK = threading.Lock()  # virtual ranks call from their threads
 
 
@@ -34,14 +35,17 @@ def decode_runner(plan: DecodePlan, group, cache: PagedKVCache, num_q_heads: int
                   q_dtype: torch.dtype) -> DecodeRunner:
     """The DecodeRunner these arguments prepare, reused from the last calls when one matches
     (same plan by value, same group handle, same shapes), else a new one."""
-    entries = _RUNNERS.get(cache)
+    entries = _RUNNERS.get(id(cache))
     if entries:
         for r in entries:
             if (r.plan is plan and r.group is group and r.num_q_heads == num_q_heads
                     and r.head_dim == head_dim and r.q_dtype == q_dtype):
                 return r
     with _RUNNERS_LOCK:
-        entries = _RUNNERS.setdefault(cache, [])
+        entries = _RUNNERS.get(id(cache))
+        if entries is None:
+            entries = _RUNNERS[id(cache)] = []
+            weakref.finalize(cache, _RUNNERS.pop, id(cache), None)
         for r in entries:
             if (r.group is group and r.num_q_heads == num_q_heads and r.head_dim == head_dim
                     and r.q_dtype == q_dtype and r.plan == plan):
@@ -95,10 +99,12 @@ def distributed_decode_steps(q, cache: PagedKVCache, plan: DecodePlan, group, *,
 
 
 def _runner_for_call(q, cache, plan, group) -> DecodeRunner:
-    check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
-    if not isinstance(plan, DecodePlan):
+    shape = q.shape if isinstance(q, torch.Tensor) else None
+    if shape is None or len(shape) != 3 or q.dtype not in FLOAT_DTYPES:
+        check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
+    if type(plan) is not DecodePlan and not isinstance(plan, DecodePlan):
         raise TypeError(f"plan must be a DecodePlan, got {type(plan).__name__}")
-    if not isinstance(cache, PagedKVCache):
+    if type(cache) is not PagedKVCache and not isinstance(cache, PagedKVCache):
         raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
     # q's device is checked by the runner (whose cache and group share one device).
-    return decode_runner(plan, group, cache, q.shape[1], q.shape[2], q.dtype)
+    return decode_runner(plan, group, cache, shape[1], shape[2], q.dtype)
