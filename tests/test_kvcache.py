@@ -183,6 +183,43 @@ def test_retention_gloo(policy):
     check_retention(res, 9, 3)
 
 
+def test_retention_after_the_cache_changed_reserves_again():
+    """The same plan prefilled again after its requests were freed (other requests took their
+    pages meanwhile): the writer notices the cache changed, reserves anew, and writes there."""
+    g = local_group(1)[0]
+    seqlens = [6, 3]
+    plan = esp.RetentionPlan.fill_first(seqlens, {0: 8}, 2, request_ids=["a", "b"])
+    cache = esp.PagedKVCache(1, 8, 2, 1, 4, torch.float32, "cpu")
+    for round_ in range(2):
+        b = random_varlen_batch(seqlens, 2, 1, 4, generator=torch.Generator().manual_seed(round_))
+        esp.ring_prefill(b.q, b.k, b.v, seqlens, g, retain=(plan, cache, 0))
+        for bi, rid in enumerate(plan.request_ids):
+            k, v = cache.gather(rid, 0)
+            start = int(b.cu_seqlens[bi])
+            assert torch.equal(k, b.k[start:start + seqlens[bi]])
+        for rid in plan.request_ids:
+            cache.free(rid)
+        cache.allocate(f"other{round_}", range(4))  # takes pages "a" had
+
+
+def test_ring_runner_with_retention_refuses_a_cache_that_freed_its_slots():
+    g = local_group(1)[0]
+    seqlens = [6, 3]
+    plan = esp.RetentionPlan.fill_first(seqlens, {0: 8}, 2, request_ids=["a", "b"])
+    cache = esp.PagedKVCache(2, 8, 2, 1, 4, torch.float32, "cpu")
+    runner = esp.RingPrefillRunner(seqlens, g, 2, 1, 4, torch.float32, retain=(plan, cache))
+    b = random_varlen_batch(seqlens, 2, 1, 4, generator=torch.Generator().manual_seed(0))
+    runner.run(b.q, b.k, b.v, 0)
+    cache.allocate("other", range(3))  # others come: fine
+    runner.run(b.q, b.k, b.v, 1)
+    assert torch.equal(cache.gather("a", 1)[0], b.k[:6])
+    cache.free("b")
+    with pytest.raises(ValueError, match="moved or freed the reserved tokens of request 'b'"):
+        runner.run(b.q, b.k, b.v, 1)
+    with pytest.raises(ValueError, match="layer 2"):
+        runner.run(b.q, b.k, b.v, 2)
+
+
 def test_retention_rejects_instances_outside_the_ring():
     g = local_group(2)
     plan = esp.RetentionPlan([4], [{5: range(4)}])

@@ -327,6 +327,8 @@ class RetentionWriter:
         self.plan, self.ring_order, self.instance = plan, order, int(instance)
         self._cache = weakref.ref(cache)
         slots = plan.reserve(cache, instance)
+        self._slots = {rid: s.tolist() for rid, s in slots.items()}
+        self.version = cache.version  # placement the maps were made for
         P = len(order)
         offsets = stripe_block_offsets(plan.seqlens, P)
         src_rows = [[] for _ in range(P)]
@@ -352,6 +354,18 @@ class RetentionWriter:
     def matches(self, plan: RetentionPlan, ring_order: Sequence[int], instance: int) -> bool:
         return (self.instance == instance and self.ring_order == tuple(ring_order)
                 and (self.plan is plan or self.plan == plan))
+
+    def check(self, cache: PagedKVCache) -> None:
+        """Raise unless the cache still holds this writer's reserved tokens at its slots (after
+        its placement changed: allocations of others are fine, a free or migration is not)."""
+        if cache.version == self.version:
+            return
+        for rid, slots in self._slots.items():
+            if cache.slots(rid).tolist() != slots:
+                raise ValueError(f"the cache moved or freed the reserved tokens of request "
+                                 f"{rid!r} since this retention writer was prepared: prepare a "
+                                 "new runner (it reserves again)")
+        self.version = cache.version
 
     def write(self, source: int, block: torch.Tensor, layer: int) -> None:
         """block: [2, tokens, Hkv * D] (K then V) of the KV block that came from ring rank

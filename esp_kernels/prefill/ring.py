@@ -108,9 +108,10 @@ class RingPrefillRunner:
         softmax_scale (default 1/sqrt(D)), causal (default True), backend ("auto", "cuda",
             "triton", "torch"): as in `ring_prefill`.
 
-    What is prepared: the block layout table on the device, the two message buffers (reused
-    by every layer: 4 * max stripe tokens * Hkv * D elements) and the retention writer.
-    `run(q, k, v, layer)` checks q/k/v against these shapes and runs the ring.
+    What is prepared: the block layout table on the device (its upload is ordered before the
+    stream current at construction: run on that stream or one ordered after it), the two
+    message buffers (reused by every layer: 4 * max stripe tokens * Hkv * D elements) and the
+    retention writer. `run(q, k, v, layer)` checks q/k/v against these shapes and runs the ring.
     """
 
     def __init__(self, seqlens, ring, num_q_heads: int, num_kv_heads: int, head_dim: int,
@@ -166,8 +167,10 @@ class RingPrefillRunner:
             return False
         if (retain is None) != (self.writer is None):
             return False
-        return retain is None or (self.writer.cache_is(retain[1]) and self.writer.matches(
-            retain[0], self.world_ranks, self.world_ranks[self.rank]))
+        return retain is None or (self.writer.cache_is(retain[1])
+                                  and self.writer.version == retain[1].version
+                                  and self.writer.matches(retain[0], self.world_ranks,
+                                                          self.world_ranks[self.rank]))
 
     def run(self, q, k, v, layer: int | None = None):
         """Causal (by default) attention of this rank's stripes of one layer.
@@ -192,8 +195,11 @@ class RingPrefillRunner:
                                  f"{self.device} (rank {me} of {P} holds {Tq} tokens of seqlens "
                                  f"with sum {sum(self.lengths)}), got {tuple(t.shape)} {t.dtype} "
                                  f"on {t.device}")
-        if self.writer is not None and layer is None:
-            raise ValueError("layer is required: this runner retains KV into a cache")
+        if self.writer is not None:
+            if layer is None:
+                raise ValueError("layer is required: this runner retains KV into a cache")
+            self._retain_cache._check_layer(layer)
+            self.writer.check(self._retain_cache)
         if not sum(self.lengths):  # every rank sees the same empty batch: nothing to exchange
             return q.new_zeros(q.shape), torch.full((0, Hq), -math.inf, device=q.device)
         row, bufs, totals = self._row, self._bufs, self.totals
@@ -252,7 +258,9 @@ def _retention_writer(plan, cache, lengths, ring, Hkv, D, dtype) -> RetentionWri
                          f"{D}, {ring.device})")
     order, me = tuple(ring.world_ranks), ring.world_ranks[ring.rank]
     writer = _WRITERS.get(cache)
-    if writer is None or not writer.matches(plan, order, me):
+    # A cache whose placement changed since (e.g. the batch's requests were freed) gets its
+    # reservation checked again (and its slots, if they moved): once per batch, not per layer.
+    if writer is None or writer.version != cache.version or not writer.matches(plan, order, me):
         writer = RetentionWriter(plan, cache, order, me)
         _WRITERS[cache] = writer
     return writer
