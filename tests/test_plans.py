@@ -62,6 +62,10 @@ def test_decode_plan_value_differences_and_inputs():
     assert a != esp.DecodePlan(["x", "y"], [0, 0], [{0: 3}, {1: 2}])
     assert len({a, esp.DecodePlan(["x", "y"], [0, 1], [{0: 3}, {1: 2}])}) == 1
     assert a.holders(1) == [1] and a.shards[1] == {1: 2}
+    ids = esp.DecodePlan([np.int64(4), torch.tensor(5)], [0, 0], [{0: 1}, {0: 1}]).requests
+    assert ids == (4, 5) and all(type(i) is int for i in ids)
+    rids = esp.RetentionPlan([1], [{0: [0]}], request_ids=[np.int32(9)]).to_dict()["request_ids"]
+    assert rids == [9]
     with pytest.raises(TypeError, match="master of request 'x' must be an integer"):
         esp.DecodePlan(["x"], [0.5], [{0: 1}])
     with pytest.raises(ValueError, match="negative shard length"):

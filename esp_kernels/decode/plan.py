@@ -11,22 +11,10 @@ slots in each instance's cache.
 
 from __future__ import annotations
 
-import operator
 import types
 from typing import Hashable, Mapping, Sequence
 
-from ..kvcache.cache import CacheOutOfMemory, PagedKVCache
-
-
-def _as_int(x, what: str) -> int:
-    """An int from any integer-like value (int, numpy integer, 0-d integer tensor); floats and
-    bools are rejected."""
-    if isinstance(x, bool):
-        raise TypeError(f"{what} must be an integer, got {x!r}")
-    try:
-        return operator.index(x)
-    except TypeError:
-        raise TypeError(f"{what} must be an integer, got {x!r}") from None
+from ..kvcache.cache import CacheOutOfMemory, PagedKVCache, as_int, plain_request_id
 
 
 def _check_id(rid, what: str):
@@ -51,17 +39,17 @@ class DecodePlan:
     def __init__(self, requests: Sequence[Hashable], masters: Sequence[int],
                  shards: Sequence[Mapping[int, int]], append_to: Sequence[int | None] | None = None,
                  free_pages: Mapping[int, int] | None = None, page_size: int | None = None):
-        requests = tuple(requests)
+        requests = tuple(plain_request_id(r) for r in requests)
         if len(set(requests)) != len(requests):
             raise ValueError("DecodePlan requests must be distinct")
         if len(masters) != len(requests) or len(shards) != len(requests):
             raise ValueError("DecodePlan needs one master and one shard map per request")
-        masters = tuple(_as_int(m, f"master of request {r!r}") for r, m in zip(requests, masters))
+        masters = tuple(as_int(m, f"master of request {r!r}") for r, m in zip(requests, masters))
         clean = []
         for r, s in zip(requests, shards):
             d = {}
             for inst, n in dict(s).items():
-                inst, n = _as_int(inst, f"instance of request {r!r}"), _as_int(
+                inst, n = as_int(inst, f"instance of request {r!r}"), as_int(
                     n, f"shard length of request {r!r}")
                 if n < 0:
                     raise ValueError(f"request {r!r} has a negative shard length {n} on "
@@ -74,7 +62,7 @@ class DecodePlan:
         elif len(append_to) != len(requests):
             raise ValueError(f"append_to has {len(append_to)} entries for {len(requests)} "
                              "requests")
-        append_to = tuple(None if t is None else _as_int(t, f"append_to of request {r!r}")
+        append_to = tuple(None if t is None else as_int(t, f"append_to of request {r!r}")
                           for r, t in zip(requests, append_to))
         for r, s, t in zip(requests, clean, append_to):
             if t is not None and t not in s:
@@ -87,9 +75,9 @@ class DecodePlan:
         set_(self, "shards", tuple(clean))
         set_(self, "append_to", append_to)
         set_(self, "free_pages", types.MappingProxyType(
-            {_as_int(i, "free_pages instance"): _as_int(n, f"free pages of instance {i}")
+            {as_int(i, "free_pages instance"): as_int(n, f"free pages of instance {i}")
              for i, n in sorted(dict(free_pages or {}).items())}))
-        set_(self, "page_size", None if page_size is None else _as_int(page_size, "page_size"))
+        set_(self, "page_size", None if page_size is None else as_int(page_size, "page_size"))
 
     def __setattr__(self, name, value):
         raise AttributeError(f"DecodePlan is immutable (cannot set {name!r}); make a new plan")
@@ -233,7 +221,7 @@ class DecodePlan:
         cache already stores as the request's last token keeps its slot. The slots live in the
         cache (a runner finds them there), not on the plan. Raises CacheOutOfMemory with
         nothing allocated."""
-        instance = _as_int(instance, "instance")
+        instance = as_int(instance, "instance")
         slots, wanted = {}, {}
         for i, (rid, t) in enumerate(zip(self.requests, self.append_to)):
             if t != instance:

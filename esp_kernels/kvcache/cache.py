@@ -15,12 +15,32 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Hashable, Iterable, Mapping
 
 import torch
 
 from .._checks import FLOAT_DTYPES, resolve_device
 from .copy import copy_rows
+
+
+def as_int(x, what: str) -> int:
+    """An int from any integer-like value (int, numpy integer, 0-d integer tensor); floats and
+    bools are rejected with an error naming `what`."""
+    if isinstance(x, bool):
+        raise TypeError(f"{what} must be an integer, got {x!r}")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {x!r}") from None
+
+
+def plain_request_id(rid):
+    """Integer-like request ids (numpy integers, 0-d integer tensors) as ints, so that plans
+    carry plain values; other ids unchanged (they hash and compare alike in a cache)."""
+    if isinstance(rid, (int, str)) or not hasattr(rid, "__index__"):
+        return rid
+    return operator.index(rid)
 
 
 class CacheOutOfMemory(MemoryError):

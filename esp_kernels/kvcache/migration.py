@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from typing import Hashable, Sequence
 
 import torch
 
 from ..comm.group import CommError
-from .cache import CacheOutOfMemory, PagedKVCache, _member_mask
+from .cache import CacheOutOfMemory, PagedKVCache, _member_mask, as_int
 from .copy import copy_rows
 
 # Chunks must be large enough that each posted message's host cost (~45 us on a blocking NCCL
@@ -55,15 +54,6 @@ class MigrationEntry:
     dst: int     # world rank
 
 
-def _as_int(x, what: str) -> int:
-    if isinstance(x, bool):
-        raise TypeError(f"{what} must be an integer, got {x!r}")
-    try:
-        return operator.index(x)
-    except TypeError:
-        raise TypeError(f"{what} must be an integer, got {x!r}") from None
-
-
 class MigrationPlan:
     """Ordered list of (request, global token range [start, end), source, destination).
 
@@ -80,14 +70,14 @@ class MigrationPlan:
 
     def add(self, request, start: int, end: int, src: int, dst: int) -> "MigrationPlan":
         try:
-            start, end = _as_int(start, "start"), _as_int(end, "end")
+            start, end = as_int(start, "start"), as_int(end, "end")
         except TypeError:
             raise ValueError(f"bad token range [{start!r}, {end!r}) for request {request!r}: "
                              "integers needed") from None
         if not 0 <= start <= end:
             raise ValueError(f"bad token range [{start!r}, {end!r}) for request {request!r}")
-        src = _as_int(src, f"source of request {request!r}")
-        dst = _as_int(dst, f"destination of request {request!r}")
+        src = as_int(src, f"source of request {request!r}")
+        dst = as_int(dst, f"destination of request {request!r}")
         if src == dst:
             raise ValueError(f"entry for request {request!r} migrates from {src} to itself")
         self.entries.append(MigrationEntry(request, start, end, src, dst))
@@ -139,7 +129,7 @@ class MigrationRunner:
         if cache.device != group.device:
             raise ValueError(f"cache is on {cache.device} but the group communicates on "
                              f"{group.device}")
-        chunk_bytes = _as_int(chunk_bytes, "chunk_bytes")
+        chunk_bytes = as_int(chunk_bytes, "chunk_bytes")
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.me = group.world_ranks[group.rank]

@@ -21,7 +21,7 @@ from typing import Hashable, Mapping, Sequence
 
 import torch
 
-from .cache import PagedKVCache
+from .cache import PagedKVCache, plain_request_id
 from .copy import copy_rows
 
 Runs = tuple[tuple[int, int], ...]   # sorted disjoint [start, end) ranges of global positions
@@ -88,7 +88,8 @@ class RetentionPlan:
         if len(assignment) != len(seqlens):
             raise ValueError(f"assignment has {len(assignment)} entries for {len(seqlens)} "
                              "requests")
-        ids = _unique_ids(len(seqlens)) if request_ids is None else tuple(request_ids)
+        ids = (_unique_ids(len(seqlens)) if request_ids is None else
+               tuple(plain_request_id(r) for r in request_ids))
         runs = tuple({int(i): _runs(p, f"positions of request {ids[b] if b < len(ids) else b!r}"
                                        f" on instance {i}")
                       for i, p in sorted(amap.items())} for b, amap in enumerate(assignment))
