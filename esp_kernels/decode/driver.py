@@ -4,8 +4,9 @@ The work is `DecodeRunner`'s (runner.py): prepared once per (plan, instance, cac
 per layer. These conveniences keep, per cache, the runners of the last few plans they were
 called with, so calling them layer after layer with one plan costs what `runner.run` costs: the
 lookup is an identity check of the plan, group and shapes (the plan is compared by value only
-when its object is new). The runners live in a table keyed weakly by the cache, not on the plan
-(plans are pure data), and hold the cache weakly, so a cache that goes frees its runners.
+when its object is new). The runners live in a table keyed by the cache (its entry dropped when
+the cache goes), not on the plan (plans are pure data), and hold the cache weakly, so a cache
+that goes frees its runners.
 """
 
 from __future__ import annotations
