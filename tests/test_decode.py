@@ -8,6 +8,8 @@ import weakref
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import esp_kernels as esp
 from esp_kernels.comm import local_group, run_local, run_steps
@@ -177,6 +179,52 @@ def test_decode_instance_mastering_nothing_while_appending():
 def test_decode_gloo(n):
     res = run_gloo(n, decode_rank, n, 300 + n, 8, 2, 64, 16, 2)
     check_decode(res, n, 300 + n, 8, 2, 64, 2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_decode_random_placements_virtual_ranks(data):
+    """Random batches, token placements (any split, instances holding nothing) and masters; one
+    decode layer before and one after a scale-up step, all ranks from one thread; every output
+    against the reference over the request's tokens."""
+    n = data.draw(st.integers(1, 4), "instances")
+    lens = data.draw(st.lists(st.integers(1, 24), min_size=1, max_size=6), "lengths")
+    masters = data.draw(st.lists(st.integers(0, n - 1), min_size=len(lens), max_size=len(lens)),
+                        "masters")
+    seed = data.draw(st.integers(0, 2**16), "seed")
+    g = torch.Generator().manual_seed(seed)
+    hkv, hq, d = 2, 4, 8
+    full = [torch.randn(2, L + 1, hkv * d, generator=g) for L in lens]  # K/V incl. the new one
+    groups = local_group(n)
+    caches = [esp.PagedKVCache(1, 64, 4, hkv, d, torch.float32, "cpu") for _ in range(n)]
+    for b, L in enumerate(lens):
+        owner = torch.randint(0, n, (L,), generator=g)
+        for inst in range(n):
+            pos = torch.nonzero(owner == inst).flatten()
+            if pos.numel():
+                caches[inst].slot_rows(0)[:, caches[inst].allocate(b, pos)] = full[b][:, pos]
+    rids = list(range(len(lens)))
+    plans = run_local(groups, lambda gr, c: esp.DecodePlan.build(gr, c, rids, masters), caches)
+    q = torch.randn(len(lens), hq, d, generator=g)
+    for step in range(2):
+        if step:
+            plans = run_local(groups, lambda gr, c, p: p.scale_up(gr, c), caches, plans)
+        mine = [plans[r].mastered_by(r) for r in range(n)]
+
+        def appended(m, j):  # K (j = 0) or V (j = 1) of the new token of each request in m
+            return (torch.stack([full[b][j, lens[b]].view(hkv, d) for b in m]) if m else
+                    torch.empty(0, hkv, d))
+        new = [dict(k_new=appended(m, 0), v_new=appended(m, 1)) if step else {} for m in mine]
+        outs = run_steps(groups, [esp.distributed_decode_steps(q[mine[r]], caches[r], plans[r],
+                                                               groups[r], **new[r])
+                                  for r in range(n)])
+        for r in range(n):
+            for row, b in enumerate(mine[r]):
+                n_kv = lens[b] + step
+                k, v = (full[b][j, :n_kv].view(n_kv, hkv, d) for j in (0, 1))
+                ref, _ = esp.reference.attention(q[b:b + 1], k, v, cu_seqlens([1]),
+                                                 cu_seqlens([n_kv]), causal=False)
+                assert_close(outs[r][row:row + 1], ref, torch.float32, name=f"request {b}")
 
 
 def test_plan_and_bad_input():
