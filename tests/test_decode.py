@@ -227,6 +227,41 @@ def test_decode_random_placements_virtual_ranks(data):
                 assert_close(outs[r][row:row + 1], ref, torch.float32, name=f"request {b}")
 
 
+def test_decode_with_centrally_decided_append_targets():
+    """A plan made elsewhere (a scheduler: shards before the step, append targets), reserved by
+    each instance on its own (`allocate_appends`, not collective), then decoded: request "a"'s
+    new token starts a shard on instance 1, "b"'s goes to its master."""
+    groups = local_group(2)
+    full = {r: torch.randn(2, 7, 2 * 8, generator=torch.Generator().manual_seed(i))
+            for i, r in enumerate("ab")}
+    place = {"a": {0: [0, 1, 2, 3, 4, 5]}, "b": {0: [0, 1], 1: [2, 3, 4, 5]}}
+    caches = [esp.PagedKVCache(1, 16, 2, 2, 8, torch.float32, "cpu") for _ in range(2)]
+    for r, where in place.items():
+        for inst, pos in where.items():
+            caches[inst].slot_rows(0)[:, caches[inst].allocate(r, pos)] = full[r][:, pos]
+    plan = esp.DecodePlan(["a", "b"], [0, 1], [{0: 6}, {0: 2, 1: 4}], append_to=[1, 1])
+    plan = esp.DecodePlan.from_dict(plan.to_dict())  # as sent to each instance
+    q = torch.randn(2, 4, 8)
+
+    def body(g, cache):
+        me = g.world_ranks[g.rank]
+        p = plan.allocate_appends(cache, me)
+        mine = p.mastered_by(me)
+        kv = [full[p.requests[i]][:, 6].view(2, 2, 8) for i in mine]
+        kn = torch.stack([t[0] for t in kv]) if kv else torch.empty(0, 2, 8)
+        vn = torch.stack([t[1] for t in kv]) if kv else torch.empty(0, 2, 8)
+        return mine, esp.distributed_decode(q[mine], cache, p, g, k_new=kn, v_new=vn)
+
+    res = run_local(groups, body, caches)
+    assert caches[1].positions("a").tolist() == [6] and caches[1].num_tokens("b") == 5
+    for mine, out in res:
+        for row, i in enumerate(mine):
+            k, v = (full["ab"[i]][j].view(7, 2, 8) for j in (0, 1))
+            ref, _ = esp.reference.attention(q[i:i + 1], k, v, cu_seqlens([1]), cu_seqlens([7]),
+                                             causal=False)
+            assert_close(out[row:row + 1], ref, torch.float32)
+
+
 def test_plan_and_bad_input():
     g = local_group(2)
     cache = esp.PagedKVCache(1, 4, 4, 2, 8, torch.float32, "cpu")
@@ -329,7 +364,7 @@ def test_one_call_form_keeps_no_cache_alive():
 
 def test_decode_runner_needs_the_appended_slot_reserved():
     g, cache, plan = one_instance_case()
-    up = esp.DecodePlan(plan.requests, plan.masters, [{0: 10}, {0: 3}], append_to=[0, None])
+    up = esp.DecodePlan(plan.requests, plan.masters, [{0: 9}, {0: 3}], append_to=[0, None])
     with pytest.raises(ValueError, match="call plan.reserve"):
         esp.DecodeRunner(up, g, cache, 4, 8, torch.float32)
     assert up.reserve(cache, 0) == {"r": cache.last_token("r")[1]}

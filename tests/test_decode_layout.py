@@ -20,12 +20,10 @@ def plans(draw):
     appending = draw(st.booleans())
     for _ in range(B):
         masters.append(draw(st.sampled_from(insts)))
-        s = {i: draw(st.integers(1, 50)) for i in insts if draw(st.booleans())}
+        # shards before the step; the appended token may go where the request has none yet
+        shards.append({i: draw(st.integers(1, 50)) for i in insts if draw(st.booleans())})
         if appending:
-            t = draw(st.sampled_from(insts))
-            s[t] = s.get(t, 0) + 1
-            append_to.append(t)
-        shards.append(s)
+            append_to.append(draw(st.sampled_from(insts)))
     plan = esp.DecodePlan([f"r{b}" for b in range(B)], masters, shards,
                           append_to=append_to if appending else None)
     return plan, insts
@@ -41,14 +39,14 @@ def test_layouts_agree_with_the_plan_and_each_other(case):
         # Rows: my q rows are my requests in batch order; I hold exactly the requests with KV
         # here, once each, grouped by master, each group in that master's row order.
         assert list(L.mine) == plan.mastered_by(me)
-        assert Counter(L.held) == Counter(i for i in range(B) if me in plan.shards[i])
+        assert Counter(L.held) == Counter(i for i in range(B) if plan.kv_len(i, me))
         seen = 0
         for m, (a, b) in L.held_segments.items():
             assert a == seen and b > a
             seen = b
             group = list(L.held[a:b])
             assert all(plan.masters[i] == m for i in group)
-            assert group == [i for i in plan.mastered_by(m) if me in plan.shards[i]]
+            assert group == [i for i in plan.mastered_by(m) if plan.kv_len(i, me)]
         assert seen == L.n_held
         assert sorted(L.held_segments) == list(L.held_segments)
         # My own held requests are filled from q's rows directly.
@@ -90,8 +88,9 @@ def test_layouts_agree_with_the_plan_and_each_other(case):
         for b_, i in enumerate(Lm.mine):
             got = [pool[Lm.merge_rows[s][b_]] for s in range(len(Lm.merge_rows))]
             states = [x for x in got if x is not None]
-            assert Counter(states) == Counter((h, i) for h in plan.shards[i])
-            assert got.count(None) == len(Lm.merge_rows) - len(plan.shards[i])
+            holders = [h for h in lay if plan.kv_len(i, h)]
+            assert Counter(states) == Counter((h, i) for h in holders)
+            assert got.count(None) == len(Lm.merge_rows) - len(holders)
 
     # Appends: each appended token is stored once, by the instance the plan names; a master's
     # sent block for a target is exactly what the target expects from it, in order.

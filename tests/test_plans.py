@@ -34,10 +34,8 @@ def decode_plans(draw):
     append = draw(st.booleans())
     append_to = []
     for s in shards:
-        t = draw(st.sampled_from(insts)) if append and draw(st.booleans()) else None
-        if t is not None:
-            s[t] = s.get(t, 0) + 1
-        append_to.append(t)
+        append_to.append(draw(st.sampled_from(insts)) if append and draw(st.booleans())
+                         else None)
     return esp.DecodePlan(ids, [draw(st.sampled_from(insts)) for _ in range(B)], shards,
                           append_to=append_to, free_pages={i: draw(st.integers(0, 9))
                                                            for i in insts}, page_size=16)
@@ -70,8 +68,8 @@ def test_decode_plan_value_differences_and_inputs():
         esp.DecodePlan(["x"], [0.5], [{0: 1}])
     with pytest.raises(ValueError, match="negative shard length"):
         esp.DecodePlan(["x"], [0], [{0: -1}])
-    with pytest.raises(ValueError, match="do not count it there"):
-        esp.DecodePlan(["x"], [0], [{0: 3}], append_to=[1])
+    b = esp.DecodePlan(["x"], [0], [{0: 3}], append_to=[1])  # a first token on instance 1
+    assert b.kv_shards(0) == {0: 3, 1: 1} and b.holders(0) == [0, 1] and b.held_by(1) == [0]
     with pytest.raises(TypeError, match="int or a str"):
         esp.DecodePlan([("tuple", "id")], [0], [{0: 1}]).to_dict()
     with pytest.raises(ValueError, match="not a DecodePlan"):
@@ -87,7 +85,8 @@ def test_decode_plan_holds_no_prepared_state():
     esp.distributed_decode(torch.randn(1, 4, 8), cache, plan, g, layer=1)
     assert not hasattr(plan, "__dict__") and plan.to_dict() == before
     up = plan.scale_up(g, cache)
-    assert up.append_to == (0,) and up.shards[0] == {0: 6} and plan.shards[0] == {0: 5}
+    assert up.append_to == (0,) and up.shards[0] == {0: 5} and up.kv_shards(0) == {0: 6}
+    assert up.total_len(0) == 6 and up.appended_position(0) == 5 and plan.append_to == (None,)
     # the slot lives in the cache; reserving again is a no-op that returns it
     assert cache.num_tokens("r") == 6
     assert up.reserve(cache, 0) == {"r": cache.last_token("r")[1]}

@@ -85,10 +85,11 @@ class DecodeLayout:
 
 
 def decode_layout(plan, instance: int) -> DecodeLayout:
-    """The DecodeLayout of world rank `instance` for `plan` (any object with the DecodePlan
-    fields requests, masters, shards, append_to)."""
+    """The DecodeLayout of world rank `instance` for `plan` (a DecodePlan: its masters,
+    append_to and, per request, the instances holding tokens this step, `kv_shards(i)`)."""
     me = int(instance)
-    masters, shards, append_to = plan.masters, plan.shards, plan.append_to
+    masters, append_to = plan.masters, plan.append_to
+    shards = [plan.kv_shards(i) for i in range(len(masters))]  # appended tokens counted
     rows_of: dict[int, list[int]] = {}   # master -> its requests in batch order (= its q rows)
     for i, m in enumerate(masters):
         rows_of.setdefault(m, []).append(i)
@@ -138,7 +139,7 @@ def decode_layout(plan, instance: int) -> DecodeLayout:
     num_states = max((len(shards[i]) for i in mine), default=0)
     merge_rows = [[n_held + n_recv] * len(mine) for _ in range(max(num_states, 1))]
     for b, i in enumerate(mine):
-        for s, h in enumerate(sorted(shards[i])):
+        for s, h in enumerate(shards[i]):  # ascending
             merge_rows[s][b] = pool_row[h, i]
 
     return DecodeLayout(

@@ -25,9 +25,12 @@ def _check_id(rid, what: str):
 
 class DecodePlan:
     """requests: ids in batch order; masters[i]: master of requests[i];
-    shards[i]: {instance: tokens of requests[i] stored there} (zero-length entries dropped);
-    append_to[i]: instance storing the token appended at this step, or None when the step
-    appends nothing (then the shards count that token already: `scale_up` adds it);
+    shards[i]: {instance: tokens of requests[i] stored there BEFORE this step} (zero-length
+    entries dropped); append_to[i]: instance storing the token this step appends (None: the
+    step appends nothing for it). So request i attends, on instance h, over
+    `kv_len(i, h)` = shards[i][h] + (1 if append_to[i] == h) tokens, and its new token sits at
+    global position `appended_position(i)` = sum(shards[i]). The scheduler's plans mean the
+    same (esp_kernels.scheduler: shards before the step, append targets).
     free_pages / page_size: the instances' free pages and page size when the plan was made
     (information for a scheduler; not used by the decode itself).
 
@@ -64,11 +67,6 @@ class DecodePlan:
                              "requests")
         append_to = tuple(None if t is None else as_int(t, f"append_to of request {r!r}")
                           for r, t in zip(requests, append_to))
-        for r, s, t in zip(requests, clean, append_to):
-            if t is not None and t not in s:
-                raise ValueError(f"request {r!r} appends its token to instance {t}, but its "
-                                 f"shards {dict(s)} do not count it there (shards include the "
-                                 "appended token)")
         set_ = object.__setattr__
         set_(self, "requests", requests)
         set_(self, "masters", masters)
@@ -155,19 +153,37 @@ class DecodePlan:
         return cls(requests, masters, shards, free_pages=free, page_size=sizes.pop())
 
     # ---- queries ---------------------------------------------------------------------------
+    def kv_len(self, i: int, instance: int) -> int:
+        """Tokens of request i that `instance` attends over this step (its appended one too)."""
+        return self.shards[i].get(instance, 0) + (self.append_to[i] == instance)
+
+    def kv_shards(self, i: int) -> dict[int, int]:
+        """{instance: kv_len(i, instance)} over the instances with tokens of request i this
+        step, ascending."""
+        s, t = self.shards[i], self.append_to[i]
+        if t is None:
+            return dict(s)
+        return dict(sorted({**s, t: s.get(t, 0) + 1}.items()))
+
     def total_len(self, i: int) -> int:
+        """Tokens request i attends over this step (its appended one included)."""
+        return sum(self.shards[i].values()) + (self.append_to[i] is not None)
+
+    def appended_position(self, i: int) -> int:
+        """Global position of the token appended for request i this step."""
         return sum(self.shards[i].values())
 
     def holders(self, i: int) -> list[int]:
-        """Instances holding tokens of request i (sorted world ranks)."""
-        return list(self.shards[i])
+        """Instances holding tokens of request i this step (sorted world ranks): the ones whose
+        partial states its master merges."""
+        return list(self.kv_shards(i))
 
     def mastered_by(self, instance: int) -> list[int]:
         """Indices of the requests `instance` masters, in batch order (= its q rows)."""
         return [i for i, m in enumerate(self.masters) if m == instance]
 
     def held_by(self, instance: int) -> list[int]:
-        return [i for i, s in enumerate(self.shards) if instance in s]
+        return [i for i in range(len(self.requests)) if self.kv_len(i, instance)]
 
     # ---- scale-up --------------------------------------------------------------------------
     def scale_up(self, group, cache: PagedKVCache) -> "DecodePlan":
@@ -184,6 +200,9 @@ class DecodePlan:
                                      [cache.num_tokens(r) for r in self.requests])
         free = {group.world_ranks[p]: row[0] for p, row in enumerate(rows)}
         local = {group.world_ranks[p]: row[1:] for p, row in enumerate(rows)}
+        # The new plan's shards: what the caches hold now (this plan's appends included).
+        shards = [{inst: n[i] for inst, n in local.items() if n[i]}
+                  for i in range(len(self.requests))]
         ps = cache.page_size
         targets = []
         for i, rid in enumerate(self.requests):
@@ -203,24 +222,18 @@ class DecodePlan:
                 free[t] -= 1
             local[t][i] += 1
             targets.append(t)
-        shards = [dict(s) for s in self.shards]
-        for i, t in enumerate(targets):
-            shards[i][t] = shards[i].get(t, 0) + 1
         plan = DecodePlan(self.requests, self.masters, shards, append_to=targets,
                           free_pages=free, page_size=ps)
         plan.reserve(cache, me)
         return plan
 
-    def appended_position(self, i: int) -> int:
-        """Global position of request i's token appended at this step (its last token)."""
-        return self.total_len(i) - 1
-
     def reserve(self, cache: PagedKVCache, instance: int) -> dict:
         """Allocate, in `instance`'s cache, the slot of every token the plan appends there
         (all-or-nothing); returns {request id: slot}. Idempotent: a token whose position the
-        cache already stores as the request's last token keeps its slot. The slots live in the
-        cache (a runner finds them there), not on the plan. Raises CacheOutOfMemory with
-        nothing allocated."""
+        cache already stores as the request's last token keeps its slot (no other token can be
+        there: positions below it are the ones the shards count). The slots live in the cache
+        (a runner finds them there), not on the plan. Raises CacheOutOfMemory with nothing
+        allocated."""
         instance = as_int(instance, "instance")
         slots, wanted = {}, {}
         for i, (rid, t) in enumerate(zip(self.requests, self.append_to)):
@@ -235,6 +248,12 @@ class DecodePlan:
         for rid, s in cache.allocate_many(wanted).items():
             slots[rid] = int(s[0])
         return slots
+
+    def allocate_appends(self, cache: PagedKVCache, instance: int) -> "DecodePlan":
+        """`reserve(cache, instance)`, then this plan (for chaining when the append targets
+        were decided centrally, e.g. by esp_kernels.scheduler). Not collective."""
+        self.reserve(cache, instance)
+        return self
 
     def __repr__(self):
         return (f"DecodePlan({len(self.requests)} requests, masters {sorted(set(self.masters))}, "

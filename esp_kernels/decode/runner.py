@@ -69,7 +69,7 @@ class DecodeRunner:
                              "device")
         members = set(group.world_ranks)
         for i, rid in enumerate(plan.requests):
-            for inst in [plan.masters[i], *plan.shards[i]]:
+            for inst in [plan.masters[i], *plan.kv_shards(i)]:
                 if inst not in members:
                     raise ValueError(f"plan puts request {rid!r} on instance {inst}, which is "
                                      f"not in the group {list(group.world_ranks)}")
@@ -173,7 +173,7 @@ class DecodeRunner:
         after checking that the cache holds what the plan says this instance holds."""
         plan, lay, me = self.plan, self.layout, self.layout.instance
         for i, rid in enumerate(plan.requests):
-            want, have = plan.shards[i].get(me, 0), cache.num_tokens(rid)
+            want, have = plan.kv_len(i, me), cache.num_tokens(rid)
             if want != have:
                 hint = ("its new token's slot is not reserved here: call plan.reserve(cache, "
                         "instance) (plan.scale_up does)" if plan.append_to[i] == me and
