@@ -88,8 +88,35 @@ class DecodeRunner:
         row = cache.row_elems
         self._row = row
 
-        def ints(values, dtype=torch.int32):
-            return torch.tensor(list(values), dtype=dtype, device=dev)
+        # Every index list of the plan, uploaded in one copy: torch's host-to-device copy of a
+        # small tensor waits for the stream, so ~20 separate ones cost a stream drain each.
+        slots = self._state[1]
+        n_send = len(lay.q_send_rows)
+        send_dst = tuple(range(n_held, n_held + n_send))
+        lists = {"app_own_rows": lay.append_own_rows,
+                 "app_own_slots": [slots[i] for i in lay.append_own],
+                 "app_send_rows": lay.append_send_rows,
+                 "app_recv_slots": [slots[i] for i in lay.append_recv],
+                 "merge_rows": list(itertools.chain.from_iterable(lay.merge_rows))}
+        for read in (False, True):
+            for send in (False, True):
+                lists["q_src", read, send] = ((() if read else lay.q_own_rows)
+                                              + (() if send else lay.q_send_rows))
+                lists["q_dst", read, send] = ((() if read else lay.q_own_dst)
+                                              + (() if send else send_dst))
+        if n_held:
+            bt, lens = cache.block_table_of(self._state[0], device="cpu")
+            lists["block_table"], lists["kv_lens"] = bt.flatten().tolist(), lens.tolist()
+        flat, spans = [], {}
+        for key, values in lists.items():
+            spans[key] = (len(flat), len(flat) + len(values))
+            flat.extend(values)
+        i64 = torch.tensor(flat, dtype=torch.int64).to(dev)
+        i32 = i64.to(torch.int32)
+
+        def ints(key, dtype=torch.int32):
+            a, b = spans[key]
+            return (i32 if dtype == torch.int32 else i64)[a:b]
 
         # States: one fp32 row [o (Hq*D) | lse (Hq) | pad] per request, so the states of a
         # master's requests are one contiguous message; the lse part is padded to 8 floats so
@@ -101,7 +128,6 @@ class DecodeRunner:
         self.X[-1, : Hq * D] = 0
         self.X[-1, Hq * D:] = -math.inf
         self.X[:, Hq * D + Hq:] = 0  # padding travels with the rows: keep it defined
-        n_send = len(lay.q_send_rows)
         self.Q = torch.empty(n_held + n_send, Hq, D, dtype=q_dtype, device=dev)
         self.q_hold, self.q_send = self.Q[:n_held], self.Q[n_held:]
         self.kv_send = torch.empty(len(lay.append_send_rows), 2, row, dtype=cache.dtype,
@@ -109,21 +135,18 @@ class DecodeRunner:
         self.kv_recv = torch.empty(len(lay.append_recv), 2, row, dtype=cache.dtype, device=dev)
 
         # Appends: rows of my new tokens stored here / sent, slots of the tokens I store.
-        slots = self._state[1]
-        self._app_own_rows = ints(lay.append_own_rows, torch.long)
-        self._app_own_slots = ints(slots[i] for i in lay.append_own)
-        self._app_send_rows = ints(lay.append_send_rows, torch.long)
-        self._app_recv_slots = ints(slots[i] for i in lay.append_recv)
+        self._app_own_rows = ints("app_own_rows", torch.long)
+        self._app_own_slots = ints("app_own_slots")
+        self._app_send_rows = ints("app_send_rows", torch.long)
+        self._app_recv_slots = ints("app_recv_slots")
 
         # q rows into Q = [q_hold ; q_send], one prepared row gather per case: the kernel may
         # read q in place (read_direct) and the holders' messages may be q itself (send_direct).
         self._q_gather = {}
-        send_dst = range(n_held, n_held + n_send)
         for read in (False, True):
             for send in (False, True):
-                src = (() if read else lay.q_own_rows) + (() if send else lay.q_send_rows)
-                dst = (() if read else lay.q_own_dst) + (() if send else tuple(send_dst))
-                self._q_gather[read, send] = None if not src else (
+                src, dst = ("q_src", read, send), ("q_dst", read, send)
+                self._q_gather[read, send] = None if not lists[src] else (
                     ints(src, torch.long), ints(dst, torch.long),
                     prepare_copy_rows((1, Bm, Hq * D), ints(src), self.Q.view(1, -1, Hq * D),
                                       ints(dst)))
@@ -132,17 +155,16 @@ class DecodeRunner:
         self._o_held, self._lse_held = self._states(slice(0, n_held))
         self._partial = None
         if n_held:
-            bt, lens = cache.block_table_of(self._state[0])
             k_layers, v_layers = cache.layers()
             self._partial = prepare_decode_partial(
-                self.q_hold, k_layers, v_layers, bt, lens, o=self._o_held, lse=self._lse_held,
+                self.q_hold, k_layers, v_layers, ints("block_table").view(n_held, -1),
+                ints("kv_lens"), o=self._o_held, lse=self._lse_held,
                 max_len=max(n for _, n in self._state[0]))
 
         # The master's merge straight from the state pool.
         x_o, x_lse = self._states(slice(None))
         self.lse_out = torch.empty(Bm, Hq, dtype=torch.float32, device=dev)
-        merge_rows = ints(itertools.chain.from_iterable(lay.merge_rows)).view(
-            len(lay.merge_rows), Bm)
+        merge_rows = ints("merge_rows").view(len(lay.merge_rows), Bm)
         self._merge = prepare_merge_states_gather(x_o, x_lse, merge_rows, lse_out=self.lse_out,
                                                   out_dtype=q_dtype)
 

@@ -328,8 +328,9 @@ class PagedKVCache:
         """
         return self.block_table_of([self.placement(r) for r in requests])
 
-    def block_table_of(self, placements) -> tuple[torch.Tensor, torch.Tensor]:
-        """block_table() of given `placement()` values (pages, tokens)."""
+    def block_table_of(self, placements, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """block_table() of given `placement()` values (pages, tokens), on `device` (default:
+        the cache's)."""
         width = max([len(pages) for pages, _ in placements], default=0)
         bt = torch.zeros(len(placements), max(width, 1), dtype=torch.int32)
         lens = torch.zeros(len(placements), dtype=torch.int32)
@@ -337,7 +338,8 @@ class PagedKVCache:
             if pages:
                 bt[i, : len(pages)] = torch.as_tensor(pages, dtype=torch.int32)
                 lens[i] = n
-        return bt.to(self.device), lens.to(self.device)
+        device = self.device if device is None else device
+        return bt.to(device), lens.to(device)
 
     def gather(self, request, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, v) [n, num_kv_heads, head_dim] of the request's tokens here, storage order."""
