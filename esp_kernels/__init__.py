@@ -13,11 +13,12 @@ See README.md for shapes, dtypes and the support matrix.
 
 from . import comm, reference, striping
 from .config import __version__, config, show_config
-from .decode import DecodePlan, decode_partial, distributed_decode, distributed_decode_steps
-from .kvcache import (CacheOutOfMemory, MigrationError, MigrationPlan, PagedKVCache,
-                      RetentionPlan, migrate_kv)
+from .decode import (DecodePlan, DecodeRunner, decode_partial, distributed_decode,
+                     distributed_decode_steps)
+from .kvcache import (CacheOutOfMemory, MigrationError, MigrationPlan, MigrationRunner,
+                      PagedKVCache, RetentionPlan, migrate_kv)
 from .merge import merge_states, merge_states_, merge_states_multi
-from .prefill import ring_prefill
+from .prefill import RingPrefillRunner, ring_prefill
 from . import ops  # noqa: E402  registers torch.ops.esp_kernels.* (torch.compile traces them)
 
 __all__ = [
@@ -25,5 +26,5 @@ __all__ = [
     "merge_states", "merge_states_", "merge_states_multi",
     "ring_prefill", "PagedKVCache", "CacheOutOfMemory", "RetentionPlan", "MigrationPlan",
     "MigrationError", "migrate_kv", "DecodePlan", "decode_partial", "distributed_decode",
-    "distributed_decode_steps",
+    "distributed_decode_steps", "RingPrefillRunner", "DecodeRunner", "MigrationRunner",
 ]

@@ -2,10 +2,14 @@
 virtual ranks, scale-up appends, zero-token shards, masters without KV; the CUDA partial kernel,
 CUDA-graph replay and the per-layer host overhead on GPU."""
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import esp_kernels as esp
 from esp_kernels.comm import local_group, run_local, run_steps
@@ -17,10 +21,11 @@ REQUESTS = ["a", "b", "c", "d", "e"]
 
 
 def scenario(n, seed, max_len=300):
-    """Lengths, masters and a random token placement (some shards empty, request 'd' empty,
-    'e' mastered by an instance that holds none of it)."""
+    """Lengths, masters and a random token placement (some shards empty, 'c' of one token, 'd'
+    of two, 'e' mastered by an instance that holds none of it, so its first appended token
+    starts a shard there)."""
     g = torch.Generator().manual_seed(seed)
-    lens = {"a": max_len, "b": 77, "c": 1, "d": 0, "e": 40}
+    lens = {"a": max_len, "b": 77, "c": 1, "d": 2, "e": 40}
     masters = [0, (1 % n), (2 % n), 0, n - 1]
     place = {r: torch.randint(0, n, (lens[r],), generator=g) for r in REQUESTS}
     if n > 1:
@@ -157,7 +162,7 @@ def test_decode_instance_mastering_nothing_while_appending():
 
     def body(group, cache):
         plan = esp.DecodePlan.build(group, cache, ["r"], [0]).scale_up(group, cache)
-        assert plan.append_to == [1]
+        assert plan.append_to == (1,)
         mine = plan.mastered_by(group.rank)
         kn = full[0, 8:9].view(1, 2, 16)[: len(mine)]
         vn = full[1, 8:9].view(1, 2, 16)[: len(mine)]
@@ -174,6 +179,87 @@ def test_decode_instance_mastering_nothing_while_appending():
 def test_decode_gloo(n):
     res = run_gloo(n, decode_rank, n, 300 + n, 8, 2, 64, 16, 2)
     check_decode(res, n, 300 + n, 8, 2, 64, 2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_decode_random_placements_virtual_ranks(data):
+    """Random batches, token placements (any split, instances holding nothing) and masters; one
+    decode layer before and one after a scale-up step, all ranks from one thread; every output
+    against the reference over the request's tokens."""
+    n = data.draw(st.integers(1, 4), "instances")
+    lens = data.draw(st.lists(st.integers(1, 24), min_size=1, max_size=6), "lengths")
+    masters = data.draw(st.lists(st.integers(0, n - 1), min_size=len(lens), max_size=len(lens)),
+                        "masters")
+    seed = data.draw(st.integers(0, 2**16), "seed")
+    g = torch.Generator().manual_seed(seed)
+    hkv, hq, d = 2, 4, 8
+    full = [torch.randn(2, L + 1, hkv * d, generator=g) for L in lens]  # K/V incl. the new one
+    groups = local_group(n)
+    caches = [esp.PagedKVCache(1, 64, 4, hkv, d, torch.float32, "cpu") for _ in range(n)]
+    for b, L in enumerate(lens):
+        owner = torch.randint(0, n, (L,), generator=g)
+        for inst in range(n):
+            pos = torch.nonzero(owner == inst).flatten()
+            if pos.numel():
+                caches[inst].slot_rows(0)[:, caches[inst].allocate(b, pos)] = full[b][:, pos]
+    rids = list(range(len(lens)))
+    plans = run_local(groups, lambda gr, c: esp.DecodePlan.build(gr, c, rids, masters), caches)
+    q = torch.randn(len(lens), hq, d, generator=g)
+    for step in range(2):
+        if step:
+            plans = run_local(groups, lambda gr, c, p: p.scale_up(gr, c), caches, plans)
+        mine = [plans[r].mastered_by(r) for r in range(n)]
+
+        def appended(m, j):  # K (j = 0) or V (j = 1) of the new token of each request in m
+            return (torch.stack([full[b][j, lens[b]].view(hkv, d) for b in m]) if m else
+                    torch.empty(0, hkv, d))
+        new = [dict(k_new=appended(m, 0), v_new=appended(m, 1)) if step else {} for m in mine]
+        outs = run_steps(groups, [esp.distributed_decode_steps(q[mine[r]], caches[r], plans[r],
+                                                               groups[r], **new[r])
+                                  for r in range(n)])
+        for r in range(n):
+            for row, b in enumerate(mine[r]):
+                n_kv = lens[b] + step
+                k, v = (full[b][j, :n_kv].view(n_kv, hkv, d) for j in (0, 1))
+                ref, _ = esp.reference.attention(q[b:b + 1], k, v, cu_seqlens([1]),
+                                                 cu_seqlens([n_kv]), causal=False)
+                assert_close(outs[r][row:row + 1], ref, torch.float32, name=f"request {b}")
+
+
+def test_decode_with_centrally_decided_append_targets():
+    """A plan made elsewhere (a scheduler: shards before the step, append targets), reserved by
+    each instance on its own (`allocate_appends`, not collective), then decoded: request "a"'s
+    new token starts a shard on instance 1, "b"'s goes to its master."""
+    groups = local_group(2)
+    full = {r: torch.randn(2, 7, 2 * 8, generator=torch.Generator().manual_seed(i))
+            for i, r in enumerate("ab")}
+    place = {"a": {0: [0, 1, 2, 3, 4, 5]}, "b": {0: [0, 1], 1: [2, 3, 4, 5]}}
+    caches = [esp.PagedKVCache(1, 16, 2, 2, 8, torch.float32, "cpu") for _ in range(2)]
+    for r, where in place.items():
+        for inst, pos in where.items():
+            caches[inst].slot_rows(0)[:, caches[inst].allocate(r, pos)] = full[r][:, pos]
+    plan = esp.DecodePlan(["a", "b"], [0, 1], [{0: 6}, {0: 2, 1: 4}], append_to=[1, 1])
+    plan = esp.DecodePlan.from_dict(plan.to_dict())  # as sent to each instance
+    q = torch.randn(2, 4, 8)
+
+    def body(g, cache):
+        me = g.world_ranks[g.rank]
+        p = plan.allocate_appends(cache, me)
+        mine = p.mastered_by(me)
+        kv = [full[p.requests[i]][:, 6].view(2, 2, 8) for i in mine]
+        kn = torch.stack([t[0] for t in kv]) if kv else torch.empty(0, 2, 8)
+        vn = torch.stack([t[1] for t in kv]) if kv else torch.empty(0, 2, 8)
+        return mine, esp.distributed_decode(q[mine], cache, p, g, k_new=kn, v_new=vn)
+
+    res = run_local(groups, body, caches)
+    assert caches[1].positions("a").tolist() == [6] and caches[1].num_tokens("b") == 5
+    for mine, out in res:
+        for row, i in enumerate(mine):
+            k, v = (full["ab"[i]][j].view(7, 2, 8) for j in (0, 1))
+            ref, _ = esp.reference.attention(q[i:i + 1], k, v, cu_seqlens([1]), cu_seqlens([7]),
+                                             causal=False)
+            assert_close(out[row:row + 1], ref, torch.float32)
 
 
 def test_plan_and_bad_input():
@@ -212,6 +298,134 @@ def test_zero_length_shard_gives_empty_state():
     assert torch.all(o[0] == 0) and torch.all(lse[0] == -math.inf)
     assert torch.all(o[2] == 0) and torch.all(lse[2] == -math.inf)
     assert torch.isfinite(lse[1]).all()
+
+
+def one_instance_case():
+    g = local_group(1)[0]
+    cache = esp.PagedKVCache(2, 16, 4, 2, 8, torch.float32, "cpu")
+    cache.kv.normal_()
+    cache.allocate("r", range(9))
+    cache.allocate("s", range(3))
+    return g, cache, esp.DecodePlan.build(g, cache, ["r", "s"], [0, 0])
+
+
+def reference_decode(cache, rids, q, layer):
+    outs = []
+    for b, rid in enumerate(rids):
+        k, v = cache.gather(rid, layer)
+        outs.append(esp.reference.attention(
+            q[b:b + 1].float(), k.float(), v.float(), cu_seqlens([1], q.device),
+            cu_seqlens([k.shape[0]], q.device), causal=False)[0])
+    return torch.cat(outs)
+
+
+def test_decode_runner_prepared_once_run_per_layer():
+    """The runner object behind distributed_decode: the same results, reused by the one-call
+    form for an equal plan, and tied to its shapes and to its requests' placement."""
+    g, cache, plan = one_instance_case()
+    runner = esp.DecodeRunner(plan, g, cache, 4, 8, torch.float32)
+    q = torch.randn(2, 4, 8)
+    for layer in range(2):
+        out = runner.run(q, layer)
+        assert_close(out, reference_decode(cache, ["r", "s"], q, layer), torch.float32)
+        assert torch.equal(out, esp.distributed_decode(q, cache, plan, g, layer=layer))
+    from esp_kernels.decode import decode_runner
+    first = decode_runner(plan, g, cache, 4, 8, torch.float32)
+    assert decode_runner(esp.DecodePlan.from_dict(plan.to_dict()), g, cache, 4, 8,
+                         torch.float32) is first
+    with pytest.raises(ValueError, match="as this runner was prepared"):
+        runner.run(q.double().float()[:, :2], 0)
+    with pytest.raises(ValueError, match="as this runner was prepared"):
+        runner.run(q.half(), 0)
+    with pytest.raises(ValueError, match="layer 2 is outside"):
+        runner.run(q, 2)
+    # Other requests come and go: the runner's requests did not move, it still runs.
+    cache.allocate("other", range(6))
+    cache.free("other")
+    assert_close(runner.run(q, 1), reference_decode(cache, ["r", "s"], q, 1), torch.float32)
+    # Its requests moved: it raises instead of reading stale pages.
+    cache.remove_tokens("r", [0, 1])
+    with pytest.raises(ValueError, match="moved tokens of this DecodeRunner's requests"):
+        runner.run(q, 0)
+    with pytest.raises(ValueError, match="holds 9 tokens of request 'r' but its cache holds 7"):
+        esp.DecodeRunner(plan, g, cache, 4, 8, torch.float32)
+
+
+def test_one_call_form_keeps_no_cache_alive():
+    """The one-call form's runners are keyed weakly by the cache and hold it weakly: a cache
+    the engine drops is freed (with its runners' buffers)."""
+    g, cache, plan = one_instance_case()
+    esp.distributed_decode(torch.randn(2, 4, 8), cache, plan, g)
+    gone = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert gone() is None
+
+
+def test_decode_runner_needs_the_appended_slot_reserved():
+    g, cache, plan = one_instance_case()
+    up = esp.DecodePlan(plan.requests, plan.masters, [{0: 9}, {0: 3}], append_to=[0, None])
+    with pytest.raises(ValueError, match="call plan.reserve"):
+        esp.DecodeRunner(up, g, cache, 4, 8, torch.float32)
+    assert up.reserve(cache, 0) == {"r": cache.last_token("r")[1]}
+    runner = esp.DecodeRunner(up, g, cache, 4, 8, torch.float32)
+    q, kn, vn = torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    with pytest.raises(ValueError, match="k_new must be"):
+        runner.run(q, 0, k_new=kn[:1], v_new=vn)
+    out = runner.run(q, 0, k_new=kn, v_new=vn)
+    k, v = cache.gather("r", 0)
+    assert torch.equal(k[-1], kn[0]) and torch.equal(v[-1], vn[0])
+    assert_close(out, reference_decode(cache, ["r", "s"], q, 0), torch.float32)
+
+
+def gather_case(device, gen, S=3, T=5, H=4, D=16, R=9, pad=8):
+    """A state pool with strided rows (as the runner's [o | lse | pad] rows), an empty row at
+    R-1, and a row map naming some rows twice and the empty row."""
+    srow = H * D + pad
+    X = torch.randn(R, srow, generator=gen).to(device)
+    X[-1, : H * D] = 0
+    X[-1, H * D:] = -math.inf
+    o = X.as_strided((R, H, D), (srow, D, 1))
+    lse = X.as_strided((R, H), (srow, 1), H * D)
+    rows = torch.randint(0, R, (S, T), generator=gen, dtype=torch.int32)
+    rows[:, 0] = R - 1  # all-empty row: (0, -inf)
+    return o, lse, rows.to(device)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_merge_states_gather_op(out_dtype, gen):
+    from esp_kernels.decode.merge_gather import merge_states_gather, prepare_merge_states_gather
+    o, lse, rows = gather_case("cpu", gen)
+    ref_o, ref_l = esp.merge_states_multi(o[rows.long()], lse[rows.long()], out_dtype=torch.float32)
+    out, lse_out = merge_states_gather(o, lse, rows, out=torch.empty(5, 4, 16, dtype=out_dtype))
+    assert_close(out.float(), ref_o, out_dtype)
+    assert torch.equal(lse_out, ref_l)
+    assert torch.all(out[0] == 0) and torch.all(lse_out[0] == -math.inf)
+    prepared = prepare_merge_states_gather(o, lse, rows, out_dtype=out_dtype)
+    again = torch.full((5, 4, 16), math.nan, dtype=out_dtype)
+    assert prepared(again) is again and torch.equal(again, out)
+    with pytest.raises(ValueError, match="rows must lie in"):
+        merge_states_gather(o, lse, rows + 9)
+    with pytest.raises(ValueError, match="lse_pool"):
+        merge_states_gather(o, lse[:3], rows)
+
+
+def test_prepared_decode_partial_matches_the_op_per_layer(gen):
+    from esp_kernels.decode.partial import prepare_decode_partial
+    cache = esp.PagedKVCache(3, 12, 4, 2, 16, torch.float32, "cpu")
+    cache.kv.normal_(generator=gen)
+    cache.allocate("a", range(13))
+    cache.allocate("b", range(2))
+    bt, lens = cache.block_table(["a", "none", "b"])
+    q = torch.randn(3, 4, 16, generator=gen)
+    o, lse = torch.empty(3, 4, 16), torch.empty(3, 4)
+    prepared = prepare_decode_partial(torch.empty_like(q), *cache.layers(), bt, lens, o=o, lse=lse)
+    for layer in range(3):
+        prepared(layer, q, softmax_scale=0.3)
+        ref_o, ref_l = decode_partial(q, *cache.layer(layer), bt, lens, softmax_scale=0.3)
+        assert torch.equal(o, ref_o) and torch.equal(lse, ref_l)
+    with pytest.raises(ValueError, match="q must be a contiguous"):
+        prepared(0, q[:2], softmax_scale=0.3)
 
 
 # ---------------------------------------------------------------- GPU tier
@@ -368,7 +582,7 @@ def test_decode_layer_cuda_graph_replay_equals_eager(deterministic, gen):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(2):  # warm up (builds the plan's step, allocations) outside capture
+        for _ in range(2):  # warm up (prepares the plan's runner, allocations) outside capture
             esp.distributed_decode(q, cache, plan, g, deterministic=deterministic)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
@@ -382,3 +596,64 @@ def test_decode_layer_cuda_graph_replay_equals_eager(deterministic, gen):
             torch.testing.assert_close(out_static, eager, rtol=0, atol=0)
         else:
             assert_close(out_static, eager, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [3, 70])  # 70 > MAX_KERNEL_STATES: gathered, merged in rounds
+def test_merge_states_gather_op_gpu(S, gen):
+    from esp_kernels.decode.merge_gather import prepare_merge_states_gather
+    o, lse, rows = gather_case("cuda", gen, S=S, T=33, H=32, D=128, R=40)
+    ref_o, ref_l = esp.merge_states_multi(o[rows.long()].cpu(), lse[rows.long()].cpu(),
+                                          backend="torch")
+    prepared = prepare_merge_states_gather(o, lse, rows, out_dtype=torch.bfloat16)
+    out = poison_(torch.empty(33, 32, 128, device="cuda")).to(torch.bfloat16)
+    prepared(out)
+    assert_close(out.float().cpu(), ref_o, torch.bfloat16)
+    assert_close(prepared.lse_out.cpu(), ref_l, torch.float32)
+    assert torch.all(out[0] == 0) and torch.all(prepared.lse_out[0] == -math.inf)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_prepared_decode_partial_gpu(deterministic, gen):
+    """The prepared launch (descriptors built once, layer pointers swapped, counters left zero
+    by each launch) equals the op on every layer, several times over."""
+    from esp_kernels.decode.partial import prepare_decode_partial
+    cache = esp.PagedKVCache(3, 400, 16, 8, 128, torch.bfloat16, "cuda")
+    cache.kv.normal_()
+    for i, n in enumerate([1, 3000, 0, 700]):
+        cache.allocate(i, range(n))
+    bt, lens = cache.block_table(range(4))
+    q = torch.randn(4, 32, 128, generator=gen).to("cuda", torch.bfloat16)
+    o = poison_(torch.empty(4, 32, 128, device="cuda"))
+    lse = poison_(torch.empty(4, 32, device="cuda"))
+    prepared = prepare_decode_partial(q.clone(), *cache.layers(), bt, lens, o=o, lse=lse,
+                                      max_len=3000)
+    for _ in range(2):
+        for layer in (2, 0, 1):
+            for q_in in (None, q):
+                if q_in is None:
+                    prepared.q.copy_(q)
+                prepared(layer, q_in, softmax_scale=0.1, deterministic=deterministic)
+                ref_o, ref_l = decode_partial(q, *cache.layer(layer), bt, lens,
+                                              softmax_scale=0.1, backend="torch")
+                assert_close(o.cpu(), ref_o.cpu(), torch.bfloat16)
+                assert_close(lse.cpu(), ref_l.cpu(), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_decode_runner_gpu_equals_one_call_form(gen):
+    g = local_group(1, "cuda")[0]
+    cache = esp.PagedKVCache(2, 200, 16, 8, 128, torch.bfloat16, "cuda")
+    cache.kv.normal_()
+    for i, n in enumerate([5, 900, 2049]):
+        cache.allocate(i, range(n))
+    plan = esp.DecodePlan.build(g, cache, [0, 1, 2], [0, 0, 0])
+    runner = esp.DecodeRunner(plan, g, cache, 32, 128, torch.bfloat16)
+    q = torch.randn(3, 32, 128, generator=gen).to("cuda", torch.bfloat16)
+    for layer in range(2):
+        a = runner.run(q, layer, deterministic=True)
+        b = esp.distributed_decode(q, cache, plan, g, layer=layer, deterministic=True)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        ref = reference_decode(cache, [0, 1, 2], q.float(), layer)
+        assert_close(a.float(), ref, torch.bfloat16)

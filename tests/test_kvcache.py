@@ -142,7 +142,8 @@ def retention_rank(world, seed, policy, page_size):
     seqlens, batches = retention_batches(P, seed)
     keepers = {1: 60, 3: 120} if P == 4 else {0: 60, 1: 120}
     plan = getattr(esp.RetentionPlan, policy)(seqlens, {k: v // page_size + 4 for k, v in
-                                                        keepers.items()}, page_size)
+                                                        keepers.items()}, page_size,
+                                              request_ids=range(len(seqlens)))
     cache = esp.PagedKVCache(2, 200 // page_size + 8, page_size, 2, 64, torch.float32, "cpu")
     me = world.world_ranks[world.rank]
     if me in plan.instances:
@@ -182,6 +183,43 @@ def test_retention_gloo(policy):
     check_retention(res, 9, 3)
 
 
+def test_retention_after_the_cache_changed_reserves_again():
+    """The same plan prefilled again after its requests were freed (other requests took their
+    pages meanwhile): the writer notices the cache changed, reserves anew, and writes there."""
+    g = local_group(1)[0]
+    seqlens = [6, 3]
+    plan = esp.RetentionPlan.fill_first(seqlens, {0: 8}, 2, request_ids=["a", "b"])
+    cache = esp.PagedKVCache(1, 8, 2, 1, 4, torch.float32, "cpu")
+    for round_ in range(2):
+        b = random_varlen_batch(seqlens, 2, 1, 4, generator=torch.Generator().manual_seed(round_))
+        esp.ring_prefill(b.q, b.k, b.v, seqlens, g, retain=(plan, cache, 0))
+        for bi, rid in enumerate(plan.request_ids):
+            k, v = cache.gather(rid, 0)
+            start = int(b.cu_seqlens[bi])
+            assert torch.equal(k, b.k[start:start + seqlens[bi]])
+        for rid in plan.request_ids:
+            cache.free(rid)
+        cache.allocate(f"other{round_}", range(4))  # takes pages "a" had
+
+
+def test_ring_runner_with_retention_refuses_a_cache_that_freed_its_slots():
+    g = local_group(1)[0]
+    seqlens = [6, 3]
+    plan = esp.RetentionPlan.fill_first(seqlens, {0: 8}, 2, request_ids=["a", "b"])
+    cache = esp.PagedKVCache(2, 8, 2, 1, 4, torch.float32, "cpu")
+    runner = esp.RingPrefillRunner(seqlens, g, 2, 1, 4, torch.float32, retain=(plan, cache))
+    b = random_varlen_batch(seqlens, 2, 1, 4, generator=torch.Generator().manual_seed(0))
+    runner.run(b.q, b.k, b.v, 0)
+    cache.allocate("other", range(3))  # others come: fine
+    runner.run(b.q, b.k, b.v, 1)
+    assert torch.equal(cache.gather("a", 1)[0], b.k[:6])
+    cache.free("b")
+    with pytest.raises(ValueError, match="moved or freed the reserved tokens of request 'b'"):
+        runner.run(b.q, b.k, b.v, 1)
+    with pytest.raises(ValueError, match="layer 2"):
+        runner.run(b.q, b.k, b.v, 2)
+
+
 def test_retention_rejects_instances_outside_the_ring():
     g = local_group(2)
     plan = esp.RetentionPlan([4], [{5: range(4)}])
@@ -208,7 +246,6 @@ def migration_rank(world, page_size, chunk_bytes, dst_pages):
     cache.slot_rows()[:, slots] = full[:, mine]
     plan = esp.MigrationPlan()
     plan.add("x", 10, 60, 0, n - 1)        # a range spanning pages
-    plan.add("x", 500, 600, 1 % n, 0)      # empty range
     if n > 2:
         plan.add("x", 0, 200, 1, 2)        # everything rank 1 holds
     before = cache.positions("x")
@@ -254,6 +291,28 @@ def test_migration_destination_out_of_memory_keeps_source():
 @pytest.mark.slow
 def test_migration_gloo():
     check_migration(run_gloo(3, migration_rank, 16, 4096, None), 3)
+
+
+def test_migration_runner():
+    """MigrationRunner prepares the batches and chunking once; run() moves what migrate_kv
+    would (tiny chunks: several per batch share the runner's two staging buffers)."""
+    def body(g):
+        me = g.world_ranks[g.rank]
+        cache = esp.PagedKVCache(2, 32, 4, 1, 8, torch.float32, "cpu")
+        data = torch.randn(4, 30, 8, generator=torch.Generator().manual_seed(3))
+        if me == 0:
+            cache.slot_rows()[:, cache.allocate("a", range(30))] = data
+        plan = esp.MigrationPlan([("a", 0, 12, 0, 1), ("a", 20, 30, 0, 1)])
+        runner = esp.MigrationRunner(plan, g, cache, chunk_bytes=4 * 8 * 4 * 3)
+        assert runner.chunk_tokens == 3 and len(runner.batches) == 1
+        stats = runner.run()
+        pos = cache.positions("a")
+        assert torch.equal(cache.slot_rows()[:, cache.slots("a")], data[:, pos])
+        return stats, sorted(pos.tolist())
+
+    (s0, p0), (s1, p1) = run_local(local_group(2), body)
+    assert s0 == {"sent": 22, "received": 0} and s1 == {"sent": 0, "received": 22}
+    assert p0 == list(range(12, 20)) and p1 == list(range(12)) + list(range(20, 30))
 
 
 def test_migration_batches_follow_plan_order():
@@ -353,7 +412,7 @@ def test_retention_and_migration_gpu(page_size):
     groups = local_group(P, "cuda")
     seqlens = [3, 2000, 517]
     plan = esp.RetentionPlan.fill_first(seqlens, {2: 1600 // page_size, 0: 1600 // page_size},
-                                        page_size)
+                                        page_size, request_ids=[0, 1, 2])
     caches = [esp.PagedKVCache(2, 4000 // page_size + 8, page_size, 8, 128, torch.bfloat16, "cuda")
               for _ in range(P)]
     batches = [random_varlen_batch(seqlens, 32, 8, 128, dtype=torch.bfloat16, device="cuda",

@@ -1,7 +1,9 @@
 """Striped ring prefill vs the reference on the full batch: gloo processes, virtual ranks, the
 Triton step under the interpreter (CPU) and the compiled/Triton kernels on GPU."""
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -103,6 +105,65 @@ def test_bad_input():
         esp.ring_prefill(q.to("meta"), k, k, lens, g)
     with pytest.raises(ValueError, match="backend"):
         esp.ring_prefill(q, k, k, lens, g, backend="fast")
+
+
+def test_ring_prefill_runner_prepared_once_run_per_layer():
+    """RingPrefillRunner: one batch prepared once (layout, buffers, retention writer), run per
+    layer; equal to ring_prefill, checked against its prepared shapes."""
+    P, lens = 2, [5, 40, 1]
+    layers = [random_varlen_batch(lens, 4, 2, 16, generator=torch.Generator().manual_seed(l))
+              for l in range(2)]
+    plan = esp.RetentionPlan.fill_first(lens, {1: 8}, 8, request_ids=["a", "b", "c"])
+    caches = [esp.PagedKVCache(2, 8, 8, 2, 16, torch.float32, "cpu") for _ in range(P)]
+
+    def body(g, cache):
+        runner = esp.RingPrefillRunner(lens, g, 4, 2, 16, torch.float32, retain=(plan, cache))
+        outs = []
+        for layer, b in enumerate(layers):
+            q, k, v = (stripe(t, lens, P)[g.rank] for t in (b.q, b.k, b.v))
+            o, lse = runner.run(q, k, v, layer)
+            o2, lse2 = esp.ring_prefill(q, k, v, lens, g)
+            assert torch.equal(o, o2) and torch.equal(lse, lse2)
+            outs.append(o)
+        with pytest.raises(ValueError, match="layer is required"):
+            runner.run(q, k, v)
+        with pytest.raises(ValueError, match=r"k must be \[\d+, 2, 16\]"):
+            runner.run(q, k[:, :1], v, 0)
+        with pytest.raises(ValueError, match="float32"):
+            runner.run(q.double(), k, v, 0)
+        return outs
+
+    res = run_local(local_group(P), body, caches)
+    for layer, b in enumerate(layers):
+        o = unstripe([r[layer] for r in res], lens)
+        ref, _ = esp.reference.attention(b.q, b.k, b.v, b.cu_seqlens, b.cu_seqlens)
+        assert_close(o, ref, torch.float32)
+        for bi, rid in enumerate(plan.request_ids):  # retained on instance 1 only
+            k, v = caches[1].gather(rid, layer)
+            start = int(b.cu_seqlens[bi])
+            assert torch.equal(k, b.k[start:start + lens[bi]])
+            assert torch.equal(v, b.v[start:start + lens[bi]])
+            assert caches[0].num_tokens(rid) == 0
+
+
+def test_one_call_form_frees_its_runner_with_the_ring_handle():
+    P, lens = 2, [5, 3]
+    b = random_varlen_batch(lens, 2, 1, 8, generator=torch.Generator().manual_seed(0))
+    world = local_group(P)
+    caches = [esp.PagedKVCache(1, 4, 4, 1, 8, torch.float32, "cpu") for _ in range(P)]
+    plan = esp.RetentionPlan.fill_first(lens, {0: 4}, 4, request_ids=["a", "b"])
+
+    def body(g, cache):
+        ring = g.subgroup([1, 0])
+        q, k, v = (stripe(t, lens, P)[ring.rank] for t in (b.q, b.k, b.v))
+        esp.ring_prefill(q, k, v, lens, ring, retain=(plan, cache, 0))
+        return weakref.ref(ring)
+
+    rings = run_local(world, body, caches)
+    gones = [weakref.ref(c) for c in caches]
+    del caches
+    gc.collect()
+    assert all(r() is None for r in rings) and all(c() is None for c in gones)
 
 
 def _step_case(dtype, hq, hkv, d, shift, accumulate, gen, device="cpu", lq=None, lk=None,

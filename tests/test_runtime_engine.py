@@ -19,13 +19,15 @@ def test_allocate_appends_follows_central_targets():
     caches[1].allocate("a", range(5, 8))
     caches[1].allocate("b", range(0, 4))
     plan = esp.DecodePlan(["a", "b"], [0, 1], [{0: 5, 1: 3}, {1: 4}], append_to=[1, 0])
-    p0, p1 = plan.allocate_appends(caches[0], 0), plan.allocate_appends(caches[1], 1)
-    for p in (p0, p1):
-        assert p.shards == [{0: 5, 1: 4}, {1: 4, 0: 1}]
-        assert p.append_to == [1, 0]
-    assert caches[0].positions("b").tolist() == [4] and list(p0.append_slots) == ["b"]
-    assert caches[1].positions("a").tolist() == [5, 6, 7, 8] and list(p1.append_slots) == ["a"]
-    assert p1.append_slots["a"] == int(caches[1].slots("a")[-1])
+    # The plan is data: shards stay the KV before the step, the slots live in the caches.
+    assert plan.allocate_appends(caches[0], 0) is plan
+    assert plan.allocate_appends(caches[1], 1) is plan
+    assert plan.shards == ({0: 5, 1: 3}, {1: 4}) and plan.append_to == (1, 0)
+    assert plan.kv_shards(0) == {0: 5, 1: 4} and plan.kv_shards(1) == {0: 1, 1: 4}
+    assert caches[0].positions("b").tolist() == [4]
+    assert caches[1].positions("a").tolist() == [5, 6, 7, 8]
+    assert caches[1].last_token("a") == (8, int(caches[1].slots("a")[-1]))
+    assert plan.reserve(caches[1], 1) == {"a": int(caches[1].slots("a")[-1])}  # idempotent
     # All or nothing: instance 0 has 1 free page left after b's; two new requests need two.
     full = esp.DecodePlan(["c", "d"], [0, 0], [{}, {}], append_to=[0, 0])
     before = caches[0].stats()

@@ -82,6 +82,31 @@ def _partial_torch(q, k_cache, v_cache, block_table, kv_lens, softmax_scale, o, 
     lse.copy_(l)
 
 
+def _check(q, k_cache, v_cache, block_table, kv_lens):
+    """Shapes, dtypes and devices of decode_partial's operands (errors name the argument)."""
+    check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor(k_cache, "k_cache", ndim=4)
+    check_tensor(v_cache, "v_cache", ndim=4)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} "
+                         "differ")
+    B, Hq, D = q.shape
+    if k_cache.shape[3] != D:
+        raise ValueError(f"head dim of q ({D}) and k_cache ({k_cache.shape[3]}) differ")
+    if Hq % k_cache.shape[2]:
+        raise ValueError(f"q has {Hq} heads, not a multiple of the cache's {k_cache.shape[2]}")
+    for name, t in (("block_table", block_table), ("kv_lens", kv_lens)):
+        check_tensor(t, name)
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if block_table.dim() != 2 or block_table.shape[0] != B or kv_lens.shape != (B,):
+        raise ValueError(f"block_table must be [B={B}, max_pages] and kv_lens [B], got "
+                         f"{tuple(block_table.shape)} and {tuple(kv_lens.shape)}")
+    return B, Hq, D
+
+
 @_core.accepts_arrays
 def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=None,
                    num_splits=None, max_len=None, o=None, lse=None, workspace=None,
@@ -106,26 +131,7 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
     come back as the caller's kind); under torch.compile it is the op
     esp_kernels::decode_partial.
     """
-    check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
-    check_tensor(k_cache, "k_cache", ndim=4)
-    check_tensor(v_cache, "v_cache", ndim=4)
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} "
-                         "differ")
-    B, Hq, D = q.shape
-    if k_cache.shape[3] != D:
-        raise ValueError(f"head dim of q ({D}) and k_cache ({k_cache.shape[3]}) differ")
-    if Hq % k_cache.shape[2]:
-        raise ValueError(f"q has {Hq} heads, not a multiple of the cache's {k_cache.shape[2]}")
-    for name, t in (("block_table", block_table), ("kv_lens", kv_lens)):
-        check_tensor(t, name)
-        if t.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if block_table.dim() != 2 or block_table.shape[0] != B or kv_lens.shape != (B,):
-        raise ValueError(f"block_table must be [B={B}, max_pages] and kv_lens [B], got "
-                         f"{tuple(block_table.shape)} and {tuple(kv_lens.shape)}")
+    B, Hq, D = _check(q, k_cache, v_cache, block_table, kv_lens)
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
     if num_splits is not None:
         num_splits = as_int(num_splits, "num_splits", minimum=1)
@@ -168,3 +174,97 @@ def decode_partial_(q, k_cache, v_cache, block_table, kv_lens, o, lse, workspace
                          _core.stream_handle(q.device))
     else:
         _partial_torch(q, k_cache, v_cache, block_table, kv_lens, scale, o, lse)
+
+
+class PreparedDecodePartial:
+    """decode_partial with its operands fixed once, launched per layer by `__call__`.
+
+    Built by `prepare_decode_partial`. On CUDA with the compiled core it holds the core's
+    descriptors of every fixed operand and a workspace of its own, zeroed once: each launch
+    leaves the workspace's tile counters zero again (the split merge resets them, and so does
+    the op after a failed launch), so every call passes `counters_zeroed=True` and skips the
+    memset launch. A call only swaps in the layer's K/V pointers (and q's, when given) and
+    launches: ~2 us per descriptor saved against the per-layer host budget of 30 us.
+    """
+
+    def __init__(self, q, k_layers, v_layers, block_table, kv_lens, o, lse, num_splits,
+                 max_len):
+        for name, t in (("k_layers", k_layers), ("v_layers", v_layers)):
+            check_tensor(t, name, ndim=5)
+        if k_layers.shape != v_layers.shape:
+            raise ValueError(f"k_layers {tuple(k_layers.shape)} and v_layers "
+                             f"{tuple(v_layers.shape)} differ")
+        B, Hq, D = _check(q, k_layers[0], v_layers[0], block_table, kv_lens)
+        for name, t, shape in (("o", o, (B, Hq, D)), ("lse", lse, (B, Hq))):
+            check_tensor(t, name, dtypes=(torch.float32,))
+            if tuple(t.shape) != shape or t.device != q.device:
+                raise ValueError(f"{name} must be {list(shape)} on {q.device}, got "
+                                 f"{tuple(t.shape)} on {t.device}")
+        dev = q.device
+        self.q, self.k_layers, self.v_layers = q, k_layers, v_layers
+        self.block_table, self.kv_lens, self.o, self.lse = block_table, kv_lens, o, lse
+        self.num_layers = k_layers.shape[0]
+        self._q_shape, self._q_dtype = q.shape, q.dtype
+        self._device, self._device_index = dev, dev.index
+        hkv = k_layers.shape[3]
+        self.num_splits = int(num_splits) if num_splits is not None else default_num_splits(
+            max(1, B), hkv, k_layers.shape[2] * block_table.shape[1] if max_len is None
+            else max_len, dev, D)
+        self.workspace = None
+        self._descs = None
+        if (dev.type == "cuda" and _core.has_compiled() and q.dtype in HALF_DTYPES
+                and k_layers.dtype == q.dtype and B):
+            self.workspace = new_workspace(B, Hq, D, self.num_splits, dev).zero_()
+            d = _core.desc
+            self._d_k, self._d_v = d(k_layers[0]), d(v_layers[0])
+            elem = k_layers.element_size()
+            self._k_base, self._v_base = k_layers.data_ptr(), v_layers.data_ptr()
+            self._k_step, self._v_step = k_layers.stride(0) * elem, v_layers.stride(0) * elem
+            self._d_q = d(q)
+            self._q_ptr = q.data_ptr()
+            self._descs = (d(block_table), d(kv_lens), d(o), d(lse), d(self.workspace))
+
+    def __call__(self, layer: int, q=None, *, softmax_scale: float, deterministic: bool = False,
+                 backend: str = "auto"):
+        """Partial states of layer `layer` (0 <= layer < num_layers, not checked) into the
+        prepared o / lse. q: None for the prepared q buffer, or a contiguous tensor of its
+        shape and dtype on its device to read in place."""
+        if q is not None and (q.shape != self._q_shape or q.dtype != self._q_dtype
+                              or not q.is_contiguous() or q.device != self._device):
+            raise ValueError(f"q must be a contiguous {tuple(self._q_shape)} {self._q_dtype} "
+                             f"tensor on {self._device}, got {tuple(q.shape)} {q.dtype} on "
+                             f"{q.device}")
+        self.launch(layer, q, softmax_scale=softmax_scale, deterministic=deterministic,
+                    backend=backend)
+
+    def launch(self, layer: int, q=None, *, softmax_scale: float, deterministic: bool = False,
+               backend: str = "auto"):
+        """`__call__` without its check of q, for a caller that checked it already (a decode
+        runner checks q once per layer)."""
+        if self._descs is not None and backend != "torch":
+            dk, dv, dq = self._d_k, self._d_v, self._d_q
+            dk.ptr = self._k_base + layer * self._k_step
+            dv.ptr = self._v_base + layer * self._v_step
+            dq.ptr = self._q_ptr if q is None else q.data_ptr()
+            dbt, dlen, do, dlse, dws = self._descs
+            _core._C.decode_partial(dq, dk, dv, dbt, dlen, do, dlse, dws, self.num_splits,
+                                    softmax_scale, deterministic, self._device_index,
+                                    _core.stream_handle(self._device), counters_zeroed=True)
+            return
+        decode_partial(self.q if q is None else q, self.k_layers[layer], self.v_layers[layer],
+                       self.block_table, self.kv_lens, softmax_scale=softmax_scale,
+                       num_splits=self.num_splits, o=self.o, lse=self.lse,
+                       workspace=self.workspace, deterministic=deterministic, backend=backend)
+
+
+def prepare_decode_partial(q, k_layers, v_layers, block_table, kv_lens, *, o, lse,
+                           num_splits=None, max_len=None) -> PreparedDecodePartial:
+    """Check once and prepare decode_partial over every layer of a paged KV pool.
+
+    q: [B, Hq, D] buffer read by default; k_layers, v_layers: [num_layers, num_pages,
+    page_size, Hkv, D] (e.g. `PagedKVCache.layers()`); block_table, kv_lens, o, lse as in
+    `decode_partial`; num_splits / max_len as there (fixed here, once). The tensors' storage
+    must stay where it is while the prepared call is used (their pointers are taken here).
+    """
+    return PreparedDecodePartial(q, k_layers, v_layers, block_table, kv_lens, o, lse,
+                                 num_splits, max_len)

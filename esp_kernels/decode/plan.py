@@ -1,53 +1,133 @@
 """DecodePlan: who masters each request and which instances hold how many of its tokens.
 
-Instances are world ranks. A plan is built collectively from every instance's cache
-(`DecodePlan.build`), is the same object on every instance, and changes only between decode
-steps: `scale_up` decides where each request's next token is stored (its master by default, any
-instance with room otherwise; old KV never moves) and allocates the slots; `allocate_appends`
-allocates them for targets decided elsewhere (the scheduler's `append_to`), with no collective.
+Instances are world ranks. A plan is pure data: it holds no cache, no device state and nothing
+prepared (a `DecodeRunner` holds that), compares and hashes by value, and round-trips through
+`to_dict()` / `from_dict()` (plain ints, strings, lists, None), so a central scheduler can send it
+to every instance. It is built collectively from every instance's cache (`DecodePlan.build`) and
+changes only between decode steps: `scale_up` decides where each request's next token is stored
+(its master by default, any instance with room otherwise; old KV never moves) and reserves the
+slots in each instance's cache.
 """
 
 from __future__ import annotations
 
+import types
 from typing import Hashable, Mapping, Sequence
 
-from ..kvcache.cache import CacheOutOfMemory, PagedKVCache
+from .._checks import as_int
+from ..kvcache.cache import CacheOutOfMemory, PagedKVCache, plain_request_id
+
+
+def _check_id(rid, what: str):
+    if not isinstance(rid, (int, str)) or isinstance(rid, bool):
+        raise TypeError(f"{what} {rid!r} must be an int or a str to travel in a plan's dict")
+    return rid
 
 
 class DecodePlan:
     """requests: ids in batch order; masters[i]: master of requests[i];
-    shards[i]: {instance: tokens of requests[i] stored there} (zero-length entries dropped);
-    append_to[i]: instance storing the token appended at this step, or None when the step
-    appends nothing. `append_slots` holds, on the instance that calls scale_up, the slot of each
-    token it stores ({request id: slot})."""
+    shards[i]: {instance: tokens of requests[i] stored there BEFORE this step} (zero-length
+    entries dropped); append_to[i]: instance storing the token this step appends (None: the
+    step appends nothing for it). So request i attends, on instance h, over
+    `kv_len(i, h)` = shards[i][h] + (1 if append_to[i] == h) tokens, and its new token sits at
+    global position `appended_position(i)` = sum(shards[i]). The scheduler's plans mean the
+    same (esp_kernels.scheduler: shards before the step, append targets).
+    free_pages / page_size: the instances' free pages and page size when the plan was made
+    (information for a scheduler; not used by the decode itself).
+
+    Fields are read-only (tuples and read-only mappings): a plan never changes once made.
+    """
+
+    __slots__ = ("requests", "masters", "shards", "append_to", "free_pages", "page_size")
 
     def __init__(self, requests: Sequence[Hashable], masters: Sequence[int],
-                 shards: Sequence[Mapping[int, int]], append_to: Sequence[int] | None = None,
+                 shards: Sequence[Mapping[int, int]], append_to: Sequence[int | None] | None = None,
                  free_pages: Mapping[int, int] | None = None, page_size: int | None = None):
-        self.requests = list(requests)
-        if len(set(self.requests)) != len(self.requests):
+        requests = tuple(plain_request_id(r) for r in requests)
+        if len(set(requests)) != len(requests):
             raise ValueError("DecodePlan requests must be distinct")
-        if len(masters) != len(self.requests) or len(shards) != len(self.requests):
+        if len(masters) != len(requests) or len(shards) != len(requests):
             raise ValueError("DecodePlan needs one master and one shard map per request")
-        self.masters = [int(m) for m in masters]
-        self.shards = [{int(i): int(n) for i, n in s.items() if int(n) > 0} for s in shards]
-        for i, s in enumerate(self.shards):
-            if any(n < 0 for n in s.values()):
-                raise ValueError(f"request {self.requests[i]!r} has a negative shard length")
-        self.append_to = ([None if t is None else int(t) for t in append_to]
-                          if append_to is not None else [None] * len(self.requests))
-        if len(self.append_to) != len(self.requests):
-            raise ValueError(f"append_to has {len(self.append_to)} entries for "
-                             f"{len(self.requests)} requests")
-        self.free_pages = dict(free_pages or {})
-        self.page_size = page_size
-        self.append_slots: dict = {}
-        self._steps: dict = {}  # per-instance precomputed exchange layout (driver.py)
+        masters = tuple(as_int(m, f"master of request {r!r}") for r, m in zip(requests, masters))
+        clean = []
+        for r, s in zip(requests, shards):
+            d = {}
+            for inst, n in dict(s).items():
+                inst, n = as_int(inst, f"instance of request {r!r}"), as_int(
+                    n, f"shard length of request {r!r}")
+                if n < 0:
+                    raise ValueError(f"request {r!r} has a negative shard length {n} on "
+                                     f"instance {inst}")
+                if n:
+                    d[inst] = n
+            clean.append(types.MappingProxyType(dict(sorted(d.items()))))
+        if append_to is None:
+            append_to = (None,) * len(requests)
+        elif len(append_to) != len(requests):
+            raise ValueError(f"append_to has {len(append_to)} entries for {len(requests)} "
+                             "requests")
+        append_to = tuple(None if t is None else as_int(t, f"append_to of request {r!r}")
+                          for r, t in zip(requests, append_to))
+        set_ = object.__setattr__
+        set_(self, "requests", requests)
+        set_(self, "masters", masters)
+        set_(self, "shards", tuple(clean))
+        set_(self, "append_to", append_to)
+        set_(self, "free_pages", types.MappingProxyType(
+            {as_int(i, "free_pages instance"): as_int(n, f"free pages of instance {i}")
+             for i, n in sorted(dict(free_pages or {}).items())}))
+        set_(self, "page_size", None if page_size is None else as_int(page_size, "page_size"))
 
+    def __setattr__(self, name, value):
+        raise AttributeError(f"DecodePlan is immutable (cannot set {name!r}); make a new plan")
+
+    # ---- value semantics -------------------------------------------------------------------
+    def _key(self):
+        return (self.requests, self.masters, tuple(tuple(s.items()) for s in self.shards),
+                self.append_to, tuple(self.free_pages.items()), self.page_size)
+
+    def __eq__(self, other):
+        if not isinstance(other, DecodePlan):
+            return NotImplemented
+        return self is other or self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def to_dict(self) -> dict:
+        """Plain ints, strings, lists and None (JSON-ready); request ids must be ints or strs."""
+        return {"kind": "DecodePlan",
+                "requests": [_check_id(r, "request id") for r in self.requests],
+                "masters": list(self.masters),
+                "shards": [[[i, n] for i, n in s.items()] for s in self.shards],
+                "append_to": list(self.append_to),
+                "free_pages": [[i, n] for i, n in self.free_pages.items()],
+                "page_size": self.page_size}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "DecodePlan":
+        if d.get("kind") != "DecodePlan":
+            raise ValueError(f"not a DecodePlan dict (kind {d.get('kind')!r})")
+        return cls(d["requests"], d["masters"], [dict(map(tuple, s)) for s in d["shards"]],
+                   append_to=d["append_to"], free_pages=dict(map(tuple, d["free_pages"])),
+                   page_size=d["page_size"])
+
+    def __reduce__(self):  # pickling (multi-process tests, engines) goes through the dict
+        return (DecodePlan.from_dict, (self.to_dict(),))
+
+    # ---- construction from the caches -------------------------------------------------------
     @classmethod
     def build(cls, group, cache: PagedKVCache, requests: Sequence[Hashable],
               masters: Sequence[int]) -> "DecodePlan":
-        """Collective over `group`: gather every instance's shard lengths and free pages."""
+        """Collective over `group`: gather every instance's shard lengths and free pages.
+
+        Raises ValueError naming the requests no instance of the group holds (unknown ids, or
+        freed), and the masters outside the group; every instance raises alike (they all see
+        the same gathered lengths), and nothing changes.
+        """
+        requests = list(requests)
+        if len(masters) != len(requests):
+            raise ValueError(f"{len(masters)} masters for {len(requests)} requests")
         lens = [cache.num_tokens(r) for r in requests]
         rows = group.all_gather_ints(lens + [cache.free_pages, cache.page_size])
         shards = [{} for _ in requests]
@@ -61,30 +141,59 @@ class DecodePlan:
             sizes.add(row[len(requests) + 1])
         if len(sizes) != 1:
             raise ValueError(f"instances use different page sizes {sorted(sizes)}")
+        unknown = [r for r, s in zip(requests, shards) if not s]
+        if unknown:
+            raise ValueError(f"DecodePlan.build: no instance of the group "
+                             f"{list(group.world_ranks)} holds any token of requests "
+                             f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''} (unknown ids, "
+                             "or freed)")
+        strangers = sorted({int(m) for m in masters} - set(group.world_ranks))
+        if strangers:
+            raise ValueError(f"DecodePlan.build: masters {strangers} are not in the group "
+                             f"{list(group.world_ranks)}")
         return cls(requests, masters, shards, free_pages=free, page_size=sizes.pop())
 
     # ---- queries ---------------------------------------------------------------------------
+    def kv_len(self, i: int, instance: int) -> int:
+        """Tokens of request i that `instance` attends over this step (its appended one too)."""
+        return self.shards[i].get(instance, 0) + (self.append_to[i] == instance)
+
+    def kv_shards(self, i: int) -> dict[int, int]:
+        """{instance: kv_len(i, instance)} over the instances with tokens of request i this
+        step, ascending."""
+        s, t = self.shards[i], self.append_to[i]
+        if t is None:
+            return dict(s)
+        return dict(sorted({**s, t: s.get(t, 0) + 1}.items()))
+
     def total_len(self, i: int) -> int:
+        """Tokens request i attends over this step (its appended one included)."""
+        return sum(self.shards[i].values()) + (self.append_to[i] is not None)
+
+    def appended_position(self, i: int) -> int:
+        """Global position of the token appended for request i this step."""
         return sum(self.shards[i].values())
 
     def holders(self, i: int) -> list[int]:
-        """Instances holding tokens of request i (sorted world ranks)."""
-        return sorted(self.shards[i])
+        """Instances holding tokens of request i this step (sorted world ranks): the ones whose
+        partial states its master merges."""
+        return list(self.kv_shards(i))
 
     def mastered_by(self, instance: int) -> list[int]:
         """Indices of the requests `instance` masters, in batch order (= its q rows)."""
         return [i for i, m in enumerate(self.masters) if m == instance]
 
     def held_by(self, instance: int) -> list[int]:
-        return [i for i, s in enumerate(self.shards) if instance in s]
+        return [i for i in range(len(self.requests)) if self.kv_len(i, instance)]
 
     # ---- scale-up --------------------------------------------------------------------------
     def scale_up(self, group, cache: PagedKVCache) -> "DecodePlan":
-        """Collective: place every request's next token and allocate its slot.
+        """Collective: place every request's next token and reserve its slot in the cache of
+        the instance that stores it (`reserve`); returns the new plan (this one is unchanged).
 
         The request's master stores it if it has room (a free slot in the request's last page,
         or a free page); otherwise the instance with the most free pages. Every instance decides
-        the same from the gathered lengths and free pages; each allocates what it stores.
+        the same from the gathered lengths and free pages; each reserves what it stores.
         Raises CacheOutOfMemory, with nothing allocated, if some token has nowhere to go.
         """
         me = group.world_ranks[group.rank]
@@ -92,6 +201,9 @@ class DecodePlan:
                                      [cache.num_tokens(r) for r in self.requests])
         free = {group.world_ranks[p]: row[0] for p, row in enumerate(rows)}
         local = {group.world_ranks[p]: row[1:] for p, row in enumerate(rows)}
+        # The new plan's shards: what the caches hold now (this plan's appends included).
+        shards = [{inst: n[i] for inst, n in local.items() if n[i]}
+                  for i in range(len(self.requests))]
         ps = cache.page_size
         targets = []
         for i, rid in enumerate(self.requests):
@@ -111,31 +223,38 @@ class DecodePlan:
                 free[t] -= 1
             local[t][i] += 1
             targets.append(t)
-        return DecodePlan(self.requests, self.masters, self.shards, append_to=targets,
-                          free_pages=free, page_size=ps).allocate_appends(cache, me)
+        plan = DecodePlan(self.requests, self.masters, shards, append_to=targets,
+                          free_pages=free, page_size=ps)
+        plan.reserve(cache, me)
+        return plan
+
+    def reserve(self, cache: PagedKVCache, instance: int) -> dict:
+        """Allocate, in `instance`'s cache, the slot of every token the plan appends there
+        (all-or-nothing); returns {request id: slot}. Idempotent: a token whose position the
+        cache already stores as the request's last token keeps its slot (no other token can be
+        there: positions below it are the ones the shards count). The slots live in the cache
+        (a runner finds them there), not on the plan. Raises CacheOutOfMemory with nothing
+        allocated."""
+        instance = as_int(instance, "instance")
+        slots, wanted = {}, {}
+        for i, (rid, t) in enumerate(zip(self.requests, self.append_to)):
+            if t != instance:
+                continue
+            pos = self.appended_position(i)
+            last = cache.last_token(rid)
+            if last is not None and last[0] == pos:
+                slots[rid] = last[1]
+            else:
+                wanted[rid] = [pos]
+        for rid, s in cache.allocate_many(wanted).items():
+            slots[rid] = int(s[0])
+        return slots
 
     def allocate_appends(self, cache: PagedKVCache, instance: int) -> "DecodePlan":
-        """The plan of a step whose `append_to` was decided beforehand (by `scale_up`, or
-        centrally, e.g. by esp_kernels.scheduler, with `shards` as they are before the step).
-
-        Not collective: every instance of the step calls it with the same plan and its own
-        cache. Returns a new plan whose shards count each appended token on its target, with
-        `append_slots` holding the slots allocated in `cache` for the tokens `instance` stores
-        (each at global position = the request's length before the step). Raises
-        CacheOutOfMemory, with nothing allocated, if they do not fit.
-        """
-        instance = int(instance)
-        mine = {rid: [self.total_len(i)] for i, rid in enumerate(self.requests)
-                if self.append_to[i] == instance}
-        slots = cache.allocate_many(mine)
-        shards = [dict(s) for s in self.shards]
-        for i, t in enumerate(self.append_to):
-            if t is not None:
-                shards[i][t] = shards[i].get(t, 0) + 1
-        plan = DecodePlan(self.requests, self.masters, shards, append_to=self.append_to,
-                          free_pages=self.free_pages, page_size=cache.page_size)
-        plan.append_slots = {rid: int(s[0]) for rid, s in slots.items()}
-        return plan
+        """`reserve(cache, instance)`, then this plan (for chaining when the append targets
+        were decided centrally, e.g. by esp_kernels.scheduler). Not collective."""
+        self.reserve(cache, instance)
+        return self
 
     def __repr__(self):
         return (f"DecodePlan({len(self.requests)} requests, masters {sorted(set(self.masters))}, "

@@ -2,8 +2,10 @@
 
 from .cache import CacheOutOfMemory, CacheStats, PagedKVCache
 from .copy import copy_rows
-from .migration import MigrationEntry, MigrationError, MigrationPlan, migrate_kv
+from .migration import (MigrationEntry, MigrationError, MigrationPlan, MigrationRunner,
+                        migrate_kv)
 from .retention import RetentionPlan, RetentionWriter
 
 __all__ = ["CacheOutOfMemory", "CacheStats", "PagedKVCache", "copy_rows", "MigrationEntry",
-           "MigrationError", "MigrationPlan", "migrate_kv", "RetentionPlan", "RetentionWriter"]
+           "MigrationError", "MigrationPlan", "MigrationRunner", "migrate_kv", "RetentionPlan",
+           "RetentionWriter"]

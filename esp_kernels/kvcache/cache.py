@@ -15,13 +15,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Hashable, Iterable, Mapping
 
 import torch
 
-from .. import _core
 from .._checks import FLOAT_DTYPES, as_int, as_int_tensor, resolve_device
 from .copy import copy_rows
+
+
+def plain_request_id(rid):
+    """Integer-like request ids (numpy integers, 0-d integer tensors) as ints, so that plans
+    carry plain values; other ids unchanged (they hash and compare alike in a cache)."""
+    if isinstance(rid, (int, str)) or not hasattr(rid, "__index__"):
+        return rid
+    return operator.index(rid)
 
 
 class CacheOutOfMemory(MemoryError):
@@ -126,8 +134,8 @@ class PagedKVCache:
         self.kv = torch.empty((num_layers, 2, num_pages, page_size, num_kv_heads, head_dim),
                               dtype=dtype, device=self.device)
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low pages first
-        self._layer_descs: dict[int, tuple] = {}
         self._shards: dict[Hashable, _Shard] = {}
+        self._version = 0
 
     # ---- views ---------------------------------------------------------------------------
     @property
@@ -144,13 +152,10 @@ class PagedKVCache:
         layer = self._check_layer(layer)
         return self.kv[layer, 0], self.kv[layer, 1]
 
-    def layer_descs(self, layer: int) -> tuple:
-        """Compiled-core descriptors of `layer`'s (k, v), built once: the pool never moves, and
-        building them costs ~2 us each, per layer of every decode step otherwise."""
-        descs = self._layer_descs.get(layer)
-        if descs is None:
-            descs = self._layer_descs[layer] = tuple(_core.desc(t) for t in self.layer(layer))
-        return descs
+    def layers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) of every layer, each [num_layers, num_pages, page_size, num_kv_heads,
+        head_dim] (strided views of the pool: layer l of k is `layers()[0][l]`)."""
+        return self.kv[:, 0], self.kv[:, 1]
 
     def slot_rows(self, layer: int | None = None) -> torch.Tensor:
         """[2, num_slots, row] for one layer, or [num_layers * 2, num_slots, row] for all."""
@@ -167,6 +172,12 @@ class PagedKVCache:
 
     # ---- bookkeeping ---------------------------------------------------------------------
     @property
+    def version(self) -> int:
+        """Increases whenever the placement of tokens changes (allocate, free, remove_tokens):
+        a runner prepared from the cache's block tables checks it before each launch."""
+        return self._version
+
+    @property
     def free_pages(self) -> int:
         return len(self._free)
 
@@ -181,6 +192,20 @@ class PagedKVCache:
         """Global positions of the request's tokens here, in storage order (int64, CPU)."""
         shard = self._shards.get(request)
         return torch.empty(0, dtype=torch.int64) if shard is None else shard.positions.view().clone()
+
+    def last_token(self, request) -> tuple[int, int] | None:
+        """(global position, slot) of the request's last stored token here, or None."""
+        shard = self._shards.get(request)
+        n = 0 if shard is None else shard.positions.n
+        if n == 0:
+            return None
+        return (int(shard.positions.buf[n - 1]),
+                shard.pages[(n - 1) // self.page_size] * self.page_size + (n - 1) % self.page_size)
+
+    def placement(self, request) -> tuple[tuple[int, ...], int]:
+        """(pages, number of tokens) of the request here; ((), 0) if it has none."""
+        shard = self._shards.get(request)
+        return ((), 0) if shard is None else (tuple(shard.pages), shard.positions.n)
 
     def slots(self, request) -> torch.Tensor:
         """Slot of each of the request's tokens here, in storage order (int64, CPU)."""
@@ -240,6 +265,8 @@ class PagedKVCache:
             start = shard.positions.n
             shard.positions.extend(p)
             out[r] = self._slots_of(shard, start, shard.positions.n)
+        if out:
+            self._version += 1
         return out
 
     def free(self, request) -> None:
@@ -247,6 +274,7 @@ class PagedKVCache:
         shard = self._shards.pop(request, None)
         if shard is not None:
             self._free.extend(reversed(shard.pages))
+            self._version += 1
 
     def remove_tokens(self, request, positions) -> int:
         """Drop the request's tokens at `positions` here, keeping storage dense.
@@ -279,6 +307,7 @@ class PagedKVCache:
         self._free.extend(reversed(released))
         if n_keep == 0:
             del self._shards[request]
+        self._version += 1
         return n_rm
 
     def block_table(self, requests) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,15 +315,20 @@ class PagedKVCache:
 
         Requests without tokens here get length 0 (and no pages).
         """
-        shards = [self._shards.get(r) for r in requests]
-        width = max([len(s.pages) for s in shards if s is not None], default=0)
-        bt = torch.zeros(len(shards), max(width, 1), dtype=torch.int32)
-        lens = torch.zeros(len(shards), dtype=torch.int32)
-        for i, s in enumerate(shards):
-            if s is not None:
-                bt[i, : len(s.pages)] = torch.as_tensor(s.pages, dtype=torch.int32)
-                lens[i] = s.positions.n
-        return bt.to(self.device), lens.to(self.device)
+        return self.block_table_of([self.placement(r) for r in requests])
+
+    def block_table_of(self, placements, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """block_table() of given `placement()` values (pages, tokens), on `device` (default:
+        the cache's)."""
+        width = max([len(pages) for pages, _ in placements], default=0)
+        bt = torch.zeros(len(placements), max(width, 1), dtype=torch.int32)
+        lens = torch.zeros(len(placements), dtype=torch.int32)
+        for i, (pages, n) in enumerate(placements):
+            if pages:
+                bt[i, : len(pages)] = torch.as_tensor(pages, dtype=torch.int32)
+                lens[i] = n
+        device = self.device if device is None else device
+        return bt.to(device), lens.to(device)
 
     def gather(self, request, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, v) [n, num_kv_heads, head_dim] of the request's tokens here, storage order."""

@@ -56,7 +56,13 @@ class MigrationEntry:
 
 
 class MigrationPlan:
-    """Ordered list of (request, global token range [start, end), source, destination)."""
+    """Ordered list of (request, global token range [start, end), source, destination).
+
+    Pure data: compares by value and round-trips through `to_dict()` / `from_dict()`; `add`
+    appends an entry (a builder's convenience: a plan handed to `migrate_kv` should not change
+    while it runs)."""
+
+    __hash__ = None  # mutable through add(): equal by value, not hashable
 
     def __init__(self, entries: Sequence = ()):
         self.entries: list[MigrationEntry] = []
@@ -64,13 +70,18 @@ class MigrationPlan:
             self.add(*(dataclasses.astuple(e) if isinstance(e, MigrationEntry) else e))
 
     def add(self, request, start: int, end: int, src: int, dst: int) -> "MigrationPlan":
-        start, end = as_int(start, "start"), as_int(end, "end")
-        src, dst = as_int(src, "src"), as_int(dst, "dst")
+        try:
+            start, end = as_int(start, "start"), as_int(end, "end")
+        except TypeError:
+            raise ValueError(f"bad token range [{start!r}, {end!r}) for request {request!r}: "
+                             "integers needed") from None
         if not 0 <= start <= end:
             raise ValueError(f"bad token range [{start!r}, {end!r}) for request {request!r}")
+        src = as_int(src, f"source of request {request!r}")
+        dst = as_int(dst, f"destination of request {request!r}")
         if src == dst:
             raise ValueError(f"entry for request {request!r} migrates from {src} to itself")
-        self.entries.append(MigrationEntry(request, int(start), int(end), int(src), int(dst)))
+        self.entries.append(MigrationEntry(request, start, end, src, dst))
         return self
 
     def __len__(self):
@@ -79,59 +90,255 @@ class MigrationPlan:
     def __iter__(self):
         return iter(self.entries)
 
+    def __eq__(self, other):
+        if not isinstance(other, MigrationPlan):
+            return NotImplemented
+        return self.entries == other.entries
 
-def _chunking(cache: PagedKVCache, slots: torch.Tensor, chunk_bytes: int):
-    """What both sides of a batch's data phase share: the cache's slot rows of all layers, the
-    slots on the device, the [t0, t1) token range of each chunk, and staged(c), chunk c's view
-    [layers * 2, t1 - t0, row] of one of two staging buffers (chunk c reuses chunk c - 2's)."""
-    rows = cache.slot_rows()
-    n = slots.numel()
-    token_bytes = rows.shape[0] * cache.row_elems * cache.kv.element_size()
-    step = max(1, min(n, math.ceil(chunk_bytes / token_bytes)))
-    bufs = [torch.empty(rows.shape[0] * step * cache.row_elems, dtype=cache.dtype,
-                        device=cache.device) for _ in range(2)]
-    chunks = [(t0, min(n, t0 + step)) for t0 in range(0, n, step)]
+    def to_dict(self) -> dict:
+        """Plain ints, strings and lists (JSON-ready); request ids must be ints or strs."""
+        for e in self.entries:
+            if not isinstance(e.request, (int, str)) or isinstance(e.request, bool):
+                raise TypeError(f"request id {e.request!r} must be an int or a str to travel in "
+                                "a plan's dict")
+        return {"kind": "MigrationPlan", "entries": [list(dataclasses.astuple(e))
+                                                     for e in self.entries]}
 
-    def staged(c: int) -> torch.Tensor:
-        t0, t1 = chunks[c]
-        return bufs[c % 2][: rows.shape[0] * (t1 - t0) * cache.row_elems].view(
-            rows.shape[0], t1 - t0, -1)
-    return rows, slots.to(torch.int32).to(cache.device), chunks, staged
+    @classmethod
+    def from_dict(cls, d) -> "MigrationPlan":
+        if d.get("kind") != "MigrationPlan":
+            raise ValueError(f"not a MigrationPlan dict (kind {d.get('kind')!r})")
+        return cls([tuple(e) for e in d["entries"]])
+
+    def __repr__(self):
+        return f"MigrationPlan({len(self.entries)} entries)"
 
 
-def migrate_kv(cache: PagedKVCache, plan: MigrationPlan, group, *,
-               chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict:
-    """Run the plan on this instance; returns {"sent": tokens, "received": tokens}.
+class MigrationRunner:
+    """This instance's part of a MigrationPlan, prepared once: its batches (the same order on
+    every instance, see the module docstring) and the chunking of the data phase (tokens per
+    chunk from `chunk_bytes`; two staging buffers shared by every batch and both directions,
+    allocated when first needed). `run()` moves the tokens; call it on every instance of the
+    group."""
 
-    Raises MigrationError (after every entry this instance takes part in was attempted) if an
-    entry failed; the failed entries leave their source intact.
-    """
-    if not isinstance(plan, MigrationPlan):
-        raise TypeError(f"plan must be a MigrationPlan, got {type(plan).__name__}")
-    if cache.device != group.device:
-        raise ValueError(f"cache is on {cache.device} but the group communicates on "
-                         f"{group.device}")
-    me = group.world_ranks[group.rank]
-    pos_of = {w: i for i, w in enumerate(group.world_ranks)}
-    for e in plan:
-        for who in (e.src, e.dst):
-            if who not in pos_of:
-                raise ValueError(f"migration entry {e} names instance {who}, which is not in the "
-                                 f"group {list(group.world_ranks)}")
-    stats = {"sent": 0, "received": 0}
-    failures = []
-    for batch in _batches(plan.entries, me):
-        src = batch[0].src
-        peer = pos_of[batch[0].dst if me == src else src]
-        if me == src:
-            moved, failed = _send_batch(cache, batch, group, peer, chunk_bytes)
-        else:
-            moved, failed = _recv_batch(cache, batch, group, peer, chunk_bytes)
-        stats["sent" if me == src else "received"] += moved
-        failures += failed
-    if failures:
-        raise MigrationError("; ".join(failures))
-    return stats
+    def __init__(self, plan: MigrationPlan, group, cache: PagedKVCache, *,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        if not isinstance(plan, MigrationPlan):
+            raise TypeError(f"plan must be a MigrationPlan, got {type(plan).__name__}")
+        if not isinstance(cache, PagedKVCache):
+            raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
+        if cache.device != group.device:
+            raise ValueError(f"cache is on {cache.device} but the group communicates on "
+                             f"{group.device}")
+        chunk_bytes = as_int(chunk_bytes, "chunk_bytes")
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        self.me = group.world_ranks[group.rank]
+        self._pos_of = {w: i for i, w in enumerate(group.world_ranks)}
+        for e in plan:
+            for who in (e.src, e.dst):
+                if who not in self._pos_of:
+                    raise ValueError(f"migration entry {e} names instance {who}, which is not "
+                                     f"in the group {list(group.world_ranks)}")
+        self.plan, self.group = plan, group
+        self.cache = cache
+        self.entries = list(plan.entries)  # a copy: the plan may be added to later
+        self.batches = list(_batches(self.entries, self.me))
+        self._rows = cache.slot_rows()     # [layers * 2, slots, row] of the whole pool
+        token_bytes = self._rows.shape[0] * cache.row_elems * cache.kv.element_size()
+        self.chunk_tokens = max(1, math.ceil(chunk_bytes / token_bytes))
+        self._bufs: list[torch.Tensor] = []
+
+    def run(self) -> dict:
+        """Run the plan on this instance; returns {"sent": tokens, "received": tokens}.
+
+        First one metadata round over the group checks that the source of every entry holds
+        some of its tokens (or receives them from an earlier entry): an unknown request, or a
+        range the source holds none of, raises MigrationError naming them on every instance,
+        with nothing moved. Then the batches run; an entry that fails on the way (allocation,
+        communication) leaves its source intact, the others go on, and MigrationError names
+        the failures at the end.
+        """
+        cache = self.cache
+        self._check_sources(cache)
+        stats = {"sent": 0, "received": 0}
+        failures = []
+        for batch in self.batches:
+            src = batch[0].src
+            peer = self._pos_of[batch[0].dst if self.me == src else src]
+            if self.me == src:
+                moved, failed = self._send_batch(cache, batch, peer)
+            else:
+                moved, failed = self._recv_batch(cache, batch, peer)
+            stats["sent" if self.me == src else "received"] += moved
+            failures += failed
+        if failures:
+            raise MigrationError("; ".join(failures))
+        return stats
+
+    def _check_sources(self, cache: PagedKVCache):
+        """Collective: every entry's source holds tokens of it now or gets some from an earlier
+        entry (same request, overlapping range, destination = this source)."""
+        held = []
+        for e in self.entries:
+            n = 0
+            if e.src == self.me and e.end > e.start:
+                stored = cache.positions(e.request)
+                n = int(((stored >= e.start) & (stored < e.end)).sum())
+            held.append(n)
+        rows = self.group.all_gather_ints(held)
+        counts = [max(col) for col in zip(*rows)] if self.entries else []
+        bad = []
+        for k, e in enumerate(self.entries):
+            fed = any(f.request == e.request and f.dst == e.src and f.start < e.end
+                      and e.start < f.end for f in self.entries[:k])
+            if counts[k] == 0 and not fed:
+                bad.append(f"source {e.src} holds no token of request {e.request!r} in "
+                           f"[{e.start}, {e.end})")
+        if bad:
+            raise MigrationError("nothing was moved: " + "; ".join(bad))
+
+    def _staged(self, chunks, dtype, device):
+        """staged(c): chunk c's view [layers * 2, t1 - t0, row] of one of two staging buffers
+        (chunk c reuses chunk c - 2's), grown to this batch's chunk size when needed."""
+        rows = self._rows
+        step = max(t1 - t0 for t0, t1 in chunks)
+        need = rows.shape[0] * step * rows.shape[2]
+        if not self._bufs or self._bufs[0].numel() < need:
+            self._bufs = [torch.empty(need, dtype=dtype, device=device) for _ in range(2)]
+
+        def staged(c: int) -> torch.Tensor:
+            t0, t1 = chunks[c]
+            return self._bufs[c % 2][: rows.shape[0] * (t1 - t0) * rows.shape[2]].view(
+                rows.shape[0], t1 - t0, -1)
+        return staged
+
+    def _chunks(self, n: int):
+        step = min(n, self.chunk_tokens)
+        return [(t0, min(n, t0 + step)) for t0 in range(0, n, step)]
+
+    def _send_batch(self, cache: PagedKVCache, batch: list[MigrationEntry],
+                    peer: int) -> tuple[int, list[str]]:
+        """Source side of one batch: (tokens moved, failure messages)."""
+        dev = cache.device
+        picked: dict = {}  # request -> positions earlier entries took (overlapping ranges)
+        positions, slots = [], []
+        for e in batch:
+            stored = cache.positions(e.request)
+            take = (stored >= e.start) & (stored < e.end)
+            if e.request in picked:
+                take &= ~_member_mask(stored, torch.cat(picked[e.request]))
+            positions.append(stored[take])
+            slots.append(cache.slots(e.request)[take])
+            picked.setdefault(e.request, []).append(positions[-1])
+        counts = [p.numel() for p in positions]
+        missing = _missing(batch, counts)
+        ok = []
+        try:
+            posted = [self.group.send(torch.tensor(counts, dtype=torch.int64, device=dev), peer)]
+            if sum(counts):
+                posted.append(self.group.send(torch.cat(positions).to(dev), peer))
+                status = torch.empty(len(batch), dtype=torch.int64, device=dev)
+                self.group.recv(status, peer).synchronize()
+                ok = [i for i, st in enumerate(status.tolist()) if st == 0 and counts[i]]
+            for w in posted:
+                w.synchronize()
+            n = sum(counts[i] for i in ok)
+            if n:
+                works = self._send_chunks(cache, torch.cat([slots[i] for i in ok]), peer)
+                ack = torch.empty(1, dtype=torch.int64, device=dev)
+                self.group.recv(ack, peer).synchronize()
+                for w in works:
+                    w.synchronize()
+                if int(ack.item()) != n:
+                    return 0, missing + [f"{batch[i]}: destination acknowledged "
+                                         f"{int(ack.item())} of {n} tokens of its batch; source "
+                                         "kept them" for i in ok]
+        except CommError as exc:
+            return 0, missing + [f"{e}: communication failed ({exc}); source kept its tokens"
+                                 for e, c in zip(batch, counts) if c]
+        for i in ok:
+            cache.remove_tokens(batch[i].request, positions[i])
+        return n, missing + [f"{e}: destination could not allocate {c} tokens; source kept them"
+                             for i, (e, c) in enumerate(zip(batch, counts)) if c and i not in ok]
+
+
+    def _send_chunks(self, cache: PagedKVCache, slots: torch.Tensor, peer: int) -> list:
+        """Pack the tokens at `slots` (all layers) chunk by chunk and send them; returns the sends'
+        Works (the last two, still in flight)."""
+        rows, chunks = self._rows, self._chunks(slots.numel())
+        slot_dev = slots.to(torch.int32).to(cache.device)
+        staged = self._staged(chunks, cache.dtype, cache.device)
+        works = [None, None]
+        for c, (t0, t1) in enumerate(chunks):
+            if works[c % 2] is not None:
+                works[c % 2].wait()  # chunk c-2 has left this staging buffer
+            buf = staged(c)
+            copy_rows(rows, slot_dev[t0:t1], buf, None)
+            works[c % 2] = self.group.send(buf, peer)
+        return [w for w in works if w is not None]
+
+
+    def _recv_batch(self, cache: PagedKVCache, batch: list[MigrationEntry],
+                    peer: int) -> tuple[int, list[str]]:
+        """Destination side of one batch: (tokens stored, failure messages)."""
+        dev = cache.device
+        allocated = []  # (entry index, positions, slots)
+        failures = []
+        try:
+            counts_dev = torch.empty(len(batch), dtype=torch.int64, device=dev)
+            self.group.recv(counts_dev, peer).synchronize()
+            counts = counts_dev.tolist()
+            failures += _missing(batch, counts)
+            if not sum(counts):
+                return 0, failures
+            positions_dev = torch.empty(sum(counts), dtype=torch.int64, device=dev)
+            self.group.recv(positions_dev, peer).synchronize()
+            positions = positions_dev.cpu().split(counts)
+            status = [0] * len(batch)
+            for i, e in enumerate(batch):
+                if not counts[i]:
+                    continue
+                try:
+                    allocated.append((i, positions[i], cache.allocate(e.request, positions[i])))
+                except (CacheOutOfMemory, ValueError) as exc:
+                    status[i] = 1
+                    failures.append(f"{e}: destination cannot take {counts[i]} tokens: {exc}")
+            self.group.send(torch.tensor(status, dtype=torch.int64, device=dev), peer).synchronize()
+            n = sum(counts[i] for i, _, _ in allocated)
+            if n:
+                self._recv_chunks(cache, torch.cat([s for _, _, s in allocated]), peer)
+                # Posted after the last unpack on the current stream: stored means stored.
+                self.group.send(torch.tensor([n], dtype=torch.int64, device=dev),
+                                peer).synchronize()
+            return n, failures
+        except CommError as exc:
+            for i, pos, _ in allocated:
+                cache.remove_tokens(batch[i].request, pos)
+            return 0, failures + [f"{batch[i]}: communication failed ({exc}); destination released "
+                                  "its slots, source keeps the tokens" for i, _, _ in allocated]
+
+
+    def _recv_chunks(self, cache: PagedKVCache, slots: torch.Tensor, peer: int):
+        """Receive the chunks _send_chunks sends and unpack each into `slots` as it lands."""
+        rows, chunks = self._rows, self._chunks(slots.numel())
+        slot_dev = slots.to(torch.int32).to(cache.device)
+        staged = self._staged(chunks, cache.dtype, cache.device)
+        # Post the first two receives, then unpack each chunk as it lands and re-post into its
+        # buffer (the comm stream waits on the unpack before overwriting it).
+        works = [self.group.recv(staged(c), peer) for c in range(min(2, len(chunks)))]
+        for c, (t0, t1) in enumerate(chunks):
+            works[c].wait()
+            copy_rows(staged(c), None, rows, slot_dev[t0:t1])
+            if c + 2 < len(chunks):
+                works.append(self.group.recv(staged(c + 2), peer))
+
+
+def _missing(batch: list[MigrationEntry], counts: list[int]) -> list[str]:
+    """Failure messages of the entries whose source holds none of their tokens when their
+    batch runs (e.g. an earlier entry that was to bring them failed)."""
+    return [f"{e}: source {e.src} holds no token of request {e.request!r} in [{e.start}, "
+            f"{e.end}); nothing moved" for e, c in zip(batch, counts) if not c]
 
 
 def _batches(entries: list[MigrationEntry], me: int):
@@ -151,112 +358,14 @@ def _batches(entries: list[MigrationEntry], me: int):
         yield batch
 
 
-def _send_batch(cache: PagedKVCache, batch: list[MigrationEntry], group, peer: int,
-                chunk_bytes: int) -> tuple[int, list[str]]:
-    """Source side of one batch: (tokens moved, failure messages)."""
-    dev = cache.device
-    picked: dict = {}  # request -> positions earlier entries took (overlapping ranges)
-    positions, slots = [], []
-    for e in batch:
-        stored = cache.positions(e.request)
-        take = (stored >= e.start) & (stored < e.end)
-        if e.request in picked:
-            take &= ~_member_mask(stored, torch.cat(picked[e.request]))
-        positions.append(stored[take])
-        slots.append(cache.slots(e.request)[take])
-        picked.setdefault(e.request, []).append(positions[-1])
-    counts = [p.numel() for p in positions]
-    ok = []
-    try:
-        posted = [group.send(torch.tensor(counts, dtype=torch.int64, device=dev), peer)]
-        if sum(counts):
-            posted.append(group.send(torch.cat(positions).to(dev), peer))
-            status = torch.empty(len(batch), dtype=torch.int64, device=dev)
-            group.recv(status, peer).synchronize()
-            ok = [i for i, st in enumerate(status.tolist()) if st == 0 and counts[i]]
-        for w in posted:
-            w.synchronize()
-        n = sum(counts[i] for i in ok)
-        if n:
-            works = _send_chunks(cache, torch.cat([slots[i] for i in ok]), group, peer,
-                                 chunk_bytes)
-            ack = torch.empty(1, dtype=torch.int64, device=dev)
-            group.recv(ack, peer).synchronize()
-            for w in works:
-                w.synchronize()
-            if int(ack.item()) != n:
-                return 0, [f"{batch[i]}: destination acknowledged {int(ack.item())} of {n} "
-                           "tokens of its batch; source kept them" for i in ok]
-    except CommError as exc:
-        return 0, [f"{e}: communication failed ({exc}); source kept its tokens"
-                   for e, c in zip(batch, counts) if c]
-    for i in ok:
-        cache.remove_tokens(batch[i].request, positions[i])
-    return n, [f"{e}: destination could not allocate {c} tokens; source kept them"
-               for i, (e, c) in enumerate(zip(batch, counts)) if c and i not in ok]
+def migrate_kv(cache: PagedKVCache, plan: MigrationPlan, group, *,
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict:
+    """Run the plan on this instance (call on every instance of `group`, with the same plan);
+    returns {"sent": tokens, "received": tokens}.
 
-
-def _send_chunks(cache: PagedKVCache, slots: torch.Tensor, group, peer: int,
-                 chunk_bytes: int) -> list:
-    """Pack the tokens at `slots` (all layers) chunk by chunk and send them; returns the sends'
-    Works (the last two, still in flight)."""
-    rows, slot_dev, chunks, staged = _chunking(cache, slots, chunk_bytes)
-    works = [None, None]
-    for c, (t0, t1) in enumerate(chunks):
-        if works[c % 2] is not None:
-            works[c % 2].wait()  # chunk c-2 has left this staging buffer
-        buf = staged(c)
-        copy_rows(rows, slot_dev[t0:t1], buf, None)
-        works[c % 2] = group.send(buf, peer)
-    return [w for w in works if w is not None]
-
-
-def _recv_batch(cache: PagedKVCache, batch: list[MigrationEntry], group, peer: int,
-                chunk_bytes: int) -> tuple[int, list[str]]:
-    """Destination side of one batch: (tokens stored, failure messages)."""
-    dev = cache.device
-    allocated = []  # (entry index, positions, slots)
-    failures = []
-    try:
-        counts_dev = torch.empty(len(batch), dtype=torch.int64, device=dev)
-        group.recv(counts_dev, peer).synchronize()
-        counts = counts_dev.tolist()
-        if not sum(counts):
-            return 0, []
-        positions_dev = torch.empty(sum(counts), dtype=torch.int64, device=dev)
-        group.recv(positions_dev, peer).synchronize()
-        positions = positions_dev.cpu().split(counts)
-        status = [0] * len(batch)
-        for i, e in enumerate(batch):
-            if not counts[i]:
-                continue
-            try:
-                allocated.append((i, positions[i], cache.allocate(e.request, positions[i])))
-            except (CacheOutOfMemory, ValueError) as exc:
-                status[i] = 1
-                failures.append(f"{e}: destination cannot take {counts[i]} tokens: {exc}")
-        group.send(torch.tensor(status, dtype=torch.int64, device=dev), peer).synchronize()
-        n = sum(counts[i] for i, _, _ in allocated)
-        if n:
-            _recv_chunks(cache, torch.cat([s for _, _, s in allocated]), group, peer, chunk_bytes)
-            # Posted after the last unpack on the current stream: stored means stored.
-            group.send(torch.tensor([n], dtype=torch.int64, device=dev), peer).synchronize()
-        return n, failures
-    except CommError as exc:
-        for i, pos, _ in allocated:
-            cache.remove_tokens(batch[i].request, pos)
-        return 0, failures + [f"{batch[i]}: communication failed ({exc}); destination released "
-                              "its slots, source keeps the tokens" for i, _, _ in allocated]
-
-
-def _recv_chunks(cache: PagedKVCache, slots: torch.Tensor, group, peer: int, chunk_bytes: int):
-    """Receive the chunks _send_chunks sends and unpack each into `slots` as it lands."""
-    rows, slot_dev, chunks, staged = _chunking(cache, slots, chunk_bytes)
-    # Post the first two receives, then unpack each chunk as it lands and re-post into its
-    # buffer (the comm stream waits on the unpack before overwriting it).
-    works = [group.recv(staged(c), peer) for c in range(min(2, len(chunks)))]
-    for c, (t0, t1) in enumerate(chunks):
-        works[c].wait()
-        copy_rows(staged(c), None, rows, slot_dev[t0:t1])
-        if c + 2 < len(chunks):
-            works.append(group.recv(staged(c + 2), peer))
+    The same as `MigrationRunner(plan, group, cache, chunk_bytes=chunk_bytes).run()`: raises
+    MigrationError naming an unknown request or a range its source holds none of (nothing
+    moved), or, after every entry this instance takes part in was attempted, the entries that
+    failed (their sources intact).
+    """
+    return MigrationRunner(plan, group, cache, chunk_bytes=chunk_bytes).run()

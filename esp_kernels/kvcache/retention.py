@@ -1,52 +1,116 @@
 """Proactive scale-down: which decode instance keeps which tokens, written during the ring.
 
 Every KV block passes every rank of the prefill ring, so each decode instance (a member of the
-ring) writes the passing tokens the plan assigns to it into its own paged cache while the step
-kernel computes on them: no transfer after prefill, no extra communication.
+ring) writes the passing tokens it must keep into its own paged cache while the step kernel
+computes on them: no transfer after prefill, no extra communication.
 
 Instances are identified by world rank (their rank in the world Group that ESP groups are cut
 from), so a plan stays valid whatever order the prefill ring uses.
+
+`RetentionPlan` is pure data (token ranges per request and instance, plain integers; compared by
+value; `to_dict()` / `from_dict()`). The slots it reserves live in the cache (`reserve`), and the
+row maps of a ring order live in a `RetentionWriter`, built once per (plan, cache, ring order).
 """
 
 from __future__ import annotations
 
 import math
+import secrets
+import weakref
 from typing import Hashable, Mapping, Sequence
 
 import torch
 
-from .cache import PagedKVCache
+from .cache import PagedKVCache, plain_request_id
 from .copy import copy_rows
+
+Runs = tuple[tuple[int, int], ...]   # sorted disjoint [start, end) ranges of global positions
+
+
+def _runs(positions, what: str) -> Runs:
+    """Sorted [start, end) runs of a set of positions (range, sequence or integer tensor)."""
+    if isinstance(positions, range):
+        if positions.step == 1:
+            return ((positions.start, positions.stop),) if len(positions) else ()
+        t = torch.arange(positions.start, positions.stop, positions.step)
+    elif isinstance(positions, torch.Tensor):
+        t = positions
+    else:
+        values = list(positions)
+        if not values:
+            return ()
+        t = torch.as_tensor(values)  # no dtype: floats must stay floats and be rejected
+    if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"{what} must be a 1-D sequence of integers, got {t.dtype} "
+                        f"{tuple(t.shape)}")
+    if not t.numel():
+        return ()
+    t = t.to("cpu", torch.int64).sort().values
+    dup = t[1:] == t[:-1]
+    if bool(dup.any()):
+        raise ValueError(f"{what} lists positions {t[1:][dup][:8].tolist()} more than once")
+    breaks = torch.nonzero(t[1:] != t[:-1] + 1).flatten()
+    starts = torch.cat([t[:1], t[breaks + 1]]).tolist()
+    ends = (torch.cat([t[breaks], t[-1:]]) + 1).tolist()
+    return tuple(zip(starts, ends))
+
+
+def _count(runs: Runs) -> int:
+    return sum(e - s for s, e in runs)
+
+
+def _unique_ids(n: int) -> tuple[str, ...]:
+    """Ids no other plan has: a random batch tag (64 bits) and the request's index."""
+    tag = secrets.token_hex(8)
+    return tuple(f"batch-{tag}/{b}" for b in range(n))
 
 
 class RetentionPlan:
     """For each request of a prefill batch: global token positions kept by each instance.
 
-    `assignment[b]` maps instance (world rank) -> positions (any order). Validation: every token
-    of every request is kept exactly once; with `free_pages` given, no instance needs more pages
-    than it has (pages are per request: n tokens take ceil(n / page_size) pages).
+    `assignment[b]` maps instance (world rank) -> positions (a range, a sequence or an integer
+    tensor, any order). Validation: every token of every request is kept exactly once; with
+    `free_pages` given, no instance needs more pages than it has (pages are per request: n
+    tokens take ceil(n / page_size) pages).
+
+    request_ids: the ids the caches will store the requests under (ints or strings to travel
+    in `to_dict`). Without them every plan gets fresh ids of its own (`plan.request_ids`,
+    "batch-<random tag>/<index>"), so two batches can never collide in a cache: build such a
+    plan once and send it (`to_dict`) to every instance, or pass the engine's ids.
     """
+
+    __slots__ = ("seqlens", "request_ids", "_runs")
 
     def __init__(self, seqlens: Sequence[int], assignment: Sequence[Mapping[int, Sequence[int]]],
                  request_ids: Sequence[Hashable] | None = None,
                  free_pages: Mapping[int, int] | None = None, page_size: int | None = None):
-        self.seqlens = [int(L) for L in seqlens]
-        if len(assignment) != len(self.seqlens):
-            raise ValueError(f"assignment has {len(assignment)} entries for "
-                             f"{len(self.seqlens)} requests")
-        self.request_ids = list(request_ids) if request_ids is not None else list(
-            range(len(self.seqlens)))
-        if len(self.request_ids) != len(self.seqlens):
-            raise ValueError("request_ids must have one id per request")
-        if len(set(self.request_ids)) != len(self.request_ids):
-            raise ValueError("request_ids must be distinct")
-        self._pos: list[dict[int, torch.Tensor]] = []
-        for b, amap in enumerate(assignment):
-            self._pos.append({int(i): torch.as_tensor(list(p) if not isinstance(p, torch.Tensor)
-                                                      else p, dtype=torch.int64).sort().values
-                              for i, p in amap.items()})
-        self._prepared: dict = {}
+        seqlens = tuple(int(L) for L in seqlens)
+        if len(assignment) != len(seqlens):
+            raise ValueError(f"assignment has {len(assignment)} entries for {len(seqlens)} "
+                             "requests")
+        ids = (_unique_ids(len(seqlens)) if request_ids is None else
+               tuple(plain_request_id(r) for r in request_ids))
+        runs = tuple({int(i): _runs(p, f"positions of request {ids[b] if b < len(ids) else b!r}"
+                                       f" on instance {i}")
+                      for i, p in sorted(amap.items())} for b, amap in enumerate(assignment))
+        self._init(seqlens, ids, runs)
         self.validate(free_pages, page_size)
+
+    def _init(self, seqlens, ids, runs):
+        if len(ids) != len(seqlens):
+            raise ValueError("request_ids must have one id per request")
+        if len(set(ids)) != len(ids):
+            raise ValueError("request_ids must be distinct")
+        if any(L < 0 for L in seqlens):
+            raise ValueError(f"seqlens must be non-negative, got {list(seqlens)[:8]}")
+        object.__setattr__(self, "seqlens", seqlens)
+        object.__setattr__(self, "request_ids", ids)
+        # Per request: {instance: runs}, instances ascending, instances keeping nothing dropped.
+        object.__setattr__(self, "_runs", tuple({i: r for i, r in amap.items() if r}
+                                                for amap in runs))
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"RetentionPlan is immutable (cannot set {name!r})")
 
     # ---- policies --------------------------------------------------------------------------
     @classmethod
@@ -113,39 +177,89 @@ class RetentionPlan:
             assignment.append(amap)
         return cls(seqlens, assignment, request_ids, free_pages, page_size)
 
+    # ---- value semantics -------------------------------------------------------------------
+    def _key(self):
+        return (self.seqlens, self.request_ids, tuple(tuple(a.items()) for a in self._runs))
+
+    def __eq__(self, other):
+        if not isinstance(other, RetentionPlan):
+            return NotImplemented
+        return self is other or self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def to_dict(self) -> dict:
+        """Plain ints, strings and lists (JSON-ready): the positions as [start, end) ranges."""
+        for rid in self.request_ids:
+            if not isinstance(rid, (int, str)) or isinstance(rid, bool):
+                raise TypeError(f"request id {rid!r} must be an int or a str to travel in a "
+                                "plan's dict")
+        return {"kind": "RetentionPlan", "seqlens": list(self.seqlens),
+                "request_ids": list(self.request_ids),
+                "assignment": [[[i, [list(r) for r in runs]] for i, runs in amap.items()]
+                               for amap in self._runs]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "RetentionPlan":
+        if d.get("kind") != "RetentionPlan":
+            raise ValueError(f"not a RetentionPlan dict (kind {d.get('kind')!r})")
+        plan = object.__new__(cls)
+        runs = tuple({int(i): tuple((int(s), int(e)) for s, e in r) for i, r in amap}
+                     for amap in d["assignment"])
+        plan._init(tuple(int(L) for L in d["seqlens"]), tuple(d["request_ids"]), runs)
+        plan.validate()
+        return plan
+
+    def __reduce__(self):
+        return (RetentionPlan.from_dict, (self.to_dict(),))
+
     # ---- queries ---------------------------------------------------------------------------
     @property
     def instances(self) -> list[int]:
-        return sorted({i for amap in self._pos for i in amap})
+        return sorted({i for amap in self._runs for i in amap})
+
+    def ranges(self, request_index: int, instance: int) -> Runs:
+        """Sorted [start, end) ranges of the positions of request `request_index` kept by
+        `instance`."""
+        return self._runs[request_index].get(int(instance), ())
 
     def positions(self, request_index: int, instance: int) -> torch.Tensor:
-        """Sorted global positions of request `request_index` kept by `instance`."""
-        return self._pos[request_index].get(int(instance), torch.empty(0, dtype=torch.int64))
+        """Sorted global positions of request `request_index` kept by `instance` (int64, CPU)."""
+        runs = self.ranges(request_index, instance)
+        if not runs:
+            return torch.empty(0, dtype=torch.int64)
+        return torch.cat([torch.arange(s, e, dtype=torch.int64) for s, e in runs])
 
     def tokens_on(self, instance: int) -> int:
-        return sum(int(p.numel()) for amap in self._pos for i, p in amap.items() if i == instance)
+        return sum(_count(amap.get(instance, ())) for amap in self._runs)
 
     def validate(self, free_pages: Mapping[int, int] | None = None,
                  page_size: int | None = None) -> None:
-        for b, (L, amap) in enumerate(zip(self.seqlens, self._pos)):
-            allp = torch.cat(list(amap.values())) if amap else torch.empty(0, dtype=torch.int64)
-            if allp.numel() and (int(allp.min()) < 0 or int(allp.max()) >= L):
-                raise ValueError(f"request {b}: positions outside [0, {L})")
-            counts = torch.bincount(allp, minlength=L) if allp.numel() else torch.zeros(
-                L, dtype=torch.int64)
-            if bool((counts > 1).any()):
-                dup = torch.nonzero(counts > 1).flatten()[:8].tolist()
-                raise ValueError(f"request {b}: positions {dup} are kept by more than one "
-                                 "instance")
-            if bool((counts == 0).any()):
-                miss = torch.nonzero(counts == 0).flatten()[:8].tolist()
-                raise ValueError(f"request {b}: positions {miss} are kept by no instance")
+        for b, (L, amap, rid) in enumerate(zip(self.seqlens, self._runs, self.request_ids)):
+            runs = sorted((s, e) for r in amap.values() for s, e in r)
+            name = f"request {b} ({rid!r})"
+            if runs and (runs[0][0] < 0 or runs[-1][1] > L):
+                raise ValueError(f"{name}: positions outside [0, {L})")
+            covered, dup, miss = 0, [], []
+            for s, e in runs:
+                if s < covered:
+                    dup.extend(range(s, min(e, covered)))
+                elif s > covered:
+                    miss.extend(range(covered, s))
+                covered = max(covered, e)
+            miss.extend(range(covered, L))
+            if dup:
+                raise ValueError(f"{name}: positions {sorted(dup)[:8]} are kept by more than "
+                                 "one instance")
+            if miss:
+                raise ValueError(f"{name}: positions {miss[:8]} are kept by no instance")
         if free_pages is not None:
             if page_size is None:
                 raise ValueError("validate: page_size is needed with free_pages")
             for inst in self.instances:
-                need = sum(math.ceil(amap[inst].numel() / page_size)
-                           for amap in self._pos if inst in amap)
+                need = sum(math.ceil(_count(amap[inst]) / page_size)
+                           for amap in self._runs if inst in amap)
                 have = int(free_pages.get(inst, 0))
                 if need > have:
                     raise ValueError(f"instance {inst} would keep tokens needing {need} pages "
@@ -153,89 +267,113 @@ class RetentionPlan:
 
     def reserve(self, cache: PagedKVCache, instance: int) -> dict:
         """Allocate this instance's tokens in `cache` (all-or-nothing) and return their slots
-        by request id. Done once per plan and cache; ring_prefill calls it if the engine did
-        not (call it before prefill to fail early and on one rank only)."""
-        key = (id(cache), int(instance))
-        if key not in self._prepared:
-            wanted = {rid: self.positions(b, instance) for b, rid in enumerate(self.request_ids)
-                      if self.positions(b, instance).numel()}
-            self._prepared[key] = {"slots": cache.allocate_many(wanted), "maps": {}}
-        return self._prepared[key]["slots"]
+        by request id (int64, in position order). The reservation lives in the cache: calling
+        again with an equal plan returns the same slots (ring_prefill reserves if the engine
+        did not; reserve before prefill to fail early and on one rank only). Raises ValueError,
+        with nothing allocated, naming a request of which the cache holds other tokens."""
+        instance = int(instance)
+        slots, wanted = {}, {}
+        for b, rid in enumerate(self.request_ids):
+            pos = self.positions(b, instance)
+            if not pos.numel():
+                continue
+            held = cache.num_tokens(rid)
+            if held == 0:
+                wanted[rid] = pos
+            elif held == pos.numel() and torch.equal(cache.positions(rid), pos):
+                slots[rid] = cache.slots(rid)
+            else:
+                raise ValueError(f"the cache already holds {held} tokens of request {rid!r} "
+                                 f"other than the {pos.numel()} this plan keeps on instance "
+                                 f"{instance}: request ids must be new to the cache")
+        slots.update(cache.allocate_many(wanted))
+        return slots
 
     def __repr__(self):
         return (f"RetentionPlan({len(self.seqlens)} requests, instances "
                 f"{ {i: self.tokens_on(i) for i in self.instances} } tokens)")
 
 
+def stripe_block_offsets(seqlens: Sequence[int], P: int) -> list[list[int]]:
+    """offsets[j][b]: row of request b's first token in ring rank j's block (its packed stripes:
+    request b contributes its tokens g with g mod P == j)."""
+    offsets = [[0] * len(seqlens) for _ in range(P)]
+    for j in range(P):
+        at = 0
+        for b, L in enumerate(seqlens):
+            offsets[j][b] = at
+            at += max(0, (L - j + P - 1) // P)
+    return offsets
+
+
 class RetentionWriter:
-    """Writes the passing KV blocks' retained tokens into this instance's cache (one layer)."""
+    """Writes the passing KV blocks' retained tokens into this instance's cache.
 
-    def __init__(self, cache: PagedKVCache, layer: int, maps):
-        self.cache, self.layer, self.maps = cache, layer, maps
+    Built once per (plan, cache, ring order): reserves this instance's slots (`plan.reserve`)
+    and maps, for each source ring rank j, the rows of j's block kept here to their slots.
+    `write(source, block, layer)` is then one row copy per step. Holds the cache weakly (the
+    engine owns it)."""
 
-    @classmethod
-    def prepare(cls, retain, seqlens: Sequence[int], ring, k: torch.Tensor) -> "RetentionWriter":
-        try:
-            plan, cache, layer = retain
-        except (TypeError, ValueError):
-            raise TypeError("retain must be a (RetentionPlan, PagedKVCache, layer) tuple") from None
+    def __init__(self, plan: RetentionPlan, cache: PagedKVCache, ring_order: Sequence[int],
+                 instance: int):
         if not isinstance(plan, RetentionPlan):
             raise TypeError(f"retain[0] must be a RetentionPlan, got {type(plan).__name__}")
         if not isinstance(cache, PagedKVCache):
             raise TypeError(f"retain[1] must be a PagedKVCache, got {type(cache).__name__}")
-        cache._check_layer(layer)
-        if list(seqlens) != plan.seqlens:
-            raise ValueError(f"retention plan covers seqlens {plan.seqlens[:8]}... but the "
-                             f"prefill batch has {list(seqlens)[:8]}...")
-        if cache.dtype != k.dtype or cache.num_kv_heads != k.shape[1] or \
-                cache.head_dim != k.shape[2] or cache.device != k.device:
-            raise ValueError(f"retain cache ({cache.dtype}, {cache.num_kv_heads} kv heads, "
-                             f"head dim {cache.head_dim}, {cache.device}) does not match k "
-                             f"({k.dtype}, {k.shape[1]}, {k.shape[2]}, {k.device})")
-        members = set(ring.world_ranks)
-        strangers = [i for i in plan.instances if i not in members]
+        order = tuple(int(w) for w in ring_order)
+        strangers = [i for i in plan.instances if i not in order]
         if strangers:
             raise ValueError(f"retention plan keeps tokens on instances {strangers} that are not "
-                             f"in the prefill ring {list(ring.world_ranks)}: the KV never "
-                             "passes them")
-        instance = ring.world_ranks[ring.rank]
+                             f"in the prefill ring {list(order)}: the KV never passes them")
+        self.plan, self.ring_order, self.instance = plan, order, int(instance)
+        self._cache = weakref.ref(cache)
         slots = plan.reserve(cache, instance)
-        key = (id(cache), instance)
-        per_order = plan._prepared[key]["maps"]
-        order = tuple(ring.world_ranks)
-        if order not in per_order:
-            per_order[order] = cls._build_maps(plan, slots, ring.size, instance, cache.device)
-        return cls(cache, layer, per_order[order])
-
-    @staticmethod
-    def _build_maps(plan: RetentionPlan, slots: dict, P: int, instance: int, device):
-        """Per source rank j: (rows of j's block, destination slots) of the tokens kept here.
-
-        Position g of a request comes from ring rank g mod P, at row (offset of the request in
-        that rank's block) + g div P.
-        """
+        self._slots = {rid: s.tolist() for rid, s in slots.items()}
+        self.version = cache.version  # placement the maps were made for
+        P = len(order)
+        offsets = stripe_block_offsets(plan.seqlens, P)
         src_rows = [[] for _ in range(P)]
         dst_slots = [[] for _ in range(P)]
-        offsets = torch.zeros(P, dtype=torch.int64)
-        ranks = torch.arange(P)
-        for b, (L, rid) in enumerate(zip(plan.seqlens, plan.request_ids)):
-            if rid in slots:
-                pos, sl = plan.positions(b, instance), slots[rid]
-                src = pos % P
-                for j in range(P):
-                    sel = src == j
-                    src_rows[j].append(offsets[j] + pos[sel] // P)
-                    dst_slots[j].append(sl[sel])
-            offsets += torch.clamp((L - ranks + P - 1) // P, min=0)
+        for b, rid in enumerate(plan.request_ids):
+            if rid not in slots:
+                continue
+            pos, sl = plan.positions(b, instance), slots[rid]
+            src = pos % P
+            for j in range(P):
+                sel = src == j
+                src_rows[j].append(offsets[j][b] + pos[sel] // P)
+                dst_slots[j].append(sl[sel])
 
         def cat(parts):
             t = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-            return t.to(torch.int32).to(device)
-        return [(cat(src_rows[j]), cat(dst_slots[j])) for j in range(P)]
+            return t.to(torch.int32).to(cache.device)
+        self.maps = [(cat(src_rows[j]), cat(dst_slots[j])) for j in range(P)]
 
-    def write(self, source: int, block: torch.Tensor) -> None:
+    def cache_is(self, cache: PagedKVCache) -> bool:
+        return self._cache() is cache
+
+    def matches(self, plan: RetentionPlan, ring_order: Sequence[int], instance: int) -> bool:
+        return (self.instance == instance and self.ring_order == tuple(ring_order)
+                and (self.plan is plan or self.plan == plan))
+
+    def check(self, cache: PagedKVCache) -> None:
+        """Raise unless the cache still holds this writer's reserved tokens at its slots (after
+        its placement changed: allocations of others are fine, a free or migration is not)."""
+        if cache.version == self.version:
+            return
+        for rid, slots in self._slots.items():
+            if cache.slots(rid).tolist() != slots:
+                raise ValueError(f"the cache moved or freed the reserved tokens of request "
+                                 f"{rid!r} since this retention writer was prepared: prepare a "
+                                 "new runner (it reserves again)")
+        self.version = cache.version
+
+    def write(self, source: int, block: torch.Tensor, layer: int) -> None:
         """block: [2, tokens, Hkv * D] (K then V) of the KV block that came from ring rank
-        `source`; its tokens kept here go to their slots on the current stream."""
+        `source`; its tokens kept here go to their slots of `layer` on the current stream."""
         src_idx, dst_idx = self.maps[source]
         if src_idx.numel():
-            copy_rows(block, src_idx, self.cache.slot_rows(self.layer), dst_idx)
+            cache = self._cache()
+            if cache is None:
+                raise RuntimeError("the RetentionWriter's cache no longer exists")
+            copy_rows(block, src_idx, cache.slot_rows(layer), dst_idx)

@@ -1,4 +1,4 @@
-"""Striped ring-attention prefill over an ESP group (DESIGN.md §1, §3).
+"""Striped ring-attention prefill over an ESP group.
 
 Global token g of a request lives on group rank g mod P at local index g div P. Queries stay;
 KV blocks travel: at step s rank i holds the block that originated on rank j = (i - s) mod P,
@@ -6,10 +6,14 @@ computes its queries against it (merging into an fp32 running state inside the s
 forwards it to rank i+1 while the next block arrives from rank i-1.
 
 Messages: K and V of a block travel as ONE contiguous message ([K | V] of exactly the block's
-tokens) through two persistent buffers allocated once per call (double buffering: receive into
-one while computing on the other). The per-request layout of every block (tokens of each request
-that rank j holds) is a pure function of (seqlens, j, P), known to every rank: it is computed once
-before the loop into a [P, B+1] device table, so nothing but K and V needs to travel per step.
+tokens) through two buffers (double buffering: receive into one while computing on the other).
+The per-request layout of every block (tokens of each request that rank j holds) is a pure
+function of (seqlens, j, P), known to every rank: it is computed once per batch into a [P, B+1]
+device table, so nothing but K and V needs to travel per step.
+
+`RingPrefillRunner` prepares one batch on one rank once (block layout, message buffers, the
+retention writer with its reserved slots and row maps) and `run(q, k, v, layer)` runs a layer;
+`esp.ring_prefill` is the one-call form, reusing the runner of its last batch per ring handle.
 
 No host synchronization inside the loop: each step posts its exchange (on the group's
 communication stream, after the compute stream), enqueues the step kernel, and makes the compute
@@ -21,11 +25,14 @@ from __future__ import annotations
 import collections
 import math
 import threading
+import weakref
 from typing import Sequence
 
 import torch
 
 from .._checks import FLOAT_DTYPES, as_int, check_gqa, check_tensor
+from ..kvcache.cache import PagedKVCache
+from ..kvcache.retention import RetentionPlan, RetentionWriter
 from ..striping import stripe_lengths
 from .step import resolve_backend, run_step
 
@@ -54,10 +61,10 @@ def _block_layout(lengths: tuple, P: int, device: torch.device) -> torch.Tensor:
     """cu_seqlens of every source rank's block, [P, B+1] int32 on `device`.
 
     Every layer of a prefill has the same batch, so the table is uploaded once and reused from a
-    small LRU cache: a per-layer host-to-device copy (pageable, or a fresh pinned buffer) held the
-    host until the queued work finished, a 17% gap between a world-of-1 ring and its kernel
-    (GPU runs 4-5). The upload may have run on another rank's stream: the caller's current
-    stream waits on its event (no host sync).
+    small LRU cache (shared by the runners of one batch on every virtual rank): a per-layer
+    host-to-device copy (pageable, or a fresh pinned buffer) held the host until the queued work
+    finished, a 17% gap between a world-of-1 ring and its kernel. The upload may have run on
+    another rank's stream: the caller's current stream waits on its event (no host sync).
     """
     key = (lengths, P, device)
     with _LAYOUTS_LOCK:
@@ -83,6 +90,184 @@ def _block_layout(lengths: tuple, P: int, device: torch.device) -> torch.Tensor:
     return table
 
 
+class RingPrefillRunner:
+    """Striped ring prefill of one batch on this rank of `ring`, prepared once, run per layer.
+
+    Args:
+        seqlens: global length of every request (sequence of ints or 1-D integer tensor; host).
+        ring: a Group (see esp_kernels.comm); its rank order defines the striping.
+        num_q_heads, num_kv_heads, head_dim, dtype: the layers' q/k/v shapes and dtype.
+        retain: optional (RetentionPlan, PagedKVCache): while each KV block passes this rank,
+            the tokens the plan assigns to this instance are written into its cache (proactive
+            scale-down; no extra communication); the slots are reserved here, once.
+        softmax_scale (default 1/sqrt(D)), causal (default True), backend ("auto", "cuda",
+            "triton", "torch"): as in `ring_prefill`.
+
+    What is prepared: the block layout table on the device (its upload is ordered before the
+    stream current at construction: run on that stream or one ordered after it), the two
+    message buffers (reused by every layer: 4 * max stripe tokens * Hkv * D elements) and the
+    retention writer. `run(q, k, v, layer)` checks q/k/v against these shapes and runs the ring.
+    """
+
+    def __init__(self, seqlens, ring, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, *, retain=None, softmax_scale=None, causal=True,
+                 backend="auto"):
+        lengths = _as_lengths(seqlens)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        Hq, Hkv, D = int(num_q_heads), int(num_kv_heads), int(head_dim)
+        check_gqa(Hq, Hkv)
+        P, me = ring.size, ring.rank
+        self.lengths, self.P, self.rank = tuple(lengths), P, me
+        self._ring = lambda: ring  # `_hold_ring_weakly` swaps in a weak reference
+        self.world_ranks = tuple(ring.world_ranks)
+        self.num_q_heads, self.num_kv_heads, self.head_dim, self.dtype = Hq, Hkv, D, dtype
+        self.device = dev = ring.device
+        self.causal = bool(causal)
+        self.softmax_scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+        self.backend = resolve_backend(backend, dev)
+        local = [stripe_lengths(lengths, P, j) for j in range(P)]  # per source rank, request
+        self.totals = [sum(x) for x in local]
+        self.max_q_len = max(local[me], default=0)
+        self.writer = None
+        if retain is not None:
+            try:
+                plan, cache = retain
+            except (TypeError, ValueError):
+                raise TypeError("retain must be a (RetentionPlan, PagedKVCache) pair") from None
+            self.writer = _retention_writer(plan, cache, self.lengths, ring, Hkv, D, dtype)
+            self._retain_cache = cache  # the writer (shared by a table keyed by it) holds it weakly
+        self._row = Hkv * D
+        self._bufs = []
+        if sum(lengths):
+            self._cu_all = _block_layout(self.lengths, P, dev)
+            t_max = max(self.totals)  # rank 0 holds the most tokens of every request
+            self._bufs = [torch.empty(2 * t_max * self._row, dtype=dtype, device=dev)
+                          for _ in range(2 if P > 1 else 1)]
+
+    def _hold_ring_weakly(self) -> "RingPrefillRunner":
+        """Keep only a weak reference to the ring handle: for the one-call form's table of
+        runners keyed weakly by ring handle, whose entries must not keep their key alive."""
+        self._ring = weakref.ref(self._ring())
+        return self
+
+    def matches(self, lengths, ring, Hq, Hkv, D, dtype, softmax_scale, causal, backend,
+                retain) -> bool:
+        """Whether this runner runs exactly these arguments (the convenience's reuse test)."""
+        scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+        if (self._ring() is not ring or self.lengths != lengths or self.num_q_heads != Hq
+                or self.num_kv_heads != Hkv or self.head_dim != D or self.dtype != dtype
+                or self.softmax_scale != scale or self.causal != bool(causal)
+                or self.backend != resolve_backend(backend, self.device)):
+            return False
+        if (retain is None) != (self.writer is None):
+            return False
+        return retain is None or (self.writer.cache_is(retain[1])
+                                  and self.writer.version == retain[1].version
+                                  and self.writer.matches(retain[0], self.world_ranks,
+                                                          self.world_ranks[self.rank]))
+
+    def run(self, q, k, v, layer: int | None = None):
+        """Causal (by default) attention of this rank's stripes of one layer.
+
+        q: [Tq, Hq, D] this rank's query stripes, packed by request (request b contributes its
+        tokens g with g mod P == rank, in increasing g); k, v: [Tq, Hkv, D], same packing; all
+        of the prepared shapes and dtype on the ring's device. layer: the cache layer the
+        retained tokens go to (required with retain).
+
+        Returns out [Tq, Hq, D] in q.dtype and lse [Tq, Hq] float32 (natural log).
+        """
+        ring = self._ring()
+        if ring is None:
+            raise RuntimeError("the RingPrefillRunner's ring group no longer exists")
+        P, me, Hq, Hkv, D = self.P, self.rank, self.num_q_heads, self.num_kv_heads, self.head_dim
+        Tq = self.totals[me]
+        for name, t, heads in (("q", q, Hq), ("k", k, Hkv), ("v", v, Hkv)):
+            check_tensor(t, name, ndim=3)
+            if tuple(t.shape) != (Tq, heads, D) or t.dtype != self.dtype or \
+                    t.device != self.device:
+                raise ValueError(f"{name} must be [{Tq}, {heads}, {D}] {self.dtype} on "
+                                 f"{self.device} (rank {me} of {P} holds {Tq} tokens of seqlens "
+                                 f"with sum {sum(self.lengths)}), got {tuple(t.shape)} {t.dtype} "
+                                 f"on {t.device}")
+        if self.writer is not None:
+            if layer is None:
+                raise ValueError("layer is required: this runner retains KV into a cache")
+            self._retain_cache._check_layer(layer)
+            self.writer.check(self._retain_cache)
+        if not sum(self.lengths):  # every rank sees the same empty batch: nothing to exchange
+            return q.new_zeros(q.shape), torch.full((0, Hq), -math.inf, device=q.device)
+        row, bufs, totals = self._row, self._bufs, self.totals
+
+        def message(buf, n_tokens):
+            return buf[: 2 * n_tokens * row]
+
+        def kv_views(buf, n_tokens):
+            n = n_tokens * row
+            return buf[:n].view(n_tokens, Hkv, D), buf[n:2 * n].view(n_tokens, Hkv, D)
+
+        cu_all = self._cu_all
+        cu_q = cu_all[me]
+        cur = bufs[0]
+        kb, vb = kv_views(cur, totals[me])
+        kb.copy_(k)
+        vb.copy_(v)
+        o_state = torch.empty(Tq, Hq, D, dtype=torch.float32, device=q.device)
+        lse_state = torch.empty(Tq, Hq, dtype=torch.float32, device=q.device)
+        nxt_rank, prv_rank = (me + 1) % P, (me - 1) % P
+        for s in range(P):
+            src = (me - s) % P
+            work = None
+            if s < P - 1:
+                nxt = bufs[(s + 1) % 2]
+                incoming = (me - s - 1) % P
+                work = ring.exchange(sends=[(message(cur, totals[src]), nxt_rank)],
+                                     recvs=[(message(nxt, totals[incoming]), prv_rank)])
+            kb, vb = kv_views(cur, totals[src])
+            run_step(q, kb, vb, cu_q, cu_all[src], self.max_q_len, o_state, lse_state,
+                     causal=self.causal, mask_shift=0 if src <= me else -1, accumulate=s > 0,
+                     softmax_scale=self.softmax_scale, backend=self.backend)
+            if self.writer is not None:
+                self.writer.write(src, message(cur, totals[src]).view(2, totals[src], row),
+                                  layer)
+            if work is not None:
+                work.wait()
+                cur = nxt
+        return o_state.to(q.dtype), lse_state
+
+
+def _retention_writer(plan, cache, lengths, ring, Hkv, D, dtype) -> RetentionWriter:
+    """The RetentionWriter of (plan, cache, ring order), reused from the last call with the same
+    ones (its reservation check and row maps cost O(tokens) of host work)."""
+    if not isinstance(plan, RetentionPlan):
+        raise TypeError(f"retain[0] must be a RetentionPlan, got {type(plan).__name__}")
+    if not isinstance(cache, PagedKVCache):
+        raise TypeError(f"retain[1] must be a PagedKVCache, got {type(cache).__name__}")
+    if tuple(lengths) != plan.seqlens:
+        raise ValueError(f"retention plan covers seqlens {list(plan.seqlens)[:8]}... but the "
+                         f"prefill batch has {list(lengths)[:8]}...")
+    if cache.dtype != dtype or cache.num_kv_heads != Hkv or cache.head_dim != D or \
+            cache.device != ring.device:
+        raise ValueError(f"retain cache ({cache.dtype}, {cache.num_kv_heads} kv heads, head dim "
+                         f"{cache.head_dim}, {cache.device}) does not match k ({dtype}, {Hkv}, "
+                         f"{D}, {ring.device})")
+    order, me = tuple(ring.world_ranks), ring.world_ranks[ring.rank]
+    writer = _WRITERS.get(cache)
+    # A cache whose placement changed since (e.g. the batch's requests were freed) gets its
+    # reservation checked again (and its slots, if they moved): once per batch, not per layer.
+    if writer is None or writer.version != cache.version or not writer.matches(plan, order, me):
+        writer = RetentionWriter(plan, cache, order, me)
+        _WRITERS[cache] = writer
+    return writer
+
+
+# The conveniences' prepared state, keyed weakly (a cache or ring handle that goes frees it):
+# the last retention writer per cache, the last ring runner per ring handle. A prefill runs every
+# layer of one batch with one ring handle, so one entry each covers it.
+_WRITERS: "weakref.WeakKeyDictionary[PagedKVCache, RetentionWriter]" = weakref.WeakKeyDictionary()
+_RUNNERS: "weakref.WeakKeyDictionary[object, RingPrefillRunner]" = weakref.WeakKeyDictionary()
+
+
 def ring_prefill(q, k, v, seqlens, ring, retain=None, softmax_scale=None, *, causal=True,
                  backend="auto"):
     """Causal attention of a batch striped over the ESP group `ring`; call on every rank.
@@ -104,8 +289,11 @@ def ring_prefill(q, k, v, seqlens, ring, retain=None, softmax_scale=None, *, cau
     Returns:
         out [Tq, Hq, D] in q.dtype and lse [Tq, Hq] float32 (natural log), for this rank's
         query stripes.
+
+    The same as `RingPrefillRunner(seqlens, ring, Hq, Hkv, D, q.dtype, retain=(plan, cache),
+    ...).run(q, k, v, layer)`, with the runner of the last batch reused per ring handle.
     """
-    lengths = _as_lengths(seqlens)
+    lengths = tuple(_as_lengths(seqlens))
     P, me = ring.size, ring.rank
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name, ndim=3, dtypes=FLOAT_DTYPES)
@@ -119,64 +307,26 @@ def ring_prefill(q, k, v, seqlens, ring, retain=None, softmax_scale=None, *, cau
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"head dim of q ({q.shape[2]}) and k ({k.shape[2]}) differ")
     check_gqa(q.shape[1], k.shape[1])
-    local = [stripe_lengths(lengths, P, j) for j in range(P)]  # per source rank, per request
-    totals = [sum(x) for x in local]
+    total = sum(stripe_lengths(lengths, P, me))
     for name, t in (("q", q), ("k", k)):
-        if t.shape[0] != totals[me]:
+        if t.shape[0] != total:
             raise ValueError(f"{name} has {t.shape[0]} tokens but rank {me} of {P} holds "
-                             f"{totals[me]} tokens of seqlens (sum {sum(lengths)})")
-    backend = resolve_backend(backend, q.device)
-    Tq, Hq, D = q.shape
-    if sum(lengths) == 0:  # every rank sees the same empty batch: nothing to exchange
-        return q.new_zeros(q.shape), torch.full((0, Hq), -math.inf, device=q.device)
-    Hkv = k.shape[1]
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
-
-    writer = None
+                             f"{total} tokens of seqlens (sum {sum(lengths)})")
+    layer = None
     if retain is not None:
-        from ..kvcache.retention import RetentionWriter
-
-        writer = RetentionWriter.prepare(retain, lengths, ring, k)
-
-    cu_all = _block_layout(tuple(lengths), P, q.device)
-    cu_q = cu_all[me]
-    max_q_len = max(local[me], default=0)
-
-    row = Hkv * D
-    t_max = max(totals)  # rank 0 holds the most tokens of every request
-    bufs = [torch.empty(2 * t_max * row, dtype=k.dtype, device=q.device)
-            for _ in range(2 if P > 1 else 1)]
-
-    def message(buf, n_tokens):
-        return buf[: 2 * n_tokens * row]
-
-    def kv_views(buf, n_tokens):
-        n = n_tokens * row
-        return buf[:n].view(n_tokens, Hkv, D), buf[n:2 * n].view(n_tokens, Hkv, D)
-
-    cur = bufs[0]
-    kb, vb = kv_views(cur, totals[me])
-    kb.copy_(k)
-    vb.copy_(v)
-    o_state = torch.empty(Tq, Hq, D, dtype=torch.float32, device=q.device)
-    lse_state = torch.empty(Tq, Hq, dtype=torch.float32, device=q.device)
-    nxt_rank, prv_rank = (me + 1) % P, (me - 1) % P
-
-    for s in range(P):
-        src = (me - s) % P
-        work = None
-        if s < P - 1:
-            nxt = bufs[(s + 1) % 2]
-            incoming = (me - s - 1) % P
-            work = ring.exchange(sends=[(message(cur, totals[src]), nxt_rank)],
-                                 recvs=[(message(nxt, totals[incoming]), prv_rank)])
-        kb, vb = kv_views(cur, totals[src])
-        run_step(q, kb, vb, cu_q, cu_all[src], max_q_len, o_state, lse_state, causal=causal,
-                  mask_shift=0 if src <= me else -1, accumulate=s > 0, softmax_scale=scale,
-                  backend=backend)
-        if writer is not None:
-            writer.write(src, message(cur, totals[src]).view(2, totals[src], row))
-        if work is not None:
-            work.wait()
-            cur = nxt
-    return o_state.to(q.dtype), lse_state
+        try:
+            plan, cache, layer = retain
+        except (TypeError, ValueError):
+            raise TypeError("retain must be a (RetentionPlan, PagedKVCache, layer) tuple") from None
+        if isinstance(cache, PagedKVCache):
+            cache._check_layer(layer)
+        retain = (plan, cache)
+    Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+    runner = _RUNNERS.get(ring)
+    if runner is None or not runner.matches(lengths, ring, Hq, Hkv, D, q.dtype, softmax_scale,
+                                            causal, backend, retain):
+        runner = RingPrefillRunner(lengths, ring, Hq, Hkv, D, q.dtype, retain=retain,
+                                   softmax_scale=softmax_scale, causal=causal,
+                                   backend=backend)._hold_ring_weakly()
+        _RUNNERS[ring] = runner
+    return runner.run(q, k, v, layer)
