@@ -68,7 +68,9 @@ def check_prefill(world, dev, dtype, quick):
                    for l in range(layers)]
         cache = esp.PagedKVCache(layers, sum(seqlens) // 16 + 64, 16, 8, 128, dtype, dev)
         keepers = order[: max(1, P // 2)]
-        plan = esp.RetentionPlan.fill_first(seqlens, {i: cache.free_pages for i in keepers}, 16)
+        # Explicit ids: every process builds this plan itself, and default ids are unique per plan.
+        plan = esp.RetentionPlan.fill_first(seqlens, {i: cache.free_pages for i in keepers}, 16,
+                                            request_ids=[f"ret{P}-{b}" for b in range(len(seqlens))])
         ok = True
         if rank in order:
             ring = world.subgroup(order)
@@ -78,10 +80,10 @@ def check_prefill(world, dev, dtype, quick):
                 ref, _ = esp.reference.attention(b.q, b.k, b.v, b.cu_seqlens, b.cu_seqlens)
                 err = rel_err(out.float(), stripe(ref, seqlens, P)[ring.rank].float())
                 ok &= err <= TOLERANCES[dtype]
-            for bi in range(len(seqlens)):
-                pos = cache.positions(bi)
+            for bi, rid in enumerate(plan.request_ids):
+                pos = cache.positions(rid)
                 if pos.numel():
-                    kk, vv = cache.gather(bi, 1)
+                    kk, vv = cache.gather(rid, 1)
                     start = int(batches[1].cu_seqlens[bi])
                     ok &= bool(torch.equal(kk, batches[1].k[start + pos.to(dev)]))
         world.barrier()
