@@ -1,0 +1,742 @@
+"""ESPScheduler: LoongServe's elastic scheduling policy as an embeddable component.
+
+    sched = ESPScheduler(num_instances, kv_slots_per_instance, cost_model, page_size=16, **policy)
+    sched.add_request(rid, prompt_len, max_new_tokens)
+    it = sched.schedule(now)        # IterationPlan for the instances idle now
+    sched.update(it or one batch, finished=(rids that hit EOS), now=...)
+
+Asynchronous: schedule() plans only instances that are idle (not in a batch handed out and not
+yet reported done through update()); a lock-step engine passes the whole IterationPlan back, an
+event-driven one (the simulator) each batch as it completes. KV is accounted when planned
+(retention, appends, migrations are applied to the scheduler's books at schedule() time), per
+instance in pages: a request's tokens on an instance take ceil(tokens / page_size) pages.
+
+Every schedule(), in this order:
+1. Decode components. Decoding requests whose instances (KV holders) are all idle and not in a
+   running batch are grouped into components: requests sharing an instance must be in one
+   decode batch (batches of an iteration use disjoint instances).
+2. Dispatch (FCFS, bounded out-of-order). The queue is walked in arrival order (a recomputed
+   request keeps its place). A request is a prefill candidate if future-KV admission admits it:
+   with every alive request (decoding, prefilling, earlier candidates) sorted by remaining output
+   r descending and h = KV it already holds (a candidate: its prefill length), the peak KV is
+   max_k (Σ_{i<=k} h_i + r_k·(k+1)) (LoongServe), and it must fit `admission_ratio` of all slots
+   less one page per request and instance of rounding. A request that fails admission, or that
+   the DP below defers, may be overtaken; one overtaken `max_out_of_order` times is pinned: it
+   cannot be deferred and no later request is a candidate until it runs (no starvation).
+   At most `max_prefill_candidates` candidates and `max_prefill_tokens` tokens.
+3. Batching DP (batching.py; exact): candidates sorted by length are split into batches, each on
+   its own group size of the prefill pool, minimising Σ T(g, batch)·Σ1/l plus, per deferred
+   request, (W + T(best, l))/l, where W is the wait until the next running batch ends
+   (LoongServe's "run now on fewer instances only if that costs less than waiting"; with nothing
+   running W is unbounded, so whatever fits runs). The pool is the idle instances outside the
+   decode components.
+4. Preemption of decode for prefill (`preempt_decode`): if the DP deferred a candidate, decode
+   components (fewest requests first, at most `preempt_max_components` tried) join the pool when
+   the DP's gain exceeds the decode slowdown: prefill time · Σ_{its requests} 1/generated ·
+   `preempt_weight`. A component is not preempted `max_decode_preemptions` times in a row.
+5. Retention (proactive scale-down): each prefill group keeps each request's KV fill-first, in
+   position order, on its members ordered by `retention_order`: "fewest" (most free pages first:
+   the batch lands on as few instances as possible, leaving the others empty) or "packed"
+   (fullest first: tops up instances that already hold KV). Contiguous ranges per request.
+6. Decode batches, one per component: M = ceil(R / max_requests_per_master) masters, the
+   component's instances in used-token order (least used first); a request keeps its master if
+   chosen and not full, else goes to the chosen master holding most of its KV, else the least
+   loaded. Migration (`migrate_consolidate`): a request spread over several instances has its
+   other shards moved to its master when the master has room for them plus the request's
+   remaining growth and migration_time < remaining steps × (decode_time over its holders -
+   decode_time on one), at most `max_migrations` per iteration. Each step's new token goes to the
+   master if it has room (free slot in its last page or a free page), else (`scale_up`) to the
+   component's instance with most free pages, else to an unclaimed idle instance; if nothing has
+   room, the newest request of the component is preempted for recompute (`recompute`) and the
+   placement retried.
+
+Policy knobs (keyword arguments; defaults in Policy): see Policy's fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Hashable, Iterable, Sequence
+
+from .batching import solve
+from .cost_model import CostModel
+from .plans import DecodeBatch, IterationPlan, MigrationOrder, PrefillGroup
+
+INF = math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Every decision's knob (defaults: LoongServe's choices)."""
+    max_out_of_order: int = 8            # times a queued request may be overtaken; then pinned
+    max_prefill_candidates: int = 16     # requests the DP considers per iteration
+    max_prefill_tokens: int | None = None  # prefill tokens per iteration (None: no cap)
+    max_prefill_time: float | None = None  # a multi-request batch's prefill time cap (s)
+    group_sizes: tuple | None = None     # allowed ESP group sizes (None: 1..pool size)
+    admission: bool = True               # future-KV admission
+    admission_ratio: float = 1.0         # fraction of all KV slots admission may plan for
+    defer: bool = True                   # the DP may leave a request queued when waiting pays
+    preempt_decode: bool = True          # prefill may take idle decode instances when it pays
+    preempt_weight: float = 1.0          # weight of the decode slowdown in that decision
+    preempt_max_components: int = 4      # decode components tried per iteration
+    max_decode_preemptions: int = 4      # consecutive preemptions of one decode component
+    retention_order: str = "fewest"      # "fewest" (roomiest first) or "packed" (fullest first)
+    max_requests_per_master: int = 128   # decode is compute-bound beyond this (LoongServe)
+    scale_up: bool = True                # append to another instance when the master is full
+    migrate_consolidate: bool = True     # move a request's shards to its master when it pays
+    max_migrations: int = 8              # migration orders per iteration
+    recompute: bool = True               # last resort on memory shortage: preempt the newest
+
+    def __post_init__(self):
+        for name in ("max_out_of_order", "max_migrations", "max_decode_preemptions",
+                     "preempt_max_components"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"policy {name} must be an int >= 0, got {v!r}")
+        for name in ("max_prefill_candidates", "max_requests_per_master"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"policy {name} must be an int >= 1, got {v!r}")
+        if self.retention_order not in ("fewest", "packed"):
+            raise ValueError(f"policy retention_order must be 'fewest' or 'packed', got "
+                             f"{self.retention_order!r}")
+        if not 0 < self.admission_ratio <= 1:
+            raise ValueError(f"policy admission_ratio must be in (0, 1], got {self.admission_ratio}")
+        if self.group_sizes is not None and (not self.group_sizes or any(
+                not isinstance(g, int) or g < 1 for g in self.group_sizes)):
+            raise ValueError(f"policy group_sizes must be ints >= 1, got {self.group_sizes!r}")
+
+
+class _Req:
+    __slots__ = ("rid", "seq", "prompt", "max_new", "arrival", "state", "generated", "ranges",
+                 "ntok", "kv_len", "master", "overtaken", "batch", "preempted")
+
+    def __init__(self, rid, seq, prompt, max_new, arrival):
+        self.rid, self.seq, self.prompt, self.max_new, self.arrival = rid, seq, prompt, max_new, arrival
+        self.state = "queued"
+        self.generated = 0
+        self.ranges: dict = {}    # instance -> [[start, end), ...] positions held there
+        self.ntok: dict = {}      # instance -> tokens held there
+        self.kv_len = 0
+        self.master = None
+        self.overtaken = 0
+        self.batch = None         # id of the running batch it is in
+        self.preempted = 0        # times recomputed
+
+    @property
+    def prefill_len(self) -> int:
+        return self.prompt + self.generated
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to generate."""
+        return self.max_new - self.generated
+
+
+class ESPScheduler:
+    """See the module docstring. Instances are 0..num_instances-1 (world ranks)."""
+
+    def __init__(self, num_instances: int, kv_slots_per_instance: int, cost_model: CostModel,
+                 page_size: int = 16, **policy):
+        for name, v in (("num_instances", num_instances), ("page_size", page_size),
+                        ("kv_slots_per_instance", kv_slots_per_instance)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if kv_slots_per_instance < page_size:
+            raise ValueError(f"kv_slots_per_instance ({kv_slots_per_instance}) is less than one "
+                             f"page ({page_size} tokens)")
+        if not isinstance(cost_model, CostModel):
+            raise TypeError(f"cost_model must be a CostModel, got {type(cost_model).__name__}")
+        self.num_instances = num_instances
+        self.page_size = page_size
+        self.pages_per_instance = kv_slots_per_instance // page_size
+        self.kv_slots_per_instance = kv_slots_per_instance
+        self.cost_model = cost_model
+        self.policy = Policy(**policy)
+        self._reqs: dict = {}
+        self._queue: list = []          # queued _Req, kept in seq order
+        self._decoding: dict = {}       # rid -> _Req (state decoding)
+        self._used = [0] * num_instances          # pages in use per instance
+        self._busy: dict = {}           # instance -> batch id
+        self._running: dict = {}        # batch id -> (batch, predicted end)
+        self._comp_preempted: dict = {}  # frozenset(instances) -> consecutive preemptions
+        self._seq = 0
+        self._batch_id = 0
+        self._iter = 0
+        self.stats = {"iterations": 0, "prefill_batches": 0, "decode_batches": 0,
+                      "prefilled_requests": 0, "decode_steps": 0, "migrations": 0,
+                      "migrated_tokens": 0, "recompute_preemptions": 0,
+                      "decode_preempted_for_prefill": 0, "scale_ups": 0, "finished": 0,
+                      "deferred": 0}
+
+    # ---- requests --------------------------------------------------------------------------
+    def add_request(self, rid: Hashable, prompt_len: int, max_new_tokens: int,
+                    arrival: float | None = None) -> None:
+        if not isinstance(rid, (int, str)) or isinstance(rid, bool):
+            raise ValueError(f"rid must be an int or str, got {rid!r}")
+        if rid in self._reqs:
+            raise ValueError(f"request {rid!r} was already added")
+        for name, v in (("prompt_len", prompt_len), ("max_new_tokens", max_new_tokens)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r} (request {rid!r})")
+        peak = prompt_len + max_new_tokens - 1
+        # A request spread over every instance wastes at most one partial page per instance.
+        need = -(-peak // self.page_size) + self.num_instances - 1
+        have = self.num_instances * self.pages_per_instance
+        if need > have:
+            raise ValueError(
+                f"request {rid!r} can never fit: prompt_len {prompt_len} + max_new_tokens "
+                f"{max_new_tokens} - 1 = {peak} KV tokens need {need} pages (with one page of "
+                f"rounding per instance) but all {self.num_instances} instances hold {have} pages "
+                f"of {self.page_size} tokens")
+        gmax = max((g for g in self.policy.group_sizes or (self.num_instances,)
+                    if g <= self.num_instances), default=1)
+        if -(-peak // self.page_size) > gmax * self.pages_per_instance:
+            raise ValueError(
+                f"request {rid!r} can never fit: its prefill (recomputed: up to {peak} tokens) "
+                f"needs {-(-peak // self.page_size)} pages but the largest allowed group "
+                f"({gmax} instances) has {gmax * self.pages_per_instance}")
+        r = _Req(rid, self._seq, prompt_len, max_new_tokens, arrival)
+        self._seq += 1
+        self._reqs[rid] = r
+        self._queue.append(r)
+
+    # ---- introspection ---------------------------------------------------------------------
+    def idle_instances(self) -> list:
+        return [i for i in range(self.num_instances) if i not in self._busy]
+
+    def kv_used(self, instance: int) -> int:
+        """KV slots in use on the instance (pages x page_size)."""
+        return self._used[self._inst(instance)] * self.page_size
+
+    def kv_free(self, instance: int) -> int:
+        return (self.pages_per_instance - self._used[self._inst(instance)]) * self.page_size
+
+    def placement(self, rid) -> dict:
+        """{instance: KV tokens of the request held there}."""
+        return dict(self._req(rid).ntok)
+
+    def ranges(self, rid) -> dict:
+        """{instance: [(start, end), ...]} global positions of the request held there."""
+        return {i: [tuple(x) for x in rs] for i, rs in self._req(rid).ranges.items()}
+
+    def state(self, rid) -> str:
+        return self._req(rid).state
+
+    def generated(self, rid) -> int:
+        return self._req(rid).generated
+
+    def requests(self) -> list:
+        return list(self._reqs)
+
+    def running_batches(self) -> list:
+        """Batches handed out and not yet reported done, with their predicted end times."""
+        return [(b, end) for b, end in self._running.values()]
+
+    def _req(self, rid) -> _Req:
+        try:
+            return self._reqs[rid]
+        except (KeyError, TypeError):
+            raise KeyError(f"unknown request {rid!r}") from None
+
+    def _inst(self, i) -> int:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_instances:
+            raise ValueError(f"instance must be an int in [0, {self.num_instances}), got {i!r}")
+        return i
+
+    # ---- KV books --------------------------------------------------------------------------
+    def _pages(self, n: int) -> int:
+        return -(-n // self.page_size)
+
+    def _add_kv(self, r: _Req, inst: int, start: int, end: int) -> None:
+        old = r.ntok.get(inst, 0)
+        new = old + end - start
+        self._used[inst] += self._pages(new) - self._pages(old)
+        r.ntok[inst] = new
+        rs = r.ranges.setdefault(inst, [])
+        if rs and rs[-1][1] == start:
+            rs[-1][1] = end
+        else:
+            rs.append([start, end])
+        rs.sort()
+        if rs[-1][1] > r.kv_len:
+            r.kv_len = rs[-1][1]
+        assert self._used[inst] <= self.pages_per_instance, "KV books over capacity"
+
+    def _move_kv(self, r: _Req, src: int, dst: int) -> int:
+        """Every token of r on src to dst; returns the tokens moved."""
+        n = r.ntok.pop(src)
+        self._used[src] -= self._pages(n)
+        moved = r.ranges.pop(src)
+        old = r.ntok.get(dst, 0)
+        self._used[dst] += self._pages(old + n) - self._pages(old)
+        r.ntok[dst] = old + n
+        merged = sorted(r.ranges.get(dst, []) + moved)
+        out = [merged[0]]
+        for s, e in merged[1:]:
+            if s == out[-1][1]:
+                out[-1] = [out[-1][0], e]
+            else:
+                out.append([s, e])
+        r.ranges[dst] = out
+        assert self._used[dst] <= self.pages_per_instance, "KV books over capacity"
+        return n
+
+    def _free_kv(self, r: _Req) -> None:
+        for inst, n in r.ntok.items():
+            self._used[inst] -= self._pages(n)
+        r.ntok, r.ranges, r.kv_len = {}, {}, 0
+
+    def _room(self, r: _Req, inst: int) -> bool:
+        """Can inst store r's next token (a free slot in r's last page there, or a free page)?"""
+        return r.ntok.get(inst, 0) % self.page_size != 0 or self._used[inst] < self.pages_per_instance
+
+    def _free_pages(self, inst: int) -> int:
+        return self.pages_per_instance - self._used[inst]
+
+    # ---- scheduling ------------------------------------------------------------------------
+    def schedule(self, now: float = 0.0) -> IterationPlan:
+        """Plan the idle instances (see the module docstring). An empty plan means nothing can
+        start until a running batch completes or a request arrives."""
+        prefills, decodes, migrations, preemptions = self._plan(now)
+        if preemptions and not (prefills or decodes):
+            # Recompute freed KV while nothing else could start: plan the freed instances now
+            # rather than hand back a plan with nothing to wait on.
+            prefills, decodes, more_migrations, more_preemptions = self._plan(now)
+            migrations += more_migrations
+            preemptions += more_preemptions
+        for b in prefills + decodes:
+            for i in b.instances:
+                self._busy[i] = b.batch_id
+            self._running[b.batch_id] = (b, now + b.predicted_time)
+        mig_time = sum(self.cost_model.migration_time(m.end - m.start) for m in migrations)
+        pred = max((b.predicted_time for b in prefills + decodes), default=0.0) + mig_time
+        it = IterationPlan(self._iter, float(now), tuple(prefills), tuple(decodes),
+                           tuple(migrations), tuple(preemptions), pred)
+        self._iter += 1
+        self.stats["iterations"] += 1
+        return it
+
+    def _plan(self, now: float):
+        idle = [i for i in range(self.num_instances) if i not in self._busy]
+        idle_set = set(idle)
+        comps = self._decode_components(idle_set)
+        comp_insts = set()
+        for insts, _ in comps:
+            comp_insts |= insts
+        pool = [i for i in idle if i not in comp_insts]
+        preemptions: list = []
+        prefills: list = []
+        claimed = set()
+        if self._queue and idle:
+            cands = self._dispatch()
+            if cands:
+                plan, pool, comps, cands = self._plan_prefill(cands, pool, comps, now)
+                prefills = self._commit_prefill(plan, cands, now)
+                for g in prefills:
+                    claimed |= set(g.instances)
+                    for i in g.instances:   # the second pass of schedule() must not reuse them
+                        self._busy[i] = g.batch_id
+        migrations: list = []
+        decodes: list = []
+        free_idle = [i for i in idle if i not in claimed and i not in comp_insts]
+        for insts, reqs in comps:
+            b = self._plan_decode(insts, reqs, free_idle, migrations, preemptions)
+            if b is not None:
+                decodes.append(b)
+        return prefills, decodes, migrations, preemptions
+
+    def _decode_components(self, idle_set: set) -> list:
+        """[(instances frozenset, [requests])]: ready decoding requests grouped by shared
+        instances, in order of their smallest instance."""
+        parent: dict = {}
+
+        def find(x):
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+        ready = []
+        for r in self._decoding.values():
+            if r.batch is not None:
+                continue
+            insts = r.ntok.keys()
+            if all(i in idle_set for i in insts):
+                ready.append(r)
+                first = None
+                for i in insts:
+                    if i not in parent:
+                        parent[i] = i
+                    if first is None:
+                        first = find(i)
+                    else:
+                        ri = find(i)
+                        if ri != first:
+                            if ri < first:
+                                ri, first = first, ri
+                            parent[ri] = first
+        groups: dict = {}
+        for r in ready:
+            root = find(next(iter(r.ntok)))
+            groups.setdefault(root, []).append(r)
+        comps = []
+        for root, reqs in groups.items():
+            insts = frozenset(i for r in reqs for i in r.ntok)
+            reqs.sort(key=lambda r: r.seq)
+            comps.append((insts, reqs))
+        comps.sort(key=lambda c: min(c[0]))
+        return comps
+
+    def _dispatch(self) -> list:
+        """Prefill candidates in FCFS order (see step 2 of the module docstring)."""
+        pol = self.policy
+        cap_tokens = pol.admission_ratio * self.num_instances * self.pages_per_instance * \
+            self.page_size
+        alive = [(r.kv_len, r.remaining - 1) for r in self._decoding.values()]
+        for b, _ in self._running.values():
+            if isinstance(b, PrefillGroup):
+                for rid in b.requests:
+                    r = self._reqs[rid]
+                    if r.state == "prefilling":
+                        alive.append((r.prefill_len, r.remaining - 1))
+        total = sum(h + left for h, left in alive)
+        cands, tokens = [], 0
+        for r in self._queue:
+            if len(cands) >= pol.max_prefill_candidates:
+                break
+            h, left = r.prefill_len, r.remaining - 1
+            ok = pol.max_prefill_tokens is None or tokens + h <= pol.max_prefill_tokens or not cands
+            if ok and pol.admission and alive:
+                # One page of rounding per request; the exact peak only when the sum of every
+                # request's final KV (an upper bound on it) does not fit.
+                reserve = self.page_size * (len(alive) + 1)
+                if total + h + left + reserve > cap_tokens:
+                    ok = _peak_kv(alive + [(h, left)]) + reserve <= cap_tokens
+            if ok:
+                cands.append(r)
+                alive.append((h, left))
+                total += h + left
+                tokens += h
+            elif r.overtaken >= pol.max_out_of_order:
+                break        # pinned: nothing behind it may overtake it
+        return cands
+
+    def _defer_costs(self, cands: list, now: float) -> list:
+        """Cost of leaving each candidate queued (see step 3); inf for pinned candidates."""
+        pol = self.policy
+        ends = [end for _, end in self._running.values()]
+        if not pol.defer or not ends:
+            wait = INF
+        else:
+            wait = max(0.0, min(ends) - now)
+        best_g = max((g for g in pol.group_sizes or (self.num_instances,)
+                      if g <= self.num_instances), default=1)
+        costs = []
+        for r in cands:
+            if r.overtaken >= pol.max_out_of_order:
+                costs.append(INF)
+            elif wait == INF:
+                # Nothing running (or deferring off): waiting gains nothing; a huge finite cost
+                # still lets the DP defer what cannot fit now.
+                costs.append(1e12 / r.prefill_len)
+            else:
+                costs.append((wait + self.cost_model.prefill_time(best_g, [r.prefill_len])) /
+                             r.prefill_len)
+        return costs
+
+    def _solve(self, cands, pool, defer):
+        return solve(self.cost_model, [r.prefill_len for r in cands],
+                     [self._free_pages(i) for i in pool], self.page_size, defer,
+                     self.policy.group_sizes, self.policy.max_prefill_time)
+
+    def _solve_pinned(self, cands: list, pool: list, now: float):
+        """DP under the out-of-order bound: a pinned candidate (overtaken max_out_of_order
+        times) may be deferred only if every later candidate is too. So the candidates are cut
+        at the first deferred pinned one: the pinned before the cut must run (inf defer cost),
+        nothing from the cut on runs. The largest feasible cut is found by bisection
+        (feasibility only shrinks as the cut grows: more forced requests, same pool).
+        Returns (result, candidates kept, their defer costs)."""
+        defer_all = self._defer_costs(cands, now)
+        pinned = [k for k, d in enumerate(defer_all) if d == INF]
+        res = self._solve(cands, pool, defer_all)
+        if res.cost < INF or not pinned:
+            return res, cands, defer_all
+        lo, hi = 0, len(pinned) - 1       # cut at pinned[lo] is feasible (nothing forced)
+        best = None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            c = pinned[mid]
+            trial = self._solve(cands[:c], pool, defer_all[:c])
+            if trial.cost < INF:
+                best = (trial, cands[:c], defer_all[:c])
+                lo = mid + 1
+            else:
+                hi = mid - 1
+        return best
+
+    def _plan_prefill(self, cands: list, pool: list, comps: list, now: float):
+        """Run the DP on the pool, then try adding decode components (preemption)."""
+        pol = self.policy
+        res, cands, defer = self._solve_pinned(cands, pool, now)
+        if pol.preempt_decode and comps and (res.deferred or res.cost == INF):
+            tried = sorted(comps, key=lambda c: (len(c[1]), min(c[0])))
+            tried = [c for c in tried if self._comp_preempted.get(c[0], 0) <
+                     pol.max_decode_preemptions][: pol.preempt_max_components]
+            for comp in tried:
+                trial_pool = pool + sorted(comp[0])
+                trial = self._solve(cands, trial_pool, defer)
+                if trial.cost == INF:
+                    continue
+                t_pf = max((t for _, _, t in trial.batches), default=0.0)
+                penalty = pol.preempt_weight * t_pf * sum(1.0 / max(1, r.generated)
+                                                          for r in comp[1])
+                used = {trial_pool[k] for _, insts, _ in trial.batches for k in insts}
+                if not used & comp[0]:
+                    continue
+                if trial.cost + penalty < res.cost:
+                    res, pool = trial, trial_pool
+                    comps = [c for c in comps if c is not comp]
+                    self._comp_preempted[comp[0]] = self._comp_preempted.get(comp[0], 0) + 1
+                    self.stats["decode_preempted_for_prefill"] += len(comp[1])
+        for insts, _ in comps:
+            self._comp_preempted.pop(insts, None)
+        # Components that overlap instances the prefill took must skip this iteration.
+        taken = {pool[k] for _, insts, _ in res.batches for k in insts}
+        comps = [c for c in comps if not (c[0] & taken)]
+        return (res, pool), pool, comps, cands
+
+    def _commit_prefill(self, plan, cands: list, now: float) -> list:
+        (res, pool) = plan
+        if res.cost == INF:
+            return []
+        groups = []
+        scheduled = set()
+        for req_idx, inst_idx, t in res.batches:
+            reqs = [cands[x] for x in req_idx]
+            insts = sorted(pool[k] for k in inst_idx)
+            retention = self._retain(reqs, insts)
+            bid = self._next_batch_id()
+            for r in reqs:
+                r.state = "prefilling"
+                r.batch = bid
+                scheduled.add(r.seq)
+            groups.append(PrefillGroup(bid, tuple(insts), tuple(r.rid for r in reqs),
+                                       tuple(r.prefill_len for r in reqs), retention, t))
+            self.stats["prefill_batches"] += 1
+            self.stats["prefilled_requests"] += len(reqs)
+        if scheduled:
+            last = max(scheduled)
+            for r in self._queue:
+                if r.seq < last and r.seq not in scheduled:
+                    r.overtaken += 1
+            self._queue = [r for r in self._queue if r.seq not in scheduled]
+        self.stats["deferred"] += len(res.deferred)
+        return groups
+
+    def _retain(self, reqs: list, insts: list) -> tuple:
+        """Fill-first retention of the batch's KV over the ring members (step 5)."""
+        if self.policy.retention_order == "fewest":
+            order = sorted(insts, key=lambda i: (-self._free_pages(i), i))
+        else:
+            order = sorted(insts, key=lambda i: (self._free_pages(i), i))
+        out = []
+        ps = self.page_size
+        for r in reqs:
+            L, start, parts = r.prefill_len, 0, []
+            for inst in order:
+                if start >= L:
+                    break
+                room = self._free_pages(inst) * ps
+                take = min(L - start, room)
+                if take <= 0:
+                    continue
+                self._add_kv(r, inst, start, start + take)
+                parts.append((inst, start, start + take))
+                start += take
+            if start < L:   # the DP checked the pages: unreachable unless the books are wrong
+                raise AssertionError(f"retention of request {r.rid!r} overflowed its group")
+            r.master = parts[-1][0]
+            out.append(tuple(parts))
+        return tuple(out)
+
+    def _next_batch_id(self) -> int:
+        self._batch_id += 1
+        return self._batch_id - 1
+
+    def _plan_decode(self, insts: frozenset, reqs: list, free_idle: list, migrations: list,
+                     preemptions: list):
+        """One decode batch for a component (step 6); None if every request was preempted."""
+        pol = self.policy
+        cap = pol.max_requests_per_master
+        M = min(len(insts), -(-len(reqs) // cap))
+        masters = sorted(insts, key=lambda i: (self._used[i], i))[:M]
+        mset = set(masters)
+        load = {m: 0 for m in masters}
+        assigned = {}
+        for r in reqs:
+            if r.master in mset and load[r.master] < cap:
+                assigned[r.rid] = r.master
+                load[r.master] += 1
+        for r in reqs:
+            if r.rid in assigned:
+                continue
+            hold = [m for m in masters if r.ntok.get(m, 0) and load[m] < cap]
+            m = max(hold, key=lambda m: (r.ntok[m], -m)) if hold else min(
+                masters, key=lambda m: (load[m], m))
+            assigned[r.rid] = m
+            load[m] += 1
+        for r in reqs:
+            r.master = assigned[r.rid]
+        if pol.migrate_consolidate:
+            for r in reqs:
+                if len(r.ntok) > 1 and len(migrations) < pol.max_migrations:
+                    self._consolidate(r, migrations)
+        # Appends (scale-up, recompute).
+        live = list(reqs)
+        targets = {}
+        shards = {}
+        while True:
+            ok = True
+            for r in live:
+                if r.rid in targets:
+                    continue
+                shards[r.rid] = tuple(sorted(r.ntok.items()))
+                t = r.master if self._room(r, r.master) else None
+                if t is None and pol.scale_up:
+                    cands = [i for i in sorted(insts) if self._room(r, i)]
+                    if not cands:
+                        cands = [i for i in free_idle if self._room(r, i)]
+                    if cands:
+                        t = max(cands, key=lambda i: (self._free_pages(i), -i))
+                        if t in free_idle:
+                            free_idle.remove(t)
+                            insts = insts | {t}
+                        self.stats["scale_ups"] += 1
+                if t is None:
+                    ok = False
+                    break
+                self._add_kv(r, t, r.kv_len, r.kv_len + 1)
+                targets[r.rid] = t
+            if ok:
+                break
+            if not pol.recompute:
+                raise MemoryError(f"decode: no instance has room for the next token of request "
+                                  f"{r.rid!r} and recompute is off")
+            # The newest request whose KV frees room where r needs it.
+            pool = live if pol.scale_up else [x for x in live if r.master in x.ntok] or live
+            victim = max(pool, key=lambda x: x.seq)
+            self._preempt(victim, targets)
+            preemptions.append(victim.rid)
+            live.remove(victim)
+            if not live:
+                return None
+        used = set()
+        for r in live:
+            used |= r.ntok.keys()
+            used.add(r.master)
+        holders = {i for r in live for i, _ in shards[r.rid]}
+        pred = self.cost_model._decode(len(live), sum(r.kv_len for r in live), len(holders),
+                                       len({r.master for r in live}))
+        bid = self._next_batch_id()
+        for r in live:
+            r.batch = bid
+        self.stats["decode_batches"] += 1
+        return DecodeBatch(bid, tuple(sorted(used)), tuple(r.rid for r in live),
+                           tuple(r.master for r in live), tuple(shards[r.rid] for r in live),
+                           tuple(targets[r.rid] for r in live), pred)
+
+    def _consolidate(self, r: _Req, migrations: list) -> None:
+        m = r.master
+        others = [(i, n) for i, n in sorted(r.ntok.items()) if i != m]
+        moved = sum(n for _, n in others)
+        growth = r.remaining - 1
+        old = r.ntok.get(m, 0)
+        need = self._pages(old + moved + growth) - self._pages(old)
+        if need > self._free_pages(m):
+            return
+        cm = self.cost_model
+        steps = max(0, r.remaining - 1)
+        gain = steps * (cm._decode(1, r.kv_len, len(r.ntok), 1) - cm._decode(1, r.kv_len, 1, 1))
+        if cm.migration_time(moved) >= gain:
+            return
+        for i, n in others:
+            if len(migrations) >= self.policy.max_migrations:
+                return
+            migrations.append(MigrationOrder(r.rid, 0, r.kv_len, i, m))
+            self._move_kv(r, i, m)
+            self.stats["migrations"] += 1
+            self.stats["migrated_tokens"] += n
+
+    def _preempt(self, r: _Req, targets: dict) -> None:
+        """Recompute: free r's KV everywhere and requeue it at its FCFS place."""
+        if r.rid in targets:
+            del targets[r.rid]
+        self._free_kv(r)
+        self._decoding.pop(r.rid, None)
+        r.state = "queued"
+        r.master = None
+        r.batch = None
+        r.preempted += 1
+        self._queue.append(r)
+        self._queue.sort(key=lambda x: x.seq)
+        self.stats["recompute_preemptions"] += 1
+
+    # ---- completion ------------------------------------------------------------------------
+    def update(self, done, finished: Iterable = (), now: float | None = None) -> None:
+        """Report completed work: an IterationPlan (all its batches done) or one PrefillGroup /
+        DecodeBatch; `finished`: rids that stopped early (EOS), whose KV is freed."""
+        if isinstance(done, IterationPlan):
+            batches = list(done.batches)
+        elif isinstance(done, (PrefillGroup, DecodeBatch)):
+            batches = [done]
+        else:
+            raise TypeError(f"update: done must be an IterationPlan, PrefillGroup or DecodeBatch, "
+                            f"got {type(done).__name__}")
+        for b in batches:
+            if b.batch_id not in self._running:
+                raise ValueError(f"update: batch {b.batch_id} is not running (never scheduled or "
+                                 "already reported)")
+        for b in batches:
+            del self._running[b.batch_id]
+            for i in b.instances:
+                if self._busy.get(i) == b.batch_id:
+                    del self._busy[i]
+            for rid in b.requests:
+                r = self._reqs[rid]
+                if r.batch != b.batch_id or r.state == "finished":
+                    continue
+                r.batch = None
+                r.generated += 1
+                if isinstance(b, DecodeBatch):
+                    self.stats["decode_steps"] += 1
+                if r.generated >= r.max_new:
+                    self._finish(r)
+                elif r.state == "prefilling":
+                    r.state = "decoding"
+                    self._decoding[rid] = r
+        for rid in finished:
+            r = self._req(rid)
+            if r.state != "finished":
+                if r.state == "queued":
+                    self._queue.remove(r)
+                self._finish(r)
+
+    def _finish(self, r: _Req) -> None:
+        self._free_kv(r)
+        self._decoding.pop(r.rid, None)
+        r.state = "finished"
+        r.batch = None
+        self.stats["finished"] += 1
+
+
+def _peak_kv(alive: Sequence[tuple]) -> int:
+    """Peak KV tokens if every (held, remaining) request runs to its end: sorted by remaining
+    descending, max over k of Σ_{i<=k} held_i + remaining_k · (k + 1) (LoongServe)."""
+    peak, cum = 0, 0
+    for k, (h, left) in enumerate(sorted(alive, key=lambda x: -x[1])):
+        cum += h
+        v = cum + left * (k + 1)
+        if v > peak:
+            peak = v
+    return peak
