@@ -22,6 +22,7 @@ k-g..k-1. Vectorised over (g, j, i) per k with numpy: O(m · |G| · n²) work, m
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from typing import Sequence
@@ -63,6 +64,25 @@ def batch_cost_table(cost_model, lengths_sorted: np.ndarray, group_sizes: np.nda
     return np.where(ok, T * inv[None], INF), T
 
 
+class BatchTable:
+    """What the DP needs of a candidate set, independent of the pool: the length order, the
+    batch cost table for group sizes up to max_instances, and page prefix sums. Built once per
+    schedule() and shared by the DPs over different pools (decode-preemption trials)."""
+
+    def __init__(self, cost_model, lengths: Sequence[int], page_size: int, max_instances: int,
+                 group_sizes: Sequence[int] | None = None, max_prefill_time: float | None = None):
+        self.n = n = len(lengths)
+        self.order = sorted(range(n), key=lambda i: (lengths[i], i))
+        L = np.array([lengths[i] for i in self.order], dtype=np.int64)
+        self.G = sorted({int(g) for g in (group_sizes or range(1, max_instances + 1))
+                         if 1 <= g <= max_instances})
+        self.max_instances = max_instances
+        pg = np.concatenate([[0], np.cumsum(-(-L // page_size))])
+        self.pages = pg[None, :] - pg[:, None]                               # [j, i]
+        if n and self.G:
+            self.C, self.T = batch_cost_table(cost_model, L, np.array(self.G), max_prefill_time)
+
+
 def solve(cost_model, lengths: Sequence[int], free_pages: Sequence[int], page_size: int,
           defer_cost: Sequence[float], group_sizes: Sequence[int] | None = None,
           max_prefill_time: float | None = None) -> DPResult:
@@ -70,44 +90,53 @@ def solve(cost_model, lengths: Sequence[int], free_pages: Sequence[int], page_si
 
     lengths[i]: prefill tokens of candidate i; free_pages[k]: free pages of pool instance k;
     defer_cost[i]: cost of leaving candidate i queued (inf: it must run now)."""
-    n, m = len(lengths), len(free_pages)
-    order = sorted(range(n), key=lambda i: (lengths[i], i))
-    inst_order = sorted(range(m), key=lambda k: (free_pages[k], k))
-    L = np.array([lengths[i] for i in order], dtype=np.int64)
-    w = [float(defer_cost[i]) for i in order]
+    table = BatchTable(cost_model, lengths, page_size, len(free_pages), group_sizes,
+                       max_prefill_time)
+    return solve_table(table, free_pages, defer_cost)
+
+
+def solve_table(table: BatchTable, free_pages: Sequence[int],
+                defer_cost: Sequence[float]) -> DPResult:
+    """The DP for a prepared BatchTable on a pool of len(free_pages) <= max_instances."""
+    n, m = table.n, len(free_pages)
+    if m > table.max_instances:
+        raise ValueError(f"pool of {m} instances exceeds the table's {table.max_instances}")
+    order = table.order
     if n == 0:
         return DPResult(0.0, [], [])
-    G = sorted({int(g) for g in (group_sizes or range(1, m + 1)) if 1 <= g <= m})
+    inst_order = sorted(range(m), key=lambda k: (free_pages[k], k))
+    w = [float(defer_cost[i]) for i in order]
+    G = [g for g in table.G if g <= m]
     caps = np.array([free_pages[k] for k in inst_order], dtype=np.int64)
     capsum = np.concatenate([[0], np.cumsum(caps)])
-    pg = np.concatenate([[0], np.cumsum(-(-L // page_size))])
-    pages = pg[None, :] - pg[:, None]                                   # [j, i]
+    pages = table.pages
     dp = np.full((n + 1, m + 1), INF)
     # choice: -1 skip instance, -2 defer, else g index * (n+1) + j (a batch j..i-1)
     choice = np.full((n + 1, m + 1), -3, dtype=np.int64)
     if G:
         Garr = np.array(G, dtype=np.int64)
-        C, T = batch_cost_table(cost_model, L, Garr, max_prefill_time)
+        C, T = table.C, table.T
+    cols = np.arange(n + 1)
     for k in range(m + 1):
-        col = np.full(n + 1, INF)
-        ch = np.full(n + 1, -3, dtype=np.int64)
         if k == 0:
+            col = np.full(n + 1, INF)
             col[0] = 0.0
+            ch = np.full(n + 1, -3, dtype=np.int64)
         else:
-            col[:] = dp[:, k - 1]
-            ch[:] = -1
-            gk = Garr[Garr <= k] if G else np.array([], dtype=np.int64)
-            if len(gk):
-                prev = dp[:, k - gk].T                                       # [g, j]
+            col = dp[:, k - 1].copy()
+            ch = np.full(n + 1, -1, dtype=np.int64)
+            ng = bisect.bisect_right(G, k)
+            if ng:
+                gk = Garr[:ng]
                 room = capsum[k] - capsum[k - gk]                            # [g]
-                tot = prev[:, :, None] + C[: len(gk)]                        # [g, j, i]
-                tot = np.where(pages[None] <= room[:, None, None], tot, INF)
+                tot = dp[:, k - gk].T[:, :, None] + C[:ng]                   # [g, j, i]
+                tot[pages[None] > room[:, None, None]] = INF
                 flat = tot.reshape(-1, n + 1)
-                best = np.argmin(flat, axis=0)
-                bval = flat[best, np.arange(n + 1)]
+                best = flat.argmin(axis=0)
+                bval = flat[best, cols]
                 better = bval < col
-                col = np.where(better, bval, col)
-                ch = np.where(better, best, ch)                              # g index * (n+1) + j
+                col[better] = bval[better]
+                ch[better] = best[better]                                    # g index * (n+1) + j
         for i in range(n):                                                   # defer request i
             v = col[i] + w[i]
             if v < col[i + 1]:

@@ -59,7 +59,9 @@ import dataclasses
 import math
 from typing import Hashable, Iterable, Sequence
 
-from .batching import solve
+import numpy as np
+
+from .batching import BatchTable, solve_table
 from .cost_model import CostModel
 from .plans import DecodeBatch, IterationPlan, MigrationOrder, PrefillGroup
 
@@ -349,7 +351,11 @@ class ESPScheduler:
 
     def _decode_components(self, idle_set: set) -> list:
         """[(instances frozenset, [requests])]: ready decoding requests grouped by shared
-        instances, in order of their smallest instance."""
+        instances (union-find over the instances of multi-instance requests), in order of
+        their smallest instance; within one, single-instance requests by instance, then the
+        others."""
+        by_inst: dict = {}      # instance -> ready requests held only there
+        multi = []
         parent: dict = {}
 
         def find(x):
@@ -357,36 +363,41 @@ class ESPScheduler:
                 parent[x] = parent[parent[x]]
                 x = parent[x]
             return x
-        ready = []
         for r in self._decoding.values():
             if r.batch is not None:
                 continue
-            insts = r.ntok.keys()
-            if all(i in idle_set for i in insts):
-                ready.append(r)
-                first = None
-                for i in insts:
-                    if i not in parent:
-                        parent[i] = i
-                    if first is None:
-                        first = find(i)
-                    else:
-                        ri = find(i)
-                        if ri != first:
-                            if ri < first:
-                                ri, first = first, ri
-                            parent[ri] = first
-        groups: dict = {}
-        for r in ready:
-            root = find(next(iter(r.ntok)))
-            groups.setdefault(root, []).append(r)
-        comps = []
-        for root, reqs in groups.items():
-            insts = frozenset(i for r in reqs for i in r.ntok)
-            reqs.sort(key=lambda r: r.seq)
-            comps.append((insts, reqs))
-        comps.sort(key=lambda c: min(c[0]))
-        return comps
+            nt = r.ntok
+            if len(nt) == 1:
+                for i in nt:
+                    if i in idle_set:
+                        lst = by_inst.get(i)
+                        if lst is None:
+                            by_inst[i] = [r]
+                        else:
+                            lst.append(r)
+            elif idle_set.issuperset(nt):
+                multi.append(r)
+                roots = []
+                for i in nt:
+                    parent.setdefault(i, i)
+                    roots.append(find(i))
+                low = min(roots)
+                for x in roots:
+                    parent[x] = low
+        for i in by_inst:
+            parent.setdefault(i, i)
+        comps: dict = {}        # root -> (instances, requests)
+        for i in sorted(parent):
+            root = find(i)
+            entry = comps.get(root)
+            if entry is None:
+                entry = comps[root] = (set(), [])
+            entry[0].add(i)
+            if i in by_inst:
+                entry[1].extend(by_inst[i])
+        for r in multi:
+            comps[find(next(iter(r.ntok)))][1].append(r)
+        return [(frozenset(insts), reqs) for _, (insts, reqs) in sorted(comps.items())]
 
     def _dispatch(self) -> list:
         """Prefill candidates in FCFS order (see step 2 of the module docstring)."""
@@ -445,31 +456,37 @@ class ESPScheduler:
                              r.prefill_len)
         return costs
 
-    def _solve(self, cands, pool, defer):
-        return solve(self.cost_model, [r.prefill_len for r in cands],
-                     [self._free_pages(i) for i in pool], self.page_size, defer,
-                     self.policy.group_sizes, self.policy.max_prefill_time)
+    def _solve(self, cands, pool, defer, table=None):
+        if table is None:
+            table = self._table(cands, len(pool))
+        return solve_table(table, [self._free_pages(i) for i in pool], defer)
 
-    def _solve_pinned(self, cands: list, pool: list, now: float):
+    def _table(self, cands, max_instances):
+        return BatchTable(self.cost_model, [r.prefill_len for r in cands], self.page_size,
+                          max_instances, self.policy.group_sizes, self.policy.max_prefill_time)
+
+    def _solve_pinned(self, cands: list, pool: list, now: float, max_instances: int):
         """DP under the out-of-order bound: a pinned candidate (overtaken max_out_of_order
         times) may be deferred only if every later candidate is too. So the candidates are cut
         at the first deferred pinned one: the pinned before the cut must run (inf defer cost),
         nothing from the cut on runs. The largest feasible cut is found by bisection
         (feasibility only shrinks as the cut grows: more forced requests, same pool).
-        Returns (result, candidates kept, their defer costs)."""
+        Returns (result, candidates kept, their defer costs, their BatchTable)."""
         defer_all = self._defer_costs(cands, now)
         pinned = [k for k, d in enumerate(defer_all) if d == INF]
-        res = self._solve(cands, pool, defer_all)
+        table = self._table(cands, max_instances)
+        res = self._solve(cands, pool, defer_all, table)
         if res.cost < INF or not pinned:
-            return res, cands, defer_all
+            return res, cands, defer_all, table
         lo, hi = 0, len(pinned) - 1       # cut at pinned[lo] is feasible (nothing forced)
         best = None
         while lo <= hi:
             mid = (lo + hi) // 2
             c = pinned[mid]
-            trial = self._solve(cands[:c], pool, defer_all[:c])
+            sub = self._table(cands[:c], max_instances)
+            trial = self._solve(cands[:c], pool, defer_all[:c], sub)
             if trial.cost < INF:
-                best = (trial, cands[:c], defer_all[:c])
+                best = (trial, cands[:c], defer_all[:c], sub)
                 lo = mid + 1
             else:
                 hi = mid - 1
@@ -478,14 +495,22 @@ class ESPScheduler:
     def _plan_prefill(self, cands: list, pool: list, comps: list, now: float):
         """Run the DP on the pool, then try adding decode components (preemption)."""
         pol = self.policy
-        res, cands, defer = self._solve_pinned(cands, pool, now)
+        max_instances = len(pool) + sum(len(c[0]) for c in comps)
+        res, cands, defer, table = self._solve_pinned(cands, pool, now, max_instances)
         if pol.preempt_decode and comps and (res.deferred or res.cost == INF):
             tried = sorted(comps, key=lambda c: (len(c[1]), min(c[0])))
             tried = [c for c in tried if self._comp_preempted.get(c[0], 0) <
                      pol.max_decode_preemptions][: pol.preempt_max_components]
+            # No trial can beat res.cost if the slowdown alone, at the shortest time any
+            # feasible batch can take, does not (skips the DP for long-running decodes).
+            finite = np.isfinite(table.C) if table.G and table.n else None
+            t_min = float(table.T[finite].min()) if finite is not None and finite.any() else 0.0
             for comp in tried:
+                if pol.preempt_weight * t_min * sum(1.0 / max(1, r.generated)
+                                                    for r in comp[1]) >= res.cost:
+                    continue
                 trial_pool = pool + sorted(comp[0])
-                trial = self._solve(cands, trial_pool, defer)
+                trial = self._solve(cands, trial_pool, defer, table)
                 if trial.cost == INF:
                     continue
                 t_pf = max((t for _, _, t in trial.batches), default=0.0)
@@ -570,24 +595,12 @@ class ESPScheduler:
         pol = self.policy
         cap = pol.max_requests_per_master
         M = min(len(insts), -(-len(reqs) // cap))
-        masters = sorted(insts, key=lambda i: (self._used[i], i))[:M]
-        mset = set(masters)
-        load = {m: 0 for m in masters}
-        assigned = {}
-        for r in reqs:
-            if r.master in mset and load[r.master] < cap:
-                assigned[r.rid] = r.master
-                load[r.master] += 1
-        for r in reqs:
-            if r.rid in assigned:
-                continue
-            hold = [m for m in masters if r.ntok.get(m, 0) and load[m] < cap]
-            m = max(hold, key=lambda m: (r.ntok[m], -m)) if hold else min(
-                masters, key=lambda m: (load[m], m))
-            assigned[r.rid] = m
-            load[m] += 1
-        for r in reqs:
-            r.master = assigned[r.rid]
+        if M == 1 and len(insts) == 1:
+            (m,) = insts
+            for r in reqs:
+                r.master = m
+        else:
+            self._assign_masters(insts, reqs, M, cap)
         if pol.migrate_consolidate:
             for r in reqs:
                 if len(r.ntok) > 1 and len(migrations) < pol.max_migrations:
@@ -596,28 +609,45 @@ class ESPScheduler:
         live = list(reqs)
         targets = {}
         shards = {}
+        ps, cap_pages, used_pages = self.page_size, self.pages_per_instance, self._used
         while True:
             ok = True
             for r in live:
                 if r.rid in targets:
                     continue
-                shards[r.rid] = tuple(sorted(r.ntok.items()))
-                t = r.master if self._room(r, r.master) else None
-                if t is None and pol.scale_up:
-                    cands = [i for i in sorted(insts) if self._room(r, i)]
-                    if not cands:
-                        cands = [i for i in free_idle if self._room(r, i)]
-                    if cands:
-                        t = max(cands, key=lambda i: (self._free_pages(i), -i))
-                        if t in free_idle:
-                            free_idle.remove(t)
+                nt = r.ntok
+                shards[r.rid] = tuple(nt.items()) if len(nt) == 1 else tuple(sorted(nt.items()))
+                m = r.master
+                n = nt.get(m, 0)
+                if n % ps:                       # room in its last page on the master
+                    t = m
+                elif used_pages[m] < cap_pages:  # a free page on the master
+                    t = m
+                    used_pages[m] += 1
+                else:
+                    t = None
+                    if pol.scale_up:
+                        t = self._scale_up_target(r, insts, free_idle)
+                        if t is not None and t not in insts:
                             insts = insts | {t}
-                        self.stats["scale_ups"] += 1
-                if t is None:
-                    ok = False
-                    break
-                self._add_kv(r, t, r.kv_len, r.kv_len + 1)
-                targets[r.rid] = t
+                    if t is None:
+                        ok = False
+                        break
+                    self._append(r, t)
+                    targets[r.rid] = t
+                    continue
+                # Inline _append for the master (the common case; 256 requests per schedule).
+                nt[m] = n + 1
+                pos = r.kv_len
+                rs = r.ranges.get(m)
+                if rs is None:
+                    r.ranges[m] = [[pos, pos + 1]]
+                elif rs[-1][1] == pos:
+                    rs[-1][1] = pos + 1
+                else:
+                    rs.append([pos, pos + 1])
+                r.kv_len = pos + 1
+                targets[r.rid] = m
             if ok:
                 break
             if not pol.recompute:
@@ -635,7 +665,10 @@ class ESPScheduler:
         for r in live:
             used |= r.ntok.keys()
             used.add(r.master)
-        holders = {i for r in live for i, _ in shards[r.rid]}
+        holders = set()
+        for r in live:
+            for i, _ in shards[r.rid]:
+                holders.add(i)
         pred = self.cost_model._decode(len(live), sum(r.kv_len for r in live), len(holders),
                                        len({r.master for r in live}))
         bid = self._next_batch_id()
@@ -645,6 +678,55 @@ class ESPScheduler:
         return DecodeBatch(bid, tuple(sorted(used)), tuple(r.rid for r in live),
                            tuple(r.master for r in live), tuple(shards[r.rid] for r in live),
                            tuple(targets[r.rid] for r in live), pred)
+
+    def _assign_masters(self, insts, reqs: list, M: int, cap: int) -> None:
+        """M masters in used-token order; a request keeps its master if chosen and not full,
+        else the chosen master holding most of its KV, else the least loaded (step 6)."""
+        masters = sorted(insts, key=lambda i: (self._used[i], i))[:M]
+        load = {m: 0 for m in masters}
+        rest = []
+        for r in reqs:
+            if r.master in load and load[r.master] < cap:
+                load[r.master] += 1
+            else:
+                rest.append(r)
+        for r in rest:
+            hold = [m for m in masters if r.ntok.get(m, 0) and load[m] < cap]
+            m = max(hold, key=lambda m: (r.ntok[m], -m)) if hold else min(
+                masters, key=lambda m: (load[m], m))
+            r.master = m
+            load[m] += 1
+
+    def _scale_up_target(self, r: _Req, insts, free_idle: list):
+        """Where r's next token goes when its master is full: the batch's instance with the most
+        free pages, else an unclaimed idle one (taken out of free_idle); None if none has room."""
+        cands = [i for i in insts if self._room(r, i)]
+        if not cands:
+            cands = [i for i in free_idle if self._room(r, i)]
+        if not cands:
+            return None
+        t = max(cands, key=lambda i: (self._free_pages(i), -i))
+        if t in free_idle:
+            free_idle.remove(t)
+        self.stats["scale_ups"] += 1
+        return t
+
+    def _append(self, r: _Req, inst: int) -> None:
+        """Reserve r's next token (position kv_len) on inst."""
+        n = r.ntok.get(inst, 0)
+        if n % self.page_size == 0:
+            self._used[inst] += 1
+            assert self._used[inst] <= self.pages_per_instance, "KV books over capacity"
+        r.ntok[inst] = n + 1
+        pos = r.kv_len
+        rs = r.ranges.get(inst)
+        if rs is None:
+            r.ranges[inst] = [[pos, pos + 1]]
+        elif rs[-1][1] == pos:
+            rs[-1][1] = pos + 1
+        else:
+            rs.append([pos, pos + 1])
+        r.kv_len = pos + 1
 
     def _consolidate(self, r: _Req, migrations: list) -> None:
         m = r.master
