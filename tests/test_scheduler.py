@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 import esp_kernels as esp
 from esp_kernels.scheduler import (CostModel, DecodeBatch, ESPScheduler, IterationPlan,
                                    MigrationOrder, PrefillGroup)
-from esp_kernels.scheduler.batching import solve
+from esp_kernels.scheduler.batching import default_group_sizes, solve
 
 CM = CostModel.default()
 
@@ -25,7 +25,7 @@ def brute_force(cm, lengths, free_pages, ps, defer, group_sizes, max_time):
     n, m = len(lengths), len(free_pages)
     order = sorted(range(n), key=lambda i: (lengths[i], i))
     inst = sorted(range(m), key=lambda k: (free_pages[k], k))
-    G = sorted({g for g in (group_sizes or range(1, m + 1)) if 1 <= g <= m})
+    G = sorted({g for g in (group_sizes or default_group_sizes(m)) if 1 <= g <= m})
     best = math.inf
     for labels in itertools.product("DSC", repeat=n):
         if any(c == "C" and (p is None or p == "D")
@@ -349,25 +349,43 @@ def test_scale_up_appends_elsewhere_when_the_master_is_full():
 def test_mechanisms_all_happen_on_a_busy_workload():
     rng = random.Random(7)
     reqs = random_workload(rng, 60, max_prompt=3000, max_new=200, span=1.0)
-    s = ESPScheduler(4, 4096, CM, page_size=16)
+    s = ESPScheduler(4, 2048, CM, page_size=16)
     h = Harness(s, reqs, seed=7).run()
     h.check_finished()
-    for key in ("migrations", "decode_preempted_for_prefill", "scale_ups", "deferred"):
+    for key in ("migrations", "decode_preempted_for_prefill", "scale_ups", "deferred",
+                "recompute_preemptions"):
         assert s.stats[key] > 0, (key, s.stats)
     assert any(len(g["instances"]) > 1 for it in h.plans for g in it["prefills"])
 
 
-def test_long_prompt_gets_a_large_group_and_short_ones_decode_meanwhile():
+@pytest.mark.parametrize("decode_tokens, runs_now", [(100, False), (5000, True)])
+def test_long_prompt_runs_now_only_if_that_beats_waiting(decode_tokens, runs_now):
+    """LoongServe's dispatch rule: with 4 of 8 instances decoding, a 400k-token prompt runs now
+    on the free ones only if that costs less than waiting for the decodes to end and taking all
+    8. Short decodes (100 tokens, ~1 s): wait. Long ones (5000 tokens, ~50 s): run now. When it
+    runs, retention packs the 400k tokens onto as few instances as hold them (2)."""
     s = ESPScheduler(8, 200_000, CM, page_size=16)
     for i in range(4):
-        s.add_request(f"s{i}", 500, 100)
+        s.add_request(f"s{i}", 500, decode_tokens)
     it = s.schedule(0.0)
     s.update(it, now=it.predicted_time)
+    # Retention kept each short request on one instance: 4 hold KV, 4 are empty.
+    assert sum(s.kv_used(i) > 0 for i in range(8)) == 4
     s.add_request("long", 400_000, 10)
     it = s.schedule(1.0)
+    assert it.decodes
+    if runs_now:
+        (g,) = it.prefills
+        assert g.requests == ("long",) and len(g.instances) == 4
+        assert len({i for i, _, _ in g.retention[0]}) == 2
+        return
+    assert not it.prefills
+    while s.state("long") == "queued":
+        s.update(it, now=1.0)
+        it = s.schedule(1.0)
     (g,) = it.prefills
-    assert g.requests == ("long",) and len(g.instances) >= 2
-    # Retention packs the 400k tokens onto as few instances as can hold them.
+    assert len(g.instances) == 8
+    assert all(s.state(f"s{i}") == "finished" for i in range(4))
     assert len({i for i, _, _ in g.retention[0]}) == 2
 
 

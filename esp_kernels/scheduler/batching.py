@@ -8,7 +8,10 @@ Search space (the DP is exact over it):
 - the pool's instances sorted by free pages (ascending; ties by the given order); batches, in
   length order, take disjoint runs of consecutive instances in that order (the longest requests
   get the roomiest instances); instances may be left unused (they stay free for decode);
-- a batch's group size is one of `group_sizes`;
+- a batch's group size is one of `group_sizes` (default_group_sizes: every size up to 16, then
+  multiples of 4 up to 32, of 8 up to 64, of 16 beyond, and the whole pool: with 64 instances
+  the DP does 24 sizes instead of 64, 2.7x less work, and a 37-instance group is no better
+  than 40 in any way the scheduler can use);
 - feasibility: the batch's pages Σ ceil(l / page_size) fit in the free pages of its instances
   (fill-first retention needs exactly that many: only a request's last piece on an instance
   rounds up); its prefill time is <= max_prefill_time unless it is a single request.
@@ -64,6 +67,13 @@ def batch_cost_table(cost_model, lengths_sorted: np.ndarray, group_sizes: np.nda
     return np.where(ok, T * inv[None], INF), T
 
 
+def default_group_sizes(max_instances: int) -> list:
+    sizes = set(range(1, min(max_instances, 16) + 1)) | {max_instances}
+    for lo, hi, step in ((16, 32, 4), (32, 64, 8), (64, 1 << 30, 16)):
+        sizes |= set(range(lo + step, min(hi, max_instances) + 1, step))
+    return sorted(sizes)
+
+
 class BatchTable:
     """What the DP needs of a candidate set, independent of the pool: the length order, the
     batch cost table for group sizes up to max_instances, and page prefix sums. Built once per
@@ -74,7 +84,7 @@ class BatchTable:
         self.n = n = len(lengths)
         self.order = sorted(range(n), key=lambda i: (lengths[i], i))
         L = np.array([lengths[i] for i in self.order], dtype=np.int64)
-        self.G = sorted({int(g) for g in (group_sizes or range(1, max_instances + 1))
+        self.G = sorted({int(g) for g in (group_sizes or default_group_sizes(max_instances))
                          if 1 <= g <= max_instances})
         self.max_instances = max_instances
         pg = np.concatenate([[0], np.cumsum(-(-L // page_size))])

@@ -163,6 +163,7 @@ class ESPScheduler:
         self._busy: dict = {}           # instance -> batch id
         self._running: dict = {}        # batch id -> (batch, predicted end)
         self._comp_preempted: dict = {}  # frozenset(instances) -> consecutive preemptions
+        self._solo_time: dict = {}      # (group size, tokens) -> prefill_time, memo
         self._seq = 0
         self._batch_id = 0
         self._iter = 0
@@ -404,7 +405,7 @@ class ESPScheduler:
         pol = self.policy
         cap_tokens = pol.admission_ratio * self.num_instances * self.pages_per_instance * \
             self.page_size
-        alive = [(r.kv_len, r.remaining - 1) for r in self._decoding.values()]
+        alive = [(r.kv_len, r.max_new - r.generated - 1) for r in self._decoding.values()]
         for b, _ in self._running.values():
             if isinstance(b, PrefillGroup):
                 for rid in b.requests:
@@ -433,16 +434,38 @@ class ESPScheduler:
                 break        # pinned: nothing behind it may overtake it
         return cands
 
-    def _defer_costs(self, cands: list, now: float) -> list:
+    def _defer_costs(self, cands: list, now: float, comps: list) -> list:
         """Cost of leaving each candidate queued (see step 3); inf for pinned candidates."""
         pol = self.policy
-        ends = [end for _, end in self._running.values()]
-        if not pol.defer or not ends:
-            wait = INF
-        else:
-            wait = max(0.0, min(ends) - now)
+        cm = self.cost_model
+        # When do more instances free up? A prefill group: when it ends. Decoding instances:
+        # when their longest request has generated its last token (max_new_tokens bounds it;
+        # LoongServe estimates the same from output lengths), at the batch's step time.
+        waits = []
+        for b, end in self._running.values():
+            w = end - now
+            if isinstance(b, DecodeBatch):
+                w += b.predicted_time * max(self._reqs[rid].max_new - self._reqs[rid].generated
+                                            - 1 for rid in b.requests)
+            waits.append(w)
+        for insts, reqs in comps:
+            step = cm._decode(len(reqs), sum(r.kv_len for r in reqs), len(insts), len(insts))
+            waits.append(step * max(r.max_new - r.generated for r in reqs))
+        wait = max(0.0, min(waits)) if pol.defer and waits else INF
         best_g = max((g for g in pol.group_sizes or (self.num_instances,)
                       if g <= self.num_instances), default=1)
+        if wait < INF:
+            memo = self._solo_time       # a queued request is priced at every schedule()
+            lens = {r.prefill_len for r in cands}
+            miss = sorted(L for L in lens if (best_g, L) not in memo)
+            if len(memo) + len(miss) > 1 << 16:
+                memo.clear()
+                miss = sorted(lens)
+            if miss:
+                m = np.array(miss, dtype=np.float64)
+                t = self.cost_model.prefill_time_array(np.full_like(m, best_g), np.ones_like(m),
+                                                       m, m * m)
+                memo.update({(best_g, L): float(x) for L, x in zip(miss, t)})
         costs = []
         for r in cands:
             if r.overtaken >= pol.max_out_of_order:
@@ -452,8 +475,7 @@ class ESPScheduler:
                 # still lets the DP defer what cannot fit now.
                 costs.append(1e12 / r.prefill_len)
             else:
-                costs.append((wait + self.cost_model.prefill_time(best_g, [r.prefill_len])) /
-                             r.prefill_len)
+                costs.append((wait + self._solo_time[(best_g, r.prefill_len)]) / r.prefill_len)
         return costs
 
     def _solve(self, cands, pool, defer, table=None):
@@ -465,14 +487,15 @@ class ESPScheduler:
         return BatchTable(self.cost_model, [r.prefill_len for r in cands], self.page_size,
                           max_instances, self.policy.group_sizes, self.policy.max_prefill_time)
 
-    def _solve_pinned(self, cands: list, pool: list, now: float, max_instances: int):
+    def _solve_pinned(self, cands: list, pool: list, now: float, max_instances: int,
+                      comps: list):
         """DP under the out-of-order bound: a pinned candidate (overtaken max_out_of_order
         times) may be deferred only if every later candidate is too. So the candidates are cut
         at the first deferred pinned one: the pinned before the cut must run (inf defer cost),
         nothing from the cut on runs. The largest feasible cut is found by bisection
         (feasibility only shrinks as the cut grows: more forced requests, same pool).
         Returns (result, candidates kept, their defer costs, their BatchTable)."""
-        defer_all = self._defer_costs(cands, now)
+        defer_all = self._defer_costs(cands, now, comps)
         pinned = [k for k, d in enumerate(defer_all) if d == INF]
         table = self._table(cands, max_instances)
         res = self._solve(cands, pool, defer_all, table)
@@ -496,7 +519,7 @@ class ESPScheduler:
         """Run the DP on the pool, then try adding decode components (preemption)."""
         pol = self.policy
         max_instances = len(pool) + sum(len(c[0]) for c in comps)
-        res, cands, defer, table = self._solve_pinned(cands, pool, now, max_instances)
+        res, cands, defer, table = self._solve_pinned(cands, pool, now, max_instances, comps)
         if pol.preempt_decode and comps and (res.deferred or res.cost == INF):
             tried = sorted(comps, key=lambda c: (len(c[1]), min(c[0])))
             tried = [c for c in tried if self._comp_preempted.get(c[0], 0) <
@@ -552,10 +575,13 @@ class ESPScheduler:
             self.stats["prefilled_requests"] += len(reqs)
         if scheduled:
             last = max(scheduled)
-            for r in self._queue:
-                if r.seq < last and r.seq not in scheduled:
-                    r.overtaken += 1
-            self._queue = [r for r in self._queue if r.seq not in scheduled]
+            q = self._queue
+            k = 0
+            while k < len(q) and q[k].seq <= last:   # the queue is in seq order
+                if q[k].seq not in scheduled:
+                    q[k].overtaken += 1
+                k += 1
+            self._queue = [r for r in q[:k] if r.seq not in scheduled] + q[k:]
         self.stats["deferred"] += len(res.deferred)
         return groups
 
@@ -605,49 +631,77 @@ class ESPScheduler:
             for r in reqs:
                 if len(r.ntok) > 1 and len(migrations) < pol.max_migrations:
                     self._consolidate(r, migrations)
-        # Appends (scale-up, recompute).
-        live = list(reqs)
-        targets = {}
-        shards = {}
+        # Appends. Fast path: every master has room (no scale-up, no recompute needed).
         ps, cap_pages, used_pages = self.page_size, self.pages_per_instance, self._used
+        shards_l, kv_total, done = [], 0, 0
+        for r in reqs:
+            nt = r.ntok
+            sh = tuple(nt.items()) if len(nt) == 1 else tuple(sorted(nt.items()))
+            m = r.master
+            n = nt.get(m, 0)
+            if n % ps:                       # room in its last page on the master
+                pass
+            elif used_pages[m] < cap_pages:  # a free page on the master
+                used_pages[m] += 1
+            else:
+                break
+            nt[m] = n + 1                    # _append, inlined: 256 requests per schedule()
+            pos = r.kv_len
+            rs = r.ranges.get(m)
+            if rs is None:
+                r.ranges[m] = [[pos, pos + 1]]
+            elif rs[-1][1] == pos:
+                rs[-1][1] = pos + 1
+            else:
+                rs.append([pos, pos + 1])
+            r.kv_len = pos + 1
+            kv_total += pos + 1
+            shards_l.append(sh)
+            done += 1
+        if done == len(reqs):
+            live = reqs
+            targets_l = [r.master for r in reqs]
+        else:
+            live, shards_l, targets_l = self._append_slow(reqs, done, shards_l, insts, free_idle,
+                                                          preemptions)
+            if not live:
+                return None
+            kv_total = sum(r.kv_len for r in live)
+        holders = {i for sh in shards_l for i, _ in sh}
+        masters_l = [r.master for r in live]
+        used = holders.union(masters_l, targets_l)
+        pred = self.cost_model._decode(len(live), kv_total, len(holders), len(set(masters_l)))
+        bid = self._next_batch_id()
+        for r in live:
+            r.batch = bid
+        self.stats["decode_batches"] += 1
+        return DecodeBatch(bid, tuple(sorted(used)), tuple([r.rid for r in live]),
+                           tuple(masters_l), tuple(shards_l), tuple(targets_l), pred)
+
+    def _append_slow(self, reqs: list, done: int, shards_l: list, insts, free_idle: list,
+                     preemptions: list):
+        """Appends from reqs[done] on when some master is full: scale-up, else recompute the
+        newest request and retry. Returns (live requests, their shards, their append targets)."""
+        pol = self.policy
+        live = list(reqs)
+        shards = {r.rid: sh for r, sh in zip(reqs, shards_l)}
+        targets = {r.rid: r.master for r in reqs[:done]}
         while True:
             ok = True
             for r in live:
                 if r.rid in targets:
                     continue
-                nt = r.ntok
-                shards[r.rid] = tuple(nt.items()) if len(nt) == 1 else tuple(sorted(nt.items()))
-                m = r.master
-                n = nt.get(m, 0)
-                if n % ps:                       # room in its last page on the master
-                    t = m
-                elif used_pages[m] < cap_pages:  # a free page on the master
-                    t = m
-                    used_pages[m] += 1
-                else:
-                    t = None
-                    if pol.scale_up:
-                        t = self._scale_up_target(r, insts, free_idle)
-                        if t is not None and t not in insts:
-                            insts = insts | {t}
-                    if t is None:
-                        ok = False
-                        break
-                    self._append(r, t)
-                    targets[r.rid] = t
-                    continue
-                # Inline _append for the master (the common case; 256 requests per schedule).
-                nt[m] = n + 1
-                pos = r.kv_len
-                rs = r.ranges.get(m)
-                if rs is None:
-                    r.ranges[m] = [[pos, pos + 1]]
-                elif rs[-1][1] == pos:
-                    rs[-1][1] = pos + 1
-                else:
-                    rs.append([pos, pos + 1])
-                r.kv_len = pos + 1
-                targets[r.rid] = m
+                shards[r.rid] = tuple(sorted(r.ntok.items()))
+                t = r.master if self._room(r, r.master) else None
+                if t is None and pol.scale_up:
+                    t = self._scale_up_target(r, insts, free_idle)
+                    if t is not None and t not in insts:
+                        insts = insts | {t}
+                if t is None:
+                    ok = False
+                    break
+                self._append(r, t)
+                targets[r.rid] = t
             if ok:
                 break
             if not pol.recompute:
@@ -660,24 +714,8 @@ class ESPScheduler:
             preemptions.append(victim.rid)
             live.remove(victim)
             if not live:
-                return None
-        used = set()
-        for r in live:
-            used |= r.ntok.keys()
-            used.add(r.master)
-        holders = set()
-        for r in live:
-            for i, _ in shards[r.rid]:
-                holders.add(i)
-        pred = self.cost_model._decode(len(live), sum(r.kv_len for r in live), len(holders),
-                                       len({r.master for r in live}))
-        bid = self._next_batch_id()
-        for r in live:
-            r.batch = bid
-        self.stats["decode_batches"] += 1
-        return DecodeBatch(bid, tuple(sorted(used)), tuple(r.rid for r in live),
-                           tuple(r.master for r in live), tuple(shards[r.rid] for r in live),
-                           tuple(targets[r.rid] for r in live), pred)
+                return [], [], []
+        return live, [shards[r.rid] for r in live], [targets[r.rid] for r in live]
 
     def _assign_masters(self, insts, reqs: list, M: int, cap: int) -> None:
         """M masters in used-token order; a request keeps its master if chosen and not full,
