@@ -7,6 +7,7 @@
     out, lse = esp.ring_prefill(q, k, v, seqlens, ring, retain=(plan, cache, layer))
     out = esp.distributed_decode(q, cache, decode_plan, group, layer=layer)
     esp.migrate_kv(cache, migration_plan, group)
+    sched = esp.scheduler.ESPScheduler(8, kv_slots, esp.scheduler.CostModel.default())
 
 See README.md for shapes, dtypes and the support matrix.
 """
@@ -19,8 +20,17 @@ from .kvcache import (CacheOutOfMemory, MigrationError, MigrationPlan, PagedKVCa
 from .merge import merge_states, merge_states_, merge_states_multi
 from .prefill import ring_prefill
 
+
+def __getattr__(name):
+    # esp.scheduler is pure Python and needs nothing above; imported on first use.
+    if name == "scheduler":
+        import importlib
+        return importlib.import_module(".scheduler", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "__version__", "config", "show_config", "comm", "reference", "striping",
+    "__version__", "config", "show_config", "comm", "reference", "striping", "scheduler",
     "merge_states", "merge_states_", "merge_states_multi",
     "ring_prefill", "PagedKVCache", "CacheOutOfMemory", "RetentionPlan", "MigrationPlan",
     "MigrationError", "migrate_kv", "DecodePlan", "decode_partial", "distributed_decode",

@@ -7,50 +7,84 @@
 
 Asynchronous: schedule() plans only instances that are idle (not in a batch handed out and not
 yet reported done through update()); a lock-step engine passes the whole IterationPlan back, an
-event-driven one (the simulator) each batch as it completes. KV is accounted when planned
-(retention, appends, migrations are applied to the scheduler's books at schedule() time), per
+event-driven one (the simulator) each batch as it completes. An empty plan means nothing can
+start until a running batch completes or a request arrives. KV is accounted when planned
+(retention, appends and migrations are applied to the scheduler's books at schedule() time), per
 instance in pages: a request's tokens on an instance take ceil(tokens / page_size) pages.
+Deterministic: the same calls give the same plans (no randomness, no dict-order dependence on
+hashing of rids).
+
+Token semantics: a prefill over n tokens leaves n KV tokens and generates 1 token; a decode step
+appends the KV of the last generated token and generates 1 token; a request finishes after
+max_new_tokens tokens (or when update() lists it in `finished`) and its KV is freed. A request
+preempted for recompute after g tokens is prefilled again over prompt_len + g tokens.
+
+add_request rejects (ValueError) a request that can never run: its peak KV, prompt_len +
+max_new_tokens - 1 tokens, needs more pages than all instances hold, counting one page of
+rounding per instance it may spread over; or its largest prefill (a recompute of that peak) does
+not fit the largest allowed group's pages.
 
 Every schedule(), in this order:
-1. Decode components. Decoding requests whose instances (KV holders) are all idle and not in a
-   running batch are grouped into components: requests sharing an instance must be in one
-   decode batch (batches of an iteration use disjoint instances).
-2. Dispatch (FCFS, bounded out-of-order). The queue is walked in arrival order (a recomputed
-   request keeps its place). A request is a prefill candidate if future-KV admission admits it:
-   with every alive request (decoding, prefilling, earlier candidates) sorted by remaining output
-   r descending and h = KV it already holds (a candidate: its prefill length), the peak KV is
-   max_k (Σ_{i<=k} h_i + r_k·(k+1)) (LoongServe), and it must fit `admission_ratio` of all slots
-   less one page per request and instance of rounding. A request that fails admission, or that
-   the DP below defers, may be overtaken; one overtaken `max_out_of_order` times is pinned: it
-   cannot be deferred and no later request is a candidate until it runs (no starvation).
-   At most `max_prefill_candidates` candidates and `max_prefill_tokens` tokens.
-3. Batching DP (batching.py; exact): candidates sorted by length are split into batches, each on
-   its own group size of the prefill pool, minimising Σ T(g, batch)·Σ1/l plus, per deferred
-   request, (W + T(best, l))/l, where W is the wait until the next running batch ends
-   (LoongServe's "run now on fewer instances only if that costs less than waiting"; with nothing
-   running W is unbounded, so whatever fits runs). The pool is the idle instances outside the
-   decode components.
+1. Decode components. Decoding requests whose KV instances are all idle are grouped into
+   components (union-find over the instances of each request): requests sharing an instance
+   must be in one decode batch, since batches of an iteration use disjoint instances.
+2. Dispatch: FCFS with a bounded out-of-order window. The queue is walked in arrival order (a
+   recomputed request keeps its place). A request is a prefill candidate if future-KV admission
+   (`admission`) admits it: with every alive request (decoding, prefilling, earlier candidates)
+   sorted by remaining output r descending and h = the KV it holds (a candidate: its prefill
+   length), the peak KV is max_k (Σ_{i<=k} h_i + r_k·(k+1)) (LoongServe's formula); it must fit
+   `admission_ratio` of all slots less one page per alive request (with nothing alive, any
+   request is admitted). The exact peak is computed only when the sum of every request's final
+   KV (an upper bound on it) does not fit. At most `max_prefill_candidates` candidates and
+   `max_prefill_tokens` prefill tokens (a first candidate is always allowed).
+   Bounded out-of-order: a request is overtaken when a later-arrived request starts its prefill
+   while it stays queued; one overtaken `max_out_of_order` times is pinned. A pinned request that
+   fails admission stops the walk. In the DP a pinned candidate cannot be deferred; if that makes
+   the DP infeasible, the candidates are cut at the first pinned one that must wait (the largest
+   feasible cut, by bisection): nothing behind it runs. So no request is overtaken more than
+   `max_out_of_order` times, and every admitted request eventually runs (decodes end and free
+   their KV; nothing new is admitted past a pinned request).
+3. Batching DP (batching.py; exact over its stated space): candidates sorted by length are split
+   into batches, each on its own group of the prefill pool, minimising LoongServe's input-token
+   latency Σ T(g, batch)·Σ1/l, plus (W + T(G, l))/l per deferred request, where G is the largest
+   allowed group and W the wait until instances free up: the earliest of a running prefill's end,
+   and a decode batch's or ready decode component's step time times its longest remaining output
+   (LoongServe's "run now on fewer instances only if that costs less than waiting"). With nothing
+   running or ready (or `defer` off) deferring costs 1e12/l: whatever fits runs. The pool: the
+   idle instances outside decode components.
 4. Preemption of decode for prefill (`preempt_decode`): if the DP deferred a candidate, decode
-   components (fewest requests first, at most `preempt_max_components` tried) join the pool when
-   the DP's gain exceeds the decode slowdown: prefill time · Σ_{its requests} 1/generated ·
-   `preempt_weight`. A component is not preempted `max_decode_preemptions` times in a row.
+   components (fewest requests first, at most `preempt_max_components`) are tried one at a time:
+   one joins the pool (its decode step waits an iteration; its KV stays) when the DP cost with it
+   plus the decode slowdown, the prefill's time · Σ_{its requests} 1/generated · `preempt_weight`,
+   is below the cost without it. A component is not preempted more than `max_decode_preemptions`
+   times in a row. A trial whose slowdown alone, at the cheapest feasible batch time, exceeds the
+   current cost is skipped without running the DP.
 5. Retention (proactive scale-down): each prefill group keeps each request's KV fill-first, in
    position order, on its members ordered by `retention_order`: "fewest" (most free pages first:
-   the batch lands on as few instances as possible, leaving the others empty) or "packed"
-   (fullest first: tops up instances that already hold KV). Contiguous ranges per request.
-6. Decode batches, one per component: M = ceil(R / max_requests_per_master) masters, the
-   component's instances in used-token order (least used first); a request keeps its master if
-   chosen and not full, else goes to the chosen master holding most of its KV, else the least
-   loaded. Migration (`migrate_consolidate`): a request spread over several instances has its
-   other shards moved to its master when the master has room for them plus the request's
-   remaining growth and migration_time < remaining steps × (decode_time over its holders -
-   decode_time on one), at most `max_migrations` per iteration. Each step's new token goes to the
-   master if it has room (free slot in its last page or a free page), else (`scale_up`) to the
-   component's instance with most free pages, else to an unclaimed idle instance; if nothing has
-   room, the newest request of the component is preempted for recompute (`recompute`) and the
-   placement retried.
+   the batch lands on as few instances as possible and the others stay empty, free for other
+   prefills) or "packed" (fullest first: tops up instances that already hold KV). Each request
+   gets contiguous ranges; fill-first needs exactly Σ ceil(l / page_size) pages, which the DP
+   checked. The instance holding a request's last tokens becomes its master.
+6. Decode batches, one per component: M = ceil(R / max_requests_per_master) masters (LoongServe's
+   ~128: decode is compute-bound beyond), the component's instances in used-token order (least
+   used first); a request keeps its master if chosen and not full, else goes to the chosen master
+   holding most of its KV, else the least loaded. Migration (`migrate_consolidate`, at most
+   `max_migrations` orders per iteration, executed before the batches): a request spread over
+   several instances has its other shards moved to its master when the master has room for them
+   plus the request's remaining growth, and migration_time(tokens) < remaining steps ×
+   (decode_time over its holders - decode_time on one instance). Each step's new token goes to
+   the master if it has room (a free slot in the request's last page there, or a free page); else
+   (`scale_up`) to the component's instance with the most free pages, else to an unclaimed idle
+   instance (it joins the batch); if nothing has room (`recompute`), the newest request (of those
+   holding KV on the master when scale-up is off) is preempted: its KV is freed everywhere, it is
+   requeued, listed in IterationPlan.preemptions and prefilled again later. If a schedule() made
+   only preemptions, it plans again at once so the freed instances are used.
 
-Policy knobs (keyword arguments; defaults in Policy): see Policy's fields.
+Predicted times: a PrefillGroup's is prefill_time(group size, seqlens); a DecodeBatch's is
+decode_time over its requests' KV after the append, its holders and masters; an IterationPlan's
+is the max over its batches plus the migration times of its migrations.
+
+Policy knobs: keyword arguments of ESPScheduler, fields of Policy (defaults there).
 """
 
 from __future__ import annotations
@@ -70,18 +104,20 @@ INF = math.inf
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """Every decision's knob (defaults: LoongServe's choices)."""
+    """Every decision's knob (the module docstring says where each acts)."""
     max_out_of_order: int = 8            # times a queued request may be overtaken; then pinned
     max_prefill_candidates: int = 16     # requests the DP considers per iteration
     max_prefill_tokens: int | None = None  # prefill tokens per iteration (None: no cap)
-    max_prefill_time: float | None = None  # a multi-request batch's prefill time cap (s)
-    group_sizes: tuple | None = None     # allowed ESP group sizes (None: 1..pool size)
+    max_prefill_time: float | None = None  # a multi-request batch's prefill time cap (s;
+                                           # LoongServe's max_prefill_time)
+    group_sizes: tuple | None = None     # allowed ESP group sizes (None: all up to 16, then
+                                         # coarser: batching.default_group_sizes)
     admission: bool = True               # future-KV admission
     admission_ratio: float = 1.0         # fraction of all KV slots admission may plan for
     defer: bool = True                   # the DP may leave a request queued when waiting pays
     preempt_decode: bool = True          # prefill may take idle decode instances when it pays
     preempt_weight: float = 1.0          # weight of the decode slowdown in that decision
-    preempt_max_components: int = 4      # decode components tried per iteration
+    preempt_max_components: int = 2      # decode components tried per iteration (cheapest first)
     max_decode_preemptions: int = 4      # consecutive preemptions of one decode component
     retention_order: str = "fewest"      # "fewest" (roomiest first) or "packed" (fullest first)
     max_requests_per_master: int = 128   # decode is compute-bound beyond this (LoongServe)
