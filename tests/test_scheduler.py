@@ -119,6 +119,7 @@ class Harness:
         self.admitted, self.rejected, self.eos = {}, [], set()
         self.plans, self.preempted, self.overtaken = [], set(), {}
         self.seq = {}
+        self.released = 0
 
     def run(self, max_steps=20_000):
         s, now, heap, tie = self.s, 0.0, [], itertools.count()
@@ -205,6 +206,16 @@ class Harness:
             assert len(mp) == len(it.migrations)
             for m in it.migrations:
                 assert m.src in idle and m.dst in idle
+        released = s.stats["released_instances"] - self.released
+        self.released = s.stats["released_instances"]
+        if released:
+            # An instance emptied for a queued prefill holds nothing and runs no decode now.
+            fresh = {r for g in it.prefills for r in g.requests}
+            emptied = {m.src for m in it.migrations
+                       if all(m.src not in s.placement(r) for r in self.admitted
+                              if r not in fresh)}
+            assert len(emptied) >= released
+            assert not emptied & {i for b in it.decodes for i in b.instances}
         for rid in it.preemptions:
             self.preempted.add(rid)
             again = [g for g in it.prefills if rid in g.requests]
@@ -353,7 +364,7 @@ def test_mechanisms_all_happen_on_a_busy_workload():
     h = Harness(s, reqs, seed=7).run()
     h.check_finished()
     for key in ("migrations", "decode_preempted_for_prefill", "scale_ups", "deferred",
-                "recompute_preemptions"):
+                "recompute_preemptions", "released_instances"):
         assert s.stats[key] > 0, (key, s.stats)
     assert any(len(g["instances"]) > 1 for it in h.plans for g in it["prefills"])
 

@@ -72,7 +72,12 @@ Every schedule(), in this order:
    `max_migrations` orders per iteration, executed before the batches): a request spread over
    several instances has its other shards moved to its master when the master has room for them
    plus the request's remaining growth, and migration_time(tokens) < remaining steps ×
-   (decode_time over its holders - decode_time on one instance). Each step's new token goes to
+   (decode_time over its holders - decode_time on one instance). Release (`migrate_for_prefill`):
+   if candidates were left queued, one non-master instance of a component is emptied by moving
+   its shards to the component's other instances when the decode slowdown (migration time ·
+   Σ 1/generated · `preempt_weight`) is below what the queued candidates that fit an instance
+   gain by running now on one instance instead of waiting (their defer cost less T(1, l)/l); the
+   freed instance joins the next schedule()'s prefill pool. Each step's new token goes to
    the master if it has room (a free slot in the request's last page there, or a free page); else
    (`scale_up`) to the component's instance with the most free pages, else to an unclaimed idle
    instance (it joins the batch); if nothing has room (`recompute`), the newest request (of those
@@ -123,6 +128,8 @@ class Policy:
     max_requests_per_master: int = 128   # decode is compute-bound beyond this (LoongServe)
     scale_up: bool = True                # append to another instance when the master is full
     migrate_consolidate: bool = True     # move a request's shards to its master when it pays
+    migrate_for_prefill: bool = True     # empty a decode instance for a queued prefill when
+                                         # it pays
     max_migrations: int = 8              # migration orders per iteration
     recompute: bool = True               # last resort on memory shortage: preempt the newest
 
@@ -200,6 +207,7 @@ class ESPScheduler:
         self._running: dict = {}        # batch id -> (batch, predicted end)
         self._comp_preempted: dict = {}  # frozenset(instances) -> consecutive preemptions
         self._solo_time: dict = {}      # (group size, tokens) -> prefill_time, memo
+        self._wants: list = []          # (pages, gain) of prefills waiting for an instance
         self._seq = 0
         self._batch_id = 0
         self._iter = 0
@@ -207,6 +215,7 @@ class ESPScheduler:
                       "prefilled_requests": 0, "decode_steps": 0, "migrations": 0,
                       "migrated_tokens": 0, "recompute_preemptions": 0,
                       "decode_preempted_for_prefill": 0, "scale_ups": 0, "finished": 0,
+                      "released_instances": 0,
                       "deferred": 0}
 
     # ---- requests --------------------------------------------------------------------------
@@ -368,11 +377,14 @@ class ESPScheduler:
         preemptions: list = []
         prefills: list = []
         claimed = set()
+        self._wants = []
         if self._queue and idle:
             cands = self._dispatch()
             if cands:
-                plan, pool, comps, cands = self._plan_prefill(cands, pool, comps, now)
-                prefills = self._commit_prefill(plan, cands, now)
+                plan, pool, comps, kept = self._plan_prefill(cands, pool, comps, now)
+                prefills = self._commit_prefill(plan, kept, now)
+                if self.policy.migrate_for_prefill and any(len(c[0]) > 1 for c in comps):
+                    self._wants = self._prefill_wants(cands, comps, now)
                 for g in prefills:
                     claimed |= set(g.instances)
                     for i in g.instances:   # the second pass of schedule() must not reuse them
@@ -385,6 +397,22 @@ class ESPScheduler:
             if b is not None:
                 decodes.append(b)
         return prefills, decodes, migrations, preemptions
+
+    def _prefill_wants(self, cands: list, comps: list, now: float) -> list:
+        """[(pages, gain)] of the candidates left queued: gain = their defer cost less their
+        cost on one instance now (what freeing an instance would be worth to each)."""
+        left = [r for r in cands if r.state == "queued"]
+        wants = []
+        for r, d in zip(left, self._defer_costs(left, now, comps)):
+            L = r.prefill_len
+            if d == INF:
+                d = 1e12 / L
+            t1 = self._solo_time.get((1, L))
+            if t1 is None:
+                t1 = self._solo_time[(1, L)] = self.cost_model.prefill_time(1, [L])
+            if d - t1 / L > 0:
+                wants.append((self._pages(L), d - t1 / L))
+        return wants
 
     def _decode_components(self, idle_set: set) -> list:
         """[(instances frozenset, [requests])]: ready decoding requests grouped by shared
@@ -667,6 +695,10 @@ class ESPScheduler:
             for r in reqs:
                 if len(r.ntok) > 1 and len(migrations) < pol.max_migrations:
                     self._consolidate(r, migrations)
+        if self._wants and len(insts) > 1:
+            freed = self._release(insts, reqs, migrations)
+            if freed is not None:
+                insts = insts - {freed}     # not a scale-up target: it stays empty
         # Appends. Fast path: every master has room (no scale-up, no recompute needed).
         ps, cap_pages, used_pages = self.page_size, self.pages_per_instance, self._used
         shards_l, kv_total, done = [], 0, 0
@@ -801,6 +833,57 @@ class ESPScheduler:
         else:
             rs.append([pos, pos + 1])
         r.kv_len = pos + 1
+
+    def _release(self, insts, reqs: list, migrations: list):
+        """Free one instance of this component for a queued prefill (`migrate_for_prefill`):
+        the non-master instance holding the fewest pages, if only this component's requests
+        hold KV there, each request's tokens there fit one other instance of the component
+        (plus the request's remaining growth if that instance is its master), and the
+        migration pays: migration_time x Σ 1/generated over the component's requests x
+        preempt_weight (the decode slowdown, as for preemption) < the gains of the queued
+        candidates that fit the freed instance. At most one instance per schedule(). Returns
+        the freed instance or None."""
+        pol = self.policy
+        masters = {r.master for r in reqs}
+        spare = sorted((self._used[i], i) for i in insts if i not in masters and self._used[i])
+        if not spare:
+            return None
+        x = spare[0][1]
+        on_x = [r for r in reqs if x in r.ntok]
+        if sum(self._pages(r.ntok[x]) for r in on_x) != self._used[x]:
+            return None                 # other requests' KV is there too
+        if len(migrations) + len(on_x) > pol.max_migrations:
+            return None
+        free = {i: self._free_pages(i) for i in insts if i != x}
+        moves, tokens = [], 0
+        for r in on_x:
+            n = r.ntok[x]
+            best = None
+            for i in sorted(free, key=lambda i: (-free[i], i)):
+                old = r.ntok.get(i, 0)
+                grow = r.remaining - 1 if i == r.master else 0
+                need = self._pages(old + n + grow) - self._pages(old)
+                if need <= free[i]:
+                    best = (i, self._pages(old + n) - self._pages(old))
+                    break
+            if best is None:
+                return None
+            free[best[0]] -= best[1]
+            moves.append((r, best[0]))
+            tokens += n
+        gain = sum(g for pages, g in self._wants if pages <= self.pages_per_instance)
+        slowdown = pol.preempt_weight * self.cost_model.migration_time(tokens) * sum(
+            1.0 / max(1, r.generated) for r in reqs)
+        if slowdown >= gain:
+            return None
+        for r, dst in moves:
+            migrations.append(MigrationOrder(r.rid, 0, r.kv_len, x, dst))
+            n = self._move_kv(r, x, dst)
+            self.stats["migrations"] += 1
+            self.stats["migrated_tokens"] += n
+        self.stats["released_instances"] += 1
+        self._wants = []
+        return x
 
     def _consolidate(self, r: _Req, migrations: list) -> None:
         m = r.master
