@@ -136,6 +136,8 @@ class Harness:
                 self.admitted[rid] = (p, n)
             idle = set(s.idle_instances())
             queued_before = [r for r in self.admitted if s.state(r) == "queued"]
+            self.ranges_before = {r: s.ranges(r) for r in self.admitted
+                                  if s.state(r) == "decoding"}
             it = s.schedule(now)
             self.check_plan(it, idle, queued_before)
             if self.lockstep and not it.empty and it.batches:
@@ -206,6 +208,14 @@ class Harness:
             assert len(mp) == len(it.migrations)
             for m in it.migrations:
                 assert m.src in idle and m.dst in idle
+                # The order names positions src held, and they are on dst afterwards.
+                held = self.ranges_before[m.request].get(m.src, [])
+                assert any(a <= m.start and m.end <= b for a, b in held), (m, held)
+                if m.request not in it.preemptions:
+                    now_at = s.ranges(m.request).get(m.dst, [])
+                    assert any(a <= m.start and m.end <= b for a, b in now_at)
+                    assert not any(a < m.end and m.start < b
+                                   for a, b in s.ranges(m.request).get(m.src, []))
         released = s.stats["released_instances"] - self.released
         self.released = s.stats["released_instances"]
         if released:

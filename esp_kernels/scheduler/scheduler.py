@@ -87,7 +87,9 @@ Every schedule(), in this order:
 
 Predicted times: a PrefillGroup's is prefill_time(group size, seqlens); a DecodeBatch's is
 decode_time over its requests' KV after the append, its holders and masters; an IterationPlan's
-is the max over its batches plus the migration times of its migrations.
+is the max over its batches plus migration_time of the tokens of each (src, dst) pair of its
+migrations (migrate_kv moves a pair's orders as one batch). A migration order names exactly the
+positions that move: one order per contiguous range the source holds.
 
 Policy knobs: keyword arguments of ESPScheduler, fields of Policy (defaults there).
 """
@@ -358,7 +360,11 @@ class ESPScheduler:
             for i in b.instances:
                 self._busy[i] = b.batch_id
             self._running[b.batch_id] = (b, now + b.predicted_time)
-        mig_time = sum(self.cost_model.migration_time(m.end - m.start) for m in migrations)
+        # migrate_kv runs the orders of one (src, dst) pair as one batch.
+        per_pair: dict = {}
+        for m in migrations:
+            per_pair[(m.src, m.dst)] = per_pair.get((m.src, m.dst), 0) + m.end - m.start
+        mig_time = sum(self.cost_model.migration_time(n) for n in per_pair.values())
         pred = max((b.predicted_time for b in prefills + decodes), default=0.0) + mig_time
         it = IterationPlan(self._iter, float(now), tuple(prefills), tuple(decodes),
                            tuple(migrations), tuple(preemptions), pred)
@@ -852,7 +858,7 @@ class ESPScheduler:
         on_x = [r for r in reqs if x in r.ntok]
         if sum(self._pages(r.ntok[x]) for r in on_x) != self._used[x]:
             return None                 # other requests' KV is there too
-        if len(migrations) + len(on_x) > pol.max_migrations:
+        if len(migrations) + sum(len(r.ranges[x]) for r in on_x) > pol.max_migrations:
             return None
         free = {i: self._free_pages(i) for i in insts if i != x}
         moves, tokens = [], 0
@@ -877,10 +883,7 @@ class ESPScheduler:
         if slowdown >= gain:
             return None
         for r, dst in moves:
-            migrations.append(MigrationOrder(r.rid, 0, r.kv_len, x, dst))
-            n = self._move_kv(r, x, dst)
-            self.stats["migrations"] += 1
-            self.stats["migrated_tokens"] += n
+            self._migrate(r, x, dst, migrations)
         self.stats["released_instances"] += 1
         self._wants = []
         return x
@@ -899,13 +902,19 @@ class ESPScheduler:
         gain = steps * (cm._decode(1, r.kv_len, len(r.ntok), 1) - cm._decode(1, r.kv_len, 1, 1))
         if cm.migration_time(moved) >= gain:
             return
-        for i, n in others:
-            if len(migrations) >= self.policy.max_migrations:
-                return
-            migrations.append(MigrationOrder(r.rid, 0, r.kv_len, i, m))
-            self._move_kv(r, i, m)
+        if len(migrations) + sum(len(r.ranges[i]) for i, _ in others) > \
+                self.policy.max_migrations:
+            return
+        for i, _ in others:
+            self._migrate(r, i, m, migrations)
+
+    def _migrate(self, r: _Req, src: int, dst: int, migrations: list) -> None:
+        """Move every token of r on src to dst: one order per contiguous range held there (so
+        end - start is what moves)."""
+        for a, b in r.ranges[src]:
+            migrations.append(MigrationOrder(r.rid, a, b, src, dst))
             self.stats["migrations"] += 1
-            self.stats["migrated_tokens"] += n
+        self.stats["migrated_tokens"] += self._move_kv(r, src, dst)
 
     def _preempt(self, r: _Req, targets: dict) -> None:
         """Recompute: free r's KV everywhere and requeue it at its FCFS place."""
