@@ -63,7 +63,7 @@ def brute_force(cm, lengths, free_pages, ps, defer, group_sizes, max_time):
     return best
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(data=st.data())
 def test_dp_equals_brute_force(data):
     n = data.draw(st.integers(0, 5), "n")
@@ -298,7 +298,7 @@ POLICIES = st.fixed_dictionaries({}, optional={
 })
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(seed=st.integers(0, 2 ** 32 - 1), N=st.integers(1, 4), pages=st.integers(4, 40),
        ps=st.sampled_from([1, 4, 16]), policy=POLICIES, eos=st.sampled_from([0.0, 0.05]),
        lockstep=st.booleans())
@@ -444,6 +444,10 @@ def test_constructor_and_update_errors():
         ESPScheduler(1, 8, CM, page_size=16)
     with pytest.raises(ValueError, match="retention_order"):
         ESPScheduler(1, 64, CM, retention_order="random")
+    with pytest.raises(ValueError, match="max_prefill_time must be None or > 0"):
+        ESPScheduler(1, 64, CM, max_prefill_time=0.0)
+    with pytest.raises(ValueError, match="max_out_of_order must be an int >= 0"):
+        ESPScheduler(1, 64, CM, max_out_of_order=-1)
     with pytest.raises(TypeError, match="unexpected keyword"):
         ESPScheduler(1, 64, CM, no_such_knob=1)
     s = ESPScheduler(1, 64, CM, page_size=16)

@@ -145,6 +145,15 @@ class Policy:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"policy {name} must be an int >= 1, got {v!r}")
+        if self.max_prefill_tokens is not None and (not isinstance(self.max_prefill_tokens, int)
+                                                    or self.max_prefill_tokens < 1):
+            raise ValueError(f"policy max_prefill_tokens must be None or an int >= 1, got "
+                             f"{self.max_prefill_tokens!r}")
+        if self.max_prefill_time is not None and not self.max_prefill_time > 0:
+            raise ValueError(f"policy max_prefill_time must be None or > 0, got "
+                             f"{self.max_prefill_time!r}")
+        if not self.preempt_weight >= 0:
+            raise ValueError(f"policy preempt_weight must be >= 0, got {self.preempt_weight!r}")
         if self.retention_order not in ("fewest", "packed"):
             raise ValueError(f"policy retention_order must be 'fewest' or 'packed', got "
                              f"{self.retention_order!r}")
