@@ -367,6 +367,25 @@ def test_scale_up_appends_elsewhere_when_the_master_is_full():
     assert s.stats["scale_ups"] >= 1
 
 
+@pytest.mark.parametrize("merge", [True, False])
+def test_full_decode_batch_merges_into_one_with_room(merge):
+    """A fills instance 0, B sits on instance 1, nothing is idle: A's next tokens go to
+    instance 1 by merging the two decode batches; with merging off, A is recomputed."""
+    s = ESPScheduler(2, 32, CM, page_size=4, merge_decode=merge, migrate_consolidate=False)
+    s.add_request("A", 31, 10)
+    s.add_request("B", 4, 10)
+    h = Harness(s, [], seed=0)
+    h.admitted = {"A": (31, 10), "B": (4, 10)}
+    h.seq = {"A": 0, "B": 1}
+    h.run()
+    h.check_finished()
+    if merge:
+        assert s.stats["decode_merges"] >= 1 and s.stats["recompute_preemptions"] == 0
+        assert any(set(d["requests"]) == {"A", "B"} for p in h.plans for d in p["decodes"])
+    else:
+        assert s.stats["recompute_preemptions"] >= 1
+
+
 def test_mechanisms_all_happen_on_a_busy_workload():
     rng = random.Random(7)
     reqs = random_workload(rng, 60, max_prompt=3000, max_new=200, span=1.0)
@@ -374,7 +393,7 @@ def test_mechanisms_all_happen_on_a_busy_workload():
     h = Harness(s, reqs, seed=7).run()
     h.check_finished()
     for key in ("migrations", "decode_preempted_for_prefill", "scale_ups", "deferred",
-                "recompute_preemptions", "released_instances"):
+                "released_instances", "decode_merges", "decode_waits"):
         assert s.stats[key] > 0, (key, s.stats)
     assert any(len(g["instances"]) > 1 for it in h.plans for g in it["prefills"])
 

@@ -68,7 +68,13 @@ Every schedule(), in this order:
 6. Decode batches, one per component: M = ceil(R / max_requests_per_master) masters (LoongServe's
    ~128: decode is compute-bound beyond), the component's instances in used-token order (least
    used first); a request keeps its master if chosen and not full, else goes to the chosen master
-   holding most of its KV, else the least loaded. Migration (`migrate_consolidate`, at most
+   holding most of its KV, else the least loaded. Merge (`merge_decode`): before that, a
+   component whose instances lack the free pages its requests' new tokens need (a request needs
+   one when its tokens on its master fill their last page) is merged into the component with
+   the largest surplus that covers it, so the tokens go there rather than onto an idle instance
+   or to recompute; and a request whose token has nowhere to go while some instance outside its
+   batch (busy now, or in another batch) has free pages skips the step, to merge when both are
+   ready (asynchronous batches rarely are at once). Migration (`migrate_consolidate`, at most
    `max_migrations` orders per iteration, executed before the batches): a request spread over
    several instances has its other shards moved to its master when the master has room for them
    plus the request's remaining growth, and migration_time(tokens) < remaining steps ×
@@ -128,6 +134,8 @@ class Policy:
     max_decode_preemptions: int = 4      # consecutive preemptions of one decode component
     retention_order: str = "fewest"      # "fewest" (roomiest first) or "packed" (fullest first)
     max_requests_per_master: int = 128   # decode is compute-bound beyond this (LoongServe)
+    merge_decode: bool = True            # merge a decode batch short of KV pages into one
+                                         # with room (before scaling up onto idle instances)
     scale_up: bool = True                # append to another instance when the master is full
     migrate_consolidate: bool = True     # move a request's shards to its master when it pays
     migrate_for_prefill: bool = True     # empty a decode instance for a queued prefill when
@@ -226,7 +234,7 @@ class ESPScheduler:
                       "prefilled_requests": 0, "decode_steps": 0, "migrations": 0,
                       "migrated_tokens": 0, "recompute_preemptions": 0,
                       "decode_preempted_for_prefill": 0, "scale_ups": 0, "finished": 0,
-                      "released_instances": 0,
+                      "released_instances": 0, "decode_merges": 0, "decode_waits": 0,
                       "deferred": 0}
 
     # ---- requests --------------------------------------------------------------------------
@@ -407,11 +415,38 @@ class ESPScheduler:
         migrations: list = []
         decodes: list = []
         free_idle = [i for i in idle if i not in claimed and i not in comp_insts]
+        if self.policy.merge_decode and len(comps) > 1:
+            comps = self._merge_short(comps)
         for insts, reqs in comps:
             b = self._plan_decode(insts, reqs, free_idle, migrations, preemptions)
             if b is not None:
                 decodes.append(b)
         return prefills, decodes, migrations, preemptions
+
+    def _merge_short(self, comps: list) -> list:
+        """Merge each decode component short of pages for this step's new tokens with the one
+        with the largest surplus that covers the shortfall (LoongServe merges a batch out of
+        memory into one with room before scaling up onto idle instances). A request needs a
+        page when its token count on its master fills its last page."""
+        ps = self.page_size
+        surplus = []
+        for insts, reqs in comps:
+            need = sum(1 for r in reqs if r.ntok.get(r.master, 0) % ps == 0)
+            surplus.append(sum(self._free_pages(i) for i in insts) - need)
+        merged = list(comps)
+        taken = set()
+        for a in range(len(comps)):
+            if surplus[a] >= 0 or a in taken:
+                continue
+            best = max((b for b in range(len(comps)) if b != a and b not in taken and
+                        surplus[b] >= -surplus[a]), key=lambda b: (surplus[b], -b), default=None)
+            if best is None:
+                continue
+            taken |= {a, best}
+            merged[a] = (comps[a][0] | comps[best][0], comps[a][1] + comps[best][1])
+            merged[best] = None
+            self.stats["decode_merges"] += 1
+        return [c for c in merged if c is not None]
 
     def _prefill_wants(self, cands: list, comps: list, now: float) -> list:
         """[(pages, gain)] of the candidates left queued: gain = their defer cost less their
@@ -763,8 +798,10 @@ class ESPScheduler:
 
     def _append_slow(self, reqs: list, done: int, shards_l: list, insts, free_idle: list,
                      preemptions: list):
-        """Appends from reqs[done] on when some master is full: scale-up, else recompute the
-        newest request and retry. Returns (live requests, their shards, their append targets)."""
+        """Appends from reqs[done] on when some master is full: scale-up; else, with
+        merge_decode, wait a step if some instance outside the batch has free pages; else
+        recompute the newest request and retry. Returns (live requests, their shards, their
+        append targets)."""
         pol = self.policy
         live = list(reqs)
         shards = {r.rid: sh for r, sh in zip(reqs, shards_l)}
@@ -787,6 +824,17 @@ class ESPScheduler:
                 targets[r.rid] = t
             if ok:
                 break
+            if pol.merge_decode and any(self._used[i] < self.pages_per_instance
+                                        for i in range(self.num_instances)
+                                        if i not in insts and i not in free_idle):
+                # Room exists on instances busy now or in other decode batches (idle free ones
+                # were tried by scale-up): r skips this step and merges with them when both
+                # are ready, rather than be recomputed.
+                live.remove(r)
+                self.stats["decode_waits"] += 1
+                if not live:
+                    return [], [], []
+                continue
             if not pol.recompute:
                 raise MemoryError(f"decode: no instance has room for the next token of request "
                                   f"{r.rid!r} and recompute is off")
