@@ -632,12 +632,15 @@ class ESPScheduler:
     def _plan_prefill(self, cands: list, pool: list, comps: list, now: float):
         """Run the DP on the pool, then try adding decode components (preemption)."""
         pol = self.policy
-        max_instances = len(pool) + sum(len(c[0]) for c in comps)
-        res, cands, defer, table = self._solve_pinned(cands, pool, now, max_instances, comps)
-        if pol.preempt_decode and comps and (res.deferred or res.cost == INF):
+        tried = []
+        if pol.preempt_decode:
             tried = sorted(comps, key=lambda c: (len(c[1]), min(c[0])))
             tried = [c for c in tried if self._comp_preempted.get(c[0], 0) <
                      pol.max_decode_preemptions][: pol.preempt_max_components]
+        # The table covers the largest pool any trial can reach.
+        max_instances = len(pool) + sum(len(c[0]) for c in tried)
+        res, cands, defer, table = self._solve_pinned(cands, pool, now, max_instances, comps)
+        if tried and (res.deferred or res.cost == INF):
             # No trial can beat res.cost if the slowdown alone, at the shortest time any
             # feasible batch can take, does not (skips the DP for long-running decodes).
             finite = np.isfinite(table.C) if table.G and table.n else None
