@@ -8,9 +8,9 @@ from this project or a datasheet:
   3.0 TB/s (copy rate measured on the H100, /work/shared/anchors README); per-layer time is
   the larger of the two plus 20 us of launches (~10 kernels).
 - Prefill attention: causal FLOPs 2·Hq·D·l² at rate(t) = 700 TFLOP/s · t / (t + 1300) for a
-  ring step of t = l/P tokens, which passes through the anchors' FA3 strict-lower step rates
-  (397 / 537 / 644 TFLOP/s at 2k / 4k / 8k measured; 425 / 528 / 602 here) and their 656-671
-  full-causal rate at 16k-64k; 10 us launch cost per ring step.
+  ring step of t = l/P tokens, close to the anchors' FA3 strict-lower step rates (397 / 537 /
+  644 TFLOP/s measured at 2k / 4k / 8k; 428 / 531 / 604 here) and their 656-671 full-causal
+  rates at 16k-64k (648-686 here); 10 us launch cost per ring step.
 - Decode attention: 12 us + KV bytes / 3.0 TB/s + 0.3 us per request, which reproduces the
   anchors' paged decode (B1 L128k 194 us -> 191; B8 L1k 26.2 us -> 25.6).
 - Copy: 5 us + bytes / 3.0 TB/s.

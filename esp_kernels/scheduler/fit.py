@@ -55,10 +55,11 @@ def main(argv=None) -> int:
             doc = json.load(f)
     train, held = split(doc, args.holdout_every)
     print(f"fitting on {len(train['samples'])} samples, {len(held['samples'])} held out")
+    held_out = CostModel.fit(train).report(held)
     print("held-out relative error:")
-    print(format_report(CostModel.fit(train).report(held)))
+    print(format_report(held_out))
     cm = CostModel.fit(doc)
-    cm.meta["held_out_report"] = CostModel.fit(train).report(held)
+    cm.meta["held_out_report"] = held_out
     cm.save(args.output)
     print(f"wrote {args.output} ({cm!r})")
     return 0
