@@ -442,7 +442,8 @@ def test_add_request_errors():
     s = ESPScheduler(2, 64, CM, page_size=16)
     with pytest.raises(ValueError, match="can never fit"):
         s.add_request("big", 120, 10)
-    s.add_request("ok", 60, 5)
+    s.add_request("ok", 60, 5, arrival=2.5)
+    assert s.request_arrival("ok") == 2.5 and s.state("ok") == "queued"
     with pytest.raises(ValueError, match="already added"):
         s.add_request("ok", 10, 5)
     with pytest.raises(ValueError, match="prompt_len must be an int >= 1"):

@@ -199,7 +199,14 @@ class _Req:
 
 
 class ESPScheduler:
-    """See the module docstring. Instances are 0..num_instances-1 (world ranks)."""
+    """See the module docstring. Instances are 0..num_instances-1 (world ranks).
+
+    stats (counters since construction): iterations (schedule() calls), prefill_batches,
+    prefilled_requests, decode_batches, decode_steps (request-steps completed), migrations
+    (orders), migrated_tokens, released_instances, scale_ups, decode_merges, decode_waits
+    (request-steps skipped to wait for a merge), recompute_preemptions,
+    decode_preempted_for_prefill (request-steps that waited for a prefill), deferred
+    (candidate-iterations the DP left queued), finished."""
 
     def __init__(self, num_instances: int, kv_slots_per_instance: int, cost_model: CostModel,
                  page_size: int = 16, **policy):
@@ -240,6 +247,8 @@ class ESPScheduler:
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, rid: Hashable, prompt_len: int, max_new_tokens: int,
                     arrival: float | None = None) -> None:
+        """Queue a request. FCFS order is the order of add_request calls; `arrival` is kept
+        for the caller (request_arrival) and does not reorder the queue."""
         if not isinstance(rid, (int, str)) or isinstance(rid, bool):
             raise ValueError(f"rid must be an int or str, got {rid!r}")
         if rid in self._reqs:
@@ -287,6 +296,9 @@ class ESPScheduler:
     def ranges(self, rid) -> dict:
         """{instance: [(start, end), ...]} global positions of the request held there."""
         return {i: [tuple(x) for x in rs] for i, rs in self._req(rid).ranges.items()}
+
+    def request_arrival(self, rid):
+        return self._req(rid).arrival
 
     def state(self, rid) -> str:
         return self._req(rid).state
