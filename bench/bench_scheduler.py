@@ -2,7 +2,8 @@
 256 queued + 256 decoding requests <= 1 ms; 64 instances <= 10 ms), and the curve as instances
 and queue grow.
 
-    python bench/bench_scheduler.py [--reps 40] [--instances 1,2,4,8,16,32,64] [--queue 0,16,64,256,1024]
+    python bench/bench_scheduler.py [--reps 40] [--instances 1,2,4,8,16,32,64]
+                                    [--queue 0,16,64,256,1024] [--decoding 256,0]
 
 State: every instance has 400k KV slots (an H100 holding Llama-3-8B: ~60 GB of KV at 128 KiB per
 token); `decoding` requests (prompts log-uniform 256..16k, outputs 64..1024) are prefilled and

@@ -13,7 +13,7 @@ from esp_kernels.scheduler import CostModel, CostModelError, ModelConfig
 from esp_kernels.scheduler.analytic import analytic_samples
 from esp_kernels.scheduler.cost_model import DEFAULT_PROFILE
 from esp_kernels.scheduler.fit import main as fit_main, split
-from esp_kernels.scheduler.fitting import PiecewiseLinear, nnls, relative_nnls
+from esp_kernels.scheduler.fitting import PiecewiseLinear, nnls
 
 M = ModelConfig()
 KVB = M.kv_bytes_per_token_layer

@@ -53,7 +53,8 @@ def ring_attn_time(m: ModelConfig, P: int, seqlens) -> float:
 
 
 def decode_attn_time(m: ModelConfig, kv_lens) -> float:
-    return 12e-6 + sum(kv_lens) * m.kv_bytes_per_token_layer / HBM_BYTES_PER_S + 0.3e-6 * len(kv_lens)
+    kv_bytes = sum(kv_lens) * m.kv_bytes_per_token_layer
+    return 12e-6 + kv_bytes / HBM_BYTES_PER_S + 0.3e-6 * len(kv_lens)
 
 
 def copy_time(nbytes: int) -> float:
@@ -66,7 +67,8 @@ def analytic_samples(m: ModelConfig | None = None) -> dict:
     S = []
     sizes = sorted({b * 2 ** k for k in range(17) for b in (1, 3) if b * 2 ** k <= 65536})
     S += [{"kind": "dense", "tokens": n, "time_s": dense_time(m, n)} for n in sizes]
-    S += [{"kind": "lm_head", "tokens": n, "time_s": lm_head_time(m, n)} for n in sizes if n <= 4096]
+    S += [{"kind": "lm_head", "tokens": n, "time_s": lm_head_time(m, n)}
+          for n in sizes if n <= 4096]
     batches = [[1024], [4096], [16384], [65536], [131072], [2048] * 8, [8192, 4096, 1024, 512],
                [32768, 16384, 8192], [512] * 32, [100000, 3000]]
     for P in (1, 2, 4, 8):

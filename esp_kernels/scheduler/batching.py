@@ -60,7 +60,8 @@ def batch_cost_table(cost_model, lengths_sorted: np.ndarray, group_sizes: np.nda
     safe_cnt = np.where(valid, cnt, 1.0)
     safe_S1 = np.where(valid, S1, 1.0)
     P = group_sizes.astype(np.float64)[:, None, None]
-    T = cost_model.prefill_time_array(P, safe_cnt[None], safe_S1[None], np.where(valid, S2, 1.0)[None])
+    T = cost_model.prefill_time_array(P, safe_cnt[None], safe_S1[None],
+                                      np.where(valid, S2, 1.0)[None])
     ok = np.broadcast_to(valid, T.shape)
     if max_prefill_time is not None:
         ok = ok & ((T <= max_prefill_time) | (cnt == 1)[None])

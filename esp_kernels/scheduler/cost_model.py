@@ -14,7 +14,8 @@ The model is built from per-component fits (all one layer unless said, one GPU, 
                  predicted too: a1·P is the per-step launch cost (P steps), b0·S1 the work whose
                  per-step tile shrinks as P grows (S1/P tokens per step, P steps), b1·S1/P the
                  per-token work of this rank's own stripes, c·S2/P the causal FLOPs split P ways.
-                 Fitted from "ring_attn" samples (all P virtual ranks of one GPU: time = P·per-instance).
+                 Fitted from "ring_attn" samples (all P virtual ranks of one GPU: their time is
+                 P x the per-instance time).
 - ring comm      modelled, not measured (one GPU has no link): each of the P-1 steps sends this
                  rank's KV block, S1/P tokens · 2·Hkv·D·bytes, over the link; the transfer overlaps
                  the step's compute, so a step takes max(compute, transfer).
@@ -381,8 +382,9 @@ class CostModel:
         return cls.load(DEFAULT_PROFILE)
 
     def __repr__(self):
+        meta = self.meta
         return (f"CostModel({self.model.num_layers} layers, hidden {self.model.hidden}, "
-                f"source {self.meta.get('source', '?')!r}, device {self.meta.get('device', '?')!r})")
+                f"source {meta.get('source', '?')!r}, device {meta.get('device', '?')!r})")
 
 
 # migrate_kv on 2xH200 (bench/results/2026-11-24_h200x2_run4, diag_migration.txt): a batch costs

@@ -38,7 +38,8 @@ def format_report(rep: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m esp_kernels.scheduler.fit", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("samples", nargs="?", help="samples JSON written by bench/profile_cost_model.py")
+    ap.add_argument("samples", nargs="?",
+                    help="samples JSON written by bench/profile_cost_model.py")
     ap.add_argument("-o", "--output", required=True, help="profile JSON to write")
     ap.add_argument("--holdout-every", type=int, default=5,
                     help="hold out every N-th sample of each kind for the report (default 5)")

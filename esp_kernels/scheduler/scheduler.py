@@ -166,7 +166,8 @@ class Policy:
             raise ValueError(f"policy retention_order must be 'fewest' or 'packed', got "
                              f"{self.retention_order!r}")
         if not 0 < self.admission_ratio <= 1:
-            raise ValueError(f"policy admission_ratio must be in (0, 1], got {self.admission_ratio}")
+            raise ValueError(f"policy admission_ratio must be in (0, 1], got "
+                             f"{self.admission_ratio}")
         if self.group_sizes is not None and (not self.group_sizes or any(
                 not isinstance(g, int) or g < 1 for g in self.group_sizes)):
             raise ValueError(f"policy group_sizes must be ints >= 1, got {self.group_sizes!r}")
@@ -177,7 +178,8 @@ class _Req:
                  "ntok", "kv_len", "master", "overtaken", "batch", "preempted")
 
     def __init__(self, rid, seq, prompt, max_new, arrival):
-        self.rid, self.seq, self.prompt, self.max_new, self.arrival = rid, seq, prompt, max_new, arrival
+        self.rid, self.seq, self.arrival = rid, seq, arrival
+        self.prompt, self.max_new = prompt, max_new
         self.state = "queued"
         self.generated = 0
         self.ranges: dict = {}    # instance -> [[start, end), ...] positions held there
@@ -369,7 +371,8 @@ class ESPScheduler:
 
     def _room(self, r: _Req, inst: int) -> bool:
         """Can inst store r's next token (a free slot in r's last page there, or a free page)?"""
-        return r.ntok.get(inst, 0) % self.page_size != 0 or self._used[inst] < self.pages_per_instance
+        return (r.ntok.get(inst, 0) % self.page_size != 0 or
+                self._used[inst] < self.pages_per_instance)
 
     def _free_pages(self, inst: int) -> int:
         return self.pages_per_instance - self._used[inst]
