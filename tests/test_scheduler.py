@@ -480,3 +480,14 @@ def test_constructor_and_update_errors():
         s.update("it")
     with pytest.raises(KeyError, match="unknown request"):
         s.state("nope")
+
+
+def test_long_request_in_a_stream_of_short_ones_is_overtaken_at_most_the_bound():
+    """A request needing both instances' KV, behind and among a steady stream of short ones:
+    the short ones overtake it (out-of-order), at most max_out_of_order times, then it runs."""
+    reqs = [("long", 900, 4, 0.001)]
+    reqs += [(f"s{i}", 100, 8, 0.002 * i) for i in range(300)]
+    s = ESPScheduler(2, 512, CM, page_size=16, max_out_of_order=3)
+    h = Harness(s, reqs, seed=0).run()
+    h.check_finished()
+    assert 1 <= h.overtaken.get("long", 0) <= 3
