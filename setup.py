@@ -173,6 +173,7 @@ setup(
     description="Kernels and communication for elastic sequence parallelism (LoongServe-style "
                 "striped ring prefill, proactive KV migration, multi-master decode)",
     packages=find_packages(include=["esp_kernels", "esp_kernels.*"]),
+    package_data={"esp_kernels.scheduler": ["profiles/*.json"]},
     python_requires=">=3.10",
     ext_modules=[Extension("esp_kernels._C", sources=[])],
     cmdclass={"build_py": BuildPy, "build_ext": CMakeBuild},
