@@ -53,22 +53,23 @@ class _FailingExchange:
         return self._inner.start(*args, **kwargs)
 
 
-def fail_after(group, posts: int, what: str = "injected", error=InjectedFault):
+def fail_after(group, posts: int | None, what: str = "injected", error=InjectedFault) -> list:
     """Make `group`'s exchanges raise `error` from the (posts+1)-th on (exchange, send, recv and
-    prepared exchanges all post through prepare_exchange)."""
+    prepared exchanges all post through prepare_exchange); posts=None only counts them. Returns
+    [posts so far]."""
     count = [0]
     prepare = group.prepare_exchange
 
     def tick():
         count[0] += 1
-        if count[0] > posts:
+        if posts is not None and count[0] > posts:
             raise error(f"{what}: rank {group.rank} fails at its exchange {count[0]}")
 
     def failing_prepare(*args, **kwargs):
         return _FailingExchange(prepare(*args, **kwargs), tick)
 
     group.prepare_exchange = failing_prepare
-    return group
+    return count
 
 
 def snapshot(cache):
@@ -222,18 +223,10 @@ def test_scale_up_with_no_room_anywhere():
         assert_same(before[r], snapshot(c), f"instance {r}")
 
 
-@pytest.mark.parametrize("posts", [
-    pytest.param(0, marks=pytest.mark.xfail(strict=True, reason=(
-        "kvcache/migration.py: a CommError in the destination's first receive, before it "
-        "allocated anything, is swallowed (migrate_kv returns {'received': 0}), so the source "
-        "waits out its timeout; fix in the driver, then drop this mark"))),
-    2, 5])
-def test_migration_destination_fails_mid_transfer(posts):
-    """Instance 0 moves two requests to instance 1 in small chunks; instance 1's receive fails
-    with a communication error after `posts` posts (metadata, answer, data chunks). Instance 1
-    raises MigrationError naming it, instance 0 raises (MigrationError or CommAborted) at once,
-    still holding every token; instance 1 holds nothing new; instance 2, which takes no part,
-    is untouched."""
+def _migration_with_fault(fail_rank: int, posts: int | None, error):
+    """Instance 0 moves two requests to instance 1 in small chunks (19 of 2 tokens); instance
+    `fail_rank`'s exchanges raise `error` after `posts` posts (None: never). Returns (caches
+    before, caches, posts fail_rank made, exception or None, seconds)."""
     groups = local_group(3, timeout=TIMEOUT_S)
     caches = [_cache(pages=32) for _ in range(3)]
     _fill(caches[0], "m", 30, seed=1)
@@ -242,18 +235,51 @@ def test_migration_destination_fails_mid_transfer(posts):
     _fill(caches[2], "other", 4, seed=4)
     before = [snapshot(c) for c in caches]
     plan = esp.MigrationPlan([("m", 0, 30, 0, 1), ("n", 3, 11, 0, 1)])
+    made = [None]
+    side = "source" if fail_rank == 0 else "destination"
 
     def body(group, cache):
-        if group.rank == 1:
-            fail_after(group, posts, "destination", error=InjectedCommFault)
+        if group.rank == fail_rank:
+            made[0] = fail_after(group, posts, side, error=error)
         return esp.migrate_kv(cache, plan, group, chunk_bytes=512)
 
-    exc, seconds = _run_failing(groups, body, caches, expect=esp.MigrationError)
-    assert "destination: rank 1 fails" in str(exc)
-    _check_peers(exc, 1, seconds, allowed=(CommAborted, esp.MigrationError))
-    assert set(exc.peer_errors) == {0}  # instance 2 returned normally
-    for r, c in enumerate(caches):
-        assert_same(before[r], snapshot(c), f"instance {r}")
+    t0 = time.monotonic()
+    try:
+        res, exc = run_local(groups, body, caches), None
+        assert res == [{"sent": 38, "received": 0}, {"sent": 0, "received": 38},
+                       {"sent": 0, "received": 0}], res
+    except esp.MigrationError as e:
+        res, exc = None, e
+    return before, caches, made[0][0], exc, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("error", [InjectedCommFault, InjectedFault],
+                         ids=["comm-error", "other-error"])
+@pytest.mark.parametrize("fail_rank", [1, 0], ids=["destination", "source"])
+def test_migration_fails_at_every_post(fail_rank, error):
+    """The migration of _migration_with_fault, once per post of the failing instance's whole
+    sequence (the metadata round, the batch's metadata and answer, every data chunk, the
+    acknowledgement; counted from a clean run, so a protocol change keeps every post covered),
+    with a communication error or another exception there. The failing instance raises
+    MigrationError caused by it; its peer raises CommAborted at once; instance 2, which only
+    takes part in the metadata round (the first post), raises CommAborted when that round
+    failed, else returns; no cache changed: the source keeps every token, the destination holds
+    nothing new."""
+    peer = 1 - fail_rank
+    before, caches, total, exc, _ = _migration_with_fault(fail_rank, None, error)
+    assert exc is None and total > 20, (exc, total)  # metadata, 19 chunks, acknowledgement
+    for posts in range(total):
+        before, caches, made, exc, seconds = _migration_with_fault(fail_rank, posts, error)
+        where = f"failure at post {posts + 1} of {total}"
+        assert exc is not None, f"{where}: the migration succeeded"
+        assert made == posts + 1, f"{where}: {made} posts made"
+        assert isinstance(exc.__cause__, error), f"{where}: {exc!r} caused by {exc.__cause__!r}"
+        assert f"rank {fail_rank} fails at its exchange {posts + 1}" in str(exc), where
+        _check_peers(exc, fail_rank, seconds)
+        assert set(exc.peer_errors) == ({peer, 2} if posts == 0 else {peer}), \
+            (where, exc.peer_errors)
+        for r, c in enumerate(caches):
+            assert_same(before[r], snapshot(c), f"{where}: instance {r}")
 
 
 # ---- processes: what a peer sees when a rank raises or dies -----------------------------------

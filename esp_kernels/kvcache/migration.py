@@ -14,12 +14,23 @@ involves src or dst otherwise (the entries passed over touch neither cache). Per
    buffers per side); dst unpacks each chunk into its new pages;
 4. dst acknowledges after its last unpack; only then src drops the tokens (compaction).
 
-Any failure (allocation, communication) leaves the source intact and raises MigrationError on
-both sides; dst releases whatever it had allocated for the failed entries. No token is lost or
-duplicated. Batches run in the order of their first entries, the same on every instance, so
-pairs never wait on each other in a cycle. A batch costs four synchronous round trips whatever
-its number of entries: 0.65 ms on 2xH200 (bench/diag_migration.py), which one round of them
-per entry multiplied.
+Failures. dst out of memory for an entry: that entry is refused in step 2 (its source keeps it),
+the batch and the later batches go on, and MigrationError names the refused entries at the end on
+both sides. Any other failure, in the metadata round (see `MigrationRunner.run`) or a batch
+(communication, or any exception on either side), ends the run on that instance at once: dst
+releases what it allocated for the batch, src keeps every token of it (it drops tokens only
+after step 4), and the instance raises MigrationError (cause chained) without posting anything
+more, since the pair's messages no longer match. Its peer, blocked on it, raises CommAborted
+(passed through unchanged) as soon as the world is aborted: at once on virtual ranks (run_local
+aborts the world when a rank raises) and for NCCL communication errors (they abort the world);
+on a process backend, a peer of an instance that raised a non-communication error learns it at
+its wait's timeout unless the caller aborts the world. Batches finished before stay done. No
+token is lost or duplicated.
+
+Batches run in the order of their first entries, the same on every instance, so pairs never
+wait on each other in a cycle. A batch costs four synchronous round trips whatever its number
+of entries: 0.65 ms on 2xH200 (bench/diag_migration.py), which one round of them per entry
+multiplied.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from typing import Hashable, Sequence
 import torch
 
 from .._checks import as_int
-from ..comm.group import CommError
+from ..comm.group import CommAborted, CommError
 from .cache import CacheOutOfMemory, PagedKVCache, _member_mask
 from .copy import copy_rows
 
@@ -155,22 +166,27 @@ class MigrationRunner:
         First one metadata round over the group checks that the source of every entry holds
         some of its tokens (or receives them from an earlier entry): an unknown request, or a
         range the source holds none of, raises MigrationError naming them on every instance,
-        with nothing moved. Then the batches run; an entry that fails on the way (allocation,
-        communication) leaves its source intact, the others go on, and MigrationError names
-        the failures at the end.
+        with nothing moved. Then the batches run; an entry its destination cannot allocate stays
+        on its source, the others go on, and MigrationError names the refused entries at the
+        end. Any other failure ends the run at once (see the module docstring).
         """
         cache = self.cache
         self._check_sources(cache)
         stats = {"sent": 0, "received": 0}
         failures = []
         for batch in self.batches:
-            src = batch[0].src
-            peer = self._pos_of[batch[0].dst if self.me == src else src]
-            if self.me == src:
-                moved, failed = self._send_batch(cache, batch, peer)
-            else:
-                moved, failed = self._recv_batch(cache, batch, peer)
-            stats["sent" if self.me == src else "received"] += moved
+            sending = self.me == batch[0].src
+            peer = self._pos_of[batch[0].dst if sending else batch[0].src]
+            try:
+                if sending:
+                    moved, failed = self._send_batch(cache, batch, peer)
+                else:
+                    moved, failed = self._recv_batch(cache, batch, peer)
+            except CommAborted:
+                raise  # a peer failed: its own error says what; this side kept or released all
+            except Exception as exc:
+                raise MigrationError("; ".join(failures + [_broken(batch, self.me, exc)])) from exc
+            stats["sent" if sending else "received"] += moved
             failures += failed
         if failures:
             raise MigrationError("; ".join(failures))
@@ -186,7 +202,13 @@ class MigrationRunner:
                 stored = cache.positions(e.request)
                 n = int(((stored >= e.start) & (stored < e.end)).sum())
             held.append(n)
-        rows = self.group.all_gather_ints(held)
+        try:
+            rows = self.group.all_gather_ints(held)
+        except CommAborted:
+            raise
+        except Exception as exc:
+            raise MigrationError(f"nothing was moved: the metadata round failed on instance "
+                                 f"{self.me}: {type(exc).__name__}: {exc}") from exc
         counts = [max(col) for col in zip(*rows)] if self.entries else []
         bad = []
         for k, e in enumerate(self.entries):
@@ -234,34 +256,30 @@ class MigrationRunner:
         counts = [p.numel() for p in positions]
         missing = _missing(batch, counts)
         ok = []
-        try:
-            posted = [self.group.send(torch.tensor(counts, dtype=torch.int64, device=dev), peer)]
-            if sum(counts):
-                posted.append(self.group.send(torch.cat(positions).to(dev), peer))
-                status = torch.empty(len(batch), dtype=torch.int64, device=dev)
-                self.group.recv(status, peer).synchronize()
-                ok = [i for i, st in enumerate(status.tolist()) if st == 0 and counts[i]]
-            for w in posted:
+        # An exception from here on propagates to run(), which ends the run: nothing is dropped
+        # before the destination acknowledged every token of the batch.
+        posted = [self.group.send(torch.tensor(counts, dtype=torch.int64, device=dev), peer)]
+        if sum(counts):
+            posted.append(self.group.send(torch.cat(positions).to(dev), peer))
+            status = torch.empty(len(batch), dtype=torch.int64, device=dev)
+            self.group.recv(status, peer).synchronize()
+            ok = [i for i, st in enumerate(status.tolist()) if st == 0 and counts[i]]
+        for w in posted:
+            w.synchronize()
+        n = sum(counts[i] for i in ok)
+        if n:
+            works = self._send_chunks(cache, torch.cat([slots[i] for i in ok]), peer)
+            ack = torch.empty(1, dtype=torch.int64, device=dev)
+            self.group.recv(ack, peer).synchronize()
+            for w in works:
                 w.synchronize()
-            n = sum(counts[i] for i in ok)
-            if n:
-                works = self._send_chunks(cache, torch.cat([slots[i] for i in ok]), peer)
-                ack = torch.empty(1, dtype=torch.int64, device=dev)
-                self.group.recv(ack, peer).synchronize()
-                for w in works:
-                    w.synchronize()
-                if int(ack.item()) != n:
-                    return 0, missing + [f"{batch[i]}: destination acknowledged "
-                                         f"{int(ack.item())} of {n} tokens of its batch; source "
-                                         "kept them" for i in ok]
-        except CommError as exc:
-            return 0, missing + [f"{e}: communication failed ({exc}); source kept its tokens"
-                                 for e, c in zip(batch, counts) if c]
+            if int(ack.item()) != n:
+                return 0, missing + [f"{batch[i]}: destination acknowledged {int(ack.item())} of "
+                                     f"{n} tokens of its batch; source kept them" for i in ok]
         for i in ok:
             cache.remove_tokens(batch[i].request, positions[i])
         return n, missing + [f"{e}: destination could not allocate {c} tokens; source kept them"
                              for i, (e, c) in enumerate(zip(batch, counts)) if c and i not in ok]
-
 
     def _send_chunks(self, cache: PagedKVCache, slots: torch.Tensor, peer: int) -> list:
         """Pack the tokens at `slots` (all layers) chunk by chunk and send them; returns the sends'
@@ -312,11 +330,13 @@ class MigrationRunner:
                 self.group.send(torch.tensor([n], dtype=torch.int64, device=dev),
                                 peer).synchronize()
             return n, failures
-        except CommError as exc:
+        except BaseException:
+            # Whatever broke the batch (a failed post before anything was allocated included),
+            # the source did not see it acknowledged and keeps its tokens: release ours and let
+            # run() end the run, so the source is not left waiting for the rest of the protocol.
             for i, pos, _ in allocated:
                 cache.remove_tokens(batch[i].request, pos)
-            return 0, failures + [f"{batch[i]}: communication failed ({exc}); destination released "
-                                  "its slots, source keeps the tokens" for i, _, _ in allocated]
+            raise
 
 
     def _recv_chunks(self, cache: PagedKVCache, slots: torch.Tensor, peer: int):
@@ -332,6 +352,15 @@ class MigrationRunner:
             copy_rows(staged(c), None, rows, slot_dev[t0:t1])
             if c + 2 < len(chunks):
                 works.append(self.group.recv(staged(c + 2), peer))
+
+
+def _broken(batch: list[MigrationEntry], me: int, exc: BaseException) -> str:
+    """The failure message of a batch that `exc` broke on instance `me`."""
+    e = batch[0]
+    what = "communication failed" if isinstance(exc, CommError) else "failed"
+    return (f"batch {e.src} -> {e.dst} of requests {[f.request for f in batch]!r} {what} on "
+            f"instance {me} ({type(exc).__name__}: {exc}); source {e.src} keeps its tokens, "
+            f"destination {e.dst} released its slots; the run stopped there")
 
 
 def _missing(batch: list[MigrationEntry], counts: list[int]) -> list[str]:
@@ -365,7 +394,8 @@ def migrate_kv(cache: PagedKVCache, plan: MigrationPlan, group, *,
 
     The same as `MigrationRunner(plan, group, cache, chunk_bytes=chunk_bytes).run()`: raises
     MigrationError naming an unknown request or a range its source holds none of (nothing
-    moved), or, after every entry this instance takes part in was attempted, the entries that
-    failed (their sources intact).
+    moved), or, after every entry this instance takes part in was attempted, the entries their
+    destinations could not allocate (their sources intact); any other failure raises at once
+    (see the module docstring).
     """
     return MigrationRunner(plan, group, cache, chunk_bytes=chunk_bytes).run()
