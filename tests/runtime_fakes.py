@@ -214,8 +214,10 @@ def random_plans(rng, num_instances: int, requests: Mapping[Hashable, tuple]) ->
             src = rng.choice(sorted(set(s.owner[rid])))
             dst = rng.choice([i for i in range(num_instances) if i != src])
             L = len(s.owner[rid])
-            a = rng.randrange(L)
-            migrations.append((rid, a, rng.randint(a + 1, L), src, dst))
+            # A range holding at least one of src's tokens: migrate_kv refuses one with none.
+            g = rng.choice([p for p, o in enumerate(s.owner[rid]) if o == src])
+            a = rng.randint(0, g)
+            migrations.append((rid, a, rng.randint(g + 1, L), src, dst))
         masters = {rid: rng.randrange(num_instances) for rid in running}
         spills = {rid: rng.randrange(num_instances) for rid in running if rng.random() < 0.3}
         s.iteration(preempt=preempt, migrations=migrations, decodes=[(masters, spills)])

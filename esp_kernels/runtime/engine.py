@@ -164,7 +164,9 @@ class Engine:
             return
         mplan = MigrationPlan([(m.request, m.start, m.end, m.src, m.dst)
                                for m in plan.migrations])
-        migrate_kv(self.cache, mplan, self.group)
+        # migrate_kv is collective over its group: the instances of the plan, not the world.
+        involved = sorted({i for m in plan.migrations for i in (m.src, m.dst)})
+        migrate_kv(self.cache, mplan, self.group.subgroup([self._rank_of[i] for i in involved]))
 
     @torch.no_grad()   # a decorator: it holds in rank threads, where a caller's context does not
     def prefill(self, plan) -> None:
