@@ -135,7 +135,7 @@ def test_plans_groups_and_striping_take_integer_likes():
     assert all(type(x) is int for x in (e.start, e.end, e.src, e.dst))
     with pytest.raises(TypeError, match="end must be an integer, got float 4.5"):
         esp.MigrationPlan([("a", 0, 4.5, 0, 1)])
-    with pytest.raises(TypeError, match="dst must be an integer"):
+    with pytest.raises(TypeError, match="destination of request 'a' must be an integer"):
         esp.MigrationPlan([("a", 0, 4, 0, 1.0)])
     groups = local_group(np.int64(2))
     assert len(groups) == 2

@@ -4,7 +4,7 @@ Teacher forcing: the engine serves the prompt then decodes a fixed continuation 
 records the logits and forces the next token) over 4 virtual instances of one GPU, with a
 reordered ring, retention spread over all four, master changes and a scale-up spill. Its
 per-step logits are compared with HF's fp32 forward over the same sequence: tolerance, per step,
-2x the error of HF's own bf16 forward (DESIGN.md §5: bf16 error at most about 2x the error of
+2x the error of HF's own bf16 forward (docs/DESIGN.md §8: bf16 error at most about 2x the error of
 the same math done by PyTorch in bf16), plus 1e-3 for steps where HF bf16 is near-exact.
 Memory ~15 GB (weights: ours bf16 2 GB, HF bf16 2 GB, HF fp32 4 GB; activations of a 33k-token
 fp32 forward), well under 40 GB.

@@ -180,7 +180,7 @@ class Harness:
         for g in it.prefills:
             rp = g.retention_plan()     # validates: every token kept exactly once
             assert set(rp.instances) <= set(g.instances)
-            assert rp.request_ids == list(g.requests)
+            assert tuple(rp.request_ids) == tuple(g.requests)
             for rid, L, ret in zip(g.requests, g.seqlens, g.retention):
                 p, n = self.admitted[rid]
                 assert L == p + s.generated(rid)
@@ -188,7 +188,7 @@ class Harness:
                 assert sum(b - a for _, a, b in ret) == L
         for b in it.decodes:
             dp = b.decode_plan()
-            assert dp.requests == list(b.requests)
+            assert tuple(dp.requests) == tuple(b.requests)
             for i, rid in enumerate(b.requests):
                 assert b.append_to[i] in b.instances and b.masters[i] in b.instances
                 assert set(dict(b.shards[i])) <= set(b.instances)

@@ -81,11 +81,7 @@ class MigrationPlan:
             self.add(*(dataclasses.astuple(e) if isinstance(e, MigrationEntry) else e))
 
     def add(self, request, start: int, end: int, src: int, dst: int) -> "MigrationPlan":
-        try:
-            start, end = as_int(start, "start"), as_int(end, "end")
-        except TypeError:
-            raise ValueError(f"bad token range [{start!r}, {end!r}) for request {request!r}: "
-                             "integers needed") from None
+        start, end = as_int(start, "start"), as_int(end, "end")
         if not 0 <= start <= end:
             raise ValueError(f"bad token range [{start!r}, {end!r}) for request {request!r}")
         src = as_int(src, f"source of request {request!r}")

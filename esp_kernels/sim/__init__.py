@@ -1,4 +1,4 @@
-"""Discrete-event serving simulator (DESIGN.md §7): the ESP scheduler and the baselines (static SP,
+"""Discrete-event serving simulator (docs/DESIGN.md §9): the ESP scheduler and the baselines (static SP,
 chunked prefill, disaggregation) on the paper's workloads, timed by the cost model.
 
     from esp_kernels.sim import make_requests, make_policy, run_point
