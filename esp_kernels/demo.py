@@ -113,12 +113,15 @@ def _hf_model(adapter, dtype, device, model_dir):
                          "transformers), or pass --no-verify") from None
     # No dtype keyword (its name changed across transformers versions): cast afterwards.
     if model_dir:
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir,
-                                                                  local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, local_files_only=True, attn_implementation="sdpa")
         return model.to(device, dtype).eval()
     cfg_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "qwen2": transformers.Qwen2Config}[adapter.config.get("model_type", "llama")]
     cfg = cfg_cls(**{k: v for k, v in adapter.config.items() if k != "model_type"})
+    # SDPA, not eager attention: eager materialises [heads, T, T] scores (130 GiB in fp32 for a
+    # 33k-token prompt of the 1B preset), SDPA's memory-efficient kernel streams them.
+    cfg._attn_implementation = "sdpa"
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(cfg)
     model.to(dtype).load_state_dict(adapter.state_dict(), strict=True)

@@ -266,8 +266,11 @@ class _LocalWork(_VirtualWork):
                 raise m.error
 
     def _flush_deferred(self, stream):
+        # Under the lock, like the mailbox: another rank's flush clears `deferred` before it sets
+        # `done`, so a message seen without a done event may be mid-copy elsewhere (reading it
+        # unlocked let a wait skip the copy's event: late receive buffers on CUDA threads).
         for m in self.msgs:
-            if m.deferred:
+            if m.done is None:
                 with self.world.lock:
                     self.world._flush(stream)
                 return
