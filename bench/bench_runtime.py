@@ -64,10 +64,13 @@ def llama_cfg(model, layers=None, hidden=None, heads=None, kv_heads=None, interm
 class DecodeBench:
     """Requests with KV already in the caches; `plan()` is the next decode iteration."""
 
+    made = 0   # request ids stay unique across the benches sharing one cluster
+
     def __init__(self, cluster, kv_lens, spread: bool):
         _, self.DecodeBatch, self.IterationPlan, _, _ = _plans()
         self.cluster, n = cluster, cluster.num_instances
-        self.rids = [f"d{i}" for i in range(len(kv_lens))]
+        DecodeBench.made += 1
+        self.rids = [f"d{DecodeBench.made}-{i}" for i in range(len(kv_lens))]
         self.held = []      # per request: {instance: tokens}
         self.masters = [i % n for i in range(len(kv_lens))]
         for e in cluster.engines:

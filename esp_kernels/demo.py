@@ -157,7 +157,11 @@ def verify(hf, result, workload, exact: bool, progress=print) -> tuple[int, floa
                 good = bool((margin <= BF16_LOGIT_TOL).all())
         ok += good
         if not good:
-            progress(f"    MISMATCH {a.rid}: served {got[:12]}")
+            detail = "" if exact else (f", prompt {len(a.prompt)}, first step off by more "
+                                       f"than the tolerance: "
+                                       f"{int((margin > BF16_LOGIT_TOL).nonzero()[0])}, "
+                                       f"margins {[round(float(x), 2) for x in margin[:6]]}")
+            progress(f"    MISMATCH {a.rid}: served {got[:12]}{detail}")
         if time.perf_counter() - t0 > 2 or n == len(workload):
             progress(f"  verified {n}/{len(workload)} against transformers")
             t0 = time.perf_counter()
