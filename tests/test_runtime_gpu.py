@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from esp_kernels.demo import last_logits
+from esp_kernels.demo import cast_weights, last_logits
 from esp_kernels.runtime import Arrival, LlamaAdapter, VirtualCluster, serve
 from esp_kernels.runtime.llama import PRESETS
 from esp_kernels.testing import rel_err
@@ -78,7 +78,7 @@ def test_bf16_teacher_forced_logits_1b(instances, PROMPT, monkeypatch):
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
     hf_cfg._attn_implementation = "sdpa"  # eager attention would need 130 GiB of fp32 scores
     with torch.device(dev):
-        hf = transformers.LlamaForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+        hf = transformers.LlamaForCausalLM(hf_cfg).eval()   # fp32, RoPE tables in fp32
     hf.load_state_dict(adapter.state_dict())
     seq = torch.tensor([prompt + forced[:-1]], device=dev)
     # HF's SDPA path asks for enable_gqa, which torch's memory-efficient kernel lacks: fp32 then
@@ -87,9 +87,8 @@ def test_bf16_teacher_forced_logits_1b(instances, PROMPT, monkeypatch):
     monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", lambda *args, **kwargs: False)
     with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION,
                                        SDPBackend.EFFICIENT_ATTENTION]):
-        hf16 = last_logits(hf, seq, FORCED).cpu()
-        hf.float()
         hf32 = last_logits(hf, seq, FORCED).cpu()
+        hf16 = last_logits(cast_weights(hf, torch.bfloat16), seq, FORCED).cpu()
     for step in range(FORCED):
         err, err_hf = rel_err(ours[step], hf32[step]), rel_err(hf16[step], hf32[step])
         print(f"step {step}: ours {err:.2e}, HF bf16 {err_hf:.2e}")
