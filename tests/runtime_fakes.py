@@ -1,4 +1,4 @@
-"""Test doubles of esp_kernels.scheduler for the runtime tests (the format of SCHED_SPEC.md).
+"""Scripted stand-ins for esp_kernels.scheduler's decisions in the runtime tests.
 
 `Script` builds IterationPlans by hand while it tracks where every token of every request's KV
 is, so a test states only the decisions (rings, retention, masters, append targets, migrations,
@@ -9,53 +9,10 @@ order through the scheduler interface that `esp_kernels.runtime.serve` drives.
 from __future__ import annotations
 
 import collections
-import dataclasses
 from typing import Hashable, Mapping, Sequence
 
-
-@dataclasses.dataclass(frozen=True)
-class PrefillGroup:
-    batch_id: int
-    instances: tuple
-    requests: tuple
-    seqlens: tuple
-    retention: tuple
-    predicted_time: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeBatch:
-    batch_id: int
-    instances: tuple
-    requests: tuple
-    masters: tuple
-    shards: tuple
-    append_to: tuple
-    predicted_time: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class MigrationOrder:
-    request: Hashable
-    start: int
-    end: int
-    src: int
-    dst: int
-
-
-@dataclasses.dataclass(frozen=True)
-class IterationPlan:
-    index: int
-    now: float
-    prefills: tuple = ()
-    decodes: tuple = ()
-    migrations: tuple = ()
-    preemptions: tuple = ()
-    predicted_time: float = 0.0
-
-    @property
-    def empty(self) -> bool:
-        return not (self.prefills or self.decodes or self.migrations or self.preemptions)
+# The scheduler's own plan types: a script is what the scheduler would have decided.
+from esp_kernels.scheduler.plans import DecodeBatch, IterationPlan, MigrationOrder, PrefillGroup
 
 
 class Script:
@@ -122,7 +79,7 @@ class Script:
                            {i for s in shards for i, _ in s})
             claim(insts)
             dbatches.append(DecodeBatch(self._next(), tuple(insts), rids,
-                                        tuple(masters[r] for r in rids), shards, targets))
+                                        tuple(masters[r] for r in rids), shards, targets, 0.0))
         pgroups = []
         for ring, keeps in prefills:
             claim(ring)
@@ -135,7 +92,7 @@ class Script:
                 ranges = ((keep, 0, L),) if isinstance(keep, int) else tuple(keep)
                 retention.append(ranges)
             pgroups.append(PrefillGroup(self._next(), tuple(ring), rids, seqlens,
-                                        tuple(retention)))
+                                        tuple(retention), 0.0))
         # Effects, after the plan is fixed: KV placed, one token generated per request.
         for db in dbatches:
             for rid, t in zip(db.requests, db.append_to):
@@ -150,7 +107,7 @@ class Script:
                 self.owner[rid] = own
                 self._generated(rid)
         plan = IterationPlan(len(self.plans), float(len(self.plans)), tuple(pgroups),
-                             tuple(dbatches), tuple(orders), tuple(preempt))
+                             tuple(dbatches), tuple(orders), tuple(preempt), 0.0)
         self.plans.append(plan)
         return plan
 
@@ -173,7 +130,7 @@ class ScriptedScheduler:
     def schedule(self, now=0.0) -> IterationPlan:
         if self.plans:
             return self.plans.pop(0)
-        return IterationPlan(-1, now)
+        return IterationPlan(-1, now, (), (), (), (), 0.0)
 
     def update(self, done, finished=(), now=None):
         self.updates.append((done, tuple(finished)))
