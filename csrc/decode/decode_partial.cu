@@ -219,7 +219,7 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
     p.tile_counter = counters;
     // Otherwise a memset node in a captured graph, so every replay starts from zero. Skipped
     // when the merge of the previous call on this workspace left them zero: one of the 4.34
-    // CUDA API calls of a one-instance decode layer (run 33).
+    // CUDA API calls of a one-instance decode layer (H100, bench/diag_host.py --calls).
     if (!counters_zeroed)
       ESP_CUDA_CHECK(cudaMemsetAsync(counters, 0, sizeof(int) * n_counters, s));
   }

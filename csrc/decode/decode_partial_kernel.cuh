@@ -27,12 +27,12 @@
 //
 // Memory pipeline. A stage holds kRows = 64 (token, head) rows of K and of V: T = 64 / hg tokens
 // of the hg heads (32 KB at D = 128). All 128 threads fill it with 16-byte cp.async (.cg, L2
-// only, L2 fetching 256-byte blocks: 1-3% faster, run 21), a warp's 32 copies covering 512
+// only, L2 fetching 256-byte blocks: 1-3% faster on H100), a warp's 32 copies covering 512
 // contiguous bytes, and each thread then arrives on the stage's mbarrier through
 // cp.async.mbarrier.arrive (the arrival fires when its copies have landed). kStages = 2: the
 // loop issues tile t+1 before it waits for tile t, so 32-64 KB of KV per CTA, 64-128 KB per SM
-// (2 CTAs at D = 128), are in flight. Why not more: on H100 (run 8,
-// bench/NOTES.md) 1-D bulk copies (TMA, issued by warp 0) with 3 stages in flight streamed
+// (2 CTAs at D = 128), are in flight. Why not more: on H100 (bench/NOTES.md) 1-D bulk copies
+// (TMA, issued by warp 0) with 3 stages in flight streamed
 // 3-4% slower than this, and with every copy mechanism 2 stages beat 3 (and 6 stages at 1 CTA
 // per SM), so deeper is not better here; at kernel level on in-order pages this streams like
 // cuDNN's decode kernel (Nsight Compute: 180 us, 89% of DRAM peak, both). Each thread loads the
@@ -56,7 +56,7 @@
 // (head, head tile) meet in shared memory (reusing the pipeline buffers) and are combined exactly
 // like merge_states. Splits > 1 write their states to the workspace and decode_merge_kernel
 // reduces them (any number of splits; warps of a CTA share the splits of one row). Merging in
-// the last CTA of each group instead (run 8) saved the merge launch but took as long inside the
+// the last CTA of each group instead (measured on H100) saved the merge launch but took as long inside the
 // kernel (B16: 5 us either way), and cost B8 L1k ~2 us, so the second launch stays.
 #pragma once
 

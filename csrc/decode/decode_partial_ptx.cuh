@@ -23,7 +23,7 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
 // 16-byte global -> shared copy through L2 only (.cg: the KV is read once, L1 would only evict),
 // with L2 fetching the whole 256-byte block around it: a warp's copies cover 512 contiguous bytes
 // and the rest of a row's bytes are read by the CTA (or its kv-head neighbour) right after. On
-// H100 (run 21, ABBA in one call) 256B took B1 L128k page 16 from 206.5 to 204 us shuffled and
+// H100 (A/B/B/A in one call) 256B took B1 L128k page 16 from 206.5 to 204 us shuffled and
 // 199 to 194 in order, page 1 in order 206 to 194, B16 L16k 387 to 382 / 378 to 372.5, B64 L4k
 // 388 to 384.5; the 128B hint gained about half of that.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {

@@ -40,9 +40,9 @@ struct MergeParams {
 // row's lse is written after it, so the in-place form (lse_out aliasing lse of state 0) is safe.
 // PAIR: the two-state form (running-state merges, finalize). Both states' o chunks and lse values
 // are loaded up front, before any arithmetic, so a lane waits for one DRAM round trip instead of
-// two (lse, then o behind a branch): bf16 pairs ran at 51% of copy bandwidth that way (run 1).
+// two (lse, then o behind a branch): bf16 pairs ran at 51% of copy bandwidth that way on H100.
 // GATHER: the states of a row come from pool rows p.rows[s*T + t] (a template flag: a runtime
-// branch on p.rows in the state loops cost the 8-state merge 11% of its bandwidth, run 14).
+// branch on p.rows in the state loops cost the 8-state merge 11% of its bandwidth on H100).
 template <typename TIn, typename TOut, int VEC, bool PAIR, bool GATHER>
 __global__ void merge_states_kernel(MergeParams p) {
   const int G = p.lanes_per_row;

@@ -49,7 +49,7 @@ from .copy import copy_rows
 # Chunks must be large enough that each posted message's host cost (~45 us on a blocking NCCL
 # communicator, ~120 us on a nonblocking one; 2xH200, bench/diag_migration.py) hides behind the
 # link's ~310 GB/s: 1 GiB over 8 / 32 / 64 / 128 MiB chunks took 11.2 / 6.4 / 6.5 / 6.5 ms per
-# direction (blocking, h200x2 run 4). 32 MiB costs 64 MiB of staging per side while it runs.
+# direction (blocking communicator, 2xH200). 32 MiB costs 64 MiB of staging per side while it runs.
 DEFAULT_CHUNK_BYTES = 32 << 20
 
 
