@@ -7,4 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec "${PYTHON:-python3}" -m esp_kernels "$@"
+PY=${PYTHON:-python3}
+case "${1:-}" in
+  # The demo checks every output against transformers and draws a PNG timeline.
+  demo) $PY -m pip install -q transformers safetensors matplotlib ;;
+  simulate) $PY -m pip install -q matplotlib ;;   # its PNGs
+esac
+exec $PY -m esp_kernels "$@"
