@@ -314,11 +314,12 @@ def _gloo_worker(rank, world_size, tmp, mode, timeout_s):
     os._exit(0)  # no destroy_process_group: its peer may be gone
 
 
-def _gloo_run(mode, timeout_s):
+def _run_pair(worker, args_of, timeout_s):
+    """`worker(*args_of(rank, tmp))` for ranks 0 and 1 in spawned processes; rank 0 (the survivor)
+    must exit normally within 120 s; returns what it pickled to tmp/rank0.pkl."""
     ctx = torch.multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_gloo_worker, args=(r, 2, tmp, mode, timeout_s))
-                 for r in range(2)]
+        procs = [ctx.Process(target=worker, args=args_of(r, tmp)) for r in range(2)]
         for p in procs:
             p.start()
         procs[0].join(120)
@@ -331,6 +332,10 @@ def _gloo_run(mode, timeout_s):
         assert procs[0].exitcode == 0, f"the surviving rank exited with {procs[0].exitcode}"
         with open(os.path.join(tmp, "rank0.pkl"), "rb") as f:
             return pickle.load(f)
+
+
+def _gloo_run(mode, timeout_s):
+    return _run_pair(_gloo_worker, lambda r, tmp: (r, 2, tmp, mode, timeout_s), timeout_s)
 
 
 @pytest.mark.slow
@@ -381,21 +386,8 @@ def test_nccl_peer_failure_raises_within_timeout(mode):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs (NCCL ranks need one device each)")
     timeout_s = 5.0
-    ctx = torch.multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_nccl_worker, args=(r, tmp, mode, timeout_s))
-                 for r in range(2)]
-        for p in procs:
-            p.start()
-        procs[0].join(120)
-        alive = procs[0].is_alive()
-        for p in procs:
-            p.join(4 * timeout_s if p.is_alive() else 0)
-            if p.is_alive():
-                p.kill()
-        assert not alive and procs[0].exitcode == 0, (alive, procs[0].exitcode)
-        with open(os.path.join(tmp, "rank0.pkl"), "rb") as f:
-            (outcome, kind, seconds), closed = pickle.load(f)
+    (outcome, kind, seconds), closed = _run_pair(
+        _nccl_worker, lambda r, tmp: (r, tmp, mode, timeout_s), timeout_s)
     # A dead peer may also surface as NCCL's remote error before the timeout.
     expected = ("CommTimeout",) if mode == "raises" else ("CommTimeout", "CommError")
     assert outcome == "raised" and kind in expected, (outcome, kind)
