@@ -47,6 +47,21 @@ def random_varlen_batch(seqlens: Sequence[int], num_q_heads: int, num_kv_heads: 
                        [int(L) for L in seqlens], cu_seqlens(seqlens, device))
 
 
+def random_paged_cache(gen: torch.Generator, lens: Sequence[int], num_pages: int, page_size: int,
+                       num_kv_heads: int, head_dim: int, dtype=torch.float32,
+                       device="cpu"):
+    """A one-layer PagedKVCache holding requests 0..B-1 of the given lengths, K/V standard
+    normal (drawn on the CPU from `gen`)."""
+    from .kvcache import PagedKVCache
+    cache = PagedKVCache(1, num_pages, page_size, num_kv_heads, head_dim, dtype, device)
+    for r, n in enumerate(lens):
+        cache.allocate(r, range(n))
+    k, v = cache.layer(0)
+    k.copy_(torch.randn(k.shape, generator=gen))
+    v.copy_(torch.randn(v.shape, generator=gen))
+    return cache
+
+
 def random_lengths(batch: int, max_len: int, generator: torch.Generator | None = None,
                    min_len: int = 1) -> list[int]:
     return torch.randint(min_len, max_len + 1, (batch,), generator=generator).tolist()

@@ -11,7 +11,7 @@ import torch
 import esp_kernels as esp
 from esp_kernels.kvcache import copy_rows
 from esp_kernels.prefill.step import ring_step
-from esp_kernels.testing import cu_seqlens
+from esp_kernels.testing import cu_seqlens, random_paged_cache
 
 OPS = esp.ops.OPS
 
@@ -20,12 +20,8 @@ def inputs(gen, device="cpu", dtype=torch.float32, hq=4, hkv=2, d=16, page_size=
     lens = [5, 9]
     T = sum(lens)
     rnd = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
-    cache = esp.PagedKVCache(1, 8, page_size, hkv, d, dtype, device)
-    for r, n in enumerate(lens):
-        cache.allocate(r, range(n))
+    cache = random_paged_cache(gen, lens, 8, page_size, hkv, d, dtype, device)
     k_c, v_c = cache.layer(0)
-    k_c.copy_(torch.randn(k_c.shape, generator=gen))
-    v_c.copy_(torch.randn(v_c.shape, generator=gen))
     bt, kl = cache.block_table([0, 1])
     return dict(q=rnd(T, hq, d), k=rnd(T, hkv, d), v=rnd(T, hkv, d), cu=cu_seqlens(lens, device),
                 max_len=max(lens), qd=rnd(len(lens), hq, d), k_c=k_c, v_c=v_c, bt=bt, kl=kl,

@@ -12,19 +12,15 @@ import torch
 import esp_kernels as esp
 from esp_kernels.kvcache import copy_rows
 from esp_kernels.prefill.step import ring_step
-from esp_kernels.testing import cu_seqlens
+from esp_kernels.testing import cu_seqlens, random_paged_cache
 
 
 def case(gen, dtype=torch.float32, d=16):
     lens, hq, hkv = [3, 6], 4, 2
     T = sum(lens)
     rnd = lambda *s: torch.randn(*s, generator=gen).to(dtype)
-    cache = esp.PagedKVCache(1, 8, 4, hkv, d, dtype)
-    for r, n in enumerate(lens):
-        cache.allocate(r, range(n))
+    cache = random_paged_cache(gen, lens, 8, 4, hkv, d, dtype)
     k_c, v_c = cache.layer(0)
-    k_c.copy_(torch.randn(k_c.shape, generator=gen))
-    v_c.copy_(torch.randn(v_c.shape, generator=gen))
     bt, kl = cache.block_table([0, 1])
     return dict(q=rnd(T, hq, d), k=rnd(T, hkv, d), v=rnd(T, hkv, d), cu=cu_seqlens(lens),
                 max_len=max(lens), o=torch.randn(T, hq, d, generator=gen),

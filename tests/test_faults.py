@@ -284,6 +284,16 @@ def test_migration_fails_at_every_post(fail_rank, error):
 
 # ---- processes: what a peer sees when a rank raises or dies -----------------------------------
 
+def _timed_recv(group, buf):
+    """Rank 0's side: wait on a message from rank 1; (outcome, error type, seconds)."""
+    t0 = time.monotonic()
+    try:
+        group.recv(buf, 1).synchronize()
+        return ("returned", None, time.monotonic() - t0)
+    except CommError as exc:
+        return ("raised", type(exc).__name__, time.monotonic() - t0)
+
+
 def _gloo_worker(rank, world_size, tmp, mode, timeout_s):
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -302,13 +312,7 @@ def _gloo_worker(rank, world_size, tmp, mode, timeout_s):
             time.sleep(3 * timeout_s)  # stays alive and never posts (a hung or failed peer)
         result = ("raised", None, 0.0)
     else:
-        buf = torch.zeros(4)
-        t0 = time.monotonic()
-        try:
-            group.recv(buf, 1).synchronize()
-            result = ("returned", None, time.monotonic() - t0)
-        except CommError as exc:
-            result = ("raised", type(exc).__name__, time.monotonic() - t0)
+        result = _timed_recv(group, torch.zeros(4))
     with open(out, "wb") as f:
         pickle.dump(result, f)
     os._exit(0)  # no destroy_process_group: its peer may be gone
@@ -364,13 +368,7 @@ def _nccl_worker(rank, tmp, mode, timeout_s):
             os._exit(3)
         time.sleep(3 * timeout_s)  # raised in its own code: alive, never posts
         os._exit(0)
-    buf = torch.zeros(4, device="cuda:0")
-    t0 = time.monotonic()
-    try:
-        group.recv(buf, 1).synchronize()
-        result = ("returned", None, time.monotonic() - t0)
-    except CommError as exc:
-        result = ("raised", type(exc).__name__, time.monotonic() - t0)
+    result = _timed_recv(group, torch.zeros(4, device="cuda:0"))
     with open(out, "wb") as f:
         pickle.dump((result, group.closed), f)
     os._exit(0)

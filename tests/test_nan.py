@@ -14,7 +14,7 @@ import esp_kernels as esp
 from esp_kernels.comm import local_group, run_local
 from esp_kernels.decode import decode_partial
 from esp_kernels.prefill.step import ring_step
-from esp_kernels.testing import cu_seqlens, stripe, unstripe
+from esp_kernels.testing import cu_seqlens, random_paged_cache, stripe, unstripe
 
 NAN = math.nan
 
@@ -198,19 +198,9 @@ def test_ring_step_nan_triton_interpreter(dtype, gen):
 # ---------------------------------------------------------------- decode partial
 
 
-def paged(gen, lens, hkv, d, page_size, dtype, device):
-    cache = esp.PagedKVCache(1, 32, page_size, hkv, d, dtype, device)
-    for r, n in enumerate(lens):
-        cache.allocate(r, range(n))
-    k, v = cache.layer(0)
-    k.copy_(torch.randn(k.shape, generator=gen))
-    v.copy_(torch.randn(v.shape, generator=gen))
-    return cache
-
-
 def check_decode_nan(device, dtype, gen, **kw):
     lens, hq, hkv, d = [9, 40, 0, 17], 8, 2, 64
-    cache = paged(gen, lens, hkv, d, 4, dtype, device)
+    cache = random_paged_cache(gen, lens, 32, 4, hkv, d, dtype, device)
     k, v = cache.layer(0)
     slot = int(cache.slots(1)[23])
     k.view(-1, hkv, d)[slot, 0, 7] = NAN    # request 1, token 23, kv head 0
