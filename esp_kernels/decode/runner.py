@@ -31,7 +31,7 @@ import torch
 from .._checks import FLOAT_DTYPES, check_tensor
 from ..comm.group import drive
 from ..kvcache.cache import PagedKVCache
-from ..kvcache.copy import copy_rows, prepare_copy_rows
+from ..kvcache.copy import copy_rows_, prepare_copy_rows
 from .layout import decode_layout
 from .merge_gather import prepare_merge_states_gather
 from .partial import prepare_decode_partial
@@ -361,5 +361,8 @@ class DecodeRunner:
 
 
 def _write_kv(cache: PagedKVCache, layer: int, rows: torch.Tensor, slots: torch.Tensor):
-    """rows [n, 2, Hkv*D] (K, V of n new tokens) -> the cache's slots of one layer."""
-    copy_rows(rows.transpose(0, 1), None, cache.slot_rows(layer), slots)
+    """rows [n, 2, Hkv*D] (K, V of n new tokens) -> the cache's slots of one layer (checked
+    layer, operands built by the runner: the unchecked copy, ~3 us less per call than the public
+    op's checks and array wrapper)."""
+    copy_rows_(rows.transpose(0, 1), None,
+               cache.kv[layer].view(2, cache.num_slots, cache.row_elems), slots)

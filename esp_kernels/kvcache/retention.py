@@ -22,7 +22,7 @@ from typing import Hashable, Mapping, Sequence
 import torch
 
 from .cache import PagedKVCache, plain_request_id
-from .copy import copy_rows
+from .copy import copy_rows_
 
 Runs = tuple[tuple[int, int], ...]   # sorted disjoint [start, end) ranges of global positions
 
@@ -376,4 +376,7 @@ class RetentionWriter:
             cache = self._cache()
             if cache is None:
                 raise RuntimeError("the RetentionWriter's cache no longer exists")
-            copy_rows(block, src_idx, cache.slot_rows(layer), dst_idx)
+            # The ring runner checked the layer and built the maps: the unchecked copy, P times a
+            # layer.
+            copy_rows_(block, src_idx, cache.kv[layer].view(2, cache.num_slots, cache.row_elems),
+                       dst_idx)
