@@ -19,7 +19,7 @@ One iteration, in order:
   4. `decode_steps`: if this instance is in a decode batch: the batch's DecodePlan with the
      scheduler's append targets (slots allocated here for the tokens appended here); as a master
      it runs the dense layers of its requests (q rows in `mastered_by` order) and samples;
-     holders only serve attention (esp.distributed_decode_steps);
+     holders only serve attention (one DecodeRunner per step, its steps per layer);
   5. `exchange_steps`: every instance sends the tokens it sampled to every other one (one small
      message per pair; the layout follows from the plan), so the request state (generated
      tokens, positions) is the same everywhere: whichever instance masters a request next (the
@@ -42,8 +42,8 @@ from typing import Callable, Hashable, Sequence
 import torch
 
 from ..comm.group import drive
-from ..decode import DecodePlan, distributed_decode_steps
-from ..kvcache import MigrationPlan, PagedKVCache, RetentionPlan, migrate_kv
+from ..decode import DecodeRunner
+from ..kvcache import PagedKVCache, RetentionPlan, migrate_kv
 from ..prefill import ring_prefill
 from ..striping import last_token_location, stripe_indices, stripe_lengths, stripe_positions
 from .sampling import GREEDY, SamplingParams, sample
@@ -93,7 +93,7 @@ class Engine:
             raise ValueError(f"group communicates on {group.device}, the cache is on "
                              f"{cache.device}")
         self.group, self.adapter, self.cache, self.sampler = group, adapter, cache, sampler
-        self.instance = group.world_ranks[group.rank]
+        self.instance = group.world_rank
         self._rank_of = {w: i for i, w in enumerate(group.world_ranks)}
         self.requests: dict = {}
         self._sampled: dict = {}     # request id -> 0-d int64 token sampled here this iteration
@@ -162,8 +162,7 @@ class Engine:
     def migrate(self, plan) -> None:
         if not any(self.instance in (m.src, m.dst) for m in plan.migrations):
             return
-        mplan = MigrationPlan([(m.request, m.start, m.end, m.src, m.dst)
-                               for m in plan.migrations])
+        mplan = plan.migration_plan()
         # migrate_kv is collective over its group: the instances of the plan, not the world.
         involved = sorted({i for m in plan.migrations for i in (m.src, m.dst)})
         migrate_kv(self.cache, mplan, self.group.subgroup([self._rank_of[i] for i in involved]))
@@ -237,8 +236,7 @@ class Engine:
                 raise RuntimeError(f"decode batch {db.batch_id}: request {rid!r} should hold "
                                    f"{s.get(me, 0)} KV tokens on instance {me}, the cache "
                                    f"holds {cache.num_tokens(rid)}")
-        plan = DecodePlan(db.requests, db.masters, shards,
-                          append_to=db.append_to).allocate_appends(cache, me)
+        plan = db.decode_plan().allocate_appends(cache, me)
         mine = plan.mastered_by(me)
         states = [self._state(db.requests[i]) for i in mine]
         kv_lens = [sum(shards[i].values()) for i in mine]
@@ -260,12 +258,15 @@ class Engine:
             k = v = torch.empty(0, Hkv, D, dtype=ad.dtype, device=dev)
         appending = any(t is not None for t in plan.append_to)
         out = torch.empty(B, Hq, D, dtype=ad.dtype, device=dev)
+        # One runner for the step's layers: every step's plan is new (its KV lengths grew), so
+        # the one-call form's lookup would compare it by value on every layer and never reuse.
+        runner = DecodeRunner(plan, group, cache, Hq, D, ad.dtype)
         for layer in range(ad.num_layers):
             if B:
                 q, k, v = ad.attention_in(layer, h, pos)
-            o = yield from distributed_decode_steps(
-                q, cache, plan, group, layer=layer, k_new=k if appending else None,
-                v_new=v if appending else None, softmax_scale=ad.softmax_scale, out=out)
+            o = yield from runner.steps(
+                q, layer, k_new=k if appending else None, v_new=v if appending else None,
+                softmax_scale=ad.softmax_scale, out=out)
             if B:
                 h = ad.attention_out(layer, h, o)
         if B:
