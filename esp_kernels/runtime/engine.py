@@ -43,7 +43,7 @@ import torch
 
 from ..comm.group import drive
 from ..decode import DecodeRunner
-from ..kvcache import PagedKVCache, RetentionPlan, migrate_kv
+from ..kvcache import PagedKVCache, migrate_kv
 from ..prefill import ring_prefill
 from ..striping import last_token_location, stripe_indices, stripe_lengths, stripe_positions
 from .sampling import GREEDY, SamplingParams, sample
@@ -190,9 +190,7 @@ class Engine:
                                    f"{self.cache.num_tokens(st.rid)} KV tokens on instance "
                                    f"{self.instance}")
             tokens += st.tokens()
-        retention = RetentionPlan(seqlens, [_ranges_to_positions(ranges)
-                                            for ranges in pg.retention],
-                                  request_ids=list(pg.requests))
+        retention = pg.retention_plan()
         retention.reserve(self.cache, self.instance)   # fails here, before the ring, if short
         ids = torch.tensor(tokens, dtype=torch.int64)[stripe_indices(seqlens, P, r)].to(dev)
         positions = stripe_positions(seqlens, P, r)
@@ -312,11 +310,3 @@ class Engine:
                 if st.finish_reason == "eos":
                     eos.append(rid)
         return IterationResult(tokens, finished, eos)
-
-
-def _ranges_to_positions(ranges) -> dict:
-    """((instance, start, end), ...) -> {instance: positions} for RetentionPlan."""
-    out: dict = {}
-    for inst, start, end in ranges:
-        out.setdefault(int(inst), []).append(torch.arange(int(start), int(end)))
-    return {i: torch.cat(parts) for i, parts in out.items()}

@@ -57,7 +57,12 @@ class PrefillGroup(_Data):
     def retention_plan(self, free_pages=None, page_size=None):
         """esp_kernels.RetentionPlan of this group (request_ids = requests)."""
         from ..kvcache import RetentionPlan
-        assignment = [{i: range(s, e) for i, s, e in r} for r in self.retention]
+        assignment = []
+        for ranges in self.retention:
+            amap: dict = {}
+            for i, s, e in ranges:   # an instance may keep several ranges of one request
+                amap[i] = range(s, e) if i not in amap else [*amap[i], *range(s, e)]
+            assignment.append(amap)
         return RetentionPlan(self.seqlens, assignment, request_ids=list(self.requests),
                              free_pages=free_pages, page_size=page_size)
 
