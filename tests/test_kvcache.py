@@ -64,6 +64,46 @@ def test_allocator_properties(page_size, num_pages, ops):
         assert all(0 <= x < num_pages * page_size for x in all_slots)
 
 
+@settings(max_examples=60, deadline=None)
+@given(page_size=st.sampled_from([1, 3, 16]), num_pages=st.integers(1, 10),
+       steps=st.lists(st.tuples(st.sampled_from(["append", "free", "remove", "stale"]),
+                                st.lists(st.integers(0, 3), min_size=1, max_size=4,
+                                         unique=True)), max_size=20))
+def test_append_one_is_allocate_many_for_one_token(page_size, num_pages, steps):
+    """append_one (a decode step's appends, on plain ints) leaves a cache exactly as
+    allocate_many would, raises what it raises (duplicates, out of memory: nothing changed)."""
+    fast = esp.PagedKVCache(1, num_pages, page_size, 1, 4, torch.float32, "cpu")
+    slow = esp.PagedKVCache(1, num_pages, page_size, 1, 4, torch.float32, "cpu")
+    nxt = {}
+    for op, reqs in steps:
+        if op in ("append", "stale"):
+            # "stale": a position the request already stores (or below its newest one).
+            want = {r: (nxt.get(r, 0) if op == "append" else max(nxt.get(r, 0) - 1, 0))
+                    for r in reqs}
+            try:
+                expect = {r: int(t[0]) for r, t in slow.allocate_many(
+                    {r: [p] for r, p in want.items()}).items()}
+            except (esp.CacheOutOfMemory, ValueError) as exc:
+                with pytest.raises(type(exc)):
+                    fast.append_one(want)
+            else:
+                assert fast.append_one(want) == expect
+                for r, p in want.items():
+                    nxt[r] = max(nxt.get(r, 0), p + 1)
+        elif op == "free":
+            for cache in (fast, slow):
+                cache.free(reqs[0])
+            nxt.pop(reqs[0], None)
+        else:
+            drop = slow.positions(reqs[0]).tolist()[::2]
+            assert fast.remove_tokens(reqs[0], drop) == slow.remove_tokens(reqs[0], drop)
+        assert fast.stats() == slow.stats()
+        for r in set(nxt) | set(slow.requests()):
+            assert fast.placement(r) == slow.placement(r)
+            assert torch.equal(fast.positions(r), slow.positions(r))
+            assert fast.last_token(r) == slow.last_token(r)
+
+
 def test_remove_tokens_keeps_data_dense():
     cache = esp.PagedKVCache(2, 8, 4, 2, 8, torch.float32, "cpu")
     slots = cache.allocate("r", range(10))

@@ -245,9 +245,8 @@ class DecodePlan:
             if last is not None and last[0] == pos:
                 slots[rid] = last[1]
             else:
-                wanted[rid] = [pos]
-        for rid, s in cache.allocate_many(wanted).items():
-            slots[rid] = int(s[0])
+                wanted[rid] = pos
+        slots.update(cache.append_one(wanted))
         return slots
 
     def allocate_appends(self, cache: PagedKVCache, instance: int) -> "DecodePlan":

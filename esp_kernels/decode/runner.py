@@ -29,8 +29,9 @@ import weakref
 import torch
 
 from .._checks import FLOAT_DTYPES, check_tensor
+from .._host import int_tensor, upload
 from ..comm.group import drive
-from ..kvcache.cache import PagedKVCache
+from ..kvcache.cache import PagedKVCache, block_table_rows
 from ..kvcache.copy import copy_rows_, prepare_copy_rows
 from .layout import decode_layout
 from .merge_gather import prepare_merge_states_gather
@@ -88,8 +89,8 @@ class DecodeRunner:
         row = cache.row_elems
         self._row = row
 
-        # Every index list of the plan, uploaded in one copy: torch's host-to-device copy of a
-        # small tensor waits for the stream, so ~20 separate ones cost a stream drain each.
+        # Every index list of the plan, uploaded in one copy from pinned memory (`upload`: a
+        # pageable copy would wait for the stream to drain).
         slots = self._state[1]
         n_send = len(lay.q_send_rows)
         send_dst = tuple(range(n_held, n_held + n_send))
@@ -105,13 +106,12 @@ class DecodeRunner:
                 lists["q_dst", read, send] = ((() if read else lay.q_own_dst)
                                               + (() if send else send_dst))
         if n_held:
-            bt, lens = cache.block_table_of(self._state[0], device="cpu")
-            lists["block_table"], lists["kv_lens"] = bt.flatten().tolist(), lens.tolist()
+            lists["block_table"], _, lists["kv_lens"] = block_table_rows(self._state[0])
         flat, spans = [], {}
         for key, values in lists.items():
             spans[key] = (len(flat), len(flat) + len(values))
             flat.extend(values)
-        i64 = torch.tensor(flat, dtype=torch.int64).to(dev)
+        i64 = upload(int_tensor(flat), dev)
         i32 = i64.to(torch.int32)
 
         def ints(key, dtype=torch.int32):

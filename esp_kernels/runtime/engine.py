@@ -41,6 +41,7 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
+from .._host import int_tensor, upload
 from ..comm.group import drive
 from ..decode import DecodeRunner
 from ..kvcache import PagedKVCache, migrate_kv
@@ -192,14 +193,14 @@ class Engine:
             tokens += st.tokens()
         retention = pg.retention_plan()
         retention.reserve(self.cache, self.instance)   # fails here, before the ring, if short
-        ids = torch.tensor(tokens, dtype=torch.int64)[stripe_indices(seqlens, P, r)].to(dev)
+        ids = upload(int_tensor(tokens)[stripe_indices(seqlens, P, r)], dev)
         positions = stripe_positions(seqlens, P, r)
         lengths = torch.repeat_interleave(torch.tensor(seqlens),
                                           torch.tensor(stripe_lengths(seqlens, P, r)))
-        pos = ad.positions(positions.to(dev), lengths.to(dev))
+        pos = ad.positions(upload(positions, dev), upload(lengths, dev))
         sampled = [(b, row) for b, (rank, row) in enumerate(last_token_location(seqlens, P))
                    if rank == r]
-        rows = torch.tensor([row for _, row in sampled], dtype=torch.int64, device=dev)
+        rows = upload(int_tensor([row for _, row in sampled]), dev)
         h = ad.embed(ids)
         last = ad.num_layers - 1
         for layer in range(ad.num_layers):
@@ -247,10 +248,11 @@ class Engine:
         dev, B = cache.device, len(mine)
         Hq, Hkv, D = ad.num_q_heads, ad.num_kv_heads, ad.head_dim
         if B:
-            positions = torch.tensor(kv_lens, dtype=torch.int64)
-            pos = ad.positions(positions.to(dev), (positions + 1).to(dev))
-            h = ad.embed(torch.tensor([st.generated[-1] for st in states], dtype=torch.int64,
-                                      device=dev))
+            # Positions and tokens in one upload that does not drain the stream (`upload`).
+            ints = upload(int_tensor(kv_lens + [st.generated[-1] for st in states]), dev)
+            positions = ints[:B]
+            pos = ad.positions(positions, positions + 1)
+            h = ad.embed(ints[B:])
         else:   # a holder only: no dense work, empty operands
             q = torch.empty(0, Hq, D, dtype=ad.dtype, device=dev)
             k = v = torch.empty(0, Hkv, D, dtype=ad.dtype, device=dev)

@@ -1,0 +1,27 @@
+"""Host-side helpers of the per-step paths: Python ints to tensors, and uploads that do not
+drain the stream."""
+
+from __future__ import annotations
+
+import array
+
+import torch
+
+
+def int_tensor(values: list, dtype=torch.int64) -> torch.Tensor:
+    """A CPU tensor of a list of Python ints, through an array buffer: torch.tensor(list) takes
+    ~50 ns an element, this ~5 (a decode step of 128 requests at 1k tokens uploads ~9k ints)."""
+    if not values:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(array.array("q", values), dtype=torch.int64).to(dtype)
+
+
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t (CPU) on `device`, queued on the current stream. A copy from pageable memory waits for
+    the stream to drain first (CUDA stages it synchronously), so a small upload per step would
+    stall the host behind the GPU's queued work — on virtual instances, behind every other
+    instance's layer; from pinned memory it is an ordinary stream-ordered copy (torch's pinned
+    pool keeps the buffer until the copy is done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
