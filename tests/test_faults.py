@@ -180,8 +180,8 @@ def test_cache_out_mid_scale_up():
 
     def body(group, cache):
         plan = esp.DecodePlan.build(group, cache, requests, masters=[1, 1])
-        if group.rank == 1:
-            cache.allocate_many = out_of_memory  # this cache runs out after the gather
+        if group.rank == 1:   # this cache runs out after the gather
+            cache.append_one = cache.allocate_many = out_of_memory
         try:
             plan = plan.scale_up(group, cache)
         except esp.CacheOutOfMemory as oom:

@@ -139,6 +139,9 @@ class DecodeRunner:
         self._app_own_slots = ints("app_own_slots")
         self._app_send_rows = ints("app_send_rows", torch.long)
         self._app_recv_slots = ints("app_recv_slots")
+        self._has_app_own, self._has_app_send, self._has_app_recv = (
+            bool(lay.append_own), bool(lay.append_send_rows), bool(lay.append_recv))
+        self._kv_shape = (Bm, cache.num_kv_heads, D)
 
         # q rows into Q = [q_hold ; q_send], one prepared row gather per case: the kernel may
         # read q in place (read_direct) and the holders' messages may be q itself (send_direct).
@@ -294,26 +297,34 @@ class DecodeRunner:
                              f"this runner was prepared), got {tuple(q.shape)} {q.dtype} on "
                              f"{q.device}")
         cache = self._live_cache()
-        cache._check_layer(layer)
+        if layer.__class__ is not int or not 0 <= layer < cache.num_layers:
+            cache._check_layer(layer)   # raises unless an int-like layer in range
+            layer = int(layer)
         if out is not None:
-            check_tensor(out, "out", ndim=3)
-            if (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
-                    or not out.is_contiguous()):
+            # q matched the prepared shape, dtype and device: out is compared with them (the
+            # device by index, as q: each .device builds an object).
+            if not isinstance(out, torch.Tensor):
+                check_tensor(out, "out", ndim=3)
+            if (out.shape != shape or out.dtype != self.q_dtype or not out.is_contiguous() or (
+                    out.get_device() != self._cuda_index if self._cuda_index >= 0 else
+                    out.device != self.device)):
                 raise ValueError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor "
                                  f"on {q.device} (as q), got {tuple(out.shape)} {out.dtype} on "
                                  f"{out.device}")
         if lay.appending:
             for name, t in (("k_new", k_new), ("v_new", v_new)):
-                check_tensor(t, name, ndim=3)
-                if tuple(t.shape) != (Bm, cache.num_kv_heads, D) or t.dtype != cache.dtype or \
-                        t.device != self.device:
+                if not isinstance(t, torch.Tensor):
+                    check_tensor(t, name, ndim=3)
+                if t.shape != self._kv_shape or t.dtype != cache.dtype or (
+                        t.get_device() != self._cuda_index if self._cuda_index >= 0 else
+                        t.device != self.device):
                     raise ValueError(f"{name} must be [{Bm}, {cache.num_kv_heads}, {D}] "
                                      f"{cache.dtype} on {self.device}, got {tuple(t.shape)} "
                                      f"{t.dtype} on {t.device}")
             new_kv = torch.stack((k_new.reshape(Bm, self._row), v_new.reshape(Bm, self._row)), 1)
-            if self._app_own_slots.numel():
+            if self._has_app_own:
                 _write_kv(cache, layer, new_kv[self._app_own_rows], self._app_own_slots)
-            if self._app_send_rows.numel():
+            if self._has_app_send:
                 torch.index_select(new_kv, 0, self._app_send_rows, out=self.kv_send)
         elif k_new is not None or v_new is not None:
             raise ValueError("k_new/v_new given but the plan appends nothing (call plan.scale_up)")
@@ -335,7 +346,7 @@ class DecodeRunner:
 
         # 2. store others' new tokens, then one partial state over my shard for all held
         #    requests.
-        if self._app_recv_slots.numel():
+        if self._has_app_recv:
             _write_kv(cache, layer, self.kv_recv, self._app_recv_slots)
         if self._partial is not None:
             scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)

@@ -37,16 +37,18 @@ class PhaseTimes:
 class VirtualCluster:
     """num_instances engines on `adapter.device` sharing `adapter`; each has a cache of
     kv_slots_per_instance token slots in pages of page_size; timeout: seconds an instance may
-    wait on another before CommTimeout."""
+    wait on another before CommTimeout; cuda_graphs: decode steps' dense work as CUDA graphs
+    (runtime.graphs; CUDA only)."""
 
     def __init__(self, adapter, num_instances: int, kv_slots_per_instance: int,
-                 page_size: int = 16, sampler=sample, timeout: float = DEFAULT_TIMEOUT_S):
+                 page_size: int = 16, sampler=sample, timeout: float = DEFAULT_TIMEOUT_S,
+                 cuda_graphs: bool = True):
         if not isinstance(num_instances, int) or num_instances < 1:
             raise ValueError(f"num_instances must be an int >= 1, got {num_instances!r}")
         self.adapter = adapter
         self.groups = comm.local_group(num_instances, adapter.device, timeout)
-        self.engines = [Engine.create(g, adapter, kv_slots_per_instance, page_size, sampler)
-                        for g in self.groups]
+        self.engines = [Engine.create(g, adapter, kv_slots_per_instance, page_size, sampler,
+                                      cuda_graphs) for g in self.groups]
         self.page_size = page_size
         self.last_times = PhaseTimes()
 

@@ -47,6 +47,7 @@ from ..decode import DecodeRunner
 from ..kvcache import PagedKVCache, migrate_kv
 from ..prefill import ring_prefill
 from ..striping import last_token_location, stripe_indices, stripe_lengths, stripe_positions
+from .graphs import DecodeGraphs
 from .sampling import GREEDY, SamplingParams, sample
 
 
@@ -79,11 +80,14 @@ class Engine:
 
     group: this instance's handle of the world Group (instances = world ranks);
     adapter: the model (runtime.adapter protocol); cache: this instance's PagedKVCache with the
-    adapter's layers, kv heads, head dim, dtype and device; sampler: see runtime.sampling.
+    adapter's layers, kv heads, head dim, dtype and device; sampler: see runtime.sampling;
+    cuda_graphs: run a decode step's dense work (everything but attention) as CUDA graphs, one
+    set per padded batch size, captured when first needed (runtime.graphs; ignored on the CPU).
     """
 
     def __init__(self, group, adapter, cache: PagedKVCache,
-                 sampler: Callable[[list, torch.Tensor], torch.Tensor] = sample):
+                 sampler: Callable[[list, torch.Tensor], torch.Tensor] = sample,
+                 cuda_graphs: bool = True):
         want = (adapter.num_layers, adapter.num_kv_heads, adapter.head_dim, adapter.dtype,
                 adapter.device)
         have = (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.dtype, cache.device)
@@ -98,10 +102,13 @@ class Engine:
         self._rank_of = {w: i for i, w in enumerate(group.world_ranks)}
         self.requests: dict = {}
         self._sampled: dict = {}     # request id -> 0-d int64 token sampled here this iteration
+        # A decode step's dense work as CUDA graphs (graphs.py); eager on the CPU.
+        self._graphs = (DecodeGraphs(adapter) if cuda_graphs and cache.device.type == "cuda"
+                        else None)
 
     @classmethod
     def create(cls, group, adapter, kv_slots: int, page_size: int = 16,
-               sampler=sample) -> "Engine":
+               sampler=sample, cuda_graphs: bool = True) -> "Engine":
         """An engine with a new cache of kv_slots token slots (a multiple of page_size)."""
         if kv_slots % page_size:
             raise ValueError(f"kv_slots ({kv_slots}) must be a multiple of page_size "
@@ -109,7 +116,7 @@ class Engine:
         cache = PagedKVCache(adapter.num_layers, kv_slots // page_size, page_size,
                              adapter.num_kv_heads, adapter.head_dim, adapter.dtype,
                              adapter.device)
-        return cls(group, adapter, cache, sampler)
+        return cls(group, adapter, cache, sampler, cuda_graphs)
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(self, rid, prompt: Sequence[int], max_new_tokens: int,
@@ -212,10 +219,10 @@ class Engine:
                     return
                 h, o = h[rows], o[rows]
             h = ad.attention_out(layer, h, o)
-        self._sample([states[b] for b, _ in sampled], h)
+        self._sample([states[b] for b, _ in sampled], ad.logits(h))
 
-    def _sample(self, states, h) -> None:
-        tokens = self.sampler(states, self.adapter.logits(h))
+    def _sample(self, states, logits) -> None:
+        tokens = self.sampler(states, logits)
         for st, t in zip(states, tokens):
             self._sampled[st.rid] = t
 
@@ -247,30 +254,42 @@ class Engine:
                                    f"{len(st.tokens()) - 1}")
         dev, B = cache.device, len(mine)
         Hq, Hkv, D = ad.num_q_heads, ad.num_kv_heads, ad.head_dim
+        graphs = None
         if B:
             # Positions and tokens in one upload that does not drain the stream (`upload`).
             ints = upload(int_tensor(kv_lens + [st.generated[-1] for st in states]), dev)
             positions = ints[:B]
             pos = ad.positions(positions, positions + 1)
-            h = ad.embed(ints[B:])
+            if self._graphs is not None:
+                graphs = self._graphs.prepare(B, ints[B:], pos)
+            else:
+                h = ad.embed(ints[B:])
         else:   # a holder only: no dense work, empty operands
             q = torch.empty(0, Hq, D, dtype=ad.dtype, device=dev)
             k = v = torch.empty(0, Hkv, D, dtype=ad.dtype, device=dev)
         appending = any(t is not None for t in plan.append_to)
-        out = torch.empty(B, Hq, D, dtype=ad.dtype, device=dev)
+        # Attention writes where the next dense piece reads (the graphs' input).
+        out = graphs.attn[:B] if graphs is not None else torch.empty(B, Hq, D, dtype=ad.dtype,
+                                                                     device=dev)
         # One runner for the step's layers: every step's plan is new (its KV lengths grew), so
         # the one-call form's lookup would compare it by value on every layer and never reuse.
         runner = DecodeRunner(plan, group, cache, Hq, D, ad.dtype)
         for layer in range(ad.num_layers):
-            if B:
+            if graphs is not None:
+                graphs.graphs[layer].replay()
+                q, k, v = (t[:B] for t in graphs.qkv[layer])
+            elif B:
                 q, k, v = ad.attention_in(layer, h, pos)
             o = yield from runner.steps(
                 q, layer, k_new=k if appending else None, v_new=v if appending else None,
                 softmax_scale=ad.softmax_scale, out=out)
-            if B:
+            if B and graphs is None:
                 h = ad.attention_out(layer, h, o)
-        if B:
-            self._sample(states, h)
+        if graphs is not None:
+            graphs.graphs[-1].replay()
+            self._sample(states, graphs.logits[:B])
+        elif B:
+            self._sample(states, ad.logits(h))
 
     @torch.no_grad()
     def exchange_steps(self, plan):
