@@ -274,7 +274,7 @@ DEFAULT_CONFIGS = {
 
 
 # The GPU sweep's grid (bench/sweep_ring_step.py): every entry compiles for sm_90a with Triton 3.6
-# within 227 KB of shared memory (scripts/compile_ring_step_sm90.py).
+# within 227 KB of shared memory (bench/diag_compile_sm90.py).
 SWEEP_CONFIGS = {
     "fold": [(128, 64, 8, 3), (128, 128, 8, 2)],
     "tma": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3)],

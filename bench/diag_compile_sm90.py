@@ -5,7 +5,7 @@ registers/spills/shared memory, whether wgmma, TMA and warp specialization were 
 wgmma waits of the off-band loop; --dump DIR writes the ttgir/ptx.
 
 Run against the GPU machine's Triton (3.6): pip install --no-deps --target /tmp/t36 triton==3.6.0
-then PYTHONPATH=.:/tmp/t36 python scripts/compile_ring_step_sm90.py [--dump DIR]
+then PYTHONPATH=.:/tmp/t36 python bench/diag_compile_sm90.py [--dump DIR]
 """
 
 import argparse
@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root
 sys.path.insert(0, ROOT)
 
 from esp_kernels.prefill import triton_step, triton_step_tma  # noqa: E402
