@@ -387,10 +387,12 @@ def test_full_decode_batch_merges_into_one_with_room(merge):
 
 
 def test_mechanisms_all_happen_on_a_busy_workload():
-    rng = random.Random(7)
+    # Seed 2: on seed 7 no release migration happens since a pinned request preempts a decode
+    # component instead of waiting for an empty instance (15 of the first 20 seeds release).
+    rng = random.Random(2)
     reqs = random_workload(rng, 60, max_prompt=3000, max_new=200, span=1.0)
     s = ESPScheduler(4, 2048, CM, page_size=16)
-    h = Harness(s, reqs, seed=7).run()
+    h = Harness(s, reqs, seed=2).run()
     h.check_finished()
     for key in ("migrations", "decode_preempted_for_prefill", "scale_ups", "deferred",
                 "released_instances", "decode_merges", "decode_waits"):
@@ -491,3 +493,74 @@ def test_long_request_in_a_stream_of_short_ones_is_overtaken_at_most_the_bound()
     h = Harness(s, reqs, seed=0).run()
     h.check_finished()
     assert 1 <= h.overtaken.get("long", 0) <= 3
+
+
+# ---- prefill vs decode under load (ShareGPT regression, issue 20) ----------------------------
+
+def _decode_until(s, rids, now=0.0, steps=1):
+    """Run `steps` schedule()/update() rounds (whole plans, lock-step); returns the time."""
+    for _ in range(steps):
+        it = s.schedule(now)
+        now += max(it.predicted_time, 1e-3)
+        s.update(it, now=now)
+    return now
+
+
+def _two_decoding_instances(**policy):
+    """Two instances, each decoding one long request (A on one, B on the other)."""
+    s = ESPScheduler(2, 1 << 14, CM, page_size=16, **policy)
+    s.add_request("A", 1000, 1000)
+    now = _decode_until(s, ["A"])
+    s.add_request("B", 1000, 1000)
+    now = _decode_until(s, ["B"], now)
+    now = _decode_until(s, [], now, steps=3)
+    assert len(s.placement("A")) == 1 and s.placement("A").keys() != s.placement("B").keys()
+    assert s.state("A") == s.state("B") == "decoding"
+    return s, now
+
+
+def test_pinned_request_preempts_decode_instead_of_waiting_for_an_empty_instance():
+    """A pinned request (overtaken max_out_of_order times; 0 here, so every request is) may not
+    be deferred, and no later one may run before it. With every instance decoding, the DP on
+    the (empty) pool cuts the candidates before it; it must then run by preempting a decode
+    component. Before the fix the cut left no candidate, no preemption was tried, and C waited
+    until A or B finished (~1000 steps): on ShareGPT at 80 req/s 99% of schedule() calls cut
+    every candidate and TTFT p50 was 38 s."""
+    s, now = _two_decoding_instances(max_out_of_order=0)
+    s.add_request("C", 200, 10)
+    now = _decode_until(s, [], now, steps=2)
+    assert s.state("C") in ("decoding", "finished"), s.state("C")
+    assert s.stats["decode_preempted_for_prefill"] >= 1
+
+
+def test_prefill_preempts_a_fresh_decode_when_waiting_costs_more():
+    """The decode slowdown of a preemption is priced per final output token (T / max_new per
+    request: what the delay adds to its output-token latency), not per token generated so far:
+    1/generated made a request that had just produced its first token weigh as much as the
+    prefill's whole time, so a short prompt waited for seconds of decode (ShareGPT 160 req/s:
+    TTFT p90 0.86 s -> 0.27 s; 320 req/s: attainment 0.27 -> 0.51)."""
+    s = ESPScheduler(1, 1 << 14, CM, page_size=16)
+    s.add_request("A", 1000, 1000)
+    now = _decode_until(s, ["A"])
+    assert s.state("A") == "decoding" and s.generated("A") == 1
+    s.add_request("C", 500, 10)
+    # Waiting for A's ~1000 steps costs C ~8.5 s / 500 tokens = 0.017 s per token; the prefill
+    # (~38 ms) delays A's next token by 38 ms / 1000 output tokens, not 38 ms / 1 token.
+    it = s.schedule(now)
+    assert [g.requests for g in it.prefills] == [("C",)] and not it.decodes
+
+
+def test_a_running_prefill_frees_its_instances_only_after_its_requests_decode():
+    """The wait until an instance frees up (step 3) counts a prefill group whose members all
+    keep KV as busy until its requests have decoded, not until the prefill ends: counting the
+    end alone made waiting for a whole free group look ~40 ms away while every instance
+    decoded for seconds, and the DP deferred short prompts (ShareGPT at 40 req/s, with the
+    pinned fix: TTFT p50 27 s with TPOT 9 ms; at 160 req/s attainment 0.29 -> 1.0)."""
+    s = ESPScheduler(1, 1 << 14, CM, page_size=16)
+    s.add_request("A", 1000, 500)
+    it = s.schedule(0.0)
+    assert [g.requests for g in it.prefills] == [("A",)]
+    s.add_request("C", 1000, 10)
+    (cost,) = s._defer_costs([s._reqs["C"]], 0.0, [])
+    decode = 499 * CM.decode_time([1000], 1, 1)
+    assert cost * 1000 >= decode, (cost * 1000, decode)

@@ -41,24 +41,30 @@ Every schedule(), in this order:
    while it stays queued; one overtaken `max_out_of_order` times is pinned. A pinned request that
    fails admission stops the walk. In the DP a pinned candidate cannot be deferred; if that makes
    the DP infeasible, the candidates are cut at the first pinned one that must wait (the largest
-   feasible cut, by bisection): nothing behind it runs. So no request is overtaken more than
-   `max_out_of_order` times, and every admitted request eventually runs (decodes end and free
-   their KV; nothing new is admitted past a pinned request).
+   feasible cut, by bisection): nothing behind it runs, and step 4 tries decode components for
+   the uncut candidates (a pool that runs the pinned one is taken whatever the slowdown). So no
+   request is overtaken more than `max_out_of_order` times, and every admitted request
+   eventually runs (decodes end and free their KV; nothing new is admitted past a pinned
+   request).
 3. Batching DP (batching.py; exact over its stated space): candidates sorted by length are split
    into batches, each on its own group of the prefill pool, minimising LoongServe's input-token
    latency Σ T(g, batch)·Σ1/l, plus (W + T(G, l))/l per deferred request, where G is the largest
-   allowed group and W the wait until instances free up: the earliest of a running prefill's end,
-   and a decode batch's or ready decode component's step time times its longest remaining output
+   allowed group and W the wait until instances free up: the earliest of a running prefill's end
+   (plus, when each of its instances keeps KV, its requests' decode: step time times their
+   longest remaining output), and a decode batch's or ready decode component's step time times
+   its longest remaining output
    (LoongServe's "run now on fewer instances only if that costs less than waiting"). With nothing
    running or ready (or `defer` off) deferring costs 1e12/l: whatever fits runs. The pool: the
    idle instances outside decode components.
 4. Preemption of decode for prefill (`preempt_decode`): if the DP deferred a candidate, decode
    components (fewest requests first, at most `preempt_max_components`) are tried one at a time:
    one joins the pool (its decode step waits an iteration; its KV stays) when the DP cost with it
-   plus the decode slowdown, the prefill's time · Σ_{its requests} 1/generated · `preempt_weight`,
-   is below the cost without it. A component is not preempted more than `max_decode_preemptions`
-   times in a row. A trial whose slowdown alone, at the cheapest feasible batch time, exceeds the
-   current cost is skipped without running the DP.
+   plus the decode slowdown, the prefill's time · Σ_{its requests} 1/max_new_tokens ·
+   `preempt_weight` (what the delay adds to their output-token latencies), is below the cost
+   without it. When a pinned candidate was cut (step 2), components are added until the uncut
+   candidates fit, and that pool is taken. A component is not preempted more than
+   `max_decode_preemptions` times in a row. A trial whose slowdown alone, at the cheapest
+   feasible batch time, exceeds the current cost is skipped without running the DP.
 5. Retention (proactive scale-down): each prefill group keeps each request's KV fill-first, in
    position order, on its members ordered by `retention_order`: "fewest" (most free pages first:
    the batch lands on as few instances as possible and the others stay empty, free for other
@@ -81,7 +87,7 @@ Every schedule(), in this order:
    (decode_time over its holders - decode_time on one instance). Release (`migrate_for_prefill`):
    if candidates were left queued, one non-master instance of a component is emptied by moving
    its shards to the component's other instances when the decode slowdown (migration time ·
-   Σ 1/generated · `preempt_weight`) is below what the queued candidates that fit an instance
+   Σ 1/max_new_tokens · `preempt_weight`) is below what the queued candidates that fit an instance
    gain by running now on one instance instead of waiting (their defer cost less T(1, l)/l); the
    freed instance joins the next schedule()'s prefill pool. Each step's new token goes to
    the master if it has room (a free slot in the request's last page there, or a free page); else
@@ -233,6 +239,8 @@ class ESPScheduler:
         self._used = [0] * num_instances          # pages in use per instance
         self._busy: dict = {}           # instance -> batch id
         self._running: dict = {}        # batch id -> (batch, predicted end)
+        self._prefill_tail: dict = {}   # prefill batch id -> decode time after it ends until
+                                        # one of its instances is empty (see _commit_prefill)
         self._comp_preempted: dict = {}  # frozenset(instances) -> consecutive preemptions
         self._solo_time: dict = {}      # (group size, tokens) -> prefill_time, memo
         self._wants: list = []          # (pages, gain) of prefills waiting for an instance
@@ -577,6 +585,8 @@ class ESPScheduler:
             if isinstance(b, DecodeBatch):
                 w += b.predicted_time * max(self._reqs[rid].max_new - self._reqs[rid].generated
                                             - 1 for rid in b.requests)
+            else:
+                w += self._prefill_tail.get(b.batch_id, 0.0)
             waits.append(w)
         for insts, reqs in comps:
             step = cm._decode(len(reqs), sum(r.kv_len for r in reqs), len(insts), len(insts))
@@ -636,13 +646,15 @@ class ESPScheduler:
         at the first deferred pinned one: the pinned before the cut must run (inf defer cost),
         nothing from the cut on runs. The largest feasible cut is found by bisection
         (feasibility only shrinks as the cut grows: more forced requests, same pool).
-        Returns (result, candidates kept, their defer costs, their BatchTable)."""
+        Returns (result, candidates kept, their defer costs, their BatchTable, uncut) where
+        uncut is None, or (every candidate, defer costs, BatchTable) when a pinned one was cut:
+        then preemption may still run it (_plan_prefill)."""
         defer_all = self._defer_costs(cands, now, comps)
         pinned = [k for k, d in enumerate(defer_all) if d == INF]
         table = self._table(cands, max_instances)
         res = self._solve(cands, pool, defer_all, table)
         if res.cost < INF or not pinned:
-            return res, cands, defer_all, table
+            return res, cands, defer_all, table, None
         lo, hi = 0, len(pinned) - 1       # cut at pinned[lo] is feasible (nothing forced)
         best = None
         while lo <= hi:
@@ -651,7 +663,7 @@ class ESPScheduler:
             sub = self._table(cands[:c], max_instances)
             trial = self._solve(cands[:c], pool, defer_all[:c], sub)
             if trial.cost < INF:
-                best = (trial, cands[:c], defer_all[:c], sub)
+                best = (trial, cands[:c], defer_all[:c], sub, (cands, defer_all, table))
                 lo = mid + 1
             else:
                 hi = mid - 1
@@ -667,23 +679,45 @@ class ESPScheduler:
                      pol.max_decode_preemptions][: pol.preempt_max_components]
         # The table covers the largest pool any trial can reach.
         max_instances = len(pool) + sum(len(c[0]) for c in tried)
-        res, cands, defer, table = self._solve_pinned(cands, pool, now, max_instances, comps)
-        if tried and (res.deferred or res.cost == INF):
+        res, cands, defer, table, uncut = self._solve_pinned(cands, pool, now, max_instances,
+                                                             comps)
+        if tried and (res.deferred or res.cost == INF or uncut):
             # No trial can beat res.cost if the slowdown alone, at the shortest time any
             # feasible batch can take, does not (skips the DP for long-running decodes).
             finite = np.isfinite(table.C) if table.G and table.n else None
             t_min = float(table.T[finite].min()) if finite is not None and finite.any() else 0.0
+            held = []       # components tried for a pinned candidate, not yet enough
             for comp in tried:
-                if pol.preempt_weight * t_min * sum(1.0 / max(1, r.generated)
-                                                    for r in comp[1]) >= res.cost:
+                if uncut is not None:
+                    # A pinned candidate was cut: it may not wait (infinite defer cost) and
+                    # nothing behind it runs, so a pool that runs it wins whatever the decode
+                    # slowdown. Without this, a pinned request at the head of the queue waited
+                    # until some instance held no KV at all: ShareGPT at 80 req/s, 99% of
+                    # schedule() calls cut every candidate, TTFT p50 38 s (TPOT 9 ms).
+                    all_c, all_d, all_t = uncut
+                    trial_pool = pool + sorted(set().union(*(c[0] for c in held), comp[0]))
+                    trial = self._solve(all_c, trial_pool, all_d, all_t)
+                    if trial.cost == INF:
+                        held.append(comp)
+                        continue
+                    used = {trial_pool[k] for _, insts, _ in trial.batches for k in insts}
+                    res, pool, cands, defer, table, uncut = (trial, trial_pool, all_c, all_d,
+                                                             all_t, None)
+                    for c in held + [comp]:
+                        if used & c[0]:
+                            comps = [x for x in comps if x is not c]
+                            self._comp_preempted[c[0]] = self._comp_preempted.get(c[0], 0) + 1
+                            self.stats["decode_preempted_for_prefill"] += len(c[1])
+                    held = []
+                    continue
+                if pol.preempt_weight * t_min * _inv_output(comp[1]) >= res.cost:
                     continue
                 trial_pool = pool + sorted(comp[0])
                 trial = self._solve(cands, trial_pool, defer, table)
                 if trial.cost == INF:
                     continue
                 t_pf = max((t for _, _, t in trial.batches), default=0.0)
-                penalty = pol.preempt_weight * t_pf * sum(1.0 / max(1, r.generated)
-                                                          for r in comp[1])
+                penalty = pol.preempt_weight * t_pf * _inv_output(comp[1])
                 used = {trial_pool[k] for _, insts, _ in trial.batches for k in insts}
                 if not used & comp[0]:
                     continue
@@ -716,6 +750,16 @@ class ESPScheduler:
                 scheduled.add(r.seq)
             groups.append(PrefillGroup(bid, tuple(insts), tuple(r.rid for r in reqs),
                                        tuple(r.prefill_len for r in reqs), retention, t))
+            # When does this group free an instance for the next prefill? Not at its end when
+            # every member keeps KV: its requests decode there until the longest one is done.
+            # (Counting the end alone made waiting for "a free group of G instances" look
+            # ~40 ms away while every instance decoded for seconds: the DP deferred short
+            # prompts and, on ShareGPT at 40 req/s, TTFT p50 was 27 s with TPOT 9 ms.)
+            kept = {i for parts in retention for i, _, _ in parts}
+            if all(i in kept or self._used[i] for i in insts):
+                step = self.cost_model._decode(len(reqs), sum(r.prefill_len for r in reqs),
+                                               len(kept), len(kept))
+                self._prefill_tail[bid] = step * max(r.remaining - 1 for r in reqs)
             self.stats["prefill_batches"] += 1
             self.stats["prefilled_requests"] += len(reqs)
         if scheduled:
@@ -933,7 +977,7 @@ class ESPScheduler:
         the non-master instance holding the fewest pages, if only this component's requests
         hold KV there, each request's tokens there fit one other instance of the component
         (plus the request's remaining growth if that instance is its master), and the
-        migration pays: migration_time x Σ 1/generated over the component's requests x
+        migration pays: migration_time x Σ 1/max_new over the component's requests x
         preempt_weight (the decode slowdown, as for preemption) < the gains of the queued
         candidates that fit the freed instance. At most one instance per schedule(). Returns
         the freed instance or None."""
@@ -966,8 +1010,7 @@ class ESPScheduler:
             moves.append((r, best[0]))
             tokens += n
         gain = sum(g for pages, g in self._wants if pages <= self.pages_per_instance)
-        slowdown = pol.preempt_weight * self.cost_model.migration_time(tokens) * sum(
-            1.0 / max(1, r.generated) for r in reqs)
+        slowdown = pol.preempt_weight * self.cost_model.migration_time(tokens) * _inv_output(reqs)
         if slowdown >= gain:
             return None
         for r, dst in moves:
@@ -1035,6 +1078,7 @@ class ESPScheduler:
                                  "already reported)")
         for b in batches:
             del self._running[b.batch_id]
+            self._prefill_tail.pop(b.batch_id, None)
             for i in b.instances:
                 if self._busy.get(i) == b.batch_id:
                     del self._busy[i]
@@ -1064,6 +1108,17 @@ class ESPScheduler:
         r.state = "finished"
         r.batch = None
         self.stats["finished"] += 1
+
+
+def _inv_output(reqs) -> float:
+    """Σ 1/max_new_tokens: what delaying each of these decoding requests' next step by 1 s adds
+    to the sum of their output-token latencies, (finish - arrival) / output tokens. LoongServe
+    divides by the tokens generated so far (it does not know the output length); here the rest
+    of the policy already takes max_new_tokens as the output length (W, admission), and 1 /
+    generated made a request that had just produced its first token weigh as much as the whole
+    prefill: ShareGPT at 320 req/s (with the pinned and W fixes) attained 0.27 with it, 0.51
+    with this. With EOS before max_new_tokens this underestimates the slowdown."""
+    return sum(1.0 / r.max_new for r in reqs)
 
 
 def _peak_kv(alive: Sequence[tuple]) -> int:
