@@ -485,7 +485,7 @@ class ESPScheduler:
         _minimize_decoding_occupied_instances, done per component since batches here end at
         different times). With requests queued, a ready decode component C whose instances hold
         only its KV moves all of it onto one instance y of a larger decode batch T (more
-        requests; ties: more pages) when y has free pages for C's KV plus the remaining growth
+        requests; ties: more pages, then the lower instance) when y has free pages for C's KV plus the remaining growth
         of C's requests and of the requests mastered on y, T and C together have at most
         `max_requests_per_master` requests (decode stays memory-bound: 1 request 8.2 ms, 128
         requests 14.6 ms a step on the shipped H100 profile), and the decode instance-time it
@@ -527,7 +527,7 @@ class ESPScheduler:
                 continue
             need = sum(self._pages(r.kv_len + r.remaining) for r in reqs)
             kv_c = sum(r.kv_len for r in reqs)
-            key_c = (len(reqs), pages_c)
+            key_c = (len(reqs), pages_c, -min(insts))
             best = None
             for t_idx, t in enumerate(targets):
                 if t_idx == k or (t[2] is not None and out[t[2]] is None):
@@ -539,7 +539,7 @@ class ESPScheduler:
                 t_reqs = t[1]
                 if len(t_reqs) + len(reqs) > cap:
                     continue
-                key_t = (len(t_reqs), sum(self._used[i] for i in t[0]))
+                key_t = (len(t_reqs), sum(self._used[i] for i in t[0]), -min(t[0]))
                 if key_t <= key_c:
                     continue
                 ready = t[2] is not None
