@@ -28,6 +28,14 @@ Every schedule(), in this order:
 1. Decode components. Decoding requests whose KV instances are all idle are grouped into
    components (union-find over the instances of each request): requests sharing an instance
    must be in one decode batch, since batches of an iteration use disjoint instances.
+1b. Consolidation (`consolidate_decode`; LoongServe's _minimize_decoding_occupied_instances):
+   with requests queued and decode KV on more instances than it needs (ceil(decoding requests /
+   max_requests_per_master) and ceil(pages in use / pages per instance)), a ready component
+   whose instances hold only its KV moves all of it onto one instance of a larger decode batch
+   (ready, or running and ending within one of its steps: then its requests skip this step, at
+   most 2 in a row) with room for its KV and growth, at most max_requests_per_master requests
+   together, when the decode instance-time saved exceeds twice the migration time. Its
+   instances, emptied, join the prefill pool (see _consolidate_decode).
 2. Dispatch: FCFS with a bounded out-of-order window. The queue is walked in arrival order (a
    recomputed request keeps its place). A request is a prefill candidate if future-KV admission
    (`admission`) admits it: with every alive request (decoding, prefilling, earlier candidates)
@@ -42,7 +50,8 @@ Every schedule(), in this order:
    fails admission stops the walk. In the DP a pinned candidate cannot be deferred; if that makes
    the DP infeasible, the candidates are cut at the first pinned one that must wait (the largest
    feasible cut, by bisection): nothing behind it runs, and step 4 tries decode components for
-   the uncut candidates (a pool that runs the pinned one is taken whatever the slowdown). So no
+   the uncut candidates (a pool that runs the pinned one is taken unless a running prefill
+   group that will empty its instances ends soon enough that waiting adds less latency). So no
    request is overtaken more than `max_out_of_order` times, and every admitted request
    eventually runs (decodes end and free their KV; nothing new is admitted past a pinned
    request).
