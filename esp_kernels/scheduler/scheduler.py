@@ -28,6 +28,14 @@ Every schedule(), in this order:
 1. Decode components. Decoding requests whose KV instances are all idle are grouped into
    components (union-find over the instances of each request): requests sharing an instance
    must be in one decode batch, since batches of an iteration use disjoint instances.
+1b. Consolidation (`consolidate_decode`; LoongServe's _minimize_decoding_occupied_instances):
+   with requests queued and decode KV on more instances than it needs (ceil(decoding requests /
+   max_requests_per_master) and ceil(pages in use / pages per instance)), a ready component
+   whose instances hold only its KV moves all of it onto one instance of a larger decode batch
+   (ready, or running and ending within one of its steps: then its requests skip this step, at
+   most 2 in a row) with room for its KV and growth, at most max_requests_per_master requests
+   together, when the decode instance-time saved exceeds twice the migration time. Its
+   instances, emptied, join the prefill pool (see _consolidate_decode).
 2. Dispatch: FCFS with a bounded out-of-order window. The queue is walked in arrival order (a
    recomputed request keeps its place). A request is a prefill candidate if future-KV admission
    (`admission`) admits it: with every alive request (decoding, prefilling, earlier candidates)
@@ -42,7 +50,8 @@ Every schedule(), in this order:
    fails admission stops the walk. In the DP a pinned candidate cannot be deferred; if that makes
    the DP infeasible, the candidates are cut at the first pinned one that must wait (the largest
    feasible cut, by bisection): nothing behind it runs, and step 4 tries decode components for
-   the uncut candidates (a pool that runs the pinned one is taken whatever the slowdown). So no
+   the uncut candidates (a pool that runs the pinned one is taken unless a running prefill
+   group that will empty its instances ends soon enough that waiting adds less latency). So no
    request is overtaken more than `max_out_of_order` times, and every admitted request
    eventually runs (decodes end and free their KV; nothing new is admitted past a pinned
    request).
@@ -147,6 +156,9 @@ class Policy:
     migrate_for_prefill: bool = True     # empty a decode instance for a queued prefill when
                                          # it pays
     max_migrations: int = 8              # migration orders per iteration
+    consolidate_decode: bool = True      # move a small decode batch's KV onto an instance
+                                         # that already decodes, freeing its instances for
+                                         # queued prefills (step 1b)
     recompute: bool = True               # last resort on memory shortage: preempt the newest
 
     def __post_init__(self):
@@ -181,7 +193,7 @@ class Policy:
 
 class _Req:
     __slots__ = ("rid", "seq", "prompt", "max_new", "arrival", "state", "generated", "ranges",
-                 "ntok", "kv_len", "master", "overtaken", "batch", "preempted")
+                 "ntok", "kv_len", "master", "overtaken", "batch", "preempted", "waits")
 
     def __init__(self, rid, seq, prompt, max_new, arrival):
         self.rid, self.seq, self.arrival = rid, seq, arrival
@@ -195,6 +207,7 @@ class _Req:
         self.overtaken = 0
         self.batch = None         # id of the running batch it is in
         self.preempted = 0        # times recomputed
+        self.waits = 0            # consecutive decode steps skipped to consolidate (step 1b)
 
     @property
     def prefill_len(self) -> int:
@@ -244,6 +257,7 @@ class ESPScheduler:
         self._comp_preempted: dict = {}  # frozenset(instances) -> consecutive preemptions
         self._solo_time: dict = {}      # (group size, tokens) -> prefill_time, memo
         self._wants: list = []          # (pages, gain) of prefills waiting for an instance
+        self._wait = INF                # W of the last _defer_costs (step 3)
         self._tables: dict = {}         # (lengths, max instances) -> BatchTable, last few built
         self._seq = 0
         self._batch_id = 0
@@ -253,7 +267,7 @@ class ESPScheduler:
                       "migrated_tokens": 0, "recompute_preemptions": 0,
                       "decode_preempted_for_prefill": 0, "scale_ups": 0, "finished": 0,
                       "released_instances": 0, "decode_merges": 0, "decode_waits": 0,
-                      "deferred": 0}
+                      "deferred": 0, "consolidations": 0, "consolidation_waits": 0}
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, rid: Hashable, prompt_len: int, max_new_tokens: int,
@@ -417,7 +431,11 @@ class ESPScheduler:
         idle = [i for i in range(self.num_instances) if i not in self._busy]
         idle_set = set(idle)
         comps = self._decode_components(idle_set)
-        comp_insts = set()
+        migrations: list = []
+        held: set = set()
+        if self.policy.consolidate_decode and self._queue and comps and self._spread():
+            comps, held = self._consolidate_decode(comps, migrations, now)
+        comp_insts = set(held)
         for insts, _ in comps:
             comp_insts |= insts
         pool = [i for i in idle if i not in comp_insts]
@@ -436,7 +454,6 @@ class ESPScheduler:
                     claimed |= set(g.instances)
                     for i in g.instances:   # the second pass of schedule() must not reuse them
                         self._busy[i] = g.batch_id
-        migrations: list = []
         decodes: list = []
         free_idle = [i for i in idle if i not in claimed and i not in comp_insts]
         if self.policy.merge_decode and len(comps) > 1:
@@ -471,6 +488,134 @@ class ESPScheduler:
             merged[best] = None
             self.stats["decode_merges"] += 1
         return [c for c in merged if c is not None]
+
+    def _consolidate_decode(self, comps: list, migrations: list, now: float):
+        """Cross-batch decode consolidation (step 1b; LoongServe's
+        _minimize_decoding_occupied_instances, done per component since batches here end at
+        different times). With requests queued, a ready decode component C whose instances hold
+        only its KV moves all of it onto one instance y of a larger decode batch T (more
+        requests; ties: more pages, then the lower instance) when y has free pages for C's KV plus the remaining growth
+        of C's requests and of the requests mastered on y, T and C together have at most
+        `max_requests_per_master` requests (decode stays memory-bound: 1 request 8.2 ms, 128
+        requests 14.6 ms a step on the shipped H100 profile), and the decode instance-time it
+        saves, C's longest remaining output x (C's step time - what C adds to T's step), exceeds
+        twice the migration time. C's instances, emptied, join this schedule()'s prefill pool.
+        If the best such y is in a decode batch running now that ends within one of C's steps,
+        C's requests skip this step (at most 2 in a row) and move when it is ready: batches end
+        at different times, so two are rarely ready at once. The largest batch never moves and
+        a move only goes to a larger one, so KV does not travel back and forth.
+        Returns (components left to decode now, instances held by waiting components)."""
+        pol = self.policy
+        cap = pol.max_requests_per_master
+        cm = self.cost_model
+        ps = self.page_size
+        # Targets: ready components and running decode batches, as
+        # [instances, requests, index in comps or None, end time, received].
+        targets = [[insts, reqs, k, now, False] for k, (insts, reqs) in enumerate(comps)]
+        for b, end in self._running.values():
+            if isinstance(b, DecodeBatch):
+                targets.append([frozenset(b.instances), None, None, end, False])
+
+        def size(t):
+            n = len(t[1]) if t[1] is not None else None
+            return n
+        out = list(comps)
+        held: set = set()
+        order = sorted(range(len(comps)), key=lambda k: (len(comps[k][1]), min(comps[k][0])))
+        for k in order:
+            insts, reqs = comps[k]
+            src = targets[k]
+            if src[4] or out[k] is None or len(reqs) >= cap or any(
+                    r.waits >= 2 for r in reqs):
+                continue
+            pages_c = sum(self._pages(n) for r in reqs for n in r.ntok.values())
+            if pages_c != sum(self._used[i] for i in insts):
+                continue            # other requests' KV is there too: nothing would empty
+            n_orders = sum(len(rs) for r in reqs for rs in r.ranges.values())
+            if len(migrations) + n_orders > pol.max_migrations:
+                continue
+            need = sum(self._pages(r.kv_len + r.remaining) for r in reqs)
+            kv_c = sum(r.kv_len for r in reqs)
+            key_c = (len(reqs), pages_c, -min(insts))
+            best = None
+            for t_idx, t in enumerate(targets):
+                if t_idx == k or (t[2] is not None and out[t[2]] is None):
+                    continue
+                if t[1] is None:    # a running batch: its requests, once
+                    b = self._running_batch_at(t)
+                    t[1] = [self._reqs[rid] for rid in b.requests
+                            if self._reqs[rid].state == "decoding"]
+                t_reqs = t[1]
+                if len(t_reqs) + len(reqs) > cap:
+                    continue
+                key_t = (len(t_reqs), sum(self._used[i] for i in t[0]), -min(t[0]))
+                if key_t <= key_c:
+                    continue
+                ready = t[2] is not None
+                if not ready and t[3] - now > cm._decode(len(reqs), kv_c, len(insts),
+                                                         len(insts)):
+                    continue
+                for y in t[0]:
+                    if y in insts:
+                        continue
+                    reserve = 0
+                    for r in t_reqs:
+                        if r.master == y:
+                            n = r.ntok.get(y, 0)
+                            reserve += self._pages(n + r.remaining) - self._pages(n)
+                    if self._free_pages(y) - reserve < need:
+                        continue
+                    rank = (ready, self._used[y], -y)
+                    if best is None or rank > best[0]:
+                        best = (rank, t_idx, y)
+            if best is None:
+                continue
+            _, t_idx, y = best
+            t = targets[t_idx]
+            t_reqs = t[1]
+            kv_t = sum(r.kv_len for r in t_reqs)
+            step_c = cm._decode(len(reqs), kv_c, len(insts), len(insts))
+            step_t = cm._decode(len(t_reqs), kv_t, len(t[0]), len(t[0]))
+            step_m = cm._decode(len(t_reqs) + len(reqs), kv_t + kv_c, len(t[0]), len(t[0]))
+            wait = max(0.0, t[3] - now)
+            saved = max(r.remaining for r in reqs) * (step_c - (step_m - step_t))
+            if saved <= 2 * cm.migration_time(kv_c) + wait:
+                continue
+            if t[2] is None:        # the target is decoding now: wait for it
+                for r in reqs:
+                    r.waits += 1
+                self.stats["consolidation_waits"] += len(reqs)
+                held |= insts
+                out[k] = None
+                continue
+            for r in reqs:
+                for i in sorted(r.ntok):
+                    self._migrate(r, i, y, migrations)
+                r.master = y
+            assert all(self._used[i] == 0 for i in insts)
+            ti = t[2]
+            out[ti] = (out[ti][0], out[ti][1] + list(reqs))
+            t[1] = out[ti][1]
+            t[4] = True
+            out[k] = None
+            self.stats["consolidations"] += 1
+        return [c for c in out if c is not None], held
+
+    def _spread(self) -> bool:
+        """Does decode KV sit on more instances than it needs (LoongServe's test before it
+        consolidates): instances holding KV > max(decoding requests / max_requests_per_master,
+        pages in use / pages per instance), rounded up? ShareGPT at 270 req/s (~1,300 requests
+        decoding, all 8 instances needed at 128 each) consolidated 42 times and waited 326
+        request-steps for it without this, attainment 0.90 -> 0.83."""
+        need = max(-(-len(self._decoding) // self.policy.max_requests_per_master),
+                   -(-sum(self._used) // self.pages_per_instance))
+        return sum(1 for u in self._used if u) > need
+
+    def _running_batch_at(self, target):
+        for b, end in self._running.values():
+            if isinstance(b, DecodeBatch) and frozenset(b.instances) == target[0]:
+                return b
+        raise AssertionError("consolidation target batch not running")
 
     def _prefill_wants(self, cands: list, comps: list, now: float) -> list:
         """[(pages, gain)] of the candidates left queued: gain = their defer cost less their
@@ -573,7 +718,8 @@ class ESPScheduler:
         return cands
 
     def _defer_costs(self, cands: list, now: float, comps: list) -> list:
-        """Cost of leaving each candidate queued (see step 3); inf for pinned candidates."""
+        """Cost of leaving each candidate queued (see step 3); inf for pinned candidates.
+        Sets self._wait: W (inf when nothing running or ready, or defer off)."""
         pol = self.policy
         cm = self.cost_model
         # When do more instances free up? A prefill group: when it ends. Decoding instances:
@@ -592,6 +738,7 @@ class ESPScheduler:
             step = cm._decode(len(reqs), sum(r.kv_len for r in reqs), len(insts), len(insts))
             waits.append(step * max(r.max_new - r.generated for r in reqs))
         wait = max(0.0, min(waits)) if pol.defer and waits else INF
+        self._wait = wait
         best_g = max((g for g in pol.group_sizes or (self.num_instances,)
                       if g <= self.num_instances), default=1)
         if wait < INF:
@@ -687,13 +834,20 @@ class ESPScheduler:
             finite = np.isfinite(table.C) if table.G and table.n else None
             t_min = float(table.T[finite].min()) if finite is not None and finite.any() else 0.0
             held = []       # components tried for a pinned candidate, not yet enough
+            free_soon = None    # when a running prefill group frees its instances
             for comp in tried:
                 if uncut is not None:
-                    # A pinned candidate was cut: it may not wait (infinite defer cost) and
-                    # nothing behind it runs, so a pool that runs it wins whatever the decode
-                    # slowdown. Without this, a pinned request at the head of the queue waited
-                    # until some instance held no KV at all: ShareGPT at 80 req/s, 99% of
-                    # schedule() calls cut every candidate, TTFT p50 38 s (TPOT 9 ms).
+                    # A pinned candidate was cut: nothing behind it runs until it does. Without
+                    # trying decode components here, a pinned request at the head of the queue
+                    # waited until some instance held no KV at all: ShareGPT at 80 req/s, 99% of
+                    # schedule() calls cut every candidate, TTFT p50 38 s (TPOT 9 ms). A pool
+                    # that runs it is taken unless waiting adds less latency in total: W (step 3)
+                    # x the cut candidates < the prefill's time x the decode requests it stalls
+                    # x preempt_weight. Taking it whatever the slowdown stalled consolidated
+                    # decode batches (20-30 requests) behind every pinned L-Eval prompt although
+                    # running prefills free instances within ~0.3 s: 20 req/s, TPOT misses 25%,
+                    # attainment 0.75 (with this rule: 1.0). Pricing it like an unpinned
+                    # preemption instead (per-token costs) cost ShareGPT at 270 req/s 0.90 -> 0.77.
                     all_c, all_d, all_t = uncut
                     trial_pool = pool + sorted(set().union(*(c[0] for c in held), comp[0]))
                     trial = self._solve(all_c, trial_pool, all_d, all_t)
@@ -701,6 +855,16 @@ class ESPScheduler:
                         held.append(comp)
                         continue
                     used = {trial_pool[k] for _, insts, _ in trial.batches for k in insts}
+                    t_pf = max((t for _, _, t in trial.batches), default=0.0)
+                    stalled = sum(len(c[1]) for c in held + [comp] if used & c[0])
+                    if free_soon is None:
+                        free_soon = min((end - now for b, end in self._running.values()
+                                         if isinstance(b, PrefillGroup) and
+                                         b.batch_id not in self._prefill_tail), default=INF)
+                    if free_soon * (len(all_c) - len(cands)) < \
+                            pol.preempt_weight * t_pf * stalled:
+                        held.append(comp)
+                        continue
                     res, pool, cands, defer, table, uncut = (trial, trial_pool, all_c, all_d,
                                                              all_t, None)
                     for c in held + [comp]:
@@ -755,8 +919,12 @@ class ESPScheduler:
             # (Counting the end alone made waiting for "a free group of G instances" look
             # ~40 ms away while every instance decoded for seconds: the DP deferred short
             # prompts and, on ShareGPT at 40 req/s, TTFT p50 was 27 s with TPOT 9 ms.)
+            # With consolidation (step 1b) the group's KV moves to a decode instance with room
+            # when it ends (if one exists now), emptying its instances: no tail then.
             kept = {i for parts in retention for i, _, _ in parts}
-            if all(i in kept or self._used[i] for i in insts):
+            if all(i in kept or self._used[i] for i in insts) and not (
+                    self.policy.consolidate_decode and self._spread() and
+                    self._absorbable(reqs, insts)):
                 step = self.cost_model._decode(len(reqs), sum(r.prefill_len for r in reqs),
                                                len(kept), len(kept))
                 self._prefill_tail[bid] = step * max(r.remaining - 1 for r in reqs)
@@ -773,6 +941,30 @@ class ESPScheduler:
             self._queue = [r for r in q[:k] if r.seq not in scheduled] + q[k:]
         self.stats["deferred"] += len(res.deferred)
         return groups
+
+    def _absorbable(self, reqs: list, insts: list) -> bool:
+        """Would step 1b move this prefill group's KV away when it ends (as far as can be told
+        now): its instances hold only its KV, its orders fit max_migrations, and an instance
+        outside `insts` that masters decoding requests has room for them (KV, growth, and the
+        growth of its own requests) within max_requests_per_master? (The tail estimate of
+        _commit_prefill.)"""
+        cap = self.policy.max_requests_per_master
+        if sum(len(rs) for r in reqs for rs in r.ranges.values()) > self.policy.max_migrations:
+            return False
+        if sum(self._pages(n) for r in reqs for n in r.ntok.values()) != \
+                sum(self._used[i] for i in insts):
+            return False        # other KV stays there: the group's instances do not empty
+        count: dict = {}
+        reserve: dict = {}
+        for r in self._decoding.values():
+            m = r.master
+            count[m] = count.get(m, 0) + 1
+            n = r.ntok.get(m, 0)
+            reserve[m] = reserve.get(m, 0) + self._pages(n + r.remaining) - self._pages(n)
+        need = sum(self._pages(r.prefill_len + r.remaining) for r in reqs)
+        return any(count[y] + len(reqs) <= cap and
+                   self._free_pages(y) - reserve[y] >= need
+                   for y in count if y not in insts)
 
     def _retain(self, reqs: list, insts: list) -> tuple:
         """Fill-first retention of the batch's KV over the ring members (step 5)."""
@@ -1090,6 +1282,7 @@ class ESPScheduler:
                 r.generated += 1
                 if isinstance(b, DecodeBatch):
                     self.stats["decode_steps"] += 1
+                    r.waits = 0
                 if r.generated >= r.max_new:
                     self._finish(r)
                 elif r.state == "prefilling":
