@@ -155,13 +155,6 @@ def run_step(backend, q, k, v, lens_q, lens_k, shift, accumulate, o=None, lse=No
     if o is None:
         o = torch.randn(q.shape, device=dev)
         lse = torch.randn(q.shape[:2], device=dev)
-    if backend.startswith("triton:"):  # a variant of triton_step_tma.py (same contract)
-        from esp_kernels.prefill.triton_step_tma import ring_step_triton_v2
-
-        ring_step_triton_v2(q, k, v, cu_seqlens(lens_q, dev), cu_seqlens(lens_k, dev),
-                            max(lens_q), o, lse, True, shift, accumulate, 0.25,
-                            variant=backend.split(":", 1)[1])
-        return o, lse
     ring_step(q, k, v, cu_seqlens(lens_q, dev), cu_seqlens(lens_k, dev), max(lens_q), o, lse,
               mask_shift=shift, accumulate=accumulate, softmax_scale=0.25, backend=backend)
     return o, lse
@@ -200,18 +193,6 @@ def test_ring_step_nan_triton_interpreter(dtype, gen):
         pytest.skip("CPU test of the Triton interpreter; the GPU tier covers compiled Triton")
     pytest.importorskip("triton")
     check_step_nan("triton", dtype, "cpu", gen)
-
-
-TRITON_VARIANTS = ["fold", "tma", "tma_pipe", "tma_lazy", "tma_ws"]
-
-
-@pytest.mark.parametrize("variant", TRITON_VARIANTS)
-def test_ring_step_nan_triton_variants_interpreter(variant, gen):
-    """NaN contract of the opt-in variants (triton_step_tma.py, issue 21), G=2 (whole groups)."""
-    if torch.cuda.is_available():
-        pytest.skip("CPU test of the Triton interpreter; the GPU tier covers compiled Triton")
-    pytest.importorskip("triton")
-    check_step_nan(f"triton:{variant}", torch.float32, "cpu", gen)
 
 
 # ---------------------------------------------------------------- decode partial

@@ -201,32 +201,6 @@ def test_triton_step_interpreter(dtype, hq, hkv, d, shift, accumulate, gen):
         assert_close(l, ref_l, torch.float32)
 
 
-TRITON_VARIANTS = ["fold", "tma", "tma_pipe", "tma_lazy", "tma_ws"]
-
-
-def _run_variant(variant, args, shift, accumulate, causal=True, config=None):
-    from esp_kernels.prefill.triton_step_tma import ring_step_triton_v2
-
-    ring_step_triton_v2(*args, causal, shift, accumulate, 0.3, variant=variant, config=config)
-
-
-@pytest.mark.parametrize("variant", TRITON_VARIANTS)
-@pytest.mark.parametrize("hq,hkv,d", [(4, 1, 32), (6, 2, 64), (8, 2, 16)])
-@pytest.mark.parametrize("shift,accumulate", [(0, False), (-1, True), (2, True)])
-def test_triton_step_variants_interpreter(variant, hq, hkv, d, shift, accumulate, gen):
-    """The opt-in kernel variants (triton_step_tma.py, issue 21) under TRITON_INTERPRET=1:
-    G 4 / 3 (padded) / 4, causal and not, positive and negative shifts, empty requests."""
-    if torch.cuda.is_available():
-        pytest.skip("the interpreter tier runs on CPU machines; the GPU tier covers Triton")
-    pytest.importorskip("triton")
-    for causal, dtype in ((True, torch.float16), (False, torch.float32)):
-        args, (ref_o, ref_l) = _step_case(dtype, hq, hkv, d, shift, accumulate, gen,
-                                          causal=causal)
-        _run_variant(variant, args, shift, accumulate, causal)
-        assert_close(args[6], ref_o, dtype)
-        assert_close(args[7], ref_l, torch.float32)
-
-
 # ---------------------------------------------------------------- GPU tier
 
 STEP_BACKENDS = ["cuda", "triton"]
@@ -248,27 +222,6 @@ def test_step_kernel_gpu(backend, dtype, hq, hkv, d, shift, accumulate, gen):
     assert not torch.isnan(o).any(), "NaN in output state"
     assert_close(o.cpu(), ref_o.cpu(), dtype)
     assert_close(l.cpu(), ref_l.cpu(), torch.float32, factor=0.1 / 2e-5 * 1e-3)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("variant", TRITON_VARIANTS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (6, 2, 64), (8, 1, 128)])
-@pytest.mark.parametrize("shift,accumulate", [(0, False), (-1, True)])
-def test_step_variants_gpu(variant, dtype, hq, hkv, d, shift, accumulate, gen):
-    """The opt-in variants compiled (sm_90: TMA, warp specialization), each sweep config."""
-    from esp_kernels.prefill.triton_step_tma import SWEEP_CONFIGS
-
-    lq = [5, 1, 37, 0, 19, 700, 130]
-    lk = [5, 0, 37, 3, 18, 700, 129]
-    for cfg in [None] + SWEEP_CONFIGS[variant]:
-        args, (ref_o, ref_l) = _step_case(dtype, hq, hkv, d, shift, accumulate, gen, "cuda",
-                                          lq, lk)
-        _run_variant(variant, args, shift, accumulate, config=cfg)
-        o, l = args[6], args[7]
-        assert not torch.isnan(o).any(), f"NaN in output state ({cfg})"
-        assert_close(o.cpu(), ref_o.cpu(), dtype)
-        assert_close(l.cpu(), ref_l.cpu(), torch.float32, factor=0.1 / 2e-5 * 1e-3)
 
 
 @pytest.mark.gpu

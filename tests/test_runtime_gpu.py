@@ -110,7 +110,9 @@ def test_decode_cuda_graphs_match_eager():
     from runtime_fakes import ScriptedScheduler, random_plans
 
     dev = torch.device("cuda")
-    cfg = dict(PRESETS["tiny"], num_hidden_layers=3)
+    # Head dim 64: the CUDA decode kernel's smallest (the tiny preset's 16 runs on the CPU only).
+    cfg = dict(PRESETS["tiny"], num_hidden_layers=3, hidden_size=256, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=64)
     adapter = LlamaAdapter.random(cfg, torch.bfloat16, dev, seed=3)
     rng = random.Random(5)
     lengths = {f"r{i}": rng.randint(3, 40) for i in range(12)}
