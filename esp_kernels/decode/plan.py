@@ -15,13 +15,8 @@ import types
 from typing import Hashable, Mapping, Sequence
 
 from .._checks import as_int
-from ..kvcache.cache import CacheOutOfMemory, PagedKVCache, plain_request_id
-
-
-def _check_id(rid, what: str):
-    if not isinstance(rid, (int, str)) or isinstance(rid, bool):
-        raise TypeError(f"{what} {rid!r} must be an int or a str to travel in a plan's dict")
-    return rid
+from ..kvcache.cache import (CacheOutOfMemory, PagedKVCache, plain_request_id,
+                             plan_request_id)
 
 
 class DecodePlan:
@@ -97,7 +92,7 @@ class DecodePlan:
     def to_dict(self) -> dict:
         """Plain ints, strings, lists and None (JSON-ready); request ids must be ints or strs."""
         return {"kind": "DecodePlan",
-                "requests": [_check_id(r, "request id") for r in self.requests],
+                "requests": [plan_request_id(r) for r in self.requests],
                 "masters": list(self.masters),
                 "shards": [[[i, n] for i, n in s.items()] for s in self.shards],
                 "append_to": list(self.append_to),

@@ -43,7 +43,7 @@ import torch
 
 from .._checks import as_int
 from ..comm.group import CommAborted, CommError
-from .cache import CacheOutOfMemory, PagedKVCache, _member_mask
+from .cache import CacheOutOfMemory, PagedKVCache, _member_mask, plan_request_id
 from .copy import copy_rows
 
 # Chunks must be large enough that each posted message's host cost (~45 us on a blocking NCCL
@@ -105,9 +105,7 @@ class MigrationPlan:
     def to_dict(self) -> dict:
         """Plain ints, strings and lists (JSON-ready); request ids must be ints or strs."""
         for e in self.entries:
-            if not isinstance(e.request, (int, str)) or isinstance(e.request, bool):
-                raise TypeError(f"request id {e.request!r} must be an int or a str to travel in "
-                                "a plan's dict")
+            plan_request_id(e.request)
         return {"kind": "MigrationPlan", "entries": [list(dataclasses.astuple(e))
                                                      for e in self.entries]}
 

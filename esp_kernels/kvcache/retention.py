@@ -21,7 +21,7 @@ from typing import Hashable, Mapping, Sequence
 
 import torch
 
-from .cache import PagedKVCache, plain_request_id
+from .cache import PagedKVCache, plain_request_id, plan_request_id
 from .copy import copy_rows_
 
 Runs = tuple[tuple[int, int], ...]   # sorted disjoint [start, end) ranges of global positions
@@ -192,9 +192,7 @@ class RetentionPlan:
     def to_dict(self) -> dict:
         """Plain ints, strings and lists (JSON-ready): the positions as [start, end) ranges."""
         for rid in self.request_ids:
-            if not isinstance(rid, (int, str)) or isinstance(rid, bool):
-                raise TypeError(f"request id {rid!r} must be an int or a str to travel in a "
-                                "plan's dict")
+            plan_request_id(rid)
         return {"kind": "RetentionPlan", "seqlens": list(self.seqlens),
                 "request_ids": list(self.request_ids),
                 "assignment": [[[i, [list(r) for r in runs]] for i, runs in amap.items()]

@@ -41,13 +41,12 @@ class _Bucket:
 
     def __init__(self, adapter, rows: int, pos_example, pool):
         ad, dev = adapter, adapter.device
-        self.rows = rows
         self.ids = torch.zeros(rows, dtype=torch.int64, device=dev)
         self.attn = torch.zeros(rows, ad.num_q_heads, ad.head_dim, dtype=ad.dtype, device=dev)
-        leaves, self._spec = pytree.tree_flatten(pos_example)
+        leaves, spec = pytree.tree_flatten(pos_example)
         self.pos_leaves = [torch.zeros((rows,) + tuple(t.shape[1:]), dtype=t.dtype, device=dev)
                            for t in leaves]
-        pos = pytree.tree_unflatten(self.pos_leaves, self._spec)
+        pos = pytree.tree_unflatten(self.pos_leaves, spec)
         L = ad.num_layers
 
         def piece(i, h):
@@ -97,9 +96,10 @@ class DecodeGraphs:
     def prepare(self, rows: int, tokens: torch.Tensor, pos) -> _Bucket:
         """The bucket of `rows` masters' rows with this step's inputs copied in: tokens int64
         [rows] (each request's last token), pos the adapter's positions() of the rows."""
-        b = self._buckets.get(bucket(rows))
+        size = bucket(rows)
+        b = self._buckets.get(size)
         if b is None:
-            b = self._buckets[bucket(rows)] = _Bucket(self.adapter, bucket(rows), pos, self._pool)
+            b = self._buckets[size] = _Bucket(self.adapter, size, pos, self._pool)
         b.ids[:rows].copy_(tokens)
         for static, t in zip(b.pos_leaves, pytree.tree_leaves(pos)):
             static[:rows].copy_(t)
