@@ -151,6 +151,16 @@ def parse_out(argv=None):
     return p.parse_args(argv)
 
 
+def time_graph(fn):
+    """time_cuda of fn captured once into a CUDA graph (device time without host launches)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_cuda(graph.replay, warmup=2, reps=10)
+
+
 def compare(before_path: str, after_path: str) -> None:
     """Print the rows two result files share (same family, case, op and anchor): our value
     before and after and the change (positive: better), e.g. a baseline tree vs this one."""

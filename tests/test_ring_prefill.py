@@ -105,6 +105,9 @@ def test_bad_input():
         esp.ring_prefill(q.to("meta"), k, k, lens, g)
     with pytest.raises(ValueError, match="backend"):
         esp.ring_prefill(q, k, k, lens, g, backend="fast")
+    for backend in ("cuda", "gluon"):  # GPU kernels, asked for by name on CPU tensors
+        with pytest.raises(ValueError, match=f"backend='{backend}' needs CUDA tensors"):
+            esp.ring_prefill(q, k, k, lens, g, backend=backend)
 
 
 def test_ring_prefill_runner_prepared_once_run_per_layer():
@@ -203,7 +206,7 @@ def test_triton_step_interpreter(dtype, hq, hkv, d, shift, accumulate, gen):
 
 # ---------------------------------------------------------------- GPU tier
 
-STEP_BACKENDS = ["cuda", "triton"]
+STEP_BACKENDS = ["cuda", "triton", "gluon"]
 
 
 @pytest.mark.gpu
@@ -222,6 +225,49 @@ def test_step_kernel_gpu(backend, dtype, hq, hkv, d, shift, accumulate, gen):
     assert not torch.isnan(o).any(), "NaN in output state"
     assert_close(o.cpu(), ref_o.cpu(), dtype)
     assert_close(l.cpu(), ref_l.cpu(), torch.float32, factor=0.1 / 2e-5 * 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (8, 1, 64)])
+@pytest.mark.parametrize("shift,accumulate", [(0, False), (-300, True), (200, True)])
+def test_step_kernel_gpu_non_causal_and_long(backend, dtype, hq, hkv, d, shift, accumulate, gen):
+    """Many KV blocks per tile (the stage ring wraps several times), shifts that hide or show
+    whole blocks, and the non-causal mask (only the ragged tail masked)."""
+    lq = [1500, 3, 600, 129]
+    lk = [1400, 1, 1100, 257]
+    for causal in (True, False):
+        args, (ref_o, ref_l) = _step_case(dtype, hq, hkv, d, shift, accumulate, gen, "cuda", lq,
+                                          lk, causal=causal)
+        o, l = args[6], args[7]
+        ring_step(*args, mask_shift=shift, accumulate=accumulate, softmax_scale=0.3,
+                  backend=backend, causal=causal)
+        assert not torch.isnan(o).any(), f"NaN in output state (causal={causal})"
+        assert_close(o.cpu(), ref_o.cpu(), dtype)
+        assert_close(l.cpu(), ref_l.cpu(), torch.float32, factor=0.1 / 2e-5 * 1e-3)
+
+
+@pytest.mark.gpu
+def test_gluon_step_takes_the_hopper_cases():
+    """The Gluon backend's tests above must run the Gluon kernel, not its Triton fallback."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon step kernel is for sm_90 (Hopper)")
+    from esp_kernels.prefill.gluon_step import supports
+
+    def qkv(hq, hkv, d, dtype=torch.bfloat16, t=64):
+        return (torch.empty(t, hq, d, device="cuda", dtype=dtype),
+                torch.empty(t, hkv, d, device="cuda", dtype=dtype),
+                torch.empty(t, hkv, d, device="cuda", dtype=dtype))
+
+    assert supports(*qkv(32, 8, 128)) and supports(*qkv(8, 8, 64)) and supports(*qkv(8, 1, 128))
+    assert supports(*qkv(32, 8, 128, torch.float16))
+    assert not supports(*qkv(6, 2, 64))                      # group of 3
+    assert not supports(*qkv(32, 8, 128, torch.float32))
+    assert not supports(*qkv(8, 8, 96))
+    assert not supports(*qkv(8, 8, 64, t=0)[:1] + qkv(8, 8, 64, t=0)[1:])  # no keys
+    q, k, v = qkv(8, 4, 64)
+    assert not supports(q, k[:, ::2], v[:, ::2])             # heads not contiguous
 
 
 @pytest.mark.gpu

@@ -104,7 +104,7 @@ class RingPrefillRunner:
             the tokens the plan assigns to this instance are written into its cache (proactive
             scale-down; no extra communication); the slots are reserved here, once.
         softmax_scale (default 1/sqrt(D)), causal (default True), backend ("auto", "cuda",
-            "triton", "torch"): as in `ring_prefill`.
+            "triton", "gluon", "torch"): as in `ring_prefill`.
 
     What is prepared: the block layout table on the device (its upload is ordered before the
     stream current at construction: run on that stream or one ordered after it), the two
@@ -289,7 +289,7 @@ def ring_prefill(q, k, v, seqlens, ring, retain=None, softmax_scale=None, *, cau
         softmax_scale: defaults to 1/sqrt(D).
         causal: causal mask over global positions (default True).
         backend: step kernel: "auto" (CUDA: fastest measured kernel; CPU: torch), "cuda",
-            "triton", "torch".
+            "triton", "gluon" (Hopper), "torch".
 
     Returns:
         out [Tq, Hq, D] in q.dtype and lse [Tq, Hq] float32 (natural log), for this rank's

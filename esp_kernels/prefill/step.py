@@ -1,8 +1,12 @@
 """One ring step: partial attention of local query stripes against one KV block, merged into the
-running fp32 state. Three implementations of one contract (csrc/prefill/ring_step.h):
+running fp32 state. Four implementations of one contract (csrc/prefill/ring_step.h):
 
 - "cuda":   the compiled kernel (esp_kernels._C.ring_step)
 - "triton": the Triton twin (esp_kernels/prefill/triton_step.py)
+- "gluon":  the Hopper kernel in Gluon (esp_kernels/prefill/gluon_step.py: TMA, wgmma, a loader
+            warp and two consumer warpgroups); a call it cannot take (not sm_90, float32, head
+            dim other than 64/128, a GQA group not a power of two, K/V heads not contiguous)
+            runs on the Triton twin
 - "torch":  reference attention with positions + exact merge; any device, the CPU path
 
 Mask: query at local index a (in its request) sees key at local index b iff b <= a + mask_shift.
@@ -14,6 +18,7 @@ it validated the whole prefill once.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -25,11 +30,13 @@ from .._checks import (FLOAT_DTYPES, as_cu_seqlens, as_int, check_gqa, check_sam
 from ..merge import merge_two_
 from ..reference import attention
 
-# Default kernel on CUDA tensors; ESP_PREFILL_BACKEND overrides. The benchmark decides:
-# bench/results/ holds the step-kernel comparison the choice rests on (see bench/NOTES.md).
-DEFAULT_CUDA_BACKEND = "triton"
+# Default kernel on CUDA tensors; ESP_PREFILL_BACKEND overrides. The benchmark decides
+# (bench/NOTES.md): on an H100 the Gluon kernel ran all steps of a 64k ring at 597-610 TFLOP/s
+# (P=4) and 536-548 (P=8) against Triton's 488-493 and 445-465; off Hopper it hands the call to
+# the Triton twin.
+DEFAULT_CUDA_BACKEND = "gluon"
 _STATE_DTYPES = (torch.float32, torch.float64)
-BACKENDS = ("auto", "cuda", "triton", "torch")
+BACKENDS = ("auto", "cuda", "triton", "gluon", "torch")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -41,8 +48,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise ValueError(f"ESP_PREFILL_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return DEFAULT_CUDA_BACKEND if device.type == "cuda" else "torch"
-    if backend == "cuda" and device.type != "cuda":
-        raise ValueError("backend='cuda' needs CUDA tensors")
+    if backend in ("cuda", "gluon") and device.type != "cuda":
+        raise ValueError(f"backend={backend!r} needs CUDA tensors")
     return backend
 
 
@@ -63,6 +70,17 @@ def _step_torch(q, k, v, cu_q, cu_k, o_state, lse_state, causal, mask_shift, acc
         lse_state.copy_(lse_blk)
 
 
+@functools.lru_cache(maxsize=None)
+def _gluon():
+    """The Gluon step module, imported on first use (Triton's experimental dialect); None where
+    this Triton has no Gluon for Hopper (the Triton twin runs instead)."""
+    try:
+        from . import gluon_step
+    except ImportError:
+        return None
+    return gluon_step
+
+
 def run_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True, mask_shift=0,
              accumulate=True, softmax_scale, backend="auto"):
     """Run one step with the chosen backend (arguments validated by the caller)."""
@@ -70,7 +88,10 @@ def run_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True,
     if backend == "torch":
         _step_torch(q, k, v, cu_q, cu_k, o_state, lse_state, causal, mask_shift, accumulate,
                     softmax_scale)
-    elif backend == "triton":
+    elif backend == "gluon" and _gluon() is not None and _gluon().supports(q, k, v):
+        _gluon().ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal,
+                                 mask_shift, accumulate, softmax_scale)
+    elif backend in ("triton", "gluon"):
         from .triton_step import ring_step_triton
 
         ring_step_triton(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
@@ -98,7 +119,8 @@ def ring_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True
         o_state: float32 [Tq, Hq, D], lse_state: float32 [Tq, Hq], written in place (float64
             on the torch path, for references).
         mask_shift: query a (local index in its request) sees key b iff b <= a + mask_shift.
-        softmax_scale: defaults to 1/sqrt(D). backend: "auto", "cuda", "triton", "torch".
+        softmax_scale: defaults to 1/sqrt(D). backend: "auto", "cuda", "triton", "gluon",
+            "torch".
 
     Takes torch tensors or DLPack / __cuda_array_interface__ arrays; under torch.compile it is
     the op esp_kernels::ring_step.

@@ -1,0 +1,407 @@
+"""Hopper ring step in Gluon (Triton's explicit-layout dialect): the step's contract
+(csrc/prefill/ring_step.h, triton_step.py) with FA3's structure, which Triton 3.6's `tl` cannot
+express (bench/NOTES.md: every wgmma wait it emits is `wait_group 0`, so the softmax never
+overlaps the tensor cores).
+
+One CTA owns 128 query rows = (token, head) pairs of one KV head's group (GQA packed, as the
+Triton twin) and three partitions:
+- a 1-warp loader streams K and V tiles of its request through TMA into a ring of shared-memory
+  stages (ready barriers carry the bytes, empty barriers count both consumers' releases);
+- two consumer warpgroups of 4 warps each own 64 of the rows. Each issues S_j = Q K_j^T, then
+  O += P_{j-1} V_{j-1}, and does the softmax of block j while the PV product runs
+  (intra-warpgroup overlap); the two warpgroups interleave on the tensor cores by themselves.
+P stays in registers as the A operand of the PV wgmma. The mask comes from global positions
+(key b visible to query a iff b <= a + shift), applied only to the diagonal band and the ragged
+tail; the fp32 running state is merged in the epilogue exactly as the Triton twin does.
+
+Needs sm_90 (wgmma, TMA), float16/bfloat16, head dim 64 or 128, a power-of-two GQA group of at
+most 64 and K/V rows of one stride with the heads contiguous; `supports()` says whether a call
+qualifies, and the step falls back to the Triton twin otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                             warpgroup_mma, warpgroup_mma_wait)
+
+_LOG2E = 1.4426950408889634
+BLOCK_M = 128      # rows per CTA: two consumer warpgroups of 64
+WG_M = 64
+BLOCK_N = 128
+STAGES = 2
+PINGPONG = False
+EARLY = True
+
+
+@gluon.jit
+def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
+            PINGPONG: gl.constexpr, EARLY: gl.constexpr):
+    (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_smem, turn,
+     n_blocks, n_full, tok0, q_len, k_len, shift, qk_scale,
+     O, LSE, o_row0, stride_ot, stride_oh, stride_lt, stride_lh, head0, Q, stride_qt,
+     stride_qh) = args
+    NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
+    BN: gl.constexpr = k_smem.type.shape[1]
+    for j in range(n_blocks):
+        s = j % NUM_STAGES
+        phase = (j // NUM_STAGES) & 1
+        row = j * BN
+        # A fresh barrier counts as having completed the phase before 0: the first pass over the
+        # stages does not wait.
+        mbarrier.wait(k_empty.index(s), phase ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, 0], k_ready.index(s), k_smem.index(s))
+        mbarrier.wait(v_empty.index(s), phase ^ 1)
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _softmax_block(s, m_i, l_i, start_n, n_full, k_len, tok, shift, qk_scale,
+                   BN: gl.constexpr, CAUSAL: gl.constexpr, s_layout: gl.constexpr):
+    """Scores of one block -> unnormalized p (fp32), the new max and sum, and the rescale of the
+    previous accumulator. Scores stay raw; the scale is folded into the exp2 argument."""
+    if start_n >= n_full:  # diagonal band (causal) or ragged tail (keys past k_len)
+        offs_n = gl.expand_dims(start_n + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)),
+                                0)
+        if CAUSAL:
+            s = gl.where((offs_n < k_len) & (offs_n <= gl.expand_dims(tok + shift, 1)), s,
+                         float("-inf"))
+        else:
+            s = gl.where(offs_n < k_len, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1))
+    m_scaled = gl.where(m_new == float("-inf"), 0.0, m_new * qk_scale)  # nothing visible yet
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_scaled, 1))
+    alpha = gl.exp2(m_i * qk_scale - m_scaled)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _load_q_rows(Q, q_dst, row0, t0, q_start, q_len, head0, stride_qt, stride_qh,
+                 GROUP: gl.constexpr, M: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Rows row0 .. row0+M of the tile's Q (token t0 + row // GROUP, head head0 + row % GROUP)
+    into shared memory, by 4 warps."""
+    q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8],
+                                              [4, 1], [1, 0])
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, q_layout))
+    rows = row0 + gl.arange(0, M, layout=gl.SliceLayout(1, q_layout))
+    tok = t0 + rows // GROUP
+    head = head0 + rows % GROUP
+    ptrs = Q + gl.expand_dims((q_start + tok).to(gl.int64) * stride_qt + head * stride_qh, 1) \
+        + gl.expand_dims(offs_d, 0)
+    q_dst.store(gl.load(ptrs, mask=gl.expand_dims(tok < q_len, 1), other=0.0))
+    fence_async_shared()
+
+
+@gluon.jit
+def _state_ptrs(O, LSE, row0, tok0, q_len, o_row0, head0, stride_ot, stride_oh, stride_lt,
+                stride_lh, GROUP: gl.constexpr, M: gl.constexpr, D: gl.constexpr,
+                o_layout: gl.constexpr):
+    """Pointers into the running state (o, lse) of rows row0 .. row0+M, and which rows exist."""
+    rows_o = row0 + gl.arange(0, M, layout=gl.SliceLayout(1, o_layout))
+    tok_o = tok0 + rows_o // GROUP
+    head = head0 + rows_o % GROUP
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    row_off = (o_row0 + tok_o).to(gl.int64)
+    o_ptrs = O + gl.expand_dims(row_off * stride_ot + head * stride_oh, 1) + \
+        gl.expand_dims(offs_d, 0)
+    l_ptrs = LSE + row_off * stride_lt + head * stride_lh
+    return o_ptrs, l_ptrs, tok_o < q_len
+
+
+@gluon.jit
+def _take_turn(turn, WG: gl.constexpr, c, PINGPONG: gl.constexpr):
+    """Ping-pong (FA3): a warpgroup issues its GEMMs only in its turn, so one warpgroup's
+    softmax runs under the other's GEMMs. turn[w] completes a phase each time the other
+    warpgroup passes the turn to w; warpgroup 0 holds it first (a fresh barrier counts as
+    having completed the phase before 0)."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), (c & 1) ^ (1 - WG))
+
+
+@gluon.jit
+def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+
+
+@gluon.jit
+def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
+              PINGPONG: gl.constexpr, EARLY: gl.constexpr, WG: gl.constexpr):
+    (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_smem, turn,
+     n_blocks, n_full, tok0, q_len, k_len, shift, qk_scale,
+     O, LSE, o_row0, stride_ot, stride_oh, stride_lt, stride_lh, head0, Q, stride_qt,
+     stride_qh) = args
+    NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
+    BN: gl.constexpr = k_smem.type.shape[1]
+    D: gl.constexpr = k_smem.type.shape[2]
+    M: gl.constexpr = q_smem.type.shape[1]
+    dtype: gl.constexpr = k_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q = q_smem.index(WG)
+    if EARLY:  # each warpgroup loads its own rows while the loader's first TMA is in flight
+        _load_q_rows(Q, q, WG * M, tok0, o_row0, q_len, head0, stride_qt, stride_qh, GROUP, M, D)
+    rows = WG * M + gl.arange(0, M, layout=row_s)
+    tok = tok0 + rows // GROUP
+    m_i = gl.full([M], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([M], gl.float32, layout=row_s)
+    acc = gl.zeros([M, D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([M, BN], gl.float32, layout=s_layout)
+
+    if n_blocks > 0:
+        # Block 0: scores only.
+        mbarrier.wait(k_ready.index(0), 0)
+        _take_turn(turn, WG, 0, PINGPONG)
+        s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
+        _pass_turn(turn, WG, PINGPONG)
+        s = warpgroup_mma_wait(0, deps=[s_tok])
+        mbarrier.arrive(k_empty.index(0), count=1)
+        p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, 0, n_full, k_len, tok, shift, qk_scale,
+                                            BN, CAUSAL, s_layout)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        for j in range(1, n_blocks):
+            prev = (j - 1) % NUM_STAGES
+            cur = j % NUM_STAGES
+            # Issue S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; the softmax of block j runs while
+            # the PV product is in flight.
+            mbarrier.wait(k_ready.index(cur), (j // NUM_STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // NUM_STAGES) & 1)
+            _take_turn(turn, WG, j, PINGPONG)
+            s_tok = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False,
+                                  is_async=True)
+            o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            _pass_turn(turn, WG, PINGPONG)
+            s = warpgroup_mma_wait(1, deps=[s_tok])  # groups retire in order: S_j is done
+            mbarrier.arrive(k_empty.index(cur), count=1)
+            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, j * BN, n_full, k_len, tok, shift,
+                                                qk_scale, BN, CAUSAL, s_layout)
+            acc = warpgroup_mma_wait(0, deps=[o_tok])
+            mbarrier.arrive(v_empty.index(prev), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        last = (n_blocks - 1) % NUM_STAGES
+        mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // NUM_STAGES) & 1)
+        _take_turn(turn, WG, n_blocks, PINGPONG)
+        o_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        _pass_turn(turn, WG, PINGPONG)
+        if EARLY:  # the state's loads go out under the last PV product
+            o_ptrs, l_ptrs, row_ok = _state_ptrs(O, LSE, WG * M, tok0, q_len, o_row0, head0,
+                                                 stride_ot, stride_oh, stride_lt, stride_lh,
+                                                 GROUP, M, D, o_layout)
+            if ACCUMULATE:
+                lse_prev = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+                o_prev = gl.load(o_ptrs, mask=gl.expand_dims(row_ok, 1), other=0.0)
+        acc = warpgroup_mma_wait(0, deps=[o_tok])
+        mbarrier.arrive(v_empty.index(last), count=1)
+    elif EARLY:
+        o_ptrs, l_ptrs, row_ok = _state_ptrs(O, LSE, WG * M, tok0, q_len, o_row0, head0,
+                                             stride_ot, stride_oh, stride_lt, stride_lh, GROUP,
+                                             M, D, o_layout)
+        if ACCUMULATE:
+            lse_prev = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+            o_prev = gl.load(o_ptrs, mask=gl.expand_dims(row_ok, 1), other=0.0)
+
+    # Epilogue (the Triton twin's, row for row): l = 0 exactly iff no key was visible; a NaN
+    # score makes l NaN, and NaN != 0, so such a row is written (as NaN), not skipped.
+    if not EARLY:
+        o_ptrs, l_ptrs, row_ok = _state_ptrs(O, LSE, WG * M, tok0, q_len, o_row0, head0,
+                                             stride_ot, stride_oh, stride_lt, stride_lh, GROUP,
+                                             M, D, o_layout)
+    l_o = gl.convert_layout(l_i, row_o)
+    m_o = gl.convert_layout(m_i, row_o)
+    seen = l_o != 0.0
+    l_safe = gl.where(seen, l_o, 1.0)
+    o_blk = acc / gl.expand_dims(l_safe, 1)
+    lse_blk = gl.where(seen, (m_o * qk_scale + gl.log2(l_safe)) * 0.6931471805599453,
+                       float("-inf"))
+    ok2 = gl.expand_dims(row_ok, 1)
+    if ACCUMULATE:
+        # Merge into the running state; rows that saw nothing here write their state back
+        # unchanged. (Masks stay functions of the row index: Triton 3.6's axis analysis has no
+        # information on values carried out of the KV loop inside a warp-specialized partition
+        # and crashes on a store masked by one.)
+        if not EARLY:
+            lse_prev = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+            o_prev = gl.load(o_ptrs, mask=ok2, other=0.0)
+        m = gl.maximum(lse_prev, lse_blk)
+        m_s = gl.where(m == float("-inf"), 0.0, m)
+        w_prev = gl.exp(lse_prev - m_s)
+        w_blk = gl.exp(lse_blk - m_s)
+        tot = w_prev + w_blk
+        tot_s = gl.where(tot != 0.0, tot, 1.0)  # NaN (a NaN state) passes and stays NaN
+        lse_new = gl.where(tot != 0.0, m_s + gl.log(tot_s), float("-inf"))
+        o_new = (gl.where(gl.expand_dims(w_prev, 1) > 0.0,
+                          o_prev * gl.expand_dims(w_prev / tot_s, 1), 0.0)
+                 + o_blk * gl.expand_dims(w_blk / tot_s, 1))
+        seen2 = gl.expand_dims(seen, 1)
+        gl.store(o_ptrs, gl.where(seen2, o_new, o_prev), mask=ok2)
+        gl.store(l_ptrs, gl.where(seen, lse_new, lse_prev), mask=row_ok)
+    else:
+        gl.store(o_ptrs, o_blk, mask=ok2)
+        gl.store(l_ptrs, lse_blk, mask=row_ok)
+
+
+@gluon.jit
+def _consumer0(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
+               PINGPONG: gl.constexpr, EARLY: gl.constexpr):
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PINGPONG, EARLY, 0)
+
+
+@gluon.jit
+def _consumer1(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
+               PINGPONG: gl.constexpr, EARLY: gl.constexpr):
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PINGPONG, EARLY, 1)
+
+
+@gluon.jit
+def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
+                            stride_qt, stride_qh, stride_kt, stride_vt, stride_ot, stride_oh,
+                            stride_lt, stride_lh, qk_scale, shift, n_tiles,
+                            GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BN: gl.constexpr,
+                            NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                            ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr,
+                            EARLY: gl.constexpr):
+    BM: gl.constexpr = 128
+    M: gl.constexpr = 64
+    TOK_M: gl.constexpr = BM // GROUP
+    tile = n_tiles - 1 - gl.program_id(0)  # heavy (late, long causal rows) tiles first
+    b = gl.program_id(1)
+    hk = gl.program_id(2)
+    q_start = gl.load(CU_Q + b)
+    q_len = gl.load(CU_Q + b + 1) - q_start
+    k_start = gl.load(CU_K + b)
+    k_len = gl.load(CU_K + b + 1) - k_start
+    t0 = tile * TOK_M
+    if t0 < q_len:
+        if CAUSAL:
+            last_tok = gl.minimum(t0 + TOK_M, q_len) - 1
+            n_end = gl.minimum(k_len, last_tok + shift + 1)  # keys past this are never visible
+            n_full = gl.maximum(gl.minimum(k_len, t0 + shift + 1), 0)  # visible to every row
+        else:
+            n_end = k_len
+            n_full = k_len
+        n_full = (n_full // BN) * BN
+        n_blocks = gl.cdiv(gl.maximum(n_end, 0), BN)
+
+        q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M, HEAD_DIM],
+                                                                            Q.dtype.element_ty)
+        q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2, M, HEAD_DIM], q_smem_layout)
+        if not EARLY:
+            for h in gl.static_range(2):
+                _load_q_rows(Q, q_smem.index(h), h * M, t0, q_start, q_len, hk * GROUP,
+                             stride_qt, stride_qh, GROUP, M, HEAD_DIM)
+
+        # One descriptor per (request, KV head), built on the device: its rows end at the
+        # request's last key, so TMA reads zeros past it, never a neighbour's rows (a NaN or Inf
+        # in another request's V times a zero p would still poison the PV product).
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, HEAD_DIM],
+                                                                         Q.dtype.element_ty)
+        rows_k = gl.maximum(k_len, 1)  # never loaded when k_len == 0
+        k_desc = tma.make_tensor_descriptor(K + k_start.to(gl.int64) * stride_kt + hk * HEAD_DIM,
+                                            [rows_k, HEAD_DIM], [stride_kt, 1], [BN, HEAD_DIM],
+                                            kv_layout)
+        v_desc = tma.make_tensor_descriptor(V + k_start.to(gl.int64) * stride_vt + hk * HEAD_DIM,
+                                            [rows_k, HEAD_DIM], [stride_vt, 1], [BN, HEAD_DIM],
+                                            kv_layout)
+        k_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [NUM_STAGES, BN, HEAD_DIM],
+                                           kv_layout)
+        v_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [NUM_STAGES, BN, HEAD_DIM],
+                                           kv_layout)
+        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # one release per consumer warpgroup
+            mbarrier.init(v_empty.index(i), count=2)
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
+
+        args = (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_smem, turn,
+                n_blocks, n_full, t0, q_len, k_len, shift, qk_scale,
+                O, LSE, q_start, stride_ot, stride_oh, stride_lt, stride_lh, hk * GROUP, Q,
+                stride_qt, stride_qh)
+        # Constexprs go as top-level arguments (inside `args` they would become runtime values).
+        gl.warp_specialize([(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PINGPONG, EARLY)),
+                            (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PINGPONG, EARLY)),
+                            (_loader, (args, GROUP, CAUSAL, ACCUMULATE, PINGPONG, EARLY))],
+                           [4, 1], [240, 24])
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+def supports(q, k, v) -> bool:
+    """Whether the Gluon step can run this call (else the Triton twin does)."""
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not _is_sm90(q.get_device()):
+        return False
+    Hq, D = q.shape[1], q.shape[2]
+    group = Hq // k.shape[1]
+    if D not in (64, 128) or group & (group - 1) or group > 64 or k.shape[0] == 0:
+        return False  # (a TMA descriptor needs at least one key row)
+    for t in (k, v):
+        if t.stride(2) != 1 or t.stride(1) != D or (t.stride(0) * t.element_size()) % 16 \
+                or t.data_ptr() % 16:
+            return False
+    return q.stride(2) == 1
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Global scratch for the device-side TMA descriptors (Triton asks for 128 bytes per
+    descriptor and program at each launch): a fresh block from torch's caching allocator, so
+    reuse is stream-ordered and a CUDA graph capture keeps its own (~3 µs of host time)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator():
+    """Install our scratch allocator unless the application set one of its own."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
+                    accumulate, softmax_scale, stages=STAGES, block_n=BLOCK_N,
+                    pingpong=PINGPONG, early=EARLY):
+    """Launch the Gluon ring step (arguments as esp_kernels._C.ring_step, torch tensors; the
+    caller checked `supports`)."""
+    Tq, Hq, D = q.shape
+    group = Hq // k.shape[1]
+    B = cu_q.shape[0] - 1
+    if Tq == 0 or B == 0:
+        return
+    tok_m = BLOCK_M // group
+    n_tiles = max(1, math.ceil(max_q_len / tok_m))
+    grid = (n_tiles, B, k.shape[1])
+    _ensure_allocator()
+    _ring_step_gluon_kernel[grid](
+        q, k, v, o_state, lse_state, cu_q, cu_k,
+        q.stride(0), q.stride(1), k.stride(0), v.stride(0), o_state.stride(0), o_state.stride(1),
+        lse_state.stride(0), lse_state.stride(1), softmax_scale * _LOG2E, int(mask_shift),
+        n_tiles, GROUP=group, HEAD_DIM=D, BN=block_n, NUM_STAGES=stages, CAUSAL=bool(causal),
+        PINGPONG=bool(pingpong), EARLY=bool(early),
+        ACCUMULATE=bool(accumulate), num_warps=4, maxnreg=168)
