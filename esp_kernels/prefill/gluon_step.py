@@ -37,7 +37,7 @@ WG_M = 64
 BLOCK_N = 128
 STAGES = 2
 PINGPONG = False
-EARLY = True
+EARLY = False
 
 
 @gluon.jit
