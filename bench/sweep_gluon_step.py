@@ -1,9 +1,8 @@
 """The Gluon ring step's knobs (stages of the K/V ring, FA3 ping-pong of the two consumer
-warpgroups, "early": Q loaded by each consumer warpgroup under the loader's first TMA and the
-state's loads issued under the last PV product) against the Triton default and FA3 in one
-run: effective TFLOP/s of all P x P steps (L 64k, Hq 32 / Hkv 8, D 128, bf16; L 8k replayed
-from a CUDA graph, its steps being launch-bound), and each variant's output state against the
-Triton kernel's on the same steps. Decides esp_kernels/prefill/gluon_step.py's defaults."""
+warpgroups) against the Triton kernel and FA3 in one run: effective TFLOP/s of all P x P steps
+(L 64k, Hq 32 / Hkv 8, D 128, bf16; L 8k replayed from a CUDA graph, its steps being
+launch-bound), and each variant's output state against the Triton kernel's on the same steps.
+Decides esp_kernels/prefill/gluon_step.py's defaults."""
 
 import torch
 
@@ -14,9 +13,8 @@ from ring_cases import StripedRing, causal_flops, random_qkv
 from esp_kernels.prefill.gluon_step import ring_step_gluon
 from esp_kernels.prefill.step import ring_step
 
-VARIANTS = [dict(stages=s, pingpong=pp, early=e) for s in (2,) for pp in (False, True)
-            for e in (False, True)]
-ROUNDS = 1  # every variant timed once per round, rounds one after the other (drift shows)
+VARIANTS = [dict(stages=s, pingpong=pp) for s in (2, 3) for pp in (False, True)]
+ROUNDS = 2  # every variant timed once per round, rounds one after the other (drift shows)
 
 
 def main():
@@ -59,8 +57,7 @@ def sweep(rec, L):
                 print(f"L={L} P={P} {var}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
                 continue
             tf = flops / (t["ms"] * 1e-3) / 1e12
-            name = (f"gluon s{var['stages']}{' pingpong' if var['pingpong'] else ''}"
-                    f"{' early' if var['early'] else ''}")
+            name = f"gluon s{var['stages']}{' pingpong' if var['pingpong'] else ''}"
             print(f"L={L} P={P} round {rnd} {name}: {tf:.1f} TFLOP/s ({tf / base:.3f}x triton"
                   + (f", {tf / fa3_tf:.3f}x FA3" if fa3_tf else "")
                   + f"), max |o - triton| {err_o:.2e}, |lse - triton| {err_l:.2e}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 import triton
@@ -31,22 +32,22 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                              warpgroup_mma, warpgroup_mma_wait)
 
+# Triton 3.7 renamed the TMA load (async_copy_global_to_shared -> async_load).
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _LOG2E = 1.4426950408889634
 BLOCK_M = 128      # rows per CTA: two consumer warpgroups of 64
 WG_M = 64
 BLOCK_N = 128
 STAGES = 2
 PINGPONG = False
-EARLY = False
 
 
 @gluon.jit
 def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-            PINGPONG: gl.constexpr, EARLY: gl.constexpr):
+            PINGPONG: gl.constexpr):
     (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_smem, turn,
      n_blocks, n_full, tok0, q_len, k_len, shift, qk_scale,
-     O, LSE, o_row0, stride_ot, stride_oh, stride_lt, stride_lh, head0, Q, stride_qt,
-     stride_qh) = args
+     O, LSE, o_row0, stride_ot, stride_oh, stride_lt, stride_lh, head0) = args
     NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
     BN: gl.constexpr = k_smem.type.shape[1]
     for j in range(n_blocks):
@@ -57,10 +58,10 @@ def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.cons
         # stages does not wait.
         mbarrier.wait(k_empty.index(s), phase ^ 1)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row, 0], k_ready.index(s), k_smem.index(s))
+        _tma_load(k_desc, [row, 0], k_ready.index(s), k_smem.index(s))
         mbarrier.wait(v_empty.index(s), phase ^ 1)
         mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(s), v_smem.index(s))
+        _tma_load(v_desc, [row, 0], v_ready.index(s), v_smem.index(s))
 
 
 @gluon.jit
@@ -135,11 +136,10 @@ def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
 
 @gluon.jit
 def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-              PINGPONG: gl.constexpr, EARLY: gl.constexpr, WG: gl.constexpr):
+              PINGPONG: gl.constexpr, WG: gl.constexpr):
     (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_smem, turn,
      n_blocks, n_full, tok0, q_len, k_len, shift, qk_scale,
-     O, LSE, o_row0, stride_ot, stride_oh, stride_lt, stride_lh, head0, Q, stride_qt,
-     stride_qh) = args
+     O, LSE, o_row0, stride_ot, stride_oh, stride_lt, stride_lh, head0) = args
     NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
     BN: gl.constexpr = k_smem.type.shape[1]
     D: gl.constexpr = k_smem.type.shape[2]
@@ -154,8 +154,6 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
 
     q = q_smem.index(WG)
-    if EARLY:  # each warpgroup loads its own rows while the loader's first TMA is in flight
-        _load_q_rows(Q, q, WG * M, tok0, o_row0, q_len, head0, stride_qt, stride_qh, GROUP, M, D)
     rows = WG * M + gl.arange(0, M, layout=row_s)
     tok = tok0 + rows // GROUP
     m_i = gl.full([M], float("-inf"), gl.float32, layout=row_s)
@@ -200,29 +198,13 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
         _take_turn(turn, WG, n_blocks, PINGPONG)
         o_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         _pass_turn(turn, WG, PINGPONG)
-        if EARLY:  # the state's loads go out under the last PV product
-            o_ptrs, l_ptrs, row_ok = _state_ptrs(O, LSE, WG * M, tok0, q_len, o_row0, head0,
-                                                 stride_ot, stride_oh, stride_lt, stride_lh,
-                                                 GROUP, M, D, o_layout)
-            if ACCUMULATE:
-                lse_prev = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
-                o_prev = gl.load(o_ptrs, mask=gl.expand_dims(row_ok, 1), other=0.0)
         acc = warpgroup_mma_wait(0, deps=[o_tok])
         mbarrier.arrive(v_empty.index(last), count=1)
-    elif EARLY:
-        o_ptrs, l_ptrs, row_ok = _state_ptrs(O, LSE, WG * M, tok0, q_len, o_row0, head0,
-                                             stride_ot, stride_oh, stride_lt, stride_lh, GROUP,
-                                             M, D, o_layout)
-        if ACCUMULATE:
-            lse_prev = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
-            o_prev = gl.load(o_ptrs, mask=gl.expand_dims(row_ok, 1), other=0.0)
 
     # Epilogue (the Triton twin's, row for row): l = 0 exactly iff no key was visible; a NaN
     # score makes l NaN, and NaN != 0, so such a row is written (as NaN), not skipped.
-    if not EARLY:
-        o_ptrs, l_ptrs, row_ok = _state_ptrs(O, LSE, WG * M, tok0, q_len, o_row0, head0,
-                                             stride_ot, stride_oh, stride_lt, stride_lh, GROUP,
-                                             M, D, o_layout)
+    o_ptrs, l_ptrs, row_ok = _state_ptrs(O, LSE, WG * M, tok0, q_len, o_row0, head0, stride_ot,
+                                         stride_oh, stride_lt, stride_lh, GROUP, M, D, o_layout)
     l_o = gl.convert_layout(l_i, row_o)
     m_o = gl.convert_layout(m_i, row_o)
     seen = l_o != 0.0
@@ -236,9 +218,8 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
         # unchanged. (Masks stay functions of the row index: Triton 3.6's axis analysis has no
         # information on values carried out of the KV loop inside a warp-specialized partition
         # and crashes on a store masked by one.)
-        if not EARLY:
-            lse_prev = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
-            o_prev = gl.load(o_ptrs, mask=ok2, other=0.0)
+        lse_prev = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+        o_prev = gl.load(o_ptrs, mask=ok2, other=0.0)
         m = gl.maximum(lse_prev, lse_blk)
         m_s = gl.where(m == float("-inf"), 0.0, m)
         w_prev = gl.exp(lse_prev - m_s)
@@ -259,14 +240,14 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
 
 @gluon.jit
 def _consumer0(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-               PINGPONG: gl.constexpr, EARLY: gl.constexpr):
-    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PINGPONG, EARLY, 0)
+               PINGPONG: gl.constexpr):
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PINGPONG, 0)
 
 
 @gluon.jit
 def _consumer1(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-               PINGPONG: gl.constexpr, EARLY: gl.constexpr):
-    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PINGPONG, EARLY, 1)
+               PINGPONG: gl.constexpr):
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PINGPONG, 1)
 
 
 @gluon.jit
@@ -275,8 +256,7 @@ def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                             stride_lt, stride_lh, qk_scale, shift, n_tiles,
                             GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BN: gl.constexpr,
                             NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                            ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr,
-                            EARLY: gl.constexpr):
+                            ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr):
     BM: gl.constexpr = 128
     M: gl.constexpr = 64
     TOK_M: gl.constexpr = BM // GROUP
@@ -302,10 +282,9 @@ def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
         q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M, HEAD_DIM],
                                                                             Q.dtype.element_ty)
         q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2, M, HEAD_DIM], q_smem_layout)
-        if not EARLY:
-            for h in gl.static_range(2):
-                _load_q_rows(Q, q_smem.index(h), h * M, t0, q_start, q_len, hk * GROUP,
-                             stride_qt, stride_qh, GROUP, M, HEAD_DIM)
+        for h in gl.static_range(2):
+            _load_q_rows(Q, q_smem.index(h), h * M, t0, q_start, q_len, hk * GROUP, stride_qt,
+                         stride_qh, GROUP, M, HEAD_DIM)
 
         # One descriptor per (request, KV head), built on the device: its rows end at the
         # request's last key, so TMA reads zeros past it, never a neighbour's rows (a NaN or Inf
@@ -338,12 +317,11 @@ def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 
         args = (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_smem, turn,
                 n_blocks, n_full, t0, q_len, k_len, shift, qk_scale,
-                O, LSE, q_start, stride_ot, stride_oh, stride_lt, stride_lh, hk * GROUP, Q,
-                stride_qt, stride_qh)
+                O, LSE, q_start, stride_ot, stride_oh, stride_lt, stride_lh, hk * GROUP)
         # Constexprs go as top-level arguments (inside `args` they would become runtime values).
-        gl.warp_specialize([(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PINGPONG, EARLY)),
-                            (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PINGPONG, EARLY)),
-                            (_loader, (args, GROUP, CAUSAL, ACCUMULATE, PINGPONG, EARLY))],
+        gl.warp_specialize([(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PINGPONG)),
+                            (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PINGPONG)),
+                            (_loader, (args, GROUP, CAUSAL, ACCUMULATE, PINGPONG))],
                            [4, 1], [240, 24])
 
 
@@ -352,9 +330,13 @@ def _is_sm90(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] == 9
 
 
+_compile_error = []  # set once a launch failed to compile: this Triton cannot build the kernel
+
+
 def supports(q, k, v) -> bool:
     """Whether the Gluon step can run this call (else the Triton twin does)."""
-    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+    if _compile_error or q.device.type != "cuda" or q.dtype not in (torch.float16,
+                                                                     torch.bfloat16):
         return False
     if not _is_sm90(q.get_device()):
         return False
@@ -386,7 +368,7 @@ def _ensure_allocator():
 
 def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
                     accumulate, softmax_scale, stages=STAGES, block_n=BLOCK_N,
-                    pingpong=PINGPONG, early=EARLY):
+                    pingpong=PINGPONG):
     """Launch the Gluon ring step (arguments as esp_kernels._C.ring_step, torch tensors; the
     caller checked `supports`)."""
     Tq, Hq, D = q.shape
@@ -398,10 +380,29 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
     n_tiles = max(1, math.ceil(max_q_len / tok_m))
     grid = (n_tiles, B, k.shape[1])
     _ensure_allocator()
+    try:
+        _launch(grid, q, k, v, cu_q, cu_k, o_state, lse_state, group, D, n_tiles, causal,
+                mask_shift, accumulate, softmax_scale, stages, block_n, pingpong)
+    except triton.compiler.errors.CompilationError as exc:
+        # Gluon is experimental and its API moves between Triton releases (verified: 3.6; the
+        # sm_90a compile is also checked against the installed Triton by the CPU tests). A
+        # Triton that cannot build the kernel gets the Triton twin, with one warning.
+        _compile_error.append(exc)
+        warnings.warn(f"the Gluon ring step does not compile with Triton {triton.__version__} "
+                      f"({type(exc).__name__}); ring steps use the Triton kernel instead",
+                      RuntimeWarning, stacklevel=3)
+        from .triton_step import ring_step_triton
+
+        ring_step_triton(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal,
+                         mask_shift, accumulate, softmax_scale)
+
+
+def _launch(grid, q, k, v, cu_q, cu_k, o_state, lse_state, group, D, n_tiles, causal,
+            mask_shift, accumulate, softmax_scale, stages, block_n, pingpong):
     _ring_step_gluon_kernel[grid](
         q, k, v, o_state, lse_state, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), v.stride(0), o_state.stride(0), o_state.stride(1),
         lse_state.stride(0), lse_state.stride(1), softmax_scale * _LOG2E, int(mask_shift),
         n_tiles, GROUP=group, HEAD_DIM=D, BN=block_n, NUM_STAGES=stages, CAUSAL=bool(causal),
-        PINGPONG=bool(pingpong), EARLY=bool(early),
+        PINGPONG=bool(pingpong),
         ACCUMULATE=bool(accumulate), num_warps=4, maxnreg=168)

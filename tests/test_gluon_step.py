@@ -1,0 +1,67 @@
+"""The Gluon ring step (esp_kernels/prefill/gluon_step.py) has no interpreter, and Gluon's API
+moves between Triton releases: on the CPU its source is compiled for sm_90a with the installed
+Triton (no GPU needed) and the schedule the kernel depends on is checked in the PTX. Its results
+are tested on the GPU tier (tests/test_ring_prefill.py, tests/test_nan.py, backend "gluon").
+
+The compile runs in a child process (this file as a script): the CPU tier imports Triton in
+interpreter mode, which cannot compile."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper",
+                    reason="this Triton has no Gluon for Hopper (the Triton twin runs instead)")
+
+
+def compile_sm90a(causal, accumulate, head_dim=128, group=4, dtype="bf16"):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from esp_kernels.prefill import gluon_step
+
+    fn = gluon_step._ring_step_gluon_kernel
+    sig = dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", O="*fp32", LSE="*fp32",
+               CU_Q="*i32", CU_K="*i32", stride_qt="i32", stride_qh="i32", stride_kt="i32",
+               stride_vt="i32", stride_ot="i32", stride_oh="i32", stride_lt="i32",
+               stride_lh="i32", qk_scale="fp32", shift="i32", n_tiles="i32")
+    consts = dict(GROUP=group, HEAD_DIM=head_dim, BN=gluon_step.BLOCK_N,
+                  NUM_STAGES=gluon_step.STAGES, CAUSAL=causal, ACCUMULATE=accumulate,
+                  PINGPONG=gluon_step.PINGPONG)
+    names = fn.arg_names
+    assert set(names) == set(sig) | set(consts), "the kernel's arguments changed: update here"
+    src = GluonASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names},
+                         constexprs=consts, attrs={})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=4, maxnreg=168))
+
+
+CASES = [(True, True), (False, False)]
+
+
+def test_gluon_step_compiles_for_sm90a_with_its_schedule():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, text=True,
+                          capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for (causal, accumulate), (ptx, shared) in zip(CASES, json.loads(done.stdout)):
+        case = f"causal={causal} accumulate={accumulate}"
+        assert "wgmma.mma_async" in ptx, case                # tensor cores through wgmma
+        assert "cp.async.bulk.tensor" in ptx, case           # K/V through TMA
+        assert "setmaxnreg" in ptx, case                     # warp-specialized register split
+        # The softmax of block j runs while PV of block j-1 is in flight: a wait that leaves
+        # one wgmma group outstanding (Triton's own `tl` kernels only ever wait for 0).
+        assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx), case
+        assert shared <= 232448, case                        # H100: 227 KB per block
+
+
+if __name__ == "__main__":
+    kernels = [compile_sm90a(c, a) for c, a in CASES]
+    print(json.dumps([(k.asm["ptx"], k.metadata.shared) for k in kernels]))
