@@ -271,6 +271,29 @@ def test_gluon_step_takes_the_hopper_cases():
 
 
 @pytest.mark.gpu
+def test_gluon_step_that_cannot_compile_warns_and_runs_triton(monkeypatch, gen):
+    """A Triton whose Gluon cannot build the kernel: one warning, then the Triton twin's result
+    (this call and every later one)."""
+    import ast
+
+    from triton.compiler.errors import CompilationError
+
+    from esp_kernels.prefill import gluon_step
+
+    def broken(*args, **kwargs):
+        raise CompilationError(None, ast.parse("x").body[0], "simulated API drift")
+
+    monkeypatch.setattr(gluon_step, "_launch", broken)
+    monkeypatch.setattr(gluon_step, "_compile_error", [])
+    args, (ref_o, ref_l) = _step_case(torch.bfloat16, 32, 8, 128, 0, True, gen, "cuda")
+    o, l = args[6], args[7]
+    with pytest.warns(RuntimeWarning, match="does not compile"):
+        ring_step(*args, mask_shift=0, accumulate=True, softmax_scale=0.3, backend="gluon")
+    assert_close(o.cpu(), ref_o.cpu(), torch.bfloat16)
+    assert not gluon_step.supports(args[0], args[1], args[2])  # later calls go to Triton
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", STEP_BACKENDS)
 def test_step_kernel_overwrites_poisoned_state(backend, gen):
     args, (ref_o, ref_l) = _step_case(torch.bfloat16, 32, 8, 128, -1, False, gen, "cuda")
