@@ -9,7 +9,8 @@ Triton twin) and three partitions:
   stages (ready barriers carry the bytes, empty barriers count both consumers' releases);
 - two consumer warpgroups of 4 warps each own 64 of the rows. Each issues S_j = Q K_j^T, then
   O += P_{j-1} V_{j-1}, and does the softmax of block j while the PV product runs
-  (intra-warpgroup overlap); the two warpgroups interleave on the tensor cores by themselves.
+  (intra-warpgroup overlap); the two warpgroups interleave on the tensor cores by themselves
+  (FA3's explicit turn-taking is the PINGPONG knob).
 P stays in registers as the A operand of the PV wgmma. The mask comes from global positions
 (key b visible to query a iff b <= a + shift), applied only to the diagonal band and the ragged
 tail; the fp32 running state is merged in the epilogue exactly as the Triton twin does.
@@ -36,8 +37,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _LOG2E = 1.4426950408889634
 BLOCK_M = 128      # rows per CTA: two consumer warpgroups of 64
-WG_M = 64
 BLOCK_N = 128
+# Swept on an H100 (bench/sweep_gluon_step.py, bench/NOTES.md): a third stage or FA3's explicit
+# ping-pong of the two warpgroups (P=4, 64k: 587-604 and 620.4 TFLOP/s against 610-620.5) did
+# not beat this within a call's noise.
 STAGES = 2
 PINGPONG = False
 
@@ -45,6 +48,8 @@ PINGPONG = False
 @gluon.jit
 def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
             PINGPONG: gl.constexpr):
+    """K and V blocks 0 .. n_blocks-1 into the stage ring. (Gluon gives every worker partition
+    the same arguments: the consumers' constexprs pass through unused.)"""
     (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_smem, turn,
      n_blocks, n_full, tok0, q_len, k_len, shift, qk_scale,
      O, LSE, o_row0, stride_ot, stride_oh, stride_lt, stride_lh, head0) = args
