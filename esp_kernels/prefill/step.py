@@ -31,9 +31,9 @@ from ..merge import merge_two_
 from ..reference import attention
 
 # Default kernel on CUDA tensors; ESP_PREFILL_BACKEND overrides. The benchmark decides
-# (bench/NOTES.md): on an H100 the Gluon kernel ran all steps of a 64k ring at 597-610 TFLOP/s
-# (P=4) and 536-548 (P=8) against Triton's 488-493 and 445-465; off Hopper it hands the call to
-# the Triton twin.
+# (bench/NOTES.md): on an H100 the Gluon kernel ran all steps of a 64k ring at 597-621 TFLOP/s
+# (P=4) and 536-560 (P=8) against Triton's 488-507 and 445-465 in the same calls, and led at 1-2k
+# tokens per rank from a CUDA graph; off Hopper it hands the call to the Triton twin.
 DEFAULT_CUDA_BACKEND = "gluon"
 _STATE_DTYPES = (torch.float32, torch.float64)
 BACKENDS = ("auto", "cuda", "triton", "gluon", "torch")
