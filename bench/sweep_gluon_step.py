@@ -10,6 +10,7 @@ from anchors import fa3_prefill
 from harness import parse_out, Recorder, time_cuda, time_graph
 from ring_cases import StripedRing, causal_flops, random_qkv
 
+from esp_kernels.prefill import gluon_step
 from esp_kernels.prefill.gluon_step import ring_step_gluon
 from esp_kernels.prefill.step import ring_step
 
@@ -50,6 +51,7 @@ def sweep(rec, L):
             try:
                 ring.all_steps(gluon)
                 torch.cuda.synchronize()
+                assert not gluon_step._compile_error, "the variant ran the Triton fallback"
                 err_o = (ring.o - ref_o).abs().max().item()
                 err_l = (ring.lse - ref_l).abs().max().item()
                 t = timer(lambda: ring.all_steps(gluon))

@@ -339,7 +339,7 @@ def test_decode_partial_nan_cuda(dtype, splits, deterministic, gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "gluon"])
 def test_ring_prefill_nan_cuda(backend, gen):
     check_ring_prefill_nan("cuda", torch.float16, backend, gen, d=64)  # CUDA kernel: D 64/128
 

@@ -16,8 +16,14 @@ P stays in registers as the A operand of the PV wgmma. The mask comes from globa
 tail; the fp32 running state is merged in the epilogue exactly as the Triton twin does.
 
 Needs sm_90 (wgmma, TMA), float16/bfloat16, head dim 64 or 128, a power-of-two GQA group of at
-most 64 and K/V rows of one stride with the heads contiguous; `supports()` says whether a call
-qualifies, and the step falls back to the Triton twin otherwise.
+most 64, K/V heads contiguous within a row (16-byte aligned rows) and a positive softmax scale
+(the row max is taken on raw scores); `supports()` says whether a call qualifies, and the step
+falls back to the Triton twin otherwise.
+
+Scratch: Triton allocates the device-side descriptors' global scratch per program of the padded
+grid (tiles of the longest request x requests x KV heads, 256 bytes each), so a batch of many
+requests with one long one reserves grid-sized scratch (e.g. 32 requests, longest 64k tokens,
+group 4: 128 MB) although the short requests' extra programs exit at once.
 """
 
 from __future__ import annotations
@@ -385,29 +391,43 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
     n_tiles = max(1, math.ceil(max_q_len / tok_m))
     grid = (n_tiles, B, k.shape[1])
     _ensure_allocator()
-    try:
-        _launch(grid, q, k, v, cu_q, cu_k, o_state, lse_state, group, D, n_tiles, causal,
-                mask_shift, accumulate, softmax_scale, stages, block_n, pingpong)
-    except triton.compiler.errors.CompilationError as exc:
-        # Gluon is experimental and its API moves between Triton releases (verified: 3.6; the
-        # sm_90a compile is also checked against the installed Triton by the CPU tests). A
-        # Triton that cannot build the kernel gets the Triton twin, with one warning.
-        _compile_error.append(exc)
-        warnings.warn(f"the Gluon ring step does not compile with Triton {triton.__version__} "
-                      f"({type(exc).__name__}); ring steps use the Triton kernel instead",
-                      RuntimeWarning, stacklevel=3)
-        from .triton_step import ring_step_triton
+    key = (q.dtype, group, D, bool(causal), bool(accumulate), stages, block_n, bool(pingpong))
+    if key not in _compiled:
+        # Gluon is experimental and its API moves between Triton releases (verified on a GPU:
+        # 3.6; the CPU tests compile it for sm_90a with the installed Triton). Each
+        # specialization is compiled once without launching; a Triton that cannot build it (any
+        # error of the compiler, before anything runs) gets the Triton twin, with one warning.
+        try:
+            _launch(grid, q, k, v, cu_q, cu_k, o_state, lse_state, group, D, n_tiles, causal,
+                    mask_shift, accumulate, softmax_scale, stages, block_n, pingpong,
+                    warmup=True)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means "cannot build"
+            _compile_error.append(exc)
+            warnings.warn(f"the Gluon ring step does not compile with Triton "
+                          f"{triton.__version__} ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "ring steps use the Triton kernel instead", RuntimeWarning,
+                          stacklevel=3)
+            from .triton_step import ring_step_triton
 
-        ring_step_triton(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal,
-                         mask_shift, accumulate, softmax_scale)
+            ring_step_triton(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal,
+                             mask_shift, accumulate, softmax_scale)
+            return
+        _compiled.add(key)
+    _launch(grid, q, k, v, cu_q, cu_k, o_state, lse_state, group, D, n_tiles, causal,
+            mask_shift, accumulate, softmax_scale, stages, block_n, pingpong)
+
+
+_compiled = set()  # specializations known to compile with this Triton
 
 
 def _launch(grid, q, k, v, cu_q, cu_k, o_state, lse_state, group, D, n_tiles, causal,
-            mask_shift, accumulate, softmax_scale, stages, block_n, pingpong):
-    _ring_step_gluon_kernel[grid](
+            mask_shift, accumulate, softmax_scale, stages, block_n, pingpong, warmup=False):
+    run = _ring_step_gluon_kernel.warmup if warmup else _ring_step_gluon_kernel[grid]
+    extra = dict(grid=grid) if warmup else {}
+    run(
         q, k, v, o_state, lse_state, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), v.stride(0), o_state.stride(0), o_state.stride(1),
         lse_state.stride(0), lse_state.stride(1), softmax_scale * _LOG2E, int(mask_shift),
         n_tiles, GROUP=group, HEAD_DIM=D, BN=block_n, NUM_STAGES=stages, CAUSAL=bool(causal),
         PINGPONG=bool(pingpong),
-        ACCUMULATE=bool(accumulate), num_warps=4, maxnreg=168)
+        ACCUMULATE=bool(accumulate), num_warps=4, maxnreg=168, **extra)

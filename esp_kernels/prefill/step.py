@@ -5,8 +5,9 @@ running fp32 state. Four implementations of one contract (csrc/prefill/ring_step
 - "triton": the Triton twin (esp_kernels/prefill/triton_step.py)
 - "gluon":  the Hopper kernel in Gluon (esp_kernels/prefill/gluon_step.py: TMA, wgmma, a loader
             warp and two consumer warpgroups); a call it cannot take (not sm_90, float32, head
-            dim other than 64/128, a GQA group not a power of two, K/V heads not contiguous)
-            runs on the Triton twin
+            dim other than 64/128, a GQA group not a power of two or over 64, K/V heads not
+            contiguous, no keys, a scale <= 0, a Triton that cannot compile it) runs on the
+            Triton twin
 - "torch":  reference attention with positions + exact merge; any device, the CPU path
 
 Mask: query at local index a (in its request) sees key at local index b iff b <= a + mask_shift.
@@ -32,8 +33,9 @@ from ..reference import attention
 
 # Default kernel on CUDA tensors; ESP_PREFILL_BACKEND overrides. The benchmark decides
 # (bench/NOTES.md): on an H100 the Gluon kernel ran all steps of a 64k ring at 597-621 TFLOP/s
-# (P=4) and 536-560 (P=8) against Triton's 488-507 and 445-465 in the same calls, and led at 1-2k
-# tokens per rank from a CUDA graph; off Hopper it hands the call to the Triton twin.
+# (P=4) and 471-560 (P=8) against Triton's 488-507 and 445-465 in the same calls, and led at 1-2k
+# tokens per rank from a CUDA graph; launched one by one at 1k tokens per rank its heavier launch
+# loses (175 vs Triton's 198). Off Hopper it hands the call to the Triton twin.
 DEFAULT_CUDA_BACKEND = "gluon"
 _STATE_DTYPES = (torch.float32, torch.float64)
 BACKENDS = ("auto", "cuda", "triton", "gluon", "torch")
@@ -76,7 +78,7 @@ def _gluon():
     this Triton has no Gluon for Hopper (the Triton twin runs instead)."""
     try:
         from . import gluon_step
-    except ImportError:
+    except (ImportError, AttributeError):  # no Gluon, or one without the names it uses
         return None
     return gluon_step
 
@@ -88,8 +90,9 @@ def run_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True,
     if backend == "torch":
         _step_torch(q, k, v, cu_q, cu_k, o_state, lse_state, causal, mask_shift, accumulate,
                     softmax_scale)
-    elif backend == "gluon" and _gluon() is not None and _gluon().supports(q, k, v):
-        _gluon().ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal,
+    elif (backend == "gluon" and softmax_scale > 0 and (gluon := _gluon()) is not None
+          and gluon.supports(q, k, v)):
+        gluon.ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal,
                                  mask_shift, accumulate, softmax_scale)
     elif backend in ("triton", "gluon"):
         from .triton_step import ring_step_triton
