@@ -39,6 +39,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                              warpgroup_mma, warpgroup_mma_wait)
 
+# The step's layout-free math, shared with the Triton twin (Gluon calls Triton's jit helpers).
+from .triton_step import finish_block, kv_range, merge_state, request_bounds
+
 # Triton 3.7 renamed the TMA load (async_copy_global_to_shared -> async_load).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _LOG2E = 1.4426950408889634
@@ -212,17 +215,11 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
         acc = warpgroup_mma_wait(0, deps=[o_tok])
         mbarrier.arrive(v_empty.index(last), count=1)
 
-    # Epilogue (the Triton twin's, row for row): l = 0 exactly iff no key was visible; a NaN
-    # score makes l NaN, and NaN != 0, so such a row is written (as NaN), not skipped.
+    # Epilogue: the Triton twin's, row for row (the scores' max m_i is raw, not log2 units).
     o_ptrs, l_ptrs, row_ok = _state_ptrs(O, LSE, WG * M, tok0, q_len, o_row0, head0, stride_ot,
                                          stride_oh, stride_lt, stride_lh, GROUP, M, D, o_layout)
-    l_o = gl.convert_layout(l_i, row_o)
-    m_o = gl.convert_layout(m_i, row_o)
-    seen = l_o != 0.0
-    l_safe = gl.where(seen, l_o, 1.0)
-    o_blk = acc / gl.expand_dims(l_safe, 1)
-    lse_blk = gl.where(seen, (m_o * qk_scale + gl.log2(l_safe)) * 0.6931471805599453,
-                       float("-inf"))
+    seen, o_blk, lse_blk = finish_block(acc, gl.convert_layout(m_i, row_o) * qk_scale,
+                                        gl.convert_layout(l_i, row_o))
     ok2 = gl.expand_dims(row_ok, 1)
     if ACCUMULATE:
         # Merge into the running state; rows that saw nothing here write their state back
@@ -231,16 +228,7 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
         # and crashes on a store masked by one.)
         lse_prev = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
         o_prev = gl.load(o_ptrs, mask=ok2, other=0.0)
-        m = gl.maximum(lse_prev, lse_blk)
-        m_s = gl.where(m == float("-inf"), 0.0, m)
-        w_prev = gl.exp(lse_prev - m_s)
-        w_blk = gl.exp(lse_blk - m_s)
-        tot = w_prev + w_blk
-        tot_s = gl.where(tot != 0.0, tot, 1.0)  # NaN (a NaN state) passes and stays NaN
-        lse_new = gl.where(tot != 0.0, m_s + gl.log(tot_s), float("-inf"))
-        o_new = (gl.where(gl.expand_dims(w_prev, 1) > 0.0,
-                          o_prev * gl.expand_dims(w_prev / tot_s, 1), 0.0)
-                 + o_blk * gl.expand_dims(w_blk / tot_s, 1))
+        o_new, lse_new = merge_state(o_prev, lse_prev, o_blk, lse_blk)
         seen2 = gl.expand_dims(seen, 1)
         gl.store(o_ptrs, gl.where(seen2, o_new, o_prev), mask=ok2)
         gl.store(l_ptrs, gl.where(seen, lse_new, lse_prev), mask=row_ok)
@@ -274,20 +262,10 @@ def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     tile = n_tiles - 1 - gl.program_id(0)  # heavy (late, long causal rows) tiles first
     b = gl.program_id(1)
     hk = gl.program_id(2)
-    q_start = gl.load(CU_Q + b)
-    q_len = gl.load(CU_Q + b + 1) - q_start
-    k_start = gl.load(CU_K + b)
-    k_len = gl.load(CU_K + b + 1) - k_start
+    q_start, q_len, k_start, k_len = request_bounds(CU_Q, CU_K, b)
     t0 = tile * TOK_M
     if t0 < q_len:
-        if CAUSAL:
-            last_tok = gl.minimum(t0 + TOK_M, q_len) - 1
-            n_end = gl.minimum(k_len, last_tok + shift + 1)  # keys past this are never visible
-            n_full = gl.maximum(gl.minimum(k_len, t0 + shift + 1), 0)  # visible to every row
-        else:
-            n_end = k_len
-            n_full = k_len
-        n_full = (n_full // BN) * BN
+        n_full, n_end = kv_range(t0, TOK_M, q_len, k_len, shift, BN, CAUSAL)
         n_blocks = gl.cdiv(gl.maximum(n_end, 0), BN)
 
         q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M, HEAD_DIM],

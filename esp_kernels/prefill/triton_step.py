@@ -47,6 +47,57 @@ def _attend_block(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_
 
 
 @triton.jit
+def request_bounds(CU_Q, CU_K, b):
+    """Start and length of request b in q and in k/v."""
+    q_start = tl.load(CU_Q + b)
+    q_len = tl.load(CU_Q + b + 1) - q_start
+    k_start = tl.load(CU_K + b)
+    return q_start, q_len, k_start, tl.load(CU_K + b + 1) - k_start
+
+
+@triton.jit
+def kv_range(t0, TOK_M: tl.constexpr, q_len, k_len, shift, BLOCK_N: tl.constexpr,
+             CAUSAL: tl.constexpr):
+    """Keys of a tile of tokens t0 .. t0+TOK_M: (n_full, n_end). Keys below n_full (a multiple of
+    BLOCK_N) are visible to every row, keys from n_end on to none; between lies the diagonal
+    band and the ragged tail, which need the mask."""
+    if CAUSAL:
+        last_tok = tl.minimum(t0 + TOK_M, q_len) - 1
+        n_end = tl.minimum(k_len, last_tok + shift + 1)      # keys past this are never visible
+        n_full = tl.maximum(tl.minimum(k_len, t0 + shift + 1), 0)  # visible to every row
+    else:
+        n_end = k_len
+        n_full = k_len
+    return (n_full // BLOCK_N) * BLOCK_N, n_end
+
+
+@triton.jit
+def finish_block(acc, m_log2, l):
+    """The block's state from its running sums: (seen, o, lse in natural log). l = 0 exactly iff
+    no key was visible; a NaN score (NaN in q or a visible key) makes l NaN whether or not the
+    max kept it, and NaN != 0, so such a row counts as seen (and is written as NaN)."""
+    seen = l != 0.0
+    l_safe = tl.where(seen, l, 1.0)
+    lse = tl.where(seen, (m_log2 + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    return seen, acc / l_safe[:, None], lse
+
+
+@triton.jit
+def merge_state(o_prev, lse_prev, o_blk, lse_blk):
+    """Exact merge of the running state with a block's: (o, lse)."""
+    m = tl.maximum(lse_prev, lse_blk)
+    m_s = tl.where(m == float("-inf"), 0.0, m)
+    w_prev = tl.exp(lse_prev - m_s)
+    w_blk = tl.exp(lse_blk - m_s)
+    tot = w_prev + w_blk
+    tot_s = tl.where(tot != 0.0, tot, 1.0)  # NaN (a NaN state) passes and stays NaN
+    lse_new = tl.where(tot != 0.0, m_s + tl.log(tot_s), float("-inf"))
+    o_new = (tl.where(w_prev[:, None] > 0.0, o_prev * (w_prev / tot_s)[:, None], 0.0)
+             + o_blk * (w_blk / tot_s)[:, None])
+    return o_new, lse_new
+
+
+@triton.jit
 def _ring_step_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                       stride_ot, stride_oh, stride_lt, stride_lh,
@@ -58,10 +109,7 @@ def _ring_step_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     tile = n_tiles - 1 - tl.program_id(0)  # heavy (late, long causal rows) tiles first
     b = tl.program_id(1)
     hk = tl.program_id(2)
-    q_start = tl.load(CU_Q + b)
-    q_len = tl.load(CU_Q + b + 1) - q_start
-    k_start = tl.load(CU_K + b)
-    k_len = tl.load(CU_K + b + 1) - k_start
+    q_start, q_len, k_start, k_len = request_bounds(CU_Q, CU_K, b)
     t0 = tile * TOK_M
     if t0 >= q_len:
         return
@@ -78,14 +126,7 @@ def _ring_step_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_base = K + k_start * stride_kt + hk * stride_kh
     v_base = V + k_start * stride_vt + hk * stride_vh
-    if CAUSAL:
-        last_tok = tl.minimum(t0 + TOK_M, q_len) - 1
-        n_end = tl.minimum(k_len, last_tok + shift + 1)      # keys past this are never visible
-        n_full = tl.maximum(tl.minimum(k_len, t0 + shift + 1), 0)  # visible to every row
-    else:
-        n_end = k_len
-        n_full = k_len
-    n_full = (n_full // BLOCK_N) * BLOCK_N
+    n_full, n_end = kv_range(t0, TOK_M, q_len, k_len, shift, BLOCK_N, CAUSAL)
     for start_n in range(0, n_full, BLOCK_N):  # no mask needed
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
                                       start_n, k_len, tok, shift, offs_d, qk_scale,
@@ -95,27 +136,14 @@ def _ring_step_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                                       start_n, k_len, tok, shift, offs_d, qk_scale,
                                       BLOCK_N, True, CAUSAL)
 
-    # l = 0 exactly iff no key was visible; a NaN score (NaN in q or a visible key) makes l NaN
-    # whether or not the max kept it, and NaN != 0, so the row is written (as NaN), not skipped.
-    seen = l_i != 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    o_blk = acc / l_safe[:, None]
-    lse_blk = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    seen, o_blk, lse_blk = finish_block(acc, m_i, l_i)  # m_i is in log2 units here
     o_ptrs = O + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     l_ptrs = LSE + (q_start + tok) * stride_lt + head * stride_lh
     if ACCUMULATE:
         # Merge into the running state; rows that saw nothing here keep it untouched.
         lse_prev = tl.load(l_ptrs, mask=row_ok & seen, other=float("-inf"))
         o_prev = tl.load(o_ptrs, mask=(row_ok & seen)[:, None], other=0.0)
-        m = tl.maximum(lse_prev, lse_blk)
-        m_s = tl.where(m == float("-inf"), 0.0, m)
-        w_prev = tl.exp(lse_prev - m_s)
-        w_blk = tl.exp(lse_blk - m_s)
-        tot = w_prev + w_blk
-        tot_s = tl.where(tot != 0.0, tot, 1.0)  # NaN (a NaN state) passes and stays NaN
-        lse_new = tl.where(tot != 0.0, m_s + tl.log(tot_s), float("-inf"))
-        o_new = (tl.where(w_prev[:, None] > 0.0, o_prev * (w_prev / tot_s)[:, None], 0.0)
-                 + o_blk * (w_blk / tot_s)[:, None])
+        o_new, lse_new = merge_state(o_prev, lse_prev, o_blk, lse_blk)
         tl.store(o_ptrs, o_new, mask=(row_ok & seen)[:, None])
         tl.store(l_ptrs, lse_new, mask=row_ok & seen)
     else:
