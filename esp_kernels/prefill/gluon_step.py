@@ -34,6 +34,7 @@ import warnings
 
 import torch
 import triton
+from triton.runtime import _allocation
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
@@ -348,9 +349,8 @@ def _scratch(size: int, alignment: int, stream):
 
 
 def _ensure_allocator():
-    """Install our scratch allocator unless the application set one of its own."""
-    from triton.runtime import _allocation
-
+    """Install our scratch allocator unless the application set one of its own (per step: the
+    setting is a ContextVar, so each thread of virtual ranks starts without it)."""
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_scratch)
 
