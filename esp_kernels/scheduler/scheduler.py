@@ -516,9 +516,6 @@ class ESPScheduler:
             if isinstance(b, DecodeBatch):
                 targets.append([frozenset(b.instances), None, None, end, False])
 
-        def size(t):
-            n = len(t[1]) if t[1] is not None else None
-            return n
         out = list(comps)
         held: set = set()
         order = sorted(range(len(comps)), key=lambda k: (len(comps[k][1]), min(comps[k][0])))
@@ -528,11 +525,10 @@ class ESPScheduler:
             if src[4] or out[k] is None or len(reqs) >= cap or any(
                     r.waits >= 2 for r in reqs):
                 continue
-            pages_c = sum(self._pages(n) for r in reqs for n in r.ntok.values())
+            pages_c = self._kv_pages(reqs)
             if pages_c != sum(self._used[i] for i in insts):
                 continue            # other requests' KV is there too: nothing would empty
-            n_orders = sum(len(rs) for r in reqs for rs in r.ranges.values())
-            if len(migrations) + n_orders > pol.max_migrations:
+            if len(migrations) + self._orders(reqs) > pol.max_migrations:
                 continue
             need = sum(self._pages(r.kv_len + r.remaining) for r in reqs)
             kv_c = sum(r.kv_len for r in reqs)
@@ -949,10 +945,9 @@ class ESPScheduler:
         growth of its own requests) within max_requests_per_master? (The tail estimate of
         _commit_prefill.)"""
         cap = self.policy.max_requests_per_master
-        if sum(len(rs) for r in reqs for rs in r.ranges.values()) > self.policy.max_migrations:
+        if self._orders(reqs) > self.policy.max_migrations:
             return False
-        if sum(self._pages(n) for r in reqs for n in r.ntok.values()) != \
-                sum(self._used[i] for i in insts):
+        if self._kv_pages(reqs) != sum(self._used[i] for i in insts):
             return False        # other KV stays there: the group's instances do not empty
         count: dict = {}
         reserve: dict = {}
@@ -965,6 +960,15 @@ class ESPScheduler:
         return any(count[y] + len(reqs) <= cap and
                    self._free_pages(y) - reserve[y] >= need
                    for y in count if y not in insts)
+
+    def _kv_pages(self, reqs: list) -> int:
+        """Pages the requests' KV takes, summed over its instances."""
+        return sum(self._pages(n) for r in reqs for n in r.ntok.values())
+
+    @staticmethod
+    def _orders(reqs: list) -> int:
+        """Migration orders that moving all of the requests' KV takes (one per held range)."""
+        return sum(len(rs) for r in reqs for rs in r.ranges.values())
 
     def _retain(self, reqs: list, insts: list) -> tuple:
         """Fill-first retention of the batch's KV over the ring members (step 5)."""
