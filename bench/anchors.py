@@ -1,11 +1,12 @@
-"""Same-run anchors from the carried `.anchors/` folder: FlashInfer's FA3 prefill and its paged
-decode (installed by bench/gpu_check.sh into /tmp/fi and /tmp/site, see the anchors README in the
-shared folder). cuDNN is measured through torch SDPA's cuDNN backend in the benchmarks themselves
-(on contiguous KV it timed within 2% of the cuDNN frontend's paged graph on H100).
+"""Same-run anchors from the carried `.anchors/` folder (installed by bench/gpu_check.sh into
+/tmp/fi and /tmp/site, see the anchors README in the shared folder): FlashInfer's FA3 prefill (one
+call over a sequence, or one ring step with its LSE) and its paged decode. cuDNN is measured
+through torch SDPA's cuDNN backend (on contiguous KV it timed within 2% of the cuDNN frontend's
+paged graph on H100).
 
-Each function returns a zero-argument callable to time, or None after printing one line that
-says why the anchor is absent (not installed, or refused the shape), so a benchmark skips it and
-goes on. FlashInfer's LSE is base 2; no anchor here returns LSE, so nothing needs converting.
+Each function returns a callable to time, or None after printing one line that says why the
+anchor is absent (not installed, or refused the shape), so a benchmark skips it and goes on.
+FlashInfer's LSE is base 2; the step anchors return it in natural log, as ours.
 """
 
 from __future__ import annotations
@@ -57,6 +58,49 @@ def fa3_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool 
         return _absent("FA3 (FlashInfer)",
                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
     return run
+
+
+_LN2 = math.log(2.0)
+
+
+def fa3_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """One FlashInfer FA3 causal call that also returns the LSE: q [n, Hq, D], k/v [n, Hkv, D]
+    (GQA as is) -> (o [n, Hq, D], lse [n, Hq] fp32, natural log: FlashInfer's is base 2).
+    Raises whatever FlashInfer raises; `step_attend` probes it once."""
+    o, lse2 = flashinfer().single_prefill_with_kv_cache(q, k, v, causal=True, sm_scale=scale,
+                                                         backend="fa3", return_lse=True)
+    return o, lse2 * _LN2
+
+
+def cudnn_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """torch's cuDNN SDPA kernel (the one that returns its LSE), causal, K/V expanded to the
+    query heads (same FLOPs; this aten op has no GQA argument)."""
+    G = q.shape[1] // k.shape[1]
+    qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k.repeat_interleave(G, dim=1),
+                                                    v.repeat_interleave(G, dim=1)))
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        qt, kt, vt, None, True, 0.0, True, False, scale=scale)[:2]
+    return out[0].transpose(0, 1), lse.reshape(q.shape[1], -1).transpose(0, 1)
+
+
+def step_attend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """An anchor kernel for one ring step, as `attend(q, k, v, scale) -> (o, lse)`: "FA3"
+    (FlashInfer) or "cuDNN" (torch SDPA's cuDNN kernel), or None after printing why it is
+    absent. Probed once on (q, k, v)."""
+    if name == "FA3":
+        if flashinfer() is None:
+            return None
+        attend = fa3_attend
+    elif name == "cuDNN":
+        attend = cudnn_attend
+    else:
+        raise ValueError(f"unknown step anchor {name!r}")
+    try:
+        attend(q, k, v, q.shape[-1] ** -0.5)
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - a refused shape skips the anchor
+        return _absent(f"{name} steps", f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+    return attend
 
 
 class _Workspace:

@@ -3,6 +3,8 @@ steps of the ring run back to back on one stream (the "step kernels alone" time)
 
 import torch
 
+from ring_flash_style import step_slices
+
 from esp_kernels.testing import cu_seqlens, stripe
 
 
@@ -35,3 +37,14 @@ class StripedRing:
                 j = (i - s) % self.P
                 step(self.qs[i], self.ks[j], self.vs[j], self.cu, self.n, self.o, self.lse,
                      0 if j <= i else -1, s > 0)
+
+    def anchor_steps(self, attend):
+        """The same P x P steps with an anchor kernel, `attend(q, k, v, scale) -> (o, lse)`, as
+        ring-flash-attention slices them (bench/ring_flash_style.py), outputs dropped: the
+        anchor's kernels alone on our steps' work, without any merge."""
+        scale = self.D ** -0.5
+        for i in range(self.P):
+            for s in range(self.P):
+                j = (i - s) % self.P
+                rows, keys = step_slices(j, i, self.n)
+                attend(self.qs[i][rows], self.ks[j][keys], self.vs[j][keys], scale)

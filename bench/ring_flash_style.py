@@ -1,31 +1,42 @@
 """The anchor of the ring benchmark: a ring-flash-attention-style striped ring built from torch
 ops, on the same Group and the same messages as ours, differing only in the compute:
 
-- each step calls the SDPA flash kernel that returns its LSE (aten._scaled_dot_product_flash_
-  attention), with the shifted triangle done as ring-flash-attention does it (for a block from
-  a later rank: queries from local index 1 against keys up to n-1, plain causal);
+- each step calls a causal attention kernel that returns its LSE (`attend`: FA3 from the
+  carried anchors, cuDNN, or by default the SDPA flash kernel), with the shifted triangle done as
+  ring-flash-attention does it (for a block from a later rank: queries from local index 1
+  against keys up to n-1, plain causal);
 - the running state is merged in fp32 with torch element-wise ops (sigmoid / logsigmoid form).
 
-One request of length divisible by P; K/V are expanded to the query heads inside each step (the
-aten flash op has no GQA argument; the expansion costs ~2% of a step at these sizes).
+One request of length divisible by P. The SDPA flash op has no GQA argument: `sdpa_flash_attend`
+expands K/V to the query heads inside each step (~2% of a step at these sizes).
 """
 
 import torch
 import torch.nn.functional as F
 
 
-def _flash(q, k, v, scale):
-    # q [n, H, D] -> [1, H, n, D]
+def sdpa_flash_attend(q, k, v, scale):
+    """Causal attention with its LSE from the SDPA flash kernel: q [n, Hq, D], k/v [n, Hkv, D]
+    -> o [n, Hq, D], lse [n, Hq] (natural log)."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         0.0, True, False, scale=scale)[:2]
-    return out[0].transpose(0, 1), lse[0].transpose(0, 1)  # [n, H, D], [n, H]
+    return out[0].transpose(0, 1), lse[0].transpose(0, 1)
 
 
-def rfa_style_prefill(q, k, v, ring, softmax_scale=None):
+def step_slices(src, me, n):
+    """The rows and keys of one striped step as a plain causal call: a block from an earlier
+    rank (or this one) is causal with the diagonal; one from a later rank excludes it."""
+    if src <= me:
+        return slice(0, n), slice(0, n)
+    return slice(1, n), slice(0, n - 1)
+
+
+def rfa_style_prefill(q, k, v, ring, softmax_scale=None, attend=sdpa_flash_attend):
     P, me = ring.size, ring.rank
     n, Hq, D = q.shape
-    G = Hq // k.shape[1]
     scale = softmax_scale or D ** -0.5
     cur = torch.stack([k, v]).contiguous()
     nxt = torch.empty_like(cur)
@@ -36,11 +47,8 @@ def rfa_style_prefill(q, k, v, ring, softmax_scale=None):
         work = None
         if s < P - 1:
             work = ring.exchange(sends=[(cur, (me + 1) % P)], recvs=[(nxt, (me - 1) % P)])
-        kb = cur[0].repeat_interleave(G, dim=1)
-        vb = cur[1].repeat_interleave(G, dim=1)
-        rows = slice(0, n) if src <= me else slice(1, n)
-        keys = slice(0, n) if src <= me else slice(0, n - 1)
-        bo, bl = _flash(q[rows], kb[keys], vb[keys], scale)
+        rows, keys = step_slices(src, me, n)
+        bo, bl = attend(q[rows], cur[0][keys], cur[1][keys], scale)
         o_r, l_r = out[rows], lse[rows]
         if s == 0:
             o_r.copy_(bo)
