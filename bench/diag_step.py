@@ -15,6 +15,7 @@ import torch
 from anchors import fa3_prefill
 from harness import parse_out, time_cuda
 
+from esp_kernels.prefill.gluon_step import ring_step_gluon
 from esp_kernels.prefill.step import ring_step
 from esp_kernels.testing import cu_seqlens
 
@@ -39,14 +40,19 @@ def main():
         rows = []
         if fa3 is not None:
             rows.append(("FA3", time_cuda(fa3)["ms"]))
-        for backend in ("gluon", "triton"):
+        for backend in ("gluon persistent", "gluon no-prefetch", "gluon per-tile", "triton"):
             for acc in (False, True):
                 def step(backend=backend, acc=acc):
-                    ring_step(q, k, v, cu_q, cu_k, n, o, lse, causal=causal, accumulate=acc,
-                              backend=backend)
+                    if backend == "triton":
+                        ring_step(q, k, v, cu_q, cu_k, n, o, lse, causal=causal,
+                                  accumulate=acc, backend=backend)
+                    else:
+                        ring_step_gluon(q, k, v, cu_q, cu_k, n, o, lse, causal, 0, acc,
+                                        D ** -0.5, persistent=not backend.endswith("per-tile"),
+                                        prefetch_state=backend.endswith("persistent"))
                 rows.append((f"{backend} acc={int(acc)}", time_cuda(step)["ms"]))
         for label, ms in rows:
-            print(f"{name:<9} {label:<16} {ms * 1e3:9.1f} us {flops / ms / 1e9:7.1f} TFLOP/s "
+            print(f"{name:<9} {label:<24} {ms * 1e3:9.1f} us {flops / ms / 1e9:7.1f} TFLOP/s "
                   f"per tile {ms * 1e3 * sms / tiles:6.2f} us", flush=True)
 
 

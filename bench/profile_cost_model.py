@@ -100,9 +100,21 @@ def main():
     layer = Layer(gen)
     samples = []
     t_start = time.time()
+    model = MODEL if not args.smoke else {**MODEL, "hidden": H, "num_q_heads": HQ,
+                                          "num_kv_heads": HKV, "head_dim": D, "intermediate": FF,
+                                          "vocab": V, "dtype": "float32"}
+    info = run_info()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save():
+        # After every sample (a few ms): a run cut short keeps what it measured.
+        with open(args.out + ".tmp", "w") as f:
+            json.dump({**info, "model": model, "samples": samples}, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
 
     def add(kind, time_s, **fields):
         samples.append({"kind": kind, **fields, "time_s": time_s})
+        save()
         desc = " ".join(f"{k}={v if not isinstance(v, list) or len(v) < 6 else f'{len(v)}x'}"
                         for k, v in fields.items())
         print(f"[{time.time() - t_start:6.1f}s] {kind:<14} {desc:<48} {time_s * 1e3:10.3f} ms",
@@ -199,13 +211,6 @@ def main():
         add("link", t, bytes=nbytes, source="modelled: 2xH200 NCCL, bench/results 2026-11-24 "
             "(43 us per small blocking exchange, 304-325 GB/s for one 1 GiB send)")
 
-    model = MODEL if not args.smoke else {**MODEL, "hidden": H, "num_q_heads": HQ,
-                                          "num_kv_heads": HKV, "head_dim": D, "intermediate": FF,
-                                          "vocab": V, "dtype": "float32"}
-    doc = {**run_info(), "model": model, "samples": samples}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
     print(f"{len(samples)} samples -> {args.out} in {time.time() - t_start:.0f} s")
 
 

@@ -1,5 +1,5 @@
-"""The Gluon ring step's knobs (stages of the K/V ring, FA3 ping-pong of the two consumer
-warpgroups) against the Triton kernel and FA3 in one run: effective TFLOP/s of all P x P steps
+"""The Gluon ring step's knobs (the persistent kernel with or without the state prefetch, or one
+CTA per tile) against the Triton kernel and FA3 in one run: effective TFLOP/s of all P x P steps
 (L 64k, Hq 32 / Hkv 8, D 128, bf16; L 8k replayed from a CUDA graph, its steps being
 launch-bound), and each variant's output state against the Triton kernel's on the same steps.
 Decides esp_kernels/prefill/gluon_step.py's defaults."""
@@ -14,7 +14,11 @@ from esp_kernels.prefill import gluon_step
 from esp_kernels.prefill.gluon_step import ring_step_gluon
 from esp_kernels.prefill.step import ring_step
 
-VARIANTS = [dict(stages=s, pingpong=pp) for s in (2, 3) for pp in (False, True)]
+# Swept before (bench/NOTES.md): 3 stages and ping-pong of the per-tile kernel (no win); the
+# persistent kernel has no room for a third stage (Q, two K/V stages and the prefetched state
+# fill 224 of its 227 KB).
+VARIANTS = [dict(persistent=True, prefetch_state=True), dict(persistent=True, prefetch_state=False),
+            dict(persistent=False)]
 ROUNDS = 2  # every variant timed once per round, rounds one after the other (drift shows)
 
 
@@ -59,7 +63,7 @@ def sweep(rec, L):
                 print(f"L={L} P={P} {var}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
                 continue
             tf = flops / (t["ms"] * 1e-3) / 1e12
-            name = f"gluon s{var['stages']}{' pingpong' if var['pingpong'] else ''}"
+            name = "gluon " + ", ".join(f"{k}={v}" for k, v in var.items())
             print(f"L={L} P={P} round {rnd} {name}: {tf:.1f} TFLOP/s ({tf / base:.3f}x triton"
                   + (f", {tf / fa3_tf:.3f}x FA3" if fa3_tf else "")
                   + f"), max |o - triton| {err_o:.2e}, |lse - triton| {err_l:.2e}")

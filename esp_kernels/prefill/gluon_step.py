@@ -37,14 +37,17 @@ import triton
 from triton.runtime import _allocation
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                              warpgroup_mma, warpgroup_mma_wait)
 
 # The step's layout-free math, shared with the Triton twin (Gluon calls Triton's jit helpers).
 from .triton_step import finish_block, kv_range, merge_state, request_bounds
 
-# Triton 3.7 renamed the TMA load (async_copy_global_to_shared -> async_load).
+# Triton 3.7 renamed the TMA load and later the cp.async copy (async_copy_global_to_shared ->
+# async_load in both modules).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 _LOG2E = 1.4426950408889634
 BLOCK_M = 128      # rows per CTA: two consumer warpgroups of 64
 BLOCK_N = 128
@@ -53,6 +56,12 @@ BLOCK_N = 128
 # not beat this within a call's noise.
 STAGES = 2
 PINGPONG = False
+# One CTA per SM looping over the tiles (heavy first), its Q loads, descriptors and pipeline
+# fill overlapped with the previous tile's work; else one CTA per tile.
+PERSISTENT = True
+# Persistent kernel, merging steps: each tile's previous state (o fp32, lse) is copied into shared
+# memory while the tile's main loop runs (the two o halves take the second Q buffer's room).
+PREFETCH_STATE = True
 
 
 @gluon.jit
@@ -216,8 +225,18 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
         acc = warpgroup_mma_wait(0, deps=[o_tok])
         mbarrier.arrive(v_empty.index(last), count=1)
 
-    # Epilogue: the Triton twin's, row for row (the scores' max m_i is raw, not log2 units).
-    o_ptrs, l_ptrs, row_ok = _state_ptrs(O, LSE, WG * M, tok0, q_len, o_row0, head0, stride_ot,
+    _epilogue(acc, m_i, l_i, qk_scale, O, LSE, WG * M, tok0, q_len, o_row0, head0, stride_ot,
+              stride_oh, stride_lt, stride_lh, GROUP, M, D, o_layout, ACCUMULATE)
+
+
+@gluon.jit
+def _epilogue(acc, m_i, l_i, qk_scale, O, LSE, row0, tok0, q_len, o_row0, head0, stride_ot,
+              stride_oh, stride_lt, stride_lh, GROUP: gl.constexpr, M: gl.constexpr,
+              D: gl.constexpr, o_layout: gl.constexpr, ACCUMULATE: gl.constexpr):
+    """The block's state from a consumer's sums, written or merged into the running state: the
+    Triton twin's epilogue, row for row (the scores' max m_i is raw, not log2 units)."""
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    o_ptrs, l_ptrs, row_ok = _state_ptrs(O, LSE, row0, tok0, q_len, o_row0, head0, stride_ot,
                                          stride_oh, stride_lt, stride_lh, GROUP, M, D, o_layout)
     seen, o_blk, lse_blk = finish_block(acc, gl.convert_layout(m_i, row_o) * qk_scale,
                                         gl.convert_layout(l_i, row_o))
@@ -315,6 +334,285 @@ def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                            [4, 1], [240, 24])
 
 
+@gluon.jit
+def _work_item(w, n_tiles, n_req, n_kv_heads, CU_Q, CU_K, TOK_M: gl.constexpr,
+               BN: gl.constexpr, CAUSAL: gl.constexpr, shift):
+    """Work item w of the persistent grid, heavy first: the tile index runs outermost from the
+    last (longest causal rows) down, then requests, then KV heads. Returns the tile's request
+    bounds, first token, KV head and its K/V blocks (n_full, n_blocks; 0 blocks: nothing to
+    attend)."""
+    tile = n_tiles - 1 - w // (n_req * n_kv_heads)
+    rest = w % (n_req * n_kv_heads)
+    b = rest // n_kv_heads
+    hk = rest % n_kv_heads
+    q_start, q_len, k_start, k_len = request_bounds(CU_Q, CU_K, b)
+    t0 = tile * TOK_M
+    n_full, n_end = kv_range(t0, TOK_M, q_len, k_len, shift, BN, CAUSAL)
+    n_blocks = gl.cdiv(gl.maximum(n_end, 0), BN)
+    if t0 >= q_len:
+        n_blocks = 0
+    return q_start, q_len, k_start, k_len, t0, hk, n_full, n_blocks
+
+
+@gluon.jit
+def _p_loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
+              PREFETCH: gl.constexpr):
+    """Every item's Q tile (double-buffered) and K/V blocks (the stage ring, its counters running
+    on across items) through TMA."""
+    (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready,
+     v_ready, k_empty, v_empty, fix_bar, CU_Q, CU_K, n_tiles, n_req, n_kv_heads, n_items, shift,
+     qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh) = args
+    NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
+    BN: gl.constexpr = k_smem.type.shape[1]
+    D: gl.constexpr = k_smem.type.shape[2]
+    TOK_M: gl.constexpr = q_smem.type.shape[1]
+    Q_BUFS: gl.constexpr = q_smem.type.shape[0]
+    it = 0
+    kv = 0
+    for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        q_start, q_len, k_start, k_len, t0, hk, n_full, n_blocks = _work_item(
+            w, n_tiles, n_req, n_kv_heads, CU_Q, CU_K, TOK_M, BN, CAUSAL, shift)
+        if n_blocks > 0:
+            qb = it % Q_BUFS
+            mbarrier.wait(q_empty.index(qb), ((it // Q_BUFS) & 1) ^ 1)
+            mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
+            _tma_load(q_desc, [q_start + t0, hk * GROUP, 0], q_ready.index(qb),
+                      q_smem.index(qb))
+            it += 1
+            for j in range(n_blocks):
+                s = kv % NUM_STAGES
+                phase = (kv // NUM_STAGES) & 1
+                row = k_start + j * BN
+                mbarrier.wait(k_empty.index(s), phase ^ 1)
+                mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+                _tma_load(k_desc, [row, hk * D], k_ready.index(s), k_smem.index(s))
+                mbarrier.wait(v_empty.index(s), phase ^ 1)
+                mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+                _tma_load(v_desc, [row, hk * D], v_ready.index(s), v_smem.index(s))
+                kv += 1
+
+
+@gluon.jit
+def _zero_rows_past(v_stage, first_zero, fix_bar, nfix, WG: gl.constexpr, M: gl.constexpr):
+    """Zero the V rows from first_zero on (keys past the request's end: the next request's rows,
+    which may hold NaN or Inf that a zero p would still turn into NaN); each consumer warpgroup
+    zeros half the rows, then both meet at fix_bar."""
+    BN: gl.constexpr = v_stage.type.shape[0]
+    D: gl.constexpr = v_stage.type.shape[1]
+    CH: gl.constexpr = 16
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // D, D // 8], [4, 1], [1, 0])
+    for r0 in gl.static_range(WG * (BN // 2), (WG + 1) * (BN // 2), CH):
+        chunk = v_stage.slice(r0, CH)
+        rows = r0 + gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
+        x = chunk.load(layout)
+        chunk.store(gl.where(gl.expand_dims(rows < first_zero, 1), x, gl.zeros_like(x)))
+    fence_async_shared()
+    mbarrier.arrive(fix_bar, count=1)
+    mbarrier.wait(fix_bar, nfix & 1)
+
+
+@gluon.jit
+def _prefetch_state(O, LSE, o_stage, row0, tok0, q_len, o_row0, head0, stride_ot, stride_oh,
+                    stride_lt, stride_lh, GROUP: gl.constexpr, M: gl.constexpr, D: gl.constexpr,
+                    o_layout: gl.constexpr):
+    """Start copying the running state's o rows row0 .. row0+M into shared memory (cp.async,
+    rows past the request zero-filled) and load their lse: the merge at the tile's end then
+    reads them without waiting on global memory."""
+    CH: gl.constexpr = 16
+    layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // D, D // 4], [4, 1], [1, 0])
+    offs_d = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, layout)), 0)
+    for c in gl.static_range(0, M, CH):
+        rows = row0 + c + gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
+        tok = tok0 + rows // GROUP
+        head = head0 + rows % GROUP
+        ptrs = O + gl.expand_dims((o_row0 + tok).to(gl.int64) * stride_ot + head * stride_oh,
+                                  1) + offs_d
+        _cp_async(o_stage.slice(c, CH), ptrs, mask=gl.expand_dims(tok < q_len, 1))
+    async_copy.commit_group()
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    rows_o = row0 + gl.arange(0, M, layout=row_o)
+    tok_o = tok0 + rows_o // GROUP
+    l_ptrs = LSE + (o_row0 + tok_o).to(gl.int64) * stride_lt + (head0 + rows_o % GROUP) * stride_lh
+    return gl.load(l_ptrs, mask=tok_o < q_len, other=float("-inf"))
+
+
+@gluon.jit
+def _epilogue_prefetched(acc, m_i, l_i, qk_scale, O, LSE, o_stage, lse_prev, row0, tok0, q_len,
+                         o_row0, head0, stride_ot, stride_oh, stride_lt, stride_lh,
+                         GROUP: gl.constexpr, M: gl.constexpr, D: gl.constexpr,
+                         o_layout: gl.constexpr):
+    """_epilogue's merge, the previous state read from `_prefetch_state`'s copies."""
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    o_ptrs, l_ptrs, row_ok = _state_ptrs(O, LSE, row0, tok0, q_len, o_row0, head0, stride_ot,
+                                         stride_oh, stride_lt, stride_lh, GROUP, M, D, o_layout)
+    seen, o_blk, lse_blk = finish_block(acc, gl.convert_layout(m_i, row_o) * qk_scale,
+                                        gl.convert_layout(l_i, row_o))
+    async_copy.wait_group(0)
+    o_prev = o_stage.load(o_layout)
+    o_new, lse_new = merge_state(o_prev, lse_prev, o_blk, lse_blk)
+    ok2 = gl.expand_dims(row_ok, 1)
+    gl.store(o_ptrs, gl.where(gl.expand_dims(seen, 1), o_new, o_prev), mask=ok2)
+    gl.store(l_ptrs, gl.where(seen, lse_new, lse_prev), mask=row_ok)
+
+
+@gluon.jit
+def _p_consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
+                PREFETCH: gl.constexpr, WG: gl.constexpr):
+    (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready,
+     v_ready, k_empty, v_empty, fix_bar, CU_Q, CU_K, n_tiles, n_req, n_kv_heads, n_items, shift,
+     qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh) = args
+    NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
+    BN: gl.constexpr = k_smem.type.shape[1]
+    D: gl.constexpr = k_smem.type.shape[2]
+    TOK_M: gl.constexpr = q_smem.type.shape[1]
+    Q_BUFS: gl.constexpr = q_smem.type.shape[0]
+    BM: gl.constexpr = TOK_M * GROUP
+    M: gl.constexpr = BM // 2
+    dtype: gl.constexpr = k_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    s_zero = gl.zeros([M, BN], gl.float32, layout=s_layout)
+    rows = WG * M + gl.arange(0, M, layout=row_s)
+    it = 0
+    kv = 0
+    nfix = 0
+    for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        q_start, q_len, k_start, k_len, t0, hk, n_full, n_blocks = _work_item(
+            w, n_tiles, n_req, n_kv_heads, CU_Q, CU_K, TOK_M, BN, CAUSAL, shift)
+        tok = t0 + rows // GROUP
+        if PREFETCH:
+            lse_prev = _prefetch_state(O, LSE, o_smem.index(WG), WG * M, t0, q_len, q_start,
+                                       hk * GROUP, stride_ot, stride_oh, stride_lt, stride_lh,
+                                       GROUP, M, D, o_layout)
+        m_i = gl.full([M], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.zeros([M], gl.float32, layout=row_s)
+        acc = gl.zeros([M, D], gl.float32, layout=o_layout)
+        if n_blocks > 0:
+            qb = it % Q_BUFS
+            mbarrier.wait(q_ready.index(qb), (it // Q_BUFS) & 1)
+            q = q_smem.index(qb).reshape([BM, D]).slice(WG * M, M)
+            cur = kv % NUM_STAGES
+            mbarrier.wait(k_ready.index(cur), (kv // NUM_STAGES) & 1)
+            s_tok = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False,
+                                  is_async=True)
+            s = warpgroup_mma_wait(0, deps=[s_tok])
+            mbarrier.arrive(k_empty.index(cur), count=1)
+            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, 0, n_full, k_len, tok, shift,
+                                                qk_scale, BN, CAUSAL, s_layout)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            for j in range(1, n_blocks):
+                prev = (kv + j - 1) % NUM_STAGES
+                cur = (kv + j) % NUM_STAGES
+                mbarrier.wait(k_ready.index(cur), ((kv + j) // NUM_STAGES) & 1)
+                mbarrier.wait(v_ready.index(prev), ((kv + j - 1) // NUM_STAGES) & 1)
+                s_tok = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero,
+                                      use_acc=False, is_async=True)
+                o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=[s_tok])  # groups retire in order: S_j is done
+                mbarrier.arrive(k_empty.index(cur), count=1)
+                p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, j * BN, n_full, k_len, tok,
+                                                    shift, qk_scale, BN, CAUSAL, s_layout)
+                acc = warpgroup_mma_wait(0, deps=[o_tok])
+                mbarrier.arrive(v_empty.index(prev), count=1)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.arrive(q_empty.index(qb), count=1)  # every S of this tile is done
+            it += 1
+            last_kv = kv + n_blocks - 1
+            last = last_kv % NUM_STAGES
+            mbarrier.wait(v_ready.index(last), (last_kv // NUM_STAGES) & 1)
+            if n_blocks * BN > k_len:  # the block reaches past the request's last key
+                _zero_rows_past(v_smem.index(last), k_len - (n_blocks - 1) * BN,
+                                fix_bar.index(0), nfix, WG, M)
+                nfix += 1
+            o_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=[o_tok])
+            mbarrier.arrive(v_empty.index(last), count=1)
+            kv += n_blocks
+        if PREFETCH:
+            _epilogue_prefetched(acc, m_i, l_i, qk_scale, O, LSE, o_smem.index(WG), lse_prev,
+                                 WG * M, t0, q_len, q_start, hk * GROUP, stride_ot, stride_oh,
+                                 stride_lt, stride_lh, GROUP, M, D, o_layout)
+        elif t0 < q_len:
+            _epilogue(acc, m_i, l_i, qk_scale, O, LSE, WG * M, t0, q_len, q_start, hk * GROUP,
+                      stride_ot, stride_oh, stride_lt, stride_lh, GROUP, M, D, o_layout,
+                      ACCUMULATE)
+
+
+@gluon.jit
+def _p_consumer0(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
+                 PREFETCH: gl.constexpr):
+    _p_consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, 0)
+
+
+@gluon.jit
+def _p_consumer1(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
+                 PREFETCH: gl.constexpr):
+    _p_consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, 1)
+
+
+@gluon.jit
+def _ring_step_persistent_kernel(Q, K, V, O, LSE, CU_Q, CU_K, Tq, Tk, n_q_heads, n_kv_heads,
+                                 stride_qt, stride_qh, stride_kt, stride_vt, stride_ot,
+                                 stride_oh, stride_lt, stride_lh, qk_scale, shift, n_tiles,
+                                 n_req, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+                                 BN: gl.constexpr, NUM_STAGES: gl.constexpr,
+                                 CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
+                                 PREFETCH: gl.constexpr, Q_BUFS: gl.constexpr):
+    TOK_M: gl.constexpr = 128 // GROUP
+    dtype: gl.constexpr = Q.dtype.element_ty
+    n_items = n_tiles * n_req * n_kv_heads
+    # Three descriptors for the whole launch, built once per CTA on the device. K/V are read as
+    # [tokens, KV heads x D]: a block of one head is a [BN, D] box. A block that reaches past
+    # its request reads the next request's rows (zeroed in shared memory before the PV product,
+    # _zero_rows_past) or, past the tensor, TMA's zeros.
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TOK_M, GROUP, HEAD_DIM], dtype)
+    q_desc = tma.make_tensor_descriptor(Q, [Tq, n_q_heads, HEAD_DIM], [stride_qt, stride_qh, 1],
+                                        [TOK_M, GROUP, HEAD_DIM], q_layout)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, HEAD_DIM], dtype)
+    k_desc = tma.make_tensor_descriptor(K, [Tk, n_kv_heads * HEAD_DIM], [stride_kt, 1],
+                                        [BN, HEAD_DIM], kv_layout)
+    v_desc = tma.make_tensor_descriptor(V, [Tk, n_kv_heads * HEAD_DIM], [stride_vt, 1],
+                                        [BN, HEAD_DIM], kv_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [Q_BUFS, TOK_M, GROUP, HEAD_DIM], q_layout)
+    if PREFETCH:  # the running state's o rows of a tile, fp32 (the merge's input)
+        o_smem = gl.allocate_shared_memory(gl.float32, [2, 64, HEAD_DIM],
+                                           gl.SwizzledSharedLayout(4, 1, 8, [1, 0]))
+    else:
+        o_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 4],
+                                           gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BN, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BN, HEAD_DIM], kv_layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [Q_BUFS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [Q_BUFS, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    fix_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(Q_BUFS):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)  # one release per consumer warpgroup
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+    mbarrier.init(fix_bar.index(0), count=2)
+    args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready,
+            v_ready, k_empty, v_empty, fix_bar, CU_Q, CU_K, n_tiles, n_req, n_kv_heads, n_items,
+            shift, qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh)
+    gl.warp_specialize([(_p_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH)),
+                        (_p_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH)),
+                        (_p_loader, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH))],
+                       [4, 1], [240, 24])
+
+
 @functools.lru_cache(maxsize=None)
 def _is_sm90(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] == 9
@@ -338,7 +636,15 @@ def supports(q, k, v) -> bool:
         if t.stride(2) != 1 or t.stride(1) != D or (t.stride(0) * t.element_size()) % 16 \
                 or t.data_ptr() % 16:
             return False
-    return q.stride(2) == 1
+    # Q is read through TMA too (the persistent kernel): 16-byte aligned rows and heads.
+    return q.stride(2) == 1 and not ((q.stride(0) * q.element_size()) % 16
+                                     or (q.stride(1) * q.element_size()) % 16
+                                     or q.data_ptr() % 16)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _scratch(size: int, alignment: int, stream):
@@ -357,9 +663,11 @@ def _ensure_allocator():
 
 def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
                     accumulate, softmax_scale, stages=STAGES, block_n=BLOCK_N,
-                    pingpong=PINGPONG):
-    """Launch the Gluon ring step (arguments as esp_kernels._C.ring_step, torch tensors; the
-    caller checked `supports`)."""
+                    pingpong=PINGPONG, persistent=PERSISTENT, prefetch_state=PREFETCH_STATE):
+    """Launch the Gluon ring step (arguments as `step.run_step`, torch tensors; the caller
+    checked `supports`). persistent: one CTA per SM looping over the tiles (else one CTA per
+    tile; pingpong applies to that kernel only); prefetch_state: the persistent kernel copies
+    each tile's previous state into shared memory during its main loop."""
     Tq, Hq, D = q.shape
     group = Hq // k.shape[1]
     B = cu_q.shape[0] - 1
@@ -367,18 +675,24 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
         return
     tok_m = BLOCK_M // group
     n_tiles = max(1, math.ceil(max_q_len / tok_m))
-    grid = (n_tiles, B, k.shape[1])
+    if persistent:
+        grid = (min(n_tiles * B * k.shape[1], _num_sms(q.get_device())),)
+    else:
+        grid = (n_tiles, B, k.shape[1])
     _ensure_allocator()
-    key = (q.dtype, group, D, bool(causal), bool(accumulate), stages, block_n, bool(pingpong))
+    prefetch = bool(persistent and prefetch_state and accumulate)
+    key = (q.dtype, group, D, bool(causal), bool(accumulate), stages, block_n, bool(pingpong),
+           bool(persistent), prefetch)
+    launch = functools.partial(_launch, grid, q, k, v, cu_q, cu_k, o_state, lse_state, group,
+                               D, n_tiles, B, causal, mask_shift, accumulate, softmax_scale,
+                               stages, block_n, pingpong, persistent, prefetch)
     if key not in _compiled:
         # Gluon is experimental and its API moves between Triton releases (verified on a GPU:
         # 3.6; the CPU tests compile it for sm_90a with the installed Triton). Each
         # specialization is compiled once without launching; a Triton that cannot build it (any
         # error of the compiler, before anything runs) gets the Triton twin, with one warning.
         try:
-            _launch(grid, q, k, v, cu_q, cu_k, o_state, lse_state, group, D, n_tiles, causal,
-                    mask_shift, accumulate, softmax_scale, stages, block_n, pingpong,
-                    warmup=True)
+            launch(warmup=True)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means "cannot build"
             _compile_error.append(exc)
             warnings.warn(f"the Gluon ring step does not compile with Triton "
@@ -391,21 +705,28 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
                              mask_shift, accumulate, softmax_scale)
             return
         _compiled.add(key)
-    _launch(grid, q, k, v, cu_q, cu_k, o_state, lse_state, group, D, n_tiles, causal,
-            mask_shift, accumulate, softmax_scale, stages, block_n, pingpong)
+    launch()
 
 
 _compiled = set()  # specializations known to compile with this Triton
 
 
-def _launch(grid, q, k, v, cu_q, cu_k, o_state, lse_state, group, D, n_tiles, causal,
-            mask_shift, accumulate, softmax_scale, stages, block_n, pingpong, warmup=False):
-    run = _ring_step_gluon_kernel.warmup if warmup else _ring_step_gluon_kernel[grid]
+def _launch(grid, q, k, v, cu_q, cu_k, o_state, lse_state, group, D, n_tiles, B, causal,
+            mask_shift, accumulate, softmax_scale, stages, block_n, pingpong, persistent,
+            prefetch, warmup=False):
+    kernel = _ring_step_persistent_kernel if persistent else _ring_step_gluon_kernel
+    run = kernel.warmup if warmup else kernel[grid]
     extra = dict(grid=grid) if warmup else {}
+    if persistent:
+        shape_args = (q.shape[0], k.shape[0], q.shape[1], k.shape[1])
+        tail_args = (n_tiles, B)
+        extra.update(PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2)
+    else:
+        shape_args, tail_args = (), (n_tiles,)
+        extra["PINGPONG"] = bool(pingpong)
     run(
-        q, k, v, o_state, lse_state, cu_q, cu_k,
+        q, k, v, o_state, lse_state, cu_q, cu_k, *shape_args,
         q.stride(0), q.stride(1), k.stride(0), v.stride(0), o_state.stride(0), o_state.stride(1),
         lse_state.stride(0), lse_state.stride(1), softmax_scale * _LOG2E, int(mask_shift),
-        n_tiles, GROUP=group, HEAD_DIM=D, BN=block_n, NUM_STAGES=stages, CAUSAL=bool(causal),
-        PINGPONG=bool(pingpong),
+        *tail_args, GROUP=group, HEAD_DIM=D, BN=block_n, NUM_STAGES=stages, CAUSAL=bool(causal),
         ACCUMULATE=bool(accumulate), num_warps=4, maxnreg=168, **extra)
