@@ -1,7 +1,7 @@
-"""Hopper ring step in Gluon (Triton's explicit-layout dialect): the step's contract
-(csrc/prefill/ring_step.h, triton_step.py) with FA3's structure, which Triton 3.6's `tl` cannot
-express (bench/NOTES.md: every wgmma wait it emits is `wait_group 0`, so the softmax never
-overlaps the tensor cores).
+"""Hopper ring step in Gluon (Triton's explicit-layout dialect): the step's contract (step.py's
+module docstring; triton_step.py) with FA3's structure, which Triton 3.6's `tl` cannot express
+(bench/NOTES.md: every wgmma wait it emits is `wait_group 0`, so the softmax never overlaps the
+tensor cores).
 
 One CTA owns 128 query rows = (token, head) pairs of one KV head's group (GQA packed, as the
 Triton twin) and three partitions:
@@ -358,7 +358,7 @@ def _ensure_allocator():
 def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
                     accumulate, softmax_scale, stages=STAGES, block_n=BLOCK_N,
                     pingpong=PINGPONG):
-    """Launch the Gluon ring step (arguments as esp_kernels._C.ring_step, torch tensors; the
+    """Launch the Gluon ring step (arguments as step.run_step's, positional, torch tensors; the
     caller checked `supports`)."""
     Tq, Hq, D = q.shape
     group = Hq // k.shape[1]
