@@ -81,7 +81,7 @@ def main():
                     tf = flops / (t["ms"] * 1e-3) / 1e12
                     same_work.setdefault(tag, {})[f"{name} steps, no merge"] = tf
                     print(f"  L={L} P={P} {name} steps{tag}: {tf:.1f} TFLOP/s ({t['ms']:.2f} ms)")
-            for backend in ("cuda", "triton", "gluon"):
+            for backend in ("triton", "gluon"):
                 def step(qi, kj, vj, cu, n, o, lse, shift, acc, backend=backend):
                     ring_step(qi, kj, vj, cu, cu, n, o, lse, mask_shift=shift, accumulate=acc,
                               softmax_scale=D ** -0.5, backend=backend)

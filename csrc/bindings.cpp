@@ -12,7 +12,6 @@
 #include "decode/decode_partial.h"
 #include "kvcache/copy_rows.h"
 #include "merge/merge_states.h"
-#include "prefill/ring_step.h"
 
 #ifndef ESP_CUDA_ARCHS
 #define ESP_CUDA_ARCHS "unknown"
@@ -46,12 +45,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("merge_states_gather", &esp::merge_states_gather, py::arg("o"), py::arg("lse"),
         py::arg("rows"), py::arg("out"), py::arg("lse_out"), py::arg("device"), py::arg("stream"),
         "Merge, for each row t, the states at pool rows rows[:, t] of o [R,H,D], lse [R,H].");
-
-  m.def("ring_step", &esp::ring_step, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_q"),
-        py::arg("cu_k"), py::arg("max_q_len"), py::arg("o_state"), py::arg("lse_state"),
-        py::arg("causal"), py::arg("mask_shift"), py::arg("accumulate"),
-        py::arg("softmax_scale"), py::arg("device"), py::arg("stream"),
-        "One striped ring-prefill step fused with the fp32 state merge.");
 
   m.def("decode_partial", &esp::decode_partial, py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("block_table"), py::arg("kv_lens"), py::arg("o"),

@@ -59,7 +59,7 @@ def test_gpu_op_without_compiled_module_names_what_is_missing():
     code = _HIDE_C + """
 from esp_kernels import _core
 try:
-    _core.require_compiled("ring_prefill")
+    _core.require_compiled("decode_partial")
 except RuntimeError as e:
     print("ERR", e)
 """

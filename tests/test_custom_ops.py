@@ -127,7 +127,7 @@ def test_compiled_triton_step_interpreter(gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["triton", "gluon"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_compiled_matches_eager_cuda(backend, dtype, gen):
     x = inputs(gen, "cuda", dtype, hq=8, hkv=2, d=64, page_size=16)

@@ -32,7 +32,10 @@ def case(gen, dtype=torch.float32, d=16):
 
 
 def run_all(x, conv, kind, device_backend):
-    """Every op on conv(...) views of the case; checks result kinds; returns torch copies."""
+    """Every op on conv(...) views of the case; checks result kinds; returns torch copies.
+    `device_backend` is the ring step's backend; the other ops take "torch" with it, else
+    "auto"."""
+    op_backend = "torch" if device_backend == "torch" else "auto"
     a = {n: conv(t) for n, t in x.items() if isinstance(t, torch.Tensor)}
     back = lambda r: torch.from_dlpack(r) if not isinstance(r, torch.Tensor) else r
     res = {}
@@ -44,7 +47,7 @@ def run_all(x, conv, kind, device_backend):
     assert ro is o_in and rl is l_in, "an in-place result is the caller's own array"
     res["merge_"] = (back(o_in).clone(), back(l_in).clone())
     od, ld = esp.decode_partial(a["qd"], a["k_c"], a["v_c"], a["bt"], a["kl"],
-                                backend=device_backend)
+                                backend=op_backend)
     assert isinstance(od, kind) and isinstance(ld, kind)
     res["decode"] = (back(od).clone(), back(ld).clone())
     dst = conv(torch.zeros(2, 3, 6, device=x["rows"].device))
@@ -134,10 +137,10 @@ class CudaArrayOnly:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["triton", "gluon"])
 def test_cupy_arrays(backend, gen):
     cupy = _cupy()
-    x = case(gen, torch.float16, d=64)  # the CUDA kernels take head dims 64 and 128
+    x = case(gen, torch.float16, d=64)  # the Gluon step and decode kernels take D 64 and 128
     x = {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in x.items()}
     want = run_all(x, lambda t: t, torch.Tensor, backend)
     got = run_all(x, cupy.from_dlpack, cupy.ndarray, backend)

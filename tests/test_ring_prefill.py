@@ -1,5 +1,5 @@
 """Striped ring prefill vs the reference on the full batch: gloo processes, virtual ranks, the
-Triton step under the interpreter (CPU) and the compiled/Triton kernels on GPU."""
+Triton step under the interpreter (CPU) and the Triton/Gluon kernels on GPU."""
 
 import gc
 import math
@@ -10,7 +10,7 @@ import torch
 
 import esp_kernels as esp
 from esp_kernels.comm import local_group, run_local
-from esp_kernels.prefill.step import ring_step
+from esp_kernels.prefill.step import resolve_backend, ring_step
 from esp_kernels.testing import (assert_close, cu_seqlens, poison_, random_varlen_batch, stripe,
                                  stripe_lengths, unstripe)
 from dist_utils import run_gloo
@@ -105,9 +105,48 @@ def test_bad_input():
         esp.ring_prefill(q.to("meta"), k, k, lens, g)
     with pytest.raises(ValueError, match="backend"):
         esp.ring_prefill(q, k, k, lens, g, backend="fast")
-    for backend in ("cuda", "gluon"):  # GPU kernels, asked for by name on CPU tensors
-        with pytest.raises(ValueError, match=f"backend='{backend}' needs CUDA tensors"):
-            esp.ring_prefill(q, k, k, lens, g, backend=backend)
+    with pytest.raises(ValueError, match="backend='gluon' needs CUDA tensors"):
+        esp.ring_prefill(q, k, k, lens, g, backend="gluon")  # the Hopper kernel on CPU tensors
+
+
+REMOVED = "the compiled CUDA ring-step kernel was removed because it lost to the Gluon and Triton"
+
+
+def test_removed_cuda_step_backend_says_why_and_what_to_use(monkeypatch, gen):
+    """The compiled step kernel ("cuda") was deleted: every door to it raises a ValueError that
+    says why and names the backends to use, on any device, before any work."""
+    gone = "cuda"  # the removed backend's name (not a device here)
+    use = "use 'auto', 'gluon' or 'triton'"
+    for dev in ("cpu", "meta"):
+        with pytest.raises(ValueError, match=f"backend='cuda' is not available: {REMOVED}") as e:
+            resolve_backend(gone, torch.device(dev))
+        assert use in str(e.value) and "bench/NOTES.md" in str(e.value)
+    args, _ = _step_case(torch.float32, 4, 2, 16, 0, True, gen)
+    o, l = args[6].clone(), args[7].clone()
+    with pytest.raises(ValueError, match=REMOVED):
+        ring_step(*args, backend=gone)
+    with pytest.raises(ValueError, match=REMOVED):  # the custom op (what torch.compile calls)
+        torch.ops.esp_kernels.ring_step(*args, True, 0, True, 0.25, gone)
+    assert torch.equal(args[6], o) and torch.equal(args[7], l), "the state was touched"
+    lens = [5, 3]
+    g = local_group(1)[0]
+    b = batch(0, lens, 4, 2, 16)
+    with pytest.raises(ValueError, match=REMOVED):
+        esp.ring_prefill(b.q, b.k, b.v, lens, g, backend=gone)
+    with pytest.raises(ValueError, match=REMOVED):
+        esp.RingPrefillRunner(lens, g, 4, 2, 16, torch.float32, backend=gone)
+    monkeypatch.setenv("ESP_PREFILL_BACKEND", gone)
+    with pytest.raises(ValueError, match=f"ESP_PREFILL_BACKEND='cuda' is not available: "
+                                         f"{REMOVED}") as e:
+        esp.ring_prefill(b.q, b.k, b.v, lens, g)
+    assert use in str(e.value)
+    with pytest.raises(ValueError, match="ESP_PREFILL_BACKEND='cuda'"):
+        ring_step(*args)
+    monkeypatch.setenv("ESP_PREFILL_BACKEND", "triton")  # a kept backend still resolves
+    assert resolve_backend("auto", torch.device("cpu")) == "triton"
+    monkeypatch.setenv("ESP_PREFILL_BACKEND", "fast")
+    with pytest.raises(ValueError, match="ESP_PREFILL_BACKEND must be one of"):
+        resolve_backend("auto", torch.device("cpu"))
 
 
 def test_ring_prefill_runner_prepared_once_run_per_layer():
@@ -206,7 +245,7 @@ def test_triton_step_interpreter(dtype, hq, hkv, d, shift, accumulate, gen):
 
 # ---------------------------------------------------------------- GPU tier
 
-STEP_BACKENDS = ["cuda", "triton", "gluon"]
+STEP_BACKENDS = ["triton", "gluon"]
 
 
 @pytest.mark.gpu
@@ -291,7 +330,7 @@ def test_gluon_step_that_cannot_compile_warns_and_runs_triton(monkeypatch, gen):
     monkeypatch.setattr(gluon_step, "_compile_error", [])
     monkeypatch.setattr(gluon_step, "_compiled", set())
     args, (ref_o, ref_l) = _step_case(torch.bfloat16, 32, 8, 128, 0, True, gen, "cuda")
-    o, l = args[6], args[7]
+    o = args[6]
     with pytest.warns(RuntimeWarning, match="does not compile"):
         ring_step(*args, mask_shift=0, accumulate=True, softmax_scale=0.3, backend="gluon")
     assert_close(o.cpu(), ref_o.cpu(), torch.bfloat16)

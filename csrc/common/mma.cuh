@@ -1,6 +1,7 @@
-// Warp-level tensor-core building blocks shared by the attention kernels (ring step, decode):
-// shared-memory addresses, ldmatrix, mma.sync m16n8k16 with fp32 accumulation, packing two
-// floats into one 16-bit-pair operand register, and the softmax's exp2.
+// Warp-level tensor-core building blocks of the compiled attention kernel (decode; the ring step
+// is Gluon / Triton, esp_kernels/prefill/): shared-memory addresses, ldmatrix, mma.sync m16n8k16
+// with fp32 accumulation, packing two floats into one 16-bit-pair operand register, and the
+// softmax's exp2.
 #pragma once
 
 #include <cuda_bf16.h>

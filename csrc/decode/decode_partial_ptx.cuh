@@ -1,7 +1,7 @@
 // PTX wrappers specific to the decode kernels: mbarriers completed by cp.async arrivals, 16-byte
 // cp.async, programmatic dependent launch and L2 prefetch (sm_80 and up; sm_90 extras behind
-// ESP_DECODE_SM90). The wrappers shared with the ring step (ldmatrix, mma.sync, pack2, ex2) are
-// in ../common/mma.cuh.
+// ESP_DECODE_SM90). The tensor-core wrappers (ldmatrix, mma.sync, pack2, ex2) are in
+// ../common/mma.cuh.
 #pragma once
 
 #include <cstdint>

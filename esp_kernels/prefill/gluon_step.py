@@ -1,7 +1,7 @@
-"""Hopper ring step in Gluon (Triton's explicit-layout dialect): the step's contract
-(csrc/prefill/ring_step.h, triton_step.py) with FA3's structure, which Triton 3.6's `tl` cannot
-express (bench/NOTES.md: every wgmma wait it emits is `wait_group 0`, so the softmax never
-overlaps the tensor cores).
+"""Hopper ring step in Gluon (Triton's explicit-layout dialect): the step's contract (step.py's
+module docstring; triton_step.py) with FA3's structure, which Triton 3.6's `tl` cannot express
+(bench/NOTES.md: every wgmma wait it emits is `wait_group 0`, so the softmax never overlaps the
+tensor cores).
 
 One CTA owns 128 query rows = (token, head) pairs of one KV head's group (GQA packed, as the
 Triton twin) and three partitions:
@@ -664,8 +664,8 @@ def _ensure_allocator():
 def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
                     accumulate, softmax_scale, stages=STAGES, block_n=BLOCK_N,
                     pingpong=PINGPONG, persistent=PERSISTENT, prefetch_state=PREFETCH_STATE):
-    """Launch the Gluon ring step (arguments as `step.run_step`, torch tensors; the caller
-    checked `supports`). persistent: one CTA per SM looping over the tiles (else one CTA per
+    """Launch the Gluon ring step (arguments as step.run_step's, positional, torch tensors; the
+    caller checked `supports`). persistent: one CTA per SM looping over the tiles (else one CTA per
     tile; pingpong applies to that kernel only); prefetch_state: the persistent kernel copies
     each tile's previous state into shared memory during its main loop."""
     Tq, Hq, D = q.shape

@@ -103,8 +103,8 @@ class RingPrefillRunner:
         retain: optional (RetentionPlan, PagedKVCache): while each KV block passes this rank,
             the tokens the plan assigns to this instance are written into its cache (proactive
             scale-down; no extra communication); the slots are reserved here, once.
-        softmax_scale (default 1/sqrt(D)), causal (default True), backend ("auto", "cuda",
-            "triton", "gluon", "torch"): as in `ring_prefill`.
+        softmax_scale (default 1/sqrt(D)), causal (default True), backend ("auto", "gluon",
+            "triton", "torch"): as in `ring_prefill`.
 
     What is prepared: the block layout table on the device (its upload is ordered before the
     stream current at construction: run on that stream or one ordered after it), the two
@@ -288,8 +288,9 @@ def ring_prefill(q, k, v, seqlens, ring, retain=None, softmax_scale=None, *, cau
             (proactive scale-down; no extra communication). Instances are world ranks.
         softmax_scale: defaults to 1/sqrt(D).
         causal: causal mask over global positions (default True).
-        backend: step kernel: "auto" (CUDA: fastest measured kernel; CPU: torch), "cuda",
-            "triton", "gluon" (Hopper), "torch".
+        backend: step kernel: "auto" (CUDA: fastest measured kernel, Gluon; CPU: torch),
+            "gluon" (Hopper; other calls go to Triton), "triton", "torch"; ESP_PREFILL_BACKEND
+            picks it under "auto". "cuda" (the compiled kernel, deleted) raises ValueError.
 
     Returns:
         out [Tq, Hq, D] in q.dtype and lse [Tq, Hq] float32 (natural log), for this rank's

@@ -1,16 +1,37 @@
 """One ring step: partial attention of local query stripes against one KV block, merged into the
-running fp32 state. Four implementations of one contract (csrc/prefill/ring_step.h):
+running fp32 state. Three implementations of one contract (below):
 
-- "cuda":   the compiled kernel (esp_kernels._C.ring_step)
-- "triton": the Triton twin (esp_kernels/prefill/triton_step.py)
 - "gluon":  the Hopper kernel in Gluon (esp_kernels/prefill/gluon_step.py: TMA, wgmma, a loader
-            warp and two consumer warpgroups); a call it cannot take (not sm_90, float32, head
-            dim other than 64/128, a GQA group not a power of two or over 64, K/V heads not
-            contiguous, no keys, a scale <= 0, a Triton that cannot compile it) runs on the
-            Triton twin
+            warp and two consumer warpgroups), the default on CUDA tensors; a call it cannot
+            take (not sm_90, float32, head dim other than 64/128, a GQA group not a power of two
+            or over 64, K/V heads not contiguous, no keys, a scale <= 0, a Triton that cannot
+            compile it) runs on the Triton twin
+- "triton": the Triton twin (esp_kernels/prefill/triton_step.py); on the CPU it runs under the
+            Triton interpreter (tests)
 - "torch":  reference attention with positions + exact merge; any device, the CPU path
 
-Mask: query at local index a (in its request) sees key at local index b iff b <= a + mask_shift.
+The compiled CUDA step kernel (backend "cuda", csrc/prefill/) was deleted: it lost to the Gluon
+and Triton kernels at every measured shape (bench/NOTES.md); asking for it raises ValueError.
+
+Contract (every backend):
+- q [Tq, Hq, D] holds this rank's queries packed by request: request b's are
+  q[cu_q[b]:cu_q[b+1]]; k, v [Tk, Hkv, D] (q's dtype) the KV block packed likewise by cu_k.
+  cu_q and cu_k are int32 [B+1] (the same B) on q's device; a request may have no queries or no
+  keys. Hq % Hkv == 0: query head h reads KV head h // (Hq / Hkv), and the kernels serve a KV
+  head's whole group from one load of each K/V tile (GQA packing).
+- max_q_len is the longest request of q (a host int; it sizes the grid, so it must not be less).
+- o_state float32 [Tq, Hq, D] is the normalized running output, lse_state float32 [Tq, Hq] its
+  natural-log LSE; (0, -inf) is the empty state (float64 on the torch path, for references).
+- Mask: indices are local to a request (query a is the a-th query of its request, key b the
+  b-th key). causal: key b is visible to query a iff b <= a + mask_shift; not causal: every key
+  of the request. Striping with P ranks, queries on rank i, keys from rank j: mask_shift 0 if
+  j <= i else -1. Keys are never read across requests.
+- accumulate=False: the state is overwritten (first step); rows that see no key get (0, -inf).
+  accumulate=True: the block's state is merged exactly into it; rows that see no key keep
+  their state untouched.
+- NaN propagates as README.md states: a NaN in a query row or in a key row it sees makes that
+  row's o and lse NaN, a NaN running state stays NaN, and a NaN value row may reach other rows
+  of its request (p = 0 times NaN), never another request's.
 
 `ring_step` is the op (checked arguments, DLPack / __cuda_array_interface__ arrays, the op
 esp_kernels::ring_step under torch.compile); the ring driver calls `run_step`, unchecked, since
@@ -38,19 +59,34 @@ from ..reference import attention
 # loses (175 vs Triton's 198). Off Hopper it hands the call to the Triton twin.
 DEFAULT_CUDA_BACKEND = "gluon"
 _STATE_DTYPES = (torch.float32, torch.float64)
-BACKENDS = ("auto", "cuda", "triton", "gluon", "torch")
+BACKENDS = ("auto", "triton", "gluon", "torch")
+# Backends that existed once, with why they went: asking for one says so instead of only "must be
+# one of" (the measurements are in bench/NOTES.md, "Prefill step kernel").
+_REMOVED = {
+    "cuda": "the compiled CUDA ring-step kernel was removed because it lost to the Gluon and "
+            "Triton kernels at every measured shape (bench/NOTES.md)",
+}
+
+
+def _check_name(backend, what: str) -> None:
+    if isinstance(backend, str) and backend in _REMOVED:
+        raise ValueError(f"{what}={backend!r} is not available: {_REMOVED[backend]}; use "
+                         "'auto', 'gluon' or 'triton' (or 'torch', the reference path)")
+    if backend not in BACKENDS:
+        raise ValueError(f"{what} must be one of {BACKENDS}, got {backend!r}")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    """The step kernel a call with `backend` runs on `device`: "auto" reads ESP_PREFILL_BACKEND,
+    then picks DEFAULT_CUDA_BACKEND on CUDA tensors and "torch" elsewhere. Raises ValueError for
+    an unknown or removed backend ("cuda") and for "gluon" off CUDA."""
+    _check_name(backend, "backend")
     if backend == "auto":
         backend = os.environ.get("ESP_PREFILL_BACKEND", "auto")
-        if backend not in BACKENDS:
-            raise ValueError(f"ESP_PREFILL_BACKEND must be one of {BACKENDS}, got {backend!r}")
+        _check_name(backend, "ESP_PREFILL_BACKEND")
     if backend == "auto":
         return DEFAULT_CUDA_BACKEND if device.type == "cuda" else "torch"
-    if backend in ("cuda", "gluon") and device.type != "cuda":
+    if backend == "gluon" and device.type != "cuda":
         raise ValueError(f"backend={backend!r} needs CUDA tensors")
     return backend
 
@@ -94,36 +130,31 @@ def run_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True,
           and gluon.supports(q, k, v)):
         gluon.ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal,
                                  mask_shift, accumulate, softmax_scale)
-    elif backend in ("triton", "gluon"):
+    else:  # "triton", or "gluon" on a call the Gluon kernel does not take
         from .triton_step import ring_step_triton
 
         ring_step_triton(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
                          accumulate, softmax_scale)
-    else:
-        C = _core.require_compiled("ring_prefill")
-        d = _core.desc
-        C.ring_step(d(q), d(k), d(v), d(cu_q), d(cu_k), int(max_q_len), d(o_state),
-                    d(lse_state), bool(causal), int(mask_shift), bool(accumulate),
-                    float(softmax_scale), q.device.index, _core.stream_handle(q.device))
 
 
 @_core.accepts_arrays
 def ring_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True, mask_shift=0,
               accumulate=True, softmax_scale=None, backend="auto"):
     """One ring step: attention of packed queries against one packed KV block, merged into (or,
-    with accumulate=False, written as) the running state.
+    with accumulate=False, written as) the running state (the contract: the module docstring).
 
     Args:
-        q: [Tq, Hq, D]; k, v: [Tk, Hkv, D], one float dtype (CUDA kernel: float16/bfloat16,
-            D 64 or 128; Triton: also float32, D a power of two; torch: also float64).
+        q: [Tq, Hq, D]; k, v: [Tk, Hkv, D], one float dtype (Gluon kernel: float16/bfloat16,
+            D 64 or 128, a power-of-two GQA group <= 64, other calls go to Triton; Triton: also
+            float32, D a power of two >= 16; torch: also float64).
         cu_q, cu_k: int32 [B+1] offsets of each request in q and in k/v, on q's device (lists
             are converted); their contents are not checked here (that would wait on the GPU).
         max_q_len: the longest request of q (tokens).
         o_state: float32 [Tq, Hq, D], lse_state: float32 [Tq, Hq], written in place (float64
             on the torch path, for references).
         mask_shift: query a (local index in its request) sees key b iff b <= a + mask_shift.
-        softmax_scale: defaults to 1/sqrt(D). backend: "auto", "cuda", "triton", "gluon",
-            "torch".
+        softmax_scale: defaults to 1/sqrt(D). backend: "auto" (CUDA: Gluon; CPU: torch),
+            "gluon", "triton", "torch"; "cuda" (the compiled kernel, deleted) raises ValueError.
 
     Takes torch tensors or DLPack / __cuda_array_interface__ arrays; under torch.compile it is
     the op esp_kernels::ring_step.

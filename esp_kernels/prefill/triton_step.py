@@ -1,4 +1,5 @@
-"""Triton twin of the CUDA ring step (csrc/prefill/ring_step.cu): same contract.
+"""Triton ring step: the contract of esp_kernels/prefill/step.py (its module docstring), on any
+GPU Triton supports; the Gluon kernel (gluon_step.py) hands it the calls it cannot take.
 
 Partial causal attention of this rank's query stripes against one KV block, merged into the
 running fp32 state (o normalized, lse natural log) in the epilogue. Rows of a tile are
@@ -163,7 +164,7 @@ def _config(head_dim: int, group: int, device: torch.device) -> dict:
 
 def ring_step_triton(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
                      accumulate, softmax_scale, config=None):
-    """Launch the Triton ring step (arguments as esp_kernels._C.ring_step, torch tensors).
+    """Launch the Triton ring step (arguments as step.run_step's, positional, torch tensors).
 
     `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the tuned tile shape; the
     benchmark bench/bench_triton_configs.py sweeps it."""
