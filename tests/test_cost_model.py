@@ -122,7 +122,9 @@ def test_analytic_placeholder_fits_its_own_held_out_samples():
 
 def test_default_profile_is_shipped_and_marked():
     cm = CostModel.default()
-    # Fitted on H100 samples (bench/results/2026-12-06_h100_cost_profile_v2), with its held-out
+    # Fitted on H100 samples (bench/results/2026-12-06_h100_prefetch/cost_samples_shipped.json:
+    # ring attention and prefill layers with the persistent Gluon steps, the other kinds from
+    # 2026-12-06_h100_cost_profile_v2), with its held-out
     # error kept in the profile: whole layers, the part a scheduler's decisions rest on, < 10%.
     assert cm.meta["source"] == "measured" and "H100" in cm.meta["device"]
     held_out = cm.meta["held_out_report"]

@@ -3,27 +3,38 @@ module docstring; triton_step.py) with FA3's structure, which Triton 3.6's `tl` 
 (bench/NOTES.md: every wgmma wait it emits is `wait_group 0`, so the softmax never overlaps the
 tensor cores).
 
-One CTA owns 128 query rows = (token, head) pairs of one KV head's group (GQA packed, as the
-Triton twin) and three partitions:
-- a 1-warp loader streams K and V tiles of its request through TMA into a ring of shared-memory
-  stages (ready barriers carry the bytes, empty barriers count both consumers' releases);
-- two consumer warpgroups of 4 warps each own 64 of the rows. Each issues S_j = Q K_j^T, then
-  O += P_{j-1} V_{j-1}, and does the softmax of block j while the PV product runs
-  (intra-warpgroup overlap); the two warpgroups interleave on the tensor cores by themselves
-  (FA3's explicit turn-taking is the PINGPONG knob).
-P stays in registers as the A operand of the PV wgmma. The mask comes from global positions
-(key b visible to query a iff b <= a + shift), applied only to the diagonal band and the ragged
-tail; the fp32 running state is merged in the epilogue exactly as the Triton twin does.
+A tile is 128 query rows = (token, head) pairs of one KV head's group (GQA packed, as the
+Triton twin). Two kernels share the consumers' main loop:
+- the persistent kernel (default): one CTA per SM walks the tiles heavy first (latest tokens,
+  the longest causal rows, outermost), round robin over the CTAs. Its 1-warp loader streams
+  each tile's Q ([tokens, group heads, D] TMA boxes) and K/V blocks into shared memory, its
+  counters running on across tiles, so a tile's loads, descriptors and pipeline fill overlap
+  the previous tile's work. Three descriptors serve the whole launch (K/V read as
+  [tokens, KV heads x D]); a block that reaches past its request's end is loaded whole and its
+  V rows past the end are zeroed in shared memory before the PV product (they are the next
+  request's, whose NaN or Inf a zero p would still spread). When merging, each consumer copies
+  its rows' previous state into shared memory (cp.async) while the main loop runs, so the
+  merge does not wait on global memory.
+- the per-tile kernel (persistent=False): one CTA per tile, per-request descriptors built on
+  the device (TMA reads zeros past the request's end), Q loaded by the consumer warps.
+Main loop: two consumer warpgroups of 4 warps own 64 rows each. Each issues S_j = Q K_j^T, then
+O += P_{j-1} V_{j-1}, and does the softmax of block j while the PV product runs
+(intra-warpgroup overlap); the two warpgroups interleave on the tensor cores by themselves
+(FA3's explicit turn-taking is the per-tile kernel's PINGPONG knob). Ready barriers carry the
+TMA bytes, empty barriers count both consumers' releases. P stays in registers as the A operand
+of the PV wgmma. The mask comes from global positions (key b visible to query a iff
+b <= a + shift), applied only to the diagonal band and the ragged tail; the fp32 running state
+is merged in the epilogue exactly as the Triton twin does.
 
 Needs sm_90 (wgmma, TMA), float16/bfloat16, head dim 64 or 128, a power-of-two GQA group of at
-most 64, K/V heads contiguous within a row (16-byte aligned rows) and a positive softmax scale
-(the row max is taken on raw scores); `supports()` says whether a call qualifies, and the step
-falls back to the Triton twin otherwise.
+most 64, Q and K/V rows 16-byte aligned, K/V heads contiguous within a row and a positive
+softmax scale (the row max is taken on raw scores); `supports()` says whether a call
+qualifies, and the step falls back to the Triton twin otherwise.
 
-Scratch: Triton allocates the device-side descriptors' global scratch per program of the padded
-grid (tiles of the longest request x requests x KV heads, 256 bytes each), so a batch of many
-requests with one long one reserves grid-sized scratch (e.g. 32 requests, longest 64k tokens,
-group 4: 128 MB) although the short requests' extra programs exit at once.
+Scratch: Triton allocates the device-side descriptors' global scratch per program: 384 bytes
+per SM for the persistent kernel; for the per-tile kernel 256 bytes per program of the padded
+grid (tiles of the longest request x requests x KV heads), e.g. 128 MB for 32 requests with the
+longest at 64k tokens and group 4.
 """
 
 from __future__ import annotations
@@ -57,10 +68,15 @@ BLOCK_N = 128
 STAGES = 2
 PINGPONG = False
 # One CTA per SM looping over the tiles (heavy first), its Q loads, descriptors and pipeline
-# fill overlapped with the previous tile's work; else one CTA per tile.
+# fill overlapped with the previous tile's work; else one CTA per tile. H100, two calls
+# (bench/NOTES.md): a one-block tile costs 5.9 against 10.9 us; 8k-token rings from a CUDA graph
+# 369-391 against 346-354 TFLOP/s (P=4) and 244-251 against 217-222 (P=8); 64k rings within the
+# calls' noise (P=4 589-599 against 577-614, P=8 521-537 against 526-536).
 PERSISTENT = True
 # Persistent kernel, merging steps: each tile's previous state (o fp32, lse) is copied into shared
 # memory while the tile's main loop runs (the two o halves take the second Q buffer's room).
+# H100, same call: 64k rings 595 / 591 against 589 / 582 TFLOP/s (P=4), 535 / 529 against
+# 525 / 521 (P=8); 8k rings unchanged.
 PREFETCH_STATE = True
 
 

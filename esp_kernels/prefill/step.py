@@ -25,7 +25,8 @@ Contract (every backend):
 - Mask: indices are local to a request (query a is the a-th query of its request, key b the
   b-th key). causal: key b is visible to query a iff b <= a + mask_shift; not causal: every key
   of the request. Striping with P ranks, queries on rank i, keys from rank j: mask_shift 0 if
-  j <= i else -1. Keys are never read across requests.
+  j <= i else -1. Another request's keys never reach a request's rows (the persistent Gluon
+  kernel loads whole blocks and zeroes the rows past the request's end before using them).
 - accumulate=False: the state is overwritten (first step); rows that see no key get (0, -inf).
   accumulate=True: the block's state is merged exactly into it; rows that see no key keep
   their state untouched.
@@ -53,10 +54,11 @@ from ..merge import merge_two_
 from ..reference import attention
 
 # Default kernel on CUDA tensors; ESP_PREFILL_BACKEND overrides. The benchmark decides
-# (bench/NOTES.md): on an H100 the Gluon kernel ran all steps of a 64k ring at 597-621 TFLOP/s
-# (P=4) and 471-560 (P=8) against Triton's 488-507 and 445-465 in the same calls, and led at 1-2k
-# tokens per rank from a CUDA graph; launched one by one at 1k tokens per rank its heavier launch
-# loses (175 vs Triton's 198). Off Hopper it hands the call to the Triton twin.
+# (bench/NOTES.md): on an H100 the persistent Gluon kernel ran all steps of a 64k ring at 595
+# TFLOP/s (P=4) and 528 (P=8) against Triton's 491 and 448 in the same call, and led at 1-2k
+# tokens per rank from a CUDA graph (385 / 253 vs 310 / 209); launched one by one at 1k tokens
+# per rank its heavier host path loses (131-170 vs Triton's 187-203). Off Hopper it hands the
+# call to the Triton twin.
 DEFAULT_CUDA_BACKEND = "gluon"
 _STATE_DTYPES = (torch.float32, torch.float64)
 BACKENDS = ("auto", "triton", "gluon", "torch")
