@@ -32,7 +32,7 @@ def compile_sm90a(causal, accumulate, persistent, head_dim=128, group=4, dtype="
         extra_consts = dict(PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2)
     else:
         fn = gluon_step._ring_step_gluon_kernel
-        extra_sig, extra_consts = {}, dict(PINGPONG=gluon_step.PINGPONG)
+        extra_sig, extra_consts = {}, {}
     sig = dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", O="*fp32", LSE="*fp32",
                CU_Q="*i32", CU_K="*i32", stride_qt="i32", stride_qh="i32", stride_kt="i32",
                stride_vt="i32", stride_ot="i32", stride_oh="i32", stride_lt="i32",

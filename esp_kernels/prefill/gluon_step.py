@@ -20,7 +20,7 @@ Triton twin). Two kernels share the consumers' main loop:
 Main loop: two consumer warpgroups of 4 warps own 64 rows each. Each issues S_j = Q K_j^T, then
 O += P_{j-1} V_{j-1}, and does the softmax of block j while the PV product runs
 (intra-warpgroup overlap); the two warpgroups interleave on the tensor cores by themselves
-(FA3's explicit turn-taking is the per-tile kernel's PINGPONG knob). Ready barriers carry the
+(FA3's explicit turn-taking measured no better, bench/NOTES.md). Ready barriers carry the
 TMA bytes, empty barriers count both consumers' releases. P stays in registers as the A operand
 of the PV wgmma. The mask comes from global positions (key b visible to query a iff
 b <= a + shift), applied only to the diagonal band and the ragged tail; the fp32 running state
@@ -66,7 +66,6 @@ BLOCK_N = 128
 # ping-pong of the two warpgroups (P=4, 64k: 587-604 and 620.4 TFLOP/s against 610-620.5) did
 # not beat this within a call's noise.
 STAGES = 2
-PINGPONG = False
 # One CTA per SM looping over the tiles (heavy first), its Q loads, descriptors and pipeline
 # fill overlapped with the previous tile's work; else one CTA per tile. H100, two calls
 # (bench/NOTES.md): a one-block tile costs 5.9 against 10.9 us; 8k-token rings from a CUDA graph
@@ -81,11 +80,10 @@ PREFETCH_STATE = True
 
 
 @gluon.jit
-def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-            PINGPONG: gl.constexpr):
+def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr):
     """K and V blocks 0 .. n_blocks-1 into the stage ring. (Gluon gives every worker partition
     the same arguments: the consumers' constexprs pass through unused.)"""
-    (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_smem, turn,
+    (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_smem,
      n_blocks, n_full, tok0, q_len, k_len, shift, qk_scale,
      O, LSE, o_row0, stride_ot, stride_oh, stride_lt, stride_lh, head0) = args
     NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
@@ -159,25 +157,9 @@ def _state_ptrs(O, LSE, row0, tok0, q_len, o_row0, head0, stride_ot, stride_oh, 
 
 
 @gluon.jit
-def _take_turn(turn, WG: gl.constexpr, c, PINGPONG: gl.constexpr):
-    """Ping-pong (FA3): a warpgroup issues its GEMMs only in its turn, so one warpgroup's
-    softmax runs under the other's GEMMs. turn[w] completes a phase each time the other
-    warpgroup passes the turn to w; warpgroup 0 holds it first (a fresh barrier counts as
-    having completed the phase before 0)."""
-    if PINGPONG:
-        mbarrier.wait(turn.index(WG), (c & 1) ^ (1 - WG))
-
-
-@gluon.jit
-def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
-    if PINGPONG:
-        mbarrier.arrive(turn.index(1 - WG), count=1)
-
-
-@gluon.jit
 def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-              PINGPONG: gl.constexpr, WG: gl.constexpr):
-    (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_smem, turn,
+              WG: gl.constexpr):
+    (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_smem,
      n_blocks, n_full, tok0, q_len, k_len, shift, qk_scale,
      O, LSE, o_row0, stride_ot, stride_oh, stride_lt, stride_lh, head0) = args
     NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
@@ -204,10 +186,8 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
     if n_blocks > 0:
         # Block 0: scores only.
         mbarrier.wait(k_ready.index(0), 0)
-        _take_turn(turn, WG, 0, PINGPONG)
         s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
                               is_async=True)
-        _pass_turn(turn, WG, PINGPONG)
         s = warpgroup_mma_wait(0, deps=[s_tok])
         mbarrier.arrive(k_empty.index(0), count=1)
         p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, 0, n_full, k_len, tok, shift, qk_scale,
@@ -220,11 +200,9 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
             # the PV product is in flight.
             mbarrier.wait(k_ready.index(cur), (j // NUM_STAGES) & 1)
             mbarrier.wait(v_ready.index(prev), ((j - 1) // NUM_STAGES) & 1)
-            _take_turn(turn, WG, j, PINGPONG)
             s_tok = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False,
                                   is_async=True)
             o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            _pass_turn(turn, WG, PINGPONG)
             s = warpgroup_mma_wait(1, deps=[s_tok])  # groups retire in order: S_j is done
             mbarrier.arrive(k_empty.index(cur), count=1)
             p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, j * BN, n_full, k_len, tok, shift,
@@ -235,9 +213,7 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
             p_op = gl.convert_layout(p.to(dtype), p_layout)
         last = (n_blocks - 1) % NUM_STAGES
         mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // NUM_STAGES) & 1)
-        _take_turn(turn, WG, n_blocks, PINGPONG)
         o_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-        _pass_turn(turn, WG, PINGPONG)
         acc = warpgroup_mma_wait(0, deps=[o_tok])
         mbarrier.arrive(v_empty.index(last), count=1)
 
@@ -274,15 +250,13 @@ def _epilogue(acc, m_i, l_i, qk_scale, O, LSE, row0, tok0, q_len, o_row0, head0,
 
 
 @gluon.jit
-def _consumer0(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-               PINGPONG: gl.constexpr):
-    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PINGPONG, 0)
+def _consumer0(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr):
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, 0)
 
 
 @gluon.jit
-def _consumer1(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-               PINGPONG: gl.constexpr):
-    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PINGPONG, 1)
+def _consumer1(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr):
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, 1)
 
 
 @gluon.jit
@@ -291,7 +265,7 @@ def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                             stride_lt, stride_lh, qk_scale, shift, n_tiles,
                             GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BN: gl.constexpr,
                             NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                            ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr):
+                            ACCUMULATE: gl.constexpr):
     BM: gl.constexpr = 128
     M: gl.constexpr = 64
     TOK_M: gl.constexpr = BM // GROUP
@@ -336,17 +310,14 @@ def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=2)  # one release per consumer warpgroup
             mbarrier.init(v_empty.index(i), count=2)
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(turn.index(0), count=1)
-        mbarrier.init(turn.index(1), count=1)
 
-        args = (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_smem, turn,
+        args = (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_smem,
                 n_blocks, n_full, t0, q_len, k_len, shift, qk_scale,
                 O, LSE, q_start, stride_ot, stride_oh, stride_lt, stride_lh, hk * GROUP)
         # Constexprs go as top-level arguments (inside `args` they would become runtime values).
-        gl.warp_specialize([(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PINGPONG)),
-                            (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PINGPONG)),
-                            (_loader, (args, GROUP, CAUSAL, ACCUMULATE, PINGPONG))],
+        gl.warp_specialize([(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE)),
+                            (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE)),
+                            (_loader, (args, GROUP, CAUSAL, ACCUMULATE))],
                            [4, 1], [240, 24])
 
 
@@ -373,8 +344,8 @@ def _work_item(w, n_tiles, n_req, n_kv_heads, CU_Q, CU_K, TOK_M: gl.constexpr,
 @gluon.jit
 def _p_loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
               PREFETCH: gl.constexpr):
-    """Every item's Q tile (double-buffered) and K/V blocks (the stage ring, its counters running
-    on across items) through TMA."""
+    """Every item's Q tile (two buffers, or one when the consumers prefetch the previous state)
+    and K/V blocks (the stage ring, its counters running on across items) through TMA."""
     (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready,
      v_ready, k_empty, v_empty, fix_bar, CU_Q, CU_K, n_tiles, n_req, n_kv_heads, n_items, shift,
      qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh) = args
@@ -679,10 +650,10 @@ def _ensure_allocator():
 
 def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
                     accumulate, softmax_scale, stages=STAGES, block_n=BLOCK_N,
-                    pingpong=PINGPONG, persistent=PERSISTENT, prefetch_state=PREFETCH_STATE):
+                    persistent=PERSISTENT, prefetch_state=PREFETCH_STATE):
     """Launch the Gluon ring step (arguments as step.run_step's, positional, torch tensors; the
     caller checked `supports`). persistent: one CTA per SM looping over the tiles (else one CTA per
-    tile; pingpong applies to that kernel only); prefetch_state: the persistent kernel copies
+    tile); prefetch_state: the persistent kernel copies
     each tile's previous state into shared memory during its main loop."""
     Tq, Hq, D = q.shape
     group = Hq // k.shape[1]
@@ -697,11 +668,11 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
         grid = (n_tiles, B, k.shape[1])
     _ensure_allocator()
     prefetch = bool(persistent and prefetch_state and accumulate)
-    key = (q.dtype, group, D, bool(causal), bool(accumulate), stages, block_n, bool(pingpong),
-           bool(persistent), prefetch)
+    key = (q.dtype, group, D, bool(causal), bool(accumulate), stages, block_n, bool(persistent),
+           prefetch)
     launch = functools.partial(_launch, grid, q, k, v, cu_q, cu_k, o_state, lse_state, group,
                                D, n_tiles, B, causal, mask_shift, accumulate, softmax_scale,
-                               stages, block_n, pingpong, persistent, prefetch)
+                               stages, block_n, persistent, prefetch)
     if key not in _compiled:
         # Gluon is experimental and its API moves between Triton releases (verified on a GPU:
         # 3.6; the CPU tests compile it for sm_90a with the installed Triton). Each
@@ -728,8 +699,8 @@ _compiled = set()  # specializations known to compile with this Triton
 
 
 def _launch(grid, q, k, v, cu_q, cu_k, o_state, lse_state, group, D, n_tiles, B, causal,
-            mask_shift, accumulate, softmax_scale, stages, block_n, pingpong, persistent,
-            prefetch, warmup=False):
+            mask_shift, accumulate, softmax_scale, stages, block_n, persistent, prefetch,
+            warmup=False):
     kernel = _ring_step_persistent_kernel if persistent else _ring_step_gluon_kernel
     run = kernel.warmup if warmup else kernel[grid]
     extra = dict(grid=grid) if warmup else {}
@@ -739,7 +710,6 @@ def _launch(grid, q, k, v, cu_q, cu_k, o_state, lse_state, group, D, n_tiles, B,
         extra.update(PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2)
     else:
         shape_args, tail_args = (), (n_tiles,)
-        extra["PINGPONG"] = bool(pingpong)
     run(
         q, k, v, o_state, lse_state, cu_q, cu_k, *shape_args,
         q.stride(0), q.stride(1), k.stride(0), v.stride(0), o_state.stride(0), o_state.stride(1),
