@@ -62,9 +62,10 @@ _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_glo
 _LOG2E = 1.4426950408889634
 BLOCK_M = 128      # rows per CTA: two consumer warpgroups of 64
 BLOCK_N = 128
-# Swept on an H100 (bench/sweep_gluon_step.py, bench/NOTES.md): a third stage or FA3's explicit
-# ping-pong of the two warpgroups (P=4, 64k: 587-604 and 620.4 TFLOP/s against 610-620.5) did
-# not beat this within a call's noise.
+# Swept on an H100 with the per-tile kernel (bench/NOTES.md): a third stage or FA3's explicit
+# ping-pong of the two warpgroups (since removed; P=4, 64k: 587-604 and 620.4 TFLOP/s against
+# 610-620.5) did not beat this within a call's noise. The persistent kernel with the state
+# prefetch has no room for a third (Q, two stages and the state fill 224 of 227 KB).
 STAGES = 2
 # One CTA per SM looping over the tiles (heavy first), its Q loads, descriptors and pipeline
 # fill overlapped with the previous tile's work; else one CTA per tile. H100, two calls
