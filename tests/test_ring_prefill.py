@@ -307,6 +307,8 @@ def test_gluon_step_takes_the_hopper_cases():
     assert not supports(*qkv(8, 8, 64)[:1] + qkv(8, 8, 64, t=0)[1:])  # no keys
     q, k, v = qkv(8, 4, 64)
     assert not supports(q, k[:, ::2], v[:, ::2])             # heads not contiguous
+    state64 = torch.empty(64, 8, 64, device="cuda", dtype=torch.float64)
+    assert not supports(q, k, v, state64, state64[..., 0])   # a float64 state (references)
     from esp_kernels.prefill import gluon_step
     assert not gluon_step._compile_error, "the Gluon kernel failed to compile: tests ran Triton"
 

@@ -554,6 +554,7 @@ def _ring_step_persistent_kernel(Q, K, V, O, LSE, CU_Q, CU_K, Tq, Tk, n_q_heads,
                                  PREFETCH: gl.constexpr, Q_BUFS: gl.constexpr):
     TOK_M: gl.constexpr = 128 // GROUP
     dtype: gl.constexpr = Q.dtype.element_ty
+    gl.static_assert(ACCUMULATE or not PREFETCH, "the prefetched epilogue always merges")
     n_items = n_tiles * n_req * n_kv_heads
     # Three descriptors for the whole launch, built once per CTA on the device. K/V are read as
     # [tokens, KV heads x D]: a block of one head is a [BN, D] box. A block that reaches past
@@ -609,10 +610,13 @@ def _is_sm90(device_index: int) -> bool:
 _compile_error = []  # set once a launch failed to compile: this Triton cannot build the kernel
 
 
-def supports(q, k, v) -> bool:
-    """Whether the Gluon step can run this call (else the Triton twin does)."""
+def supports(q, k, v, o_state=None, lse_state=None) -> bool:
+    """Whether the Gluon step can run this call (else the Triton twin does); the kernels keep
+    the running state in float32 only."""
     if _compile_error or q.device.type != "cuda" or q.dtype not in (torch.float16,
                                                                      torch.bfloat16):
+        return False
+    if any(t is not None and t.dtype != torch.float32 for t in (o_state, lse_state)):
         return False
     if not _is_sm90(q.get_device()):
         return False

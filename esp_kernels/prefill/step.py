@@ -129,7 +129,7 @@ def run_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True,
         _step_torch(q, k, v, cu_q, cu_k, o_state, lse_state, causal, mask_shift, accumulate,
                     softmax_scale)
     elif (backend == "gluon" and softmax_scale > 0 and (gluon := _gluon()) is not None
-          and gluon.supports(q, k, v)):
+          and gluon.supports(q, k, v, o_state, lse_state)):
         gluon.ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal,
                                  mask_shift, accumulate, softmax_scale)
     else:  # "triton", or "gluon" on a call the Gluon kernel does not take
