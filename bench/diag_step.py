@@ -40,7 +40,7 @@ def main():
         rows = []
         if fa3 is not None:
             rows.append(("FA3", time_cuda(fa3)["ms"]))
-        for backend in ("gluon persistent", "gluon no-prefetch", "gluon per-tile", "triton"):
+        for backend in ("gluon", "gluon no-prefetch", "triton"):
             for acc in (False, True):
                 def step(backend=backend, acc=acc):
                     if backend == "triton":
@@ -48,8 +48,7 @@ def main():
                                   accumulate=acc, backend=backend)
                     else:
                         ring_step_gluon(q, k, v, cu_q, cu_k, n, o, lse, causal, 0, acc,
-                                        D ** -0.5, persistent=not backend.endswith("per-tile"),
-                                        prefetch_state=backend.endswith("persistent"))
+                                        D ** -0.5, prefetch_state=backend == "gluon")
                 rows.append((f"{backend} acc={int(acc)}", time_cuda(step)["ms"]))
         for label, ms in rows:
             print(f"{name:<9} {label:<24} {ms * 1e3:9.1f} us {flops / ms / 1e9:7.1f} TFLOP/s "

@@ -1,5 +1,4 @@
-"""The Gluon ring step's knobs (the persistent kernel with or without the state prefetch, or one
-CTA per tile) against the Triton kernel and FA3 in one run: effective TFLOP/s of all P x P steps
+"""The Gluon ring step's knob (the state prefetch on or off) against the Triton kernel and FA3 in one run: effective TFLOP/s of all P x P steps
 (L 64k, Hq 32 / Hkv 8, D 128, bf16; L 8k replayed from a CUDA graph, its steps being
 launch-bound), and each variant's output state against the Triton kernel's on the same steps.
 Decides esp_kernels/prefill/gluon_step.py's defaults."""
@@ -14,11 +13,10 @@ from esp_kernels.prefill import gluon_step
 from esp_kernels.prefill.gluon_step import ring_step_gluon
 from esp_kernels.prefill.step import ring_step
 
-# Swept before (bench/NOTES.md): 3 stages and ping-pong of the per-tile kernel (no win); the
-# persistent kernel has no room for a third stage (Q, two K/V stages and the prefetched state
-# fill 224 of its 227 KB).
-VARIANTS = [dict(persistent=True, prefetch_state=True), dict(persistent=True, prefetch_state=False),
-            dict(persistent=False)]
+# Swept before (bench/NOTES.md): 3 stages, ping-pong of the warpgroups and one CTA per tile (no
+# win); with the prefetch there is no room for a third stage (Q, two K/V stages and the
+# prefetched state fill 224 of the 227 KB).
+VARIANTS = [dict(prefetch_state=True), dict(prefetch_state=False)]
 ROUNDS = 2  # every variant timed once per round, rounds one after the other (drift shows)
 
 

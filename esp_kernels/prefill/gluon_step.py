@@ -4,19 +4,15 @@ module docstring; triton_step.py) with FA3's structure, which Triton 3.6's `tl` 
 tensor cores).
 
 A tile is 128 query rows = (token, head) pairs of one KV head's group (GQA packed, as the
-Triton twin). Two kernels share the consumers' main loop:
-- the persistent kernel (default): one CTA per SM walks the tiles heavy first (latest tokens,
-  the longest causal rows, outermost), round robin over the CTAs. Its 1-warp loader streams
-  each tile's Q ([tokens, group heads, D] TMA boxes) and K/V blocks into shared memory, its
-  counters running on across tiles, so a tile's loads, descriptors and pipeline fill overlap
-  the previous tile's work. Three descriptors serve the whole launch (K/V read as
-  [tokens, KV heads x D]); a block that reaches past its request's end is loaded whole and its
-  V rows past the end are zeroed in shared memory before the PV product (they are the next
-  request's, whose NaN or Inf a zero p would still spread). When merging, each consumer copies
-  its rows' previous state into shared memory (cp.async) while the main loop runs, so the
-  merge does not wait on global memory.
-- the per-tile kernel (persistent=False): one CTA per tile, per-request descriptors built on
-  the device (TMA reads zeros past the request's end), Q loaded by the consumer warps.
+Triton twin). The kernel is persistent: one CTA per SM walks the tiles heavy first (latest
+tokens, the longest causal rows, outermost), round robin over the CTAs. Its 1-warp loader
+streams each tile's Q ([tokens, group heads, D] TMA boxes) and K/V blocks into shared memory,
+its counters running on across tiles, so a tile's loads and pipeline fill overlap the previous
+tile's work. Three descriptors serve the whole launch (K/V read as [tokens, KV heads x D]); a
+block that reaches past its request's end is loaded whole and its V rows past the end are
+zeroed in shared memory before the PV product (they are the next request's, whose NaN or Inf a
+zero p would still spread). When merging, each consumer copies its rows' previous state into
+shared memory (cp.async) while the main loop runs, so the merge does not wait on global memory.
 Main loop: two consumer warpgroups of 4 warps own 64 rows each. Each issues S_j = Q K_j^T, then
 O += P_{j-1} V_{j-1}, and does the softmax of block j while the PV product runs
 (intra-warpgroup overlap); the two warpgroups interleave on the tensor cores by themselves
@@ -31,10 +27,8 @@ most 64, Q and K/V rows 16-byte aligned, K/V heads contiguous within a row and a
 softmax scale (the row max is taken on raw scores); `supports()` says whether a call
 qualifies, and the step falls back to the Triton twin otherwise.
 
-Scratch: Triton allocates the device-side descriptors' global scratch per program: 384 bytes
-per SM for the persistent kernel; for the per-tile kernel 256 bytes per program of the padded
-grid (tiles of the longest request x requests x KV heads), e.g. 128 MB for 32 requests with the
-longest at 64k tokens and group 4.
+Scratch: Triton allocates the device-side descriptors' global scratch per program, 384 bytes
+per SM.
 """
 
 from __future__ import annotations
@@ -62,45 +56,16 @@ _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_glo
 _LOG2E = 1.4426950408889634
 BLOCK_M = 128      # rows per CTA: two consumer warpgroups of 64
 BLOCK_N = 128
-# Swept on an H100 with the per-tile kernel (bench/NOTES.md): a third stage or FA3's explicit
-# ping-pong of the two warpgroups (since removed; P=4, 64k: 587-604 and 620.4 TFLOP/s against
-# 610-620.5) did not beat this within a call's noise. The persistent kernel with the state
-# prefetch has no room for a third (Q, two stages and the state fill 224 of 227 KB).
+# Swept on an H100 with the earlier one-CTA-per-tile kernel (bench/NOTES.md): a third stage or
+# FA3's explicit ping-pong of the two warpgroups (P=4, 64k: 587-604 and 620.4 TFLOP/s against
+# 610-620.5) did not beat this within a call's noise. With the state prefetch there is no room
+# for a third (Q, two stages and the state fill 224 of 227 KB).
 STAGES = 2
-# One CTA per SM looping over the tiles (heavy first), its Q loads, descriptors and pipeline
-# fill overlapped with the previous tile's work; else one CTA per tile. H100, two calls
-# (bench/NOTES.md): a one-block tile costs 5.9 against 10.9 us; 8k-token rings from a CUDA graph
-# 369-391 against 346-354 TFLOP/s (P=4) and 244-251 against 217-222 (P=8); 64k rings within the
-# calls' noise (P=4 589-599 against 577-614, P=8 521-537 against 526-536).
-PERSISTENT = True
-# Persistent kernel, merging steps: each tile's previous state (o fp32, lse) is copied into shared
-# memory while the tile's main loop runs (the two o halves take the second Q buffer's room).
+# Merging steps: each tile's previous state (o fp32, lse) is copied into shared memory while the
+# tile's main loop runs (the two o halves take the second Q buffer's room).
 # H100, same call: 64k rings 595 / 591 against 589 / 582 TFLOP/s (P=4), 535 / 529 against
 # 525 / 521 (P=8); 8k rings unchanged.
 PREFETCH_STATE = True
-
-
-@gluon.jit
-def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr):
-    """K and V blocks 0 .. n_blocks-1 into the stage ring. (Gluon gives every worker partition
-    the same arguments: the consumers' constexprs pass through unused.)"""
-    (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_smem,
-     n_blocks, n_full, tok0, q_len, k_len, shift, qk_scale,
-     O, LSE, o_row0, stride_ot, stride_oh, stride_lt, stride_lh, head0) = args
-    NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
-    BN: gl.constexpr = k_smem.type.shape[1]
-    for j in range(n_blocks):
-        s = j % NUM_STAGES
-        phase = (j // NUM_STAGES) & 1
-        row = j * BN
-        # A fresh barrier counts as having completed the phase before 0: the first pass over the
-        # stages does not wait.
-        mbarrier.wait(k_empty.index(s), phase ^ 1)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        _tma_load(k_desc, [row, 0], k_ready.index(s), k_smem.index(s))
-        mbarrier.wait(v_empty.index(s), phase ^ 1)
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        _tma_load(v_desc, [row, 0], v_ready.index(s), v_smem.index(s))
 
 
 @gluon.jit
@@ -125,23 +90,6 @@ def _softmax_block(s, m_i, l_i, start_n, n_full, k_len, tok, shift, qk_scale,
 
 
 @gluon.jit
-def _load_q_rows(Q, q_dst, row0, t0, q_start, q_len, head0, stride_qt, stride_qh,
-                 GROUP: gl.constexpr, M: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """Rows row0 .. row0+M of the tile's Q (token t0 + row // GROUP, head head0 + row % GROUP)
-    into shared memory, by 4 warps."""
-    q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8],
-                                              [4, 1], [1, 0])
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, q_layout))
-    rows = row0 + gl.arange(0, M, layout=gl.SliceLayout(1, q_layout))
-    tok = t0 + rows // GROUP
-    head = head0 + rows % GROUP
-    ptrs = Q + gl.expand_dims((q_start + tok).to(gl.int64) * stride_qt + head * stride_qh, 1) \
-        + gl.expand_dims(offs_d, 0)
-    q_dst.store(gl.load(ptrs, mask=gl.expand_dims(tok < q_len, 1), other=0.0))
-    fence_async_shared()
-
-
-@gluon.jit
 def _state_ptrs(O, LSE, row0, tok0, q_len, o_row0, head0, stride_ot, stride_oh, stride_lt,
                 stride_lh, GROUP: gl.constexpr, M: gl.constexpr, D: gl.constexpr,
                 o_layout: gl.constexpr):
@@ -158,174 +106,9 @@ def _state_ptrs(O, LSE, row0, tok0, q_len, o_row0, head0, stride_ot, stride_oh, 
 
 
 @gluon.jit
-def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-              WG: gl.constexpr):
-    (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_smem,
-     n_blocks, n_full, tok0, q_len, k_len, shift, qk_scale,
-     O, LSE, o_row0, stride_ot, stride_oh, stride_lt, stride_lh, head0) = args
-    NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
-    BN: gl.constexpr = k_smem.type.shape[1]
-    D: gl.constexpr = k_smem.type.shape[2]
-    M: gl.constexpr = q_smem.type.shape[1]
-    dtype: gl.constexpr = k_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BN, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    q = q_smem.index(WG)
-    rows = WG * M + gl.arange(0, M, layout=row_s)
-    tok = tok0 + rows // GROUP
-    m_i = gl.full([M], float("-inf"), gl.float32, layout=row_s)
-    l_i = gl.zeros([M], gl.float32, layout=row_s)
-    acc = gl.zeros([M, D], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([M, BN], gl.float32, layout=s_layout)
-
-    if n_blocks > 0:
-        # Block 0: scores only.
-        mbarrier.wait(k_ready.index(0), 0)
-        s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
-                              is_async=True)
-        s = warpgroup_mma_wait(0, deps=[s_tok])
-        mbarrier.arrive(k_empty.index(0), count=1)
-        p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, 0, n_full, k_len, tok, shift, qk_scale,
-                                            BN, CAUSAL, s_layout)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        for j in range(1, n_blocks):
-            prev = (j - 1) % NUM_STAGES
-            cur = j % NUM_STAGES
-            # Issue S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; the softmax of block j runs while
-            # the PV product is in flight.
-            mbarrier.wait(k_ready.index(cur), (j // NUM_STAGES) & 1)
-            mbarrier.wait(v_ready.index(prev), ((j - 1) // NUM_STAGES) & 1)
-            s_tok = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False,
-                                  is_async=True)
-            o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            s = warpgroup_mma_wait(1, deps=[s_tok])  # groups retire in order: S_j is done
-            mbarrier.arrive(k_empty.index(cur), count=1)
-            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, j * BN, n_full, k_len, tok, shift,
-                                                qk_scale, BN, CAUSAL, s_layout)
-            acc = warpgroup_mma_wait(0, deps=[o_tok])
-            mbarrier.arrive(v_empty.index(prev), count=1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-        last = (n_blocks - 1) % NUM_STAGES
-        mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // NUM_STAGES) & 1)
-        o_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=[o_tok])
-        mbarrier.arrive(v_empty.index(last), count=1)
-
-    _epilogue(acc, m_i, l_i, qk_scale, O, LSE, WG * M, tok0, q_len, o_row0, head0, stride_ot,
-              stride_oh, stride_lt, stride_lh, GROUP, M, D, o_layout, ACCUMULATE)
-
-
-@gluon.jit
-def _epilogue(acc, m_i, l_i, qk_scale, O, LSE, row0, tok0, q_len, o_row0, head0, stride_ot,
-              stride_oh, stride_lt, stride_lh, GROUP: gl.constexpr, M: gl.constexpr,
-              D: gl.constexpr, o_layout: gl.constexpr, ACCUMULATE: gl.constexpr):
-    """The block's state from a consumer's sums, written or merged into the running state: the
-    Triton twin's epilogue, row for row (the scores' max m_i is raw, not log2 units)."""
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    o_ptrs, l_ptrs, row_ok = _state_ptrs(O, LSE, row0, tok0, q_len, o_row0, head0, stride_ot,
-                                         stride_oh, stride_lt, stride_lh, GROUP, M, D, o_layout)
-    seen, o_blk, lse_blk = finish_block(acc, gl.convert_layout(m_i, row_o) * qk_scale,
-                                        gl.convert_layout(l_i, row_o))
-    ok2 = gl.expand_dims(row_ok, 1)
-    if ACCUMULATE:
-        # Merge into the running state; rows that saw nothing here write their state back
-        # unchanged. (Masks stay functions of the row index: Triton 3.6's axis analysis has no
-        # information on values carried out of the KV loop inside a warp-specialized partition
-        # and crashes on a store masked by one.)
-        lse_prev = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
-        o_prev = gl.load(o_ptrs, mask=ok2, other=0.0)
-        o_new, lse_new = merge_state(o_prev, lse_prev, o_blk, lse_blk)
-        seen2 = gl.expand_dims(seen, 1)
-        gl.store(o_ptrs, gl.where(seen2, o_new, o_prev), mask=ok2)
-        gl.store(l_ptrs, gl.where(seen, lse_new, lse_prev), mask=row_ok)
-    else:
-        gl.store(o_ptrs, o_blk, mask=ok2)
-        gl.store(l_ptrs, lse_blk, mask=row_ok)
-
-
-@gluon.jit
-def _consumer0(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr):
-    _consumer(args, GROUP, CAUSAL, ACCUMULATE, 0)
-
-
-@gluon.jit
-def _consumer1(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr):
-    _consumer(args, GROUP, CAUSAL, ACCUMULATE, 1)
-
-
-@gluon.jit
-def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
-                            stride_qt, stride_qh, stride_kt, stride_vt, stride_ot, stride_oh,
-                            stride_lt, stride_lh, qk_scale, shift, n_tiles,
-                            GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BN: gl.constexpr,
-                            NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                            ACCUMULATE: gl.constexpr):
-    BM: gl.constexpr = 128
-    M: gl.constexpr = 64
-    TOK_M: gl.constexpr = BM // GROUP
-    tile = n_tiles - 1 - gl.program_id(0)  # heavy (late, long causal rows) tiles first
-    b = gl.program_id(1)
-    hk = gl.program_id(2)
-    q_start, q_len, k_start, k_len = request_bounds(CU_Q, CU_K, b)
-    t0 = tile * TOK_M
-    if t0 < q_len:
-        n_full, n_end = kv_range(t0, TOK_M, q_len, k_len, shift, BN, CAUSAL)
-        n_blocks = gl.cdiv(gl.maximum(n_end, 0), BN)
-
-        q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M, HEAD_DIM],
-                                                                            Q.dtype.element_ty)
-        q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2, M, HEAD_DIM], q_smem_layout)
-        for h in gl.static_range(2):
-            _load_q_rows(Q, q_smem.index(h), h * M, t0, q_start, q_len, hk * GROUP, stride_qt,
-                         stride_qh, GROUP, M, HEAD_DIM)
-
-        # One descriptor per (request, KV head), built on the device: its rows end at the
-        # request's last key, so TMA reads zeros past it, never a neighbour's rows (a NaN or Inf
-        # in another request's V times a zero p would still poison the PV product).
-        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, HEAD_DIM],
-                                                                         Q.dtype.element_ty)
-        rows_k = gl.maximum(k_len, 1)  # never loaded when k_len == 0
-        k_desc = tma.make_tensor_descriptor(K + k_start.to(gl.int64) * stride_kt + hk * HEAD_DIM,
-                                            [rows_k, HEAD_DIM], [stride_kt, 1], [BN, HEAD_DIM],
-                                            kv_layout)
-        v_desc = tma.make_tensor_descriptor(V + k_start.to(gl.int64) * stride_vt + hk * HEAD_DIM,
-                                            [rows_k, HEAD_DIM], [stride_vt, 1], [BN, HEAD_DIM],
-                                            kv_layout)
-        k_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [NUM_STAGES, BN, HEAD_DIM],
-                                           kv_layout)
-        v_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [NUM_STAGES, BN, HEAD_DIM],
-                                           kv_layout)
-        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)  # one release per consumer warpgroup
-            mbarrier.init(v_empty.index(i), count=2)
-
-        args = (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_smem,
-                n_blocks, n_full, t0, q_len, k_len, shift, qk_scale,
-                O, LSE, q_start, stride_ot, stride_oh, stride_lt, stride_lh, hk * GROUP)
-        # Constexprs go as top-level arguments (inside `args` they would become runtime values).
-        gl.warp_specialize([(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE)),
-                            (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE)),
-                            (_loader, (args, GROUP, CAUSAL, ACCUMULATE))],
-                           [4, 1], [240, 24])
-
-
-@gluon.jit
 def _work_item(w, n_tiles, n_req, n_kv_heads, CU_Q, CU_K, TOK_M: gl.constexpr,
                BN: gl.constexpr, CAUSAL: gl.constexpr, shift):
-    """Work item w of the persistent grid, heavy first: the tile index runs outermost from the
+    """Work item w of the grid, heavy first: the tile index runs outermost from the
     last (longest causal rows) down, then requests, then KV heads. Returns the tile's request
     bounds, first token, KV head and its K/V blocks (n_full, n_blocks; 0 blocks: nothing to
     attend)."""
@@ -343,7 +126,7 @@ def _work_item(w, n_tiles, n_req, n_kv_heads, CU_Q, CU_K, TOK_M: gl.constexpr,
 
 
 @gluon.jit
-def _p_loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
+def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
               PREFETCH: gl.constexpr):
     """Every item's Q tile (two buffers, or one when the consumers prefetch the previous state)
     and K/V blocks (the stage ring, its counters running on across items) through TMA."""
@@ -417,34 +200,47 @@ def _prefetch_state(O, LSE, o_stage, row0, tok0, q_len, o_row0, head0, stride_ot
                                   1) + offs_d
         _cp_async(o_stage.slice(c, CH), ptrs, mask=gl.expand_dims(tok < q_len, 1))
     async_copy.commit_group()
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    rows_o = row0 + gl.arange(0, M, layout=row_o)
-    tok_o = tok0 + rows_o // GROUP
-    l_ptrs = LSE + (o_row0 + tok_o).to(gl.int64) * stride_lt + (head0 + rows_o % GROUP) * stride_lh
-    return gl.load(l_ptrs, mask=tok_o < q_len, other=float("-inf"))
+    _, l_ptrs, row_ok = _state_ptrs(O, LSE, row0, tok0, q_len, o_row0, head0, stride_ot,
+                                    stride_oh, stride_lt, stride_lh, GROUP, M, D, o_layout)
+    return gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
 
 
 @gluon.jit
-def _epilogue_prefetched(acc, m_i, l_i, qk_scale, O, LSE, o_stage, lse_prev, row0, tok0, q_len,
-                         o_row0, head0, stride_ot, stride_oh, stride_lt, stride_lh,
-                         GROUP: gl.constexpr, M: gl.constexpr, D: gl.constexpr,
-                         o_layout: gl.constexpr):
-    """_epilogue's merge, the previous state read from `_prefetch_state`'s copies."""
+def _epilogue(acc, m_i, l_i, qk_scale, O, LSE, o_stage, lse_prev, row0, tok0, q_len, o_row0,
+              head0, stride_ot, stride_oh, stride_lt, stride_lh, GROUP: gl.constexpr,
+              M: gl.constexpr, D: gl.constexpr, o_layout: gl.constexpr,
+              ACCUMULATE: gl.constexpr, PREFETCH: gl.constexpr):
+    """The block's state from a consumer's sums, written or merged into the running state: the
+    Triton twin's epilogue, row for row (the scores' max m_i is raw, not log2 units). With
+    PREFETCH the previous state comes from `_prefetch_state` (o_stage, lse_prev), else from
+    global memory (the two are unused)."""
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     o_ptrs, l_ptrs, row_ok = _state_ptrs(O, LSE, row0, tok0, q_len, o_row0, head0, stride_ot,
                                          stride_oh, stride_lt, stride_lh, GROUP, M, D, o_layout)
     seen, o_blk, lse_blk = finish_block(acc, gl.convert_layout(m_i, row_o) * qk_scale,
                                         gl.convert_layout(l_i, row_o))
-    async_copy.wait_group(0)
-    o_prev = o_stage.load(o_layout)
-    o_new, lse_new = merge_state(o_prev, lse_prev, o_blk, lse_blk)
     ok2 = gl.expand_dims(row_ok, 1)
-    gl.store(o_ptrs, gl.where(gl.expand_dims(seen, 1), o_new, o_prev), mask=ok2)
-    gl.store(l_ptrs, gl.where(seen, lse_new, lse_prev), mask=row_ok)
+    if ACCUMULATE:
+        # Merge into the running state; rows that saw nothing here write their state back
+        # unchanged. (Masks stay functions of the row index: Triton 3.6's axis analysis has no
+        # information on values carried out of the KV loop inside a warp-specialized partition
+        # and crashes on a store masked by one.)
+        if PREFETCH:
+            async_copy.wait_group(0)
+            o_prev = o_stage.load(o_layout)
+        else:
+            lse_prev = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+            o_prev = gl.load(o_ptrs, mask=ok2, other=0.0)
+        o_new, lse_new = merge_state(o_prev, lse_prev, o_blk, lse_blk)
+        gl.store(o_ptrs, gl.where(gl.expand_dims(seen, 1), o_new, o_prev), mask=ok2)
+        gl.store(l_ptrs, gl.where(seen, lse_new, lse_prev), mask=row_ok)
+    else:
+        gl.store(o_ptrs, o_blk, mask=ok2)
+        gl.store(l_ptrs, lse_blk, mask=row_ok)
 
 
 @gluon.jit
-def _p_consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
+def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
                 PREFETCH: gl.constexpr, WG: gl.constexpr):
     (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready,
      v_ready, k_empty, v_empty, fix_bar, CU_Q, CU_K, n_tiles, n_req, n_kv_heads, n_items, shift,
@@ -466,6 +262,9 @@ def _p_consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     s_zero = gl.zeros([M, BN], gl.float32, layout=s_layout)
     rows = WG * M + gl.arange(0, M, layout=row_s)
+    o_stage = None  # this warpgroup's rows of the prefetched state
+    if PREFETCH:
+        o_stage = o_smem.index(WG)
     it = 0
     kv = 0
     nfix = 0
@@ -474,9 +273,11 @@ def _p_consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.
             w, n_tiles, n_req, n_kv_heads, CU_Q, CU_K, TOK_M, BN, CAUSAL, shift)
         tok = t0 + rows // GROUP
         if PREFETCH:
-            lse_prev = _prefetch_state(O, LSE, o_smem.index(WG), WG * M, t0, q_len, q_start,
+            lse_prev = _prefetch_state(O, LSE, o_stage, WG * M, t0, q_len, q_start,
                                        hk * GROUP, stride_ot, stride_oh, stride_lt, stride_lh,
                                        GROUP, M, D, o_layout)
+        else:
+            lse_prev = None
         m_i = gl.full([M], float("-inf"), gl.float32, layout=row_s)
         l_i = gl.zeros([M], gl.float32, layout=row_s)
         acc = gl.zeros([M, D], gl.float32, layout=o_layout)
@@ -522,30 +323,26 @@ def _p_consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.
             acc = warpgroup_mma_wait(0, deps=[o_tok])
             mbarrier.arrive(v_empty.index(last), count=1)
             kv += n_blocks
-        if PREFETCH:
-            _epilogue_prefetched(acc, m_i, l_i, qk_scale, O, LSE, o_smem.index(WG), lse_prev,
-                                 WG * M, t0, q_len, q_start, hk * GROUP, stride_ot, stride_oh,
-                                 stride_lt, stride_lh, GROUP, M, D, o_layout)
-        elif t0 < q_len:
-            _epilogue(acc, m_i, l_i, qk_scale, O, LSE, WG * M, t0, q_len, q_start, hk * GROUP,
-                      stride_ot, stride_oh, stride_lt, stride_lh, GROUP, M, D, o_layout,
-                      ACCUMULATE)
+        if PREFETCH or t0 < q_len:  # (a prefetch issued is always drained)
+            _epilogue(acc, m_i, l_i, qk_scale, O, LSE, o_stage, lse_prev, WG * M, t0,
+                      q_len, q_start, hk * GROUP, stride_ot, stride_oh, stride_lt, stride_lh,
+                      GROUP, M, D, o_layout, ACCUMULATE, PREFETCH)
 
 
 @gluon.jit
-def _p_consumer0(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
+def _consumer0(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
                  PREFETCH: gl.constexpr):
-    _p_consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, 0)
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, 0)
 
 
 @gluon.jit
-def _p_consumer1(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
+def _consumer1(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
                  PREFETCH: gl.constexpr):
-    _p_consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, 1)
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, 1)
 
 
 @gluon.jit
-def _ring_step_persistent_kernel(Q, K, V, O, LSE, CU_Q, CU_K, Tq, Tk, n_q_heads, n_kv_heads,
+def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K, Tq, Tk, n_q_heads, n_kv_heads,
                                  stride_qt, stride_qh, stride_kt, stride_vt, stride_ot,
                                  stride_oh, stride_lt, stride_lh, qk_scale, shift, n_tiles,
                                  n_req, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
@@ -572,7 +369,7 @@ def _ring_step_persistent_kernel(Q, K, V, O, LSE, CU_Q, CU_K, Tq, Tk, n_q_heads,
     if PREFETCH:  # the running state's o rows of a tile, fp32 (the merge's input)
         o_smem = gl.allocate_shared_memory(gl.float32, [2, 64, HEAD_DIM],
                                            gl.SwizzledSharedLayout(4, 1, 8, [1, 0]))
-    else:
+    else:  # a placeholder: warp_specialize's arguments cannot be None
         o_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 4],
                                            gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BN, HEAD_DIM], kv_layout)
@@ -596,9 +393,9 @@ def _ring_step_persistent_kernel(Q, K, V, O, LSE, CU_Q, CU_K, Tq, Tk, n_q_heads,
     args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready,
             v_ready, k_empty, v_empty, fix_bar, CU_Q, CU_K, n_tiles, n_req, n_kv_heads, n_items,
             shift, qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh)
-    gl.warp_specialize([(_p_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH)),
-                        (_p_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH)),
-                        (_p_loader, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH))],
+    gl.warp_specialize([(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH)),
+                        (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH)),
+                        (_loader, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH))],
                        [4, 1], [240, 24])
 
 
@@ -628,7 +425,7 @@ def supports(q, k, v, o_state=None, lse_state=None) -> bool:
         if t.stride(2) != 1 or t.stride(1) != D or (t.stride(0) * t.element_size()) % 16 \
                 or t.data_ptr() % 16:
             return False
-    # Q is read through TMA too (the persistent kernel): 16-byte aligned rows and heads.
+    # Q is read through TMA too: 16-byte aligned rows and heads.
     return q.stride(2) == 1 and not ((q.stride(0) * q.element_size()) % 16
                                      or (q.stride(1) * q.element_size()) % 16
                                      or q.data_ptr() % 16)
@@ -655,36 +452,29 @@ def _ensure_allocator():
 
 def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
                     accumulate, softmax_scale, stages=STAGES, block_n=BLOCK_N,
-                    persistent=PERSISTENT, prefetch_state=PREFETCH_STATE):
+                    prefetch_state=PREFETCH_STATE):
     """Launch the Gluon ring step (arguments as step.run_step's, positional, torch tensors; the
-    caller checked `supports`). persistent: one CTA per SM looping over the tiles (else one CTA per
-    tile); prefetch_state: the persistent kernel copies
-    each tile's previous state into shared memory during its main loop."""
+    caller checked `supports`). prefetch_state: merging steps copy each tile's previous state
+    into shared memory during its main loop."""
     Tq, Hq, D = q.shape
     group = Hq // k.shape[1]
     B = cu_q.shape[0] - 1
     if Tq == 0 or B == 0:
         return
-    tok_m = BLOCK_M // group
-    n_tiles = max(1, math.ceil(max_q_len / tok_m))
-    if persistent:
-        grid = (min(n_tiles * B * k.shape[1], _num_sms(q.get_device())),)
-    else:
-        grid = (n_tiles, B, k.shape[1])
+    n_tiles = max(1, math.ceil(max_q_len / (BLOCK_M // group)))
+    grid = (min(n_tiles * B * k.shape[1], _num_sms(q.get_device())),)
     _ensure_allocator()
-    prefetch = bool(persistent and prefetch_state and accumulate)
-    key = (q.dtype, group, D, bool(causal), bool(accumulate), stages, block_n, bool(persistent),
-           prefetch)
-    launch = functools.partial(_launch, grid, q, k, v, cu_q, cu_k, o_state, lse_state, group,
-                               D, n_tiles, B, causal, mask_shift, accumulate, softmax_scale,
-                               stages, block_n, persistent, prefetch)
+    prefetch = bool(prefetch_state and accumulate)
+    args = (grid, q, k, v, cu_q, cu_k, o_state, lse_state, group, D, n_tiles, B, causal,
+            mask_shift, accumulate, softmax_scale, stages, block_n, prefetch)
+    key = (q.dtype, group, D, bool(causal), bool(accumulate), stages, block_n, prefetch)
     if key not in _compiled:
         # Gluon is experimental and its API moves between Triton releases (verified on a GPU:
         # 3.6; the CPU tests compile it for sm_90a with the installed Triton). Each
         # specialization is compiled once without launching; a Triton that cannot build it (any
         # error of the compiler, before anything runs) gets the Triton twin, with one warning.
         try:
-            launch(warmup=True)
+            _launch(*args, warmup=True)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means "cannot build"
             _compile_error.append(exc)
             warnings.warn(f"the Gluon ring step does not compile with Triton "
@@ -697,27 +487,20 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
                              mask_shift, accumulate, softmax_scale)
             return
         _compiled.add(key)
-    launch()
+    _launch(*args)
 
 
 _compiled = set()  # specializations known to compile with this Triton
 
 
 def _launch(grid, q, k, v, cu_q, cu_k, o_state, lse_state, group, D, n_tiles, B, causal,
-            mask_shift, accumulate, softmax_scale, stages, block_n, persistent, prefetch,
-            warmup=False):
-    kernel = _ring_step_persistent_kernel if persistent else _ring_step_gluon_kernel
-    run = kernel.warmup if warmup else kernel[grid]
+            mask_shift, accumulate, softmax_scale, stages, block_n, prefetch, warmup=False):
+    run = _ring_step_gluon_kernel.warmup if warmup else _ring_step_gluon_kernel[grid]
     extra = dict(grid=grid) if warmup else {}
-    if persistent:
-        shape_args = (q.shape[0], k.shape[0], q.shape[1], k.shape[1])
-        tail_args = (n_tiles, B)
-        extra.update(PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2)
-    else:
-        shape_args, tail_args = (), (n_tiles,)
     run(
-        q, k, v, o_state, lse_state, cu_q, cu_k, *shape_args,
+        q, k, v, o_state, lse_state, cu_q, cu_k, q.shape[0], k.shape[0], q.shape[1], k.shape[1],
         q.stride(0), q.stride(1), k.stride(0), v.stride(0), o_state.stride(0), o_state.stride(1),
         lse_state.stride(0), lse_state.stride(1), softmax_scale * _LOG2E, int(mask_shift),
-        *tail_args, GROUP=group, HEAD_DIM=D, BN=block_n, NUM_STAGES=stages, CAUSAL=bool(causal),
-        ACCUMULATE=bool(accumulate), num_warps=4, maxnreg=168, **extra)
+        n_tiles, B, GROUP=group, HEAD_DIM=D, BN=block_n, NUM_STAGES=stages, CAUSAL=bool(causal),
+        ACCUMULATE=bool(accumulate), PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2,
+        num_warps=4, maxnreg=168, **extra)
