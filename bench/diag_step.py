@@ -8,7 +8,20 @@ Hkv 8, D 128, bf16):
 
 Each with the state written (accumulate off) and merged (on). FA3 has no state: its rows are
 the floor of what a step without the merge costs.
+
+Then two cases where the kernel's fixed costs, not its main loop, decide:
+- "skewed": one 8k request packed with 63 requests of 64 tokens (a prefill batch ESP's scheduler
+  forms) against the 8k request alone: without a tile table the persistent kernel enumerates
+  tiles of the longest request x requests x KV heads, so the extra time is what its empty work
+  items cost; with the table (`step_tiles`, what the ring driver passes) there are none;
+- "host": host microseconds per launched step (1k queries, the GPU never the limit), Gluon and
+  Triton, and a cProfile of each path.
 """
+
+import cProfile
+import io
+import pstats
+import time
 
 import torch
 
@@ -16,7 +29,7 @@ from anchors import fa3_prefill
 from harness import parse_out, time_cuda
 
 from esp_kernels.prefill.gluon_step import ring_step_gluon
-from esp_kernels.prefill.step import ring_step
+from esp_kernels.prefill.step import ring_step, run_step, step_tiles
 from esp_kernels.testing import cu_seqlens
 
 
@@ -53,6 +66,75 @@ def main():
         for label, ms in rows:
             print(f"{name:<9} {label:<24} {ms * 1e3:9.1f} us {flops / ms / 1e9:7.1f} TFLOP/s "
                   f"per tile {ms * 1e3 * sms / tiles:6.2f} us", flush=True)
+
+    skewed(q, kv)
+    host()
+
+
+def skewed(q, kv):
+    """One 8k request plus 63 of 64 tokens (causal, self-attention) against the 8k one alone."""
+    D = q.shape[2]
+    n_max = 8192 + 64 * 63
+    o = torch.zeros(n_max, *q.shape[1:], device="cuda")
+    lse = torch.zeros(n_max, q.shape[1], device="cuda")
+    for lengths in ([8192], [8192] + [64] * 63):
+        n = sum(lengths)
+        qs, k, v = _grow(q, n), _grow(kv[0], n), _grow(kv[1], n)
+        cu = cu_seqlens(lengths, "cuda")
+        tiles = step_tiles(lengths, q.shape[1], k.shape[1], "cuda", "gluon")
+        for backend in ("gluon", "gluon, tile table", "triton"):
+            for acc in (False, True):
+                def step(backend=backend, acc=acc):
+                    run_step(qs, k, v, cu, cu, max(lengths), o[:n], lse[:n], causal=True,
+                             accumulate=acc, softmax_scale=D ** -0.5,
+                             backend=backend.split(",")[0],
+                             tiles=tiles if backend.endswith("table") else None)
+                ms = time_cuda(step)["ms"]
+                print(f"skewed   {len(lengths):>3} requests ({n} tokens) {backend:<17} "
+                      f"acc={int(acc)} {ms * 1e3:9.1f} us", flush=True)
+
+
+def _grow(t, n):
+    """The first n rows of t, repeated past its end (as many rows as a batch needs)."""
+    reps = -(-n // t.shape[0])
+    return t.repeat(reps, *([1] * (t.dim() - 1)))[:n].contiguous()
+
+
+def host():
+    """Host time per step launched back to back (1k queries of one request, P=8 of 8k)."""
+    n, Hq, Hkv, D = 1024, 32, 8, 128
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(n, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(n, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    o = torch.zeros(n, Hq, D, device="cuda")
+    lse = torch.zeros(n, Hq, device="cuda")
+    cu = cu_seqlens([n], "cuda")
+    calls = 2000
+    for backend in ("gluon", "triton"):
+        def step(backend=backend):
+            ring_step(q, k, v, cu, cu, n, o, lse, causal=True, mask_shift=-1, accumulate=True,
+                      softmax_scale=D ** -0.5, backend=backend)
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step()
+        host_us = (time.perf_counter() - t0) / calls * 1e6
+        torch.cuda.synchronize()
+        dev_us = time_cuda(step, flush=False)["ms"] * 1e3
+        print(f"host     {backend:<7} {host_us:6.1f} us per launched step (device {dev_us:.1f} "
+              "us)", flush=True)
+        prof = cProfile.Profile()  # where each path's host time goes
+        prof.enable()
+        for _ in range(500):
+            step()
+        prof.disable()
+        torch.cuda.synchronize()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
+        print(buf.getvalue())
 
 
 if __name__ == "__main__":

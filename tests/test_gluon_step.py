@@ -13,12 +13,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper",
                     reason="this Triton has no Gluon for Hopper (the Triton twin runs instead)")
 
 
-def compile_sm90a(causal, accumulate, head_dim=128, group=4, dtype="bf16"):
+def compile_sm90a(causal, accumulate, has_tiles, head_dim=128, group=4, dtype="bf16"):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -28,13 +29,13 @@ def compile_sm90a(causal, accumulate, head_dim=128, group=4, dtype="bf16"):
     fn = gluon_step._ring_step_gluon_kernel
     prefetch = accumulate and gluon_step.PREFETCH_STATE
     sig = dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", O="*fp32", LSE="*fp32",
-               CU_Q="*i32", CU_K="*i32", Tq="i32", Tk="i32", n_q_heads="i32", n_kv_heads="i32",
+               CU_Q="*i32", CU_K="*i32", TILES="*i32", Tq="i32", Tk="i32", n_q_heads="i32", n_kv_heads="i32",
                stride_qt="i32", stride_qh="i32", stride_kt="i32", stride_vt="i32",
                stride_ot="i32", stride_oh="i32", stride_lt="i32", stride_lh="i32",
-               qk_scale="fp32", shift="i32", n_tiles="i32", n_req="i32")
+               qk_scale="fp32", shift="i32", n_tiles="i32", n_req="i32", n_items="i32")
     consts = dict(GROUP=group, HEAD_DIM=head_dim, BN=gluon_step.BLOCK_N,
                   NUM_STAGES=gluon_step.STAGES, CAUSAL=causal, ACCUMULATE=accumulate,
-                  PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2)
+                  PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2, HAS_TILES=has_tiles)
     names = fn.arg_names
     assert set(names) == set(sig) | set(consts), "the kernel's arguments changed: update here"
     src = GluonASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names},
@@ -43,7 +44,7 @@ def compile_sm90a(causal, accumulate, head_dim=128, group=4, dtype="bf16"):
                           options=dict(num_warps=4, maxnreg=168))
 
 
-CASES = [(True, True), (False, False)]  # (causal, accumulate)
+CASES = [(True, True, True), (False, False, False)]  # (causal, accumulate, tile table)
 
 
 def test_gluon_step_compiles_for_sm90a_with_its_schedule():
@@ -53,8 +54,8 @@ def test_gluon_step_compiles_for_sm90a_with_its_schedule():
     done = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, text=True,
                           capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    for (causal, accumulate), (ptx, shared) in zip(CASES, json.loads(done.stdout)):
-        case = f"causal={causal} accumulate={accumulate}"
+    for (causal, accumulate, tiles), (ptx, shared) in zip(CASES, json.loads(done.stdout)):
+        case = f"causal={causal} accumulate={accumulate} tiles={tiles}"
         assert "wgmma.mma_async" in ptx, case                # tensor cores through wgmma
         assert "cp.async.bulk.tensor" in ptx, case           # K/V through TMA
         assert "setmaxnreg" in ptx, case                     # warp-specialized register split
@@ -66,6 +67,22 @@ def test_gluon_step_compiles_for_sm90a_with_its_schedule():
         assert "cp.async.bulk.tensor.3d" in ptx, case
         if accumulate:  # the previous state copied in during the main loop
             assert "cp.async.commit_group" in ptx and "cp.async.wait_group" in ptx, case
+
+
+@pytest.mark.parametrize("lengths,hq,hkv", [([5, 0, 37, 3, 700, 130], 32, 8),
+                                            ([8192] + [64] * 63, 32, 8),
+                                            ([1, 128, 129, 0, 0], 8, 8), ([0, 0], 4, 1),
+                                            ([], 4, 1)])
+def test_work_tiles_lists_every_tile_once_heavy_first(lengths, hq, hkv):
+    from esp_kernels.prefill.gluon_step import BLOCK_M, work_tiles
+
+    table = work_tiles(lengths, hq, hkv, "cpu")
+    assert table.dtype == torch.int32 and table.shape == (table.shape[0], 2)
+    tok_m = BLOCK_M // (hq // hkv)
+    pairs = [tuple(p) for p in table.tolist()]
+    want = {(t, b) for b, n in enumerate(lengths) for t in range(-(-n // tok_m))}
+    assert len(pairs) == len(set(pairs)) and set(pairs) == want
+    assert pairs == sorted(pairs, key=lambda p: (-p[0], p[1]))  # heavy first, then by request
 
 
 if __name__ == "__main__":

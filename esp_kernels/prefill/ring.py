@@ -34,7 +34,7 @@ from .._checks import FLOAT_DTYPES, as_int, check_gqa, check_tensor
 from ..kvcache.cache import PagedKVCache
 from ..kvcache.retention import RetentionPlan, RetentionWriter
 from ..striping import stripe_lengths
-from .step import resolve_backend, run_step
+from .step import resolve_backend, run_step, step_tiles, takes_tiles
 
 
 def _as_lengths(seqlens) -> list[int]:
@@ -61,20 +61,34 @@ _LAYOUTS_LOCK = threading.Lock()  # virtual ranks share the cache from their thr
 
 
 def _block_layout(lengths: tuple, P: int, device: torch.device) -> torch.Tensor:
-    """cu_seqlens of every source rank's block, [P, B+1] int32 on `device`.
+    """cu_seqlens of every source rank's block, [P, B+1] int32 on `device` (`_uploaded_once`)."""
+    return _uploaded_once(("layout", lengths, P, device), lambda: torch.tensor(
+        [_cumsum(stripe_lengths(lengths, P, j)) for j in range(P)], dtype=torch.int32))
 
-    Every layer of a prefill has the same batch, so the table is uploaded once and reused from a
-    small LRU cache (shared by the runners of one batch on every virtual rank): a per-layer
+
+def _tile_table(lengths: tuple, Hq: int, Hkv: int, device: torch.device, backend: str):
+    """The step kernel's table of this rank's query tiles (`step_tiles`; None where the backend
+    takes none) on `device`, from `_uploaded_once`."""
+    if not takes_tiles(backend):
+        return None
+    return _uploaded_once(("tiles", lengths, Hq, Hkv, device),
+                          lambda: step_tiles(lengths, Hq, Hkv, "cpu", backend))
+
+
+def _uploaded_once(key: tuple, build) -> torch.Tensor:
+    """build() (a CPU tensor) copied to key[-1], the device, once per key.
+
+    Every layer of a prefill has the same batch, so its tables are uploaded once and reused from
+    a small LRU cache (shared by the runners of one batch on every virtual rank): a per-layer
     host-to-device copy (pageable, or a fresh pinned buffer) held the host until the queued work
     finished, a 17% gap between a world-of-1 ring and its kernel. The upload may have run on
     another rank's stream: the caller's current stream waits on its event (no host sync).
     """
-    key = (lengths, P, device)
+    device = key[-1]
     with _LAYOUTS_LOCK:
         entry = _LAYOUTS.get(key)
         if entry is None:
-            rows = [_cumsum(stripe_lengths(lengths, P, j)) for j in range(P)]
-            table = torch.tensor(rows, dtype=torch.int32).to(device)
+            table = build().to(device)
             event = None
             if device.type == "cuda":
                 event = torch.cuda.Event()
@@ -106,10 +120,10 @@ class RingPrefillRunner:
         softmax_scale (default 1/sqrt(D)), causal (default True), backend ("auto", "gluon",
             "triton", "torch"): as in `ring_prefill`.
 
-    What is prepared: the block layout table on the device (its upload is ordered before the
-    stream current at construction: run on that stream or one ordered after it), the two
-    message buffers (reused by every layer: 4 * max stripe tokens * Hkv * D elements) and the
-    retention writer. `run(q, k, v, layer)` checks q/k/v against these shapes and runs the ring.
+    What is prepared: the block layout table and, for the Gluon step, the table of this rank's
+    query tiles on the device (their uploads are ordered before the stream current at
+    construction: run on that stream or one ordered after it), the two message buffers (reused
+    by every layer: 4 * max stripe tokens * Hkv * D elements) and the retention writer. `run(q, k, v, layer)` checks q/k/v against these shapes and runs the ring.
     """
 
     def __init__(self, seqlens, ring, num_q_heads: int, num_kv_heads: int, head_dim: int,
@@ -145,6 +159,7 @@ class RingPrefillRunner:
         self._bufs = []
         if sum(lengths):
             self._cu_all = _block_layout(self.lengths, P, dev)
+            self._tiles = _tile_table(tuple(local[me]), Hq, Hkv, dev, self.backend)
             t_max = max(self.totals)  # rank 0 holds the most tokens of every request
             self._bufs = [torch.empty(2 * t_max * self._row, dtype=dtype, device=dev)
                           for _ in range(2 if P > 1 else 1)]
@@ -231,7 +246,7 @@ class RingPrefillRunner:
             kb, vb = kv_views(cur, totals[src])
             run_step(q, kb, vb, cu_q, cu_all[src], self.max_q_len, o_state, lse_state,
                      causal=self.causal, mask_shift=0 if src <= me else -1, accumulate=s > 0,
-                     softmax_scale=self.softmax_scale, backend=self.backend)
+                     softmax_scale=self.softmax_scale, backend=self.backend, tiles=self._tiles)
             if self.writer is not None:
                 self.writer.write(src, message(cur, totals[src]).view(2, totals[src], row),
                                   layer)

@@ -121,9 +121,26 @@ def _gluon():
     return gluon_step
 
 
+def step_tiles(q_lengths, num_q_heads: int, num_kv_heads: int, device, backend: str):
+    """The tile table `run_step` takes for a batch whose requests hold q_lengths query tokens
+    (host ints), or None where the backend has no use for one (only the Gluon kernel walks a
+    table: without it, a batch of one long and many short requests pays for the long request's
+    tile count in every short one). Built on the host and copied to `device`: once per batch,
+    reused by every step and layer."""
+    if not takes_tiles(backend):
+        return None
+    return _gluon().work_tiles(q_lengths, num_q_heads, num_kv_heads, device)
+
+
+def takes_tiles(backend: str) -> bool:
+    """Whether steps of this (resolved) backend take a `step_tiles` table."""
+    return backend == "gluon" and _gluon() is not None
+
+
 def run_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True, mask_shift=0,
-             accumulate=True, softmax_scale, backend="auto"):
-    """Run one step with the chosen backend (arguments validated by the caller)."""
+             accumulate=True, softmax_scale, backend="auto", tiles=None):
+    """Run one step with the chosen backend (arguments validated by the caller). tiles: None or
+    `step_tiles` of the requests in cu_q (resolved backend "gluon")."""
     backend = resolve_backend(backend, q.device)
     if backend == "torch":
         _step_torch(q, k, v, cu_q, cu_k, o_state, lse_state, causal, mask_shift, accumulate,
@@ -131,7 +148,7 @@ def run_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True,
     elif (backend == "gluon" and softmax_scale > 0 and (gluon := _gluon()) is not None
           and gluon.supports(q, k, v, o_state, lse_state)):
         gluon.ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal,
-                                 mask_shift, accumulate, softmax_scale)
+                              mask_shift, accumulate, softmax_scale, tiles=tiles)
     else:  # "triton", or "gluon" on a call the Gluon kernel does not take
         from .triton_step import ring_step_triton
 
