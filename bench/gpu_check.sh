@@ -80,8 +80,13 @@ python3 -m esp_kernels show-config
 
 if has test; then
   # NCCL tests in their own process: a crash there must not hide the other results.
+  # --timeout-method=thread: a kernel that never finishes blocks the main thread in C, where
+  # the default signal method cannot interrupt it (h100_tiles: three runs cut by the call's
+  # limit with no trace); the thread method dumps every thread's stack and ends the run. 180 s
+  # per test stays under a call's limit (the slowest GPU test took 17.6 s, h100_persistent).
   stamp "pytest -m gpu (all but NCCL)"
-  python3 -m pytest -m gpu tests -q -rfE -p no:cacheprovider --timeout=600 \
+  python3 -m pytest -m gpu tests -q -rfE -p no:cacheprovider --timeout=180 \
+    --timeout-method=thread \
     --ignore=tests/test_comm_nccl.py \
     ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -40
   stamp "pytest -m gpu tests/test_comm_nccl.py"

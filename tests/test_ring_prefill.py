@@ -252,7 +252,7 @@ STEP_BACKENDS = ["triton", "gluon"]
 @pytest.mark.parametrize("backend", STEP_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hq,hkv,d", [(8, 8, 64), (32, 8, 128), (16, 2, 128), (6, 2, 64),
-                                      (8, 1, 128)])
+                                      (8, 1, 128), (32, 8, 64)])  # the last: Llama-3.2-1B's
 @pytest.mark.parametrize("shift,accumulate", [(0, False), (-1, True), (0, True)])
 def test_step_kernel_gpu(backend, dtype, hq, hkv, d, shift, accumulate, gen):
     lq = [5, 1, 37, 0, 19, 700, 130]
@@ -267,7 +267,7 @@ def test_step_kernel_gpu(backend, dtype, hq, hkv, d, shift, accumulate, gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (8, 1, 64), (8, 8, 64)])
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (8, 1, 64), (8, 8, 64), (32, 8, 64)])
 @pytest.mark.parametrize("shift,accumulate", [(0, False), (-1, True), (0, True)])
 def test_gluon_step_walks_the_tile_table(hq, hkv, d, shift, accumulate, gen):
     """The Gluon kernel over the host-built tile table (what the ring driver passes), on a
