@@ -8,11 +8,11 @@ Triton twin). The kernel is persistent: one CTA per SM walks the tiles heavy fir
 tokens, the longest causal rows, outermost), round robin over the CTAs: the tiles of a table
 built on the host from the requests' lengths (`work_tiles`, what the ring driver passes), or
 without one, tiles of the longest request for every request, skipping the empty ones. Its
-1-warp loader streams each tile's Q ([tokens, group heads, D] TMA boxes) and K/V blocks into shared memory,
-its counters running on across tiles, so a tile's loads and pipeline fill overlap the previous
-tile's work. Three descriptors serve the whole launch (K/V read as [tokens, KV heads x D]); a
-block that reaches past its request's end is loaded whole and its V rows past the end are
-zeroed in shared memory before the PV product (they are the next request's, whose NaN or Inf a
+1-warp loader streams each tile's Q ([tokens, group heads, D] TMA boxes) and K/V blocks into
+shared memory, its counters running on across tiles, so a tile's loads and pipeline fill overlap
+the previous tile's work. Three descriptors serve the whole launch (K/V read as [tokens, KV
+heads x D]); a block that reaches past its request's end is loaded whole and its V rows past
+the end are zeroed in shared memory before the PV product (they are the next request's, whose NaN or Inf a
 zero p would still spread). When merging, each consumer copies its rows' previous state into
 shared memory (cp.async) while the main loop runs, so the merge does not wait on global memory.
 Main loop: two consumer warpgroups of 4 warps own 64 rows each. Each issues S_j = Q K_j^T, then

@@ -123,7 +123,8 @@ class RingPrefillRunner:
     What is prepared: the block layout table and, for the Gluon step, the table of this rank's
     query tiles on the device (their uploads are ordered before the stream current at
     construction: run on that stream or one ordered after it), the two message buffers (reused
-    by every layer: 4 * max stripe tokens * Hkv * D elements) and the retention writer. `run(q, k, v, layer)` checks q/k/v against these shapes and runs the ring.
+    by every layer: 4 * max stripe tokens * Hkv * D elements) and the retention writer.
+    `run(q, k, v, layer)` checks q/k/v against these shapes and runs the ring.
     """
 
     def __init__(self, seqlens, ring, num_q_heads: int, num_kv_heads: int, head_dim: int,
