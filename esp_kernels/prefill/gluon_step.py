@@ -12,8 +12,8 @@ without one, tiles of the longest request for every request, skipping the empty 
 shared memory, its counters running on across tiles, so a tile's loads and pipeline fill overlap
 the previous tile's work. Three descriptors serve the whole launch (K/V read as [tokens, KV
 heads x D]); a block that reaches past its request's end is loaded whole and its V rows past
-the end are zeroed in shared memory before the PV product (they are the next request's, whose NaN or Inf a
-zero p would still spread). When merging, each consumer copies its rows' previous state into
+the end are zeroed in shared memory before the PV product (they are the next request's, whose
+NaN or Inf a zero p would still spread). When merging, each consumer copies its rows' previous state into
 shared memory (cp.async) while the main loop runs, so the merge does not wait on global memory.
 Main loop: two consumer warpgroups of 4 warps own 64 rows each. Each issues S_j = Q K_j^T, then
 O += P_{j-1} V_{j-1}, and does the softmax of block j while the PV product runs
