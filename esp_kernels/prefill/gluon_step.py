@@ -3,26 +3,25 @@ module docstring; triton_step.py) with FA3's structure, which Triton 3.6's `tl` 
 (bench/NOTES.md: every wgmma wait it emits is `wait_group 0`, so the softmax never overlaps the
 tensor cores).
 
-A tile is 128 query rows = (token, head) pairs of one KV head's group (GQA packed, as the
-Triton twin). The kernel is persistent: one CTA per SM walks the tiles heavy first (latest
-tokens, the longest causal rows, outermost), round robin over the CTAs: the tiles of a table
-built on the host from the requests' lengths (`work_tiles`, what the ring driver passes), or
-without one, tiles of the longest request for every request, skipping the empty ones. Its
-1-warp loader streams each tile's Q ([tokens, group heads, D] TMA boxes) and K/V blocks into
-shared memory, its counters running on across tiles, so a tile's loads and pipeline fill overlap
-the previous tile's work. Three descriptors serve the whole launch (K/V read as [tokens, KV
-heads x D]); a block that reaches past its request's end is loaded whole and its V rows past
-the end are zeroed in shared memory before the PV product (they are the next request's, whose
-NaN or Inf a zero p would still spread). When merging, each consumer copies its rows' previous state into
-shared memory (cp.async) while the main loop runs, so the merge does not wait on global memory.
-Main loop: two consumer warpgroups of 4 warps own 64 rows each. Each issues S_j = Q K_j^T, then
-O += P_{j-1} V_{j-1}, and does the softmax of block j while the PV product runs
-(intra-warpgroup overlap); the two warpgroups interleave on the tensor cores by themselves
-(FA3's explicit turn-taking measured no better, bench/NOTES.md). Ready barriers carry the
-TMA bytes, empty barriers count both consumers' releases. P stays in registers as the A operand
-of the PV wgmma. The mask comes from global positions (key b visible to query a iff
-b <= a + shift), applied only to the diagonal band and the ragged tail; the fp32 running state
-is merged in the epilogue exactly as the Triton twin does.
+A tile is 128 query rows = (token, head) pairs of one KV head's group (GQA packed, as the Triton
+twin). The kernel is persistent: one CTA per SM walks the tiles heavy first (latest tokens, the
+longest causal rows, outermost), round robin over the CTAs: the tiles of a table built on the host
+from the requests' lengths (`work_tiles`, what the ring driver passes), or without one, tiles of
+the longest request for every request, skipping the empty ones. Its 1-warp loader streams each
+tile's Q ([tokens, group heads, D] TMA boxes) and K/V blocks into shared memory, its counters
+running on across tiles, so a tile's loads and pipeline fill overlap the previous tile's work.
+Three descriptors serve the whole launch (K/V read as [tokens, KV heads x D]); a block that reaches
+past its request's end is loaded whole and its V rows past the end are zeroed in shared memory
+before the PV product (they are the next request's, whose NaN or Inf a zero p would still spread).
+When merging, each consumer copies its rows' previous state into shared memory (cp.async) while the
+main loop runs, so the merge does not wait on global memory. Main loop: two consumer warpgroups of
+4 warps own 64 rows each. Each issues S_j = Q K_j^T, then O += P_{j-1} V_{j-1}, and does the
+softmax of block j while the PV product runs (intra-warpgroup overlap); the two warpgroups
+interleave on the tensor cores by themselves (FA3's explicit turn-taking measured no better,
+bench/NOTES.md). Ready barriers carry the TMA bytes, empty barriers count both consumers' releases.
+P stays in registers as the A operand of the PV wgmma. The mask comes from global positions (key b
+visible to query a iff b <= a + shift), applied only to the diagonal band and the ragged tail; the
+fp32 running state is merged in the epilogue exactly as the Triton twin does.
 
 Needs sm_90 (wgmma, TMA), float16/bfloat16, head dim 64 or 128, a power-of-two GQA group of at
 most 64, Q and K/V rows 16-byte aligned, K/V heads contiguous within a row and a positive
