@@ -6,7 +6,8 @@ weighs most), Hq 32 / Hkv 8, D 128, bf16.
 Variants (diagnostic only: all but "base" and "reciprocal" compute wrong states):
 - base: the kernel as shipped, the state written (acc=0) and merged (acc=1);
 - reciprocal: one reciprocal per row in finish_block instead of a division per element (136 ->
-  12 MUFU divisions in the sm_90a PTX); a candidate, not shipped (bench/results/2026-12-06_h100_tiles);
+  12 MUFU divisions in the sm_90a PTX); a candidate, not shipped
+  (bench/results/2026-12-06_h100_tiles);
 - no_smem_load: the prefetched o is not read back from shared memory;
 - no_merge_math: the block's state is stored without the merge.
 (Dropping the o store is no measure: the PV products become dead code.)
