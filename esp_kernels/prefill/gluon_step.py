@@ -107,13 +107,14 @@ def _state_ptrs(O, LSE, row0, tok0, q_len, o_row0, head0, stride_ot, stride_oh, 
 
 
 @gluon.jit
-def _work_item(w, n_tiles, n_req, n_kv_heads, CU_Q, CU_K, TILES, TOK_M: gl.constexpr,
-               BN: gl.constexpr, CAUSAL: gl.constexpr, HAS_TILES: gl.constexpr, shift):
+def _work_item(w, work, TOK_M: gl.constexpr, BN: gl.constexpr, CAUSAL: gl.constexpr,
+               HAS_TILES: gl.constexpr):
     """Work item w of the grid, heavy first. Without a tile table the tile index runs outermost
     from the last (longest causal rows) down, then requests, then KV heads (a tile past its
     request's end is an empty item); with one (`work_tiles`), item w is KV head w % n_kv_heads
     of the table's (tile, request) pair w // n_kv_heads. Returns the tile's request bounds, first
     token, KV head and its K/V blocks (n_full, n_blocks; 0 blocks: nothing to attend)."""
+    CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift = work
     if HAS_TILES:
         pair = w // n_kv_heads
         tile = gl.load(TILES + 2 * pair)
@@ -138,9 +139,10 @@ def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.cons
             PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr):
     """Every item's Q tile (two buffers, or one when the consumers prefetch the previous state)
     and K/V blocks (the stage ring, its counters running on across items) through TMA."""
-    (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready,
-     v_ready, k_empty, v_empty, fix_bar, CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items,
-     shift, qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh) = args
+    descs, smem, bars, work, state = args
+    q_desc, k_desc, v_desc = descs
+    q_smem, k_smem, v_smem, o_smem = smem
+    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, fix_bar = bars
     NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
     BN: gl.constexpr = k_smem.type.shape[1]
     D: gl.constexpr = k_smem.type.shape[2]
@@ -148,10 +150,9 @@ def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.cons
     Q_BUFS: gl.constexpr = q_smem.type.shape[0]
     it = 0
     kv = 0
-    for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
+    for w in range(gl.program_id(0), work[6], gl.num_programs(0)):  # work[6]: n_items
         q_start, q_len, k_start, k_len, t0, hk, n_full, n_blocks = _work_item(
-            w, n_tiles, n_req, n_kv_heads, CU_Q, CU_K, TILES, TOK_M, BN, CAUSAL, HAS_TILES,
-            shift)
+            w, work, TOK_M, BN, CAUSAL, HAS_TILES)
         if n_blocks > 0:
             qb = it % Q_BUFS
             mbarrier.wait(q_empty.index(qb), ((it // Q_BUFS) & 1) ^ 1)
@@ -251,9 +252,11 @@ def _epilogue(acc, m_i, l_i, qk_scale, O, LSE, o_stage, lse_prev, row0, tok0, q_
 @gluon.jit
 def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, WG: gl.constexpr):
-    (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready,
-     v_ready, k_empty, v_empty, fix_bar, CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items,
-     shift, qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh) = args
+    descs, smem, bars, work, state = args
+    q_smem, k_smem, v_smem, o_smem = smem
+    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, fix_bar = bars
+    n_items, shift = work[6], work[7]
+    qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh = state
     NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
     BN: gl.constexpr = k_smem.type.shape[1]
     D: gl.constexpr = k_smem.type.shape[2]
@@ -279,8 +282,7 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
     nfix = 0
     for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
         q_start, q_len, k_start, k_len, t0, hk, n_full, n_blocks = _work_item(
-            w, n_tiles, n_req, n_kv_heads, CU_Q, CU_K, TILES, TOK_M, BN, CAUSAL, HAS_TILES,
-            shift)
+            w, work, TOK_M, BN, CAUSAL, HAS_TILES)
         tok = t0 + rows // GROUP
         if PREFETCH:
             if t0 < q_len:
@@ -402,9 +404,11 @@ def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TILES, Tq, Tk, n_q_head
         mbarrier.init(k_empty.index(i), count=2)
         mbarrier.init(v_empty.index(i), count=2)
     mbarrier.init(fix_bar.index(0), count=2)
-    args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready,
-            v_ready, k_empty, v_empty, fix_bar, CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads,
-            n_items, shift, qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh)
+    # What the partitions share, by role (Gluon hands every partition the same arguments):
+    args = ((q_desc, k_desc, v_desc), (q_smem, k_smem, v_smem, o_smem),
+            (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, fix_bar),
+            (CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift),  # the work items
+            (qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh))   # the running state
     gl.warp_specialize([(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES)),
                         (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES)),
                         (_loader, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES))],
