@@ -22,6 +22,7 @@ import os
 import torch
 
 from harness import parse_out, time_cuda
+from ring_cases import random_qkv
 
 from esp_kernels.prefill import triton_step
 from esp_kernels.testing import cu_seqlens
@@ -65,15 +66,13 @@ def main():
     parse_out()
     mods = {name: variant_module(name, edits) for name, edits in VARIANTS.items()}
     n, Hq, Hkv, D = 8192, 32, 8, 128
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(n, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    kv = torch.randn(2, n, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k_all, v_all = random_qkv(n, Hq, Hkv, D)
     o = torch.zeros(n, Hq, D, device="cuda")
     lse = torch.zeros(n, Hq, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     tiles = n * Hq // 128
     for case, keys, shift in (("diagonal", n, 0), ("8 blocks", 1024, n)):
-        k, v = kv[0, :keys], kv[1, :keys]
+        k, v = k_all[:keys], v_all[:keys]
         cu_q, cu_k = cu_seqlens([n], "cuda"), cu_seqlens([keys], "cuda")
         for rnd in range(2):
             for name, m in mods.items():

@@ -27,6 +27,7 @@ import torch
 
 from anchors import fa3_prefill
 from harness import parse_out, time_cuda
+from ring_cases import random_qkv
 
 from esp_kernels.prefill.gluon_step import ring_step_gluon
 from esp_kernels.prefill.step import ring_step, run_step, step_tiles
@@ -36,16 +37,14 @@ from esp_kernels.testing import cu_seqlens
 def main():
     parse_out()
     n, Hq, Hkv, D = 8192, 32, 8, 128
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(n, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    kv = torch.randn(2, n, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k_all, v_all = random_qkv(n, Hq, Hkv, D)
     o = torch.empty(n, Hq, D, device="cuda")
     lse = torch.zeros(n, Hq, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     tiles = n * Hq // 128  # 128 (token, head) rows per tile in ours, 128 tokens x 1 head in FA3
     for name, keys, causal in (("1 block", 128, False), ("full", n, False),
                                ("diagonal", n, True)):
-        k, v = kv[0, :keys], kv[1, :keys]
+        k, v = k_all[:keys], v_all[:keys]
         pairs = n * keys - (n * (n - 1) // 2 if causal else 0)
         flops = 4 * D * Hq * pairs
         cu_q, cu_k = cu_seqlens([n], "cuda"), cu_seqlens([keys], "cuda")
@@ -67,11 +66,11 @@ def main():
             print(f"{name:<9} {label:<24} {ms * 1e3:9.1f} us {flops / ms / 1e9:7.1f} TFLOP/s "
                   f"per tile {ms * 1e3 * sms / tiles:6.2f} us", flush=True)
 
-    skewed(q, kv)
+    skewed(q, k_all, v_all)
     host()
 
 
-def skewed(q, kv):
+def skewed(q, k_all, v_all):
     """One 8k request plus 63 of 64 tokens (causal, self-attention) against the 8k one alone."""
     D = q.shape[2]
     n_max = 8192 + 64 * 63
@@ -79,18 +78,19 @@ def skewed(q, kv):
     lse = torch.zeros(n_max, q.shape[1], device="cuda")
     for lengths in ([8192], [8192] + [64] * 63):
         n = sum(lengths)
-        qs, k, v = _grow(q, n), _grow(kv[0], n), _grow(kv[1], n)
+        qs, k, v = _grow(q, n), _grow(k_all, n), _grow(v_all, n)
         cu = cu_seqlens(lengths, "cuda")
-        tiles = step_tiles(lengths, q.shape[1], k.shape[1], "cuda", "gluon")
-        for backend in ("gluon", "gluon, tile table", "triton"):
+        table = step_tiles(lengths, q.shape[1], k.shape[1], "cuda", "gluon")
+        for label, backend, tiles in (("gluon", "gluon", None),
+                                      ("gluon, tile table", "gluon", table),
+                                      ("triton", "triton", None)):
             for acc in (False, True):
-                def step(backend=backend, acc=acc):
+                def step(backend=backend, tiles=tiles, acc=acc):
                     run_step(qs, k, v, cu, cu, max(lengths), o[:n], lse[:n], causal=True,
-                             accumulate=acc, softmax_scale=D ** -0.5,
-                             backend=backend.split(",")[0],
-                             tiles=tiles if backend.endswith("table") else None)
+                             accumulate=acc, softmax_scale=D ** -0.5, backend=backend,
+                             tiles=tiles)
                 ms = time_cuda(step)["ms"]
-                print(f"skewed   {len(lengths):>3} requests ({n} tokens) {backend:<17} "
+                print(f"skewed   {len(lengths):>3} requests ({n} tokens) {label:<17} "
                       f"acc={int(acc)} {ms * 1e3:9.1f} us", flush=True)
 
 
@@ -103,10 +103,7 @@ def _grow(t, n):
 def host():
     """Host time per step launched back to back (1k queries of one request, P=8 of 8k)."""
     n, Hq, Hkv, D = 1024, 32, 8, 128
-    g = torch.Generator(device="cuda").manual_seed(1)
-    q = torch.randn(n, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(n, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn_like(k)
+    q, k, v = random_qkv(n, Hq, Hkv, D, seed=1)
     o = torch.zeros(n, Hq, D, device="cuda")
     lse = torch.zeros(n, Hq, device="cuda")
     cu = cu_seqlens([n], "cuda")
