@@ -135,6 +135,7 @@ def flashinfer_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
         run()
         torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001 - a refused shape skips the anchor
-        return _absent(f"FlashInfer decode (page {page_size})",
+        kind = "tensor cores" if tensor_cores else "CUDA cores"
+        return _absent(f"FlashInfer decode ({kind}, page {page_size})",
                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
     return run

@@ -1,8 +1,9 @@
 """Decode benchmarks, same run:
 
 1. partial decode kernel over paged KV: KV bytes read / time vs device copy bandwidth, vs torch
-   SDPA CUDNN on contiguous KV of the same shape, and vs FlashInfer's paged decode (tensor cores,
-   carried anchors) on the same shuffled pages (bf16, D 128, Hq 32 / Hkv 8, page 16 and 1).
+   SDPA CUDNN on contiguous KV of the same shape, and vs FlashInfer's paged decode (tensor-core
+   and CUDA-core kernels, carried anchors) on the same shuffled pages (bf16, D 128, Hq 32 /
+   Hkv 8, page 16 and 1).
    Bar: >= 1.0x the best anchor at (B1, L128k), (B16, L16k), (B64, L4k), (B8, L1k).
 2. one multi-master decode layer on 2 and 4 virtual ranks vs one instance over the same KV.
 3. host overhead per decode layer without graph capture (bar <= 30 us), and graph replay.
@@ -106,11 +107,15 @@ def kernel_bench(rec, quick):
                 if at is not None:
                     rec.add(case, "decode_partial", t["ms"], f"{aname} (contiguous KV)",
                             at["ms"], "ms", higher_is_better=False)
-            fi = flashinfer_decode(q, k, v, bt, L) if shuffled is True else None
-            if fi is not None:  # the same pages: the best paged anchor
-                tf = time_cuda(fi)
-                rec.add(f"B{B} L{L} page {ps}", "decode_partial", t_default["ms"],
-                        "FlashInfer decode (paged, TC)", tf["ms"], "ms", higher_is_better=False)
+            # The same pages through FlashInfer's paged decode, tensor-core and CUDA-core
+            # kernels (each is the faster one somewhere: B1 L128k TC, B8 L1k CUDA cores).
+            for tc in ((True, False) if shuffled is True else ()):
+                fi = flashinfer_decode(q, k, v, bt, L, tensor_cores=tc)
+                if fi is not None:
+                    tf = time_cuda(fi)
+                    rec.add(f"B{B} L{L} page {ps}", "decode_partial", t_default["ms"],
+                            f"FlashInfer decode (paged, {'TC' if tc else 'CUDA cores'})",
+                            tf["ms"], "ms", higher_is_better=False)
             del k, v
 
 

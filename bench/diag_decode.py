@@ -7,7 +7,9 @@ is the cause; if not, the kernel's own stream is. With --ncu, runs each case onc
 cudaProfilerStart/Stop for `ncu --profile-from-start off`; with --ab, compares the balanced and
 deterministic split schedules in interleaved rounds; with --profile, splits bench_decode's event
 time (L2 flushed before each call) into the device time of each kernel it launches, for ours and
-cuDNN, so time outside the main kernel (launch gaps, the split merge, memsets) is visible.
+cuDNN, so time outside the main kernel (launch gaps, the split merge, memsets) is visible; with
+--short, sweeps the split count and schedule of the short shapes (B8 L1k, where the bar is furthest)
+in interleaved rounds, next to SDPA CUDNN on contiguous KV.
 """
 
 import argparse
@@ -76,11 +78,49 @@ def schedules_ab(gen, rounds=8, reps=15):
             del k, v
 
 
+def short_sweep(gen, rounds=5, reps=20):
+    """Split count x schedule on short shapes, interleaved in rounds (median of rounds); the
+    cost model's count is marked. The balanced schedule's public call includes the memset of its
+    tile counters (a prepared call skips it: PreparedDecodePartial)."""
+    from esp_kernels.decode.partial import num_splits_for
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for B, L in ((8, 1024), (8, 2048), (32, 1024), (64, 512)):
+        q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k, v, bt, lens = paged(B, L, 16, gen)
+        o = torch.empty(B, Hq, D, device="cuda")
+        lse = torch.empty(B, Hq, device="cuda")
+        chosen = num_splits_for(B, Hkv, L, sms, D)
+        cudnn = sdpa_contiguous(q, B, L, gen)
+        runs = {("SDPA CUDNN contiguous", None): cudnn}
+        for s in sorted({1, 2, 4, 8, 12, 16, 24, 32, chosen}):
+            for det in (False, True):
+                if s == 1 and det:
+                    continue  # one split has no schedule
+                runs[(s, det)] = (lambda s=s, det=det: decode_partial(
+                    q, k, v, bt, lens, num_splits=s, o=o, lse=lse, deterministic=det))
+        times = {key: [] for key in runs}
+        for _ in range(rounds):
+            for key, fn in runs.items():
+                times[key].append(time_cuda(fn, reps=reps)["ms"] * 1e3)
+        med = {key: sorted(x)[len(x) // 2] for key, x in times.items()}
+        ref = med[("SDPA CUDNN contiguous", None)]
+        print(f"B{B} L{L} page 16: SDPA CUDNN contiguous {ref:6.1f} us; cost model: {chosen} "
+              "splits")
+        for (s, det), us in med.items():
+            if det is None:
+                continue
+            sched = "static" if det else ("balanced" if s > 1 else "-")
+            mark = " <- cost model" if s == chosen else ""
+            print(f"    {s:3d} splits {sched:9s} {us:6.1f} us  ({ref / us:5.3f} of cuDNN){mark}")
+        del k, v, cudnn
+
+
 def profile_kernels(gen, reps=20):
     """Event time of one call vs the CUPTI device time of every kernel in it (same loop)."""
     from torch.profiler import ProfilerActivity, profile
 
-    for B, L in ((1, 131072), (16, 16384), (64, 4096)):
+    for B, L in ((1, 131072), (16, 16384), (64, 4096), (8, 1024)):
         q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         k, v, bt, lens = paged(B, L, 16, gen)
         cudnn = sdpa_contiguous(q, B, L, gen)
@@ -111,8 +151,12 @@ def main():
     ap.add_argument("--ncu", action="store_true")
     ap.add_argument("--ab", action="store_true", help="balanced vs deterministic only")
     ap.add_argument("--profile", action="store_true", help="per-kernel device time only")
+    ap.add_argument("--short", action="store_true", help="split sweep of the short shapes only")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.short:
+        short_sweep(gen)
+        return
     if args.profile:
         profile_kernels(gen)
         return

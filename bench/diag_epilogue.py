@@ -3,11 +3,8 @@ each with one source line changed, timed side by side (two rounds) on causal ste
 (the diagonal, 8k keys; and 1k keys all visible: 8 blocks per tile, where the per-tile epilogue
 weighs most), Hq 32 / Hkv 8, D 128, bf16.
 
-Variants (diagnostic only: all but "base" and "reciprocal" compute wrong states):
+Variants (diagnostic only: all but "base" compute wrong states):
 - base: the kernel as shipped, the state written (acc=0) and merged (acc=1);
-- reciprocal: one reciprocal per row in finish_block instead of a division per element (136 ->
-  12 MUFU divisions in the sm_90a PTX); a candidate, not shipped
-  (bench/results/2026-12-06_h100_tiles);
 - no_smem_load: the prefetched o is not read back from shared memory;
 - no_merge_math: the block's state is stored without the merge.
 (Dropping the o store is no measure: the PV products become dead code.)
@@ -28,11 +25,8 @@ from esp_kernels.prefill import triton_step
 from esp_kernels.testing import cu_seqlens
 
 HERE = os.path.dirname(os.path.abspath(triton_step.__file__))
-RECIPROCAL = ("return seen, acc / l_safe[:, None], lse",
-              "return seen, acc * (1.0 / l_safe)[:, None], lse")
 VARIANTS = {
     "base": {},
-    "reciprocal": {"triton_step": [RECIPROCAL]},
     "no_smem_load": {"gluon_step": [("o_prev = o_stage.load(o_layout)",
                                      "o_prev = gl.zeros([M, D], gl.float32, layout=o_layout)")]},
     "no_merge_math": {"gluon_step": [(
@@ -76,7 +70,7 @@ def main():
         cu_q, cu_k = cu_seqlens([n], "cuda"), cu_seqlens([keys], "cuda")
         for rnd in range(2):
             for name, m in mods.items():
-                for acc in ((False, True) if name in ("base", "reciprocal") else (True,)):
+                for acc in ((False, True) if name == "base" else (True,)):
                     def step(m=m, acc=acc):
                         m.ring_step_gluon(q, k, v, cu_q, cu_k, n, o, lse, True, shift, acc,
                                           D ** -0.5)

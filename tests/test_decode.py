@@ -501,6 +501,40 @@ def test_decode_partial_balanced_long(page_size, splits, gen):
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
 
 
+def test_auto_schedule_is_static_for_short_splits():
+    """The default split count's schedule (H100's 132 SMs, Hkv 8, D 128): fixed ranges where
+    splits hold under 512 tokens, the balanced counters from there on."""
+    from esp_kernels.decode.partial import auto_schedule_is_static, num_splits_for
+
+    for B, L, static in ((8, 1024, True), (8, 2048, True), (64, 512, True),
+                         (1, 131072, False), (16, 16384, False), (64, 4096, False)):
+        splits = num_splits_for(B, 8, L, 132, 128)
+        assert auto_schedule_is_static(splits, L) == static, (B, L, splits)
+    assert auto_schedule_is_static(4, 2044) and not auto_schedule_is_static(4, 2045)
+    assert not auto_schedule_is_static(1, 4096) and auto_schedule_is_static(1, 100)
+
+
+@pytest.mark.gpu
+def test_decode_partial_short_splits_default_schedule_is_reproducible(gen):
+    """Default split count on short shards (splits of under 512 tokens): the fixed ranges, so
+    deterministic=False gives the deterministic schedule's bits, run after run."""
+    from esp_kernels.decode.partial import auto_schedule_is_static, default_num_splits
+
+    lens = [1000, 333, 64, 1, 0, 777, 1024, 900]
+    q, k, v, bt, kl, ref_o, ref_l = paged_case(lens, 32, 8, 128, 16, torch.bfloat16, gen)
+    args = (q.cuda(), k.cuda(), v.cuda(), bt.cuda(), kl.cuda())
+    splits = default_num_splits(len(lens), 8, 1024, torch.device("cuda"), 128)
+    assert splits > 1 and auto_schedule_is_static(splits, 1024)
+    outs = []
+    for det in (False, False, True):
+        o, lse = decode_partial(*args, max_len=1024, deterministic=det)
+        assert_close(o.cpu(), ref_o, torch.bfloat16)
+        assert_close(lse.cpu(), ref_l, torch.bfloat16)
+        outs.append((o, lse))
+    for o, lse in outs[1:]:
+        assert torch.equal(o, outs[0][0]) and torch.equal(lse, outs[0][1])
+
+
 @pytest.mark.gpu
 def test_decode_partial_strided_layer_slice(gen):
     """k/v as a layer slice of a full PagedKVCache; outputs as the driver's strided rows."""

@@ -47,6 +47,22 @@ def num_splits_for(batch: int, num_kv_heads: int, max_len: int, num_sms: int,
     return best
 
 
+# The automatic schedule (num_splits not given) shares tiles through counters (balanced) only when
+# each split has at least this many tokens; shorter splits take fixed ranges. H100, page 16,
+# interleaved rounds (bench/diag_decode.py --short), balanced -> fixed: B8 L1k at 16 splits (64
+# tokens each) 30.4 -> 28.8 us, B8 L2k (128 each) 45.1 -> 43.8, B32 L1k and B64 L512 (256 each)
+# within 0.5%; at 1024+ tokens per split balanced wins (B1 L128k 210.2 -> 208.5 us, B16 L16k
+# 393 -> 383). Fixed ranges also skip the counters' memset launch.
+BALANCED_MIN_SPLIT_TOKENS = 512
+
+
+def auto_schedule_is_static(num_splits: int, max_len: int) -> bool:
+    """Whether the automatic schedule gives every split a fixed token range (bitwise
+    reproducible): splits of a shard of at most max_len tokens that hold fewer than
+    BALANCED_MIN_SPLIT_TOKENS tokens each."""
+    return math.ceil(max_len / max(1, num_splits)) < BALANCED_MIN_SPLIT_TOKENS
+
+
 def default_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device,
                        head_dim: int) -> int:
     """num_splits_for with the SM count of `device` (1 off CUDA)."""
@@ -118,15 +134,18 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
         k_cache, v_cache: [num_pages, page_size, Hkv, D] one layer of a PagedKVCache.
         block_table: int32 [B, max_pages]; kv_lens: int32 [B] (tokens of each request here).
         num_splits: KV splits per request (default: `num_splits_for` with `max_len`, the
-            longest shard, or the block table's capacity); fixed per launch, so the op is
-            CUDA-graph capturable for a fixed plan.
+            longest shard, or the block table's capacity, and with it the schedule:
+            `auto_schedule_is_static`); fixed per launch, so the op is CUDA-graph capturable
+            for a fixed plan.
         workspace: optional float32 buffer of `_C.decode_workspace_elems(...)` elements (the
             driver keeps one per plan so captured graphs reuse it).
         o, lse: optional outputs, float32 [B, Hq, D] and [B, Hq] (strided views allowed).
         deterministic: when the KV is split, False (default) lets the splits of a request share
             its tiles through a counter (no split waits for a slow sibling; the fp32 summation
-            order, hence the last bits, can change between runs); True gives every split a
-            fixed token range and bitwise-reproducible results. The CPU path is deterministic.
+            order, hence the last bits, can change between runs), except where the default
+            split count gives short splits (`auto_schedule_is_static`); True gives every split
+            a fixed token range and bitwise-reproducible results. The CPU path is
+            deterministic.
     Returns (o, lse). Takes torch tensors or DLPack / __cuda_array_interface__ arrays (results
     come back as the caller's kind); under torch.compile it is the op
     esp_kernels::decode_partial.
@@ -165,6 +184,7 @@ def decode_partial_(q, k_cache, v_cache, block_table, kv_lens, o, lse, workspace
             if max_len is None:
                 max_len = k_cache.shape[1] * block_table.shape[1]
             num_splits = default_num_splits(B, k_cache.shape[2], max_len, q.device, D)
+            deterministic = deterministic or auto_schedule_is_static(num_splits, max_len)
         ws = workspace
         if ws is None or ws.numel() < C.decode_workspace_elems(B, Hq, D, int(num_splits)):
             ws = new_workspace(B, Hq, D, int(num_splits), q.device)
@@ -207,9 +227,13 @@ class PreparedDecodePartial:
         self._q_shape, self._q_dtype = q.shape, q.dtype
         self._device, self._device_index = dev, dev.index
         hkv = k_layers.shape[3]
-        self.num_splits = int(num_splits) if num_splits is not None else default_num_splits(
-            max(1, B), hkv, k_layers.shape[2] * block_table.shape[1] if max_len is None
-            else max_len, dev, D)
+        # With the default split count comes the automatic schedule (decode_partial).
+        self._static = False
+        if num_splits is None:
+            bound = k_layers.shape[2] * block_table.shape[1] if max_len is None else max_len
+            num_splits = default_num_splits(max(1, B), hkv, bound, dev, D)
+            self._static = auto_schedule_is_static(num_splits, bound)
+        self.num_splits = int(num_splits)
         self.workspace = None
         self._descs = None
         if (dev.type == "cuda" and _core.has_compiled() and q.dtype in HALF_DTYPES
@@ -250,13 +274,15 @@ class PreparedDecodePartial:
             # The last argument is counters_zeroed=True, passed by position: a keyword sends
             # pybind11 through its name matching, +0.2-0.5 us per call on this per-layer path.
             _core._C.decode_partial(dq, dk, dv, dbt, dlen, do, dlse, dws, self.num_splits,
-                                    softmax_scale, deterministic, self._device_index,
+                                    softmax_scale, deterministic or self._static,
+                                    self._device_index,
                                     _core.stream_handle(self._device), True)
             return
         decode_partial(self.q if q is None else q, self.k_layers[layer], self.v_layers[layer],
                        self.block_table, self.kv_lens, softmax_scale=softmax_scale,
                        num_splits=self.num_splits, o=self.o, lse=self.lse,
-                       workspace=self.workspace, deterministic=deterministic, backend=backend)
+                       workspace=self.workspace, deterministic=deterministic or self._static,
+                       backend=backend)
 
 
 def prepare_decode_partial(q, k_layers, v_layers, block_table, kv_lens, *, o, lse,
