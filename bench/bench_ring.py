@@ -41,9 +41,9 @@ def main():
         t_steps = time_cuda(lambda: ring.all_steps(step), warmup=1, reps=3)
         groups = local_group(P, "cuda")
 
-        def ours():
-            run_local(groups, lambda gr: esp.ring_prefill(qs[gr.rank], ks[gr.rank], vs[gr.rank],
-                                                         [L], gr))
+        def ours():  # every rank's (out, lse)
+            return run_local(groups, lambda gr: esp.ring_prefill(qs[gr.rank], ks[gr.rank],
+                                                                vs[gr.rank], [L], gr))
 
         case = f"L={L} P={P} virtual ranks Hq{Hq}/Hkv{Hkv} D{D} bf16 [{backend}]"
         # Eight threads sharing one GPU vary run to run: more repetitions than the kernels get.
@@ -68,23 +68,18 @@ def main():
         if t_fa3 is not None:
             rec.add(case, "ring_prefill", t_ours["ms"], "one FA3 call (FlashInfer)",
                     t_fa3["ms"], "ms", higher_is_better=False)
-        ours_out = [None] * P
-        run_local(groups, lambda gr: ours_out.__setitem__(gr.rank, esp.ring_prefill(
-            qs[gr.rank], ks[gr.rank], vs[gr.rank], [L], gr)[0]))
+        ours_out = [o for o, _ in ours()]
         attends = {"SDPA FLASH": sdpa_flash_attend}
         for name in ("FA3", "cuDNN"):
             attend = step_attend(name, qs[0], ks[0], vs[0])
             if attend is not None:
                 attends[name] = attend
         for name, attend in attends.items():
-            def style(attend=attend):
-                run_local(groups, lambda gr: rfa_style_prefill(qs[gr.rank], ks[gr.rank],
-                                                              vs[gr.rank], gr, attend=attend))
-            outs = [None] * P
-            run_local(groups, lambda gr: outs.__setitem__(gr.rank, rfa_style_prefill(
-                qs[gr.rank], ks[gr.rank], vs[gr.rank], gr, attend=attend)[0]))
+            def style(attend=attend):  # every rank's (out, lse)
+                return run_local(groups, lambda gr: rfa_style_prefill(
+                    qs[gr.rank], ks[gr.rank], vs[gr.rank], gr, attend=attend))
             diff = max((a.float() - b.float()).abs().max().item()
-                       for a, b in zip(outs, ours_out))
+                       for (a, _), b in zip(style(), ours_out))
             t_style = time_wall(style, warmup=2, reps=7)
             rec.add(case, "ring_prefill", t_ours["ms"], f"RFA-style loop, {name} steps",
                     t_style["ms"], "ms", higher_is_better=False, max_abs_diff=diff)

@@ -8,8 +8,8 @@ cudaProfilerStart/Stop for `ncu --profile-from-start off`; with --ab, compares t
 deterministic split schedules in interleaved rounds; with --profile, splits bench_decode's event
 time (L2 flushed before each call) into the device time of each kernel it launches, for ours and
 cuDNN, so time outside the main kernel (launch gaps, the split merge, memsets) is visible; with
---short, sweeps the split count and schedule of the short shapes (B8 L1k, where the bar is furthest)
-in interleaved rounds, next to SDPA CUDNN on contiguous KV.
+--short, sweeps the split count and schedule of the short shapes (B8 L1k, where the bar is
+furthest) in interleaved rounds, next to SDPA CUDNN on contiguous KV.
 """
 
 import argparse

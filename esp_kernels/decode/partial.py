@@ -71,6 +71,14 @@ def default_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torc
     return num_splits_for(batch, num_kv_heads, max_len, sms, head_dim)
 
 
+def default_schedule(batch: int, num_kv_heads: int, max_len: int, device: torch.device,
+                     head_dim: int) -> tuple[int, bool]:
+    """What a call that leaves num_splits unset runs: `default_num_splits` and whether those
+    splits take fixed ranges (`auto_schedule_is_static`)."""
+    num_splits = default_num_splits(batch, num_kv_heads, max_len, device, head_dim)
+    return num_splits, auto_schedule_is_static(num_splits, max_len)
+
+
 def new_workspace(batch: int, num_q_heads: int, head_dim: int, num_splits: int,
                   device: torch.device) -> torch.Tensor:
     """A float32 workspace of `_C.decode_workspace_elems` elements (at least one) on `device`."""
@@ -183,8 +191,8 @@ def decode_partial_(q, k_cache, v_cache, block_table, kv_lens, o, lse, workspace
         if num_splits is None:
             if max_len is None:
                 max_len = k_cache.shape[1] * block_table.shape[1]
-            num_splits = default_num_splits(B, k_cache.shape[2], max_len, q.device, D)
-            deterministic = deterministic or auto_schedule_is_static(num_splits, max_len)
+            num_splits, static = default_schedule(B, k_cache.shape[2], max_len, q.device, D)
+            deterministic = deterministic or static
         ws = workspace
         if ws is None or ws.numel() < C.decode_workspace_elems(B, Hq, D, int(num_splits)):
             ws = new_workspace(B, Hq, D, int(num_splits), q.device)
@@ -231,8 +239,7 @@ class PreparedDecodePartial:
         self._static = False
         if num_splits is None:
             bound = k_layers.shape[2] * block_table.shape[1] if max_len is None else max_len
-            num_splits = default_num_splits(max(1, B), hkv, bound, dev, D)
-            self._static = auto_schedule_is_static(num_splits, bound)
+            num_splits, self._static = default_schedule(max(1, B), hkv, bound, dev, D)
         self.num_splits = int(num_splits)
         self.workspace = None
         self._descs = None
