@@ -269,13 +269,15 @@ def test_step_kernel_gpu(backend, dtype, hq, hkv, d, shift, accumulate, gen):
 @pytest.mark.gpu
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (8, 1, 64), (8, 8, 64), (32, 8, 64)])
 @pytest.mark.parametrize("shift,accumulate", [(0, False), (-1, True), (0, True)])
-def test_gluon_step_walks_the_tile_table(hq, hkv, d, shift, accumulate, gen):
+@pytest.mark.parametrize("lq,lk", [([5, 1, 37, 0, 19, 700, 130], [5, 0, 37, 3, 18, 700, 129]),
+                                   ([5, 0, 3000, 1, 700], [5, 3, 3000, 1, 699])])
+def test_gluon_step_walks_the_tile_table(hq, hkv, d, shift, accumulate, lq, lk, gen):
     """The Gluon kernel over the host-built tile table (what the ring driver passes), on a
-    batch with empty and one-token requests: the same result as the reference."""
+    batch with empty and one-token requests: the same result as the reference. The second
+    batch has several items per CTA (an H100 has 132 SMs), so CTAs walk odd rounds backwards
+    (the snake order) and end on a partial round."""
     from esp_kernels.prefill import gluon_step
 
-    lq = [5, 1, 37, 0, 19, 700, 130]
-    lk = [5, 0, 37, 3, 18, 700, 129]
     args, (ref_o, ref_l) = _step_case(torch.bfloat16, hq, hkv, d, shift, accumulate, gen, "cuda",
                                       lq, lk)
     tiles = step_tiles(lq, hq, hkv, "cuda", "gluon")

@@ -67,6 +67,7 @@ STAGES = 2
 # H100, same call: 64k rings 595 / 591 against 589 / 582 TFLOP/s (P=4), 535 / 529 against
 # 525 / 521 (P=8); 8k rings unchanged.
 PREFETCH_STATE = True
+SNAKE_ORDER = True
 
 
 @gluon.jit
@@ -114,7 +115,14 @@ def _work_item(w, work, TOK_M: gl.constexpr, BN: gl.constexpr, CAUSAL: gl.conste
     request's end is an empty item); with one (`work_tiles`), item w is KV head w % n_kv_heads
     of the table's (tile, request) pair w // n_kv_heads. Returns the tile's request bounds, first
     token, KV head and its K/V blocks (n_full, n_blocks; 0 blocks: nothing to attend)."""
-    CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift = work
+    CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift, snake = work
+    if snake:
+        # Item w sits in round r of the CTAs' walk; odd full rounds run backwards, so a CTA
+        # that took a heavy item in one round takes a light one in the next.
+        n_ctas = gl.num_programs(0)
+        r = w // n_ctas
+        if (r % 2 == 1) and ((r + 1) * n_ctas <= n_items):
+            w = 2 * r * n_ctas + n_ctas - 1 - w
     if HAS_TILES:
         pair = w // n_kv_heads
         tile = gl.load(TILES + 2 * pair)
@@ -359,7 +367,7 @@ def _consumer1(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.c
 @gluon.jit
 def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TILES, Tq, Tk, n_q_heads, n_kv_heads,
                             stride_qt, stride_qh, stride_kt, stride_vt, stride_ot, stride_oh,
-                            stride_lt, stride_lh, qk_scale, shift, n_tiles, n_req, n_items,
+                            stride_lt, stride_lh, qk_scale, shift, n_tiles, n_req, n_items, snake,
                             GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BN: gl.constexpr,
                             NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                             ACCUMULATE: gl.constexpr, PREFETCH: gl.constexpr,
@@ -407,7 +415,7 @@ def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TILES, Tq, Tk, n_q_head
     # What the partitions share, by role (Gluon hands every partition the same arguments):
     args = ((q_desc, k_desc, v_desc), (q_smem, k_smem, v_smem, o_smem),
             (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, fix_bar),
-            (CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift),  # the work items
+            (CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift, snake),  # the items
             (qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh))   # the running state
     gl.warp_specialize([(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES)),
                         (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES)),
@@ -486,7 +494,7 @@ def work_tiles(q_lengths, num_q_heads: int, num_kv_heads: int, device) -> torch.
 
 def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
                     accumulate, softmax_scale, stages=STAGES, block_n=BLOCK_N,
-                    prefetch_state=PREFETCH_STATE, tiles=None):
+                    prefetch_state=PREFETCH_STATE, tiles=None, snake=SNAKE_ORDER):
     """Launch the Gluon ring step (arguments as step.run_step's, positional, torch tensors; the
     caller checked `supports`). prefetch_state: merging steps copy each tile's previous state
     into shared memory during its main loop. tiles: None, or `work_tiles` of this batch's
@@ -504,9 +512,10 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
     _ensure_allocator()
     prefetch = bool(prefetch_state and accumulate)
     args = (grid, q, k, v, cu_q, cu_k, tiles, o_state, lse_state, group, D, n_tiles, B,
-            n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n, prefetch)
+            n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n, prefetch,
+            snake)
     key = (q.dtype, group, D, bool(causal), bool(accumulate), stages, block_n, prefetch,
-           tiles is not None)
+           tiles is not None, bool(snake))
     if key not in _compiled:
         # Gluon is experimental and its API moves between Triton releases (verified on a GPU:
         # 3.6; the CPU tests compile it for sm_90a with the installed Triton). Each
@@ -534,14 +543,14 @@ _compiled = set()  # specializations known to compile with this Triton
 
 def _launch(grid, q, k, v, cu_q, cu_k, tiles, o_state, lse_state, group, D, n_tiles, B,
             n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n, prefetch,
-            warmup=False):
+            snake, warmup=False):
     run = _ring_step_gluon_kernel.warmup if warmup else _ring_step_gluon_kernel[grid]
     extra = dict(grid=grid) if warmup else {}
     run(
         q, k, v, o_state, lse_state, cu_q, cu_k, cu_q if tiles is None else tiles, q.shape[0],
         k.shape[0], q.shape[1], k.shape[1], q.stride(0), q.stride(1), k.stride(0), v.stride(0),
         o_state.stride(0), o_state.stride(1), lse_state.stride(0), lse_state.stride(1),
-        softmax_scale * _LOG2E, int(mask_shift), n_tiles, B, n_items, GROUP=group,
+        softmax_scale * _LOG2E, int(mask_shift), n_tiles, B, n_items, int(snake), GROUP=group,
         HEAD_DIM=D, BN=block_n, NUM_STAGES=stages, CAUSAL=bool(causal),
         ACCUMULATE=bool(accumulate), PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2,
         HAS_TILES=tiles is not None, num_warps=4, maxnreg=168, **extra)
