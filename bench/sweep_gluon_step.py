@@ -23,7 +23,7 @@ ROUNDS = 2  # every variant timed once per round, rounds one after the other (dr
 def main():
     args = parse_out()
     rec = Recorder("gluon_sweep", args.out)
-    for L in ((16384,) if args.quick else (65536, 8192)):
+    for L in ((16384,) if args.quick else (8192,) if args.only == "8k" else (65536, 8192)):
         sweep(rec, L)
 
 

@@ -117,12 +117,13 @@ def _work_item(w, work, TOK_M: gl.constexpr, BN: gl.constexpr, CAUSAL: gl.conste
     token, KV head and its K/V blocks (n_full, n_blocks; 0 blocks: nothing to attend)."""
     CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift, snake = work
     if snake:
-        # Item w sits in round r of the CTAs' walk; odd full rounds run backwards, so a CTA
-        # that took a heavy item in one round takes a light one in the next.
+        # Slot w is CTA w % n_ctas's item in round r = w // n_ctas; odd rounds hand out their
+        # items backwards (a partial last round among the CTAs that have a slot in it), so a
+        # CTA that took a heavy item in one round takes a light one in the next.
         n_ctas = gl.num_programs(0)
         r = w // n_ctas
-        if (r % 2 == 1) and ((r + 1) * n_ctas <= n_items):
-            w = 2 * r * n_ctas + n_ctas - 1 - w
+        if r % 2 == 1:
+            w = 2 * r * n_ctas + gl.minimum(n_ctas, n_items - r * n_ctas) - 1 - w
     if HAS_TILES:
         pair = w // n_kv_heads
         tile = gl.load(TILES + 2 * pair)
