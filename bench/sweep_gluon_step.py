@@ -1,7 +1,8 @@
 """The Gluon ring step's knob (the state prefetch on or off) against the Triton kernel and FA3 in
 one run: effective TFLOP/s of all P x P steps (L 64k, Hq 32 / Hkv 8, D 128, bf16; L 8k replayed
 from a CUDA graph, its steps being launch-bound), and each variant's output state against the
-Triton kernel's on the same steps. Decides esp_kernels/prefill/gluon_step.py's defaults."""
+Triton kernel's on the same steps. Decides esp_kernels/prefill/gluon_step.py's defaults.
+`--only 8k` runs the L 8k rings alone."""
 
 import torch
 
