@@ -33,8 +33,7 @@ def compile_sm90a(causal, accumulate, has_tiles, head_dim=128, group=4, dtype="b
                n_kv_heads="i32",
                stride_qt="i32", stride_qh="i32", stride_kt="i32", stride_vt="i32",
                stride_ot="i32", stride_oh="i32", stride_lt="i32", stride_lh="i32",
-               qk_scale="fp32", shift="i32", n_tiles="i32", n_req="i32", n_items="i32",
-               snake="i32")
+               qk_scale="fp32", shift="i32", n_tiles="i32", n_req="i32", n_items="i32")
     consts = dict(GROUP=group, HEAD_DIM=head_dim, BN=gluon_step.BLOCK_N,
                   NUM_STAGES=gluon_step.STAGES, CAUSAL=causal, ACCUMULATE=accumulate,
                   PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2, HAS_TILES=has_tiles)

@@ -5,9 +5,11 @@ tensor cores).
 
 A tile is 128 query rows = (token, head) pairs of one KV head's group (GQA packed, as the Triton
 twin). The kernel is persistent: one CTA per SM walks the tiles heavy first (latest tokens, the
-longest causal rows, outermost), round robin over the CTAs: the tiles of a table built on the host
-from the requests' lengths (`work_tiles`, what the ring driver passes), or without one, tiles of
-the longest request for every request, skipping the empty ones. Its 1-warp loader streams each
+longest causal rows, outermost), the CTAs taking them in rounds whose order alternates (snake: the
+CTA that took a round's heaviest tile takes the next full round's lightest, so causal tiles, whose
+work falls linearly, even out per CTA): the tiles of a table built on the host from the requests'
+lengths (`work_tiles`, what the ring driver passes), or without one, tiles of the longest request
+for every request, skipping the empty ones. Its 1-warp loader streams each
 tile's Q ([tokens, group heads, D] TMA boxes) and K/V blocks into shared memory, its counters
 running on across tiles, so a tile's loads and pipeline fill overlap the previous tile's work.
 Three descriptors serve the whole launch (K/V read as [tokens, KV heads x D]); a block that reaches
@@ -67,7 +69,6 @@ STAGES = 2
 # H100, same call: 64k rings 595 / 591 against 589 / 582 TFLOP/s (P=4), 535 / 529 against
 # 525 / 521 (P=8); 8k rings unchanged.
 PREFETCH_STATE = True
-SNAKE_ORDER = True
 
 
 @gluon.jit
@@ -115,15 +116,16 @@ def _work_item(w, work, TOK_M: gl.constexpr, BN: gl.constexpr, CAUSAL: gl.conste
     request's end is an empty item); with one (`work_tiles`), item w is KV head w % n_kv_heads
     of the table's (tile, request) pair w // n_kv_heads. Returns the tile's request bounds, first
     token, KV head and its K/V blocks (n_full, n_blocks; 0 blocks: nothing to attend)."""
-    CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift, snake = work
-    if snake:
-        # Slot w is CTA w % n_ctas's item in round r = w // n_ctas; odd rounds hand out their
-        # items backwards (a partial last round among the CTAs that have a slot in it), so a
-        # CTA that took a heavy item in one round takes a light one in the next.
-        n_ctas = gl.num_programs(0)
-        r = w // n_ctas
-        if r % 2 == 1:
-            w = 2 * r * n_ctas + gl.minimum(n_ctas, n_items - r * n_ctas) - 1 - w
+    CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift = work
+    # Snake order: slot w is CTA w % n_ctas's item in round r = w // n_ctas, and odd full
+    # rounds hand their items out backwards, so a CTA that took a heavy item in one round takes
+    # a light one in the next. H100, against round robin in one call (two rounds, bench/NOTES.md):
+    # +2.0-2.9% / +0.4-3.7% / +3.4-4.9% at 16k / 8k / 2k tokens per rank; at 1k (one full
+    # round and a partial one, left in order here) unchanged.
+    n_ctas = gl.num_programs(0)
+    r = w // n_ctas
+    if (r % 2 == 1) and ((r + 1) * n_ctas <= n_items):
+        w = 2 * r * n_ctas + n_ctas - 1 - w
     if HAS_TILES:
         pair = w // n_kv_heads
         tile = gl.load(TILES + 2 * pair)
@@ -368,7 +370,7 @@ def _consumer1(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.c
 @gluon.jit
 def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TILES, Tq, Tk, n_q_heads, n_kv_heads,
                             stride_qt, stride_qh, stride_kt, stride_vt, stride_ot, stride_oh,
-                            stride_lt, stride_lh, qk_scale, shift, n_tiles, n_req, n_items, snake,
+                            stride_lt, stride_lh, qk_scale, shift, n_tiles, n_req, n_items,
                             GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BN: gl.constexpr,
                             NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                             ACCUMULATE: gl.constexpr, PREFETCH: gl.constexpr,
@@ -416,7 +418,7 @@ def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TILES, Tq, Tk, n_q_head
     # What the partitions share, by role (Gluon hands every partition the same arguments):
     args = ((q_desc, k_desc, v_desc), (q_smem, k_smem, v_smem, o_smem),
             (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, fix_bar),
-            (CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift, snake),  # the items
+            (CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift),  # the work items
             (qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh))   # the running state
     gl.warp_specialize([(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES)),
                         (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES)),
@@ -495,7 +497,7 @@ def work_tiles(q_lengths, num_q_heads: int, num_kv_heads: int, device) -> torch.
 
 def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
                     accumulate, softmax_scale, stages=STAGES, block_n=BLOCK_N,
-                    prefetch_state=PREFETCH_STATE, tiles=None, snake=SNAKE_ORDER):
+                    prefetch_state=PREFETCH_STATE, tiles=None):
     """Launch the Gluon ring step (arguments as step.run_step's, positional, torch tensors; the
     caller checked `supports`). prefetch_state: merging steps copy each tile's previous state
     into shared memory during its main loop. tiles: None, or `work_tiles` of this batch's
@@ -513,10 +515,9 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
     _ensure_allocator()
     prefetch = bool(prefetch_state and accumulate)
     args = (grid, q, k, v, cu_q, cu_k, tiles, o_state, lse_state, group, D, n_tiles, B,
-            n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n, prefetch,
-            snake)
+            n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n, prefetch)
     key = (q.dtype, group, D, bool(causal), bool(accumulate), stages, block_n, prefetch,
-           tiles is not None, bool(snake))
+           tiles is not None)
     if key not in _compiled:
         # Gluon is experimental and its API moves between Triton releases (verified on a GPU:
         # 3.6; the CPU tests compile it for sm_90a with the installed Triton). Each
@@ -544,14 +545,14 @@ _compiled = set()  # specializations known to compile with this Triton
 
 def _launch(grid, q, k, v, cu_q, cu_k, tiles, o_state, lse_state, group, D, n_tiles, B,
             n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n, prefetch,
-            snake, warmup=False):
+            warmup=False):
     run = _ring_step_gluon_kernel.warmup if warmup else _ring_step_gluon_kernel[grid]
     extra = dict(grid=grid) if warmup else {}
     run(
         q, k, v, o_state, lse_state, cu_q, cu_k, cu_q if tiles is None else tiles, q.shape[0],
         k.shape[0], q.shape[1], k.shape[1], q.stride(0), q.stride(1), k.stride(0), v.stride(0),
         o_state.stride(0), o_state.stride(1), lse_state.stride(0), lse_state.stride(1),
-        softmax_scale * _LOG2E, int(mask_shift), n_tiles, B, n_items, int(snake), GROUP=group,
+        softmax_scale * _LOG2E, int(mask_shift), n_tiles, B, n_items, GROUP=group,
         HEAD_DIM=D, BN=block_n, NUM_STAGES=stages, CAUSAL=bool(causal),
         ACCUMULATE=bool(accumulate), PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2,
         HAS_TILES=tiles is not None, num_warps=4, maxnreg=168, **extra)
