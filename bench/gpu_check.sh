@@ -81,9 +81,9 @@ python3 -m esp_kernels show-config
 if has test; then
   # NCCL tests in their own process: a crash there must not hide the other results.
   # --timeout-method=thread: a kernel that never finishes blocks the main thread in C, where
-  # the default signal method cannot interrupt it (h100_tiles: three runs cut by the call's
-  # limit with no trace); the thread method dumps every thread's stack and ends the run. 180 s
-  # per test stays under a call's limit (the slowest GPU test took 17.6 s, h100_persistent).
+  # the default signal method cannot interrupt it (three runs were cut by the call's limit with
+  # no trace); the thread method dumps every thread's stack and ends the run. 180 s per test
+  # stays under a call's limit (the slowest GPU test took 17.6 s on an H100).
   stamp "pytest -m gpu (all but NCCL)"
   python3 -m pytest -m gpu tests -q -rfE -p no:cacheprovider --timeout=180 \
     --timeout-method=thread \

@@ -24,7 +24,10 @@ ROUNDS = 2  # every variant timed once per round, rounds one after the other (dr
 def main():
     args = parse_out()
     rec = Recorder("gluon_sweep", args.out)
-    for L in ((16384,) if args.quick else (8192,) if args.only == "8k" else (65536, 8192)):
+    if args.only not in (None, "8k"):
+        raise SystemExit(f"--only takes 8k (the L 8k rings alone), not {args.only!r}")
+    lengths = (16384,) if args.quick else (8192,) if args.only else (65536, 8192)
+    for L in lengths:
         sweep(rec, L)
 
 
