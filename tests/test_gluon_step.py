@@ -29,14 +29,15 @@ def compile_sm90a(causal, accumulate, has_tiles, head_dim=128, group=4, dtype="b
     fn = gluon_step._ring_step_gluon_kernel
     prefetch = accumulate and gluon_step.PREFETCH_STATE
     sig = dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", O="*fp32", LSE="*fp32",
-               CU_Q="*i32", CU_K="*i32", TILES="*i32", Tq="i32", Tk="i32", n_q_heads="i32",
-               n_kv_heads="i32",
+               CU_Q="*i32", CU_K="*i32", TILES="*i32", COUNTER="*i32", Tq="i32", Tk="i32",
+               n_q_heads="i32", n_kv_heads="i32",
                stride_qt="i32", stride_qh="i32", stride_kt="i32", stride_vt="i32",
                stride_ot="i32", stride_oh="i32", stride_lt="i32", stride_lh="i32",
                qk_scale="fp32", shift="i32", n_tiles="i32", n_req="i32", n_items="i32")
     consts = dict(GROUP=group, HEAD_DIM=head_dim, BN=gluon_step.BLOCK_N,
                   NUM_STAGES=gluon_step.STAGES, CAUSAL=causal, ACCUMULATE=accumulate,
-                  PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2, HAS_TILES=has_tiles)
+                  PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2, HAS_TILES=has_tiles,
+                  SCHEDULE=gluon_step.SCHEDULE)
     names = fn.arg_names
     assert set(names) == set(sig) | set(consts), "the kernel's arguments changed: update here"
     src = GluonASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names},

@@ -56,6 +56,7 @@ from .triton_step import finish_block, kv_range, merge_state, request_bounds
 # async_load in both modules).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+_warp_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed in Triton 3.7+
 _LOG2E = 1.4426950408889634
 BLOCK_M = 128      # rows per CTA: two consumer warpgroups of 64
 BLOCK_N = 128
@@ -69,6 +70,9 @@ STAGES = 2
 # H100, same call: 64k rings 595 / 591 against 589 / 582 TFLOP/s (P=4), 535 / 529 against
 # 525 / 521 (P=8); 8k rings unchanged.
 PREFETCH_STATE = True
+# How the CTAs share the items: 0 static snake (odd full rounds backwards), 1 static snake with
+# the partial last round backwards too, 2 dynamic (an atomic counter zeroed per launch).
+SCHEDULE = 0
 
 
 @gluon.jit
@@ -110,13 +114,13 @@ def _state_ptrs(O, LSE, row0, tok0, q_len, o_row0, head0, stride_ot, stride_oh, 
 
 @gluon.jit
 def _work_item(w, work, TOK_M: gl.constexpr, BN: gl.constexpr, CAUSAL: gl.constexpr,
-               HAS_TILES: gl.constexpr):
+               HAS_TILES: gl.constexpr, SCHEDULE: gl.constexpr):
     """Work item w of the grid, heavy first. Without a tile table the tile index runs outermost
     from the last (longest causal rows) down, then requests, then KV heads (a tile past its
     request's end is an empty item); with one (`work_tiles`), item w is KV head w % n_kv_heads
     of the table's (tile, request) pair w // n_kv_heads. Returns the tile's request bounds, first
     token, KV head and its K/V blocks (n_full, n_blocks; 0 blocks: nothing to attend)."""
-    CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift = work
+    CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift, COUNTER = work
     # Snake order: slot w is CTA w % n_ctas's item in round r = w // n_ctas, and odd full
     # rounds hand their items out backwards, so a CTA that took a heavy item in one round takes
     # a light one in the next. H100, against round robin in one call (two rounds, bench/NOTES.md):
@@ -124,8 +128,12 @@ def _work_item(w, work, TOK_M: gl.constexpr, BN: gl.constexpr, CAUSAL: gl.conste
     # round and a partial one, left in order here) unchanged.
     n_ctas = gl.num_programs(0)
     r = w // n_ctas
-    if (r % 2 == 1) and ((r + 1) * n_ctas <= n_items):
-        w = 2 * r * n_ctas + n_ctas - 1 - w
+    if SCHEDULE == 0:
+        if (r % 2 == 1) and ((r + 1) * n_ctas <= n_items):
+            w = 2 * r * n_ctas + n_ctas - 1 - w
+    elif SCHEDULE == 1:
+        if r % 2 == 1:
+            w = 2 * r * n_ctas + gl.minimum(n_ctas, n_items - r * n_ctas) - 1 - w
     if HAS_TILES:
         pair = w // n_kv_heads
         tile = gl.load(TILES + 2 * pair)
@@ -146,42 +154,97 @@ def _work_item(w, work, TOK_M: gl.constexpr, BN: gl.constexpr, CAUSAL: gl.conste
 
 
 @gluon.jit
+def _next_item(COUNTER, n_ctas):
+    """The dynamic schedule's next item: past every CTA's first (its program id), the items are
+    handed out by an atomic counter, zeroed per launch. One lane adds; a warp reduction (shuffles,
+    no shared memory) gives every lane its result."""
+    lanes: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    lane = gl.arange(0, 32, layout=lanes)
+    one = lane == 0
+    old = gl.atomic_add(COUNTER + lane * 0, gl.full([32], 1, gl.int32, layout=lanes), mask=one)
+    return n_ctas + gl.sum(gl.where(one, old, 0), 0)
+
+
+@gluon.jit
+def _post_item(item_smem, q_empty, it, w, Q_BUFS: gl.constexpr):
+    """The dynamic schedule: wait for the Q buffer of the loader's it-th item, then write the
+    item's index beside it for the consumers (they read it once q_ready completes)."""
+    qb = it % Q_BUFS
+    mbarrier.wait(q_empty.index(qb), ((it // Q_BUFS) & 1) ^ 1)
+    lanes: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    item_smem.index(qb).store(gl.full([32], w, gl.int32, layout=lanes))
+    _warp_barrier()  # every lane's store before the arrive that releases them
+    return qb
+
+
+@gluon.jit
+def _take_item(item_smem, q_ready, it, Q_BUFS: gl.constexpr):
+    """The dynamic schedule, in a consumer: the index of the it-th item the loader posted."""
+    qb = it % Q_BUFS
+    mbarrier.wait(q_ready.index(qb), (it // Q_BUFS) & 1)
+    each: gl.constexpr = gl.BlockedLayout([32], [32], [4], [0])  # in-thread: no reduction traffic
+    return gl.max(item_smem.index(qb).load(each), 0)
+
+
+@gluon.jit
 def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-            PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr):
+            PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, SCHEDULE: gl.constexpr):
     """Every item's Q tile (two buffers, or one when the consumers prefetch the previous state)
-    and K/V blocks (the stage ring, its counters running on across items) through TMA."""
+    and K/V blocks (the stage ring, its counters running on across items) through TMA. With the
+    dynamic schedule it also takes the items from the counter and posts each one's index with
+    its Q tile (an item with nothing to attend posts with a plain arrive), then an index past
+    the last, which ends the consumers' walk."""
     descs, smem, bars, work, state = args
     q_desc, k_desc, v_desc = descs
-    q_smem, k_smem, v_smem, o_smem = smem
+    q_smem, k_smem, v_smem, o_smem, item_smem = smem
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, fix_bar = bars
     NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
     BN: gl.constexpr = k_smem.type.shape[1]
     D: gl.constexpr = k_smem.type.shape[2]
     TOK_M: gl.constexpr = q_smem.type.shape[1]
     Q_BUFS: gl.constexpr = q_smem.type.shape[0]
+    n_items = work[6]
+    n_ctas = gl.num_programs(0)
     it = 0
     kv = 0
-    for w in range(gl.program_id(0), work[6], gl.num_programs(0)):  # work[6]: n_items
+    w = gl.program_id(0)
+    while w < n_items:
         q_start, q_len, k_start, k_len, t0, hk, n_full, n_blocks = _work_item(
-            w, work, TOK_M, BN, CAUSAL, HAS_TILES)
-        if n_blocks > 0:
+            w, work, TOK_M, BN, CAUSAL, HAS_TILES, SCHEDULE)
+        if SCHEDULE == 2:
+            qb = _post_item(item_smem, q_empty, it, w, Q_BUFS)
+            if n_blocks > 0:
+                mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
+                _tma_load(q_desc, [q_start + t0, hk * GROUP, 0], q_ready.index(qb),
+                          q_smem.index(qb))
+            else:
+                mbarrier.arrive(q_ready.index(qb), count=1)
+            it += 1
+        elif n_blocks > 0:
             qb = it % Q_BUFS
             mbarrier.wait(q_empty.index(qb), ((it // Q_BUFS) & 1) ^ 1)
             mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
             _tma_load(q_desc, [q_start + t0, hk * GROUP, 0], q_ready.index(qb),
                       q_smem.index(qb))
             it += 1
-            for j in range(n_blocks):
-                s = kv % NUM_STAGES
-                phase = (kv // NUM_STAGES) & 1
-                row = k_start + j * BN
-                mbarrier.wait(k_empty.index(s), phase ^ 1)
-                mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-                _tma_load(k_desc, [row, hk * D], k_ready.index(s), k_smem.index(s))
-                mbarrier.wait(v_empty.index(s), phase ^ 1)
-                mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-                _tma_load(v_desc, [row, hk * D], v_ready.index(s), v_smem.index(s))
-                kv += 1
+        for j in range(n_blocks):
+            s = kv % NUM_STAGES
+            phase = (kv // NUM_STAGES) & 1
+            row = k_start + j * BN
+            mbarrier.wait(k_empty.index(s), phase ^ 1)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [row, hk * D], k_ready.index(s), k_smem.index(s))
+            mbarrier.wait(v_empty.index(s), phase ^ 1)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [row, hk * D], v_ready.index(s), v_smem.index(s))
+            kv += 1
+        if SCHEDULE == 2:
+            w = _next_item(work[8], n_ctas)
+        else:
+            w += n_ctas
+    if SCHEDULE == 2:  # past the last item: the consumers stop
+        qb = _post_item(item_smem, q_empty, it, w, Q_BUFS)
+        mbarrier.arrive(q_ready.index(qb), count=1)
 
 
 @gluon.jit
@@ -262,9 +325,10 @@ def _epilogue(acc, m_i, l_i, qk_scale, O, LSE, o_stage, lse_prev, row0, tok0, q_
 
 @gluon.jit
 def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-              PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, WG: gl.constexpr):
+              PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, SCHEDULE: gl.constexpr,
+              WG: gl.constexpr):
     descs, smem, bars, work, state = args
-    q_smem, k_smem, v_smem, o_smem = smem
+    q_smem, k_smem, v_smem, o_smem, item_smem = smem
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, fix_bar = bars
     n_items, shift = work[6], work[7]
     qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh = state
@@ -291,9 +355,13 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
     it = 0
     kv = 0
     nfix = 0
-    for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
+    if SCHEDULE == 2:
+        w = _take_item(item_smem, q_ready, 0, Q_BUFS)
+    else:
+        w = gl.program_id(0)
+    while w < n_items:
         q_start, q_len, k_start, k_len, t0, hk, n_full, n_blocks = _work_item(
-            w, work, TOK_M, BN, CAUSAL, HAS_TILES)
+            w, work, TOK_M, BN, CAUSAL, HAS_TILES, SCHEDULE)
         tok = t0 + rows // GROUP
         if PREFETCH:
             if t0 < q_len:
@@ -307,9 +375,10 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
         m_i = gl.full([M], float("-inf"), gl.float32, layout=row_s)
         l_i = gl.zeros([M], gl.float32, layout=row_s)
         acc = gl.zeros([M, D], gl.float32, layout=o_layout)
+        qb = it % Q_BUFS
         if n_blocks > 0:
-            qb = it % Q_BUFS
-            mbarrier.wait(q_ready.index(qb), (it // Q_BUFS) & 1)
+            if SCHEDULE != 2:  # (the dynamic schedule waited for it with the item's index)
+                mbarrier.wait(q_ready.index(qb), (it // Q_BUFS) & 1)
             q = q_smem.index(qb).reshape([BM, D]).slice(WG * M, M)
             cur = kv % NUM_STAGES
             mbarrier.wait(k_ready.index(cur), (kv // NUM_STAGES) & 1)
@@ -349,32 +418,41 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
             acc = warpgroup_mma_wait(0, deps=[o_tok])
             mbarrier.arrive(v_empty.index(last), count=1)
             kv += n_blocks
+        elif SCHEDULE == 2:  # the loader posted the item with its Q buffer: hand it back
+            mbarrier.arrive(q_empty.index(qb), count=1)
+            it += 1
         if t0 < q_len:
             _epilogue(acc, m_i, l_i, qk_scale, O, LSE, o_stage, lse_prev, WG * M, t0,
                       q_len, q_start, hk * GROUP, stride_ot, stride_oh, stride_lt, stride_lh,
                       GROUP, M, D, o_layout, ACCUMULATE, PREFETCH)
+        if SCHEDULE == 2:
+            w = _take_item(item_smem, q_ready, it, Q_BUFS)
+        else:
+            w += gl.num_programs(0)
 
 
 @gluon.jit
 def _consumer0(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr):
-    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, 0)
+               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, SCHEDULE: gl.constexpr):
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, SCHEDULE, 0)
 
 
 @gluon.jit
 def _consumer1(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr):
-    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, 1)
+               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, SCHEDULE: gl.constexpr):
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, SCHEDULE, 1)
 
 
 @gluon.jit
-def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TILES, Tq, Tk, n_q_heads, n_kv_heads,
+def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TILES, COUNTER, Tq, Tk, n_q_heads,
+                            n_kv_heads,
                             stride_qt, stride_qh, stride_kt, stride_vt, stride_ot, stride_oh,
                             stride_lt, stride_lh, qk_scale, shift, n_tiles, n_req, n_items,
                             GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BN: gl.constexpr,
                             NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                             ACCUMULATE: gl.constexpr, PREFETCH: gl.constexpr,
-                            Q_BUFS: gl.constexpr, HAS_TILES: gl.constexpr):
+                            Q_BUFS: gl.constexpr, HAS_TILES: gl.constexpr,
+                            SCHEDULE: gl.constexpr):
     TOK_M: gl.constexpr = 128 // GROUP
     dtype: gl.constexpr = Q.dtype.element_ty
     gl.static_assert(ACCUMULATE or not PREFETCH, "the prefetched epilogue always merges")
@@ -397,6 +475,9 @@ def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TILES, Tq, Tk, n_q_head
     else:  # a placeholder: warp_specialize's arguments cannot be None
         o_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 4],
                                            gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    # The dynamic schedule's item index beside each Q buffer (32 copies: one per loader lane).
+    item_smem = gl.allocate_shared_memory(gl.int32, [Q_BUFS, 32],
+                                          gl.SwizzledSharedLayout(1, 1, 1, [0]))
     k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BN, HEAD_DIM], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BN, HEAD_DIM], kv_layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [Q_BUFS, 1], mbarrier.MBarrierLayout())
@@ -416,13 +497,15 @@ def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TILES, Tq, Tk, n_q_head
         mbarrier.init(v_empty.index(i), count=2)
     mbarrier.init(fix_bar.index(0), count=2)
     # What the partitions share, by role (Gluon hands every partition the same arguments):
-    args = ((q_desc, k_desc, v_desc), (q_smem, k_smem, v_smem, o_smem),
+    args = ((q_desc, k_desc, v_desc), (q_smem, k_smem, v_smem, o_smem, item_smem),
             (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, fix_bar),
-            (CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift),  # the work items
+            (CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift, COUNTER),  # the work
             (qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh))   # the running state
-    gl.warp_specialize([(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES)),
-                        (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES)),
-                        (_loader, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES))],
+    # (constexprs stay constexpr only when written out in each partition's tuple)
+    gl.warp_specialize(
+        [(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, SCHEDULE)),
+         (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, SCHEDULE)),
+         (_loader, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, SCHEDULE))],
                        [4, 1], [240, 24])
 
 
@@ -497,7 +580,7 @@ def work_tiles(q_lengths, num_q_heads: int, num_kv_heads: int, device) -> torch.
 
 def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
                     accumulate, softmax_scale, stages=STAGES, block_n=BLOCK_N,
-                    prefetch_state=PREFETCH_STATE, tiles=None):
+                    prefetch_state=PREFETCH_STATE, tiles=None, schedule=None):
     """Launch the Gluon ring step (arguments as step.run_step's, positional, torch tensors; the
     caller checked `supports`). prefetch_state: merging steps copy each tile's previous state
     into shared memory during its main loop. tiles: None, or `work_tiles` of this batch's
@@ -514,10 +597,13 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
     grid = (min(n_items, _num_sms(q.get_device())),)
     _ensure_allocator()
     prefetch = bool(prefetch_state and accumulate)
-    args = (grid, q, k, v, cu_q, cu_k, tiles, o_state, lse_state, group, D, n_tiles, B,
-            n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n, prefetch)
+    schedule = SCHEDULE if schedule is None else schedule
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if schedule == 2 else cu_q
+    args = (grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, lse_state, group, D, n_tiles,
+            B, n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n, prefetch,
+            schedule)
     key = (q.dtype, group, D, bool(causal), bool(accumulate), stages, block_n, prefetch,
-           tiles is not None)
+           tiles is not None, schedule)
     if key not in _compiled:
         # Gluon is experimental and its API moves between Triton releases (verified on a GPU:
         # 3.6; the CPU tests compile it for sm_90a with the installed Triton). Each
@@ -543,16 +629,17 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
 _compiled = set()  # specializations known to compile with this Triton
 
 
-def _launch(grid, q, k, v, cu_q, cu_k, tiles, o_state, lse_state, group, D, n_tiles, B,
-            n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n, prefetch,
-            warmup=False):
+def _launch(grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, lse_state, group, D, n_tiles,
+            B, n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n, prefetch,
+            schedule, warmup=False):
     run = _ring_step_gluon_kernel.warmup if warmup else _ring_step_gluon_kernel[grid]
     extra = dict(grid=grid) if warmup else {}
     run(
-        q, k, v, o_state, lse_state, cu_q, cu_k, cu_q if tiles is None else tiles, q.shape[0],
+        q, k, v, o_state, lse_state, cu_q, cu_k, cu_q if tiles is None else tiles, counter,
+        q.shape[0],
         k.shape[0], q.shape[1], k.shape[1], q.stride(0), q.stride(1), k.stride(0), v.stride(0),
         o_state.stride(0), o_state.stride(1), lse_state.stride(0), lse_state.stride(1),
         softmax_scale * _LOG2E, int(mask_shift), n_tiles, B, n_items, GROUP=group,
         HEAD_DIM=D, BN=block_n, NUM_STAGES=stages, CAUSAL=bool(causal),
         ACCUMULATE=bool(accumulate), PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2,
-        HAS_TILES=tiles is not None, num_warps=4, maxnreg=168, **extra)
+        HAS_TILES=tiles is not None, SCHEDULE=schedule, num_warps=4, maxnreg=168, **extra)
