@@ -56,6 +56,7 @@ from .triton_step import finish_block, kv_range, merge_state, request_bounds
 # async_load in both modules).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+ITEM_COPIES = gl.constexpr(4)  # the posted item index, as one 16-byte vector
 _warp_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed in Triton 3.7+
 _LOG2E = 1.4426950408889634
 BLOCK_M = 128      # rows per CTA: two consumer warpgroups of 64
@@ -171,8 +172,8 @@ def _post_item(item_smem, q_empty, it, w, Q_BUFS: gl.constexpr):
     item's index beside it for the consumers (they read it once q_ready completes)."""
     qb = it % Q_BUFS
     mbarrier.wait(q_empty.index(qb), ((it // Q_BUFS) & 1) ^ 1)
-    lanes: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    item_smem.index(qb).store(gl.full([32], w, gl.int32, layout=lanes))
+    copies: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    item_smem.index(qb).store(gl.full([ITEM_COPIES], w, gl.int32, layout=copies))
     _warp_barrier()  # every lane's store before the arrive that releases them
     return qb
 
@@ -182,7 +183,8 @@ def _take_item(item_smem, q_ready, it, Q_BUFS: gl.constexpr):
     """The dynamic schedule, in a consumer: the index of the it-th item the loader posted."""
     qb = it % Q_BUFS
     mbarrier.wait(q_ready.index(qb), (it // Q_BUFS) & 1)
-    each: gl.constexpr = gl.BlockedLayout([32], [32], [4], [0])  # in-thread: no reduction traffic
+    # every thread reads all copies (one vector load) and reduces in its registers
+    each: gl.constexpr = gl.BlockedLayout([ITEM_COPIES], [32], [4], [0])
     return gl.max(item_smem.index(qb).load(each), 0)
 
 
@@ -475,8 +477,8 @@ def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TILES, COUNTER, Tq, Tk,
     else:  # a placeholder: warp_specialize's arguments cannot be None
         o_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 4],
                                            gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    # The dynamic schedule's item index beside each Q buffer (32 copies: one per loader lane).
-    item_smem = gl.allocate_shared_memory(gl.int32, [Q_BUFS, 32],
+    # The dynamic schedule's item index beside each Q buffer.
+    item_smem = gl.allocate_shared_memory(gl.int32, [Q_BUFS, ITEM_COPIES],
                                           gl.SwizzledSharedLayout(1, 1, 1, [0]))
     k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BN, HEAD_DIM], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BN, HEAD_DIM], kv_layout)
