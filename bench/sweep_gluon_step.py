@@ -1,8 +1,8 @@
-"""The Gluon ring step's knob (how the CTAs share the items: static snake, snake with the partial
-last round reversed too, or a dynamic counter) against the Triton kernel and FA3 in one run: effective TFLOP/s of all P x P steps (L 64k, Hq 32 / Hkv 8, D 128, bf16; L 8k replayed
-from a CUDA graph, its steps being launch-bound), and each variant's output state against the
-Triton kernel's on the same steps. Decides esp_kernels/prefill/gluon_step.py's defaults.
-`--only 8k` runs the L 8k rings alone."""
+"""The Gluon ring step's knob (how the CTAs share the items: the static snake order or the dynamic
+counter) against the Triton kernel and FA3 in one run: effective TFLOP/s of all P x P steps
+(L 64k, Hq 32 / Hkv 8, D 128, bf16; L 8k replayed from a CUDA graph, its steps being
+launch-bound), and each variant's output state against the Triton kernel's on the same steps.
+Decides esp_kernels/prefill/gluon_step.py's defaults. `--only 8k` runs the L 8k rings alone."""
 
 import torch
 
@@ -17,7 +17,7 @@ from esp_kernels.prefill.step import ring_step
 # Swept before (bench/NOTES.md): 3 stages, ping-pong of the warpgroups, one CTA per tile, the
 # state prefetch off (no win); with the prefetch there is no room for a third stage (Q, two K/V
 # stages and the prefetched state fill 224 of the 227 KB).
-VARIANTS = [dict(schedule=0), dict(schedule=1), dict(schedule=2)]
+VARIANTS = [dict(schedule="snake"), dict(schedule="dynamic")]
 ROUNDS = 2  # every variant timed once per round, rounds one after the other (drift shows)
 
 

@@ -19,7 +19,7 @@ pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper",
                     reason="this Triton has no Gluon for Hopper (the Triton twin runs instead)")
 
 
-def compile_sm90a(causal, accumulate, has_tiles, head_dim=128, group=4, dtype="bf16"):
+def compile_sm90a(causal, accumulate, has_tiles, dynamic, head_dim=128, group=4, dtype="bf16"):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -37,7 +37,7 @@ def compile_sm90a(causal, accumulate, has_tiles, head_dim=128, group=4, dtype="b
     consts = dict(GROUP=group, HEAD_DIM=head_dim, BN=gluon_step.BLOCK_N,
                   NUM_STAGES=gluon_step.STAGES, CAUSAL=causal, ACCUMULATE=accumulate,
                   PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2, HAS_TILES=has_tiles,
-                  SCHEDULE=gluon_step.SCHEDULE)
+                  DYNAMIC=dynamic)
     names = fn.arg_names
     assert set(names) == set(sig) | set(consts), "the kernel's arguments changed: update here"
     src = GluonASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names},
@@ -46,7 +46,8 @@ def compile_sm90a(causal, accumulate, has_tiles, head_dim=128, group=4, dtype="b
                           options=dict(num_warps=4, maxnreg=168))
 
 
-CASES = [(True, True, True), (False, False, False)]  # (causal, accumulate, tile table)
+# (causal, accumulate, tile table, dynamic schedule)
+CASES = [(True, True, True, True), (True, True, True, False), (False, False, False, True)]
 
 
 def test_gluon_step_compiles_for_sm90a_with_its_schedule():
@@ -56,8 +57,9 @@ def test_gluon_step_compiles_for_sm90a_with_its_schedule():
     done = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, text=True,
                           capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    for (causal, accumulate, tiles), (ptx, shared) in zip(CASES, json.loads(done.stdout)):
-        case = f"causal={causal} accumulate={accumulate} tiles={tiles}"
+    for (causal, accumulate, tiles, dynamic), (ptx, shared) in zip(CASES,
+                                                                   json.loads(done.stdout)):
+        case = f"causal={causal} accumulate={accumulate} tiles={tiles} dynamic={dynamic}"
         assert "wgmma.mma_async" in ptx, case                # tensor cores through wgmma
         assert "cp.async.bulk.tensor" in ptx, case           # K/V through TMA
         assert "setmaxnreg" in ptx, case                     # warp-specialized register split
@@ -69,6 +71,17 @@ def test_gluon_step_compiles_for_sm90a_with_its_schedule():
         assert "cp.async.bulk.tensor.3d" in ptx, case
         if accumulate:  # the previous state copied in during the main loop
             assert "cp.async.commit_group" in ptx and "cp.async.wait_group" in ptx, case
+        # the dynamic schedule's counter: one atomic add per item, the static one none
+        assert ("atom.global" in ptx) == dynamic, case
+
+
+def test_gluon_step_refuses_an_unknown_schedule():
+    from esp_kernels.prefill.gluon_step import ring_step_gluon
+
+    q = torch.zeros(4, 4, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="schedule must be"):
+        ring_step_gluon(q, q[:, :1], q[:, :1], torch.tensor([0, 4]), torch.tensor([0, 4]), 4,
+                        None, None, True, 0, False, 0.125, schedule="round robin")
 
 
 @pytest.mark.parametrize("lengths,hq,hkv", [([5, 0, 37, 3, 700, 130], 32, 8),

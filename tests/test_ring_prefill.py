@@ -271,13 +271,17 @@ def test_step_kernel_gpu(backend, dtype, hq, hkv, d, shift, accumulate, gen):
 @pytest.mark.parametrize("shift,accumulate", [(0, False), (-1, True), (0, True)])
 @pytest.mark.parametrize("lq,lk", [([5, 1, 37, 0, 19, 700, 130], [5, 0, 37, 3, 18, 700, 129]),
                                    ([5, 0, 3000, 1, 700], [5, 3, 3000, 1, 699])])
-def test_gluon_step_walks_the_tile_table(hq, hkv, d, shift, accumulate, lq, lk, gen):
+@pytest.mark.parametrize("schedule", ["snake", "dynamic"])
+def test_gluon_step_walks_the_tile_table(hq, hkv, d, shift, accumulate, lq, lk, schedule, gen,
+                                         monkeypatch):
     """The Gluon kernel over the host-built tile table (what the ring driver passes), on a
-    batch with empty and one-token requests: the same result as the reference. The second
-    batch has several items per CTA (an H100 has 132 SMs), so CTAs walk odd rounds backwards
-    (the snake order) and end on a partial round."""
+    batch with empty and one-token requests: the same result as the reference, under both
+    schedules. The second batch has several items per CTA (an H100 has 132 SMs), so under the
+    snake CTAs walk odd rounds backwards and end on a partial round, and under the dynamic
+    schedule they take items from the counter until it runs past the last."""
     from esp_kernels.prefill import gluon_step
 
+    monkeypatch.setattr(gluon_step, "DYNAMIC_ROUNDS", 0 if schedule == "dynamic" else 1 << 30)
     args, (ref_o, ref_l) = _step_case(torch.bfloat16, hq, hkv, d, shift, accumulate, gen, "cuda",
                                       lq, lk)
     tiles = step_tiles(lq, hq, hkv, "cuda", "gluon")
@@ -287,6 +291,29 @@ def test_gluon_step_walks_the_tile_table(hq, hkv, d, shift, accumulate, lq, lk, 
              backend="gluon", tiles=tiles)
     assert not gluon_step._compile_error, "the Gluon kernel did not compile: Triton ran"
     assert not torch.isnan(o).any(), "NaN in output state"
+    assert_close(o.cpu(), ref_o.cpu(), torch.bfloat16)
+    assert_close(l.cpu(), ref_l.cpu(), torch.float32, factor=0.1 / 2e-5 * 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (8, 1, 64)])
+@pytest.mark.parametrize("shift,accumulate", [(0, False), (-1, True)])
+def test_gluon_step_dynamic_schedule_without_a_table(hq, hkv, d, shift, accumulate, gen,
+                                                     monkeypatch):
+    """Without a tile table the grid's items include tiles past their request's end (nothing to
+    attend): under the dynamic schedule the loader posts those without a Q load and the
+    consumers hand their buffer back; the result matches the reference."""
+    from esp_kernels.prefill import gluon_step
+
+    monkeypatch.setattr(gluon_step, "DYNAMIC_ROUNDS", 0)
+    lq = [5, 1, 3000, 0, 19, 700, 130]
+    lk = [5, 0, 3000, 3, 18, 700, 129]
+    args, (ref_o, ref_l) = _step_case(torch.bfloat16, hq, hkv, d, shift, accumulate, gen, "cuda",
+                                      lq, lk)
+    o, l = args[6], args[7]
+    run_step(*args, mask_shift=shift, accumulate=accumulate, softmax_scale=0.3,
+             backend="gluon")
+    assert not gluon_step._compile_error, "the Gluon kernel did not compile: Triton ran"
     assert_close(o.cpu(), ref_o.cpu(), torch.bfloat16)
     assert_close(l.cpu(), ref_l.cpu(), torch.float32, factor=0.1 / 2e-5 * 1e-3)
 

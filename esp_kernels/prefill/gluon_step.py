@@ -5,13 +5,16 @@ tensor cores).
 
 A tile is 128 query rows = (token, head) pairs of one KV head's group (GQA packed, as the Triton
 twin). The kernel is persistent: one CTA per SM walks the tiles heavy first (latest tokens, the
-longest causal rows, outermost), the CTAs taking them in rounds whose order alternates (snake: the
-CTA that took a round's heaviest tile takes the next full round's lightest, so causal tiles, whose
-work falls linearly, even out per CTA): the tiles of a table built on the host from the requests'
+longest causal rows, outermost): the tiles of a table built on the host from the requests'
 lengths (`work_tiles`, what the ring driver passes), or without one, tiles of the longest request
-for every request, skipping the empty ones. Its 1-warp loader streams each
+for every request, skipping the empty ones. With many tiles per CTA the CTAs take them from an
+atomic counter (dynamic: a CTA slowed by another kernel on the GPU, a virtual rank's, takes
+fewer); with few, in rounds whose order alternates (snake: the CTA that took a round's heaviest
+tile takes the next round's lightest, so causal tiles, whose work falls linearly, even out per
+CTA, without the counter's zeroing per launch). Its 1-warp loader streams each
 tile's Q ([tokens, group heads, D] TMA boxes) and K/V blocks into shared memory, its counters
-running on across tiles, so a tile's loads and pipeline fill overlap the previous tile's work.
+running on across tiles, so a tile's loads and pipeline fill overlap the previous tile's work;
+under the dynamic schedule it also takes the items and posts each one's index beside its Q.
 Three descriptors serve the whole launch (K/V read as [tokens, KV heads x D]); a block that reaches
 past its request's end is loaded whole and its V rows past the end are zeroed in shared memory
 before the PV product (they are the next request's, whose NaN or Inf a zero p would still spread).
@@ -71,9 +74,14 @@ STAGES = 2
 # H100, same call: 64k rings 595 / 591 against 589 / 582 TFLOP/s (P=4), 535 / 529 against
 # 525 / 521 (P=8); 8k rings unchanged.
 PREFETCH_STATE = True
-# How the CTAs share the items: 0 static snake (odd full rounds backwards), 1 static snake with
-# the partial last round backwards too, 2 dynamic (an atomic counter zeroed per launch).
-SCHEDULE = 0
+# How the CTAs share the items (`ring_step_gluon`'s schedule): from this many rounds of items per
+# CTA on, dynamically (an atomic counter, zeroed per launch); below, in the static snake order.
+# H200, one call (bench/NOTES.md): the dynamic schedule against the snake, 64k prefill on 4
+# virtual ranks 61.5 against 63.5 ms (16k tokens per rank, 31 rounds) and steps alone +0.4-1%;
+# tied at 2k tokens per rank (3.9 rounds, 428-435 against 423-439 TFLOP/s from a CUDA graph); at
+# 1k (1.9 rounds) the counter's zeroing, one more graph node or launch per step, cost 5% in a
+# graph (271 against 285) and 16% launched (172 against 205).
+DYNAMIC_ROUNDS = 4
 
 
 @gluon.jit
@@ -115,24 +123,23 @@ def _state_ptrs(O, LSE, row0, tok0, q_len, o_row0, head0, stride_ot, stride_oh, 
 
 @gluon.jit
 def _work_item(w, work, TOK_M: gl.constexpr, BN: gl.constexpr, CAUSAL: gl.constexpr,
-               HAS_TILES: gl.constexpr, SCHEDULE: gl.constexpr):
+               HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr):
     """Work item w of the grid, heavy first. Without a tile table the tile index runs outermost
     from the last (longest causal rows) down, then requests, then KV heads (a tile past its
     request's end is an empty item); with one (`work_tiles`), item w is KV head w % n_kv_heads
     of the table's (tile, request) pair w // n_kv_heads. Returns the tile's request bounds, first
     token, KV head and its K/V blocks (n_full, n_blocks; 0 blocks: nothing to attend)."""
     CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift, COUNTER = work
-    # Snake order: slot w is CTA w % n_ctas's item in round r = w // n_ctas, and odd full
-    # rounds hand their items out backwards, so a CTA that took a heavy item in one round takes
-    # a light one in the next. H100, against round robin in one call (two rounds, bench/NOTES.md):
-    # +2.0-2.9% / +0.4-3.7% / +3.4-4.9% at 16k / 8k / 2k tokens per rank; at 1k (one full
-    # round and a partial one, left in order here) unchanged.
-    n_ctas = gl.num_programs(0)
-    r = w // n_ctas
-    if SCHEDULE == 0:
-        if (r % 2 == 1) and ((r + 1) * n_ctas <= n_items):
-            w = 2 * r * n_ctas + n_ctas - 1 - w
-    elif SCHEDULE == 1:
+    # Snake order (the static schedule): slot w is CTA w % n_ctas's item in round
+    # r = w // n_ctas, and odd rounds hand their items out backwards (a partial last round among
+    # the CTAs that have a slot in it), so a CTA that took a heavy item in one round takes a
+    # light one in the next. H100, against round robin in one call (two rounds, bench/NOTES.md):
+    # +2.0-2.9% / +0.4-3.7% / +3.4-4.9% at 16k / 8k / 2k tokens per rank with full rounds
+    # reversed; H200, the partial round reversed too: +11.5% at 1k (285 against 255 TFLOP/s
+    # from a CUDA graph), +0.6-4% at 2k.
+    if not DYNAMIC:
+        n_ctas = gl.num_programs(0)
+        r = w // n_ctas
         if r % 2 == 1:
             w = 2 * r * n_ctas + gl.minimum(n_ctas, n_items - r * n_ctas) - 1 - w
     if HAS_TILES:
@@ -190,7 +197,7 @@ def _take_item(item_smem, q_ready, it, Q_BUFS: gl.constexpr):
 
 @gluon.jit
 def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-            PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, SCHEDULE: gl.constexpr):
+            PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr):
     """Every item's Q tile (two buffers, or one when the consumers prefetch the previous state)
     and K/V blocks (the stage ring, its counters running on across items) through TMA. With the
     dynamic schedule it also takes the items from the counter and posts each one's index with
@@ -212,8 +219,8 @@ def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.cons
     w = gl.program_id(0)
     while w < n_items:
         q_start, q_len, k_start, k_len, t0, hk, n_full, n_blocks = _work_item(
-            w, work, TOK_M, BN, CAUSAL, HAS_TILES, SCHEDULE)
-        if SCHEDULE == 2:
+            w, work, TOK_M, BN, CAUSAL, HAS_TILES, DYNAMIC)
+        if DYNAMIC:
             qb = _post_item(item_smem, q_empty, it, w, Q_BUFS)
             if n_blocks > 0:
                 mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
@@ -240,11 +247,11 @@ def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.cons
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
             _tma_load(v_desc, [row, hk * D], v_ready.index(s), v_smem.index(s))
             kv += 1
-        if SCHEDULE == 2:
+        if DYNAMIC:
             w = _next_item(work[8], n_ctas)
         else:
             w += n_ctas
-    if SCHEDULE == 2:  # past the last item: the consumers stop
+    if DYNAMIC:  # past the last item: the consumers stop
         qb = _post_item(item_smem, q_empty, it, w, Q_BUFS)
         mbarrier.arrive(q_ready.index(qb), count=1)
 
@@ -327,7 +334,7 @@ def _epilogue(acc, m_i, l_i, qk_scale, O, LSE, o_stage, lse_prev, row0, tok0, q_
 
 @gluon.jit
 def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-              PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, SCHEDULE: gl.constexpr,
+              PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr,
               WG: gl.constexpr):
     descs, smem, bars, work, state = args
     q_smem, k_smem, v_smem, o_smem, item_smem = smem
@@ -357,13 +364,13 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
     it = 0
     kv = 0
     nfix = 0
-    if SCHEDULE == 2:
+    if DYNAMIC:
         w = _take_item(item_smem, q_ready, 0, Q_BUFS)
     else:
         w = gl.program_id(0)
     while w < n_items:
         q_start, q_len, k_start, k_len, t0, hk, n_full, n_blocks = _work_item(
-            w, work, TOK_M, BN, CAUSAL, HAS_TILES, SCHEDULE)
+            w, work, TOK_M, BN, CAUSAL, HAS_TILES, DYNAMIC)
         tok = t0 + rows // GROUP
         if PREFETCH:
             if t0 < q_len:
@@ -379,7 +386,7 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
         acc = gl.zeros([M, D], gl.float32, layout=o_layout)
         qb = it % Q_BUFS
         if n_blocks > 0:
-            if SCHEDULE != 2:  # (the dynamic schedule waited for it with the item's index)
+            if not DYNAMIC:  # (the dynamic schedule waited for it with the item's index)
                 mbarrier.wait(q_ready.index(qb), (it // Q_BUFS) & 1)
             q = q_smem.index(qb).reshape([BM, D]).slice(WG * M, M)
             cur = kv % NUM_STAGES
@@ -420,14 +427,14 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
             acc = warpgroup_mma_wait(0, deps=[o_tok])
             mbarrier.arrive(v_empty.index(last), count=1)
             kv += n_blocks
-        elif SCHEDULE == 2:  # the loader posted the item with its Q buffer: hand it back
+        elif DYNAMIC:  # the loader posted the item with its Q buffer: hand it back
             mbarrier.arrive(q_empty.index(qb), count=1)
             it += 1
         if t0 < q_len:
             _epilogue(acc, m_i, l_i, qk_scale, O, LSE, o_stage, lse_prev, WG * M, t0,
                       q_len, q_start, hk * GROUP, stride_ot, stride_oh, stride_lt, stride_lh,
                       GROUP, M, D, o_layout, ACCUMULATE, PREFETCH)
-        if SCHEDULE == 2:
+        if DYNAMIC:
             w = _take_item(item_smem, q_ready, it, Q_BUFS)
         else:
             w += gl.num_programs(0)
@@ -435,14 +442,14 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
 
 @gluon.jit
 def _consumer0(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, SCHEDULE: gl.constexpr):
-    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, SCHEDULE, 0)
+               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr):
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC, 0)
 
 
 @gluon.jit
 def _consumer1(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, SCHEDULE: gl.constexpr):
-    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, SCHEDULE, 1)
+               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr):
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC, 1)
 
 
 @gluon.jit
@@ -454,7 +461,7 @@ def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TILES, COUNTER, Tq, Tk,
                             NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                             ACCUMULATE: gl.constexpr, PREFETCH: gl.constexpr,
                             Q_BUFS: gl.constexpr, HAS_TILES: gl.constexpr,
-                            SCHEDULE: gl.constexpr):
+                            DYNAMIC: gl.constexpr):
     TOK_M: gl.constexpr = 128 // GROUP
     dtype: gl.constexpr = Q.dtype.element_ty
     gl.static_assert(ACCUMULATE or not PREFETCH, "the prefetched epilogue always merges")
@@ -505,9 +512,9 @@ def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TILES, COUNTER, Tq, Tk,
             (qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh))   # the running state
     # (constexprs stay constexpr only when written out in each partition's tuple)
     gl.warp_specialize(
-        [(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, SCHEDULE)),
-         (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, SCHEDULE)),
-         (_loader, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, SCHEDULE))],
+        [(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC)),
+         (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC)),
+         (_loader, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC))],
                        [4, 1], [240, 24])
 
 
@@ -586,7 +593,11 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
     """Launch the Gluon ring step (arguments as step.run_step's, positional, torch tensors; the
     caller checked `supports`). prefetch_state: merging steps copy each tile's previous state
     into shared memory during its main loop. tiles: None, or `work_tiles` of this batch's
-    query lengths (not checked against cu_q)."""
+    query lengths (not checked against cu_q). schedule: "dynamic" (items from an atomic
+    counter, zeroed per launch), "snake" (static), or None: dynamic from DYNAMIC_ROUNDS items
+    per CTA on."""
+    if schedule not in (None, "snake", "dynamic"):
+        raise ValueError(f"schedule must be None, 'snake' or 'dynamic', not {schedule!r}")
     Tq, Hq, D = q.shape
     group = Hq // k.shape[1]
     B = cu_q.shape[0] - 1
@@ -597,15 +608,17 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
     if n_items == 0:  # a table of no tiles: no request has queries
         return
     grid = (min(n_items, _num_sms(q.get_device())),)
+    dynamic = (schedule == "dynamic" if schedule is not None
+               else n_items >= DYNAMIC_ROUNDS * grid[0])
     _ensure_allocator()
     prefetch = bool(prefetch_state and accumulate)
-    schedule = SCHEDULE if schedule is None else schedule
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if schedule == 2 else cu_q
+    # The dynamic schedule's counter (else an unused placeholder pointer).
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else cu_q
     args = (grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, lse_state, group, D, n_tiles,
             B, n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n, prefetch,
-            schedule)
+            dynamic)
     key = (q.dtype, group, D, bool(causal), bool(accumulate), stages, block_n, prefetch,
-           tiles is not None, schedule)
+           tiles is not None, dynamic)
     if key not in _compiled:
         # Gluon is experimental and its API moves between Triton releases (verified on a GPU:
         # 3.6; the CPU tests compile it for sm_90a with the installed Triton). Each
@@ -633,7 +646,7 @@ _compiled = set()  # specializations known to compile with this Triton
 
 def _launch(grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, lse_state, group, D, n_tiles,
             B, n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n, prefetch,
-            schedule, warmup=False):
+            dynamic, warmup=False):
     run = _ring_step_gluon_kernel.warmup if warmup else _ring_step_gluon_kernel[grid]
     extra = dict(grid=grid) if warmup else {}
     run(
@@ -644,4 +657,4 @@ def _launch(grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, lse_state, group
         softmax_scale * _LOG2E, int(mask_shift), n_tiles, B, n_items, GROUP=group,
         HEAD_DIM=D, BN=block_n, NUM_STAGES=stages, CAUSAL=bool(causal),
         ACCUMULATE=bool(accumulate), PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2,
-        HAS_TILES=tiles is not None, SCHEDULE=schedule, num_warps=4, maxnreg=168, **extra)
+        HAS_TILES=tiles is not None, DYNAMIC=dynamic, num_warps=4, maxnreg=168, **extra)
