@@ -75,6 +75,20 @@ def test_gluon_step_compiles_for_sm90a_with_its_schedule():
         assert ("atom.global" in ptx) == dynamic, case
 
 
+@pytest.mark.parametrize("tokens_per_rank,dynamic", [(1024, False), (2048, False), (4096, True),
+                                                     (8192, True), (16384, True)])
+def test_gluon_step_takes_items_dynamically_from_four_rounds(tokens_per_rank, dynamic):
+    """The ring step of Hq 32 / Hkv 8 (32 tokens a tile, 8 items a tile) on a 132-SM GPU: the
+    snake at 1k and 2k tokens per rank (1.9 and 3.9 items per CTA), the counter from 4k on; an
+    explicit schedule overrides."""
+    from esp_kernels.prefill.gluon_step import takes_items_dynamically
+
+    n_items = tokens_per_rank // 32 * 8
+    assert takes_items_dynamically(n_items, 132) == dynamic
+    assert takes_items_dynamically(n_items, 132, "dynamic")
+    assert not takes_items_dynamically(n_items, 132, "snake")
+
+
 def test_gluon_step_refuses_an_unknown_schedule():
     from esp_kernels.prefill.gluon_step import ring_step_gluon
 

@@ -587,6 +587,20 @@ def work_tiles(q_lengths, num_q_heads: int, num_kv_heads: int, device) -> torch.
     return torch.stack([tile[order], req[order]], 1).to(torch.int32).to(device)
 
 
+def _check_schedule(schedule):
+    if schedule not in (None, "snake", "dynamic"):
+        raise ValueError(f"schedule must be None, 'snake' or 'dynamic', not {schedule!r}")
+
+
+def takes_items_dynamically(n_items: int, n_ctas: int, schedule=None) -> bool:
+    """Whether a launch of n_items items on n_ctas CTAs uses the dynamic schedule: as `schedule`
+    says ("dynamic" / "snake"), or with None from DYNAMIC_ROUNDS items per CTA on."""
+    _check_schedule(schedule)
+    if schedule is not None:
+        return schedule == "dynamic"
+    return n_items >= DYNAMIC_ROUNDS * n_ctas
+
+
 def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
                     accumulate, softmax_scale, stages=STAGES, block_n=BLOCK_N,
                     prefetch_state=PREFETCH_STATE, tiles=None, schedule=None):
@@ -596,8 +610,7 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
     query lengths (not checked against cu_q). schedule: "dynamic" (items from an atomic
     counter, zeroed per launch), "snake" (static), or None: dynamic from DYNAMIC_ROUNDS items
     per CTA on."""
-    if schedule not in (None, "snake", "dynamic"):
-        raise ValueError(f"schedule must be None, 'snake' or 'dynamic', not {schedule!r}")
+    _check_schedule(schedule)  # (before any early return)
     Tq, Hq, D = q.shape
     group = Hq // k.shape[1]
     B = cu_q.shape[0] - 1
@@ -608,8 +621,7 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
     if n_items == 0:  # a table of no tiles: no request has queries
         return
     grid = (min(n_items, _num_sms(q.get_device())),)
-    dynamic = (schedule == "dynamic" if schedule is not None
-               else n_items >= DYNAMIC_ROUNDS * grid[0])
+    dynamic = takes_items_dynamically(n_items, grid[0], schedule)
     _ensure_allocator()
     prefetch = bool(prefetch_state and accumulate)
     # The dynamic schedule's counter (else an unused placeholder pointer).
