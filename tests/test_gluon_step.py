@@ -47,7 +47,8 @@ def compile_sm90a(causal, accumulate, has_tiles, dynamic, head_dim=128, group=4,
 
 
 # (causal, accumulate, tile table, dynamic schedule)
-CASES = [(True, True, True, True), (True, True, True, False), (False, False, False, True)]
+CASES = [(True, True, True, True), (True, True, True, False), (False, False, False, True),
+         (False, False, False, False)]
 
 
 def test_gluon_step_compiles_for_sm90a_with_its_schedule():

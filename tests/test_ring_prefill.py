@@ -266,6 +266,20 @@ def test_step_kernel_gpu(backend, dtype, hq, hkv, d, shift, accumulate, gen):
     assert_close(l.cpu(), ref_l.cpu(), torch.float32, factor=0.1 / 2e-5 * 1e-3)
 
 
+def _launched_schedules(monkeypatch, gluon_step) -> list:
+    """Wrap the Gluon step's launcher: the returned list fills with each launch's `dynamic`
+    flag (its last argument), so a test sees which schedule ran, and that the kernel ran."""
+    seen = []
+    launch = gluon_step._launch
+
+    def record(*args, warmup=False):
+        if not warmup:
+            seen.append(args[-1])
+        return launch(*args, warmup=warmup)
+    monkeypatch.setattr(gluon_step, "_launch", record)
+    return seen
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (8, 1, 64), (8, 8, 64), (32, 8, 64)])
 @pytest.mark.parametrize("shift,accumulate", [(0, False), (-1, True), (0, True)])
@@ -282,6 +296,7 @@ def test_gluon_step_walks_the_tile_table(hq, hkv, d, shift, accumulate, lq, lk, 
     from esp_kernels.prefill import gluon_step
 
     monkeypatch.setattr(gluon_step, "DYNAMIC_ROUNDS", 0 if schedule == "dynamic" else 1 << 30)
+    launched = _launched_schedules(monkeypatch, gluon_step)
     args, (ref_o, ref_l) = _step_case(torch.bfloat16, hq, hkv, d, shift, accumulate, gen, "cuda",
                                       lq, lk)
     tiles = step_tiles(lq, hq, hkv, "cuda", "gluon")
@@ -290,6 +305,7 @@ def test_gluon_step_walks_the_tile_table(hq, hkv, d, shift, accumulate, lq, lk, 
     run_step(*args, mask_shift=shift, accumulate=accumulate, softmax_scale=0.3,
              backend="gluon", tiles=tiles)
     assert not gluon_step._compile_error, "the Gluon kernel did not compile: Triton ran"
+    assert launched == [schedule == "dynamic"], "not one Gluon launch under this schedule"
     assert not torch.isnan(o).any(), "NaN in output state"
     assert_close(o.cpu(), ref_o.cpu(), torch.bfloat16)
     assert_close(l.cpu(), ref_l.cpu(), torch.float32, factor=0.1 / 2e-5 * 1e-3)
@@ -306,6 +322,7 @@ def test_gluon_step_dynamic_schedule_without_a_table(hq, hkv, d, shift, accumula
     from esp_kernels.prefill import gluon_step
 
     monkeypatch.setattr(gluon_step, "DYNAMIC_ROUNDS", 0)
+    launched = _launched_schedules(monkeypatch, gluon_step)
     lq = [5, 1, 3000, 0, 19, 700, 130]
     lk = [5, 0, 3000, 3, 18, 700, 129]
     args, (ref_o, ref_l) = _step_case(torch.bfloat16, hq, hkv, d, shift, accumulate, gen, "cuda",
@@ -314,6 +331,7 @@ def test_gluon_step_dynamic_schedule_without_a_table(hq, hkv, d, shift, accumula
     run_step(*args, mask_shift=shift, accumulate=accumulate, softmax_scale=0.3,
              backend="gluon")
     assert not gluon_step._compile_error, "the Gluon kernel did not compile: Triton ran"
+    assert launched == [True], "not one Gluon launch under the dynamic schedule"
     assert_close(o.cpu(), ref_o.cpu(), torch.bfloat16)
     assert_close(l.cpu(), ref_l.cpu(), torch.float32, factor=0.1 / 2e-5 * 1e-3)
 

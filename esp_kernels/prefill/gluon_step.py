@@ -60,7 +60,8 @@ from .triton_step import finish_block, kv_range, merge_state, request_bounds
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 ITEM_COPIES = gl.constexpr(4)  # the posted item index, as one 16-byte vector
-_warp_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed in Triton 3.7+
+# Triton 3.6 names it thread_barrier, later releases barrier.
+_warp_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 _LOG2E = 1.4426950408889634
 BLOCK_M = 128      # rows per CTA: two consumer warpgroups of 64
 BLOCK_N = 128
@@ -80,7 +81,8 @@ PREFETCH_STATE = True
 # virtual ranks 61.5 against 63.5 ms (16k tokens per rank, 31 rounds) and steps alone +0.4-1%;
 # tied at 2k tokens per rank (3.9 rounds, 428-435 against 423-439 TFLOP/s from a CUDA graph); at
 # 1k (1.9 rounds) the counter's zeroing, one more graph node or launch per step, cost 5% in a
-# graph (271 against 285) and 16% launched (172 against 205).
+# graph (271 against 285) and 16% launched (172 against the full-round snake's 205; the
+# partial-round snake was not timed launched).
 DYNAMIC_ROUNDS = 4
 
 
@@ -428,6 +430,8 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
             mbarrier.arrive(v_empty.index(last), count=1)
             kv += n_blocks
         elif DYNAMIC:  # the loader posted the item with its Q buffer: hand it back
+            # (Triton puts a barrier of the warpgroup before each arrive, checked in the PTX of
+            # 3.6 and 3.9, so all four warps have read the index before the slot is released.)
             mbarrier.arrive(q_empty.index(qb), count=1)
             it += 1
         if t0 < q_len:
