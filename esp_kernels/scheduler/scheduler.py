@@ -94,8 +94,9 @@ Every schedule(), in this order:
    several instances has its other shards moved to its master when the master has room for them
    plus the request's remaining growth, and migration_time(tokens) < remaining steps ×
    (decode_time over its holders - decode_time on one instance). Release (`migrate_for_prefill`):
-   if candidates were left queued, one non-master instance of a component is emptied by moving
-   its shards to the component's other instances when the decode slowdown (migration time ·
+   if candidates were left queued, one non-master instance of a component (not one that received
+   KV in this schedule(): no token moves twice in one plan, nor does a request consolidated
+   across batches) is emptied by moving its shards to the component's other instances when the decode slowdown (migration time ·
    Σ 1/max_new_tokens · `preempt_weight`) is below what the queued candidates that fit an instance
    gain by running now on one instance instead of waiting (their defer cost less T(1, l)/l); the
    freed instance joins the next schedule()'s prefill pool. Each step's new token goes to
@@ -1179,7 +1180,11 @@ class ESPScheduler:
         the freed instance or None."""
         pol = self.policy
         masters = {r.master for r in reqs}
-        spare = sorted((self._used[i], i) for i in insts if i not in masters and self._used[i])
+        # Not an instance that received KV in this schedule() (cross-batch consolidation): its
+        # tokens would travel twice, src -> x -> dst, in one plan.
+        received = {o.dst for o in migrations}
+        spare = sorted((self._used[i], i) for i in insts
+                       if i not in masters and i not in received and self._used[i])
         if not spare:
             return None
         x = spare[0][1]
@@ -1216,6 +1221,8 @@ class ESPScheduler:
         return x
 
     def _consolidate(self, r: _Req, migrations: list) -> None:
+        if any(o.request == r.rid for o in migrations):
+            return      # moved once in this schedule() already: not twice in one plan
         m = r.master
         others = [(i, n) for i, n in sorted(r.ntok.items()) if i != m]
         moved = sum(n for _, n in others)
