@@ -3,10 +3,15 @@ each with one source line changed, timed side by side (two rounds) on causal ste
 (the diagonal, 8k keys; and 1k keys all visible: 8 blocks per tile, where the per-tile epilogue
 weighs most), Hq 32 / Hkv 8, D 128, bf16.
 
-Variants (diagnostic only: all but "base" compute wrong states):
+Variants:
 - base: the kernel as shipped, the state written (acc=0) and merged (acc=1);
-- no_smem_load: the prefetched o is not read back from shared memory;
-- no_merge_math: the block's state is stored without the merge.
+- late_prefetch: the state prefetch (cp.async issue) moved under the tile's first S = Q K^T
+  product, which it now follows instead of preceding: a candidate, its merged state checked
+  against base's (prediction before it first runs: 8-block tiles 0.3-0.6 us a tile faster, the
+  diagonal within noise);
+- no_smem_load (wrong states, diagnostic only): the prefetched o is not read back from shared
+  memory;
+- no_merge_math (wrong states, diagnostic only): the block's state is stored without the merge.
 (Dropping the o store is no measure: the PV products become dead code.)
 
 The copies are written next to gluon_step.py as _variant_<name>.py and removed at exit.
@@ -25,14 +30,42 @@ from esp_kernels.prefill import triton_step
 from esp_kernels.testing import cu_seqlens
 
 HERE = os.path.dirname(os.path.abspath(triton_step.__file__))
+_PREFETCH_FIRST = """        if PREFETCH:
+            if t0 < q_len:
+                lse_prev = _prefetch_state(O, LSE, o_stage, WG * M, t0, q_len, q_start,
+                                           hk * GROUP, stride_ot, stride_oh, stride_lt,
+                                           stride_lh, GROUP, M, D, o_layout)
+            else:  # an empty item (no tile table): nothing to fetch, nor to merge below
+                lse_prev = gl.full([M], float("-inf"), gl.float32, layout=row_o)
+"""
+_PREFETCH_ONLY_IF_EMPTY = """        if PREFETCH:
+            lse_prev = gl.full([M], float("-inf"), gl.float32, layout=row_o)
+            if t0 < q_len:
+                if n_blocks == 0:
+                    lse_prev = _prefetch_state(O, LSE, o_stage, WG * M, t0, q_len, q_start,
+                                               hk * GROUP, stride_ot, stride_oh, stride_lt,
+                                               stride_lh, GROUP, M, D, o_layout)
+"""
+_FIRST_S = """            s_tok = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False,
+                                  is_async=True)
+"""
+_FIRST_S_THEN_PREFETCH = _FIRST_S + """            if PREFETCH:  # under the first S product
+                lse_prev = _prefetch_state(O, LSE, o_stage, WG * M, t0, q_len, q_start,
+                                           hk * GROUP, stride_ot, stride_oh, stride_lt,
+                                           stride_lh, GROUP, M, D, o_layout)
+"""
 VARIANTS = {
     "base": {},
+    "late_prefetch": {"gluon_step": [(_PREFETCH_FIRST, _PREFETCH_ONLY_IF_EMPTY),
+                                     (_FIRST_S, _FIRST_S_THEN_PREFETCH)]},
     "no_smem_load": {"gluon_step": [("o_prev = o_stage.load(o_layout)",
                                      "o_prev = gl.zeros([M, D], gl.float32, layout=o_layout)")]},
     "no_merge_math": {"gluon_step": [(
         "o_new, lse_new = merge_state(o_prev, lse_prev, o_blk, lse_blk)",
         "o_new, lse_new = o_blk, lse_blk")]},
 }
+
+CORRECT = ("base", "late_prefetch")  # the variants whose state must equal the shipped kernel's
 
 
 def variant_module(name, edits):
@@ -65,9 +98,25 @@ def main():
     lse = torch.zeros(n, Hq, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     tiles = n * Hq // 128
+    g = torch.Generator(device="cuda").manual_seed(1)
+    o0 = torch.randn(n, Hq, D, device="cuda", generator=g)
+    lse0 = torch.randn(n, Hq, device="cuda", generator=g)
     for case, keys, shift in (("diagonal", n, 0), ("8 blocks", 1024, n)):
         k, v = k_all[:keys], v_all[:keys]
         cu_q, cu_k = cu_seqlens([n], "cuda"), cu_seqlens([keys], "cuda")
+        ref = None
+        for name in CORRECT:  # one merge from the same state, against the shipped kernel's
+            o.copy_(o0)
+            lse.copy_(lse0)
+            mods[name].ring_step_gluon(q, k, v, cu_q, cu_k, n, o, lse, True, shift, True,
+                                       D ** -0.5)
+            if ref is None:
+                ref = (o.clone(), lse.clone())
+            else:
+                err = max((o - ref[0]).abs().max().item(), (lse - ref[1]).abs().max().item())
+                print(f"{case:<9} {name}: max |state - base| {err:.1e}")
+                if err > 0:
+                    raise RuntimeError(f"{name} merges a different state than the shipped kernel")
         for rnd in range(2):
             for name, m in mods.items():
                 for acc in ((False, True) if name == "base" else (True,)):
