@@ -3,7 +3,8 @@
 #   STAGES="build test sanitize bench"   (default: all four, in this order; "" for none)
 #   BENCHES="merge prefill_step ring decode kv_copy comm"   (bench/bench_<name>.py)
 #   QUICK=1            smaller benchmark sizes
-#   PYTEST_K / PYTEST_ARGS   a pytest -k expression / extra pytest arguments (split on spaces)
+#   PYTEST_K / PYTEST_ARGS   a pytest -k expression (both runs; NCCL's may then select none) /
+#                      extra pytest arguments (split on spaces)
 #   EXTRA="cmd; cmd"   shell commands run after the stages, same environment (e.g.
 #                      EXTRA="python3 bench/diag_host.py --calls; bash bench/multi_gpu.sh 2")
 #   BASELINE_DIR=path  an older checkout (e.g. `git worktree add /tmp/old <commit>`, carried or
@@ -91,7 +92,7 @@ if has test; then
     ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -40
   stamp "pytest -m gpu tests/test_comm_nccl.py"
   python3 -m pytest -m gpu tests/test_comm_nccl.py -q -rfE -p no:cacheprovider --timeout=300 \
-    2>&1 \
+    ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 \
     | tee -a "$OUT/pytest_gpu.txt" | tail -20
 fi
 
