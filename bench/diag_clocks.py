@@ -33,7 +33,7 @@ class Sampler:
         self.samples = []  # (time, sm MHz, watts, deg C, reasons)
         self.proc = subprocess.Popen(
             ["nvidia-smi", f"--query-gpu={FIELDS}", "--format=csv,noheader,nounits",
-             f"-lms={period_ms}", "-i", str(torch.cuda.current_device())],
+             "-lms", str(period_ms), "-i", str(torch.cuda.current_device())],
             stdout=subprocess.PIPE, text=True)
         threading.Thread(target=self._read, daemon=True).start()
 
