@@ -94,12 +94,12 @@ Every schedule(), in this order:
    several instances has its other shards moved to its master when the master has room for them
    plus the request's remaining growth, and migration_time(tokens) < remaining steps ×
    (decode_time over its holders - decode_time on one instance). Release (`migrate_for_prefill`):
-   if candidates were left queued, one non-master instance of a component (not one that received
-   KV in this schedule(): no token moves twice in one plan, nor does a request consolidated
-   across batches) is emptied by moving its shards to the component's other instances when the decode slowdown (migration time ·
-   Σ 1/max_new_tokens · `preempt_weight`) is below what the queued candidates that fit an instance
-   gain by running now on one instance instead of waiting (their defer cost less T(1, l)/l); the
-   freed instance joins the next schedule()'s prefill pool. Each step's new token goes to
+   if candidates were left queued, one non-master instance of a component that received no KV in
+   this schedule() (no token moves twice in one plan) is emptied by moving its shards to the
+   component's other instances when the decode slowdown (migration time · Σ 1/max_new_tokens ·
+   `preempt_weight`) is below what the queued candidates that fit an instance gain by running
+   now on one instance instead of waiting (their defer cost less T(1, l)/l); the freed instance
+   joins the next schedule()'s prefill pool. Each step's new token goes to
    the master if it has room (a free slot in the request's last page there, or a free page); else
    (`scale_up`) to the component's instance with the most free pages, else to an unclaimed idle
    instance (it joins the batch); if nothing has room (`recompute`), the newest request (of those
@@ -1221,8 +1221,6 @@ class ESPScheduler:
         return x
 
     def _consolidate(self, r: _Req, migrations: list) -> None:
-        if any(o.request == r.rid for o in migrations):
-            return      # moved once in this schedule() already: not twice in one plan
         m = r.master
         others = [(i, n) for i, n in sorted(r.ntok.items()) if i != m]
         moved = sum(n for _, n in others)
