@@ -30,34 +30,22 @@ from esp_kernels.prefill import triton_step
 from esp_kernels.testing import cu_seqlens
 
 HERE = os.path.dirname(os.path.abspath(triton_step.__file__))
-_PREFETCH_FIRST = """        if PREFETCH:
-            if t0 < q_len:
+# late_prefetch: the tile's prefetch stays before its main loop only when it has no K/V block
+_PREFETCH_ANY_TILE = """            if t0 < q_len:
+                lse_prev = _prefetch_state("""
+_PREFETCH_EMPTY_TILE = """            if (t0 < q_len) & (n_blocks == 0):  # (else under the first S)
+                lse_prev = _prefetch_state("""
+_WAIT_FIRST_S = """            s = warpgroup_mma_wait(0, deps=[s_tok])
+"""
+_PREFETCH_THEN_WAIT_FIRST_S = """            if PREFETCH:  # under the first S product
                 lse_prev = _prefetch_state(O, LSE, o_stage, WG * M, t0, q_len, q_start,
                                            hk * GROUP, stride_ot, stride_oh, stride_lt,
                                            stride_lh, GROUP, M, D, o_layout)
-            else:  # an empty item (no tile table): nothing to fetch, nor to merge below
-                lse_prev = gl.full([M], float("-inf"), gl.float32, layout=row_o)
-"""
-_PREFETCH_ONLY_IF_EMPTY = """        if PREFETCH:
-            lse_prev = gl.full([M], float("-inf"), gl.float32, layout=row_o)
-            if t0 < q_len:
-                if n_blocks == 0:
-                    lse_prev = _prefetch_state(O, LSE, o_stage, WG * M, t0, q_len, q_start,
-                                               hk * GROUP, stride_ot, stride_oh, stride_lt,
-                                               stride_lh, GROUP, M, D, o_layout)
-"""
-_FIRST_S = """            s_tok = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False,
-                                  is_async=True)
-"""
-_FIRST_S_THEN_PREFETCH = _FIRST_S + """            if PREFETCH:  # under the first S product
-                lse_prev = _prefetch_state(O, LSE, o_stage, WG * M, t0, q_len, q_start,
-                                           hk * GROUP, stride_ot, stride_oh, stride_lt,
-                                           stride_lh, GROUP, M, D, o_layout)
-"""
+""" + _WAIT_FIRST_S
 VARIANTS = {
     "base": {},
-    "late_prefetch": {"gluon_step": [(_PREFETCH_FIRST, _PREFETCH_ONLY_IF_EMPTY),
-                                     (_FIRST_S, _FIRST_S_THEN_PREFETCH)]},
+    "late_prefetch": {"gluon_step": [(_PREFETCH_ANY_TILE, _PREFETCH_EMPTY_TILE),
+                                     (_WAIT_FIRST_S, _PREFETCH_THEN_WAIT_FIRST_S)]},
     "no_smem_load": {"gluon_step": [("o_prev = o_stage.load(o_layout)",
                                      "o_prev = gl.zeros([M, D], gl.float32, layout=o_layout)")]},
     "no_merge_math": {"gluon_step": [(

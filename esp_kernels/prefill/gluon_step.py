@@ -667,9 +667,8 @@ def _launch(grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, lse_state, group
     extra = dict(grid=grid) if warmup else {}
     run(
         q, k, v, o_state, lse_state, cu_q, cu_k, cu_q if tiles is None else tiles, counter,
-        q.shape[0],
-        k.shape[0], q.shape[1], k.shape[1], q.stride(0), q.stride(1), k.stride(0), v.stride(0),
-        o_state.stride(0), o_state.stride(1), lse_state.stride(0), lse_state.stride(1),
+        q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.stride(0), q.stride(1), k.stride(0),
+        v.stride(0), o_state.stride(0), o_state.stride(1), lse_state.stride(0), lse_state.stride(1),
         softmax_scale * _LOG2E, int(mask_shift), n_tiles, B, n_items, GROUP=group,
         HEAD_DIM=D, BN=block_n, NUM_STAGES=stages, CAUSAL=bool(causal),
         ACCUMULATE=bool(accumulate), PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2,
