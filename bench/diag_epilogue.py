@@ -9,6 +9,9 @@ Variants:
   product, which it now follows instead of preceding: a candidate, its merged state checked
   against base's (prediction before it first runs: 8-block tiles 0.3-0.6 us a tile faster, the
   diagonal within noise);
+  Its 64k rings' steps (P=4 and 8, kernels back to back, as bench_ring's "steps alone") are
+  timed against base's too, interleaved (prediction: +0.5-1% at 16k tokens per rank, +1-2% at
+  8k);
 - no_smem_load (wrong states, diagnostic only): the prefetched o is not read back from shared
   memory;
 - no_merge_math (wrong states, diagnostic only): the block's state is stored without the merge.
@@ -24,7 +27,7 @@ import os
 import torch
 
 from harness import parse_out, time_cuda
-from ring_cases import random_qkv
+from ring_cases import StripedRing, random_qkv
 
 from esp_kernels.prefill import triton_step
 from esp_kernels.testing import cu_seqlens
@@ -118,6 +121,27 @@ def main():
                     ms = time_cuda(step)["ms"]
                     print(f"{case:<9} round {rnd} {name:<14} acc={int(acc)} {ms * 1e3:8.1f} us "
                           f"per tile {ms * 1e3 * sms / tiles:6.2f} us", flush=True)
+    ring_steps(mods)
+
+
+def ring_steps(mods, L=65536, Hq=32, Hkv=8, D=128, rounds=2):
+    """The correct variants' 64k rings, every rank's steps back to back, interleaved rounds."""
+    q, k, v = random_qkv(L, Hq, Hkv, D, seed=1)
+    for P in (4, 8):
+        ring = StripedRing(q, k, v, P)
+        times = {name: [] for name in CORRECT}
+        for rnd in range(rounds):
+            for name in CORRECT:
+                def step(qi, kj, vj, cu, n, o, lse, shift, acc, m=mods[name]):
+                    m.ring_step_gluon(qi, kj, vj, cu, cu, n, o, lse, True, shift, acc,
+                                      D ** -0.5)
+                ms = time_cuda(lambda: ring.all_steps(step), warmup=1, reps=3)["ms"]
+                times[name].append(ms)
+                print(f"ring L={L} P={P} round {rnd} {name:<14} {ms:8.3f} ms", flush=True)
+        base = min(times["base"])
+        for name in CORRECT[1:]:
+            print(f"ring L={L} P={P} {name}: best {min(times[name]):.3f} ms against base "
+                  f"{base:.3f} ({base / min(times[name]):.3f}x)", flush=True)
 
 
 if __name__ == "__main__":
