@@ -8,7 +8,7 @@ Variants:
 - late_prefetch: the state prefetch (cp.async issue) moved under the tile's first S = Q K^T
   product, which it now follows instead of preceding: a candidate, its merged state checked
   against base's (prediction before it first runs: 8-block tiles 0.3-0.6 us a tile faster, the
-  diagonal within noise);
+  diagonal within noise).
   Its 64k rings' steps (P=4 and 8, kernels back to back, as bench_ring's "steps alone") are
   timed against base's too, interleaved (prediction: +0.5-1% at 16k tokens per rank, +1-2% at
   8k);
