@@ -1,0 +1,132 @@
+"""Where a launched short ring step's host time goes (EXTRA="python3 bench/diag_step_host.py"):
+the 8k-token ring on 8 ranks (1k tokens per rank), whose 64 steps launched one by one ran at
+96.7 TFLOP/s against 278 from a CUDA graph (H100, 7a4385d): ~89 us a step against ~31 us of GPU
+work, while the Triton twin's launches cost ~43 us.
+
+For one off-diagonal merging step it prints:
+- host microseconds per call (the loop's wall time, no synchronize inside; the GPU's queue stays
+  short of full) of: the public ring_step (gluon and triton), ring_step_gluon, and the Triton
+  launcher alone (`_launch`);
+- the CUDA API calls per step (torch.profiler, CUPTI): a synchronizing call (a device-to-host copy,
+  cudaStreamSynchronize) would serialize host and GPU;
+- cProfile of 300 public gluon calls, by own time.
+
+Then the 64k ring on 4 and 8 virtual ranks (bench_ring's ring_prefill, 63.1 / 69.1 ms against
+its step kernels alone 57.1 / 62.6 on the same H100): how long run_local takes to return (every
+rank's thread has launched its work; no synchronize) against the time until the GPU is done.
+Equal times would mean the ring waits on its host threads, not on the GPU.
+"""
+
+import collections
+import cProfile
+import io
+import pstats
+import time
+
+import harness  # noqa: F401  (first: puts this checkout's esp_kernels on the path)
+import torch
+
+import esp_kernels as esp
+from esp_kernels.comm import local_group, run_local
+from ring_cases import StripedRing, random_qkv
+
+from esp_kernels.prefill import gluon_step
+from esp_kernels.prefill.step import ring_step
+
+
+def host_us(fn, reps=300):
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter() - t) / reps * 1e6
+    torch.cuda.synchronize()
+    total = (time.perf_counter() - t) / reps * 1e6
+    return host, total
+
+
+def main():
+    L, Hq, Hkv, D, P = 8192, 32, 8, 128, 8
+    q, k, v = random_qkv(L, Hq, Hkv, D, seed=1)
+    ring = StripedRing(q, k, v, P)
+    qi, kj, vj, cu, n, o, lse = ring.qs[1], ring.ks[0], ring.vs[0], ring.cu, ring.n, ring.o, \
+        ring.lse
+    o.zero_()
+    lse.zero_()
+    scale = D ** -0.5
+    n_items = n * Hq // 128
+    grid = (min(n_items, torch.cuda.get_device_properties(0).multi_processor_count),)
+    dynamic = gluon_step.takes_items_dynamically(n_items, grid[0])
+    assert not dynamic, "launcher() passes cu as the (unused) counter: snake schedules only"
+    print(f"step: {n} queries x {n} keys, {n_items} items on {grid[0]} CTAs, "
+          f"{'dynamic' if dynamic else 'snake'} schedule")
+
+    def public(backend):
+        return lambda: ring_step(qi, kj, vj, cu, cu, n, o, lse, mask_shift=0, accumulate=True,
+                                 softmax_scale=scale, backend=backend)
+
+    def direct():
+        gluon_step.ring_step_gluon(qi, kj, vj, cu, cu, n, o, lse, True, 0, True, scale)
+
+    def launcher():
+        gluon_step._launch(grid, qi, kj, vj, cu, cu, None, cu, o, lse, Hq // Hkv, D,
+                           n // (128 // (Hq // Hkv)), 1, n_items, True, 0, True, scale,
+                           gluon_step.STAGES, gluon_step.BLOCK_N, True, dynamic)
+
+    cases = (("ring_step, gluon", public("gluon")), ("ring_step, triton", public("triton")),
+             ("ring_step_gluon", direct), ("_launch (Triton's launcher)", launcher))
+    for rnd in range(2):
+        for name, fn in cases:
+            host, total = host_us(fn)
+            print(f"round {rnd} {name:<28} host {host:7.1f} us a call, with the GPU "
+                  f"{total:7.1f} us", flush=True)
+
+    from torch.profiler import ProfilerActivity, profile
+    fn = public("gluon")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+    counts = collections.Counter(e.name for e in prof.events()
+                                 if e.name.startswith("cu") and not e.name.startswith("cuda::"))
+    print("CUDA API calls per public gluon step:",
+          {k: round(c / 50, 2) for k, c in sorted(counts.items())})
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
+    print(f"--- cProfile, 300 public gluon steps ---\n{s.getvalue()}")
+    ring_host()
+
+
+def ring_host(L=65536, Hq=32, Hkv=8, D=128, reps=5):
+    q, k, v = random_qkv(L, Hq, Hkv, D, seed=1)
+    for P in (4, 8):
+        ring = StripedRing(q, k, v, P)
+        groups = local_group(P, "cuda")
+
+        def ours():
+            return run_local(groups, lambda gr: esp.ring_prefill(
+                ring.qs[gr.rank], ring.ks[gr.rank], ring.vs[gr.rank], [L], gr))
+        for _ in range(2):
+            ours()
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            t = time.perf_counter()
+            ours()
+            host = (time.perf_counter() - t) * 1e3
+            torch.cuda.synchronize()
+            total = (time.perf_counter() - t) * 1e3
+            print(f"ring L={L} P={P}: run_local returned after {host:6.2f} ms, the GPU done "
+                  f"after {total:6.2f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
