@@ -14,12 +14,16 @@ For one off-diagonal merging step it prints:
 Then the 64k ring on 4 and 8 virtual ranks (bench_ring's ring_prefill, 63.1 / 69.1 ms against
 its step kernels alone 57.1 / 62.6 on the same H100): how long run_local takes to return (every
 rank's thread has launched its work; no synchronize) against the time until the GPU is done.
-Equal times would mean the ring waits on its host threads, not on the GPU.
+Equal times would mean the ring waits on its host threads, not on the GPU. And one P=4 ring
+under torch.profiler: the GPU's busy time (the union of kernel, memcpy and memset intervals over
+all streams) against the span, by kind of work, with the trace saved as $OUT/ring_p4_trace.json.
 """
 
 import collections
 import cProfile
 import io
+import json
+import os
 import pstats
 import time
 
@@ -126,6 +130,41 @@ def ring_host(L=65536, Hq=32, Hkv=8, D=128, reps=5):
             total = (time.perf_counter() - t) * 1e3
             print(f"ring L={L} P={P}: run_local returned after {host:6.2f} ms, the GPU done "
                   f"after {total:6.2f} ms", flush=True)
+        if P == 4:
+            ring_timeline(ours)
+
+
+def ring_timeline(ours):
+    """GPU busy time of one ring against its span, from a profiler trace (kernels, copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        ours()
+        torch.cuda.synchronize()
+    path = os.path.join(os.environ.get("OUT", "/tmp"), "ring_p4_trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = [e for e in json.load(f)["traceEvents"]
+                  if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events)
+    busy, end = 0.0, None
+    for a, b in spans:
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    span = spans[-1][1] - spans[0][0]
+    by_kind = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        kind = "ring step" if "ring_step" in e["name"] else f"{e['cat']}: {e['name'][:60]}"
+        by_kind[kind][0] += 1
+        by_kind[kind][1] += e["dur"]
+    print(f"ring P=4 under the profiler: span {span / 1e3:.2f} ms, GPU busy {busy / 1e3:.2f} ms "
+          f"({busy / span:.1%}); streams {len({e['tid'] for e in events})}")
+    for kind, (count, dur) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {kind:<72} {count:5d} x, {dur / 1e3:8.2f} ms")
 
 
 if __name__ == "__main__":
