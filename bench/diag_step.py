@@ -14,10 +14,15 @@ Then two cases where the kernel's fixed costs, not its main loop, decide:
   forms) against the 8k request alone: without a tile table the persistent kernel enumerates
   tiles of the longest request x requests x KV heads, so the extra time is what its empty work
   items cost; with the table (`step_tiles`, what the ring driver passes) there are none;
-- "host": host microseconds per launched step (1k queries, the GPU never the limit), Gluon and
-  Triton, and a cProfile of each path.
+- "host": host microseconds per launched step (1k queries), Gluon and Triton, and a cProfile of
+  each path; the Gluon path's layers, and its CUDA API calls per step. At 1k tokens per rank the
+  launched Gluon steps ran at 96.7 TFLOP/s against 278 from a CUDA graph (H100, 7a4385d; ~89 us
+  a step for ~31 us of GPU work) while the Triton twin's launches kept up with its GPU time.
+
+    python bench/diag_step.py [--only kernels,skewed,host]
 """
 
+import collections
 import cProfile
 import io
 import pstats
@@ -29,13 +34,25 @@ from anchors import fa3_prefill
 from harness import parse_out, time_cuda
 from ring_cases import random_qkv
 
-from esp_kernels.prefill.gluon_step import ring_step_gluon
+from esp_kernels.prefill import gluon_step
 from esp_kernels.prefill.step import ring_step, run_step, step_tiles
 from esp_kernels.testing import cu_seqlens
 
 
 def main():
-    parse_out()
+    args = parse_out()
+    parts = set(args.only.split(",")) if args.only else {"kernels", "skewed", "host"}
+    if "kernels" in parts:
+        kernels()
+    if "skewed" in parts:
+        n, Hq, Hkv, D = 8192, 32, 8, 128
+        skewed(*random_qkv(n, Hq, Hkv, D))
+    if "host" in parts:
+        host()
+
+
+def kernels():
+    """The 1-block, full and diagonal steps of 8k queries against FA3 on the same shape."""
     n, Hq, Hkv, D = 8192, 32, 8, 128
     q, k_all, v_all = random_qkv(n, Hq, Hkv, D)
     o = torch.empty(n, Hq, D, device="cuda")
@@ -59,15 +76,13 @@ def main():
                         ring_step(q, k, v, cu_q, cu_k, n, o, lse, causal=causal,
                                   accumulate=acc, backend=backend)
                     else:
-                        ring_step_gluon(q, k, v, cu_q, cu_k, n, o, lse, causal, 0, acc,
-                                        D ** -0.5, prefetch_state=backend == "gluon")
+                        gluon_step.ring_step_gluon(q, k, v, cu_q, cu_k, n, o, lse, causal, 0,
+                                                   acc, D ** -0.5,
+                                                   prefetch_state=backend == "gluon")
                 rows.append((f"{backend} acc={int(acc)}", time_cuda(step)["ms"]))
         for label, ms in rows:
             print(f"{name:<9} {label:<24} {ms * 1e3:9.1f} us {flops / ms / 1e9:7.1f} TFLOP/s "
                   f"per tile {ms * 1e3 * sms / tiles:6.2f} us", flush=True)
-
-    skewed(q, k_all, v_all)
-    host()
 
 
 def skewed(q, k_all, v_all):
@@ -101,25 +116,24 @@ def _grow(t, n):
 
 
 def host():
-    """Host time per step launched back to back (1k queries of one request, P=8 of 8k)."""
+    """Host time per step launched back to back (1k queries of one request, P=8 of 8k): the
+    public ring_step of each backend, with its device time and a cProfile; then the Gluon path's
+    layers (ring_step_gluon, Triton's launcher alone), each also with the GPU drained (host-only
+    time far under it: the GPU is the limit; equal: the host), and the CUDA API calls of one
+    public Gluon step (a synchronizing call would serialize host and GPU)."""
     n, Hq, Hkv, D = 1024, 32, 8, 128
     q, k, v = random_qkv(n, Hq, Hkv, D, seed=1)
     o = torch.zeros(n, Hq, D, device="cuda")
     lse = torch.zeros(n, Hq, device="cuda")
     cu = cu_seqlens([n], "cuda")
-    calls = 2000
+    scale = D ** -0.5
+
+    def public(backend):
+        return lambda: ring_step(q, k, v, cu, cu, n, o, lse, causal=True, mask_shift=-1,
+                                 accumulate=True, softmax_scale=scale, backend=backend)
     for backend in ("gluon", "triton"):
-        def step(backend=backend):
-            ring_step(q, k, v, cu, cu, n, o, lse, causal=True, mask_shift=-1, accumulate=True,
-                      softmax_scale=D ** -0.5, backend=backend)
-        for _ in range(20):
-            step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            step()
-        host_us = (time.perf_counter() - t0) / calls * 1e6
-        torch.cuda.synchronize()
+        step = public(backend)
+        host_us, _ = _host_us(step, calls=2000)
         dev_us = time_cuda(step, flush=False)["ms"] * 1e3
         print(f"host     {backend:<7} {host_us:6.1f} us per launched step (device {dev_us:.1f} "
               "us)", flush=True)
@@ -132,6 +146,50 @@ def host():
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
         print(buf.getvalue())
+
+    n_items = n * Hq // gluon_step.BLOCK_M
+    grid = (min(n_items, torch.cuda.get_device_properties(0).multi_processor_count),)
+    dynamic = gluon_step.takes_items_dynamically(n_items, grid[0])
+    assert not dynamic, "the launcher row passes cu as the (unused) counter: snake only"
+    layers = {
+        "ring_step_gluon": lambda: gluon_step.ring_step_gluon(q, k, v, cu, cu, n, o, lse, True,
+                                                              -1, True, scale),
+        "Triton's launcher alone": lambda: gluon_step._launch(
+            grid, q, k, v, cu, cu, None, cu, o, lse, Hq // Hkv, D,
+            n // (gluon_step.BLOCK_M // (Hq // Hkv)), 1, n_items, True, -1, True, scale,
+            gluon_step.STAGES, gluon_step.BLOCK_N, True, dynamic)}
+    for name, fn in layers.items():
+        # 500 calls: under the ~1024 launches CUDA queues, so a host faster than the GPU is
+        # not held back to the GPU's pace before the drain
+        host_us, drained_us = _host_us(fn, calls=500)
+        print(f"host     gluon, {name:<24} {host_us:6.1f} us per launch, {drained_us:6.1f} with "
+              "the GPU drained", flush=True)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    step = public("gluon")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(50):
+            step()
+        torch.cuda.synchronize()
+    counts = collections.Counter(e.name for e in prof.events()
+                                 if e.name.startswith("cu") and not e.name.startswith("cuda::"))
+    print("host     CUDA API calls per public gluon step:",
+          {name: round(c / 50, 2) for name, c in sorted(counts.items())})
+
+
+def _host_us(fn, calls):
+    """Host microseconds per call of fn launched back to back, and per call until the GPU has
+    finished them."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return host, (time.perf_counter() - t0) / calls * 1e6
 
 
 if __name__ == "__main__":
