@@ -7,14 +7,13 @@ host rows drift ~1.7x within one call on the GPU machine, the call counts do not
 baseline tree too to compare two commits)."""
 
 import argparse
-import collections
 import cProfile
 import io
 import json
 import pstats
 import time
 
-import harness  # noqa: F401  (first: puts this checkout's esp_kernels on the path)
+import harness  # (first: puts this checkout's esp_kernels on the path)
 import torch
 
 import esp_kernels
@@ -72,17 +71,12 @@ def main():
 def api_calls(n, layers=50):
     """{CUDA API name: calls per decode layer and rank} of the host rows' layer on n virtual
     ranks (out= reused, run_steps), as CUPTI reports them to torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
     groups, caches, plans, qs = host_case(n, torch.Generator(device="cuda").manual_seed(3))
     outs = [torch.empty_like(q) for q in qs]
     decode_layers(groups, caches, plans, qs, 10, outs=outs)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        decode_layers(groups, caches, plans, qs, layers, outs=outs)
-    counts = collections.Counter(e.name for e in prof.events()
-                                 if e.name.startswith("cu") and not e.name.startswith("cuda::"))
-    return {k: round(v / (layers * n), 2) for k, v in sorted(counts.items())}
+    return harness.cuda_api_calls(lambda: decode_layers(groups, caches, plans, qs, layers,
+                                                        outs=outs), per=layers * n)
 
 
 if __name__ == "__main__":

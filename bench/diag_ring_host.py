@@ -65,9 +65,8 @@ def high_priority_comm(groups):
     steps, this cuts it to <= 5% at P=4; if it is the host, nothing moves."""
     world = groups[0]._world
     dev = world.comm_streams[0].device
-    high = torch.cuda.Stream.priority_range()[1] if hasattr(torch.cuda.Stream, "priority_range") \
-        else -1
-    world.comm_streams = [torch.cuda.Stream(dev, priority=high) for _ in world.comm_streams]
+    # torch maps a priority past the device's range to its highest (torch has no range query)
+    world.comm_streams = [torch.cuda.Stream(dev, priority=-100) for _ in world.comm_streams]
     if world.box is not None:
         world.box = type(world.box)(len(world.comm_streams), dev.index,
                                     [s.cuda_stream for s in world.comm_streams])

@@ -22,7 +22,6 @@ Then two cases where the kernel's fixed costs, not its main loop, decide:
     python bench/diag_step.py [--only kernels,skewed,host]
 """
 
-import collections
 import cProfile
 import io
 import pstats
@@ -31,7 +30,7 @@ import time
 import torch
 
 from anchors import fa3_prefill
-from harness import parse_out, time_cuda
+from harness import cuda_api_calls, parse_out, time_cuda
 from ring_cases import random_qkv
 
 from esp_kernels.prefill import gluon_step
@@ -147,17 +146,12 @@ def host():
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
         print(buf.getvalue())
 
-    n_items = n * Hq // gluon_step.BLOCK_M
-    grid = (min(n_items, torch.cuda.get_device_properties(0).multi_processor_count),)
-    dynamic = gluon_step.takes_items_dynamically(n_items, grid[0])
-    assert not dynamic, "the launcher row passes cu as the (unused) counter: snake only"
-    layers = {
-        "ring_step_gluon": lambda: gluon_step.ring_step_gluon(q, k, v, cu, cu, n, o, lse, True,
-                                                              -1, True, scale),
-        "Triton's launcher alone": lambda: gluon_step._launch(
-            grid, q, k, v, cu, cu, None, cu, o, lse, Hq // Hkv, D,
-            n // (gluon_step.BLOCK_M // (Hq // Hkv)), 1, n_items, True, -1, True, scale,
-            gluon_step.STAGES, gluon_step.BLOCK_N, True, dynamic)}
+    def gluon():
+        gluon_step.ring_step_gluon(q, k, v, cu, cu, n, o, lse, True, -1, True, scale)
+    launch_args = _launch_args(gluon)
+    assert not launch_args[-1], "the launcher row would reuse one counter: snake only"
+    layers = {"ring_step_gluon": gluon,
+              "Triton's launcher alone": lambda: gluon_step._launch(*launch_args)}
     for name, fn in layers.items():
         # 500 calls: under the ~1024 launches CUDA queues, so a host faster than the GPU is
         # not held back to the GPU's pace before the drain
@@ -165,17 +159,27 @@ def host():
         print(f"host     gluon, {name:<24} {host_us:6.1f} us per launch, {drained_us:6.1f} with "
               "the GPU drained", flush=True)
 
-    from torch.profiler import ProfilerActivity, profile
-
     step = public("gluon")
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+
+    def fifty_steps():
         for _ in range(50):
             step()
         torch.cuda.synchronize()
-    counts = collections.Counter(e.name for e in prof.events()
-                                 if e.name.startswith("cu") and not e.name.startswith("cuda::"))
-    print("host     CUDA API calls per public gluon step:",
-          {name: round(c / 50, 2) for name, c in sorted(counts.items())})
+    print("host     CUDA API calls per public gluon step:", cuda_api_calls(fifty_steps, per=50))
+
+
+def _launch_args(step):
+    """The arguments ring_step_gluon passes to its launcher in one call of step (compiled
+    first), so the launcher can be timed alone on exactly what the step launches."""
+    step()
+    seen = []
+    launch = gluon_step._launch
+    gluon_step._launch = lambda *args, **kw: seen.append(args) or launch(*args, **kw)
+    try:
+        step()
+    finally:
+        gluon_step._launch = launch
+    return seen[-1]
 
 
 def _host_us(fn, calls):

@@ -82,6 +82,20 @@ def time_wall(fn, warmup: int = 2, reps: int = 5) -> dict:
     return _summary(times)
 
 
+def cuda_api_calls(fn, per: int) -> dict:
+    """{CUDA API name: calls per unit} while fn() runs under torch.profiler (CUPTI), fn doing
+    `per` units of work: the stable measure of a host path when the host's speed drifts."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+    counts = collections.Counter(e.name for e in prof.events()
+                                 if e.name.startswith("cu") and not e.name.startswith("cuda::"))
+    return {k: round(v / per, 2) for k, v in sorted(counts.items())}
+
+
 def _summary(times):
     s = sorted(times)
     q = lambda f: s[min(len(s) - 1, int(f * (len(s) - 1) + 0.5))]  # noqa: E731
