@@ -337,6 +337,56 @@ def test_gluon_step_dynamic_schedule_without_a_table(hq, hkv, d, shift, accumula
 
 
 @pytest.mark.gpu
+def test_gluon_dynamic_counter_is_left_at_zero(gen, monkeypatch):
+    """Launched steps under the dynamic schedule share one counter per stream, which each launch
+    must leave at zero for the next: batches with fewer items than SMs (a grid of one CTA per
+    item) and with several rounds, back to back on the current stream and on a side stream,
+    each matching the reference; the counters read zero after every launch. A captured step
+    replayed twice matches too (graphs zero their own counter)."""
+    from esp_kernels.prefill import gluon_step
+
+    monkeypatch.setattr(gluon_step, "DYNAMIC_ROUNDS", 0)
+    launched = _launched_schedules(monkeypatch, gluon_step)
+    batches = [([5, 1, 37, 0, 19], [5, 0, 37, 3, 18]),       # 7 tiles x 8 KV heads < 132 SMs
+               ([5, 0, 3000, 1, 700], [5, 3, 3000, 1, 699]),  # several rounds
+               ([130], [129])]
+    side = torch.cuda.Stream()
+    for stream in (torch.cuda.current_stream(), side, torch.cuda.current_stream()):
+        with torch.cuda.stream(stream):
+            for lq, lk in batches:
+                args, (ref_o, ref_l) = _step_case(torch.bfloat16, 32, 8, 128, -1, True, gen,
+                                                  "cuda", lq, lk)
+                run_step(*args, mask_shift=-1, accumulate=True, softmax_scale=0.3,
+                         backend="gluon", tiles=step_tiles(lq, 32, 8, "cuda", "gluon"))
+                torch.cuda.synchronize()
+                assert_close(args[6].cpu(), ref_o.cpu(), torch.bfloat16)
+                assert_close(args[7].cpu(), ref_l.cpu(), torch.float32,
+                             factor=0.1 / 2e-5 * 1e-3)
+                counter = gluon_step._dynamic_counter(torch.device("cuda"))
+                assert counter.item() == 0, f"counter left at {counter.item()} after {lq}"
+    assert not gluon_step._compile_error, "the Gluon kernel did not compile: Triton ran"
+    assert launched == [True] * 9, "not nine Gluon launches under the dynamic schedule"
+
+    lq, lk = batches[1]
+    args, (ref_o, ref_l) = _step_case(torch.bfloat16, 32, 8, 128, 0, False, gen, "cuda", lq, lk)
+    tiles = step_tiles(lq, 32, 8, "cuda", "gluon")
+
+    def step():
+        run_step(*args, mask_shift=0, accumulate=False, softmax_scale=0.3, backend="gluon",
+                 tiles=tiles)
+    step()  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(2):
+        args[6].zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(args[6].cpu(), ref_o.cpu(), torch.bfloat16)
+        assert_close(args[7].cpu(), ref_l.cpu(), torch.float32, factor=0.1 / 2e-5 * 1e-3)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", STEP_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (8, 1, 64), (64, 1, 128)])

@@ -11,7 +11,7 @@ for every request, skipping the empty ones. With many tiles per CTA the CTAs tak
 atomic counter (dynamic: a CTA slowed by another kernel on the GPU, a virtual rank's, takes
 fewer); with few, in rounds whose order alternates (snake: the CTA that took a round's heaviest
 tile takes the next round's lightest, so causal tiles, whose work falls linearly, even out per
-CTA, without the counter's zeroing per launch). Its 1-warp loader streams each
+CTA, without a counter). Its 1-warp loader streams each
 tile's Q ([tokens, group heads, D] TMA boxes) and K/V blocks into shared memory, its counters
 running on across tiles, so a tile's loads and pipeline fill overlap the previous tile's work;
 under the dynamic schedule it also takes the items and posts each one's index beside its Q.
@@ -76,13 +76,14 @@ STAGES = 2
 # 525 / 521 (P=8); 8k rings unchanged.
 PREFETCH_STATE = True
 # How the CTAs share the items (`ring_step_gluon`'s schedule): from this many rounds of items per
-# CTA on, dynamically (an atomic counter, zeroed per launch); below, in the static snake order.
+# CTA on, dynamically (an atomic counter); below, in the static snake order.
 # H200, one call (bench/NOTES.md): the dynamic schedule against the snake, 64k prefill on 4
 # virtual ranks 61.5 against 63.5 ms (16k tokens per rank, 31 rounds) and steps alone +0.4-1%;
 # tied at 2k tokens per rank (3.9 rounds, 428-435 against 423-439 TFLOP/s from a CUDA graph); at
-# 1k (1.9 rounds) the counter's zeroing, one more graph node or launch per step, cost 5% in a
-# graph (271 against 285) and 16% launched (172 against the full-round snake's 205; the
-# partial-round snake was not timed launched).
+# 1k (1.9 rounds) the counter's zeroing, then one more graph node or launch per step, cost 5% in
+# a graph (271 against 285) and 16% launched (172 against the full-round snake's 205; the
+# partial-round snake was not timed launched). Launched steps now reuse a counter per stream
+# that each launch leaves at zero; graphs still zero theirs.
 DYNAMIC_ROUNDS = 4
 
 
@@ -166,13 +167,26 @@ def _work_item(w, work, TOK_M: gl.constexpr, BN: gl.constexpr, CAUSAL: gl.conste
 @gluon.jit
 def _next_item(COUNTER, n_ctas):
     """The dynamic schedule's next item: past every CTA's first (its program id), the items are
-    handed out by an atomic counter, zeroed per launch. One lane adds; a warp reduction (shuffles,
+    handed out by an atomic counter (the launch's last take zeroes it). One lane adds; a warp reduction (shuffles,
     no shared memory) gives every lane its result."""
     lanes: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     lane = gl.arange(0, 32, layout=lanes)
     one = lane == 0
     old = gl.atomic_add(COUNTER + lane * 0, gl.full([32], 1, gl.int32, layout=lanes), mask=one)
     return n_ctas + gl.sum(gl.where(one, old, 0), 0)
+
+
+@gluon.jit
+def _reset_counter_after_last_take(COUNTER, w, n_ctas, n_items):
+    """The dynamic schedule leaves its counter at zero for the next launch on the stream. The
+    grid has at most n_items CTAs, and each takes from the counter until its take runs past the
+    last item (exactly once), so a launch takes n_items times in all: the CTA whose take
+    returned the last value (w == n_ctas + n_items - 1) is the counter's last user and zeroes it
+    (same thread and address as its atomic, so the store follows it)."""
+    if w == n_ctas + n_items - 1:
+        lanes: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        lane = gl.arange(0, 32, layout=lanes)
+        gl.store(COUNTER + lane * 0, gl.zeros([32], gl.int32, layout=lanes), mask=lane == 0)
 
 
 @gluon.jit
@@ -256,6 +270,7 @@ def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.cons
     if DYNAMIC:  # past the last item: the consumers stop
         qb = _post_item(item_smem, q_empty, it, w, Q_BUFS)
         mbarrier.arrive(q_ready.index(qb), count=1)
+        _reset_counter_after_last_take(work[8], w, n_ctas, n_items)
 
 
 @gluon.jit
@@ -591,6 +606,26 @@ def work_tiles(q_lengths, num_q_heads: int, num_kv_heads: int, device) -> torch.
     return torch.stack([tile[order], req[order]], 1).to(torch.int32).to(device)
 
 
+_stream_counters = {}  # (device index, stream handle) -> (the stream, its int32 [1] counter)
+
+
+def _dynamic_counter(device) -> torch.Tensor:
+    """The dynamic schedule's item counter for a launch on the current stream: zero when the
+    launch starts. Each launch leaves it at zero (`_reset_counter_after_last_take`) and launches
+    on one stream run in order, so each stream keeps one, zeroed once (the entry holds the
+    stream, so its handle is not reused while the counter lives). Under CUDA graph capture a
+    fresh one, zeroed by a node of the graph: graphs captured on one stream (torch's shared
+    capture stream) may be replayed side by side on others."""
+    stream = torch.cuda.current_stream(device)
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    key = (stream.device_index, stream.cuda_stream)
+    entry = _stream_counters.get(key)
+    if entry is None:
+        entry = _stream_counters[key] = (stream, torch.zeros(1, dtype=torch.int32, device=device))
+    return entry[1]
+
+
 def _check_schedule(schedule):
     if schedule not in (None, "snake", "dynamic"):
         raise ValueError(f"schedule must be None, 'snake' or 'dynamic', not {schedule!r}")
@@ -612,8 +647,8 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
     caller checked `supports`). prefetch_state: merging steps copy each tile's previous state
     into shared memory during its main loop. tiles: None, or `work_tiles` of this batch's
     query lengths (not checked against cu_q). schedule: "dynamic" (items from an atomic
-    counter, zeroed per launch), "snake" (static), or None: dynamic from DYNAMIC_ROUNDS items
-    per CTA on."""
+    counter, which each launch leaves at zero), "snake" (static), or None: dynamic from
+    DYNAMIC_ROUNDS items per CTA on."""
     _check_schedule(schedule)  # (before any early return)
     Tq, Hq, D = q.shape
     group = Hq // k.shape[1]
@@ -629,7 +664,7 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
     _ensure_allocator()
     prefetch = bool(prefetch_state and accumulate)
     # The dynamic schedule's counter (else an unused placeholder pointer).
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else cu_q
+    counter = _dynamic_counter(q.device) if dynamic else cu_q
     args = (grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, lse_state, group, D, n_tiles,
             B, n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n, prefetch,
             dynamic)
