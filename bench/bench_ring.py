@@ -1,6 +1,8 @@
 """Striped ring prefill on P virtual ranks of one GPU (L = 64k, P = 4 and 8), same run:
 
-- vs one FA3 call (FlashInfer, carried anchors) over the whole sequence: bar >= 0.9x;
+- vs one FA3 call (FlashInfer, carried anchors) over the whole sequence: bar >= 0.9x; the ring
+  driven two ways: `ring_prefill` in one thread per rank (`run_local`) and `ring_prefill_steps`
+  with every rank advanced from one thread (`run_steps`);
 - vs its step kernels alone (the P x P steps back to back, no communication): ring overhead,
   bar <= 10% (moonshot <= 3%);
 - vs a ring-flash-attention-style loop (bench/ring_flash_style.py) on the same Group, its steps
@@ -17,7 +19,7 @@ from ring_cases import StripedRing, random_qkv
 from ring_flash_style import rfa_style_prefill, sdpa_flash_attend
 
 import esp_kernels as esp
-from esp_kernels.comm import local_group, run_local
+from esp_kernels.comm import local_group, run_local, run_steps
 from esp_kernels.prefill.step import ring_step, resolve_backend
 
 
@@ -41,13 +43,26 @@ def main():
         t_steps = time_cuda(lambda: ring.all_steps(step), warmup=1, reps=3)
         groups = local_group(P, "cuda")
 
-        def ours():  # every rank's (out, lse)
+        def ours():  # every rank's (out, lse), one thread per rank
             return run_local(groups, lambda gr: esp.ring_prefill(qs[gr.rank], ks[gr.rank],
                                                                 vs[gr.rank], [L], gr))
+
+        def ours_one_thread():  # the same ring, every rank's steps driven from this thread
+            return run_steps(groups, [esp.prefill.ring_prefill_steps(
+                qs[r], ks[r], vs[r], [L], groups[r]) for r in range(P)])
 
         case = f"L={L} P={P} virtual ranks Hq{Hq}/Hkv{Hkv} D{D} bf16 [{backend}]"
         # Eight threads sharing one GPU vary run to run: more repetitions than the kernels get.
         t_ours = time_wall(ours, warmup=2, reps=7)
+        t_one = time_wall(ours_one_thread, warmup=2, reps=7)
+        rec.add(case, "ring_prefill_steps, run_steps", t_one["ms"], "ring_prefill, run_local",
+                t_ours["ms"], "ms", higher_is_better=False)
+        rec.add(case, "ring_prefill_steps, run_steps", t_one["ms"], "its step kernels alone",
+                t_steps["ms"], "ms", higher_is_better=False,
+                overhead=t_one["ms"] / t_steps["ms"] - 1)
+        if t_fa3 is not None:
+            rec.add(case, "ring_prefill_steps, run_steps", t_one["ms"],
+                    "one FA3 call (FlashInfer)", t_fa3["ms"], "ms", higher_is_better=False)
 
         # Retention: decode keeps every token on 2 of the P instances (fill-first).
         caches = [esp.PagedKVCache(1, L // 16 + 64, 16, Hkv, D, torch.bfloat16, "cuda")
@@ -83,6 +98,10 @@ def main():
             t_style = time_wall(style, warmup=2, reps=7)
             rec.add(case, "ring_prefill", t_ours["ms"], f"RFA-style loop, {name} steps",
                     t_style["ms"], "ms", higher_is_better=False, max_abs_diff=diff)
+            if name == "FA3":
+                rec.add(case, "ring_prefill_steps, run_steps", t_one["ms"],
+                        f"RFA-style loop, {name} steps", t_style["ms"], "ms",
+                        higher_is_better=False)
 
 
 if __name__ == "__main__":

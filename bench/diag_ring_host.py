@@ -1,17 +1,19 @@
-"""Whether the 64k striped ring on 4 and 8 virtual ranks waits on its host threads or on its
-message copies (EXTRA="python3 bench/diag_ring_host.py"): bench_ring's ring_prefill took 63.1 /
-69.1 ms against its step kernels alone 57.1 / 62.6 on one H100 (7a4385d), ~10% over them where
-h100_snake had 6% and the H200 1.8-4.1%.
+"""Where the 64k striped ring on 4 and 8 virtual ranks loses time over its step kernels
+(EXTRA="python3 bench/diag_ring_host.py"). On one H100 (684013c) bench_ring's ring_prefill took
+60.9 / 68.9 ms against its step kernels alone 57.2 / 62.2; one P=4 ring under the profiler kept
+the GPU busy 95% of its span, with the first step kernel starting 3.2 ms after the first copy:
+each rank thread's first cudaMemcpyAsync took ~2 ms of host time (4 fresh threads at once).
+Neither the comm streams at high priority nor the self-resetting counter moved the ring (both
+within the +-3 ms run-to-run spread, same run).
 
-- run_local's return (every rank's thread has launched its work; no synchronize) against the
-  time until the GPU is done: equal times mean the ring waits on its host threads;
-- each ring three ways, interleaved: as `local_group` builds it, with the message copies' streams
-  at the highest priority (`high_priority_comm`, its prediction there);
-- and with the dynamic schedule's counter zeroed per launch, as before it reset itself
-  (`counter_zeroed_per_launch`, its prediction there);
-- one P=4 ring under torch.profiler: the GPU's busy time (the union of kernel, memcpy and memset
-  intervals over all streams) against the span, by kind of work, the trace saved as
-  $OUT/ring_p4_trace.json.
+- each ring two ways, interleaved: `ring_prefill` in one thread per rank (`run_local`, as
+  shipped) and `ring_prefill_steps` with every rank advanced from one thread (`run_steps`); for
+  each, when the driver returned (everything enqueued) and when the GPU was done;
+- the host time of one small copy as the first CUDA call of 4 fresh threads at once, against the
+  same copy in threads that already made one (is it thread start-up?);
+- each driver's P=4 ring under torch.profiler: the GPU's busy time (the union of kernel, memcpy
+  and memset intervals over all streams) against the span, by kind of work, and when the first
+  step kernel started; the traces saved as $OUT/ring_p4_<driver>_trace.json.
 
 The step's own host path (1k tokens per rank launched: 96.7 TFLOP/s against 278 from a graph) is
 `diag_step.py --only host`.
@@ -20,6 +22,7 @@ The step's own host path (1k tokens per rank launched: 96.7 TFLOP/s against 278 
 import collections
 import json
 import os
+import threading
 import time
 
 import harness  # noqa: F401  (first: puts this checkout's esp_kernels on the path)
@@ -28,23 +31,21 @@ import torch
 from ring_cases import StripedRing, random_qkv
 
 import esp_kernels as esp
-from esp_kernels.comm import local_group, run_local
-from esp_kernels.prefill import gluon_step
+from esp_kernels.comm import local_group, run_local, run_steps
 
 
 def main(L=65536, Hq=32, Hkv=8, D=128, reps=5):
+    first_call_in_fresh_threads()
     q, k, v = random_qkv(L, Hq, Hkv, D, seed=1)
     for P in (4, 8):
         ring = StripedRing(q, k, v, P)
-        worlds = {"comm streams at default priority": local_group(P, "cuda"),
-                  "comm streams at high priority": high_priority_comm(local_group(P, "cuda"))}
-
-        def ring_on(groups):
-            return lambda: run_local(groups, lambda gr: esp.ring_prefill(
-                ring.qs[gr.rank], ring.ks[gr.rank], ring.vs[gr.rank], [L], gr))
-        rings = {name: ring_on(groups) for name, groups in worlds.items()}
-        rings["counter zeroed per launch"] = counter_zeroed_per_launch(
-            ring_on(local_group(P, "cuda")))
+        groups = local_group(P, "cuda")
+        rings = {
+            "threads (run_local)": lambda: run_local(groups, lambda gr: esp.ring_prefill(
+                ring.qs[gr.rank], ring.ks[gr.rank], ring.vs[gr.rank], [L], gr)),
+            "one thread (run_steps)": lambda: run_steps(groups, [esp.prefill.ring_prefill_steps(
+                ring.qs[r], ring.ks[r], ring.vs[r], [L], groups[r]) for r in range(P)]),
+        }
         for fn in rings.values():
             for _ in range(2):
                 fn()
@@ -56,60 +57,58 @@ def main(L=65536, Hq=32, Hkv=8, D=128, reps=5):
                 host = (time.perf_counter() - t) * 1e3
                 torch.cuda.synchronize()
                 total = (time.perf_counter() - t) * 1e3
-                print(f"ring L={L} P={P}, {name}: run_local returned after {host:6.2f} ms, "
+                print(f"ring L={L} P={P}, {name}: the driver returned after {host:6.2f} ms, "
                       f"the GPU done after {total:6.2f} ms", flush=True)
         if P == 4:
-            ring_timeline(rings["comm streams at default priority"])
+            for name, fn in rings.items():
+                ring_timeline(fn, name)
 
 
-def high_priority_comm(groups):
-    """The virtual ranks' world with its communication streams (where the message copies run)
-    recreated at the highest priority, as its constructor makes them otherwise: a copy kernel
-    then takes the next SM a persistent step kernel frees, ahead of queued step CTAs. Prediction
-    (before any run): if the ring's ~10% over its kernels is copies waiting behind other ranks'
-    steps, this cuts it to <= 5% at P=4; if it is the host, nothing moves."""
-    world = groups[0]._world
-    dev = world.comm_streams[0].device
-    # torch maps a priority past the device's range to its highest (torch has no range query)
-    world.comm_streams = [torch.cuda.Stream(dev, priority=-100) for _ in world.comm_streams]
-    if world.box is not None:
-        world.box = type(world.box)(len(world.comm_streams), dev.index,
-                                    [s.cuda_stream for s in world.comm_streams])
-    return groups
+def first_call_in_fresh_threads(n=4, reps=5):
+    """Host time of one 1 MiB device copy as each of n threads' first CUDA call, the n threads
+    started together, against the same copy made again in those threads."""
+    src = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
+    dsts = [torch.empty_like(src) for _ in range(n)]
+    torch.cuda.synchronize()
+    for _ in range(reps):
+        first, again = [0.0] * n, [0.0] * n
+        go = threading.Barrier(n)
+
+        def body(r):
+            go.wait()
+            t = time.perf_counter()
+            dsts[r].copy_(src)
+            first[r] = (time.perf_counter() - t) * 1e6
+            t = time.perf_counter()
+            dsts[r].copy_(src)
+            again[r] = (time.perf_counter() - t) * 1e6
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(n)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        torch.cuda.synchronize()
+        print(f"copy as the first CUDA call of {n} fresh threads: "
+              f"{' '.join(f'{x:7.1f}' for x in first)} us; again: "
+              f"{' '.join(f'{x:6.1f}' for x in again)} us", flush=True)
 
 
-def counter_zeroed_per_launch(ring):
-    """The ring with the dynamic schedule's counter as before it reset itself: a fresh one per
-    launch, zeroed by a fill kernel on the step's stream, which on virtual ranks waits for an SM
-    that another rank's persistent step holds. Prediction (before any run): the self-resetting
-    counter is >= 1% faster at P=4 if these fills sit on the ring's critical path, else tied."""
-    def zeroed(device):
-        return torch.zeros(1, dtype=torch.int32, device=device)
-
-    def run():
-        kept = gluon_step._dynamic_counter
-        gluon_step._dynamic_counter = zeroed
-        try:
-            return ring()
-        finally:
-            gluon_step._dynamic_counter = kept
-    return run
-
-
-def ring_timeline(ours):
+def ring_timeline(ours, name):
     """GPU busy time of one ring against its span, from a profiler trace (kernels, copies)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         ours()
         torch.cuda.synchronize()
-    path = os.path.join(os.environ.get("OUT", "/tmp"), "ring_p4_trace.json")
+    tag = name.split("(")[-1].rstrip(")")
+    path = os.path.join(os.environ.get("OUT", "/tmp"), f"ring_p4_{tag}_trace.json")
     prof.export_chrome_trace(path)
     with open(path) as f:
         events = [e for e in json.load(f)["traceEvents"]
                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
     if not events:
-        print("ring P=4 under the profiler: the trace holds no GPU events (no CUPTI?)")
+        print(f"ring P=4, {name}, under the profiler: the trace holds no GPU events (no CUPTI?)")
         return
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events)
     busy, end = 0.0, None
@@ -126,8 +125,11 @@ def ring_timeline(ours):
         kind = "ring step" if "ring_step" in e["name"] else f"{e['cat']}: {e['name'][:60]}"
         by_kind[kind][0] += 1
         by_kind[kind][1] += e["dur"]
-    print(f"ring P=4 under the profiler: span {span / 1e3:.2f} ms, GPU busy {busy / 1e3:.2f} ms "
-          f"({busy / span:.1%}); streams {len({e['tid'] for e in events})}")
+    first_step = min(e["ts"] for e in events if "ring_step" in e["name"]) - spans[0][0]
+    print(f"ring P=4, {name}, under the profiler: span {span / 1e3:.2f} ms, GPU busy "
+          f"{busy / 1e3:.2f} ms ({busy / span:.1%}); the first step kernel began "
+          f"{first_step / 1e3:.2f} ms after the first GPU work; streams "
+          f"{len({e['tid'] for e in events})}")
     for kind, (count, dur) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
         print(f"  {kind:<72} {count:5d} x, {dur / 1e3:8.2f} ms")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import esp_kernels as esp
-from esp_kernels.comm import local_group, run_local
+from esp_kernels.comm import local_group, run_local, run_steps
 from esp_kernels.prefill.step import resolve_backend, ring_step, run_step, step_tiles
 from esp_kernels.testing import (assert_close, cu_seqlens, poison_, random_varlen_batch, stripe,
                                  stripe_lengths, unstripe)
@@ -68,6 +68,46 @@ def test_ring_prefill_gloo(P):
 @pytest.mark.parametrize("P", [1, 2, 3, 4])
 def test_ring_prefill_virtual_ranks(P):
     check_gathered(run_local(local_group(P), prefill_rank, [77 + P] * P), P, 77 + P)
+
+
+def prefill_rank_steps(world, seed):
+    """prefill_rank as one step generator per rank (each config's ring in turn)."""
+    P = world.size
+    ring = world.subgroup(ring_order(P))
+    out = []
+    for hq, hkv, d in CONFIGS:
+        lens = lengths_for(P)
+        b = batch(seed, lens, hq, hkv, d)
+        r = ring.rank
+        q, k, v = (stripe(t, lens, P)[r] for t in (b.q, b.k, b.v))
+        o, lse = yield from esp.prefill.ring_prefill_steps(q, k, v, lens, ring)
+        out.append((r, o, lse))
+    return out
+
+
+@pytest.mark.parametrize("P", [1, 2, 3, 4])
+def test_ring_prefill_steps_from_one_thread(P):
+    """ring_prefill_steps: every rank's ring advanced from one thread (run_steps) equals the
+    reference, and drive() runs it to the same result as ring_prefill on one rank."""
+    groups = local_group(P)
+    check_gathered(run_steps(groups, [prefill_rank_steps(g, 91 + P) for g in groups]), P, 91 + P)
+    if P == 1:
+        b = batch(3, [9, 4], 4, 2, 16)
+        o, lse = esp.comm.drive(esp.prefill.ring_prefill_steps(b.q, b.k, b.v, [9, 4], groups[0]))
+        o2, lse2 = esp.ring_prefill(b.q, b.k, b.v, [9, 4], groups[0])
+        assert torch.equal(o, o2) and torch.equal(lse, lse2)
+
+
+def test_ring_prefill_steps_checks_its_arguments_when_called():
+    """The one-call checks raise from ring_prefill_steps itself, before any generator runs (a
+    rank whose arguments are wrong fails before its peers post anything)."""
+    g = local_group(2)[0]
+    q = torch.randn(5, 4, 16)
+    k = v = torch.randn(5, 2, 16)
+    with pytest.raises(ValueError, match="holds 4 tokens"):
+        esp.prefill.ring_prefill_steps(q, k, v, [8], g)
+    with pytest.raises(TypeError, match="share one dtype"):
+        esp.prefill.ring_prefill_steps(q, k.half(), v, [10], g)
 
 
 def test_non_causal_and_scale(gen):
@@ -490,6 +530,33 @@ def test_ring_prefill_virtual_ranks_gpu(backend, P, dtype):
                                            b.cu_seqlens)
     assert_close(o.float(), ref_o, dtype)
     assert_close(lse, ref_l, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("P", [2, 4])
+def test_ring_prefill_steps_virtual_ranks_gpu(backend, P):
+    """Every rank's ring advanced from one thread: the ranks' steps and copies interleave on
+    their streams as run_steps resumes them; equal to run_local's ring_prefill bit for bit."""
+    lens = lengths_for(P) + [4099]
+    b = batch(21 + P, lens, 32, 8, 128, dtype=torch.bfloat16, device="cuda")
+    groups = local_group(P, "cuda")
+    rings = [g.subgroup(ring_order(P)) for g in groups]
+    mine = [tuple(stripe(t, lens, P)[ring.rank] for t in (b.q, b.k, b.v)) for ring in rings]
+    res = run_steps(rings, [esp.prefill.ring_prefill_steps(*mine[i], lens, rings[i],
+                                                            backend=backend)
+                             for i in range(P)])
+    threads = run_local(rings, lambda ring, qkv: esp.ring_prefill(*qkv, lens, ring,
+                                                                  backend=backend), mine)
+    by_rank = sorted(zip((r.rank for r in rings), res), key=lambda x: x[0])
+    o = unstripe([r[1][0] for r in by_rank], lens)
+    lse = unstripe([r[1][1] for r in by_rank], lens)
+    ref_o, ref_l = esp.reference.attention(b.q.float(), b.k.float(), b.v.float(), b.cu_seqlens,
+                                           b.cu_seqlens)
+    assert_close(o.float(), ref_o, torch.bfloat16)
+    assert_close(lse, ref_l, torch.bfloat16)
+    for (o1, l1), (o2, l2) in zip(res, threads):
+        assert torch.equal(o1, o2) and torch.equal(l1, l2)
 
 
 @pytest.mark.gpu

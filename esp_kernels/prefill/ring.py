@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from .._checks import FLOAT_DTYPES, as_int, check_gqa, check_tensor
+from ..comm.group import drive
 from ..kvcache.cache import PagedKVCache
 from ..kvcache.retention import RetentionPlan, RetentionWriter
 from ..striping import stripe_lengths
@@ -198,6 +199,13 @@ class RingPrefillRunner:
 
         Returns out [Tq, Hq, D] in q.dtype and lse [Tq, Hq] float32 (natural log).
         """
+        return drive(self.steps(q, k, v, layer))
+
+    def steps(self, q, k, v, layer: int | None = None):
+        """`run` as a step generator: yields the Work of each ring exchange after enqueueing
+        the step that overlaps it (resume it once the Work can be waited on; `esp.comm.drive`
+        and `run_steps` do) and returns (out, lse). The arguments are checked when it first
+        runs."""
         ring = self._ring()
         if ring is None:
             raise RuntimeError("the RingPrefillRunner's ring group no longer exists")
@@ -252,7 +260,7 @@ class RingPrefillRunner:
                 self.writer.write(src, message(cur, totals[src]).view(2, totals[src], row),
                                   layer)
             if work is not None:
-                work.wait()
+                yield work
                 cur = nxt
         return o_state.to(q.dtype), lse_state
 
@@ -313,8 +321,32 @@ def ring_prefill(q, k, v, seqlens, ring, retain=None, softmax_scale=None, *, cau
         query stripes.
 
     The same as `RingPrefillRunner(seqlens, ring, Hq, Hkv, D, q.dtype, retain=(plan, cache),
-    ...).run(q, k, v, layer)`, with the runner of the last batch reused per ring handle.
+    ...).run(q, k, v, layer)`, with the runner of the last batch reused per ring handle. On
+    virtual ranks of one process, `esp.comm.run_steps(groups, [ring_prefill_steps(...) for each
+    rank])` runs the same ring on every rank from one thread.
     """
+    runner, layer = _runner_for_call(q, k, v, seqlens, ring, retain, softmax_scale, causal,
+                                     backend)
+    return runner.run(q, k, v, layer)
+
+
+def ring_prefill_steps(q, k, v, seqlens, ring, retain=None, softmax_scale=None, *, causal=True,
+                       backend="auto"):
+    """`ring_prefill` as a step generator: yields the Work of each ring exchange (resume it once
+    the Work can be waited on; `esp.comm.drive` / `run_steps` do) and returns (out, lse). The
+    arguments are checked and the runner found or prepared by this call; q, k, v against the
+    runner's shapes when the generator first runs.
+
+    Virtual ranks driven this way enqueue from one thread: no rank waits for the GIL while
+    another holds it (`run_local` runs one thread per rank)."""
+    runner, layer = _runner_for_call(q, k, v, seqlens, ring, retain, softmax_scale, causal,
+                                     backend)
+    return runner.steps(q, k, v, layer)
+
+
+def _runner_for_call(q, k, v, seqlens, ring, retain, softmax_scale, causal, backend):
+    """The checked arguments' runner (the last one of this ring handle when it matches) and the
+    retained layer."""
     lengths = tuple(_as_lengths(seqlens))
     P, me = ring.size, ring.rank
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -351,4 +383,4 @@ def ring_prefill(q, k, v, seqlens, ring, retain=None, softmax_scale=None, *, cau
                                    softmax_scale=softmax_scale, causal=causal,
                                    backend=backend)._hold_ring_weakly()
         _RUNNERS[ring] = runner
-    return runner.run(q, k, v, layer)
+    return runner, layer
