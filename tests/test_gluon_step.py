@@ -19,7 +19,8 @@ pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper",
                     reason="this Triton has no Gluon for Hopper (the Triton twin runs instead)")
 
 
-def compile_sm90a(causal, accumulate, has_tiles, dynamic, head_dim=128, group=4, dtype="bf16"):
+def compile_sm90a(causal, accumulate, has_tiles, dynamic, out="fp32", head_dim=128, group=4,
+                  dtype="bf16"):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -28,7 +29,7 @@ def compile_sm90a(causal, accumulate, has_tiles, dynamic, head_dim=128, group=4,
 
     fn = gluon_step._ring_step_gluon_kernel
     prefetch = accumulate and gluon_step.PREFETCH_STATE
-    sig = dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", O="*fp32", LSE="*fp32",
+    sig = dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", O="*fp32", OUT=f"*{out}", LSE="*fp32",
                CU_Q="*i32", CU_K="*i32", TILES="*i32", COUNTER="*i32", Tq="i32", Tk="i32",
                n_q_heads="i32", n_kv_heads="i32",
                stride_qt="i32", stride_qh="i32", stride_kt="i32", stride_vt="i32",
@@ -46,9 +47,11 @@ def compile_sm90a(causal, accumulate, has_tiles, dynamic, head_dim=128, group=4,
                           options=dict(num_warps=4, maxnreg=168))
 
 
-# (causal, accumulate, tile table, dynamic schedule)
-CASES = [(True, True, True, True), (True, True, True, False), (False, False, False, True),
-         (False, False, False, False)]
+# (causal, accumulate, tile table, dynamic schedule, merged o written as): a ring's last step
+# writes the output in q's dtype
+CASES = [(True, True, True, True, "fp32"), (True, True, True, False, "fp32"),
+         (False, False, False, True, "fp32"), (False, False, False, False, "fp32"),
+         (True, True, True, True, "bf16"), (True, False, False, True, "bf16")]
 
 
 def test_gluon_step_compiles_for_sm90a_with_its_schedule():
@@ -58,9 +61,9 @@ def test_gluon_step_compiles_for_sm90a_with_its_schedule():
     done = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, text=True,
                           capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    for (causal, accumulate, tiles, dynamic), (ptx, shared) in zip(CASES,
-                                                                   json.loads(done.stdout)):
-        case = f"causal={causal} accumulate={accumulate} tiles={tiles} dynamic={dynamic}"
+    for (causal, accumulate, tiles, dynamic, out), (ptx, shared) in zip(CASES,
+                                                                        json.loads(done.stdout)):
+        case = f"causal={causal} accumulate={accumulate} tiles={tiles} dynamic={dynamic} {out}"
         assert "wgmma.mma_async" in ptx, case                # tensor cores through wgmma
         assert "cp.async.bulk.tensor" in ptx, case           # K/V through TMA
         assert "setmaxnreg" in ptx, case                     # warp-specialized register split
@@ -74,6 +77,9 @@ def test_gluon_step_compiles_for_sm90a_with_its_schedule():
             assert "cp.async.commit_group" in ptx and "cp.async.wait_group" in ptx, case
         # the dynamic schedule's counter: one atomic add per item, the static one none
         assert ("atom.global" in ptx) == dynamic, case
+        # the merged o stored as the fp32 state, or as the bf16 output (2-byte elements; the
+        # compile here does not specialize strides on divisibility, so stores stay scalar)
+        assert ("st.global.b16" in ptx) == (out == "bf16"), case
 
 
 @pytest.mark.parametrize("tokens_per_rank,dynamic", [(1024, False), (2048, False), (4096, True),

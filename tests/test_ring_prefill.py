@@ -352,6 +352,34 @@ def test_gluon_step_walks_the_tile_table(hq, hkv, d, shift, accumulate, lq, lk, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shift,accumulate", [(0, False), (-1, True)])
+@pytest.mark.parametrize("schedule", ["snake", "dynamic"])
+def test_gluon_last_step_writes_the_output(dtype, shift, accumulate, schedule, gen, monkeypatch):
+    """run_step(out=...): the Gluon kernel stores the merged o in out's dtype in place of the
+    fp32 state; bit for bit the state the same step writes, cast (both round to nearest even),
+    with the same lse."""
+    from esp_kernels.prefill import gluon_step
+
+    monkeypatch.setattr(gluon_step, "DYNAMIC_ROUNDS", 0 if schedule == "dynamic" else 10 ** 9)
+    lq = [5, 1, 3000, 0, 19, 700, 130]
+    lk = [5, 0, 3000, 3, 18, 700, 129]
+    args, (ref_o, ref_l) = _step_case(dtype, 32, 8, 128, shift, accumulate, gen, "cuda", lq, lk)
+    q, o0, l0 = args[0], args[6], args[7]
+    tiles = step_tiles(lq, 32, 8, "cuda", "gluon")
+    o1, l1 = o0.clone(), l0.clone()
+    run_step(*args[:6], o1, l1, mask_shift=shift, accumulate=accumulate, softmax_scale=0.3,
+             backend="gluon", tiles=tiles)
+    out = torch.full_like(q, float("nan"))
+    o2, l2 = o0.clone(), l0.clone()
+    run_step(*args[:6], o2, l2, mask_shift=shift, accumulate=accumulate, softmax_scale=0.3,
+             backend="gluon", tiles=tiles, out=out)
+    assert not gluon_step._compile_error, "the Gluon kernel did not compile: Triton ran"
+    assert torch.equal(out, o1.to(dtype)) and torch.equal(l2, l1)
+    assert_close(out.float().cpu(), ref_o.cpu(), dtype)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (8, 1, 64)])
 @pytest.mark.parametrize("shift,accumulate", [(0, False), (-1, True)])
 def test_gluon_step_dynamic_schedule_without_a_table(hq, hkv, d, shift, accumulate, gen,

@@ -113,7 +113,8 @@ def _softmax_block(s, m_i, l_i, start_n, n_full, k_len, tok, shift, qk_scale,
 def _state_ptrs(O, LSE, row0, tok0, q_len, o_row0, head0, stride_ot, stride_oh, stride_lt,
                 stride_lh, GROUP: gl.constexpr, M: gl.constexpr, D: gl.constexpr,
                 o_layout: gl.constexpr):
-    """Pointers into the running state (o, lse) of rows row0 .. row0+M, and which rows exist."""
+    """Pointers into the running state (o, lse) of rows row0 .. row0+M, and which rows exist
+    (O may be the output instead: same layout, another dtype)."""
     rows_o = row0 + gl.arange(0, M, layout=gl.SliceLayout(1, o_layout))
     tok_o = tok0 + rows_o // GROUP
     head = head0 + rows_o % GROUP
@@ -317,17 +318,21 @@ def _prefetch_state(O, LSE, o_stage, row0, tok0, q_len, o_row0, head0, stride_ot
 
 
 @gluon.jit
-def _epilogue(acc, m_i, l_i, qk_scale, O, LSE, o_stage, lse_prev, row0, tok0, q_len, o_row0,
-              head0, stride_ot, stride_oh, stride_lt, stride_lh, GROUP: gl.constexpr,
+def _epilogue(acc, m_i, l_i, qk_scale, O, OUT, LSE, o_stage, lse_prev, row0, tok0, q_len,
+              o_row0, head0, stride_ot, stride_oh, stride_lt, stride_lh, GROUP: gl.constexpr,
               M: gl.constexpr, D: gl.constexpr, o_layout: gl.constexpr,
               ACCUMULATE: gl.constexpr, PREFETCH: gl.constexpr):
     """The block's state from a consumer's sums, written or merged into the running state: the
     Triton twin's epilogue, row for row (the scores' max m_i is raw, not log2 units). With
     PREFETCH the previous state comes from `_prefetch_state` (o_stage, lse_prev), else from
-    global memory (the two are unused)."""
+    global memory (the two are unused). The merged o goes to OUT: O itself, or on a ring's last
+    step the output in its own dtype (O's layout), which saves the cast kernel after the ring."""
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     o_ptrs, l_ptrs, row_ok = _state_ptrs(O, LSE, row0, tok0, q_len, o_row0, head0, stride_ot,
                                          stride_oh, stride_lt, stride_lh, GROUP, M, D, o_layout)
+    out_ptrs, _, _ = _state_ptrs(OUT, LSE, row0, tok0, q_len, o_row0, head0, stride_ot,
+                                 stride_oh, stride_lt, stride_lh, GROUP, M, D, o_layout)
+    out_dtype: gl.constexpr = OUT.dtype.element_ty
     seen, o_blk, lse_blk = finish_block(acc, gl.convert_layout(m_i, row_o) * qk_scale,
                                         gl.convert_layout(l_i, row_o))
     ok2 = gl.expand_dims(row_ok, 1)
@@ -343,10 +348,11 @@ def _epilogue(acc, m_i, l_i, qk_scale, O, LSE, o_stage, lse_prev, row0, tok0, q_
             lse_prev = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
             o_prev = gl.load(o_ptrs, mask=ok2, other=0.0)
         o_new, lse_new = merge_state(o_prev, lse_prev, o_blk, lse_blk)
-        gl.store(o_ptrs, gl.where(gl.expand_dims(seen, 1), o_new, o_prev), mask=ok2)
+        gl.store(out_ptrs, gl.where(gl.expand_dims(seen, 1), o_new, o_prev).to(out_dtype),
+                 mask=ok2)
         gl.store(l_ptrs, gl.where(seen, lse_new, lse_prev), mask=row_ok)
     else:
-        gl.store(o_ptrs, o_blk, mask=ok2)
+        gl.store(out_ptrs, o_blk.to(out_dtype), mask=ok2)
         gl.store(l_ptrs, lse_blk, mask=row_ok)
 
 
@@ -358,7 +364,7 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
     q_smem, k_smem, v_smem, o_smem, item_smem = smem
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, fix_bar = bars
     n_items, shift = work[6], work[7]
-    qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh = state
+    qk_scale, O, OUT, LSE, stride_ot, stride_oh, stride_lt, stride_lh = state
     NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
     BN: gl.constexpr = k_smem.type.shape[1]
     D: gl.constexpr = k_smem.type.shape[2]
@@ -451,7 +457,7 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
             mbarrier.arrive(q_empty.index(qb), count=1)
             it += 1
         if t0 < q_len:
-            _epilogue(acc, m_i, l_i, qk_scale, O, LSE, o_stage, lse_prev, WG * M, t0,
+            _epilogue(acc, m_i, l_i, qk_scale, O, OUT, LSE, o_stage, lse_prev, WG * M, t0,
                       q_len, q_start, hk * GROUP, stride_ot, stride_oh, stride_lt, stride_lh,
                       GROUP, M, D, o_layout, ACCUMULATE, PREFETCH)
         if DYNAMIC:
@@ -473,7 +479,7 @@ def _consumer1(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.c
 
 
 @gluon.jit
-def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TILES, COUNTER, Tq, Tk, n_q_heads,
+def _ring_step_gluon_kernel(Q, K, V, O, OUT, LSE, CU_Q, CU_K, TILES, COUNTER, Tq, Tk, n_q_heads,
                             n_kv_heads,
                             stride_qt, stride_qh, stride_kt, stride_vt, stride_ot, stride_oh,
                             stride_lt, stride_lh, qk_scale, shift, n_tiles, n_req, n_items,
@@ -529,7 +535,7 @@ def _ring_step_gluon_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TILES, COUNTER, Tq, Tk,
     args = ((q_desc, k_desc, v_desc), (q_smem, k_smem, v_smem, o_smem, item_smem),
             (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, fix_bar),
             (CU_Q, CU_K, TILES, n_tiles, n_req, n_kv_heads, n_items, shift, COUNTER),  # the work
-            (qk_scale, O, LSE, stride_ot, stride_oh, stride_lt, stride_lh))   # the running state
+            (qk_scale, O, OUT, LSE, stride_ot, stride_oh, stride_lt, stride_lh))  # the state
     # (constexprs stay constexpr only when written out in each partition's tuple)
     gl.warp_specialize(
         [(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC)),
@@ -643,13 +649,14 @@ def takes_items_dynamically(n_items: int, n_ctas: int, schedule=None) -> bool:
 
 def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
                     accumulate, softmax_scale, stages=STAGES, block_n=BLOCK_N,
-                    prefetch_state=PREFETCH_STATE, tiles=None, schedule=None):
+                    prefetch_state=PREFETCH_STATE, tiles=None, schedule=None, out=None):
     """Launch the Gluon ring step (arguments as step.run_step's, positional, torch tensors; the
     caller checked `supports`). prefetch_state: merging steps copy each tile's previous state
     into shared memory during its main loop. tiles: None, or `work_tiles` of this batch's
     query lengths (not checked against cu_q). schedule: "dynamic" (items from an atomic
     counter, which each launch leaves at zero), "snake" (static), or None: dynamic from
-    DYNAMIC_ROUNDS items per CTA on."""
+    DYNAMIC_ROUNDS items per CTA on. out: None, or a contiguous tensor of q's shape and dtype
+    that takes the merged o in o_state's place (o_state contiguous too; it is left stale)."""
     _check_schedule(schedule)  # (before any early return)
     Tq, Hq, D = q.shape
     group = Hq // k.shape[1]
@@ -666,11 +673,11 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
     prefetch = bool(prefetch_state and accumulate)
     # The dynamic schedule's counter (else an unused placeholder pointer).
     counter = _dynamic_counter(q.device) if dynamic else cu_q
-    args = (grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, lse_state, group, D, n_tiles,
-            B, n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n, prefetch,
-            dynamic)
+    args = (grid, q, k, v, cu_q, cu_k, tiles, counter, o_state,
+            o_state if out is None else out, lse_state, group, D, n_tiles, B, n_items, causal,
+            mask_shift, accumulate, softmax_scale, stages, block_n, prefetch, dynamic)
     key = (q.dtype, group, D, bool(causal), bool(accumulate), stages, block_n, prefetch,
-           tiles is not None, dynamic)
+           tiles is not None, dynamic, out is not None)
     if key not in _compiled:
         # Gluon is experimental and its API moves between Triton releases (verified on a GPU:
         # 3.6; the CPU tests compile it for sm_90a with the installed Triton). Each
@@ -688,6 +695,8 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
 
             ring_step_triton(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal,
                              mask_shift, accumulate, softmax_scale)
+            if out is not None:
+                out.copy_(o_state)
             return
         _compiled.add(key)
     _launch(*args)
@@ -696,13 +705,13 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
 _compiled = set()  # specializations known to compile with this Triton
 
 
-def _launch(grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, lse_state, group, D, n_tiles,
-            B, n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n, prefetch,
-            dynamic, warmup=False):
+def _launch(grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, out, lse_state, group, D,
+            n_tiles, B, n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n,
+            prefetch, dynamic, warmup=False):
     run = _ring_step_gluon_kernel.warmup if warmup else _ring_step_gluon_kernel[grid]
     extra = dict(grid=grid) if warmup else {}
     run(
-        q, k, v, o_state, lse_state, cu_q, cu_k, cu_q if tiles is None else tiles, counter,
+        q, k, v, o_state, out, lse_state, cu_q, cu_k, cu_q if tiles is None else tiles, counter,
         q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.stride(0), q.stride(1), k.stride(0),
         v.stride(0), o_state.stride(0), o_state.stride(1), lse_state.stride(0), lse_state.stride(1),
         softmax_scale * _LOG2E, int(mask_shift), n_tiles, B, n_items, GROUP=group,

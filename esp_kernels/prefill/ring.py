@@ -243,6 +243,7 @@ class RingPrefillRunner:
         vb.copy_(v)
         o_state = torch.empty(Tq, Hq, D, dtype=torch.float32, device=q.device)
         lse_state = torch.empty(Tq, Hq, dtype=torch.float32, device=q.device)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
         nxt_rank, prv_rank = (me + 1) % P, (me - 1) % P
         for s in range(P):
             src = (me - s) % P
@@ -255,14 +256,15 @@ class RingPrefillRunner:
             kb, vb = kv_views(cur, totals[src])
             run_step(q, kb, vb, cu_q, cu_all[src], self.max_q_len, o_state, lse_state,
                      causal=self.causal, mask_shift=0 if src <= me else -1, accumulate=s > 0,
-                     softmax_scale=self.softmax_scale, backend=self.backend, tiles=self._tiles)
+                     softmax_scale=self.softmax_scale, backend=self.backend, tiles=self._tiles,
+                     out=out if s == P - 1 else None)
             if self.writer is not None:
                 self.writer.write(src, message(cur, totals[src]).view(2, totals[src], row),
                                   layer)
             if work is not None:
                 yield work
                 cur = nxt
-        return o_state.to(q.dtype), lse_state
+        return out, lse_state
 
 
 def _retention_writer(plan, cache, lengths, ring, Hkv, D, dtype) -> RetentionWriter:
