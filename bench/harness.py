@@ -82,6 +82,28 @@ def time_wall(fn, warmup: int = 2, reps: int = 5) -> dict:
     return _summary(times)
 
 
+def time_wall_interleaved(fns: dict, warmup: int = 2, reps: int = 7) -> dict:
+    """time_wall of every fn in `fns` ({name: fn}), taken round-robin (one run of each per
+    round) so that they share the GPU's clock and power state: on an H100 at its power cap the
+    same 64k ring's step kernels ran 3.3 ms each early in a call and 3.8 ms later in it, more
+    than the differences these comparisons look for. Returns {name: summary}."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                flush_l2()
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: _summary(t) for name, t in times.items()}
+
+
 def cuda_api_calls(fn, per: int) -> dict:
     """{CUDA API name: calls per unit} while fn() runs under torch.profiler (CUPTI), fn doing
     `per` units of work: the stable measure of a host path when the host's speed drifts."""
