@@ -1,10 +1,9 @@
 """Where the 64k striped ring on 4 and 8 virtual ranks loses time over its step kernels
-(EXTRA="python3 bench/diag_ring_host.py"). On one H100 (684013c) bench_ring's ring_prefill took
-60.9 / 68.9 ms against its step kernels alone 57.2 / 62.2; one P=4 ring under the profiler kept
-the GPU busy 95% of its span, with the first step kernel starting 3.2 ms after the first copy:
-each rank thread's first cudaMemcpyAsync took ~2 ms of host time (4 fresh threads at once).
-Neither the comm streams at high priority nor the self-resetting counter moved the ring (both
-within the +-3 ms run-to-run spread, same run).
+(EXTRA="python3 bench/diag_ring_host.py"). On one H100 (684013c) one P=4 ring under the profiler
+kept the GPU busy 95% of its span, the first step kernel starting 3.2 ms after the first copy;
+at 528a876 (h100_ring_drivers) that start took 3.09 ms on fresh threads, 1.32 on the threads
+run_local keeps and 0.53 from one thread (run_steps), and interleaved without the profiler the
+P=8 ring from one thread ended 5% sooner than from threads.
 
 - each ring three ways, interleaved: `ring_prefill` in one thread per rank (`run_local`) on
   fresh threads (as shipped at 684013c) and on the threads run_local now keeps, and
