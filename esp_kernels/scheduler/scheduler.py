@@ -509,7 +509,6 @@ class ESPScheduler:
         pol = self.policy
         cap = pol.max_requests_per_master
         cm = self.cost_model
-        ps = self.page_size
         # Targets: ready components and running decode batches, as
         # [instances, requests, index in comps or None, end time, received].
         targets = [[insts, reqs, k, now, False] for k, (insts, reqs) in enumerate(comps)]
