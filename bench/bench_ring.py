@@ -42,7 +42,7 @@ def main():
             ring_step(qi, kj, vj, cu, cu, n, o, lse, mask_shift=shift, accumulate=acc,
                       softmax_scale=D ** -0.5, backend=backend)
 
-        def ours(retain=None):  # every rank's (out, lse), all ranks advanced from this thread
+        def ours(retain=None, groups=groups):  # every rank's (out, lse), from this thread
             return run_steps(groups, [esp.prefill.ring_prefill_steps(
                 qs[r], ks[r], vs[r], [L], groups[r],
                 retain=None if retain is None else retain[r]) for r in range(P)])
@@ -51,11 +51,15 @@ def main():
         caches = [esp.PagedKVCache(1, L // 16 + 64, 16, Hkv, D, torch.bfloat16, "cuda")
                   for _ in range(P)]
         plan = esp.RetentionPlan.fill_first([L], {0: L // 32 + 32, 1: L // 32 + 32}, 16)
+        retaining_groups = local_group(P, "cuda")
         contenders = {
             OURS: ours,
             "ring_prefill, run_local": lambda: run_local(groups, lambda gr: esp.ring_prefill(
                 qs[gr.rank], ks[gr.rank], vs[gr.rank], [L], gr)),
-            "ring_prefill+retention": lambda: ours([(plan, c, 0) for c in caches]),
+            # Its own ring handles: the one-call form keeps one runner per handle, and a runner
+            # with retention is another runner (alternating them would rebuild both per call).
+            "ring_prefill+retention": lambda: ours([(plan, c, 0) for c in caches],
+                                                   retaining_groups),
             "its step kernels alone": lambda: ring.all_steps(step),
         }
         if fa3 is not None:

@@ -1,12 +1,12 @@
 """Where the 64k striped ring on 4 and 8 virtual ranks loses time over its step kernels
 (EXTRA="python3 bench/diag_ring_host.py"). On one H100 (684013c) one P=4 ring under the profiler
 kept the GPU busy 95% of its span, the first step kernel starting 3.2 ms after the first copy;
-at 528a876 (h100_ring_drivers) that start took 3.09 ms on fresh threads, 1.32 on the threads
-run_local keeps and 0.53 from one thread (run_steps), and interleaved without the profiler the
-P=8 ring from one thread ended 5% sooner than from threads.
+at 528a876 (h100_ring_drivers) that start took 3.09 ms on fresh threads, 1.32 on threads kept
+from call to call (a pool run_local had for a while: 1% on the ring, and state of one call's
+thread leaking into the next, so it went) and 0.53 from one thread (run_steps); interleaved
+without the profiler the P=8 ring from one thread ended 5% sooner than from threads.
 
-- each ring three ways, interleaved: `ring_prefill` in one thread per rank (`run_local`) on
-  fresh threads (as shipped at 684013c) and on the threads run_local now keeps, and
+- each ring two ways, interleaved: `ring_prefill` in one thread per rank (`run_local`) and
   `ring_prefill_steps` with every rank advanced from one thread (`run_steps`); for each, when
   the driver returned (everything enqueued) and when the GPU was done;
 - the host time of one small copy as the first CUDA call of 4 fresh threads at once, against the
@@ -31,7 +31,6 @@ import torch
 from ring_cases import StripedRing, random_qkv
 
 import esp_kernels as esp
-from esp_kernels.comm import local as local_mod
 from esp_kernels.comm import local_group, run_local, run_steps
 
 
@@ -46,8 +45,7 @@ def main(L=65536, Hq=32, Hkv=8, D=128, reps=5):
                 ring.qs[gr.rank], ring.ks[gr.rank], ring.vs[gr.rank], [L], gr))
 
         rings = {
-            "fresh threads (run_local)": with_fresh_threads(threads),
-            "kept threads (run_local)": threads,
+            "threads (run_local)": threads,
             "one thread (run_steps)": lambda: run_steps(groups, [esp.prefill.ring_prefill_steps(
                 ring.qs[r], ring.ks[r], ring.vs[r], [L], groups[r]) for r in range(P)]),
         }
@@ -67,23 +65,6 @@ def main(L=65536, Hq=32, Hkv=8, D=128, reps=5):
         if P == 4:
             for name, fn in rings.items():
                 ring_timeline(fn, name)
-
-
-def with_fresh_threads(fn):
-    """fn with run_local starting new threads for every call, as it did before it kept them.
-    Prediction (before any run): if the ring's start waits on fresh threads' first CUDA calls,
-    the kept threads start the first step >= 1.5 ms sooner and end the P=4 ring >= 2% sooner."""
-    pool = local_mod._RANK_THREADS
-
-    def run():
-        take, give_back = pool.take, pool.give_back
-        pool.take = lambda n: [local_mod._RankThread() for _ in range(n)]
-        pool.give_back = lambda threads: [t.stop() for t in threads]
-        try:
-            return fn()
-        finally:
-            pool.take, pool.give_back = take, give_back
-    return run
 
 
 def first_call_in_fresh_threads(n=4, reps=5):

@@ -86,14 +86,18 @@ def time_wall_interleaved(fns: dict, warmup: int = 2, reps: int = 7) -> dict:
     """time_wall of every fn in `fns` ({name: fn}), taken round-robin (one run of each per
     round) so that they share the GPU's clock and power state: on an H100 at its power cap the
     same 64k ring's step kernels ran 3.3 ms each early in a call and 3.8 ms later in it, more
-    than the differences these comparisons look for. Returns {name: summary}."""
+    than the differences these comparisons look for. Wall time from the call to a device
+    synchronize: a single kernel's row includes its launch (~10-60 us of host). Returns
+    {name: summary}."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for rep in range(reps):
+        # rotated each round, so no contender always follows the same one
+        for name, fn in order[rep % len(order):] + order[:rep % len(order)]:
             if torch.cuda.is_available():
                 flush_l2()
             sync()

@@ -1,7 +1,6 @@
 """Group semantics over torch.distributed (gloo processes) and the Group-level checks shared by
 every backend. The virtual-rank protocol has its own spec and suite: test_local_protocol.py."""
 
-import threading
 import time
 
 import pytest
@@ -130,50 +129,3 @@ def test_gloo_world_rank():
 
 def test_local_world_rank():
     _check(run_local(local_group(3), world_rank_case))
-
-
-def test_run_local_reuses_its_threads():
-    """run_local runs each rank in a thread it keeps for the next call (a fresh thread's first
-    CUDA call is slow): the same threads serve the next call, named by rank while they run; a
-    nested run_local gets other threads; grad mode set by one call does not reach the next."""
-    def ident(g):
-        return threading.get_ident(), threading.current_thread().name, torch.is_grad_enabled()
-
-    first = run_local(local_group(3), ident)
-    assert [name for _, name, _ in first] == ["esp-vrank-0", "esp-vrank-1", "esp-vrank-2"]
-    run_local(local_group(3), lambda g: torch.set_grad_enabled(False))
-    again = run_local(local_group(3), ident)
-    assert {i for i, _, _ in again} == {i for i, _, _ in first}
-    assert all(grad for _, _, grad in again)
-
-    def nested(g):
-        inner = run_local(local_group(2), ident)
-        return threading.get_ident(), [i for i, _, _ in inner]
-
-    for outer, inner in run_local(local_group(2), nested):
-        assert outer not in inner and len(set(inner)) == 2
-
-
-def test_run_local_timeout_drops_the_stuck_thread():
-    """A rank still running at the timeout raises CommTimeout; its thread ends when its job
-    returns and never serves a later call."""
-    release = threading.Event()
-
-    def body(g):
-        if g.rank == 1:
-            release.wait(10)
-        return threading.get_ident()
-
-    stuck = {}
-
-    def record(g):
-        stuck[g.rank] = threading.current_thread()
-        return body(g)
-
-    with pytest.raises(CommTimeout, match="esp-vrank-1 did not finish within 0.2 s"):
-        run_local(local_group(2), record, timeout=0.2)
-    release.set()
-    stuck[1].join(5)
-    assert not stuck[1].is_alive()
-    later = run_local(local_group(4), lambda g: threading.current_thread())
-    assert stuck[1] not in later

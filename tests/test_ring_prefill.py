@@ -98,6 +98,25 @@ def test_ring_prefill_steps_from_one_thread(P):
         assert torch.equal(o, o2) and torch.equal(lse, lse2)
 
 
+def test_one_runner_runs_one_ring_at_a_time():
+    """Two rings on one runner interleaved would share its message buffers: the second one
+    raises when it starts, and the runner takes a ring again once the first ends (here closed
+    after its first exchange; that world is then left with unmatched messages)."""
+    P, lens = 2, [7, 4]
+    b = random_varlen_batch(lens, 4, 2, 16, generator=torch.Generator().manual_seed(5))
+    groups = local_group(P)
+    runners = [esp.RingPrefillRunner(lens, g, 4, 2, 16, torch.float32) for g in groups]
+    mine = [tuple(stripe(t, lens, P)[r] for t in (b.q, b.k, b.v)) for r in range(P)]
+    first = runners[0].steps(*mine[0])
+    next(first)
+    with pytest.raises(RuntimeError, match="already running a ring"):
+        next(runners[0].steps(*mine[0]))
+    first.close()
+    again = runners[0].steps(*mine[0])
+    assert next(again) is not None  # started: posted its first exchange
+    again.close()
+
+
 def test_ring_prefill_steps_checks_its_arguments_when_called():
     """The one-call checks raise from ring_prefill_steps itself, before any generator runs (a
     rank whose arguments are wrong fails before its peers post anything)."""

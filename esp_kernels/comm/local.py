@@ -41,13 +41,9 @@ from __future__ import annotations
 
 import abc
 import collections
-import functools
 import math
-import os
-import queue
 import sys
 import threading
-import time
 from typing import Any, Callable, Generator, Sequence
 
 import torch
@@ -492,82 +488,9 @@ class _Failures:
 _SWITCH_INTERVAL_S = 20e-6
 
 
-class _RankThread:
-    """A daemon thread that runs the jobs run_local gives it, one at a time."""
-
-    __slots__ = ("jobs", "done", "thread")
-
-    def __init__(self):
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="esp-vrank", daemon=True)
-        self.thread.start()
-
-    def _loop(self):
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            name, fn = job
-            job = None  # an idle thread holds nothing of its last call (its groups, tensors)
-            self.thread.name = name
-            try:
-                torch.set_grad_enabled(True)  # as in a fresh thread: the last job's mode stays out
-                fn()
-            finally:
-                fn = None
-                self.done.set()
-
-    def start(self, name: str, fn: Callable[[], None]) -> None:
-        self.done.clear()
-        self.jobs.put((name, fn))
-
-    def stop(self) -> None:
-        """End the thread once its current job (if any) returns."""
-        self.jobs.put(None)
-
-
-class _RankThreads:
-    """The threads run_local reuses from call to call.
-
-    Why: a rank cannot enqueue anything before its thread starts and makes its first CUDA call
-    (59-367 us for four fresh threads at once, H100 host). With kept threads the 64k ring on 4
-    virtual ranks started its first step kernel 1.32 ms after its first GPU work instead of
-    3.09 (under the profiler) and ended 1% sooner (median of 5, interleaved). A thread is taken
-    by one call at a time (a nested run_local takes others); one still running a job past its
-    call's timeout is never given back."""
-
-    MAX_IDLE = 64
-
-    def __init__(self):
-        self._reset()
-        if hasattr(os, "register_at_fork"):  # threads do not survive a fork
-            os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self):
-        self.lock = threading.Lock()
-        self.idle: list[_RankThread] = []
-
-    def take(self, n: int) -> list[_RankThread]:
-        with self.lock:
-            taken = [self.idle.pop() for _ in range(min(n, len(self.idle)))]
-        return taken + [_RankThread() for _ in range(n - len(taken))]
-
-    def give_back(self, threads: list[_RankThread]) -> None:
-        with self.lock:
-            room = max(0, self.MAX_IDLE - len(self.idle))
-            self.idle.extend(threads[:room])
-        for t in threads[room:]:
-            t.stop()
-
-
-_RANK_THREADS = _RankThreads()
-
-
 def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: Sequence[Any],
               timeout: float | None = None) -> list[Any]:
     """Run fn(group, *args_r) for every virtual rank in its own thread; return the results.
-    The threads are kept for later calls (a fresh thread's first CUDA call is slow).
 
     `per_rank_args` are sequences indexed by rank. In each thread the rank's compute stream is
     current.
@@ -603,30 +526,23 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
         except BaseException as exc:  # re-raised in the caller's thread
             failures.add(r, exc)
 
-    threads = _RANK_THREADS.take(n)
-    finished: list[_RankThread] = []
+    threads = [threading.Thread(target=body, args=(r,), name=f"esp-vrank-{r}") for r in range(n)]
     # A rank woken by its peer's message must take the GIL from a running rank, which by default
     # lets go only every 5 ms: one decode layer on 4 ranks took 6 ms of host time. While the
     # ranks run, the switch interval drops to 20 us.
     interval = sys.getswitchinterval()
     sys.setswitchinterval(min(interval, _SWITCH_INTERVAL_S))
     try:
-        for r, t in enumerate(threads):
-            t.start(f"esp-vrank-{r}", functools.partial(body, r))
+        for t in threads:
+            t.start()
         limit = timeout if timeout is not None else max(getattr(g, "timeout", DEFAULT_TIMEOUT_S)
                                                          for g in groups) * 2
-        deadline = time.monotonic() + limit
-        for r, t in enumerate(threads):
-            left = None if math.isinf(limit) else max(0.0, deadline - time.monotonic())
-            if not t.done.wait(left):
-                raise CommTimeout(f"virtual rank thread esp-vrank-{r} did not finish within "
-                                  f"{limit} s")
-            finished.append(t)
+        for t in threads:
+            t.join(None if math.isinf(limit) else limit)
+            if t.is_alive():
+                raise CommTimeout(f"virtual rank thread {t.name} did not finish within {limit} s")
     finally:
         sys.setswitchinterval(interval)
-        _RANK_THREADS.give_back(finished)
-        for t in threads[len(finished):]:
-            t.stop()  # still running (timed out): it ends when its job returns
         join()
     failures.raise_first()
     return results

@@ -159,6 +159,7 @@ class RingPrefillRunner:
             self._retain_cache = cache  # the writer (shared by a table keyed by it) holds it weakly
         self._row = Hkv * D
         self._bufs = []
+        self._running = False  # a ring of this runner is between its first and last step
         if sum(lengths):
             self._cu_all = _block_layout(self.lengths, P, dev)
             self._tiles = _tile_table(tuple(local[me]), Hq, Hkv, dev, self.backend)
@@ -205,7 +206,19 @@ class RingPrefillRunner:
         """`run` as a step generator: yields the Work of each ring exchange after enqueueing
         the step that overlaps it (resume it once the Work can be waited on; `esp.comm.drive`
         and `run_steps` do) and returns (out, lse). The arguments are checked when it first
-        runs."""
+        runs. One ring at a time per runner: its message buffers are the runner's, so a second
+        generator started before the first ends raises RuntimeError (prepare a runner per
+        concurrent ring, e.g. one ring handle each)."""
+        if self._running:
+            raise RuntimeError("this RingPrefillRunner is already running a ring (its message "
+                               "buffers are shared): finish it first, or use another runner")
+        self._running = True
+        try:
+            return (yield from self._ring_steps(q, k, v, layer))
+        finally:
+            self._running = False
+
+    def _ring_steps(self, q, k, v, layer):
         ring = self._ring()
         if ring is None:
             raise RuntimeError("the RingPrefillRunner's ring group no longer exists")

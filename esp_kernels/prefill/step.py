@@ -145,6 +145,10 @@ def run_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True,
     writes it in place of o_state, which is then stale (H100, 64k ring on 4 virtual ranks: the
     four casts after the ring took 0.54 ms of GPU time); other paths copy o_state into it."""
     backend = resolve_backend(backend, q.device)
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype
+                            or out.device != q.device):
+        raise ValueError(f"out must be q's {tuple(q.shape)} {q.dtype} on {q.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
     if backend == "torch":
         _step_torch(q, k, v, cu_q, cu_k, o_state, lse_state, causal, mask_shift, accumulate,
                     softmax_scale)
