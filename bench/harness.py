@@ -66,20 +66,7 @@ def time_cuda(fn, warmup: int = 3, reps: int = 10, flush: bool = True) -> dict:
 
 def time_wall(fn, warmup: int = 2, reps: int = 5) -> dict:
     """Host wall time of fn() including a final device synchronize (multi-stream work)."""
-    for _ in range(warmup):
-        fn()
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            flush_l2()  # the sync below already puts the host ahead
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return _summary(times)
+    return time_wall_interleaved({"fn": fn}, warmup, reps)["fn"]
 
 
 def time_wall_interleaved(fns: dict, warmup: int = 2, reps: int = 7) -> dict:
@@ -99,7 +86,7 @@ def time_wall_interleaved(fns: dict, warmup: int = 2, reps: int = 7) -> dict:
         # rotated each round, so no contender always follows the same one
         for name, fn in order[rep % len(order):] + order[:rep % len(order)]:
             if torch.cuda.is_available():
-                flush_l2()
+                flush_l2()  # the sync below already puts the host ahead
             sync()
             t0 = time.perf_counter()
             fn()

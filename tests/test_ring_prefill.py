@@ -31,19 +31,21 @@ def ring_order(P):
     return [(3 * i + 1) % P for i in range(P)] if P in (2, 4) else list(range(P))[::-1]
 
 
-def prefill_rank(world, seed):
-    """Per rank: run every config on a ring ordered unlike the world; return its stripes."""
+def rank_batches(world, seed):
+    """Per config: a ring ordered unlike the world, the batch's lengths and this rank's
+    (q, k, v) stripes."""
     P = world.size
     ring = world.subgroup(ring_order(P))
-    out = []
     for hq, hkv, d in CONFIGS:
         lens = lengths_for(P)
         b = batch(seed, lens, hq, hkv, d)
-        r = ring.rank
-        q, k, v = (stripe(t, lens, P)[r] for t in (b.q, b.k, b.v))
-        o, lse = esp.ring_prefill(q, k, v, lens, ring)
-        out.append((r, o, lse))
-    return out
+        yield ring, lens, tuple(stripe(t, lens, P)[ring.rank] for t in (b.q, b.k, b.v))
+
+
+def prefill_rank(world, seed):
+    """Per rank: run every config on a ring ordered unlike the world; return its stripes."""
+    return [(ring.rank, *esp.ring_prefill(*qkv, lens, ring))
+            for ring, lens, qkv in rank_batches(world, seed)]
 
 
 def check_gathered(per_rank, P, seed):
@@ -72,16 +74,10 @@ def test_ring_prefill_virtual_ranks(P):
 
 def prefill_rank_steps(world, seed):
     """prefill_rank as one step generator per rank (each config's ring in turn)."""
-    P = world.size
-    ring = world.subgroup(ring_order(P))
     out = []
-    for hq, hkv, d in CONFIGS:
-        lens = lengths_for(P)
-        b = batch(seed, lens, hq, hkv, d)
-        r = ring.rank
-        q, k, v = (stripe(t, lens, P)[r] for t in (b.q, b.k, b.v))
-        o, lse = yield from esp.prefill.ring_prefill_steps(q, k, v, lens, ring)
-        out.append((r, o, lse))
+    for ring, lens, qkv in rank_batches(world, seed):
+        o, lse = yield from esp.prefill.ring_prefill_steps(*qkv, lens, ring)
+        out.append((ring.rank, o, lse))
     return out
 
 
