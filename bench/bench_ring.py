@@ -7,8 +7,8 @@ timed round-robin in the same rounds (the GPU's clocks drift within a call):
     bar <= 10% (moonshot <= 3%);
   - a ring-flash-attention-style loop (bench/ring_flash_style.py) on the same Group, its steps
     FA3 calls (the bar, >= 1.2x), cuDNN calls, or SDPA FLASH calls (secondary), each merged in
-    fp32 with torch ops, one thread per rank (`run_local`); the loop's output is checked
-    against ours;
+    fp32 with torch ops, every rank advanced from one thread as ours (`run_steps`); the loop's
+    output is checked against ours;
   - `ring_prefill` in one thread per rank (`run_local`);
 - with proactive retention vs without (issue 5): bar <= 2% slower.
 """
@@ -18,7 +18,7 @@ import torch
 from anchors import fa3_prefill, step_attend
 from harness import Recorder, parse_out, time_wall_interleaved
 from ring_cases import StripedRing, random_qkv
-from ring_flash_style import rfa_style_prefill, sdpa_flash_attend
+from ring_flash_style import rfa_style_steps, sdpa_flash_attend
 
 import esp_kernels as esp
 from esp_kernels.comm import local_group, run_local, run_steps
@@ -72,9 +72,9 @@ def main():
                 attends[name] = attend
         diffs = {}
         for name, attend in attends.items():
-            def style(attend=attend):  # every rank's (out, lse)
-                return run_local(groups, lambda gr: rfa_style_prefill(
-                    qs[gr.rank], ks[gr.rank], vs[gr.rank], gr, attend=attend))
+            def style(attend=attend):  # every rank's (out, lse), from this thread as ours
+                return run_steps(groups, [rfa_style_steps(qs[r], ks[r], vs[r], groups[r],
+                                                          attend=attend) for r in range(P)])
             diffs[name] = max((a.float() - b.float()).abs().max().item()
                               for (a, _), b in zip(style(), ours_out))
             contenders[f"RFA-style loop, {name} steps"] = style

@@ -48,20 +48,32 @@ def flush_and_get_ahead():
 
 def time_cuda(fn, warmup: int = 3, reps: int = 10, flush: bool = True) -> dict:
     """Median / p10 / p90 milliseconds of fn() measured with CUDA events."""
-    for _ in range(warmup):
-        fn()
+    return time_cuda_interleaved({"fn": fn}, warmup, reps, flush)["fn"]
+
+
+def time_cuda_interleaved(fns: dict, warmup: int = 3, reps: int = 10,
+                          flush: bool = True) -> dict:
+    """time_cuda of every fn in `fns` ({name: fn}), taken round-robin like
+    time_wall_interleaved (the order rotated each round), so that a kernel and its anchor share
+    the GPU's clock and power state. Returns {name: summary}."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        if flush:
-            flush_and_get_ahead()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return _summary(times)
+    times = {name: [] for name in fns}
+    order = list(fns.items())
+    for rep in range(reps):
+        for name, fn in order[rep % len(order):] + order[:rep % len(order)]:
+            if flush:
+                flush_and_get_ahead()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return {name: _summary(t) for name, t in times.items()}
 
 
 def time_wall(fn, warmup: int = 2, reps: int = 5) -> dict:
@@ -178,14 +190,19 @@ def parse_out(argv=None):
     return p.parse_args(argv)
 
 
-def time_graph(fn):
-    """time_cuda of fn captured once into a CUDA graph (device time without host launches)."""
+def graph_replay(fn):
+    """fn captured once into a CUDA graph (after one eager call); returns the graph's replay."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return time_cuda(graph.replay, warmup=2, reps=10)
+    return graph.replay
+
+
+def time_graph(fn):
+    """time_cuda of fn captured once into a CUDA graph (device time without host launches)."""
+    return time_cuda(graph_replay(fn), warmup=2, reps=10)
 
 
 def compare(before_path: str, after_path: str) -> None:
