@@ -12,14 +12,15 @@ L = 64k global tokens, Hq 32, Hkv 8, D 128, bf16, P = 4 and 8 (16k and 8k tokens
 L = 8k (2k and 1k per rank) reports the shortest shapes, also replayed from a CUDA graph (steps
 that short are launch-bound). SDPA gets K/V expanded to 32 heads (same FLOPs); FA3 takes GQA as
 is. Every contender of one (L, P) is timed round-robin in the same rounds (CUDA events, L2
-flushed before each).
+flushed before each); a row's ratio is the median of the per-round ratios
+(`harness.paired_speedup`), its TFLOP/s from the median times.
 """
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from anchors import fa3_prefill, step_attend
-from harness import Recorder, graph_replay, parse_out, time_cuda_interleaved
+from harness import Recorder, graph_replay, paired_speedup, parse_out, time_cuda_interleaved
 from ring_cases import StripedRing, causal_flops, random_qkv
 
 from esp_kernels.prefill.step import ring_step
@@ -109,7 +110,8 @@ def main():
                     for key in anchors:
                         rec.add(f"L={L} P={P} ({n} tok/rank) Hq{Hq}/Hkv{Hkv} D{D} bf16",
                                 f"{ours[1]}{tag}", tflops[ours], key[1], tflops[key], "TFLOP/s",
-                                ms=t[ours]["ms"], p10=t[ours]["p10"], p90=t[ours]["p90"])
+                                ratio=paired_speedup(t[ours], t[key]), ms=t[ours]["ms"],
+                                p10=t[ours]["p10"], p90=t[ours]["p90"])
 
 
 if __name__ == "__main__":
