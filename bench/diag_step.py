@@ -117,7 +117,7 @@ def _grow(t, n):
 def host():
     """Host time per step launched back to back (1k queries of one request, P=8 of 8k): the
     public ring_step of each backend, with its device time and a cProfile; then the Gluon path's
-    layers (ring_step_gluon, Triton's launcher alone), each also with the GPU drained (host-only
+    layers (ring_step_gluon, its launch alone: direct, and through Triton's launcher), each also with the GPU drained (host-only
     time far under it: the GPU is the limit; equal: the host), and the CUDA API calls of one
     public Gluon step (a synchronizing call would serialize host and GPU)."""
     n, Hq, Hkv, D = 1024, 32, 8, 128
@@ -150,13 +150,21 @@ def host():
         gluon_step.ring_step_gluon(q, k, v, cu, cu, n, o, lse, True, -1, True, scale)
     launch_args = _launch_args(gluon)
     assert not launch_args[-1], "the launcher row would reuse one counter: snake only"
+    def through_tritons_launcher():  # the direct launch off (as with a launch hook set)
+        absent = gluon_step._launch_hooks_absent
+        gluon_step._launch_hooks_absent = lambda: False
+        try:
+            gluon_step._launch(*launch_args)
+        finally:
+            gluon_step._launch_hooks_absent = absent
     layers = {"ring_step_gluon": gluon,
-              "Triton's launcher alone": lambda: gluon_step._launch(*launch_args)}
+              "its launch alone (direct)": lambda: gluon_step._launch(*launch_args),
+              "Triton's launcher alone": through_tritons_launcher}
     for name, fn in layers.items():
         # 500 calls: under the ~1024 launches CUDA queues, so a host faster than the GPU is
         # not held back to the GPU's pace before the drain
         host_us, drained_us = _host_us(fn, calls=500)
-        print(f"host     gluon, {name:<24} {host_us:6.1f} us per launch, {drained_us:6.1f} with "
+        print(f"host     gluon, {name:<26} {host_us:6.1f} us per launch, {drained_us:6.1f} with "
               "the GPU drained", flush=True)
 
     step = public("gluon")

@@ -395,6 +395,53 @@ def test_gluon_last_step_writes_the_output(dtype, shift, accumulate, schedule, g
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_gluon_direct_launch_matches_tritons_launcher(accumulate, gen, monkeypatch):
+    """After one launch through Triton's launcher a specialization is launched directly: bit for
+    bit the same state, and a launch whose arguments Triton would specialize differently (token
+    counts divisible by 16 or not, a misaligned state) goes through Triton's launcher again."""
+    from esp_kernels.prefill import gluon_step
+
+    monkeypatch.setattr(gluon_step, "_direct_kernels", {})
+    kernel = gluon_step._ring_step_gluon_kernel
+    through_triton = []
+    run = kernel.run
+
+    def counted(*args, **kwargs):
+        if not kwargs.get("warmup"):
+            through_triton.append(1)
+        return run(*args, **kwargs)
+    monkeypatch.setattr(kernel, "run", counted)
+    cases = {"odd": ([5, 1, 3000, 0, 19, 700, 130], [5, 0, 3000, 3, 18, 700, 129]),
+             "by 16": ([16, 3000, 0, 16, 736], [16, 3000, 3, 18, 736])}
+    for name in ("odd", "by 16", "odd"):
+        lq, lk = cases[name]
+        args, (ref_o, ref_l) = _step_case(torch.bfloat16, 32, 8, 128, -1, accumulate, gen,
+                                          "cuda", lq, lk)
+        states = []
+        for _ in range(2):
+            o, l = args[6].clone(), args[7].clone()
+            run_step(*args[:6], o, l, mask_shift=-1, accumulate=accumulate, softmax_scale=0.3,
+                     backend="gluon")
+            states.append((o, l))
+        assert not gluon_step._compile_error, "the Gluon kernel did not compile: Triton ran"
+        assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])
+        assert_close(states[1][0].cpu(), ref_o.cpu(), torch.bfloat16)
+    # odd: Triton then direct; by 16: Triton then direct; odd again: direct twice
+    assert len(through_triton) == 2 and len(gluon_step._direct_kernels) == 2
+    # A state 4 bytes off 16-byte alignment: Triton's launcher, then the reference's result.
+    lq, lk = cases["odd"]
+    args, (ref_o, ref_l) = _step_case(torch.bfloat16, 32, 8, 128, -1, accumulate, gen, "cuda",
+                                      lq, lk)
+    o = torch.empty(args[6].numel() + 1, device="cuda")[1:].view_as(args[6]).copy_(args[6])
+    l = args[7].clone()
+    run_step(*args[:6], o, l, mask_shift=-1, accumulate=accumulate, softmax_scale=0.3,
+             backend="gluon")
+    assert_close(o.cpu(), ref_o.cpu(), torch.bfloat16)
+    assert len(through_triton) == 3 or not gluon_step.supports(*args[:3], o, l)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (8, 1, 64)])
 @pytest.mark.parametrize("shift,accumulate", [(0, False), (-1, True)])
 def test_gluon_step_dynamic_schedule_without_a_table(hq, hkv, d, shift, accumulate, gen,

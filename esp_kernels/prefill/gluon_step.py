@@ -53,6 +53,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                              warpgroup_mma, warpgroup_mma_wait)
 
 # The step's layout-free math, shared with the Triton twin (Gluon calls Triton's jit helpers).
+from .._core import stream_handle
 from .triton_step import finish_block, kv_range, merge_state, request_bounds
 
 # Triton 3.7 renamed the TMA load and later the cp.async copy (async_copy_global_to_shared ->
@@ -708,13 +709,62 @@ _compiled = set()  # specializations known to compile with this Triton
 def _launch(grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, out, lse_state, group, D,
             n_tiles, B, n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n,
             prefetch, dynamic, warmup=False):
-    run = _ring_step_gluon_kernel.warmup if warmup else _ring_step_gluon_kernel[grid]
-    extra = dict(grid=grid) if warmup else {}
-    run(
-        q, k, v, o_state, out, lse_state, cu_q, cu_k, cu_q if tiles is None else tiles, counter,
-        q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.stride(0), q.stride(1), k.stride(0),
-        v.stride(0), o_state.stride(0), o_state.stride(1), lse_state.stride(0), lse_state.stride(1),
-        softmax_scale * _LOG2E, int(mask_shift), n_tiles, B, n_items, GROUP=group,
-        HEAD_DIM=D, BN=block_n, NUM_STAGES=stages, CAUSAL=bool(causal),
-        ACCUMULATE=bool(accumulate), PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2,
-        HAS_TILES=tiles is not None, DYNAMIC=dynamic, num_warps=4, maxnreg=168, **extra)
+    params = (q, k, v, o_state, out, lse_state, cu_q, cu_k, cu_q if tiles is None else tiles,
+              counter, q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.stride(0), q.stride(1),
+              k.stride(0), v.stride(0), o_state.stride(0), o_state.stride(1), lse_state.stride(0),
+              lse_state.stride(1), softmax_scale * _LOG2E, int(mask_shift), n_tiles, B, n_items)
+    constexprs = (group, D, block_n, stages, bool(causal), bool(accumulate), prefetch,
+                  1 if prefetch else 2, tiles is not None, dynamic)
+    if warmup:
+        _ring_step_gluon_kernel.warmup(*params, **dict(zip(_CONSTEXPR_NAMES, constexprs)),
+                                       num_warps=4, maxnreg=168, grid=grid)
+        return
+    device = q.get_device()
+    direct = _launch_hooks_absent() and device == torch.cuda.current_device()
+    if direct:
+        key = (device, constexprs, _specialization(params))
+        kernel = _direct_kernels.get(key)
+        if kernel is not None:
+            kernel.run(grid[0], 1, 1, stream_handle(q.device), kernel.function,
+                       kernel.packed_metadata, None, None, None, *params, *constexprs)
+            return
+    kernel = _ring_step_gluon_kernel[grid](*params, **dict(zip(_CONSTEXPR_NAMES, constexprs)),
+                                           num_warps=4, maxnreg=168)
+    if direct and hasattr(kernel, "run") and not hasattr(kernel, "result"):
+        _direct_kernels[key] = kernel
+
+
+# Triton's launcher binds and specializes every argument again at each launch: 30-57 us of host
+# per step on an H100 host (diag_step.py --only host), about what a 1k-token step takes on the
+# GPU. After one launch through it, a specialization's compiled kernel is launched directly
+# (the call Triton's launcher ends in), keyed by everything Triton specializes on and more: each
+# tensor's dtype and 16-byte alignment, each integer's divisibility by 16, equality to 1 and
+# int32 range, the constexprs and the device. Launch hooks (a profiler's) take Triton's path.
+_direct_kernels = {}
+_CONSTEXPR_NAMES = ("GROUP", "HEAD_DIM", "BN", "NUM_STAGES", "CAUSAL", "ACCUMULATE", "PREFETCH",
+                    "Q_BUFS", "HAS_TILES", "DYNAMIC")
+_INT32 = range(-2 ** 31, 2 ** 31)
+
+
+def _specialization(params) -> tuple:
+    """What selects the compiled kernel among launches of the same constexprs: at least as fine
+    as Triton's own specialization key (tensors: dtype, 16-byte alignment; integers: divisible by
+    16, equal to 1, 32-bit or not; floats: nothing)."""
+    out = []
+    for a in params:
+        if a.__class__ is int:
+            out.append((a % 16 == 0, a == 1, a in _INT32))
+        elif a.__class__ is float:
+            out.append(None)
+        else:
+            out.append((a.dtype, a.data_ptr() % 16 == 0))
+    return tuple(out)
+
+
+def _launch_hooks_absent() -> bool:
+    """No launch hook is set (Triton 3.6+ keeps each as a chain of hooks, empty by default)."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None:
+        return False
+    return all(h is None or getattr(h, "calls", None) == []
+               for h in (runtime.launch_enter_hook, runtime.launch_exit_hook))
