@@ -16,7 +16,7 @@ without the profiler the P=8 ring from one thread ended 5% sooner than from thre
   step kernel started; the traces saved as $OUT/ring_p4_<driver>_trace.json.
 
 The step's own host path (1k tokens per rank launched: 96.7 TFLOP/s against 278 from a graph) is
-`diag_step.py --only host`.
+`diag_step.py --only host`; `--short` profiles the host path of the 8k ring on 8 ranks instead.
 """
 
 import collections
@@ -137,5 +137,44 @@ def ring_timeline(ours, name):
         print(f"  {kind:<72} {count:5d} x, {dur / 1e3:8.2f} ms")
 
 
+def short_ring_profile(L=8192, P=8, Hq=32, Hkv=8, D=128, rings=50):
+    """`--short`: the 8k ring on 8 virtual ranks (1k tokens per rank, 64 steps) is host-bound
+    (h100 at 1a6e780: 12.8 ms against 7.1 for its steps launched back to back and ~2 from a
+    graph): host time per ring and step from one thread, and a cProfile of it."""
+    import cProfile
+    import io
+    import pstats
+
+    q, k, v = random_qkv(L, Hq, Hkv, D, seed=1)
+    ring = StripedRing(q, k, v, P)
+    groups = local_group(P, "cuda")
+
+    def one():
+        return run_steps(groups, [esp.prefill.ring_prefill_steps(
+            ring.qs[r], ring.ks[r], ring.vs[r], [L], groups[r]) for r in range(P)])
+    for _ in range(5):
+        one()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(rings):
+        one()
+    host = (time.perf_counter() - t) / rings * 1e3
+    torch.cuda.synchronize()
+    total = (time.perf_counter() - t) / rings * 1e3
+    print(f"short ring L={L} P={P}: host {host:.2f} ms a ring ({host / P / P * 1e3:.1f} us a "
+          f"step), GPU done after {total:.2f} ms a ring", flush=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(rings):
+        one()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(24)
+    print(buf.getvalue())
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    short_ring_profile() if "--short" in sys.argv[1:] else main()
