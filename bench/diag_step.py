@@ -151,12 +151,12 @@ def host():
     launch_args = _launch_args(gluon)
     assert not launch_args[-1], "the launcher row would reuse one counter: snake only"
     def through_tritons_launcher():  # the direct launch off (as with a launch hook set)
-        absent = gluon_step._launch_hooks_absent
-        gluon_step._launch_hooks_absent = lambda: False
+        options = gluon_step._direct_launch_options
+        gluon_step._direct_launch_options = lambda: None
         try:
             gluon_step._launch(*launch_args)
         finally:
-            gluon_step._launch_hooks_absent = absent
+            gluon_step._direct_launch_options = options
     layers = {"ring_step_gluon": gluon,
               "its launch alone (direct)": lambda: gluon_step._launch(*launch_args),
               "Triton's launcher alone": through_tritons_launcher}

@@ -722,9 +722,10 @@ def _launch(grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, out, lse_state, 
                                        num_warps=4, maxnreg=168, grid=grid)
         return
     device = q.get_device()
-    direct = _launch_hooks_absent() and device == torch.cuda.current_device()
+    options = _direct_launch_options()
+    direct = options is not None and device == torch.cuda.current_device()
     if direct:
-        key = (device, constexprs, _specialization(params))
+        key = (device, options, constexprs, _specialization(params))
         kernel = _direct_kernels.get(key)
         if kernel is not None:
             kernel.run(grid[0], 1, 1, stream_handle(q.device), kernel.function,
@@ -739,9 +740,11 @@ def _launch(grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, out, lse_state, 
 # Triton's launcher binds and specializes every argument again at each launch: 30-57 us of host
 # per step on an H100 host (diag_step.py --only host), about what a 1k-token step takes on the
 # GPU. After one launch through it, a specialization's compiled kernel is launched directly
-# (the call Triton's launcher ends in), keyed by everything Triton specializes on and more: each
-# tensor's dtype and 16-byte alignment, each integer's divisibility by 16, equality to 1 and
-# int32 range, the constexprs and the device. Launch hooks (a profiler's) take Triton's path.
+# (the call Triton's launcher ends in), keyed at least as finely as Triton 3.6 specializes the
+# arguments (each tensor's dtype and 16-byte alignment, each integer's divisibility by 16,
+# equality to 1 and int32 range; no argument here reaches 2**63), plus the constexprs, the
+# device and the compile options the environment can change (debug, instrumentation). Launch or
+# pre-run hooks (a profiler's) take Triton's path.
 _direct_kernels = {}
 _CONSTEXPR_NAMES = ("GROUP", "HEAD_DIM", "BN", "NUM_STAGES", "CAUSAL", "ACCUMULATE", "PREFETCH",
                     "Q_BUFS", "HAS_TILES", "DYNAMIC")
@@ -763,10 +766,15 @@ def _specialization(params) -> tuple:
     return tuple(out)
 
 
-def _launch_hooks_absent() -> bool:
-    """No launch hook is set (Triton 3.6+ keeps each as a chain of hooks, empty by default)."""
-    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    if runtime is None:
-        return False
-    return all(h is None or getattr(h, "calls", None) == []
-               for h in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+def _direct_launch_options():
+    """The compile options Triton's launcher would read from the environment, as part of the
+    direct launch's key; None when a hook must see the launch (Triton 3.6+ keeps each launch
+    hook as a chain of hooks, empty by default)."""
+    knobs = getattr(triton, "knobs", None)
+    runtime = getattr(knobs, "runtime", None)
+    if runtime is None or _ring_step_gluon_kernel.pre_run_hooks:
+        return None
+    if not all(h is None or getattr(h, "calls", None) == []
+               for h in (runtime.launch_enter_hook, runtime.launch_exit_hook)):
+        return None
+    return bool(runtime.debug), knobs.compilation.instrumentation_mode
