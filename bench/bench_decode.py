@@ -3,7 +3,8 @@
 1. partial decode kernel over paged KV: KV bytes read / time vs device copy bandwidth, vs torch
    SDPA CUDNN on contiguous KV of the same shape, and vs FlashInfer's paged decode (tensor-core
    and CUDA-core kernels, carried anchors) on the same shuffled pages (bf16, D 128, Hq 32 /
-   Hkv 8, page 16 and 1).
+   Hkv 8, page 16 and 1); each page set's contenders timed round-robin, a row's ratio the
+   median of the per-round ratios.
    Bar: >= 1.0x the best anchor at (B1, L128k), (B16, L16k), (B64, L4k), (B8, L1k).
 2. one multi-master decode layer on 2 and 4 virtual ranks vs one instance over the same KV.
 3. host overhead per decode layer without graph capture (bar <= 30 us), and graph replay.
@@ -15,7 +16,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from anchors import flashinfer_decode
-from harness import Recorder, copy_bandwidth_gbs, parse_out, time_cuda, time_wall
+from harness import (Recorder, copy_bandwidth_gbs, paired_speedup, parse_out, time_cuda,
+                     time_cuda_interleaved, time_wall)
 
 import esp_kernels as esp
 from esp_kernels.comm import local_group, run_local, run_steps
@@ -61,16 +63,19 @@ def sdpa_contiguous(q, B, L, gen):
     return run
 
 
-def sdpa_cudnn_ms(q, B, L, gen):
-    """SDPA on contiguous KV with GQA; CUDNN first, the best other backend if it refuses."""
+def sdpa_contiguous_call(q, B, L, gen):
+    """(name, fn): one SDPA call with GQA on contiguous KV, CUDNN first, the best other backend
+    if it refuses; (None, None) if none runs."""
     run = sdpa_contiguous(q, B, L, gen)
     for name, be in (("SDPA CUDNN", SDPBackend.CUDNN_ATTENTION),
                      ("SDPA FLASH", SDPBackend.FLASH_ATTENTION),
                      ("SDPA EFFICIENT", SDPBackend.EFFICIENT_ATTENTION)):
         try:
-            return name, time_cuda(lambda: run(be))  # its warm-up raises if `be` refuses
+            run(be)
         except RuntimeError as exc:
             print(f"  {name} refused B={B} L={L}: {str(exc).splitlines()[0][:100]}")
+            continue
+        return name, lambda be=be: run(be)
     return None, None
 
 
@@ -83,7 +88,7 @@ def kernel_bench(rec, quick):
     for B, L in shapes:
         q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         kv_bytes = 2 * B * L * Hkv * D * 2
-        aname, at = sdpa_cudnn_ms(q, B, L, gen)
+        aname, sdpa = sdpa_contiguous_call(q, B, L, gen)
         # Pages in random order (a fragmented pool; costs 3-9% of DRAM locality, bench/NOTES.md)
         # and in pool order (a fresh allocator), each with the default balanced schedule and
         # the bitwise-reproducible one.
@@ -93,29 +98,36 @@ def kernel_bench(rec, quick):
                                         (16, "2MiB", (False,)), (1, True, (False, True)),
                                         (1, False, (False,)), (1, "2MiB", (False,))):
             k, v, bt, lens = paged(B, L, ps, gen, shuffled=shuffled)
-            for det in schedules:  # both schedules read the same pages
-                t = time_cuda(lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse,
-                                                     deterministic=det))
-                gbs = kv_bytes / (t["ms"] * 1e-3) / 1e9
-                if not det:
-                    t_default = t
-                order = {True: "", False: ", pages in order",
-                         "2MiB": ", shuffled within 2 MiB"}[shuffled]
-                case = f"B{B} L{L} page {ps}{order}" + (", deterministic" if det else "")
-                rec.add(case, "decode_partial", gbs, "device copy", copy, "GB/s", ms=t["ms"],
-                        p10=t["p10"], p90=t["p90"])
-                if at is not None:
-                    rec.add(case, "decode_partial", t["ms"], f"{aname} (contiguous KV)",
-                            at["ms"], "ms", higher_is_better=False)
+            order = {True: "", False: ", pages in order", "2MiB": ", shuffled within 2 MiB"}[
+                shuffled]
+            case = f"B{B} L{L} page {ps}{order}"
+            contenders = {}  # both schedules read the same pages
+            for det in schedules:
+                contenders[case + (", deterministic" if det else "")] = \
+                    lambda det=det: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse,
+                                                   deterministic=det)
+            if sdpa is not None:
+                contenders[f"{aname} (contiguous KV)"] = sdpa
             # The same pages through FlashInfer's paged decode, tensor-core and CUDA-core
             # kernels (each is the faster one somewhere: B1 L128k TC, B8 L1k CUDA cores).
             for tc in ((True, False) if shuffled is True else ()):
                 fi = flashinfer_decode(q, k, v, bt, L, tensor_cores=tc)
                 if fi is not None:
-                    tf = time_cuda(fi)
-                    rec.add(f"B{B} L{L} page {ps}", "decode_partial", t_default["ms"],
-                            f"FlashInfer decode (paged, {'TC' if tc else 'CUDA cores'})",
-                            tf["ms"], "ms", higher_is_better=False)
+                    contenders[f"FlashInfer decode (paged, {'TC' if tc else 'CUDA cores'})"] = fi
+            # Round-robin, as the step benchmarks: each row pairs runs of the same rounds.
+            t = time_cuda_interleaved(contenders)
+            for det in schedules:
+                name = case + (", deterministic" if det else "")
+                ours = t[name]
+                rec.add(name, "decode_partial", kv_bytes / (ours["ms"] * 1e-3) / 1e9,
+                        "device copy", copy, "GB/s", ms=ours["ms"], p10=ours["p10"],
+                        p90=ours["p90"])
+                for anchor in contenders:
+                    if anchor.startswith("SDPA") or (anchor.startswith("FlashInfer") and
+                                                     not det):
+                        rec.add(name, "decode_partial", ours["ms"], anchor, t[anchor]["ms"],
+                                "ms", higher_is_better=False,
+                                ratio=paired_speedup(ours, t[anchor]))
             del k, v
 
 
