@@ -20,12 +20,12 @@ The step's own host path (1k tokens per rank launched: 96.7 TFLOP/s against 278 
 """
 
 import collections
-import json
 import os
 import threading
 import time
 
-import harness  # noqa: F401  (first: puts this checkout's esp_kernels on the path)
+# harness first: it puts this checkout's esp_kernels on the path
+from harness import busy_and_span_us, cprofile_top, gpu_trace_events, host_us
 import torch
 
 from ring_cases import StripedRing, random_qkv
@@ -99,36 +99,20 @@ def first_call_in_fresh_threads(n=4, reps=5):
 
 def ring_timeline(ours, name):
     """GPU busy time of one ring against its span, from a profiler trace (kernels, copies)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        ours()
-        torch.cuda.synchronize()
     tag = name.split(" (")[0].replace(" ", "_")
-    path = os.path.join(os.environ.get("OUT", "/tmp"), f"ring_p4_{tag}_trace.json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        events = [e for e in json.load(f)["traceEvents"]
-                  if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    events = gpu_trace_events(
+        ours, os.path.join(os.environ.get("OUT", "/tmp"), f"ring_p4_{tag}_trace.json"))
     if not events:
         print(f"ring P=4, {name}, under the profiler: the trace holds no GPU events (no CUPTI?)")
         return
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events)
-    busy, end = 0.0, None
-    for a, b in spans:
-        if end is None or a > end:
-            busy += b - a
-            end = b
-        elif b > end:
-            busy += b - end
-            end = b
-    span = spans[-1][1] - spans[0][0]
+    busy, span = busy_and_span_us(events)
+    start = min(e["ts"] for e in events)
     by_kind = collections.defaultdict(lambda: [0, 0.0])
     for e in events:
         kind = "ring step" if "ring_step" in e["name"] else f"{e['cat']}: {e['name'][:60]}"
         by_kind[kind][0] += 1
         by_kind[kind][1] += e["dur"]
-    first_step = min(e["ts"] for e in events if "ring_step" in e["name"]) - spans[0][0]
+    first_step = min(e["ts"] for e in events if "ring_step" in e["name"]) - start
     print(f"ring P=4, {name}, under the profiler: span {span / 1e3:.2f} ms, GPU busy "
           f"{busy / 1e3:.2f} ms ({busy / span:.1%}); the first step kernel began "
           f"{first_step / 1e3:.2f} ms after the first GPU work; streams "
@@ -141,10 +125,6 @@ def short_ring_profile(L=8192, P=8, Hq=32, Hkv=8, D=128, rings=50):
     """`--short`: the 8k ring on 8 virtual ranks (1k tokens per rank, 64 steps) is host-bound
     (h100 at 1a6e780: 12.8 ms against 7.1 for its steps launched back to back and ~2 from a
     graph): host time per ring and step from one thread, and a cProfile of it."""
-    import cProfile
-    import io
-    import pstats
-
     q, k, v = random_qkv(L, Hq, Hkv, D, seed=1)
     ring = StripedRing(q, k, v, P)
     groups = local_group(P, "cuda")
@@ -152,26 +132,10 @@ def short_ring_profile(L=8192, P=8, Hq=32, Hkv=8, D=128, rings=50):
     def one():
         return run_steps(groups, [esp.prefill.ring_prefill_steps(
             ring.qs[r], ring.ks[r], ring.vs[r], [L], groups[r]) for r in range(P)])
-    for _ in range(5):
-        one()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(rings):
-        one()
-    host = (time.perf_counter() - t) / rings * 1e3
-    torch.cuda.synchronize()
-    total = (time.perf_counter() - t) / rings * 1e3
-    print(f"short ring L={L} P={P}: host {host:.2f} ms a ring ({host / P / P * 1e3:.1f} us a "
-          f"step), GPU done after {total:.2f} ms a ring", flush=True)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(rings):
-        one()
-    prof.disable()
-    torch.cuda.synchronize()
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(24)
-    print(buf.getvalue())
+    host, total = host_us(one, rings, warmup=5)
+    print(f"short ring L={L} P={P}: host {host / 1e3:.2f} ms a ring ({host / P / P:.1f} us a "
+          f"step), GPU done after {total / 1e3:.2f} ms a ring", flush=True)
+    print(cprofile_top(one, rings, 24))
 
 
 if __name__ == "__main__":

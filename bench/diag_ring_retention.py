@@ -12,12 +12,12 @@ the P instances keep every token: 2 x 64k tokens x 4 KiB of K and V).
 """
 
 import collections
-import json
 import os
 
-import harness  # noqa: F401  (first: puts this checkout's esp_kernels on the path)
+# harness first: it puts this checkout's esp_kernels on the path
+from harness import (busy_and_span_us, gpu_trace_events, paired_speedup, time_cuda,
+                     time_wall_interleaved)
 import torch
-from harness import paired_speedup, time_cuda, time_wall_interleaved
 
 from ring_cases import StripedRing, random_qkv
 
@@ -77,30 +77,15 @@ def copies_alone(ring, caches, groups, P):
 
 
 def timeline(fn, tag):
-    from torch.profiler import ProfilerActivity, profile
-
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    path = os.path.join(os.environ.get("OUT", "/tmp"), f"ring_p4_{tag}_trace.json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        events = [e for e in json.load(f)["traceEvents"]
-                  if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    events = gpu_trace_events(
+        fn, os.path.join(os.environ.get("OUT", "/tmp"), f"ring_p4_{tag}_trace.json"))
     if not events:
         print(f"  {tag}: the trace holds no GPU events (no CUPTI?)")
         return
     t0 = min(e["ts"] for e in events)
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events)
-    busy, end = 0.0, None
-    for a, b in spans:
-        if end is None or a > end:
-            busy, end = busy + b - a, b
-        elif b > end:
-            busy, end = busy + b - end, b
-    span = spans[-1][1] - t0
+    busy, span = busy_and_span_us(events)
     print(f"  P=4 {tag} under the profiler: span {span / 1e3:.2f} ms, GPU busy "
           f"{busy / 1e3:.2f} ms ({busy / span:.1%})")
     by_kind = collections.defaultdict(lambda: [0, 0.0])

@@ -22,15 +22,10 @@ Then two cases where the kernel's fixed costs, not its main loop, decide:
     python bench/diag_step.py [--only kernels,skewed,host]
 """
 
-import cProfile
-import io
-import pstats
-import time
-
 import torch
 
 from anchors import fa3_prefill
-from harness import cuda_api_calls, parse_out, time_cuda
+from harness import cprofile_top, cuda_api_calls, host_us, parse_out, time_cuda
 from ring_cases import random_qkv
 
 from esp_kernels.prefill import gluon_step
@@ -117,8 +112,9 @@ def _grow(t, n):
 def host():
     """Host time per step launched back to back (1k queries of one request, P=8 of 8k): the
     public ring_step of each backend, with its device time and a cProfile; then the Gluon path's
-    layers (ring_step_gluon, its launch alone: direct, and through Triton's launcher), each also with the GPU drained (host-only
-    time far under it: the GPU is the limit; equal: the host), and the CUDA API calls of one
+    layers (ring_step_gluon, its launch alone: direct, and through Triton's launcher), each also
+    with the GPU drained (host-only time far under it: the GPU is the limit; equal: the host),
+    and the CUDA API calls of one
     public Gluon step (a synchronizing call would serialize host and GPU)."""
     n, Hq, Hkv, D = 1024, 32, 8, 128
     q, k, v = random_qkv(n, Hq, Hkv, D, seed=1)
@@ -132,19 +128,11 @@ def host():
                                  accumulate=True, softmax_scale=scale, backend=backend)
     for backend in ("gluon", "triton"):
         step = public(backend)
-        host_us, _ = _host_us(step, calls=2000)
+        step_us, _ = host_us(step, calls=2000)
         dev_us = time_cuda(step, flush=False)["ms"] * 1e3
-        print(f"host     {backend:<7} {host_us:6.1f} us per launched step (device {dev_us:.1f} "
+        print(f"host     {backend:<7} {step_us:6.1f} us per launched step (device {dev_us:.1f} "
               "us)", flush=True)
-        prof = cProfile.Profile()  # where each path's host time goes
-        prof.enable()
-        for _ in range(500):
-            step()
-        prof.disable()
-        torch.cuda.synchronize()
-        buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
-        print(buf.getvalue())
+        print(cprofile_top(step, 500, 14))  # where each path's host time goes
 
     def gluon():
         gluon_step.ring_step_gluon(q, k, v, cu, cu, n, o, lse, True, -1, True, scale)
@@ -163,8 +151,8 @@ def host():
     for name, fn in layers.items():
         # 500 calls: under the ~1024 launches CUDA queues, so a host faster than the GPU is
         # not held back to the GPU's pace before the drain
-        host_us, drained_us = _host_us(fn, calls=500)
-        print(f"host     gluon, {name:<26} {host_us:6.1f} us per launch, {drained_us:6.1f} with "
+        layer_us, drained_us = host_us(fn, calls=500)
+        print(f"host     gluon, {name:<26} {layer_us:6.1f} us per launch, {drained_us:6.1f} with "
               "the GPU drained", flush=True)
 
     step = public("gluon")
@@ -188,20 +176,6 @@ def _launch_args(step):
     finally:
         gluon_step._launch = launch
     return seen[-1]
-
-
-def _host_us(fn, calls):
-    """Host microseconds per call of fn launched back to back, and per call until the GPU has
-    finished them."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - t0) / calls * 1e6
-    torch.cuda.synchronize()
-    return host, (time.perf_counter() - t0) / calls * 1e6
 
 
 if __name__ == "__main__":

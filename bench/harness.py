@@ -107,6 +107,67 @@ def time_wall_interleaved(fns: dict, warmup: int = 2, reps: int = 7) -> dict:
     return {name: _summary(t) for name, t in times.items()}
 
 
+def host_us(fn, calls: int, warmup: int = 20) -> tuple[float, float]:
+    """Host microseconds per call of fn launched back to back, and per call until the GPU has
+    finished them (host-only time far under the second: the GPU is the limit; equal: the
+    host)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return host, (time.perf_counter() - t0) / calls * 1e6
+
+
+def cprofile_top(fn, calls: int, lines: int) -> str:
+    """cProfile of `calls` calls of fn (the GPU drained after): the `lines` functions with the
+    most time of their own."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(lines)
+    return buf.getvalue()
+
+
+def gpu_trace_events(fn, path: str) -> list[dict]:
+    """One call of fn under torch.profiler (the GPU drained inside), its chrome trace saved to
+    `path`; returns the trace's GPU events (kernels, copies, memsets) with a duration, empty
+    without CUPTI."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        return [e for e in json.load(f)["traceEvents"]
+                if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+
+
+def busy_and_span_us(events: list[dict]) -> tuple[float, float]:
+    """Microseconds some GPU work of `events` ran (the union of their intervals over all
+    streams), and from the first one's start to the last one's end."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events)
+    busy, end = 0.0, None
+    for a, b in spans:
+        if end is None or a > end:
+            busy, end = busy + b - a, b
+        elif b > end:
+            busy, end = busy + b - end, b
+    return busy, end - spans[0][0]
+
+
 def cuda_api_calls(fn, per: int) -> dict:
     """{CUDA API name: calls per unit} while fn() runs under torch.profiler (CUPTI), fn doing
     `per` units of work: the stable measure of a host path when the host's speed drifts."""
