@@ -9,7 +9,11 @@ deterministic split schedules in interleaved rounds; with --profile, splits benc
 time (L2 flushed before each call) into the device time of each kernel it launches, for ours and
 cuDNN, so time outside the main kernel (launch gaps, the split merge, memsets) is visible; with
 --short, sweeps the split count and schedule of the short shapes (B8 L1k, where the bar is
-furthest) in interleaved rounds, next to SDPA CUDNN on contiguous KV.
+furthest) in interleaved rounds, next to SDPA CUDNN on contiguous KV; with --flush, times
+bench_decode's four shapes (page 16, shuffled) against the paged anchors round-robin twice, after
+an L2 flush that leaves dirty lines (bench_decode's, a 256 MB write) and after one that leaves
+clean lines (a 256 MB read), and at B8 L1k three identical contenders of ours, so that an effect
+of a contender's place in the rotation shows.
 """
 
 import argparse
@@ -19,8 +23,10 @@ import itertools
 
 import torch
 
+from anchors import flashinfer_decode
 from bench_decode import D, Hkv, Hq, paged, sdpa_contiguous
-from harness import copy_bandwidth_gbs, flush_and_get_ahead, time_cuda
+from harness import (copy_bandwidth_gbs, flush_and_get_ahead, paired_speedup, time_cuda,
+                     time_cuda_interleaved)
 
 from esp_kernels.decode.partial import decode_partial
 
@@ -146,14 +152,43 @@ def profile_kernels(gen, reps=20):
         del k, v, cudnn
 
 
+def flush_modes(gen, reps=30):
+    """Ours against the paged anchors after a dirty and after a clean L2 eviction."""
+    for B, L in ((1, 131072), (16, 16384), (64, 4096), (8, 1024)):
+        q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        o = torch.empty(B, Hq, D, device="cuda")
+        lse = torch.empty(B, Hq, device="cuda")
+        k, v, bt, lens = paged(B, L, 16, gen)
+        ours = lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse)  # noqa: E731
+        fns = {"ours": ours}
+        if B == 8:  # the same call twice more: a place in the rotation must not change its time
+            fns["ours, again"] = fns["ours, third"] = ours
+        for tc in (True, False):
+            fi = flashinfer_decode(q, k, v, bt, L, tensor_cores=tc)
+            if fi is not None:
+                fns[f"FlashInfer {'TC' if tc else 'CUDA cores'}"] = fi
+        fns["SDPA CUDNN contiguous"] = sdpa_contiguous(q, B, L, gen)
+        for clean in (False, True):
+            t = time_cuda_interleaved(fns, reps=reps, clean=clean)
+            print(f"B{B} L{L} page 16 shuffled, L2 evicted {'clean' if clean else 'dirty'}:")
+            for name, r in t.items():
+                print(f"    {name:24s} {r['ms'] * 1e3:7.1f} us (p10 {r['p10'] * 1e3:6.1f}, p90 "
+                      f"{r['p90'] * 1e3:6.1f})  ours' speedup: {paired_speedup(t['ours'], r):5.3f}")
+        del k, v
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ncu", action="store_true")
     ap.add_argument("--ab", action="store_true", help="balanced vs deterministic only")
     ap.add_argument("--profile", action="store_true", help="per-kernel device time only")
     ap.add_argument("--short", action="store_true", help="split sweep of the short shapes only")
+    ap.add_argument("--flush", action="store_true", help="dirty vs clean L2 eviction only")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.flush:
+        flush_modes(gen)
+        return
     if args.short:
         short_sweep(gen)
         return

@@ -40,9 +40,21 @@ def flush_l2():
     _FLUSH.fill_(1)
 
 
-def flush_and_get_ahead():
-    """Evict L2, then keep the GPU busy so the host gets ahead of it."""
-    flush_l2()
+def evict_l2_clean():
+    """Evict L2 by reading 256 MB (a reduction to one byte): the lines left behind are clean, so
+    the measured call's reads need not write any back, as after a layer's weight-bound GEMM.
+    flush_l2 leaves L2 full of dirty lines (its 256 MB write): a call that then reads ~33 MB of
+    KV first writes back up to L2's ~50 MB."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    _FLUSH.amax()
+
+
+def flush_and_get_ahead(clean: bool = False):
+    """Evict L2 (flush_l2, or with clean=True evict_l2_clean), then keep the GPU busy so the
+    host gets ahead of it."""
+    (evict_l2_clean if clean else flush_l2)()
     torch.cuda._sleep(_HOST_AHEAD_CYCLES)
 
 
@@ -52,10 +64,11 @@ def time_cuda(fn, warmup: int = 3, reps: int = 10, flush: bool = True) -> dict:
 
 
 def time_cuda_interleaved(fns: dict, warmup: int = 3, reps: int = 10,
-                          flush: bool = True) -> dict:
+                          flush: bool = True, clean: bool = False) -> dict:
     """time_cuda of every fn in `fns` ({name: fn}), taken round-robin like
     time_wall_interleaved (the order rotated each round), so that a kernel and its anchor share
-    the GPU's clock and power state. Returns {name: summary}."""
+    the GPU's clock and power state; clean: L2 evicted by reads (evict_l2_clean). Returns
+    {name: summary}."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -65,7 +78,7 @@ def time_cuda_interleaved(fns: dict, warmup: int = 3, reps: int = 10,
     for rep in range(reps):
         for name, fn in order[rep % len(order):] + order[:rep % len(order)]:
             if flush:
-                flush_and_get_ahead()
+                flush_and_get_ahead(clean)
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
