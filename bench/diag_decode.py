@@ -13,7 +13,10 @@ furthest) in interleaved rounds, next to SDPA CUDNN on contiguous KV; with --flu
 bench_decode's four shapes (page 16, shuffled) against the paged anchors round-robin twice, after
 an L2 flush that leaves dirty lines (bench_decode's, a 256 MB write) and after one that leaves
 clean lines (a 256 MB read), and at B8 L1k three identical contenders of ours, so that an effect
-of a contender's place in the rotation shows.
+of a contender's place in the rotation shows; with --warm, times the B8 L1k call after a foreign
+kernel, after itself and after the same kernels on a tiny problem (other buffers, other pages): if
+the last two match, what the call before leaves warm is the kernels' code, not data or
+translations.
 """
 
 import argparse
@@ -177,6 +180,38 @@ def flush_modes(gen, reps=30):
         del k, v
 
 
+def warm_state(gen, reps=40):
+    """B8 L1k, page 16 shuffled: what a call's predecessor leaves warm. Each contender of a
+    round-robin follows the one listed before it (the rotation keeps that order)."""
+    B, L = 8, 1024
+    q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    o = torch.empty(B, Hq, D, device="cuda")
+    lse = torch.empty(B, Hq, device="cuda")
+    k, v, bt, lens = paged(B, L, 16, gen)
+    pad = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")  # other 2 MiB translation pages
+    tq = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    to = torch.empty(B, Hq, D, device="cuda")
+    tlse = torch.empty(B, Hq, device="cuda")
+    tk, tv, tbt, tlens = paged(B, 64, 16, gen)
+    ours = lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse)  # noqa: E731
+    # The same kernels and grid (16 splits, fixed ranges: the default here) on 64 tokens.
+    tiny = lambda: decode_partial(tq, tk, tv, tbt, tlens, num_splits=16,  # noqa: E731
+                                  deterministic=True, o=to, lse=tlse)
+    fi = flashinfer_decode(q, k, v, bt, L, tensor_cores=False)
+    fns = {"ours tiny (64 tokens)": tiny, "ours after tiny": ours,
+           "SDPA CUDNN contiguous": sdpa_contiguous(q, B, L, gen), "ours after SDPA": ours,
+           "ours after ours": ours}
+    if fi is not None:
+        fns["FlashInfer CUDA cores"] = fi
+    for clean in (False, True):
+        t = time_cuda_interleaved(fns, reps=reps, clean=clean)
+        print(f"B{B} L{L} page 16 shuffled, L2 evicted {'clean' if clean else 'dirty'}:")
+        for name, r in t.items():
+            print(f"    {name:24s} {r['ms'] * 1e3:7.1f} us (p10 {r['p10'] * 1e3:6.1f}, p90 "
+                  f"{r['p90'] * 1e3:6.1f})")
+    del pad
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ncu", action="store_true")
@@ -184,8 +219,12 @@ def main():
     ap.add_argument("--profile", action="store_true", help="per-kernel device time only")
     ap.add_argument("--short", action="store_true", help="split sweep of the short shapes only")
     ap.add_argument("--flush", action="store_true", help="dirty vs clean L2 eviction only")
+    ap.add_argument("--warm", action="store_true", help="what a predecessor leaves warm only")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.warm:
+        warm_state(gen)
+        return
     if args.flush:
         flush_modes(gen)
         return
