@@ -16,7 +16,8 @@ clean lines (a 256 MB read), and at B8 L1k three identical contenders of ours, s
 of a contender's place in the rotation shows; with --warm, times the B8 L1k call after a foreign
 kernel, after itself and after the same kernels on a tiny problem (other buffers, other pages): if
 the last two match, what the call before leaves warm is the kernels' code, not data or
-translations.
+translations; with --order, times --flush's B8 L1k contenders by the contender that ran before
+each, in two cyclic orders.
 """
 
 import argparse
@@ -212,6 +213,48 @@ def warm_state(gen, reps=40):
     del pad
 
 
+def by_predecessor(gen, reps=40):
+    """B8 L1k, page 16 shuffled: --flush's six contenders (three of them the same call of ours)
+    in two cyclic orders, each time listed by the contender that ran before it."""
+    import statistics
+
+    B, L = 8, 1024
+    q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    o = torch.empty(B, Hq, D, device="cuda")
+    lse = torch.empty(B, Hq, device="cuda")
+    k, v, bt, lens = paged(B, L, 16, gen)
+    ours = lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse)  # noqa: E731
+    fns = {"ours": ours, "ours, again": ours, "ours, third": ours}
+    for tc in (True, False):
+        fi = flashinfer_decode(q, k, v, bt, L, tensor_cores=tc)
+        if fi is not None:
+            fns[f"FlashInfer {'TC' if tc else 'CUDA cores'}"] = fi
+    fns["SDPA CUDNN contiguous"] = sdpa_contiguous(q, B, L, gen)
+    names = list(fns)
+    for order in (names, [names[i] for i in (5, 3, 0, 4, 1, 2) if i < len(names)]):
+        for fn in fns.values():
+            fn()
+        torch.cuda.synchronize()
+        seen = collections.defaultdict(list)
+        prev = "start"
+        for rep in range(reps):
+            for name in order[rep % len(order):] + order[:rep % len(order)]:
+                flush_and_get_ahead()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]()
+                end.record()
+                end.synchronize()
+                seen[(name, prev)].append(start.elapsed_time(end) * 1e3)
+                prev = name
+        print("order: " + " -> ".join(order))
+        for (name, before), us in sorted(seen.items()):
+            print(f"    {name:24s} after {before:24s} {statistics.median(us):7.1f} us "
+                  f"({len(us)} runs)")
+    del k, v
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ncu", action="store_true")
@@ -220,8 +263,12 @@ def main():
     ap.add_argument("--short", action="store_true", help="split sweep of the short shapes only")
     ap.add_argument("--flush", action="store_true", help="dirty vs clean L2 eviction only")
     ap.add_argument("--warm", action="store_true", help="what a predecessor leaves warm only")
+    ap.add_argument("--order", action="store_true", help="B8 L1k times by predecessor only")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.order:
+        by_predecessor(gen)
+        return
     if args.warm:
         warm_state(gen)
         return
