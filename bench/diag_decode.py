@@ -17,7 +17,8 @@ of a contender's place in the rotation shows; with --warm, times the B8 L1k call
 kernel, after itself and after the same kernels on a tiny problem (other buffers, other pages): if
 the last two match, what the call before leaves warm is the kernels' code, not data or
 translations; with --order, times --flush's B8 L1k contenders by the contender that ran before
-each, in two cyclic orders.
+each, in three cyclic orders (the third with a projection GEMM, a decode layer's kernel before
+attention).
 """
 
 import argparse
@@ -215,7 +216,8 @@ def warm_state(gen, reps=40):
 
 def by_predecessor(gen, reps=40):
     """B8 L1k, page 16 shuffled: --flush's six contenders (three of them the same call of ours)
-    in two cyclic orders, each time listed by the contender that ran before it."""
+    and a projection GEMM in three cyclic orders, each time listed by the contender that ran
+    before it."""
     import statistics
 
     B, L = 8, 1024
@@ -230,8 +232,14 @@ def by_predecessor(gen, reps=40):
         if fi is not None:
             fns[f"FlashInfer {'TC' if tc else 'CUDA cores'}"] = fi
     fns["SDPA CUDNN contiguous"] = sdpa_contiguous(q, B, L, gen)
+    # What precedes attention in a decode layer: the QKV projection (Llama-3-8B's, 8 tokens).
+    x = torch.randn(B, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(4096, 6144, device="cuda", dtype=torch.bfloat16, generator=gen)
+    fns["bf16 GEMM 8x4096x6144"] = lambda: x @ w
     names = list(fns)
-    for order in (names, [names[i] for i in (5, 3, 0, 4, 1, 2) if i < len(names)]):
+    pick = lambda idx: [names[i] for i in idx if i < len(names)]  # noqa: E731
+    for order in (pick((0, 1, 2, 3, 4, 5)), pick((5, 3, 0, 4, 1, 2)),
+                  pick((6, 0, 3, 1, 5, 2, 4))):
         for fn in fns.values():
             fn()
         torch.cuda.synchronize()

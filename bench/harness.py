@@ -64,11 +64,14 @@ def time_cuda(fn, warmup: int = 3, reps: int = 10, flush: bool = True) -> dict:
 
 
 def time_cuda_interleaved(fns: dict, warmup: int = 3, reps: int = 10,
-                          flush: bool = True, clean: bool = False) -> dict:
+                          flush: bool = True, clean: bool = False, prime: bool = False) -> dict:
     """time_cuda of every fn in `fns` ({name: fn}), taken round-robin like
     time_wall_interleaved (the order rotated each round), so that a kernel and its anchor share
-    the GPU's clock and power state; clean: L2 evicted by reads (evict_l2_clean). Returns
-    {name: summary}."""
+    the GPU's clock and power state; clean: L2 evicted by reads (evict_l2_clean). prime: each
+    timed call follows an untimed call of the same fn (before the flush), as in a loop of that
+    kernel, so no contender pays for GPU state another one left (H100, B8 L1k decode: our call
+    took 31.3 us within three calls after FlashInfer's tensor-core decode, 28.5 after itself or
+    the other anchors; bench/diag_decode.py --order). Returns {name: summary}."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -77,6 +80,8 @@ def time_cuda_interleaved(fns: dict, warmup: int = 3, reps: int = 10,
     order = list(fns.items())
     for rep in range(reps):
         for name, fn in order[rep % len(order):] + order[:rep % len(order)]:
+            if prime:
+                fn()
             if flush:
                 flush_and_get_ahead(clean)
             start = torch.cuda.Event(enable_timing=True)
