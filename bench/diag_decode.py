@@ -4,7 +4,8 @@ Times the paged decode kernel with the block table in order (pages laid out like
 against shuffled pages (bench_decode.py's layout), next to SDPA CUDNN on contiguous KV, for the
 two shapes that miss the bar. If in-order pages close the gap, DRAM/TLB locality of the pieces
 is the cause; if not, the kernel's own stream is. With --ncu, runs each case once inside
-cudaProfilerStart/Stop for `ncu --profile-from-start off`; with --ab, compares the balanced and
+cudaProfilerStart/Stop for `ncu --profile-from-start off` (with --short: B8 L1k, ours and the
+anchors); with --ab, compares the balanced and
 deterministic split schedules in interleaved rounds; with --profile, splits bench_decode's event
 time (L2 flushed before each call) into the device time of each kernel it launches, for ours and
 cuDNN, so time outside the main kernel (launch gaps, the split merge, memsets) is visible; with
@@ -51,6 +52,21 @@ def cases(gen):
             del k, v
         yield (f"B{B} L{L} SDPA CUDNN contiguous", 4 * B * L * Hkv * D,
                sdpa_contiguous(q, B, L, gen))
+
+
+def short_cases(gen):
+    """B8 L1k, page 16 shuffled: ours and the anchors (--ncu --short)."""
+    B, L = 8, 1024
+    q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v, bt, lens = paged(B, L, 16, gen)
+    nbytes = 4 * B * L * Hkv * D
+    yield ("B8 L1k page 16 shuffled, ours", nbytes,
+           lambda: decode_partial(q, k, v, bt, lens, max_len=L))
+    for tc in (True, False):
+        fi = flashinfer_decode(q, k, v, bt, L, tensor_cores=tc)
+        if fi is not None:
+            yield f"B8 L1k page 16 shuffled, FlashInfer {'TC' if tc else 'CUDA cores'}", nbytes, fi
+    yield "B8 L1k SDPA CUDNN contiguous", nbytes, sdpa_contiguous(q, B, L, gen)
 
 
 def head_layouts(gen):
@@ -283,7 +299,7 @@ def main():
     if args.flush:
         flush_modes(gen)
         return
-    if args.short:
+    if args.short and not args.ncu:
         short_sweep(gen)
         return
     if args.profile:
@@ -293,7 +309,7 @@ def main():
         schedules_ab(gen)
         return
     if args.ncu:
-        for name, _, fn in cases(gen):
+        for name, _, fn in (short_cases(gen) if args.short else cases(gen)):
             fn()
             torch.cuda.synchronize()
             torch.cuda.profiler.start()
