@@ -19,8 +19,7 @@ kernel, after itself and after the same kernels on a tiny problem (other buffers
 the last two match, what the call before leaves warm is the kernels' code, not data or
 translations; with --order, times --flush's B8 L1k contenders by the contender that ran before
 each, in three cyclic orders (the third with a projection GEMM, a decode layer's kernel before
-attention); with --cluster, the splits merged in the decode kernel's clusters against the merge
-kernel (ESP_DECODE_CLUSTER_MERGE=0), next to the paged anchors.
+attention).
 """
 
 import argparse
@@ -280,44 +279,6 @@ def by_predecessor(gen, reps=40):
     del k, v
 
 
-def cluster_ab(gen, reps=20):
-    """The splits merged in the decode kernel's clusters against the merge kernel
-    (ESP_DECODE_CLUSTER_MERGE=0), the four shapes at page 16 shuffled, round-robin with the
-    paged anchors, each call primed by itself."""
-    import os
-
-    def with_flag(fn, flag):
-        def run():
-            os.environ["ESP_DECODE_CLUSTER_MERGE"] = flag
-            try:
-                return fn()
-            finally:
-                os.environ.pop("ESP_DECODE_CLUSTER_MERGE", None)
-        return run
-
-    for B, L in ((8, 1024), (64, 4096), (16, 16384), (1, 131072)):
-        q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        o = torch.empty(B, Hq, D, device="cuda")
-        lse = torch.empty(B, Hq, device="cuda")
-        k, v, bt, lens = paged(B, L, 16, gen)
-        ours = lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse)  # noqa: E731
-        fns = {"ours, cluster merge": with_flag(ours, "1"),
-               "ours, merge kernel": with_flag(ours, "0")}
-        for tc in (True, False):
-            fi = flashinfer_decode(q, k, v, bt, L, tensor_cores=tc)
-            if fi is not None:
-                fns[f"FlashInfer {'TC' if tc else 'CUDA cores'}"] = fi
-        fns["SDPA CUDNN contiguous"] = sdpa_contiguous(q, B, L, gen)
-        t = time_cuda_interleaved(fns, reps=reps, prime=True)
-        best = min((r["ms"], n) for n, r in t.items() if n.startswith("FlashInfer"))[1]
-        print(f"B{B} L{L} page 16 shuffled (best paged anchor: {best}):")
-        for name, r in t.items():
-            print(f"    {name:24s} {r['ms'] * 1e3:7.1f} us (p10 {r['p10'] * 1e3:6.1f}, p90 "
-                  f"{r['p90'] * 1e3:6.1f})  cluster merge's speedup over it: "
-                  f"{paired_speedup(t['ours, cluster merge'], r):5.3f}")
-        del k, v
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ncu", action="store_true")
@@ -327,12 +288,8 @@ def main():
     ap.add_argument("--flush", action="store_true", help="dirty vs clean L2 eviction only")
     ap.add_argument("--warm", action="store_true", help="what a predecessor leaves warm only")
     ap.add_argument("--order", action="store_true", help="B8 L1k times by predecessor only")
-    ap.add_argument("--cluster", action="store_true", help="cluster merge vs merge kernel only")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    if args.cluster:
-        cluster_ab(gen)
-        return
     if args.order:
         by_predecessor(gen)
         return

@@ -501,53 +501,6 @@ def test_decode_partial_balanced_long(page_size, splits, gen):
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
 
 
-def _kernels_run(fn) -> list:
-    """Names of the CUDA kernels fn() launches (torch profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("splits", [2, 8, 16])
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_decode_partial_cluster_merge_matches_the_merge_kernel(splits, deterministic, gen,
-                                                               monkeypatch):
-    """Up to 16 splits merge inside the decode kernel's thread-block clusters (no merge
-    launch); ESP_DECODE_CLUSTER_MERGE=0 takes the workspace and the merge kernel. Both match
-    the reference and each other to fp32 rounding (the sums run in another order), one
-    workspace serves both (the in-cluster merge resets the balanced schedule's counters too),
-    and the deterministic cluster path is bitwise reproducible."""
-    lens = [0, 1, 700, 64, 2000]
-    q, k, v, bt, kl, ref_o, ref_l = paged_case(lens, 32, 8, 128, 16, torch.bfloat16, gen)
-    args = (q.cuda(), k.cuda(), v.cuda(), bt.cuda(), kl.cuda())
-    ws = torch.empty(esp._C.decode_workspace_elems(len(lens), 32, 128, splits), device="cuda")
-    outs = {}
-    for flag in ("1", "0", "1"):
-        monkeypatch.setenv("ESP_DECODE_CLUSTER_MERGE", flag)
-        o = poison_(torch.empty(len(lens), 32, 128, device="cuda"))
-        lse = poison_(torch.empty(len(lens), 32, device="cuda"))
-        names = _kernels_run(lambda: decode_partial(*args, num_splits=splits, o=o, lse=lse,
-                                                    workspace=ws,
-                                                    deterministic=deterministic))
-        merged_apart = any("decode_merge_kernel" in n for n in names)
-        assert merged_apart == (flag == "0"), names  # H100: clusters of up to 16 fit
-        assert torch.all(o[0] == 0) and torch.all(lse[0] == -math.inf)
-        assert_close(o.cpu(), ref_o, torch.bfloat16)
-        assert_close(lse.cpu(), ref_l, torch.bfloat16)
-        outs.setdefault(flag, []).append((o, lse))
-    (o1, l1), (o2, l2) = outs["1"]
-    (om, lm), = outs["0"]
-    torch.testing.assert_close(o1, om, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(l1, lm, rtol=1e-5, atol=1e-6)
-    if deterministic:
-        assert torch.equal(o1, o2) and torch.equal(l1, l2)
-
-
 def test_auto_schedule_is_static_for_short_splits():
     """The default split count's schedule (H100's 132 SMs, Hkv 8, D 128): fixed ranges where
     splits hold under 512 tokens, the balanced counters from there on."""

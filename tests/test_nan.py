@@ -332,7 +332,7 @@ def test_ring_step_nan_cuda(backend, dtype, d, gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("splits", [None, 1, 3, 16, 17])  # up to 16: merged in clusters
+@pytest.mark.parametrize("splits", [None, 1, 3, 16])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_decode_partial_nan_cuda(dtype, splits, deterministic, gen):
     check_decode_nan("cuda", dtype, gen, num_splits=splits, deterministic=deterministic)

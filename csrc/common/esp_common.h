@@ -125,17 +125,4 @@ int num_sms(int device);
 // setting them on every launch costs two driver calls per layer on the host's critical path.
 void set_smem_attributes_once(const void* kernel, int smem_bytes, int device);
 
-// Whether `device` launches thread-block clusters (sm_90 and up), cached per device.
-bool cluster_launch_supported(int device);
-
-// Lets `kernel` run in clusters larger than the portable 8 CTAs (H100: 16), once per
-// (kernel, device).
-void allow_non_portable_clusters_once(const void* kernel, int device);
-
-// How many CTAs of `kernel` (block threads, smem bytes of dynamic shared memory) are resident on
-// `device` at once: launched alone (cluster_size 1), or in clusters of cluster_size CTAs along
-// y (clusters are placed whole within a GPC, which can leave SMs idle). 0 if the device refuses
-// the configuration. Cached per (kernel, device, block, smem, cluster_size).
-int resident_ctas(const void* kernel, int block, int smem, int cluster_size, int device);
-
 }  // namespace esp

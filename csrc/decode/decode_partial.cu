@@ -31,7 +31,6 @@
 #include "decode_partial.h"
 
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 
 #include "decode_partial_kernel.cuh"
@@ -39,11 +38,11 @@
 namespace esp {
 namespace decode {
 
-extern template bool launch_decode_partial<__half, 64>(const DecodeParams&, cudaStream_t, int);
-extern template bool launch_decode_partial<__nv_bfloat16, 64>(const DecodeParams&, cudaStream_t,
+extern template void launch_decode_partial<__half, 64>(const DecodeParams&, cudaStream_t, int);
+extern template void launch_decode_partial<__nv_bfloat16, 64>(const DecodeParams&, cudaStream_t,
                                                               int);
-extern template bool launch_decode_partial<__half, 128>(const DecodeParams&, cudaStream_t, int);
-extern template bool launch_decode_partial<__nv_bfloat16, 128>(const DecodeParams&, cudaStream_t,
+extern template void launch_decode_partial<__half, 128>(const DecodeParams&, cudaStream_t, int);
+extern template void launch_decode_partial<__nv_bfloat16, 128>(const DecodeParams&, cudaStream_t,
                                                                int);
 extern template void launch_decode_merge<64>(MergeParams, cudaStream_t);
 extern template void launch_decode_merge<128>(MergeParams, cudaStream_t);
@@ -53,14 +52,6 @@ extern template void launch_decode_merge<128>(MergeParams, cudaStream_t);
 namespace {
 
 constexpr int kMaxSplits = 256;  // bounds the workspace; decode_merge_kernel takes any count
-
-// Whether the splits may merge inside the decode kernel's clusters (cluster_merge): on by
-// default; ESP_DECODE_CLUSTER_MERGE=0 keeps the workspace and the merge kernel (read per call,
-// so a benchmark can time both in one process).
-bool cluster_merge_enabled() {
-  const char* v = std::getenv("ESP_DECODE_CLUSTER_MERGE");
-  return v == nullptr || v[0] != '0';
-}
 
 }  // namespace
 
@@ -194,37 +185,29 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
   }
   p.scale_log2 = static_cast<float>(static_cast<double>(softmax_scale) * 1.4426950408889634);
 
-  // One split: the kernel writes the final state. Up to kMaxClusterSplits on a device with
-  // clusters: the splits of a (group, request) form a cluster and merge in it, writing the final
-  // state too. Otherwise each split writes its slot of the workspace, viewed as o [S, B, Hq, D]
-  // then lse [S, B, Hq], and decode_merge_kernel reduces them. Why the cluster: at B8 L1k the
-  // merge launch is ~6 us of the call's ~29 under Nsight Compute, most of it latency.
+  // One split: the kernel writes the final state. Several: each split writes its slot of the
+  // workspace, viewed as o [S, B, Hq, D] then lse [S, B, Hq], and decode_merge_kernel reduces them.
   const int64_t ws_o_elems = num_splits * B * Hq * D;
   float* ws = workspace.data<float>();
-  auto set_outputs = [&](bool cluster_merge) {
-    p.cluster_merge = cluster_merge;
-    if (num_splits == 1 || cluster_merge) {
-      p.o = o.data<float>();
-      p.o_ss = 0;
-      p.o_sb = o.stride(0);
-      p.o_sh = o.stride(1);
-      p.lse = lse.data<float>();
-      p.lse_ss = 0;
-      p.lse_sb = lse.stride(0);
-      p.lse_sh = lse.stride(1);
-    } else {
-      p.o = ws;
-      p.o_ss = B * Hq * D;
-      p.o_sb = Hq * D;
-      p.o_sh = D;
-      p.lse = ws + ws_o_elems;
-      p.lse_ss = B * Hq;
-      p.lse_sb = Hq;
-      p.lse_sh = 1;
-    }
-  };
-  set_outputs(num_splits > 1 && num_splits <= decode::kMaxClusterSplits &&
-              cluster_merge_enabled() && cluster_launch_supported(device));
+  if (num_splits == 1) {
+    p.o = o.data<float>();
+    p.o_ss = 0;
+    p.o_sb = o.stride(0);
+    p.o_sh = o.stride(1);
+    p.lse = lse.data<float>();
+    p.lse_ss = 0;
+    p.lse_sb = lse.stride(0);
+    p.lse_sh = lse.stride(1);
+  } else {
+    p.o = ws;
+    p.o_ss = B * Hq * D;
+    p.o_sb = Hq * D;
+    p.o_sh = D;
+    p.lse = ws + ws_o_elems;
+    p.lse_ss = B * Hq;
+    p.lse_sb = Hq;
+    p.lse_sh = 1;
+  }
 
   DeviceGuard guard(device);
   cudaStream_t s = as_stream(stream);
@@ -241,20 +224,15 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
       ESP_CUDA_CHECK(cudaMemsetAsync(counters, 0, sizeof(int) * n_counters, s));
   }
   try {
-    bool launched = false;
-    auto launch = [&] {
-      ESP_DISPATCH_HALF(q.dtype, T, [&] {
-        launched = D == 64 ? decode::launch_decode_partial<T, 64>(p, s, device)
-                           : decode::launch_decode_partial<T, 128>(p, s, device);
-      });
-    };
-    launch();
-    if (!launched) {  // the cluster launch was refused: the workspace and the merge kernel
-      set_outputs(false);
-      launch();
-    }
+    ESP_DISPATCH_HALF(q.dtype, T, [&] {
+      if (D == 64) {
+        decode::launch_decode_partial<T, 64>(p, s, device);
+      } else {
+        decode::launch_decode_partial<T, 128>(p, s, device);
+      }
+    });
 
-    if (num_splits > 1 && !p.cluster_merge) {
+    if (num_splits > 1) {
       decode::MergeParams m{};
       m.o = p.o;  // the workspace states the decode kernel wrote
       m.lse = p.lse;

@@ -5,8 +5,8 @@
 namespace esp {
 namespace decode {
 
-template bool launch_decode_partial<__half, 128>(const DecodeParams&, cudaStream_t, int);
-template bool launch_decode_partial<__nv_bfloat16, 128>(const DecodeParams&, cudaStream_t, int);
+template void launch_decode_partial<__half, 128>(const DecodeParams&, cudaStream_t, int);
+template void launch_decode_partial<__nv_bfloat16, 128>(const DecodeParams&, cudaStream_t, int);
 template void launch_decode_merge<128>(MergeParams, cudaStream_t);
 
 }  // namespace decode

@@ -5,8 +5,8 @@
 namespace esp {
 namespace decode {
 
-template bool launch_decode_partial<__half, 64>(const DecodeParams&, cudaStream_t, int);
-template bool launch_decode_partial<__nv_bfloat16, 64>(const DecodeParams&, cudaStream_t, int);
+template void launch_decode_partial<__half, 64>(const DecodeParams&, cudaStream_t, int);
+template void launch_decode_partial<__nv_bfloat16, 64>(const DecodeParams&, cudaStream_t, int);
 template void launch_decode_merge<64>(MergeParams, cudaStream_t);
 
 }  // namespace decode

@@ -57,7 +57,10 @@
 // like merge_states. Splits > 1 write their states to the workspace and decode_merge_kernel
 // reduces them (any number of splits; warps of a CTA share the splits of one row). Merging in
 // the last CTA of each group instead (measured on H100) saved the merge launch but took as long inside the
-// kernel (B16: 5 us either way), and cost B8 L1k ~2 us, so the second launch stays.
+// kernel (B16: 5 us either way), and cost B8 L1k ~2 us; so did merging among the splits of a
+// group run as one thread-block cluster, through distributed shared memory (B8 L1k 29.6 against
+// 29.5 us, the long shapes within 0.1%; bench/results/2026-12-07_h100_cluster_merge). The
+// merge launch is hidden by programmatic dependent launch, so the second launch stays.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -95,10 +98,6 @@ struct DecodeParams {
   // tile_counter[b * (Hkv / hg) + group]; nullptr: static ranges (deterministic).
   int* tile_counter;
   float scale_log2;   // softmax_scale * log2(e): scores go through exp2
-  // 1: the num_splits CTAs of each (kv-head group, request) run as one thread-block cluster
-  // and merge their states through distributed shared memory; o / lse are then the final
-  // outputs (o_ss = lse_ss = 0), and no workspace state or merge launch is used.
-  int cluster_merge;
 };
 
 // Reduction of the splits' states: out row (b, h) = merge over s of the state at
@@ -127,7 +126,6 @@ constexpr int kMaxGroup = 16 * kWarps;  // one 16-row head tile per warp at most
 constexpr int kMaxHeadsPerCta = kWarps;
 constexpr int kRowPad = 16;      // bytes after each token row in shared memory (bank spread)
 constexpr int kMergeThreads = 256;
-constexpr int kMaxClusterSplits = 16;  // H100's largest (non-portable) cluster
 
 // Shared-memory layout of a stage: T = kRows / hg token rows of K, then T of V, each row the hg
 // heads' D elements followed by kRowPad bytes.
@@ -146,11 +144,8 @@ __host__ __device__ constexpr int head_tiles(int group) {
   return group <= 16 ? 1 : (group <= 32 ? 2 : 4);
 }
 
-// Returns false, launching nothing, when p.cluster_merge is set and the device refuses the
-// cluster launch or its clusters would hold fewer of the grid's CTAs at once than plain CTAs
-// (the caller then takes the workspace and the merge kernel).
 template <typename T, int D>
-bool launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device);
+void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device);
 template <int D>
 void launch_decode_merge(MergeParams p, cudaStream_t stream);  // chooses p.warps_per_row
 
@@ -239,58 +234,6 @@ __device__ __forceinline__ void attend_block(uint32_t k_head, uint32_t v_head, u
   }
 }
 
-// The cluster's split merge: its CTAs (one per split of a kv-head group and request) hold their
-// states in shared memory (o at fin_o [rows][D], lse at fin_lse [rows]); together they merge
-// the rows, each CTA every (S * kThreads)-th float4 column of them, reading all S states
-// through distributed shared memory, and write the final o / lse. The arithmetic is
-// decode_merge_kernel's (empty states skipped, never multiplied; a NaN lse makes the row NaN).
-template <int D>
-__device__ __forceinline__ void merge_cluster_states(const DecodeParams& p, uint32_t fin_o,
-                                                     uint32_t fin_lse, int rows, int b,
-                                                     int64_t qh0, int tid) {
-  constexpr int kVec4 = D / 4;
-  const int S = p.num_splits;
-  const int rank = static_cast<int>(cluster_ctarank());
-  for (int idx = rank * kThreads + tid; idx < rows * kVec4; idx += S * kThreads) {
-    const int qr = idx / kVec4, c4 = idx % kVec4;
-    float l[kMaxClusterSplits];
-    float4 x[kMaxClusterSplits];
-#pragma unroll
-    for (int s = 0; s < kMaxClusterSplits; ++s) {
-      if (s < S) {
-        l[s] = ld_cluster_f32(map_to_rank(fin_lse + qr * 4, s));
-        x[s] = ld_cluster_f32x4(map_to_rank(fin_o + (qr * D + c4 * 4) * 4, s));
-      }
-    }
-    float m = -INFINITY;
-#pragma unroll
-    for (int s = 0; s < kMaxClusterSplits; ++s)
-      if (s < S) m = fmax_nan(m, l[s]);
-    float sum = 0.f;
-    if (m != -INFINITY) {
-#pragma unroll
-      for (int s = 0; s < kMaxClusterSplits; ++s)
-        if (s < S && l[s] != -INFINITY) sum += __expf(l[s] - m);
-    }
-    const float lse = m == -INFINITY ? -INFINITY : m + __logf(sum);
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (lse != -INFINITY) {
-#pragma unroll
-      for (int s = 0; s < kMaxClusterSplits; ++s) {
-        if (s >= S || l[s] == -INFINITY) continue;
-        const float w = __expf(l[s] - lse);
-        acc.x = fmaf(w, x[s].x, acc.x);
-        acc.y = fmaf(w, x[s].y, acc.y);
-        acc.z = fmaf(w, x[s].z, acc.z);
-        acc.w = fmaf(w, x[s].w, acc.w);
-      }
-    }
-    float* out = p.o + b * p.o_sb + (qh0 + qr) * p.o_sh;
-    *reinterpret_cast<float4*>(out + c4 * 4) = acc;
-    if (c4 == 0) p.lse[b * p.lse_sb + (qh0 + qr) * p.lse_sh] = lse;
-  }
-}
-
 }  // namespace detail
 
 template <typename T, int D>
@@ -303,10 +246,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   constexpr int kRedStride = D + 4;
   static_assert(kWarps * 16 * kRedStride * 4 <= kStages * 2 * kRows * kHeadBytes,
                 "merge buffer fits in the pipeline buffers");
-  // hg * G <= kMaxGroup rows; hg = 4 has the smallest pipeline buffers.
-  static_assert((kWarps * 16 * kRedStride + kMaxGroup * D) * 4 <=
-                    kStages * stage_bytes(4, D, static_cast<int>(sizeof(T))),
-                "the cluster merge's o fits after the merge buffer");
   // Copies: in pass i, thread tid moves 16-byte chunk tid % kCpr of head row
   // i * kRpp + tid / kCpr (head row = token * hg + head) of the stage's K and of its V.
   constexpr int kCpr = kHeadBytes / 16;  // chunks per head row: 16 (D 128) or 8 (D 64)
@@ -318,7 +257,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   __shared__ __align__(8) uint64_t full_bar[kStages];
   __shared__ int s_first[kStages];  // first token of the tile in each stage, -1: none
   __shared__ int s_tile[kTileRing];  // balanced: tile of slot u at s_tile[u % kTileRing]
-  __shared__ float s_fin_lse[kMaxGroup];  // cluster merge: the CTA's lse per query row
 
   const int grp = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -560,8 +498,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   const int64_t lse_row = split * p.lse_ss + b * p.lse_sb;
   const int64_t qh0 = static_cast<int64_t>(kvh0) * G;  // first query head of the group
   float* red = reinterpret_cast<float*>(smem_raw);     // [kWarps][16][kRedStride]
-  // Cluster merge: the CTA's merged o, [hg * G][D], after the warps' buffer.
-  float* fin = red + kWarps * 16 * kRedStride;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int r = (lane >> 2) + 8 * i, g = ht * 16 + r;
@@ -586,12 +522,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
       *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][2 * i] * w, o[n][2 * i + 1] * w);
     if (tg == 0 && (lane & 3) == 0) {
       // lse = ln(sum exp(scale * s)) = (M + log2 L) * ln 2, M in log2 units.
-      const float lse = l_all != 0.f ? (m_all + __log2f(l_all)) * 0.69314718055994531f
-                                     : -INFINITY;
-      if (p.cluster_merge)
-        s_fin_lse[h * G + g] = lse;
-      else
-        p.lse[lse_row + (qh0 + h * G + g) * p.lse_sh] = lse;
+      p.lse[lse_row + (qh0 + h * G + g) * p.lse_sh] =
+          l_all != 0.f ? (m_all + __log2f(l_all)) * 0.69314718055994531f : -INFINITY;
     }
   }
   __syncthreads();
@@ -611,18 +543,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
       acc.z += x.z;
       acc.w += x.w;
     }
-    if (p.cluster_merge)
-      *reinterpret_cast<float4*>(fin + qr * D + c4 * 4) = acc;
-    else
-      *reinterpret_cast<float4*>(p.o + out_row + (qh0 + qr) * p.o_sh + c4 * 4) = acc;
-  }
-  if (p.cluster_merge) {
-    // Every CTA of the cluster has its state in shared memory and is past its last tile.
-    detail::cluster_sync();
-    if (p.tile_counter != nullptr && tid == 0 && detail::cluster_ctarank() == 0)
-      *counter = 0;  // no CTA of this group takes a tile any more: zero for the next launch
-    detail::merge_cluster_states<D>(p, smem_u32(fin), smem_u32(s_fin_lse), hg * G, b, qh0, tid);
-    detail::cluster_sync();  // the peers' shared memory stays until every CTA has read it
+    *reinterpret_cast<float4*>(p.o + out_row + (qh0 + qr) * p.o_sh + c4 * 4) = acc;
   }
 }
 
@@ -713,43 +634,13 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
 }
 
 template <typename T, int D>
-bool launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device) {
-  const void* kernel = reinterpret_cast<const void*>(decode_partial_kernel<T, D>);
+void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device) {
   // hg = 1 has the most padding; 2 (D = 128) or 4 (D = 64) CTAs of ~70 / ~37 KB per SM.
-  set_smem_attributes_once(kernel, smem_bytes<T, D>(1), device);
+  set_smem_attributes_once(reinterpret_cast<const void*>(decode_partial_kernel<T, D>),
+                           smem_bytes<T, D>(1), device);
   const dim3 grid(p.num_kv_heads / p.heads_per_cta, p.num_splits, p.batch);
-  const int smem = smem_bytes<T, D>(p.heads_per_cta);
-  if (!p.cluster_merge) {
-    decode_partial_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
-    check_launch("decode_partial_kernel");
-    return true;
-  }
-  // The splits of a (group, request) are grid.y: one cluster of num_splits CTAs along y. A GPC
-  // holds whole clusters only, so clusters can leave SMs idle; where they would leave fewer of
-  // this grid's CTAs resident than plain CTAs (a second wave), the caller takes the merge kernel.
-  allow_non_portable_clusters_once(kernel, device);
-  const int ctas = static_cast<int>(grid.x * grid.y * grid.z);
-  const int plain = resident_ctas(kernel, kThreads, smem, 1, device);
-  if (resident_ctas(kernel, kThreads, smem, p.num_splits, device) < (ctas < plain ? ctas : plain))
-    return false;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = static_cast<unsigned>(p.num_splits);
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  if (cudaLaunchKernelEx(&cfg, decode_partial_kernel<T, D>, p) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
+  decode_partial_kernel<T, D><<<grid, kThreads, smem_bytes<T, D>(p.heads_per_cta), stream>>>(p);
   check_launch("decode_partial_kernel");
-  return true;
 }
 
 template <int D>

@@ -1,6 +1,6 @@
 // PTX wrappers specific to the decode kernels: mbarriers completed by cp.async arrivals, 16-byte
-// cp.async, programmatic dependent launch, cluster barrier and shared-memory loads across a
-// cluster, and L2 prefetch (sm_80 and up; sm_90 extras behind ESP_DECODE_SM90). The tensor-core wrappers (ldmatrix, mma.sync, pack2, ex2) are in
+// cp.async, programmatic dependent launch and L2 prefetch (sm_80 and up; sm_90 extras behind
+// ESP_DECODE_SM90). The tensor-core wrappers (ldmatrix, mma.sync, pack2, ex2) are in
 // ../common/mma.cuh.
 #pragma once
 
@@ -74,50 +74,6 @@ __device__ __forceinline__ void wait_prerequisites() {
 #if ESP_DECODE_SM90
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
-}
-
-// ---- thread-block clusters (the in-cluster split merge; sm_90 only, the host launches a
-// cluster only there) ----
-__device__ __forceinline__ uint32_t cluster_ctarank() {
-  uint32_t r = 0;
-#if ESP_DECODE_SM90
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-#endif
-  return r;
-}
-// Every thread of every CTA of the cluster: the shared-memory writes before it are visible to
-// the cluster's loads after it.
-__device__ __forceinline__ void cluster_sync() {
-#if ESP_DECODE_SM90
-  asm volatile(
-      "barrier.cluster.arrive.release.aligned;\n"
-      "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#endif
-}
-// The address of this CTA's shared `addr` in the shared memory of cluster CTA `rank`.
-__device__ __forceinline__ uint32_t map_to_rank(uint32_t addr, uint32_t rank) {
-  uint32_t r = addr;
-#if ESP_DECODE_SM90
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
-#endif
-  return r;
-}
-__device__ __forceinline__ float ld_cluster_f32(uint32_t addr) {
-  float v = 0.f;
-#if ESP_DECODE_SM90
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
-#endif
-  return v;
-}
-__device__ __forceinline__ float4 ld_cluster_f32x4(uint32_t addr) {
-  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-#if ESP_DECODE_SM90
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(addr)
-               : "memory");
-#endif
-  return v;
 }
 
 // Prefetch into L2 of the line holding `p` (a valid global address): nothing is returned and
