@@ -115,9 +115,10 @@ def kernel_bench(rec, quick):
                 if fi is not None:
                     contenders[f"FlashInfer decode (paged, {'TC' if tc else 'CUDA cores'})"] = fi
             # Round-robin, as the step benchmarks: each row pairs runs of the same rounds. Each
-            # timed call follows an untimed one of itself (prime): within three calls after
-            # FlashInfer's tensor-core decode ours took 31.3 us at B8 L1k against 28.5 after
-            # itself, the anchors, or a projection GEMM (diag_decode.py --order).
+            # timed call follows an untimed one of itself (prime): at B8 L1k ours took 31.0-31.5
+            # us when SDPA's cuDNN kernel and FlashInfer's tensor-core decode had both run within
+            # the three calls before it, 28.4-28.9 after itself or other sequences, 29.4 after a
+            # projection GEMM; the anchors' times did not move (diag_decode.py --order).
             t = time_cuda_interleaved(contenders, prime=True)
             for det in schedules:
                 name = case + (", deterministic" if det else "")

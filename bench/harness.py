@@ -70,8 +70,9 @@ def time_cuda_interleaved(fns: dict, warmup: int = 3, reps: int = 10,
     the GPU's clock and power state; clean: L2 evicted by reads (evict_l2_clean). prime: each
     timed call follows an untimed call of the same fn (before the flush), as in a loop of that
     kernel, so no contender pays for GPU state another one left (H100, B8 L1k decode: our call
-    took 31.3 us within three calls after FlashInfer's tensor-core decode, 28.5 after itself or
-    the other anchors; bench/diag_decode.py --order). Returns {name: summary}."""
+    took 31.0-31.5 us when SDPA's cuDNN kernel and FlashInfer's tensor-core decode had both run
+    within the three calls before it, 28.4-28.9 after itself or other sequences; the anchors the
+    same after anything; bench/diag_decode.py --order). Returns {name: summary}."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
