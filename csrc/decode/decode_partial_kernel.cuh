@@ -547,11 +547,14 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   }
 }
 
-// One row (b, h) per warps_per_row warps: every warp reduces the row's lse values itself, then
-// takes every (warps_per_row * kSpw)-th split (kSpw = 32 lanes / (D/4) float4 columns: 1 at
-// D = 128, 2 at D = 64) with kUnroll loads in flight per lane; the partial sums meet in shared
-// memory. Same arithmetic as merge_states: empty states (lse -inf) are skipped, never multiplied,
-// a row with only empty states gives (0, -inf), and a NaN lse makes the row NaN (fmax_nan).
+// One row (b, h) per warps_per_row warps: each warp takes every (warps_per_row * kSpw)-th split
+// (kSpw = 32 lanes / (D/4) float4 columns: 1 at D = 128, 2 at D = 64), loading each split's lse
+// and o together, kUnroll splits in flight per lane, and merges them online into (max, sum, o);
+// the warps' partial states meet in shared memory. Why one load phase: the merge runs after the
+// decode grid, so its dependent memory round trips are the call's tail; reading every lse
+// first (for the row's max and sum) and the o values after was two. Same semantics as
+// merge_states: empty states (lse -inf) are skipped, never multiplied, a row with only empty
+// states gives (0, -inf), and a NaN lse makes the row NaN (fmax_nan).
 template <int D>
 __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const MergeParams p) {
   constexpr int kCols = D / 4;
@@ -559,6 +562,7 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
   constexpr int kWarpsM = kMergeThreads / 32;
   constexpr int kUnroll = 8;
   __shared__ float4 part[kWarpsM][32];
+  __shared__ float part_max[kWarpsM][kSpw], part_sum[kWarpsM][kSpw];
 
   detail::wait_prerequisites();  // the decode grid has completed (programmatic launch)
   // No CTA of the decode grid reads its counters any more: leave them zero for the next launch
@@ -571,65 +575,86 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
   const int row = blockIdx.x * (kWarpsM / wpr) + warp / wpr;
   const int sw = warp % wpr;  // this warp's share of the row's splits
   const bool valid = row < p.rows;
+  const int c = lane % kCols, sub = lane / kCols;  // float4 column, split lane group
   const float* lrow = p.lse + row;
 
-  float m = -INFINITY;
-  if (valid)
-    for (int s = lane; s < p.splits; s += 32) m = fmax_nan(m, lrow[s * p.l_ss]);
-#pragma unroll
-  for (int x = 16; x >= 1; x >>= 1) m = fmax_nan(m, __shfl_xor_sync(0xffffffffu, m, x));
-  float sum = 0.f;
-  if (valid && m != -INFINITY)
-    for (int s = lane; s < p.splits; s += 32) {
-      const float l = lrow[s * p.l_ss];
-      if (l != -INFINITY) sum += __expf(l - m);
-    }
-#pragma unroll
-  for (int x = 16; x >= 1; x >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, x);
-  const float lse = m == -INFINITY ? -INFINITY : m + __logf(sum);
-
-  const int c = lane % kCols;
+  // This lane group's running state: max m, sum l of exp(lse - m), o = sum of exp(lse - m) o_s.
+  float m = -INFINITY, l = 0.f;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (valid && lse != -INFINITY) {
+  if (valid) {
     const int step = wpr * kSpw;
     const float* obase = p.o + static_cast<int64_t>(row) * D + c * 4;
-    for (int s0 = sw * kSpw + lane / kCols; s0 < p.splits; s0 += kUnroll * step) {
-      float l[kUnroll];
+    for (int s0 = sw * kSpw + sub; s0 < p.splits; s0 += kUnroll * step) {
+      float ls[kUnroll];
       float4 x[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int s = s0 + u * step;
-        l[u] = s < p.splits ? lrow[s * p.l_ss] : -INFINITY;
+        ls[u] = s < p.splits ? lrow[s * p.l_ss] : -INFINITY;
         x[u] = s < p.splits ? *reinterpret_cast<const float4*>(obase + s * p.o_ss)
                             : make_float4(0.f, 0.f, 0.f, 0.f);
       }
+      float mc = m;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) mc = fmax_nan(mc, ls[u]);
+      if (mc == -INFINITY) continue;  // only empty states so far
+      // Rescale what was merged (nothing yet when m is -inf; NaN stays NaN).
+      const float r = m == -INFINITY ? 0.f : __expf(m - mc);
+      l *= r;
+      acc.x *= r;
+      acc.y *= r;
+      acc.z *= r;
+      acc.w *= r;
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        if (l[u] == -INFINITY) continue;  // empty state: skipped, never multiplied by 0
-        const float w = __expf(l[u] - lse);
+        if (ls[u] == -INFINITY) continue;  // empty state: skipped, never multiplied by 0
+        const float w = __expf(ls[u] - mc);
+        l += w;
         acc.x = fmaf(w, x[u].x, acc.x);
         acc.y = fmaf(w, x[u].y, acc.y);
         acc.z = fmaf(w, x[u].z, acc.z);
         acc.w = fmaf(w, x[u].w, acc.w);
       }
+      m = mc;
     }
   }
   part[warp][lane] = acc;
+  if (c == 0) {
+    part_max[warp][sub] = m;
+    part_sum[warp][sub] = l;
+  }
   __syncthreads();
   if (valid && sw == 0 && lane < kCols) {
-    float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
+    float mx = -INFINITY;
     for (int w2 = 0; w2 < wpr; ++w2)
 #pragma unroll
-      for (int k = 0; k < kSpw; ++k) {
-        const float4 y = part[warp + w2][lane + k * kCols];
-        r.x += y.x;
-        r.y += y.y;
-        r.z += y.z;
-        r.w += y.w;
-      }
+      for (int k = 0; k < kSpw; ++k) mx = fmax_nan(mx, part_max[warp + w2][k]);
+    float sum = 0.f;
+    float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (mx != -INFINITY) {
+      for (int w2 = 0; w2 < wpr; ++w2)
+#pragma unroll
+        for (int k = 0; k < kSpw; ++k) {
+          const float mk = part_max[warp + w2][k];
+          if (mk == -INFINITY) continue;  // a lane group that saw only empty states
+          const float e = __expf(mk - mx);
+          const float4 y = part[warp + w2][lane + k * kCols];
+          sum = fmaf(part_sum[warp + w2][k], e, sum);
+          r.x = fmaf(y.x, e, r.x);
+          r.y = fmaf(y.y, e, r.y);
+          r.z = fmaf(y.z, e, r.z);
+          r.w = fmaf(y.w, e, r.w);
+        }
+      const float inv = 1.f / sum;
+      r.x *= inv;
+      r.y *= inv;
+      r.z *= inv;
+      r.w *= inv;
+    }
     const int bb = row / p.heads, hh = row % p.heads;
     *reinterpret_cast<float4*>(p.out + bb * p.out_sb + hh * p.out_sh + c * 4) = r;
-    if (lane == 0) p.lse_out[bb * p.lse_sb + hh * p.lse_sh] = lse;
+    if (lane == 0)
+      p.lse_out[bb * p.lse_sb + hh * p.lse_sh] = mx == -INFINITY ? -INFINITY : mx + __logf(sum);
   }
 }
 
