@@ -31,8 +31,8 @@ import torch
 
 from anchors import flashinfer_decode
 from bench_decode import D, Hkv, Hq, paged, sdpa_contiguous
-from harness import (copy_bandwidth_gbs, flush_and_get_ahead, paired_speedup, time_cuda,
-                     time_cuda_interleaved)
+from harness import (copy_bandwidth_gbs, event_ms, flush_and_get_ahead, paired_speedup, rotated,
+                     time_cuda, time_cuda_interleaved)
 
 from esp_kernels.decode.partial import decode_partial
 
@@ -54,6 +54,40 @@ def cases(gen):
                sdpa_contiguous(q, B, L, gen))
 
 
+def paged_anchors(q, k, v, bt, L, tensor_cores=(True, False)) -> dict:
+    """FlashInfer's paged decode over the same pages, {"FlashInfer TC" / "FlashInfer CUDA cores":
+    fn}, the kernels that are not carried left out."""
+    out = {}
+    for tc in tensor_cores:
+        fi = flashinfer_decode(q, k, v, bt, L, tensor_cores=tc)
+        if fi is not None:
+            out[f"FlashInfer {'TC' if tc else 'CUDA cores'}"] = fi
+    return out
+
+
+def shuffled_case(gen, B, L):
+    """q and page-16 K/V in shuffled pages for B requests of L tokens, and our call over them
+    into preallocated outputs: (q, k, v, block table, ours)."""
+    q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    o = torch.empty(B, Hq, D, device="cuda")
+    lse = torch.empty(B, Hq, device="cuda")
+    k, v, bt, lens = paged(B, L, 16, gen)
+    return q, k, v, bt, lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse)
+
+
+def print_both_evictions(title, fns, reps, speedup_of=None):
+    """fns timed round-robin after a dirty and after a clean L2 eviction, a line each, with
+    fns[speedup_of]'s paired speedup over each when given."""
+    for clean in (False, True):
+        t = time_cuda_interleaved(fns, reps=reps, clean=clean)
+        print(f"{title}, L2 evicted {'clean' if clean else 'dirty'}:")
+        for name, r in t.items():
+            speedup = (f"  ours' speedup: {paired_speedup(t[speedup_of], r):5.3f}"
+                       if speedup_of else "")
+            print(f"    {name:24s} {r['ms'] * 1e3:7.1f} us (p10 {r['p10'] * 1e3:6.1f}, p90 "
+                  f"{r['p90'] * 1e3:6.1f}){speedup}")
+
+
 def short_cases(gen):
     """B8 L1k, page 16 shuffled: ours and the anchors (--ncu --short)."""
     B, L = 8, 1024
@@ -62,10 +96,8 @@ def short_cases(gen):
     nbytes = 4 * B * L * Hkv * D
     yield ("B8 L1k page 16 shuffled, ours", nbytes,
            lambda: decode_partial(q, k, v, bt, lens, max_len=L))
-    for tc in (True, False):
-        fi = flashinfer_decode(q, k, v, bt, L, tensor_cores=tc)
-        if fi is not None:
-            yield f"B8 L1k page 16 shuffled, FlashInfer {'TC' if tc else 'CUDA cores'}", nbytes, fi
+    for name, fi in paged_anchors(q, k, v, bt, L).items():
+        yield f"B8 L1k page 16 shuffled, {name}", nbytes, fi
     yield "B8 L1k SDPA CUDNN contiguous", nbytes, sdpa_contiguous(q, B, L, gen)
 
 
@@ -176,25 +208,13 @@ def profile_kernels(gen, reps=20):
 def flush_modes(gen, reps=30):
     """Ours against the paged anchors after a dirty and after a clean L2 eviction."""
     for B, L in ((1, 131072), (16, 16384), (64, 4096), (8, 1024)):
-        q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        o = torch.empty(B, Hq, D, device="cuda")
-        lse = torch.empty(B, Hq, device="cuda")
-        k, v, bt, lens = paged(B, L, 16, gen)
-        ours = lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse)  # noqa: E731
+        q, k, v, bt, ours = shuffled_case(gen, B, L)
         fns = {"ours": ours}
         if B == 8:  # the same call twice more: a place in the rotation must not change its time
             fns["ours, again"] = fns["ours, third"] = ours
-        for tc in (True, False):
-            fi = flashinfer_decode(q, k, v, bt, L, tensor_cores=tc)
-            if fi is not None:
-                fns[f"FlashInfer {'TC' if tc else 'CUDA cores'}"] = fi
+        fns.update(paged_anchors(q, k, v, bt, L))
         fns["SDPA CUDNN contiguous"] = sdpa_contiguous(q, B, L, gen)
-        for clean in (False, True):
-            t = time_cuda_interleaved(fns, reps=reps, clean=clean)
-            print(f"B{B} L{L} page 16 shuffled, L2 evicted {'clean' if clean else 'dirty'}:")
-            for name, r in t.items():
-                print(f"    {name:24s} {r['ms'] * 1e3:7.1f} us (p10 {r['p10'] * 1e3:6.1f}, p90 "
-                      f"{r['p90'] * 1e3:6.1f})  ours' speedup: {paired_speedup(t['ours'], r):5.3f}")
+        print_both_evictions(f"B{B} L{L} page 16 shuffled", fns, reps, speedup_of="ours")
         del k, v
 
 
@@ -202,31 +222,20 @@ def warm_state(gen, reps=40):
     """B8 L1k, page 16 shuffled: what a call's predecessor leaves warm. Each contender of a
     round-robin follows the one listed before it (the rotation keeps that order)."""
     B, L = 8, 1024
-    q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    o = torch.empty(B, Hq, D, device="cuda")
-    lse = torch.empty(B, Hq, device="cuda")
-    k, v, bt, lens = paged(B, L, 16, gen)
+    q, k, v, bt, ours = shuffled_case(gen, B, L)
     pad = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")  # other 2 MiB translation pages
     tq = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     to = torch.empty(B, Hq, D, device="cuda")
     tlse = torch.empty(B, Hq, device="cuda")
     tk, tv, tbt, tlens = paged(B, 64, 16, gen)
-    ours = lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse)  # noqa: E731
     # The same kernels and grid (16 splits, fixed ranges: the default here) on 64 tokens.
     tiny = lambda: decode_partial(tq, tk, tv, tbt, tlens, num_splits=16,  # noqa: E731
                                   deterministic=True, o=to, lse=tlse)
-    fi = flashinfer_decode(q, k, v, bt, L, tensor_cores=False)
     fns = {"ours tiny (64 tokens)": tiny, "ours after tiny": ours,
            "SDPA CUDNN contiguous": sdpa_contiguous(q, B, L, gen), "ours after SDPA": ours,
            "ours after ours": ours}
-    if fi is not None:
-        fns["FlashInfer CUDA cores"] = fi
-    for clean in (False, True):
-        t = time_cuda_interleaved(fns, reps=reps, clean=clean)
-        print(f"B{B} L{L} page 16 shuffled, L2 evicted {'clean' if clean else 'dirty'}:")
-        for name, r in t.items():
-            print(f"    {name:24s} {r['ms'] * 1e3:7.1f} us (p10 {r['p10'] * 1e3:6.1f}, p90 "
-                  f"{r['p90'] * 1e3:6.1f})")
+    fns.update(paged_anchors(q, k, v, bt, L, tensor_cores=(False,)))
+    print_both_evictions(f"B{B} L{L} page 16 shuffled", fns, reps)
     del pad
 
 
@@ -237,16 +246,9 @@ def by_predecessor(gen, reps=40):
     import statistics
 
     B, L = 8, 1024
-    q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    o = torch.empty(B, Hq, D, device="cuda")
-    lse = torch.empty(B, Hq, device="cuda")
-    k, v, bt, lens = paged(B, L, 16, gen)
-    ours = lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse)  # noqa: E731
+    q, k, v, bt, ours = shuffled_case(gen, B, L)
     fns = {"ours": ours, "ours, again": ours, "ours, third": ours}
-    for tc in (True, False):
-        fi = flashinfer_decode(q, k, v, bt, L, tensor_cores=tc)
-        if fi is not None:
-            fns[f"FlashInfer {'TC' if tc else 'CUDA cores'}"] = fi
+    fns.update(paged_anchors(q, k, v, bt, L))
     fns["SDPA CUDNN contiguous"] = sdpa_contiguous(q, B, L, gen)
     # What precedes attention in a decode layer: the QKV projection (Llama-3-8B's, 8 tokens).
     x = torch.randn(B, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -261,17 +263,10 @@ def by_predecessor(gen, reps=40):
         torch.cuda.synchronize()
         seen = collections.defaultdict(list)
         prev = "start"
-        for rep in range(reps):
-            for name in order[rep % len(order):] + order[:rep % len(order)]:
-                flush_and_get_ahead()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fns[name]()
-                end.record()
-                end.synchronize()
-                seen[(name, prev)].append(start.elapsed_time(end) * 1e3)
-                prev = name
+        for name, fn in rotated({name: fns[name] for name in order}, reps):
+            flush_and_get_ahead()
+            seen[(name, prev)].append(event_ms(fn) * 1e3)
+            prev = name
         print("order: " + " -> ".join(order))
         for (name, before), us in sorted(seen.items()):
             print(f"    {name:24s} after {before:24s} {statistics.median(us):7.1f} us "

@@ -32,12 +32,17 @@ _FLUSH = None
 _HOST_AHEAD_CYCLES = 500_000  # ~0.3 ms at H100 clocks
 
 
-def flush_l2():
-    """Evict L2 (256 MB write)."""
+def _flush_buffer() -> torch.Tensor:
+    """256 MB on the GPU, five times L2, made once."""
     global _FLUSH
     if _FLUSH is None:
         _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    _FLUSH.fill_(1)
+    return _FLUSH
+
+
+def flush_l2():
+    """Evict L2 (256 MB write)."""
+    _flush_buffer().fill_(1)
 
 
 def evict_l2_clean():
@@ -45,10 +50,7 @@ def evict_l2_clean():
     the measured call's reads need not write any back, as after a layer's weight-bound GEMM.
     flush_l2 leaves L2 full of dirty lines (its 256 MB write): a call that then reads ~33 MB of
     KV first writes back up to L2's ~50 MB."""
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    _FLUSH.amax()
+    _flush_buffer().amax()
 
 
 def flush_and_get_ahead(clean: bool = False):
@@ -78,21 +80,32 @@ def time_cuda_interleaved(fns: dict, warmup: int = 3, reps: int = 10,
             fn()
     torch.cuda.synchronize()
     times = {name: [] for name in fns}
+    for name, fn in rotated(fns, reps):
+        if prime:
+            fn()
+        if flush:
+            flush_and_get_ahead(clean)
+        times[name].append(event_ms(fn))
+    return {name: _summary(t) for name, t in times.items()}
+
+
+def rotated(fns: dict, reps: int):
+    """(name, fn) of every fn in `fns`, `reps` rounds, the order rotated by one each round so
+    that no contender always runs first."""
     order = list(fns.items())
     for rep in range(reps):
-        for name, fn in order[rep % len(order):] + order[:rep % len(order)]:
-            if prime:
-                fn()
-            if flush:
-                flush_and_get_ahead(clean)
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end))
-    return {name: _summary(t) for name, t in times.items()}
+        yield from order[rep % len(order):] + order[:rep % len(order)]
+
+
+def event_ms(fn) -> float:
+    """Milliseconds between CUDA events recorded around fn() (waits for the second)."""
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def time_wall(fn, warmup: int = 2, reps: int = 5) -> dict:
@@ -112,17 +125,14 @@ def time_wall_interleaved(fns: dict, warmup: int = 2, reps: int = 7) -> dict:
             fn()
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = {name: [] for name in fns}
-    order = list(fns.items())
-    for rep in range(reps):
-        # rotated each round, so no contender always follows the same one
-        for name, fn in order[rep % len(order):] + order[:rep % len(order)]:
-            if torch.cuda.is_available():
-                flush_l2()  # the sync below already puts the host ahead
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+    for name, fn in rotated(fns, reps):
+        if torch.cuda.is_available():
+            flush_l2()  # the sync below already puts the host ahead
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: _summary(t) for name, t in times.items()}
 
 
