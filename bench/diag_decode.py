@@ -75,6 +75,38 @@ def shuffled_case(gen, B, L):
     return q, k, v, bt, lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse)
 
 
+def evict_first_ab(gen, reps=30):
+    """EXPERIMENT: ours with and without the evict-first L2 policy on the KV copies (switched by
+    ESP_DECODE_EVICT_FIRST, read per call), next to the paged anchors, after a dirty and after a
+    clean L2 eviction, every contender primed."""
+    import os
+
+    def with_policy(fn, on):
+        def call():
+            os.environ["ESP_DECODE_EVICT_FIRST"] = "1" if on else "0"
+            return fn()
+        return call
+
+    for B, L in ((1, 131072), (16, 16384), (64, 4096), (8, 1024)):
+        for ps in (16, 1):
+            q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+            o = torch.empty(B, Hq, D, device="cuda")
+            lse = torch.empty(B, Hq, device="cuda")
+            k, v, bt, lens = paged(B, L, ps, gen)
+            ours = lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse)  # noqa: E731
+            fns = {"ours": with_policy(ours, False), "ours evict-first": with_policy(ours, True)}
+            fns.update(paged_anchors(q, k, v, bt, L))
+            for clean in (False, True):
+                t = time_cuda_interleaved(fns, reps=reps, clean=clean, prime=True)
+                print(f"B{B} L{L} page {ps} shuffled, L2 evicted {'clean' if clean else 'dirty'}:")
+                for name, r in t.items():
+                    print(f"    {name:24s} {r['ms'] * 1e3:7.1f} us (p10 {r['p10'] * 1e3:6.1f}, "
+                          f"p90 {r['p90'] * 1e3:6.1f})  evict-first's speedup: "
+                          f"{paired_speedup(t['ours evict-first'], r):5.3f}")
+            del k, v
+    os.environ.pop("ESP_DECODE_EVICT_FIRST", None)
+
+
 def print_both_evictions(title, fns, reps, speedup_of=None):
     """fns timed round-robin after a dirty and after a clean L2 eviction, a line each, with
     fns[speedup_of]'s paired speedup over each when given."""
@@ -283,8 +315,12 @@ def main():
     ap.add_argument("--flush", action="store_true", help="dirty vs clean L2 eviction only")
     ap.add_argument("--warm", action="store_true", help="what a predecessor leaves warm only")
     ap.add_argument("--order", action="store_true", help="B8 L1k times by predecessor only")
+    ap.add_argument("--evict", action="store_true", help="EXPERIMENT: evict-first A/B only")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.evict:
+        evict_first_ab(gen)
+        return
     if args.order:
         by_predecessor(gen)
         return

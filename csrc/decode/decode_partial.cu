@@ -31,6 +31,7 @@
 #include "decode_partial.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 #include "decode_partial_kernel.cuh"
@@ -184,6 +185,10 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
     p.heads_per_cta = hg;
   }
   p.scale_log2 = static_cast<float>(static_cast<double>(softmax_scale) * 1.4426950408889634);
+  {  // EXPERIMENT
+    const char* e = std::getenv("ESP_DECODE_EVICT_FIRST");
+    p.evict_first = e != nullptr && e[0] == '1';
+  }
 
   // One split: the kernel writes the final state. Several: each split writes its slot of the
   // workspace, viewed as o [S, B, Hq, D] then lse [S, B, Hq], and decode_merge_kernel reduces them.

@@ -98,6 +98,7 @@ struct DecodeParams {
   // tile_counter[b * (Hkv / hg) + group]; nullptr: static ranges (deterministic).
   int* tile_counter;
   float scale_log2;   // softmax_scale * log2(e): scores go through exp2
+  int evict_first;    // EXPERIMENT
 };
 
 // Reduction of the splits' states: out row (b, h) = merge over s of the state at
@@ -236,7 +237,7 @@ __device__ __forceinline__ void attend_block(uint32_t k_head, uint32_t v_head, u
 
 }  // namespace detail
 
-template <typename T, int D>
+template <typename T, int D, bool kEvictFirst>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     decode_partial_kernel(const DecodeParams p) {
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
@@ -371,11 +372,17 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
         const int hr = i * kRpp + tid / kCpr;
         const int tok = hr >> hg_log2, head = hr & (hg - 1);
         const uint32_t dst = dst0 + tok * rb + head * kHeadBytes;
-        detail::cp_async_16(dst, static_cast<const T*>(p.k) + page[i] * p.k_sp +
-                                     slot[i] * p.k_ss + (kvh0 + head) * p.k_sh + col);
-        detail::cp_async_16(dst + T_stage * rb, static_cast<const T*>(p.v) + page[i] * p.v_sp +
-                                                    slot[i] * p.v_ss + (kvh0 + head) * p.v_sh +
-                                                    col);
+        const T* ksrc = static_cast<const T*>(p.k) + page[i] * p.k_sp + slot[i] * p.k_ss +
+                        (kvh0 + head) * p.k_sh + col;
+        const T* vsrc = static_cast<const T*>(p.v) + page[i] * p.v_sp + slot[i] * p.v_ss +
+                        (kvh0 + head) * p.v_sh + col;
+        if constexpr (kEvictFirst) {
+          detail::cp_async_16_evict_first(dst, ksrc);
+          detail::cp_async_16_evict_first(dst + T_stage * rb, vsrc);
+        } else {
+          detail::cp_async_16(dst, ksrc);
+          detail::cp_async_16(dst + T_stage * rb, vsrc);
+        }
       }
     }
     detail::arrive_on_copies(smem_u32(&full_bar[stage]));
@@ -661,10 +668,10 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
 template <typename T, int D>
 void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device) {
   // hg = 1 has the most padding; 2 (D = 128) or 4 (D = 64) CTAs of ~70 / ~37 KB per SM.
-  set_smem_attributes_once(reinterpret_cast<const void*>(decode_partial_kernel<T, D>),
-                           smem_bytes<T, D>(1), device);
+  auto kernel = p.evict_first ? decode_partial_kernel<T, D, true> : decode_partial_kernel<T, D, false>;
+  set_smem_attributes_once(reinterpret_cast<const void*>(kernel), smem_bytes<T, D>(1), device);
   const dim3 grid(p.num_kv_heads / p.heads_per_cta, p.num_splits, p.batch);
-  decode_partial_kernel<T, D><<<grid, kThreads, smem_bytes<T, D>(p.heads_per_cta), stream>>>(p);
+  kernel<<<grid, kThreads, smem_bytes<T, D>(p.heads_per_cta), stream>>>(p);
   check_launch("decode_partial_kernel");
 }
 

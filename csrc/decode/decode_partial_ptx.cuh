@@ -30,6 +30,19 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src)
                : "memory");
 }
+// EXPERIMENT: the same copy with an evict-first L2 policy, created in the same asm block
+// (a policy created once and passed in was dropped by ptxas, leaving the copy's descriptor
+// register undefined: an illegal instruction at launch).
+__device__ __forceinline__ void cp_async_16_evict_first(uint32_t dst, const void* src) {
+  asm volatile(
+      "{\n"
+      ".reg .b64 pol;\n"
+      "createpolicy.fractional.L2::evict_first.b64 pol, 1.0;\n"
+      "cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, pol;\n"
+      "}\n" ::"r"(dst),
+      "l"(src)
+      : "memory");
+}
 // One arrival on `bar`, made when every cp.async this thread issued before has landed (noinc:
 // the barrier's expected count already includes it).
 __device__ __forceinline__ void arrive_on_copies(uint32_t bar) {
