@@ -75,6 +75,34 @@ def shuffled_case(gen, B, L):
     return q, k, v, bt, lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse)
 
 
+def evict_first_sizes(gen, reps=30):
+    """EXPERIMENT: where the evict-first policy stops paying: ours with and without it, page 16
+    shuffled, after a dirty L2 eviction, over KV sizes from 33.5 MB to 268 MB per call."""
+    import os
+
+    for B, L in ((8, 1024), (16, 1024), (8, 2048), (4, 4096), (1, 16384), (32, 1024),
+                 (8, 4096), (1, 32768), (64, 512), (16, 4096), (64, 1024), (1, 65536)):
+        q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        o = torch.empty(B, Hq, D, device="cuda")
+        lse = torch.empty(B, Hq, device="cuda")
+        k, v, bt, lens = paged(B, L, 16, gen)
+
+        def call(on):
+            os.environ["ESP_DECODE_EVICT_FIRST"] = "1" if on else "0"
+            return decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse)
+
+        fns = {"normal": lambda: call(False), "evict-first": lambda: call(True)}
+        for clean in (False, True):
+            t = time_cuda_interleaved(fns, reps=reps, clean=clean, prime=True)
+            mb = 4 * B * L * Hkv * D / 1e6
+            print(f"B{B} L{L} ({mb:6.1f} MB) {'clean' if clean else 'dirty'}: normal "
+                  f"{t['normal']['ms'] * 1e3:7.1f} us, evict-first "
+                  f"{t['evict-first']['ms'] * 1e3:7.1f} us, speedup "
+                  f"{paired_speedup(t['evict-first'], t['normal']):5.3f}")
+        del k, v
+    os.environ.pop("ESP_DECODE_EVICT_FIRST", None)
+
+
 def evict_first_ab(gen, reps=30):
     """EXPERIMENT: ours with and without the evict-first L2 policy on the KV copies (switched by
     ESP_DECODE_EVICT_FIRST, read per call), next to the paged anchors, after a dirty and after a
@@ -316,8 +344,12 @@ def main():
     ap.add_argument("--warm", action="store_true", help="what a predecessor leaves warm only")
     ap.add_argument("--order", action="store_true", help="B8 L1k times by predecessor only")
     ap.add_argument("--evict", action="store_true", help="EXPERIMENT: evict-first A/B only")
+    ap.add_argument("--evict-sizes", action="store_true", help="EXPERIMENT: by KV size")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.evict_sizes:
+        evict_first_sizes(gen)
+        return
     if args.evict:
         evict_first_ab(gen)
         return
