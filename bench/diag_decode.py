@@ -19,7 +19,9 @@ kernel, after itself and after the same kernels on a tiny problem (other buffers
 the last two match, what the call before leaves warm is the kernels' code, not data or
 translations; with --order, times --flush's B8 L1k contenders by the contender that ran before
 each, in three cyclic orders (the third with a projection GEMM, a decode layer's kernel before
-attention).
+attention); with --l2-policy, times our call with and without the evict-first L2 policy on its
+KV copies over KV sizes of 33.6-537 MB, after dirty and clean evictions (where the host's
+kv_evict_first rule should switch on this GPU).
 """
 
 import argparse
@@ -75,64 +77,39 @@ def shuffled_case(gen, B, L):
     return q, k, v, bt, lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse)
 
 
-def evict_first_sizes(gen, reps=30):
-    """EXPERIMENT: where the evict-first policy stops paying: ours with and without it, page 16
-    shuffled, after a dirty L2 eviction, over KV sizes from 33.5 MB to 268 MB per call."""
-    import os
+def l2_policies(gen, reps=30):
+    """Ours with and without the evict-first L2 policy on the KV copies (the core's
+    kv_evict_first, forced both ways), page 16 shuffled, over KV sizes of 33.6-537 MB a call,
+    after a dirty and after a clean L2 eviction: where the host's rule (kv_evict_first) should
+    switch on this GPU."""
+    import math
 
+    from esp_kernels import _C, _core
+    from esp_kernels.decode.partial import default_schedule, kv_evict_first, new_workspace
+
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
     for B, L in ((8, 1024), (16, 1024), (8, 2048), (4, 4096), (1, 16384), (32, 1024),
-                 (8, 4096), (1, 32768), (64, 512), (16, 4096), (64, 1024), (1, 65536)):
+                 (8, 4096), (1, 32768), (64, 512), (16, 4096), (64, 1024), (1, 65536),
+                 (1, 131072), (16, 16384), (64, 4096)):
         q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         o = torch.empty(B, Hq, D, device="cuda")
         lse = torch.empty(B, Hq, device="cuda")
         k, v, bt, lens = paged(B, L, 16, gen)
-
-        def call(on):
-            os.environ["ESP_DECODE_EVICT_FIRST"] = "1" if on else "0"
-            return decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse)
-
-        fns = {"normal": lambda: call(False), "evict-first": lambda: call(True)}
+        splits, static = default_schedule(B, Hkv, L, q.device, D)
+        ws = new_workspace(B, Hq, D, splits, q.device)
+        descs = [_core.desc(t) for t in (q, k, v, bt, lens, o, lse, ws)]
+        stream = _core.stream_handle(q.device)
+        fns = {policy: (lambda on=on: _C.decode_partial(*descs, splits, 1 / math.sqrt(D), static,
+                                                         0, stream, False, on))
+               for policy, on in (("normal", False), ("evict-first", True))}
+        rule = "evict-first" if kv_evict_first(B, Hkv, L, D, 2, l2) else "normal"
         for clean in (False, True):
             t = time_cuda_interleaved(fns, reps=reps, clean=clean, prime=True)
-            mb = 4 * B * L * Hkv * D / 1e6
-            print(f"B{B} L{L} ({mb:6.1f} MB) {'clean' if clean else 'dirty'}: normal "
-                  f"{t['normal']['ms'] * 1e3:7.1f} us, evict-first "
-                  f"{t['evict-first']['ms'] * 1e3:7.1f} us, speedup "
+            print(f"B{B} L{L} ({4 * B * L * Hkv * D / 1e6:6.1f} MB, rule: {rule:11s}) "
+                  f"{'clean' if clean else 'dirty'}: normal {t['normal']['ms'] * 1e3:7.1f} us, "
+                  f"evict-first {t['evict-first']['ms'] * 1e3:7.1f} us, speedup "
                   f"{paired_speedup(t['evict-first'], t['normal']):5.3f}")
         del k, v
-    os.environ.pop("ESP_DECODE_EVICT_FIRST", None)
-
-
-def evict_first_ab(gen, reps=30):
-    """EXPERIMENT: ours with and without the evict-first L2 policy on the KV copies (switched by
-    ESP_DECODE_EVICT_FIRST, read per call), next to the paged anchors, after a dirty and after a
-    clean L2 eviction, every contender primed."""
-    import os
-
-    def with_policy(fn, on):
-        def call():
-            os.environ["ESP_DECODE_EVICT_FIRST"] = "1" if on else "0"
-            return fn()
-        return call
-
-    for B, L in ((1, 131072), (16, 16384), (64, 4096), (8, 1024)):
-        for ps in (16, 1):
-            q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-            o = torch.empty(B, Hq, D, device="cuda")
-            lse = torch.empty(B, Hq, device="cuda")
-            k, v, bt, lens = paged(B, L, ps, gen)
-            ours = lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse)  # noqa: E731
-            fns = {"ours": with_policy(ours, False), "ours evict-first": with_policy(ours, True)}
-            fns.update(paged_anchors(q, k, v, bt, L))
-            for clean in (False, True):
-                t = time_cuda_interleaved(fns, reps=reps, clean=clean, prime=True)
-                print(f"B{B} L{L} page {ps} shuffled, L2 evicted {'clean' if clean else 'dirty'}:")
-                for name, r in t.items():
-                    print(f"    {name:24s} {r['ms'] * 1e3:7.1f} us (p10 {r['p10'] * 1e3:6.1f}, "
-                          f"p90 {r['p90'] * 1e3:6.1f})  evict-first's speedup: "
-                          f"{paired_speedup(t['ours evict-first'], r):5.3f}")
-            del k, v
-    os.environ.pop("ESP_DECODE_EVICT_FIRST", None)
 
 
 def print_both_evictions(title, fns, reps, speedup_of=None):
@@ -343,15 +320,11 @@ def main():
     ap.add_argument("--flush", action="store_true", help="dirty vs clean L2 eviction only")
     ap.add_argument("--warm", action="store_true", help="what a predecessor leaves warm only")
     ap.add_argument("--order", action="store_true", help="B8 L1k times by predecessor only")
-    ap.add_argument("--evict", action="store_true", help="EXPERIMENT: evict-first A/B only")
-    ap.add_argument("--evict-sizes", action="store_true", help="EXPERIMENT: by KV size")
+    ap.add_argument("--l2-policy", action="store_true", help="KV L2 policies by size only")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    if args.evict_sizes:
-        evict_first_sizes(gen)
-        return
-    if args.evict:
-        evict_first_ab(gen)
+    if args.l2_policy:
+        l2_policies(gen)
         return
     if args.order:
         by_predecessor(gen)

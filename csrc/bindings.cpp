@@ -50,7 +50,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("v_cache"), py::arg("block_table"), py::arg("kv_lens"), py::arg("o"),
         py::arg("lse"), py::arg("workspace"), py::arg("num_splits"), py::arg("softmax_scale"),
         py::arg("deterministic"), py::arg("device"), py::arg("stream"),
-        py::arg("counters_zeroed") = false,
+        py::arg("counters_zeroed") = false, py::arg("kv_evict_first") = false,
         "Partial decode attention over a paged KV shard: (o, lse) per request.");
   m.def("decode_workspace_elems", &esp::decode_workspace_elems, py::arg("batch"),
         py::arg("num_q_heads"), py::arg("head_dim"), py::arg("num_splits"));

@@ -514,6 +514,70 @@ def test_auto_schedule_is_static_for_short_splits():
     assert not auto_schedule_is_static(1, 4096) and auto_schedule_is_static(1, 100)
 
 
+def test_kv_evict_first_up_to_six_l2_sizes_of_kv():
+    """The L2 policy rule on H100's 50 MiB L2 (Hkv 8, D 128, bf16): up to 268 MB of KV a call
+    streams with evict-first, bench_decode's long shapes (537 MB, 1.07 GB) without; the bound
+    is inclusive."""
+    from esp_kernels.decode.partial import EVICT_FIRST_MAX_L2_MULTIPLE, kv_evict_first
+
+    l2 = 50 << 20
+    for B, L, on in ((8, 1024, True), (64, 512, True), (16, 4096, True), (1, 65536, True),
+                     (1, 131072, False), (16, 16384, False), (64, 4096, False)):
+        assert kv_evict_first(B, 8, L, 128, 2, l2) == on, (B, L)
+    limit = EVICT_FIRST_MAX_L2_MULTIPLE * l2 // (2 * 8 * 128 * 2)  # tokens of one request
+    assert kv_evict_first(1, 8, limit, 128, 2, l2)
+    assert not kv_evict_first(1, 8, limit + 1, 128, 2, l2)
+    assert kv_evict_first(3, 8, 0, 128, 2, 0) and not kv_evict_first(1, 1, 1, 64, 2, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (20, 1, 64)])
+@pytest.mark.parametrize("splits", [1, 3, 64])
+def test_decode_partial_l2_policies_give_the_same_bits(dtype, hq, hkv, d, splits, gen):
+    """The kernel with and without the evict-first policy on its KV copies, through the core's
+    entry: both match the reference, and with fixed ranges they give the same bits."""
+    from esp_kernels import _core
+
+    lens = [0, 1, 65, 1000, 333]
+    q, k, v, bt, kl, ref_o, ref_l = paged_case(lens, hq, hkv, d, 16, dtype, gen)
+    q, k, v, bt, kl = (t.cuda() for t in (q, k, v, bt, kl))
+    dev = q.device
+    outs = []
+    for evict_first in (False, True):
+        o = poison_(torch.empty(len(lens), hq, d, device="cuda"))
+        lse = poison_(torch.empty(len(lens), hq, device="cuda"))
+        ws = torch.empty(max(1, esp._C.decode_workspace_elems(len(lens), hq, d, splits)),
+                         device="cuda")
+        esp._C.decode_partial(*(_core.desc(t) for t in (q, k, v, bt, kl, o, lse, ws)), splits,
+                              1 / math.sqrt(d), True, dev.index, _core.stream_handle(dev),
+                              False, evict_first)
+        assert_close(o.cpu(), ref_o, dtype)
+        assert_close(lse.cpu(), ref_l, dtype)
+        outs.append((o, lse))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.gpu
+def test_decode_partial_picks_the_l2_policy_from_its_bound(monkeypatch, gen):
+    """The op asks the rule with max_len when given, else with the block table's capacity, and
+    with the device's L2 size."""
+    from esp_kernels.decode import partial
+
+    asked = []
+    rule = partial.kv_evict_first
+    monkeypatch.setattr(partial, "kv_evict_first",
+                        lambda *a: asked.append(a) or rule(*a))
+    lens = [5, 300]
+    q, k, v, bt, kl, ref_o, ref_l = paged_case(lens, 8, 2, 64, 16, torch.bfloat16, gen)
+    args = [t.cuda() for t in (q, k, v, bt, kl)]
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    for max_len, bound in ((None, 16 * bt.shape[1]), (300, 300)):
+        o, lse = decode_partial(*args, max_len=max_len)
+        assert_close(o.cpu(), ref_o, torch.bfloat16)
+        assert asked[-1] == (2, 2, bound, 64, 2, l2)
+
+
 @pytest.mark.gpu
 def test_decode_partial_short_splits_default_schedule_is_reproducible(gen):
     """Default split count on short shards (splits of under 512 tokens): the fixed ranges, so

@@ -31,7 +31,6 @@
 #include "decode_partial.h"
 
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 
 #include "decode_partial_kernel.cuh"
@@ -71,7 +70,7 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
                     const TensorDesc& block_table, const TensorDesc& kv_lens,
                     const TensorDesc& o, const TensorDesc& lse, const TensorDesc& workspace,
                     int num_splits, float softmax_scale, bool deterministic, int device,
-                    uintptr_t stream, bool counters_zeroed) {
+                    uintptr_t stream, bool counters_zeroed, bool kv_evict_first) {
   using decode::DecodeParams;
   ESP_CHECK(q.ndim() == 3, "decode_partial: q must be [B, Hq, D], got ", q.ndim(), " dims");
   ESP_CHECK(q.dtype == DType::kFloat16 || q.dtype == DType::kBFloat16,
@@ -185,10 +184,7 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
     p.heads_per_cta = hg;
   }
   p.scale_log2 = static_cast<float>(static_cast<double>(softmax_scale) * 1.4426950408889634);
-  {  // EXPERIMENT
-    const char* e = std::getenv("ESP_DECODE_EVICT_FIRST");
-    p.evict_first = e != nullptr && e[0] == '1';
-  }
+  p.kv_evict_first = kv_evict_first;
 
   // One split: the kernel writes the final state. Several: each split writes its slot of the
   // workspace, viewed as o [S, B, Hq, D] then lse [S, B, Hq], and decode_merge_kernel reduces them.

@@ -25,11 +25,15 @@ namespace esp {
 //                cudaMemsetAsync that otherwise zeroes them before every launch; the decode
 //                driver's own workspace qualifies. With counters that are not zero the balanced
 //                schedule skips tiles: pass false for any other workspace.
+//   kv_evict_first  the KV copies carry an evict-first L2 policy. Results are the same either
+//                way; only speed differs, and only when L2 holds dirty lines at the launch
+//                (the Python driver's rule, esp_kernels.decode.partial.kv_evict_first: on for
+//                calls that read up to 6x the L2's size of KV).
 void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const TensorDesc& v_cache,
                     const TensorDesc& block_table, const TensorDesc& kv_lens,
                     const TensorDesc& o, const TensorDesc& lse, const TensorDesc& workspace,
                     int num_splits, float softmax_scale, bool deterministic, int device,
-                    uintptr_t stream, bool counters_zeroed = false);
+                    uintptr_t stream, bool counters_zeroed = false, bool kv_evict_first = false);
 
 int64_t decode_workspace_elems(int batch, int num_q_heads, int head_dim, int num_splits);
 

@@ -44,6 +44,15 @@
 // bytes, which puts the 8 rows an ldmatrix reads on 8 distinct 4-bank groups (no bank
 // conflicts without a swizzle).
 //
+// L2 policy (template kEvictFirst, chosen per call on the host). With it the KV copies carry an
+// evict-first policy, so the stream replaces its own lines, not what the work before it left in
+// L2. H100, after a 256 MB write (dirty L2, as triton's do_bench leaves it), paired: 33.5-134 MB
+// of KV per call 1.07-1.15x faster (B8 L1k 28.6 -> 25.6 us: the lines it no longer evicts need
+// no write-back), 268 MB 1.01-1.02x, 537 MB (B1 L128k) 0.99x and 1.07 GB 0.97x (B16 L16k 383 ->
+// 393 us; not isolated: likely a long stream kept to the ways the dirty lines leave); after a clean
+// eviction 0.99-1.01x at every size. So the host turns it on up to 6x the L2's size
+// (esp_kernels.decode.partial.kv_evict_first).
+//
 // Math. Tensor cores (mma.sync m16n8k16, fp32 accumulate) with the query heads of one kv head as
 // the 16 MMA rows: S = Q K^T per 16-token block, online softmax in fp32 (exp2 of pre-scaled
 // scores), O += P V with P rounded to the input type as in FlashAttention-2. Padding G = 4 heads
@@ -98,7 +107,7 @@ struct DecodeParams {
   // tile_counter[b * (Hkv / hg) + group]; nullptr: static ranges (deterministic).
   int* tile_counter;
   float scale_log2;   // softmax_scale * log2(e): scores go through exp2
-  int evict_first;    // EXPERIMENT
+  bool kv_evict_first;  // the KV copies carry an evict-first L2 policy (decode_partial.h)
 };
 
 // Reduction of the splits' states: out row (b, h) = merge over s of the state at
@@ -668,7 +677,8 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
 template <typename T, int D>
 void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device) {
   // hg = 1 has the most padding; 2 (D = 128) or 4 (D = 64) CTAs of ~70 / ~37 KB per SM.
-  auto kernel = p.evict_first ? decode_partial_kernel<T, D, true> : decode_partial_kernel<T, D, false>;
+  auto kernel =
+      p.kv_evict_first ? decode_partial_kernel<T, D, true> : decode_partial_kernel<T, D, false>;
   set_smem_attributes_once(reinterpret_cast<const void*>(kernel), smem_bytes<T, D>(1), device);
   const dim3 grid(p.num_kv_heads / p.heads_per_cta, p.num_splits, p.batch);
   kernel<<<grid, kThreads, smem_bytes<T, D>(p.heads_per_cta), stream>>>(p);

@@ -30,9 +30,11 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src)
                : "memory");
 }
-// EXPERIMENT: the same copy with an evict-first L2 policy, created in the same asm block
-// (a policy created once and passed in was dropped by ptxas, leaving the copy's descriptor
-// register undefined: an illegal instruction at launch).
+// The same copy with an evict-first L2 policy: the line is the first its set gives up, so a
+// short stream replaces its own lines rather than the lines the work before it left (dirty ones
+// must be written back first). The policy is created inside the copy's asm block: one created
+// once and passed in was dropped by ptxas, leaving the copy's descriptor register undefined (an
+// illegal instruction at launch); here the SASS materializes it before every copy group.
 __device__ __forceinline__ void cp_async_16_evict_first(uint32_t dst, const void* src) {
   asm volatile(
       "{\n"
