@@ -112,41 +112,6 @@ def l2_policies(gen, reps=30):
         del k, v
 
 
-def heads_per_cta_ab(gen, reps=20):
-    """EXPERIMENT: kv heads per CTA (ESP_DECODE_HG, read per call) 4 / 2 / 1 at the long shapes,
-    the split count scaled so the grid keeps its CTA count, next to FlashInfer's tensor-core
-    kernel, primed, dirty flush."""
-    import os
-
-    from esp_kernels.decode.partial import default_num_splits
-
-    def with_hg(hg, splits, q, k, v, bt, lens, o, lse):
-        def call():
-            os.environ["ESP_DECODE_HG"] = str(hg)
-            return decode_partial(q, k, v, bt, lens, num_splits=splits, o=o, lse=lse)
-        return call
-
-    for B, L in ((1, 131072), (16, 16384), (64, 4096)):
-        s4 = default_num_splits(B, Hkv, L, torch.device("cuda"), D)
-        for ps in (16, 1):
-            q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-            o = torch.empty(B, Hq, D, device="cuda")
-            lse = torch.empty(B, Hq, device="cuda")
-            k, v, bt, lens = paged(B, L, ps, gen)
-            fns = {f"ours hg={hg} ({max(1, s4 * hg // 4)} splits)":
-                   with_hg(hg, max(1, s4 * hg // 4), q, k, v, bt, lens, o, lse)
-                   for hg in (4, 2, 1)}
-            fns.update(paged_anchors(q, k, v, bt, L, tensor_cores=(True,)))
-            t = time_cuda_interleaved(fns, reps=reps, prime=True)
-            first = next(iter(fns))
-            print(f"B{B} L{L} page {ps} shuffled, dirty L2:")
-            for name, r in t.items():
-                print(f"    {name:24s} {r['ms'] * 1e3:7.1f} us  hg=4's speedup over it: "
-                      f"{paired_speedup(t[first], r):5.3f}")
-            del k, v
-    os.environ.pop("ESP_DECODE_HG", None)
-
-
 def print_both_evictions(title, fns, reps, speedup_of=None):
     """fns timed round-robin after a dirty and after a clean L2 eviction, a line each, with
     fns[speedup_of]'s paired speedup over each when given."""
@@ -356,14 +321,10 @@ def main():
     ap.add_argument("--warm", action="store_true", help="what a predecessor leaves warm only")
     ap.add_argument("--order", action="store_true", help="B8 L1k times by predecessor only")
     ap.add_argument("--l2-policy", action="store_true", help="KV L2 policies by size only")
-    ap.add_argument("--hg", action="store_true", help="EXPERIMENT: kv heads per CTA only")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     if args.l2_policy:
         l2_policies(gen)
-        return
-    if args.hg:
-        heads_per_cta_ab(gen)
         return
     if args.order:
         by_predecessor(gen)

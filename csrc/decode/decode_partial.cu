@@ -31,7 +31,6 @@
 #include "decode_partial.h"
 
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 
 #include "decode_partial_kernel.cuh"
@@ -182,12 +181,6 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
     const int max_hg = decode::kMaxHeadsPerCta / decode::head_tiles(static_cast<int>(G));
     int hg = 1;
     while (hg * 2 <= max_hg && Hkv % (hg * 2) == 0) hg *= 2;
-    if (const char* e = std::getenv("ESP_DECODE_HG")) {  // EXPERIMENT
-      const int want = std::atoi(e);
-      ESP_CHECK(want == 1 || want == 2 || want == 4, "ESP_DECODE_HG must be 1, 2 or 4");
-      ESP_CHECK(want <= max_hg && Hkv % want == 0, "ESP_DECODE_HG ", want, " does not fit");
-      hg = want;
-    }
     p.heads_per_cta = hg;
   }
   p.scale_log2 = static_cast<float>(static_cast<double>(softmax_scale) * 1.4426950408889634);
