@@ -112,33 +112,6 @@ def l2_policies(gen, reps=30):
         del k, v
 
 
-def policy_variants(gen, reps=25):
-    """EXPERIMENT: the KV copies' L2 policy variants (ESP_DECODE_POLICY, read per call): 0
-    normal, 1 evict-first, 2 evict-first with 128-byte prefetch, 3 evict-first without a
-    prefetch size, 4 evict-first on half the lines; dirty and clean flush, primed."""
-    import os
-
-    names = {0: "normal", 1: "evict-first", 2: "ef 128B", 3: "ef no prefetch", 4: "ef half"}
-    for B, L in ((1, 131072), (16, 16384), (64, 4096), (8, 1024)):
-        q, k, v, bt, ours = shuffled_case(gen, B, L)
-
-        def with_policy(pol):
-            def call():
-                os.environ["ESP_DECODE_POLICY"] = str(pol)
-                return ours()
-            return call
-
-        fns = {names[pol]: with_policy(pol) for pol in names}
-        for clean in (False, True):
-            t = time_cuda_interleaved(fns, reps=reps, clean=clean, prime=True)
-            print(f"B{B} L{L} page 16 shuffled, {'clean' if clean else 'dirty'} L2:")
-            for name, r in t.items():
-                print(f"    {name:16s} {r['ms'] * 1e3:7.1f} us  speedup over normal: "
-                      f"{paired_speedup(r, t['normal']):5.3f}")
-        del k, v
-    os.environ.pop("ESP_DECODE_POLICY", None)
-
-
 def print_both_evictions(title, fns, reps, speedup_of=None):
     """fns timed round-robin after a dirty and after a clean L2 eviction, a line each, with
     fns[speedup_of]'s paired speedup over each when given."""
@@ -348,14 +321,10 @@ def main():
     ap.add_argument("--warm", action="store_true", help="what a predecessor leaves warm only")
     ap.add_argument("--order", action="store_true", help="B8 L1k times by predecessor only")
     ap.add_argument("--l2-policy", action="store_true", help="KV L2 policies by size only")
-    ap.add_argument("--variants", action="store_true", help="EXPERIMENT: policy variants")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     if args.l2_policy:
         l2_policies(gen)
-        return
-    if args.variants:
-        policy_variants(gen)
         return
     if args.order:
         by_predecessor(gen)

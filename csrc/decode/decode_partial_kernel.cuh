@@ -76,7 +76,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstdlib>
 
 #include "../common/mma.cuh"
 #include "../common/vec.cuh"
@@ -247,7 +246,7 @@ __device__ __forceinline__ void attend_block(uint32_t k_head, uint32_t v_head, u
 
 }  // namespace detail
 
-template <typename T, int D, int kPolicy>
+template <typename T, int D, bool kEvictFirst>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     decode_partial_kernel(const DecodeParams p) {
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
@@ -386,18 +385,9 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
                         (kvh0 + head) * p.k_sh + col;
         const T* vsrc = static_cast<const T*>(p.v) + page[i] * p.v_sp + slot[i] * p.v_ss +
                         (kvh0 + head) * p.v_sh + col;
-        if constexpr (kPolicy == 1) {
+        if constexpr (kEvictFirst) {
           detail::cp_async_16_evict_first(dst, ksrc);
           detail::cp_async_16_evict_first(dst + T_stage * rb, vsrc);
-        } else if constexpr (kPolicy == 2) {
-          detail::cp_async_16_ef128(dst, ksrc);
-          detail::cp_async_16_ef128(dst + T_stage * rb, vsrc);
-        } else if constexpr (kPolicy == 3) {
-          detail::cp_async_16_ef_nohint(dst, ksrc);
-          detail::cp_async_16_ef_nohint(dst + T_stage * rb, vsrc);
-        } else if constexpr (kPolicy == 4) {
-          detail::cp_async_16_ef_half(dst, ksrc);
-          detail::cp_async_16_ef_half(dst + T_stage * rb, vsrc);
         } else {
           detail::cp_async_16(dst, ksrc);
           detail::cp_async_16(dst + T_stage * rb, vsrc);
@@ -687,14 +677,8 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
 template <typename T, int D>
 void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device) {
   // hg = 1 has the most padding; 2 (D = 128) or 4 (D = 64) CTAs of ~70 / ~37 KB per SM.
-  // EXPERIMENT: ESP_DECODE_POLICY (0-4) overrides the host's choice.
-  int policy = p.kv_evict_first ? 1 : 0;
-  if (const char* e = std::getenv("ESP_DECODE_POLICY")) policy = std::atoi(e);
-  auto kernel = policy == 1   ? decode_partial_kernel<T, D, 1>
-                : policy == 2 ? decode_partial_kernel<T, D, 2>
-                : policy == 3 ? decode_partial_kernel<T, D, 3>
-                : policy == 4 ? decode_partial_kernel<T, D, 4>
-                              : decode_partial_kernel<T, D, 0>;
+  auto kernel =
+      p.kv_evict_first ? decode_partial_kernel<T, D, true> : decode_partial_kernel<T, D, false>;
   set_smem_attributes_once(reinterpret_cast<const void*>(kernel), smem_bytes<T, D>(1), device);
   const dim3 grid(p.num_kv_heads / p.heads_per_cta, p.num_splits, p.batch);
   kernel<<<grid, kThreads, smem_bytes<T, D>(p.heads_per_cta), stream>>>(p);

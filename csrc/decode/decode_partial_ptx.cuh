@@ -45,28 +45,6 @@ __device__ __forceinline__ void cp_async_16_evict_first(uint32_t dst, const void
       "l"(src)
       : "memory");
 }
-// EXPERIMENT: evict-first variants (128B prefetch, no prefetch hint, half the lines).
-__device__ __forceinline__ void cp_async_16_ef128(uint32_t dst, const void* src) {
-  asm volatile(
-      "{\n.reg .b64 pol;\ncreatepolicy.fractional.L2::evict_first.b64 pol, 1.0;\n"
-      "cp.async.cg.shared.global.L2::cache_hint.L2::128B [%0], [%1], 16, pol;\n}\n" ::"r"(dst),
-      "l"(src)
-      : "memory");
-}
-__device__ __forceinline__ void cp_async_16_ef_nohint(uint32_t dst, const void* src) {
-  asm volatile(
-      "{\n.reg .b64 pol;\ncreatepolicy.fractional.L2::evict_first.b64 pol, 1.0;\n"
-      "cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, pol;\n}\n" ::"r"(dst),
-      "l"(src)
-      : "memory");
-}
-__device__ __forceinline__ void cp_async_16_ef_half(uint32_t dst, const void* src) {
-  asm volatile(
-      "{\n.reg .b64 pol;\ncreatepolicy.fractional.L2::evict_first.b64 pol, 0.5;\n"
-      "cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, pol;\n}\n" ::"r"(dst),
-      "l"(src)
-      : "memory");
-}
 // One arrival on `bar`, made when every cp.async this thread issued before has landed (noinc:
 // the barrier's expected count already includes it).
 __device__ __forceinline__ void arrive_on_copies(uint32_t bar) {
