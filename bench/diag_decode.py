@@ -5,7 +5,7 @@ against shuffled pages (bench_decode.py's layout), next to SDPA CUDNN on contigu
 two shapes that miss the bar. If in-order pages close the gap, DRAM/TLB locality of the pieces
 is the cause; if not, the kernel's own stream is. With --ncu, runs each case once inside
 cudaProfilerStart/Stop for `ncu --profile-from-start off` (with --short: B8 L1k, ours and the
-anchors); with --ab, compares the balanced and
+anchors; with --long: B16 L16k, the same); with --ab, compares the balanced and
 deterministic split schedules in interleaved rounds; with --profile, splits bench_decode's event
 time (L2 flushed before each call) into the device time of each kernel it launches, for ours and
 cuDNN, so time outside the main kernel (launch gaps, the split merge, memsets) is visible; with
@@ -125,17 +125,20 @@ def print_both_evictions(title, fns, reps, speedup_of=None):
                   f"{r['p90'] * 1e3:6.1f}){speedup}")
 
 
-def short_cases(gen):
-    """B8 L1k, page 16 shuffled: ours and the anchors (--ncu --short)."""
-    B, L = 8, 1024
+def anchor_cases(gen, B, L):
+    """B requests of L tokens, page 16 shuffled: ours and the anchors (--ncu --short: B8 L1k;
+    --ncu --long: B16 L16k)."""
     q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     k, v, bt, lens = paged(B, L, 16, gen)
     nbytes = 4 * B * L * Hkv * D
-    yield ("B8 L1k page 16 shuffled, ours", nbytes,
+    yield (f"B{B} L{L} page 16 shuffled, ours", nbytes,
            lambda: decode_partial(q, k, v, bt, lens, max_len=L))
+    in_order = torch.arange(bt.numel(), device="cuda", dtype=torch.int32).view_as(bt)
+    yield (f"B{B} L{L} page 16 in pool order, ours", nbytes,
+           lambda: decode_partial(q, k, v, in_order, lens, max_len=L))
     for name, fi in paged_anchors(q, k, v, bt, L).items():
-        yield f"B8 L1k page 16 shuffled, {name}", nbytes, fi
-    yield "B8 L1k SDPA CUDNN contiguous", nbytes, sdpa_contiguous(q, B, L, gen)
+        yield f"B{B} L{L} page 16 shuffled, {name}", nbytes, fi
+    yield f"B{B} L{L} SDPA CUDNN contiguous", nbytes, sdpa_contiguous(q, B, L, gen)
 
 
 def head_layouts(gen):
@@ -317,6 +320,7 @@ def main():
     ap.add_argument("--ab", action="store_true", help="balanced vs deterministic only")
     ap.add_argument("--profile", action="store_true", help="per-kernel device time only")
     ap.add_argument("--short", action="store_true", help="split sweep of the short shapes only")
+    ap.add_argument("--long", action="store_true", help="with --ncu: B16 L16k against anchors")
     ap.add_argument("--flush", action="store_true", help="dirty vs clean L2 eviction only")
     ap.add_argument("--warm", action="store_true", help="what a predecessor leaves warm only")
     ap.add_argument("--order", action="store_true", help="B8 L1k times by predecessor only")
@@ -345,7 +349,9 @@ def main():
         schedules_ab(gen)
         return
     if args.ncu:
-        for name, _, fn in (short_cases(gen) if args.short else cases(gen)):
+        picked = (anchor_cases(gen, 8, 1024) if args.short else
+                  anchor_cases(gen, 16, 16384) if args.long else cases(gen))
+        for name, _, fn in picked:
             fn()
             torch.cuda.synchronize()
             torch.cuda.profiler.start()
