@@ -64,9 +64,9 @@ def auto_schedule_is_static(num_splits: int, max_len: int) -> bool:
 
 
 # The kernel's KV copies carry an evict-first L2 policy when a call reads at most this many times
-# the device's L2 size of KV (csrc/decode/decode_partial_kernel.cuh, "L2 policy"). H100 (50 MB of
+# the device's L2 size of KV (csrc/decode/decode_partial_kernel.cuh, "L2 policy"). H100 (50 MiB of
 # L2), each size timed paired with and without it after a 256 MB write (dirty L2): 33.5-134 MB
-# 1.07-1.15x faster, 268 MB (5.4x the L2) 1.01-1.02x, 537 MB (10.7x) 0.99x, 1.07 GB 0.97x; after
+# 1.07-1.15x faster, 268 MB (5.1x the L2) 1.01-1.02x, 537 MB (10.2x) 0.99x, 1.07 GB 0.97x; after
 # a clean eviction 0.99-1.01x at every size.
 EVICT_FIRST_MAX_L2_MULTIPLE = 6
 
