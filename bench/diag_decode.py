@@ -20,7 +20,7 @@ the last two match, what the call before leaves warm is the kernels' code, not d
 translations; with --order, times --flush's B8 L1k contenders by the contender that ran before
 each, in three cyclic orders (the third with a projection GEMM, a decode layer's kernel before
 attention); with --l2-policy, times our call with and without the evict-first L2 policy on its
-KV copies over KV sizes of 33.6-537 MB, after dirty and clean evictions (where the host's
+KV copies over KV sizes of 33.6 MB-1.07 GB, after dirty and clean evictions (where the host's
 kv_evict_first rule should switch on this GPU).
 """
 
@@ -69,43 +69,43 @@ def paged_anchors(q, k, v, bt, L, tensor_cores=(True, False)) -> dict:
 
 def shuffled_case(gen, B, L):
     """q and page-16 K/V in shuffled pages for B requests of L tokens, and our call over them
-    into preallocated outputs: (q, k, v, block table, ours)."""
+    into preallocated outputs: (q, k, v, block table, ours); ours(table) reads the pages through
+    another block table of the same shape."""
     q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     o = torch.empty(B, Hq, D, device="cuda")
     lse = torch.empty(B, Hq, device="cuda")
     k, v, bt, lens = paged(B, L, 16, gen)
-    return q, k, v, bt, lambda: decode_partial(q, k, v, bt, lens, max_len=L, o=o, lse=lse)
+    return q, k, v, bt, lambda table=bt: decode_partial(q, k, v, table, lens, max_len=L, o=o,
+                                                         lse=lse)
 
 
 def l2_policies(gen, reps=30):
-    """Ours with and without the evict-first L2 policy on the KV copies (the core's
-    kv_evict_first, forced both ways), page 16 shuffled, over KV sizes of 33.6-537 MB a call,
-    after a dirty and after a clean L2 eviction: where the host's rule (kv_evict_first) should
-    switch on this GPU."""
-    import math
+    """Ours with and without the evict-first L2 policy on the KV copies (the host's rule
+    kv_evict_first forced both ways), page 16 shuffled, over KV sizes of 33.6 MB-1.07 GB a call,
+    after a dirty and after a clean L2 eviction: where the rule should switch on this GPU."""
+    from esp_kernels.decode import partial
 
-    from esp_kernels import _C, _core
-    from esp_kernels.decode.partial import default_schedule, kv_evict_first, new_workspace
-
+    rule = partial.kv_evict_first
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
+
+    def forced(ours, on):
+        def call():
+            partial.kv_evict_first = lambda *args: on
+            try:
+                return ours()
+            finally:
+                partial.kv_evict_first = rule
+        return call
+
     for B, L in ((8, 1024), (16, 1024), (8, 2048), (4, 4096), (1, 16384), (32, 1024),
                  (8, 4096), (1, 32768), (64, 512), (16, 4096), (64, 1024), (1, 65536),
                  (1, 131072), (16, 16384), (64, 4096)):
-        q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        o = torch.empty(B, Hq, D, device="cuda")
-        lse = torch.empty(B, Hq, device="cuda")
-        k, v, bt, lens = paged(B, L, 16, gen)
-        splits, static = default_schedule(B, Hkv, L, q.device, D)
-        ws = new_workspace(B, Hq, D, splits, q.device)
-        descs = [_core.desc(t) for t in (q, k, v, bt, lens, o, lse, ws)]
-        stream = _core.stream_handle(q.device)
-        fns = {policy: (lambda on=on: _C.decode_partial(*descs, splits, 1 / math.sqrt(D), static,
-                                                         0, stream, False, on))
-               for policy, on in (("normal", False), ("evict-first", True))}
-        rule = "evict-first" if kv_evict_first(B, Hkv, L, D, 2, l2) else "normal"
+        q, k, v, bt, ours = shuffled_case(gen, B, L)
+        fns = {"normal": forced(ours, False), "evict-first": forced(ours, True)}
+        picked = "evict-first" if rule(B, Hkv, L, D, 2, l2) else "normal"
         for clean in (False, True):
             t = time_cuda_interleaved(fns, reps=reps, clean=clean, prime=True)
-            print(f"B{B} L{L} ({4 * B * L * Hkv * D / 1e6:6.1f} MB, rule: {rule:11s}) "
+            print(f"B{B} L{L} ({4 * B * L * Hkv * D / 1e6:6.1f} MB, rule: {picked:11s}) "
                   f"{'clean' if clean else 'dirty'}: normal {t['normal']['ms'] * 1e3:7.1f} us, "
                   f"evict-first {t['evict-first']['ms'] * 1e3:7.1f} us, speedup "
                   f"{paired_speedup(t['evict-first'], t['normal']):5.3f}")
@@ -126,16 +126,13 @@ def print_both_evictions(title, fns, reps, speedup_of=None):
 
 
 def anchor_cases(gen, B, L):
-    """B requests of L tokens, page 16 shuffled: ours and the anchors (--ncu --short: B8 L1k;
-    --ncu --long: B16 L16k)."""
-    q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k, v, bt, lens = paged(B, L, 16, gen)
+    """B requests of L tokens, page 16 shuffled: ours (also over pages in pool order) and the
+    anchors (--ncu --short: B8 L1k; --ncu --long: B16 L16k)."""
+    q, k, v, bt, ours = shuffled_case(gen, B, L)
     nbytes = 4 * B * L * Hkv * D
-    yield (f"B{B} L{L} page 16 shuffled, ours", nbytes,
-           lambda: decode_partial(q, k, v, bt, lens, max_len=L))
     in_order = torch.arange(bt.numel(), device="cuda", dtype=torch.int32).view_as(bt)
-    yield (f"B{B} L{L} page 16 in pool order, ours", nbytes,
-           lambda: decode_partial(q, k, v, in_order, lens, max_len=L))
+    yield f"B{B} L{L} page 16 shuffled, ours", nbytes, ours
+    yield f"B{B} L{L} page 16 in pool order, ours", nbytes, lambda: ours(in_order)
     for name, fi in paged_anchors(q, k, v, bt, L).items():
         yield f"B{B} L{L} page 16 shuffled, {name}", nbytes, fi
     yield f"B{B} L{L} SDPA CUDNN contiguous", nbytes, sdpa_contiguous(q, B, L, gen)
