@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .engine import Launch, Policy, SimulationError, kv_capacity_tokens
+from .engine import Launch, Policy, kv_capacity_tokens
 
 __all__ = ["StaticSPPolicy", "ChunkedPrefillPolicy", "DisaggregatedPolicy", "CHUNK_SIZES"]
 
