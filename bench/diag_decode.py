@@ -112,51 +112,6 @@ def l2_policies(gen, reps=30):
         del k, v
 
 
-def occupancy_ab(gen, reps=20):
-    """EXPERIMENT: 3 CTAs per SM at D = 128 (ESP_DECODE_MINB=3: 168 registers, read per call)
-    against the shipped 2, with the default split count and with the count the cost model picks
-    for 3 CTAs per SM, next to FlashInfer's kernels, primed, dirty flush."""
-    import os
-
-    from esp_kernels.decode.partial import (auto_schedule_is_static, default_num_splits,
-                                            num_splits_for)
-
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-
-    def variant(minb, splits, q, k, v, bt, lens, o, lse, L):
-        def call():
-            os.environ["ESP_DECODE_MINB"] = str(minb)
-            # (the schedule an automatic call with that split count would take)
-            return decode_partial(q, k, v, bt, lens, max_len=L, num_splits=splits, o=o, lse=lse,
-                                  deterministic=auto_schedule_is_static(splits, L))
-        return call
-
-    for B, L in ((1, 131072), (16, 16384), (64, 4096), (8, 1024)):
-        s2 = default_num_splits(B, Hkv, L, torch.device("cuda"), D)
-        s3 = num_splits_for(B, Hkv, L, sms * 3 // 2, D)  # slots = 3 per SM
-        for ps in (16, 1):
-            q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-            o = torch.empty(B, Hq, D, device="cuda")
-            lse = torch.empty(B, Hq, device="cuda")
-            k, v, bt, lens = paged(B, L, ps, gen)
-            fns = {f"ours 2/SM ({s2} splits)": variant(2, s2, q, k, v, bt, lens, o, lse, L),
-                   f"ours 3/SM ({s2} splits)": variant(3, s2, q, k, v, bt, lens, o, lse, L)}
-            one_wave = max(1, min(256, 3 * sms // (B * Hkv // 4)))  # 4 kv heads per CTA
-            for s in sorted({s3, one_wave} - {s2}):
-                if s > -(-L // 64):  # splits are whole multiples of 64 tokens
-                    continue
-                fns[f"ours 3/SM ({s} splits)"] = variant(3, s, q, k, v, bt, lens, o, lse, L)
-            fns.update(paged_anchors(q, k, v, bt, L))
-            t = time_cuda_interleaved(fns, reps=reps, prime=True)
-            first = next(iter(fns))
-            print(f"B{B} L{L} page {ps} shuffled, dirty L2:")
-            for name, r in t.items():
-                print(f"    {name:26s} {r['ms'] * 1e3:7.1f} us  2/SM's speedup over it: "
-                      f"{paired_speedup(t[first], r):5.3f}")
-            del k, v
-    os.environ.pop("ESP_DECODE_MINB", None)
-
-
 def print_both_evictions(title, fns, reps, speedup_of=None):
     """fns timed round-robin after a dirty and after a clean L2 eviction, a line each, with
     fns[speedup_of]'s paired speedup over each when given."""
@@ -367,12 +322,8 @@ def main():
     ap.add_argument("--warm", action="store_true", help="what a predecessor leaves warm only")
     ap.add_argument("--order", action="store_true", help="B8 L1k times by predecessor only")
     ap.add_argument("--l2-policy", action="store_true", help="KV L2 policies by size only")
-    ap.add_argument("--minb", action="store_true", help="EXPERIMENT: 3 CTAs per SM only")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    if args.minb:
-        occupancy_ab(gen)
-        return
     if args.l2_policy:
         l2_policies(gen)
         return

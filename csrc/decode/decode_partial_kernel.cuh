@@ -76,7 +76,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstdlib>
 
 #include "../common/mma.cuh"
 #include "../common/vec.cuh"
@@ -247,8 +246,8 @@ __device__ __forceinline__ void attend_block(uint32_t k_head, uint32_t v_head, u
 
 }  // namespace detail
 
-template <typename T, int D, bool kEvictFirst, int kMinBlocks = (D == 64 ? 4 : 2)>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+template <typename T, int D, bool kEvictFirst>
+__global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     decode_partial_kernel(const DecodeParams p) {
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
   constexpr int kHeadBytes = D * static_cast<int>(sizeof(T));
@@ -680,12 +679,6 @@ void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int devic
   // hg = 1 has the most padding; 2 (D = 128) or 4 (D = 64) CTAs of ~70 / ~37 KB per SM.
   auto kernel =
       p.kv_evict_first ? decode_partial_kernel<T, D, true> : decode_partial_kernel<T, D, false>;
-  if (D == 128) {  // EXPERIMENT: ESP_DECODE_MINB=3, 3 CTAs per SM (168 registers)
-    const char* e = std::getenv("ESP_DECODE_MINB");
-    if (e && std::atoi(e) == 3)
-      kernel = p.kv_evict_first ? decode_partial_kernel<T, D, true, 3>
-                                : decode_partial_kernel<T, D, false, 3>;
-  }
   set_smem_attributes_once(reinterpret_cast<const void*>(kernel), smem_bytes<T, D>(1), device);
   const dim3 grid(p.num_kv_heads / p.heads_per_cta, p.num_splits, p.batch);
   kernel<<<grid, kThreads, smem_bytes<T, D>(p.heads_per_cta), stream>>>(p);
