@@ -1,27 +1,27 @@
 """Where the decode kernel's stream falls short of cuDNN's (EXTRA="cd bench && python3 diag_decode.py").
 
 Times the paged decode kernel with the block table in order (pages laid out like contiguous KV)
-against shuffled pages (bench_decode.py's layout), next to SDPA CUDNN on contiguous KV, for the
-two shapes that miss the bar. If in-order pages close the gap, DRAM/TLB locality of the pieces
-is the cause; if not, the kernel's own stream is. With --ncu, runs each case once inside
+against shuffled pages (bench_decode.py's layout), next to SDPA CUDNN on contiguous KV, for the two
+shapes that miss the bar. If in-order pages close the gap, DRAM/TLB locality of the pieces is the
+cause; if not, the kernel's own stream is. With --ncu, runs each case once inside
 cudaProfilerStart/Stop for `ncu --profile-from-start off` (with --short: B8 L1k, ours and the
-anchors; with --long: B16 L16k, the same); with --ab, compares the balanced and
-deterministic split schedules in interleaved rounds; with --profile, splits bench_decode's event
-time (L2 flushed before each call) into the device time of each kernel it launches, for ours and
-cuDNN, so time outside the main kernel (launch gaps, the split merge, memsets) is visible; with
---short, sweeps the split count and schedule of the short shapes (B8 L1k, where the bar is
-furthest) in interleaved rounds, next to SDPA CUDNN on contiguous KV; with --flush, times
-bench_decode's four shapes (page 16, shuffled) against the paged anchors round-robin twice, after
-an L2 flush that leaves dirty lines (bench_decode's, a 256 MB write) and after one that leaves
-clean lines (a 256 MB read), and at B8 L1k three identical contenders of ours, so that an effect
-of a contender's place in the rotation shows; with --warm, times the B8 L1k call after a foreign
+anchors; with --long: B16 L16k, the same; --page 1 for one-token pages); with --ab, compares the
+balanced and deterministic split schedules in interleaved rounds; with --profile, splits
+bench_decode's event time (L2 flushed before each call) into the device time of each kernel it
+launches, for ours and cuDNN, so time outside the main kernel (launch gaps, the split merge,
+memsets) is visible; with --short, sweeps the split count and schedule of the short shapes (B8 L1k,
+where the bar is furthest) in interleaved rounds, next to SDPA CUDNN on contiguous KV; with --flush,
+times bench_decode's four shapes (page 16, shuffled) against the paged anchors round-robin twice,
+after an L2 flush that leaves dirty lines (bench_decode's, a 256 MB write) and after one that leaves
+clean lines (a 256 MB read), and at B8 L1k three identical contenders of ours, so that an effect of
+a contender's place in the rotation shows; with --warm, times the B8 L1k call after a foreign
 kernel, after itself and after the same kernels on a tiny problem (other buffers, other pages): if
-the last two match, what the call before leaves warm is the kernels' code, not data or
-translations; with --order, times --flush's B8 L1k contenders by the contender that ran before
-each, in three cyclic orders (the third with a projection GEMM, a decode layer's kernel before
-attention); with --l2-policy, times our call with and without the evict-first L2 policy on its
-KV copies over KV sizes of 33.6 MB-1.07 GB, after dirty and clean evictions (where the host's
-kv_evict_first rule should switch on this GPU).
+the last two match, what the call before leaves warm is the kernels' code, not data or translations;
+with --order, times --flush's B8 L1k contenders by the contender that ran before each, in three
+cyclic orders (the third with a projection GEMM, a decode layer's kernel before attention); with
+--l2-policy, times our call with and without the evict-first L2 policy on its KV copies over KV
+sizes of 33.6 MB-1.07 GB, after dirty and clean evictions (where the host's kv_evict_first rule
+should switch on this GPU).
 """
 
 import argparse
@@ -67,14 +67,14 @@ def paged_anchors(q, k, v, bt, L, tensor_cores=(True, False)) -> dict:
     return out
 
 
-def shuffled_case(gen, B, L):
-    """q and page-16 K/V in shuffled pages for B requests of L tokens, and our call over them
-    into preallocated outputs: (q, k, v, block table, ours); ours(table) reads the pages through
-    another block table of the same shape."""
+def shuffled_case(gen, B, L, page=16):
+    """q and K/V in shuffled pages of `page` tokens for B requests of L tokens, and our call over
+    them into preallocated outputs: (q, k, v, block table, ours); ours(table) reads the pages
+    through another block table of the same shape."""
     q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     o = torch.empty(B, Hq, D, device="cuda")
     lse = torch.empty(B, Hq, device="cuda")
-    k, v, bt, lens = paged(B, L, 16, gen)
+    k, v, bt, lens = paged(B, L, page, gen)
     return q, k, v, bt, lambda table=bt: decode_partial(q, k, v, table, lens, max_len=L, o=o,
                                                          lse=lse)
 
@@ -125,16 +125,16 @@ def print_both_evictions(title, fns, reps, speedup_of=None):
                   f"{r['p90'] * 1e3:6.1f}){speedup}")
 
 
-def anchor_cases(gen, B, L):
-    """B requests of L tokens, page 16 shuffled: ours (also over pages in pool order) and the
-    anchors (--ncu --short: B8 L1k; --ncu --long: B16 L16k)."""
-    q, k, v, bt, ours = shuffled_case(gen, B, L)
+def anchor_cases(gen, B, L, page=16):
+    """B requests of L tokens in shuffled pages of `page` tokens: ours (also over pages in pool
+    order) and the anchors (--ncu --short: B8 L1k; --ncu --long: B16 L16k; --page)."""
+    q, k, v, bt, ours = shuffled_case(gen, B, L, page)
     nbytes = 4 * B * L * Hkv * D
     in_order = torch.arange(bt.numel(), device="cuda", dtype=torch.int32).view_as(bt)
-    yield f"B{B} L{L} page 16 shuffled, ours", nbytes, ours
-    yield f"B{B} L{L} page 16 in pool order, ours", nbytes, lambda: ours(in_order)
+    yield f"B{B} L{L} page {page} shuffled, ours", nbytes, ours
+    yield f"B{B} L{L} page {page} in pool order, ours", nbytes, lambda: ours(in_order)
     for name, fi in paged_anchors(q, k, v, bt, L).items():
-        yield f"B{B} L{L} page 16 shuffled, {name}", nbytes, fi
+        yield f"B{B} L{L} page {page} shuffled, {name}", nbytes, fi
     yield f"B{B} L{L} SDPA CUDNN contiguous", nbytes, sdpa_contiguous(q, B, L, gen)
 
 
@@ -318,6 +318,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="per-kernel device time only")
     ap.add_argument("--short", action="store_true", help="split sweep of the short shapes only")
     ap.add_argument("--long", action="store_true", help="with --ncu: B16 L16k against anchors")
+    ap.add_argument("--page", type=int, default=16, choices=(16, 1),
+                    help="with --ncu --short / --long: tokens per page")
     ap.add_argument("--flush", action="store_true", help="dirty vs clean L2 eviction only")
     ap.add_argument("--warm", action="store_true", help="what a predecessor leaves warm only")
     ap.add_argument("--order", action="store_true", help="B8 L1k times by predecessor only")
@@ -346,8 +348,8 @@ def main():
         schedules_ab(gen)
         return
     if args.ncu:
-        picked = (anchor_cases(gen, 8, 1024) if args.short else
-                  anchor_cases(gen, 16, 16384) if args.long else cases(gen))
+        picked = (anchor_cases(gen, 8, 1024, args.page) if args.short else
+                  anchor_cases(gen, 16, 16384, args.page) if args.long else cases(gen))
         for name, _, fn in picked:
             fn()
             torch.cuda.synchronize()
