@@ -140,15 +140,18 @@ def anchor_cases(gen, B, L, page=16):
 
 def head_layouts(gen):
     """Same KV bytes (537 MB), same CTA count (256 x 1024 tokens x 4 kv heads), different
-    distance between a CTA's 1 KB pieces: Hkv = 4 reads whole pages (pieces adjacent), Hkv = 8
-    every other KB (bench_decode's shape), Hkv = 16 one KB in four."""
-    for hq, hkv, L in ((16, 4, 262144), (32, 8, 131072), (64, 16, 65536)):
-        q = torch.randn(1, hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k, v, bt, lens = paged(1, L, 16, gen, hkv=hkv)
-        yield (f"B1 L{L} Hq{hq}/Hkv{hkv} page 16 shuffled", 4 * L * hkv * D,
-               lambda q=q, k=k, v=v, bt=bt, lens=lens, L=L: decode_partial(q, k, v, bt, lens,
-                                                                         max_len=L))
-        del k, v
+    distance between a CTA's 1 KB pieces: Hkv = 4 reads whole token rows (pieces adjacent), Hkv
+    = 8 every other KB (bench_decode's shape), Hkv = 16 one KB in four; on 16-token pages and on
+    one-token pages (where each piece is a row's share of its own page: does reading a shuffled
+    page in parts, by several CTAs, cost more than reading it whole?)."""
+    for ps in (16, 1):
+        for hq, hkv, L in ((16, 4, 262144), (32, 8, 131072), (64, 16, 65536)):
+            q = torch.randn(1, hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+            k, v, bt, lens = paged(1, L, ps, gen, hkv=hkv)
+            yield (f"B1 L{L} Hq{hq}/Hkv{hkv} page {ps} shuffled", 4 * L * hkv * D,
+                   lambda q=q, k=k, v=v, bt=bt, lens=lens, L=L: decode_partial(q, k, v, bt, lens,
+                                                                             max_len=L))
+            del k, v
 
 
 def schedules_ab(gen, rounds=8, reps=15):
