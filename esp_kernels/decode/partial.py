@@ -101,6 +101,24 @@ def default_schedule(batch: int, num_kv_heads: int, max_len: int, device: torch.
     return num_splits, auto_schedule_is_static(num_splits, max_len)
 
 
+def _launch_choices(batch: int, num_kv_heads: int, head_dim: int, elem_bytes: int,
+                   device: torch.device, num_splits, max_len, page_size: int,
+                   table_pages: int) -> tuple[int, bool, bool]:
+    """What a kernel launch over shards of up to `max_len` tokens (None: the block table's
+    capacity, page_size * table_pages) runs: (num_splits, whether the automatic schedule fixes
+    the splits' ranges, whether the KV copies take the evict-first L2 policy). num_splits None
+    takes `default_schedule`; a given count keeps the caller's schedule (False here). The
+    policy is `kv_evict_first` of that bound (off CUDA: False). decode_partial and
+    PreparedDecodePartial decide through this, once per call and once per preparation."""
+    bound = page_size * table_pages if max_len is None else max_len
+    static = False
+    if num_splits is None:
+        num_splits, static = default_schedule(batch, num_kv_heads, bound, device, head_dim)
+    evict_first = device.type == "cuda" and kv_evict_first(
+        batch, num_kv_heads, bound, head_dim, elem_bytes, _l2_bytes(device.index))
+    return int(num_splits), static, evict_first
+
+
 def new_workspace(batch: int, num_q_heads: int, head_dim: int, num_splits: int,
                   device: torch.device) -> torch.Tensor:
     """A float32 workspace of `_C.decode_workspace_elems` elements (at least one) on `device`."""
@@ -211,19 +229,16 @@ def decode_partial_(q, k_cache, v_cache, block_table, kv_lens, o, lse, workspace
             raise TypeError(f"the CUDA decode kernel needs float16/bfloat16 q and cache of the "
                             f"same dtype, got {q.dtype} and {k_cache.dtype}")
         C = _core.require_compiled("decode_partial")
-        if max_len is None:
-            max_len = k_cache.shape[1] * block_table.shape[1]
-        if num_splits is None:
-            num_splits, static = default_schedule(B, k_cache.shape[2], max_len, q.device, D)
-            deterministic = deterministic or static
-        evict_first = kv_evict_first(B, k_cache.shape[2], max_len, D, q.element_size(),
-                                     _l2_bytes(q.device.index))
+        num_splits, static, evict_first = _launch_choices(
+            B, k_cache.shape[2], D, q.element_size(), q.device, num_splits, max_len,
+            k_cache.shape[1], block_table.shape[1])
+        deterministic = deterministic or static
         ws = workspace
-        if ws is None or ws.numel() < C.decode_workspace_elems(B, Hq, D, int(num_splits)):
-            ws = new_workspace(B, Hq, D, int(num_splits), q.device)
+        if ws is None or ws.numel() < C.decode_workspace_elems(B, Hq, D, num_splits):
+            ws = new_workspace(B, Hq, D, num_splits, q.device)
         d = _core.desc
         C.decode_partial(d(q), d(k_cache), d(v_cache), d(block_table), d(kv_lens), d(o), d(lse),
-                         d(ws), int(num_splits), scale, bool(deterministic), q.device.index,
+                         d(ws), num_splits, scale, bool(deterministic), q.device.index,
                          _core.stream_handle(q.device), False, evict_first)
     else:
         _partial_torch(q, k_cache, v_cache, block_table, kv_lens, scale, o, lse)
@@ -259,16 +274,11 @@ class PreparedDecodePartial:
         self.num_layers = k_layers.shape[0]
         self._q_shape, self._q_dtype = q.shape, q.dtype
         self._device, self._device_index = dev, dev.index
-        hkv = k_layers.shape[3]
-        # With the default split count comes the automatic schedule (decode_partial).
-        self._static = False
-        bound = k_layers.shape[2] * block_table.shape[1] if max_len is None else max_len
-        if num_splits is None:
-            num_splits, self._static = default_schedule(max(1, B), hkv, bound, dev, D)
-        self.num_splits = int(num_splits)
-        self._kv_evict_first = (dev.type == "cuda" and
-                                kv_evict_first(B, hkv, bound, D, k_layers.element_size(),
-                                               _l2_bytes(dev.index)))
+        # With the default split count comes the automatic schedule (decode_partial). (An empty
+        # batch plans as one request; it launches through decode_partial, not the descriptors.)
+        self.num_splits, self._static, self._kv_evict_first = _launch_choices(
+            max(1, B), k_layers.shape[3], D, k_layers.element_size(), dev, num_splits, max_len,
+            k_layers.shape[2], block_table.shape[1])
         self.workspace = None
         self._descs = None
         if (dev.type == "cuda" and _core.has_compiled() and q.dtype in HALF_DTYPES
