@@ -185,10 +185,6 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
   }
   p.scale_log2 = static_cast<float>(static_cast<double>(softmax_scale) * 1.4426950408889634);
   p.kv_evict_first = kv_evict_first;
-  {
-    const char* exp = std::getenv("ESP_DECODE_EXP");
-    p.grab_prefetch = exp != nullptr && std::strstr(exp, "grabpf") != nullptr;
-  }
 
   // One split: the kernel writes the final state. Several: each split writes its slot of the
   // workspace, viewed as o [S, B, Hq, D] then lse [S, B, Hq], and decode_merge_kernel reduces them.

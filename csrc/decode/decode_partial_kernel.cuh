@@ -78,8 +78,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "../common/mma.cuh"
 #include "../common/vec.cuh"
@@ -112,7 +110,6 @@ struct DecodeParams {
   int* tile_counter;
   float scale_log2;   // softmax_scale * log2(e): scores go through exp2
   bool kv_evict_first;  // the KV copies carry an evict-first L2 policy (decode_partial.h)
-  bool grab_prefetch;   // EXPERIMENT (ESP_DECODE_EXP=grabpf): see prefetch_tile_table
 };
 
 // Reduction of the splits' states: out row (b, h) = merge over s of the state at
@@ -150,9 +147,9 @@ __host__ __device__ constexpr int token_row_bytes(int hg, int d, int elem_bytes)
 __host__ __device__ constexpr int stage_bytes(int hg, int d, int elem_bytes) {
   return 2 * (kRows / hg) * token_row_bytes(hg, d, elem_bytes);
 }
-template <typename T, int D, int kSt = kStages>
+template <typename T, int D>
 constexpr int smem_bytes(int hg) {
-  return kSt * stage_bytes(hg, D, static_cast<int>(sizeof(T)));
+  return kStages * stage_bytes(hg, D, static_cast<int>(sizeof(T)));
 }
 // Head tiles of 16 query heads per kv head.
 __host__ __device__ constexpr int head_tiles(int group) {
@@ -251,7 +248,7 @@ __device__ __forceinline__ void attend_block(uint32_t k_head, uint32_t v_head, u
 
 }  // namespace detail
 
-template <typename T, int D, bool kEvictFirst, int kSt>
+template <typename T, int D, bool kEvictFirst>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     decode_partial_kernel(const DecodeParams p) {
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
@@ -259,7 +256,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   // Merge buffer rows padded by 4 floats: the float2 fragment stores of 8 rows then hit
   // distinct banks (a 512-byte stride would put all 8 rows on the same banks).
   constexpr int kRedStride = D + 4;
-  static_assert(kWarps * 16 * kRedStride * 4 <= kSt * 2 * kRows * kHeadBytes,
+  static_assert(kWarps * 16 * kRedStride * 4 <= kStages * 2 * kRows * kHeadBytes,
                 "merge buffer fits in the pipeline buffers");
   // Copies: in pass i, thread tid moves 16-byte chunk tid % kCpr of head row
   // i * kRpp + tid / kCpr (head row = token * hg + head) of the stage's K and of its V.
@@ -269,8 +266,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ float s_max[kWarps][16], s_sum[kWarps][16];
-  __shared__ __align__(8) uint64_t full_bar[kSt];
-  __shared__ int s_first[kSt];  // first token of the tile in each stage, -1: none
+  __shared__ __align__(8) uint64_t full_bar[kStages];
+  __shared__ int s_first[kStages];  // first token of the tile in each stage, -1: none
   __shared__ int s_tile[kTileRing];  // balanced: tile of slot u at s_tile[u % kTileRing]
 
   const int grp = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
@@ -286,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
 
   if (tid == 0) {
 #pragma unroll
-    for (int s = 0; s < kSt; ++s)
+    for (int s = 0; s < kStages; ++s)
       detail::mbar_init(smem_u32(&full_bar[s]), kThreads);
   }
   // The split merge (if any) may be scheduled now; it waits for this whole grid to complete.
@@ -307,12 +304,12 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     const unsigned S = static_cast<unsigned>(p.num_splits);
     return ((static_cast<unsigned>(n) + S - 1) / S + kTile - 1) / kTile * kTile;
   };
-  // While kv_lens is in flight, warp 1 prefetches the block-table lines of the first kSt
+  // While kv_lens is in flight, warp 1 prefetches the block-table lines of the first kStages
   // tiles this CTA would have if the request filled its table (len = cap; exact for a full
   // table, a few wasted prefetches otherwise), so the lookups below hit L2 instead of paying a
   // second DRAM round trip. Tokens are probed 16 apart (16 entries = 64 bytes at page 1).
-  if (warp == 1 && 16 * lane <= kSt * T_stage && cap > 0) {
-    int64_t first_g = int64_t{split} * kSt * T_stage, span = int64_t{kSt} * T_stage;
+  if (warp == 1 && 16 * lane <= kStages * T_stage && cap > 0) {
+    int64_t first_g = int64_t{split} * kStages * T_stage, span = int64_t{kStages} * T_stage;
     if (!balanced) {
       const int64_t chunk_g = split_chunk(cap);
       first_g = split * chunk_g;
@@ -333,16 +330,16 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   }
   const int num_tiles = (end - start + T_stage - 1) / T_stage;
   // Tile of pipeline slot t, or -1 past the last: static, tile t of the range; balanced, tile
-  // split * kSt + t for the first kSt slots, then tiles taken from the request's counter
-  // (value c -> tile num_splits * kSt + c).
+  // split * kStages + t for the first kStages slots, then tiles taken from the request's counter
+  // (value c -> tile num_splits * kStages + c).
   auto valid_tile = [&](int tile) { return tile < num_tiles ? tile : -1; };
   int* const counter = balanced ? p.tile_counter + b * gridDim.x + grp : nullptr;
-  const int first_dynamic_tile = p.num_splits * kSt;
+  const int first_dynamic_tile = p.num_splits * kStages;
 
   // Block-table prefetch (static schedule; warp 1, lanes < n_probes): the L2 lines holding the
   // page indices of `tile`, probed every 16 tokens and at its last token, so with contiguous
   // table rows every line its lookups read is touched. Every thread loads the indices of tile
-  // t+kSt during iteration t; warp 1 prefetches tile t+kSt+kBtAhead then, so that load
+  // t+kStages during iteration t; warp 1 prefetches tile t+kStages+kBtAhead then, so that load
   // hits L2 rather than waiting a loaded DRAM latency (page 1: a new 128-byte line every 2 tiles
   // at hg = 4). The balanced schedule learns its tiles only two iterations ahead and skips this.
   // Addresses stay inside the table (tile < num_tiles, token < end <= cap).
@@ -356,18 +353,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
         bt + static_cast<int>(static_cast<unsigned>(tok) / static_cast<unsigned>(ps)) * p.bt_sp);
   };
   if (!balanced && warp == 1 && lane < kBtAhead * n_probes)
-    prefetch_pages(kSt + lane / n_probes, lane % n_probes);
+    prefetch_pages(kStages + lane / n_probes, lane % n_probes);
 
-  // EXPERIMENT (balanced): the block-table lines of a counter tile, prefetched by thread 0 when
-  // it publishes the tile, one iteration before the lookup.
-  auto prefetch_tile_table = [&](int tile) {
-    const int first = start + tile * T_stage;
-    const int last = min(first + T_stage, end) - 1;
-    detail::prefetch_l2(bt + static_cast<int>(static_cast<unsigned>(first) /
-                                              static_cast<unsigned>(ps)) * p.bt_sp);
-    detail::prefetch_l2(bt + static_cast<int>(static_cast<unsigned>(last) /
-                                              static_cast<unsigned>(ps)) * p.bt_sp);
-  };
   // Page and slot of each of this thread's copies of `tile`; tokens past `end` take end-1.
   auto lookup = [&](int tile, int (&page)[kPasses], int (&slot)[kPasses]) {
 #pragma unroll
@@ -386,7 +373,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   // none, the loop ends there) goes to s_first[stage]; the __syncthreads at the top of the
   // next iteration publishes it before any warp reads it.
   auto issue = [&](int t, int tile, const int (&page)[kPasses], const int (&slot)[kPasses]) {
-    const int stage = t % kSt;
+    const int stage = t % kStages;
     if (tid == 0) s_first[stage] = tile < 0 ? -1 : start + tile * T_stage;
     if (tile >= 0) {
       const int col = (tid % kCpr) * 8;  // elements: 16 bytes of 2-byte T
@@ -419,25 +406,25 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   const int tg = warp / roles, ntg = kWarps / roles;
 
   // Tiles of the pipeline slots (see "Tile schedule"): static, slot u takes tile u of the range;
-  // balanced, slot u < kSt takes tile split * kSt + u and later slots come from the
-  // counter. Slot u's pages are looked up in iteration u - kSt and its copies issued in
-  // iteration u - kSt + 1, so for a counter slot thread 0 takes the counter value in
-  // iteration u - kSt - 2 and publishes the tile in s_tile during iteration
-  // u - kSt - 1; the __syncthreads that opens iteration u - kSt makes it visible
+  // balanced, slot u < kStages takes tile split * kStages + u and later slots come from the
+  // counter. Slot u's pages are looked up in iteration u - kStages and its copies issued in
+  // iteration u - kStages + 1, so for a counter slot thread 0 takes the counter value in
+  // iteration u - kStages - 2 and publishes the tile in s_tile during iteration
+  // u - kStages - 1; the __syncthreads that opens iteration u - kStages makes it visible
   // (the first two counter slots are taken before the loop). Tiles only run out, never return:
   // once a slot has none, no later slot has one (counter values only grow).
-  auto first_tile = [&](int u) { return valid_tile(balanced ? split * kSt + u : u); };
+  auto first_tile = [&](int u) { return valid_tile(balanced ? split * kStages + u : u); };
   int page[kPasses], slot[kPasses];
-  int look_tile = first_tile(kSt - 1);  // the slot whose pages are in page/slot
+  int look_tile = first_tile(kStages - 1);  // the slot whose pages are in page/slot
   if (look_tile >= 0) lookup(look_tile, page, slot);
   {
-    int pre_page[kSt - 1][kPasses], pre_slot[kSt - 1][kPasses];
+    int pre_page[kStages - 1][kPasses], pre_slot[kStages - 1][kPasses];
 #pragma unroll
-    for (int u = 0; u < kSt - 1; ++u)
+    for (int u = 0; u < kStages - 1; ++u)
       if (first_tile(u) >= 0) lookup(first_tile(u), pre_page[u], pre_slot[u]);
     __syncthreads();  // the barriers are initialized
 #pragma unroll
-    for (int u = 0; u < kSt - 1; ++u) issue(u, first_tile(u), pre_page[u], pre_slot[u]);
+    for (int u = 0; u < kStages - 1; ++u) issue(u, first_tile(u), pre_page[u], pre_slot[u]);
   }
   // Balanced: thread 0 takes the first two counter values only now, with the first copies in
   // flight, and in one round trip (the second is wasted when the first is already past the end;
@@ -448,8 +435,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     const int c0 = atomicAdd(counter, 1);
     grab = atomicAdd(counter, 1);
     published = valid_tile(first_dynamic_tile + c0);
-    s_tile[kSt % kTileRing] = published;
-    if (p.grab_prefetch && published >= 0) prefetch_tile_table(published);
+    s_tile[kStages % kTileRing] = published;
   }
 
   // Q as MMA A fragments (rows = the warp's 16 heads, zero past G), loaded while pages arrive.
@@ -480,10 +466,10 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   // Slots are consumed in order, so the loop ends at the first empty slot with no copy in
   // flight.
   for (int t = 0;; ++t) {
-    // Every warp is done with slot t-1, whose stage slot t+kSt-1 reuses: refill it before
-    // waiting for slot t, so all kSt stages are in flight during the wait.
+    // Every warp is done with slot t-1, whose stage slot t+kStages-1 reuses: refill it before
+    // waiting for slot t, so all kStages stages are in flight during the wait.
     __syncthreads();
-    const int next = t + kSt - 1;
+    const int next = t + kStages - 1;
     issue(next, look_tile, page, slot);
     int tile = -1;  // of slot next + 1, looked up now, issued one iteration later
     if (look_tile >= 0) tile = balanced ? s_tile[(next + 1) % kTileRing] : valid_tile(next + 1);
@@ -492,16 +478,13 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     if (balanced && tid == 0) {
       published = published >= 0 ? valid_tile(first_dynamic_tile + grab) : -1;
       s_tile[(next + 2) % kTileRing] = published;
-      if (published >= 0) {
-        grab = atomicAdd(counter, 1);
-        if (p.grab_prefetch) prefetch_tile_table(published);
-      }
+      if (published >= 0) grab = atomicAdd(counter, 1);
     }
     if (!balanced && warp == 1 && lane < n_probes) prefetch_pages(next + 1 + kBtAhead, lane);
-    const int stage = t % kSt;
+    const int stage = t % kStages;
     const int t0 = s_first[stage];
     if (t0 < 0) break;  // uniform: every warp reads the same value
-    detail::mbar_wait(smem_u32(&full_bar[stage]), (t / kSt) & 1);
+    detail::mbar_wait(smem_u32(&full_bar[stage]), (t / kStages) & 1);
 
     const uint32_t k_head = smem0 + stage * sb + h * kHeadBytes;
     const uint32_t v_head = k_head + T_stage * rb;
@@ -696,22 +679,11 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
 template <typename T, int D>
 void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device) {
   // hg = 1 has the most padding; 2 (D = 128) or 4 (D = 64) CTAs of ~70 / ~37 KB per SM.
-  // EXPERIMENT: ESP_DECODE_EXP=stages3 runs the D 128 kernel with 3 pipeline stages.
-  const char* exp = std::getenv("ESP_DECODE_EXP");
-  const bool three = D == 128 && exp != nullptr && std::strstr(exp, "stages3") != nullptr;
+  auto kernel =
+      p.kv_evict_first ? decode_partial_kernel<T, D, true> : decode_partial_kernel<T, D, false>;
+  set_smem_attributes_once(reinterpret_cast<const void*>(kernel), smem_bytes<T, D>(1), device);
   const dim3 grid(p.num_kv_heads / p.heads_per_cta, p.num_splits, p.batch);
-  if (three) {
-    auto kernel = p.kv_evict_first ? decode_partial_kernel<T, D, true, 3>
-                                   : decode_partial_kernel<T, D, false, 3>;
-    set_smem_attributes_once(reinterpret_cast<const void*>(kernel), smem_bytes<T, D, 3>(1),
-                             device);
-    kernel<<<grid, kThreads, smem_bytes<T, D, 3>(p.heads_per_cta), stream>>>(p);
-  } else {
-    auto kernel = p.kv_evict_first ? decode_partial_kernel<T, D, true, kStages>
-                                   : decode_partial_kernel<T, D, false, kStages>;
-    set_smem_attributes_once(reinterpret_cast<const void*>(kernel), smem_bytes<T, D>(1), device);
-    kernel<<<grid, kThreads, smem_bytes<T, D>(p.heads_per_cta), stream>>>(p);
-  }
+  kernel<<<grid, kThreads, smem_bytes<T, D>(p.heads_per_cta), stream>>>(p);
   check_launch("decode_partial_kernel");
 }
 
