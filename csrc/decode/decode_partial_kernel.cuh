@@ -144,12 +144,12 @@ constexpr int kMergeThreads = 256;
 __host__ __device__ constexpr int token_row_bytes(int hg, int d, int elem_bytes) {
   return hg * d * elem_bytes + kRowPad;
 }
-__host__ __device__ constexpr int stage_bytes(int hg, int d, int elem_bytes, int rows = kRows) {
-  return 2 * (rows / hg) * token_row_bytes(hg, d, elem_bytes);
+__host__ __device__ constexpr int stage_bytes(int hg, int d, int elem_bytes) {
+  return 2 * (kRows / hg) * token_row_bytes(hg, d, elem_bytes);
 }
-template <typename T, int D, int kW = kWarps>
+template <typename T, int D>
 constexpr int smem_bytes(int hg) {
-  return kStages * stage_bytes(hg, D, static_cast<int>(sizeof(T)), 16 * kW);
+  return kStages * stage_bytes(hg, D, static_cast<int>(sizeof(T)));
 }
 // Head tiles of 16 query heads per kv head.
 __host__ __device__ constexpr int head_tiles(int group) {
@@ -248,26 +248,24 @@ __device__ __forceinline__ void attend_block(uint32_t k_head, uint32_t v_head, u
 
 }  // namespace detail
 
-template <typename T, int D, bool kEvictFirst, int kW>
-__global__ void __launch_bounds__(kW * 32, kW == 8 ? 1 : (D == 64 ? 4 : 2))
+template <typename T, int D, bool kEvictFirst>
+__global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     decode_partial_kernel(const DecodeParams p) {
-  // EXPERIMENT: kW = 8 warps (one CTA per SM) reads all 8 kv heads of a request: whole rows.
-  constexpr int kThr = kW * 32, kRowsW = 16 * kW;
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
   constexpr int kHeadBytes = D * static_cast<int>(sizeof(T));
   // Merge buffer rows padded by 4 floats: the float2 fragment stores of 8 rows then hit
   // distinct banks (a 512-byte stride would put all 8 rows on the same banks).
   constexpr int kRedStride = D + 4;
-  static_assert(kW * 16 * kRedStride * 4 <= kStages * 2 * kRowsW * kHeadBytes,
+  static_assert(kWarps * 16 * kRedStride * 4 <= kStages * 2 * kRows * kHeadBytes,
                 "merge buffer fits in the pipeline buffers");
   // Copies: in pass i, thread tid moves 16-byte chunk tid % kCpr of head row
   // i * kRpp + tid / kCpr (head row = token * hg + head) of the stage's K and of its V.
   constexpr int kCpr = kHeadBytes / 16;  // chunks per head row: 16 (D 128) or 8 (D 64)
-  constexpr int kRpp = kThr / kCpr;  // head rows per pass
-  constexpr int kPasses = kRowsW / kRpp;  // passes per stage: 8 (D 128) or 4 (D 64)
+  constexpr int kRpp = kThreads / kCpr;  // head rows per pass
+  constexpr int kPasses = kRows / kRpp;  // passes per stage: 8 (D 128) or 4 (D 64)
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  __shared__ float s_max[kW][16], s_sum[kW][16];
+  __shared__ float s_max[kWarps][16], s_sum[kWarps][16];
   __shared__ __align__(8) uint64_t full_bar[kStages];
   __shared__ int s_first[kStages];  // first token of the tile in each stage, -1: none
   __shared__ int s_tile[kTileRing];  // balanced: tile of slot u at s_tile[u % kTileRing]
@@ -276,17 +274,17 @@ __global__ void __launch_bounds__(kW * 32, kW == 8 ? 1 : (D == 64 ? 4 : 2))
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = p.group;
   const int hg = p.heads_per_cta, kvh0 = grp * hg;
-  const int hg_log2 = __ffs(hg) - 1;
-  const int T_stage = kRowsW >> hg_log2;                      // tokens per stage
+  const int hg_log2 = hg == 4 ? 2 : (hg == 2 ? 1 : 0);
+  const int T_stage = kRows >> hg_log2;                      // tokens per stage
   // Shared-memory layout, as the host sized it (smem_bytes): token row and stage bytes.
   const uint32_t rb = token_row_bytes(hg, D, static_cast<int>(sizeof(T)));
-  const uint32_t sb = stage_bytes(hg, D, static_cast<int>(sizeof(T)), kRowsW);
+  const uint32_t sb = stage_bytes(hg, D, static_cast<int>(sizeof(T)));
   const uint32_t smem0 = smem_u32(smem_raw);
 
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < kStages; ++s)
-      detail::mbar_init(smem_u32(&full_bar[s]), kThr);
+      detail::mbar_init(smem_u32(&full_bar[s]), kThreads);
   }
   // The split merge (if any) may be scheduled now; it waits for this whole grid to complete.
   detail::launch_dependents();
@@ -371,7 +369,7 @@ __global__ void __launch_bounds__(kW * 32, kW == 8 ? 1 : (D == 64 ? 4 : 2))
   };
   // Fills the stage of slot t with `tile` (every thread its chunks), or, for tile -1, only
   // arrives. Each thread's arrival fires when its copies have landed, so the stage's phase
-  // completes when all 2 * kRowsW head rows are in shared memory. The slot's first token (-1:
+  // completes when all 2 * kRows head rows are in shared memory. The slot's first token (-1:
   // none, the loop ends there) goes to s_first[stage]; the __syncthreads at the top of the
   // next iteration publishes it before any warp reads it.
   auto issue = [&](int t, int tile, const int (&page)[kPasses], const int (&slot)[kPasses]) {
@@ -405,7 +403,7 @@ __global__ void __launch_bounds__(kW * 32, kW == 8 ? 1 : (D == 64 ? 4 : 2))
   const int mt = head_tiles(G);
   const int roles = hg * mt;
   const int role = warp % roles, h = role / mt, ht = role % mt;
-  const int tg = warp / roles, ntg = kW / roles;
+  const int tg = warp / roles, ntg = kWarps / roles;
 
   // Tiles of the pipeline slots (see "Tile schedule"): static, slot u takes tile u of the range;
   // balanced, slot u < kStages takes tile split * kStages + u and later slots come from the
@@ -517,7 +515,7 @@ __global__ void __launch_bounds__(kW * 32, kW == 8 ? 1 : (D == 64 ? 4 : 2))
   const int64_t out_row = split * p.o_ss + b * p.o_sb;
   const int64_t lse_row = split * p.lse_ss + b * p.lse_sb;
   const int64_t qh0 = static_cast<int64_t>(kvh0) * G;  // first query head of the group
-  float* red = reinterpret_cast<float*>(smem_raw);     // [kW][16][kRedStride]
+  float* red = reinterpret_cast<float*>(smem_raw);     // [kWarps][16][kRedStride]
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int r = (lane >> 2) + 8 * i, g = ht * 16 + r;
@@ -551,7 +549,7 @@ __global__ void __launch_bounds__(kW * 32, kW == 8 ? 1 : (D == 64 ? 4 : 2))
   // Sum the token-group warps of each head and store 16-byte, coalesced rows. Query row qr of
   // the group is kv head qr / G, head qr % G: role (qr / G) * mt + (qr % G) / 16.
   constexpr int kVec4 = D / 4;
-  for (int idx = tid; idx < hg * G * kVec4; idx += kThr) {
+  for (int idx = tid; idx < hg * G * kVec4; idx += kThreads) {
     const int qr = idx / kVec4, c4 = idx % kVec4;
     const int g = qr % G, rrole = (qr / G) * mt + (g >> 4);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -681,21 +679,10 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
 template <typename T, int D>
 void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device) {
   // hg = 1 has the most padding; 2 (D = 128) or 4 (D = 64) CTAs of ~70 / ~37 KB per SM.
-  const dim3 grid(p.num_kv_heads / p.heads_per_cta, p.num_splits, p.batch);
-  if constexpr (D == 128) {
-    if (p.heads_per_cta == 8) {  // EXPERIMENT (ESP_DECODE_EXP=whole8): 8 warps, whole rows
-      auto kernel = p.kv_evict_first ? decode_partial_kernel<T, D, true, 8>
-                                     : decode_partial_kernel<T, D, false, 8>;
-      set_smem_attributes_once(reinterpret_cast<const void*>(kernel), smem_bytes<T, D, 8>(1),
-                               device);
-      kernel<<<grid, 8 * 32, smem_bytes<T, D, 8>(8), stream>>>(p);
-      check_launch("decode_partial_kernel");
-      return;
-    }
-  }
-  auto kernel = p.kv_evict_first ? decode_partial_kernel<T, D, true, kWarps>
-                                 : decode_partial_kernel<T, D, false, kWarps>;
+  auto kernel =
+      p.kv_evict_first ? decode_partial_kernel<T, D, true> : decode_partial_kernel<T, D, false>;
   set_smem_attributes_once(reinterpret_cast<const void*>(kernel), smem_bytes<T, D>(1), device);
+  const dim3 grid(p.num_kv_heads / p.heads_per_cta, p.num_splits, p.batch);
   kernel<<<grid, kThreads, smem_bytes<T, D>(p.heads_per_cta), stream>>>(p);
   check_launch("decode_partial_kernel");
 }
