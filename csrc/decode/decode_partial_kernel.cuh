@@ -4,12 +4,14 @@
 //
 // Work split. Grid (Hkv / hg, num_splits, B): one CTA per (group of hg kv heads, split, request)
 // computes all G = Hq/Hkv query heads of its hg kv heads, so every K/V row crosses the memory bus
-// once. hg (heads_per_cta, chosen on the host: the largest power of two dividing Hkv with
-// hg * mt <= 4 warps) makes the rows a CTA reads per token hg * D * 2 bytes long and contiguous
-// in the cache layout [page, slot, head, D] (1 KB at hg = 4, D = 128, bf16) instead of one head's
-// 256 bytes, so a warp's copies of a token read one contiguous run. Each CTA derives its tiles
-// from kv_lens on the GPU (below), so the launch depends only on host ints and is CUDA-graph
-// capturable; a CTA with no tokens writes (0, -inf).
+// once. hg (heads_per_cta, chosen on the host: the largest power of two dividing Hkv with hg * mt
+// <= 4 warps) makes the rows a CTA reads per token hg * D * 2 bytes long and contiguous in the
+// cache layout [page, slot, head, D] (1 KB at hg = 4, D = 128, bf16) instead of one head's 256
+// bytes, so a warp's copies of a token read one contiguous run. More heads, in a CTA of 8 warps
+// (all 8 kv heads of a request, whole 2 KB rows, one CTA per SM), were 3-5% slower on H100 at the
+// long shapes on 16- and 1-token pages (bench/results/2026-12-07_h100_whole_rows). Each CTA derives
+// its tiles from kv_lens on the GPU (below), so the launch depends only on host ints and is
+// CUDA-graph capturable; a CTA with no tokens writes (0, -inf).
 //
 // Tile schedule. A tile is one pipeline stage of T = 64 / hg tokens. Static (deterministic):
 // split s takes the contiguous range [s * chunk, (s+1) * chunk) of the request, chunk =
@@ -33,18 +35,19 @@
 // for tile t, so 32-64 KB of KV per CTA, 64-128 KB per SM (2 CTAs at D = 128), are in flight. Why
 // not more: on H100 (bench/NOTES.md) 1-D bulk copies (TMA, issued by warp 0) with 3 stages in
 // flight streamed 3-4% slower than this, and with every copy mechanism 2 stages beat 3 (and 6
-// stages at 1 CTA per SM), so deeper is not better here; at kernel level on in-order pages this
-// streams like cuDNN's decode kernel (Nsight Compute: 180 us, 89% of DRAM peak, both), and on
-// shuffled 16-token pages like FlashInfer's tensor-core kernel (B16 L16k: 354.0 against 355.2 us,
-// 90.7 / 90.4% of peak, both at 12% occupancy). Nor more CTAs: a third per SM (launch bounds 3, 168
-// registers) streamed 0.4-1.4% slower at the long shapes and 4.5-5.8% at B8 L1k with the same
-// splits, +-1% at best with more. Each thread loads the page indices of its rows one iteration
-// before it issues them; warp 1 prefetches the block-table lines into L2 two iterations before that
-// load (and, while kv_lens is in flight, the lines of the first tiles under the guess len = table
-// capacity). Tokens past `end` in the last tile copy the row of token end-1 (real, finite data; its
-// scores are masked to -inf, so P = 0 there) rather than stale shared memory. A token row in shared
-// memory is padded by 16 bytes, which puts the 8 rows an ldmatrix reads on 8 distinct 4-bank groups
-// (no bank conflicts without a swizzle).
+// stages at 1 CTA per SM), so deeper is not better here (on one-token pages too: 3 stages
+// 0.996-0.999x, h100_page1_variants); at kernel level on in-order pages this streams like cuDNN's
+// decode kernel (Nsight Compute: 180 us, 89% of DRAM peak, both), and on shuffled 16-token pages
+// like FlashInfer's tensor-core kernel (B16 L16k: 354.0 against 355.2 us, 90.7 / 90.4% of peak,
+// both at 12% occupancy). Nor more CTAs: a third per SM (launch bounds 3, 168 registers) streamed
+// 0.4-1.4% slower at the long shapes and 4.5-5.8% at B8 L1k with the same splits, +-1% at best with
+// more. Each thread loads the page indices of its rows one iteration before it issues them; warp 1
+// prefetches the block-table lines into L2 two iterations before that load (and, while kv_lens is
+// in flight, the lines of the first tiles under the guess len = table capacity). Tokens past `end`
+// in the last tile copy the row of token end-1 (real, finite data; its scores are masked to -inf,
+// so P = 0 there) rather than stale shared memory. A token row in shared memory is padded by 16
+// bytes, which puts the 8 rows an ldmatrix reads on 8 distinct 4-bank groups (no bank conflicts
+// without a swizzle).
 //
 // L2 policy (template kEvictFirst, chosen per call on the host). With it the KV copies carry an
 // evict-first policy, so the stream replaces its own lines, not what the work before it left in
@@ -341,7 +344,9 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   // table rows every line its lookups read is touched. Every thread loads the indices of tile
   // t+kStages during iteration t; warp 1 prefetches tile t+kStages+kBtAhead then, so that load
   // hits L2 rather than waiting a loaded DRAM latency (page 1: a new 128-byte line every 2 tiles
-  // at hg = 4). The balanced schedule learns its tiles only two iterations ahead and skips this.
+  // at hg = 4). The balanced schedule learns its tiles only two iterations ahead and skips this
+  // (thread 0 prefetching a counter tile's lines when it publishes the tile was 0.7-1% slower at
+  // the long shapes on H100, page 16 and 1: bench/results/2026-12-07_h100_page1_variants).
   // Addresses stay inside the table (tile < num_tiles, token < end <= cap).
   constexpr int kBtAhead = 2;
   const int n_probes = T_stage / 16 + 1;
