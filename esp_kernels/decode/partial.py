@@ -85,12 +85,19 @@ def _l2_bytes(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).L2_cache_size
 
 
+@functools.lru_cache(maxsize=64)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def default_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device,
                        head_dim: int) -> int:
-    """num_splits_for with the SM count of `device` (1 off CUDA)."""
-    sms = (torch.cuda.get_device_properties(device).multi_processor_count
-           if device.type == "cuda" else 1)
-    return num_splits_for(batch, num_kv_heads, max_len, sms, head_dim)
+    """num_splits_for with the SM count of `device` (1 off CUDA). Every decode call that leaves
+    num_splits unset comes here, so the count is read once per device, like the L2 size."""
+    if device.type != "cuda":
+        return num_splits_for(batch, num_kv_heads, max_len, 1, head_dim)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return num_splits_for(batch, num_kv_heads, max_len, _sm_count(index), head_dim)
 
 
 def default_schedule(batch: int, num_kv_heads: int, max_len: int, device: torch.device,
