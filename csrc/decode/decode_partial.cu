@@ -28,9 +28,6 @@
 //
 // The designs tried (v1-v5) and their H100 measurements are in bench/NOTES.md; the kernel
 // header (decode_partial_kernel.cuh) says why the current pipeline is what it is.
-#include <cstdlib>
-#include <cstring>
-
 #include "decode_partial.h"
 
 #include <cmath>
@@ -184,9 +181,6 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
     const int max_hg = decode::kMaxHeadsPerCta / decode::head_tiles(static_cast<int>(G));
     int hg = 1;
     while (hg * 2 <= max_hg && Hkv % (hg * 2) == 0) hg *= 2;
-    // EXPERIMENT: ESP_DECODE_EXP=hg2 caps the kv heads per CTA at 2 (32-token stages).
-    const char* exp = std::getenv("ESP_DECODE_EXP");
-    if (exp != nullptr && std::strstr(exp, "hg2") != nullptr && hg > 2) hg = 2;
     p.heads_per_cta = hg;
   }
   p.scale_log2 = static_cast<float>(static_cast<double>(softmax_scale) * 1.4426950408889634);
