@@ -177,68 +177,6 @@ def schedules_ab(gen, rounds=8, reps=15):
             del k, v
 
 
-def experiment_variants(gen, reps=12):
-    """EXPERIMENT: ESP_DECODE_EXP=atom / inc (the tile claims through an inline-PTX atom or
-    atomicInc, not the warp-aggregated atomicAdd whose shuffle waits the round trip at once) against the
-    shipped kernel and FlashInfer, round-robin, primed, dirty flush, on 16- and 1-token shuffled
-    pages; outputs checked first."""
-    import os
-
-    def variant(fn, tag):
-        def call():
-            os.environ["ESP_DECODE_EXP"] = tag
-            try:
-                return fn()
-            finally:
-                os.environ.pop("ESP_DECODE_EXP", None)
-        return call
-
-    for B, L in ((1, 131072), (16, 16384), (64, 4096), (8, 1024)):
-        for ps in (16, 1):
-            q, k, v, bt, ours = shuffled_case(gen, B, L, ps)
-            lens = torch.full((B,), L, device="cuda", dtype=torch.int32)
-            fns = {"shipped": ours, "atom": variant(ours, "atom"), "inc": variant(ours, "inc")}
-            ref = decode_partial(q, k, v, bt, lens, max_len=L)
-            for tag in ("atom", "inc"):
-                got = fns[tag]()
-                err = max((got[0] - ref[0]).abs().max().item(),
-                          (got[1] - ref[1]).abs().max().item())
-                print(f"B{B} L{L} page {ps}: {tag} max |diff| to shipped {err:.2e}")
-                assert err < 1e-3, "the variant computes something else"
-            fns.update(paged_anchors(q, k, v, bt, L))
-            t = time_cuda_interleaved(fns, reps=reps, prime=True)
-            print(f"B{B} L{L} page {ps}: " + ", ".join(
-                f"{n} {r['ms'] * 1e3:.1f} us ({paired_speedup(r, t['shipped']):.3f})"
-                for n, r in t.items()) + "  (speedup over shipped, paired)")
-            del k, v
-
-
-def placement_variants(gen, reps=12):
-    """EXPERIMENT: one-token pages of the same pool read in pool order, shuffled within each
-    2 MiB, and shuffled over the pool, by ours and by FlashInfer's tensor-core kernel (paired,
-    primed, dirty flush): does FlashInfer pay address translation on shuffled pages too?"""
-    for B, L in ((1, 131072), (16, 16384)):
-        q, k, v, bt, ours = shuffled_case(gen, B, L, 1)
-        num = bt.numel()
-        w = (2 << 20) // (Hkv * D * 2)
-        key = (torch.arange(num, device="cuda") // w * 2
-               + torch.rand(num, device="cuda", generator=gen))
-        tables = {"pool order": torch.arange(num, device="cuda", dtype=torch.int32).view_as(bt),
-                  "2 MiB windows": torch.argsort(key).to(torch.int32).view_as(bt),
-                  "shuffled": bt}
-        fns = {}
-        for name, table in tables.items():
-            fns[f"ours, {name}"] = lambda table=table: ours(table)
-            for fi_name, fi in paged_anchors(q, k, v, table, L, tensor_cores=(True,)).items():
-                fns[f"{fi_name}, {name}"] = fi
-        t = time_cuda_interleaved(fns, reps=reps, prime=True)
-        base = t["ours, shuffled"]
-        for n, r in t.items():
-            print(f"B{B} L{L} page 1, {n:28s} {r['ms'] * 1e3:7.1f} us "
-                  f"(speedup over ours shuffled {paired_speedup(r, base):.3f})")
-        del k, v
-
-
 def short_sweep(gen, rounds=5, reps=20):
     """Split count x schedule on short shapes, interleaved in rounds (median of rounds); the
     cost model's count is marked. The balanced schedule's public call includes the memset of its
@@ -389,13 +327,8 @@ def main():
     ap.add_argument("--warm", action="store_true", help="what a predecessor leaves warm only")
     ap.add_argument("--order", action="store_true", help="B8 L1k times by predecessor only")
     ap.add_argument("--l2-policy", action="store_true", help="KV L2 policies by size only")
-    ap.add_argument("--exp", action="store_true", help="EXPERIMENT variants only")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    if args.exp:
-        placement_variants(gen)
-        experiment_variants(gen)
-        return
     if args.l2_policy:
         l2_policies(gen)
         return

@@ -28,9 +28,6 @@
 //
 // The designs tried (v1-v5) and their H100 measurements are in bench/NOTES.md; the kernel
 // header (decode_partial_kernel.cuh) says why the current pipeline is what it is.
-#include <cstdlib>
-#include <cstring>
-
 #include "decode_partial.h"
 
 #include <cmath>
@@ -188,9 +185,6 @@ void decode_partial(const TensorDesc& q, const TensorDesc& k_cache, const Tensor
   }
   p.scale_log2 = static_cast<float>(static_cast<double>(softmax_scale) * 1.4426950408889634);
   p.kv_evict_first = kv_evict_first;
-  // EXPERIMENT: ESP_DECODE_EXP=atom / inc claims tiles through an inline atom / atomicInc.
-  const char* exp = std::getenv("ESP_DECODE_EXP");
-  p.exp_atom = exp == nullptr ? 0 : std::strstr(exp, "atom") ? 1 : std::strstr(exp, "inc") ? 2 : 0;
 
   // One split: the kernel writes the final state. Several: each split writes its slot of the
   // workspace, viewed as o [S, B, Hq, D] then lse [S, B, Hq], and decode_merge_kernel reduces them.

@@ -113,7 +113,6 @@ struct DecodeParams {
   int* tile_counter;
   float scale_log2;   // softmax_scale * log2(e): scores go through exp2
   bool kv_evict_first;  // the KV copies carry an evict-first L2 policy (decode_partial.h)
-  int exp_atom;  // EXPERIMENT: claims through 1: atomic_add_relaxed, 2: atomicInc
 };
 
 // Reduction of the splits' states: out row (b, h) = merge over s of the state at
@@ -436,15 +435,10 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   // flight, and in one round trip (the second is wasted when the first is already past the end;
   // an earlier version took them one after the other before the first copies and cost B8 L1k
   // ~4 us). The __syncthreads opening iteration 0 publishes s_tile.
-  auto claim = [&](int* c) {
-    return p.exp_atom == 1   ? detail::atomic_add_relaxed(c, 1)
-           : p.exp_atom == 2 ? static_cast<int>(atomicInc(reinterpret_cast<unsigned*>(c), 0x7fffffffu))
-                             : atomicAdd(c, 1);
-  };
   int grab = 0, published = -1;  // thread 0: counter value of the next slot to publish
   if (balanced && tid == 0) {
-    const int c0 = claim(counter);
-    grab = claim(counter);
+    const int c0 = atomicAdd(counter, 1);
+    grab = atomicAdd(counter, 1);
     published = valid_tile(first_dynamic_tile + c0);
     s_tile[kStages % kTileRing] = published;
   }
@@ -489,8 +483,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     if (balanced && tid == 0) {
       published = published >= 0 ? valid_tile(first_dynamic_tile + grab) : -1;
       s_tile[(next + 2) % kTileRing] = published;
-      if (published >= 0)
-        grab = claim(counter);
+      if (published >= 0) grab = atomicAdd(counter, 1);
     }
     if (!balanced && warp == 1 && lane < n_probes) prefetch_pages(next + 1 + kBtAhead, lane);
     const int stage = t % kStages;

@@ -46,13 +46,6 @@ __device__ __forceinline__ void cp_async_16_evict_first(uint32_t dst, const void
       "l"(src)
       : "memory");
 }
-// EXPERIMENT: relaxed gpu-scope fetch-add as one atom instruction (no warp aggregation: its
-// result is waited for only where it is used).
-__device__ __forceinline__ int atomic_add_relaxed(int* addr, int v) {
-  int old;
-  asm volatile("atom.relaxed.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(addr), "r"(v));
-  return old;
-}
 // One arrival on `bar`, made when every cp.async this thread issued before has landed (noinc:
 // the barrier's expected count already includes it).
 __device__ __forceinline__ void arrive_on_copies(uint32_t bar) {
