@@ -249,6 +249,18 @@ __device__ __forceinline__ void attend_block(uint32_t k_head, uint32_t v_head, u
   }
 }
 
+// The next value of a balanced-schedule tile counter (one thread). atomicInc, not atomicAdd:
+// ptxas turns a one-thread atomicAdd (an inline-PTX atom.add too) into a warp-aggregated atomic
+// whose result is shuffled to the lanes at once, so thread 0 waited the whole L2 round trip there
+// every iteration (7% of the kernel's warp-stall samples at B16 L16k, and the CTA behind it at
+// the next barrier) although the loop reads the value an iteration later. An increment is not
+// aggregated; its wrap bound is never reached (counters stay below the tile count). H100,
+// paired: 1.0-1.3% faster at the long shapes on 16- and 1-token pages, B8 L1k unchanged
+// (bench/results/2026-12-07_h100_claim_atomic).
+__device__ __forceinline__ int claim_counter(int* counter) {
+  return static_cast<int>(atomicInc(reinterpret_cast<unsigned*>(counter), 0x7fffffffu));
+}
+
 }  // namespace detail
 
 template <typename T, int D, bool kEvictFirst>
@@ -437,8 +449,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   // ~4 us). The __syncthreads opening iteration 0 publishes s_tile.
   int grab = 0, published = -1;  // thread 0: counter value of the next slot to publish
   if (balanced && tid == 0) {
-    const int c0 = atomicAdd(counter, 1);
-    grab = atomicAdd(counter, 1);
+    const int c0 = detail::claim_counter(counter);
+    grab = detail::claim_counter(counter);
     published = valid_tile(first_dynamic_tile + c0);
     s_tile[kStages % kTileRing] = published;
   }
@@ -483,7 +495,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     if (balanced && tid == 0) {
       published = published >= 0 ? valid_tile(first_dynamic_tile + grab) : -1;
       s_tile[(next + 2) % kTileRing] = published;
-      if (published >= 0) grab = atomicAdd(counter, 1);
+      if (published >= 0) grab = detail::claim_counter(counter);
     }
     if (!balanced && warp == 1 && lane < n_probes) prefetch_pages(next + 1 + kBtAhead, lane);
     const int stage = t % kStages;
