@@ -27,6 +27,9 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
 // 199 to 194 in order, page 1 in order 206 to 194, B16 L16k 387 to 382 / 378 to 372.5, B64 L4k
 // 388 to 384.5; the 128B hint gained about half of that. In today's kernel (balanced schedule)
 // dropping it costs only 0-0.4% at the long shapes, page 16 and 1 (h100_prefetch_hint); kept.
+// On an H200 the kernel is bound by L2 throughput (92% of it at 74% of DRAM peak,
+// bench/results/2026-12-07_h200_decode). The half-hits this hint causes are the suspect there;
+// without the hint has not been measured on that chip.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src)
                : "memory");
