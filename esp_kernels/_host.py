@@ -1,9 +1,10 @@
-"""Host-side helpers of the per-step paths: Python ints to tensors, and uploads that do not
-drain the stream."""
+"""Host-side helpers of the per-step paths: Python ints to tensors, uploads that do not drain the
+stream, and device properties read once per device."""
 
 from __future__ import annotations
 
 import array
+import functools
 
 import torch
 
@@ -25,3 +26,16 @@ def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def cuda_properties(device):
+    """torch.cuda.get_device_properties of `device` (a torch.device or an index; no index: the
+    current device), queried once per device: the decode op reads the SM count and L2 size on
+    every call that leaves its split count unset."""
+    index = device if isinstance(device, int) else device.index
+    return _properties(torch.cuda.current_device() if index is None else index)

@@ -14,6 +14,7 @@ import torch
 
 from .. import _core
 from .._checks import HALF_DTYPES, FLOAT_DTYPES, as_int, check_tensor
+from .._host import cuda_properties
 from ..reference import attention
 
 
@@ -80,24 +81,11 @@ def kv_evict_first(batch: int, num_kv_heads: int, max_len: int, head_dim: int, e
     return kv_bytes <= EVICT_FIRST_MAX_L2_MULTIPLE * l2_bytes
 
 
-@functools.lru_cache(maxsize=64)
-def _l2_bytes(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).L2_cache_size
-
-
-@functools.lru_cache(maxsize=64)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device,
                        head_dim: int) -> int:
-    """num_splits_for with the SM count of `device` (1 off CUDA). Every decode call that leaves
-    num_splits unset comes here, so the count is read once per device, like the L2 size."""
-    if device.type != "cuda":
-        return num_splits_for(batch, num_kv_heads, max_len, 1, head_dim)
-    index = torch.cuda.current_device() if device.index is None else device.index
-    return num_splits_for(batch, num_kv_heads, max_len, _sm_count(index), head_dim)
+    """num_splits_for with the SM count of `device` (1 off CUDA)."""
+    sms = cuda_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return num_splits_for(batch, num_kv_heads, max_len, sms, head_dim)
 
 
 def default_schedule(batch: int, num_kv_heads: int, max_len: int, device: torch.device,
@@ -122,7 +110,7 @@ def _launch_choices(batch: int, num_kv_heads: int, head_dim: int, elem_bytes: in
     if num_splits is None:
         num_splits, static = default_schedule(batch, num_kv_heads, bound, device, head_dim)
     evict_first = device.type == "cuda" and kv_evict_first(
-        batch, num_kv_heads, bound, head_dim, elem_bytes, _l2_bytes(device.index))
+        batch, num_kv_heads, bound, head_dim, elem_bytes, cuda_properties(device).L2_cache_size)
     return int(num_splits), static, evict_first
 
 

@@ -56,6 +56,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 # The step's layout-free math, shared with the Triton twin (Gluon calls Triton's jit helpers).
 from .._core import stream_handle
+from .._host import cuda_properties
 from .triton_step import finish_block, kv_range, merge_state, request_bounds
 
 # Triton 3.7 renamed the TMA load and later the cp.async copy (async_copy_global_to_shared ->
@@ -579,11 +580,6 @@ def supports(q, k, v, o_state=None, lse_state=None) -> bool:
                                      or q.data_ptr() % 16)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _scratch(size: int, alignment: int, stream):
     """Global scratch for the device-side TMA descriptors (Triton asks for 128 bytes per
     descriptor and program at each launch): a fresh block from torch's caching allocator, so
@@ -670,7 +666,7 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
     n_items = (n_tiles * B if tiles is None else tiles.shape[0]) * k.shape[1]
     if n_items == 0:  # a table of no tiles: no request has queries
         return
-    grid = (min(n_items, _num_sms(q.get_device())),)
+    grid = (min(n_items, cuda_properties(q.get_device()).multi_processor_count),)
     dynamic = takes_items_dynamically(n_items, grid[0], schedule)
     _ensure_allocator()
     prefetch = bool(prefetch_state and accumulate)
