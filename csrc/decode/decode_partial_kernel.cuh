@@ -29,8 +29,8 @@
 //
 // Memory pipeline. A stage holds kRows = 64 (token, head) rows of K and of V: T = 64 / hg tokens of
 // the hg heads (32 KB at D = 128). All 128 threads fill it with 16-byte cp.async (.cg, L2 only, L2
-// fetching 256-byte blocks: 1-3% faster on H100), a warp's 32 copies covering 512 contiguous bytes,
-// and each thread then arrives on the stage's mbarrier through cp.async.mbarrier.arrive (the
+// fetching 256-byte blocks: see decode_partial_ptx.cuh for what that is worth), a warp's 32 copies
+// covering 512 contiguous bytes, and each thread then arrives on the stage's mbarrier through cp.async.mbarrier.arrive (the
 // arrival fires when its copies have landed). kStages = 2: the loop issues tile t+1 before it waits
 // for tile t, so 32-64 KB of KV per CTA, 64-128 KB per SM (2 CTAs at D = 128), are in flight. Why
 // not more: on H100 (bench/NOTES.md) 1-D bulk copies (TMA, issued by warp 0) with 3 stages in
