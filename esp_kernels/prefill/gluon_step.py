@@ -41,7 +41,6 @@ of host a step).
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 
@@ -548,11 +547,6 @@ def _ring_step_gluon_kernel(Q, K, V, O, OUT, LSE, CU_Q, CU_K, TILES, COUNTER, Tq
                        [4, 1], [240, 24])
 
 
-@functools.lru_cache(maxsize=None)
-def _is_sm90(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] == 9
-
-
 _compile_error = []  # set once a launch failed to compile: this Triton cannot build the kernel
 
 
@@ -564,7 +558,7 @@ def supports(q, k, v, o_state=None, lse_state=None) -> bool:
         return False
     if any(t is not None and t.dtype != torch.float32 for t in (o_state, lse_state)):
         return False
-    if not _is_sm90(q.get_device()):
+    if cuda_properties(q.get_device()).major != 9:
         return False
     Hq, D = q.shape[1], q.shape[2]
     group = Hq // k.shape[1]
