@@ -30,24 +30,24 @@
 // Memory pipeline. A stage holds kRows = 64 (token, head) rows of K and of V: T = 64 / hg tokens of
 // the hg heads (32 KB at D = 128). All 128 threads fill it with 16-byte cp.async (.cg, L2 only, L2
 // fetching 256-byte blocks: see decode_partial_ptx.cuh for what that is worth), a warp's 32 copies
-// covering 512 contiguous bytes, and each thread then arrives on the stage's mbarrier through cp.async.mbarrier.arrive (the
-// arrival fires when its copies have landed). kStages = 2: the loop issues tile t+1 before it waits
-// for tile t, so 32-64 KB of KV per CTA, 64-128 KB per SM (2 CTAs at D = 128), are in flight. Why
-// not more: on H100 (bench/NOTES.md) 1-D bulk copies (TMA, issued by warp 0) with 3 stages in
-// flight streamed 3-4% slower than this, and with every copy mechanism 2 stages beat 3 (and 6
-// stages at 1 CTA per SM), so deeper is not better here (on one-token pages too: 3 stages
-// 0.996-0.999x, h100_page1_variants); at kernel level on in-order pages this streams like cuDNN's
-// decode kernel (Nsight Compute: 180 us, 89% of DRAM peak, both), and on shuffled 16-token pages
-// like FlashInfer's tensor-core kernel (B16 L16k: 354.0 against 355.2 us, 90.7 / 90.4% of peak,
-// both at 12% occupancy). Nor more CTAs: a third per SM (launch bounds 3, 168 registers) streamed
-// 0.4-1.4% slower at the long shapes and 4.5-5.8% at B8 L1k with the same splits, +-1% at best with
-// more. Each thread loads the page indices of its rows one iteration before it issues them; warp 1
-// prefetches the block-table lines into L2 two iterations before that load (and, while kv_lens is
-// in flight, the lines of the first tiles under the guess len = table capacity). Tokens past `end`
-// in the last tile copy the row of token end-1 (real, finite data; its scores are masked to -inf,
-// so P = 0 there) rather than stale shared memory. A token row in shared memory is padded by 16
-// bytes, which puts the 8 rows an ldmatrix reads on 8 distinct 4-bank groups (no bank conflicts
-// without a swizzle).
+// covering 512 contiguous bytes, and each thread then arrives on the stage's mbarrier through
+// cp.async.mbarrier.arrive (the arrival fires when its copies have landed). kStages = 2: the loop
+// issues tile t+1 before it waits for tile t, so 32-64 KB of KV per CTA, 64-128 KB per SM (2 CTAs
+// at D = 128), are in flight. Why not more: on H100 (bench/NOTES.md) 1-D bulk copies (TMA, issued
+// by warp 0) with 3 stages in flight streamed 3-4% slower than this, and with every copy mechanism
+// 2 stages beat 3 (and 6 stages at 1 CTA per SM), so deeper is not better here (on one-token pages
+// too: 3 stages 0.996-0.999x, h100_page1_variants); at kernel level on in-order pages this streams
+// like cuDNN's decode kernel (Nsight Compute: 180 us, 89% of DRAM peak, both), and on shuffled
+// 16-token pages like FlashInfer's tensor-core kernel (B16 L16k: 354.0 against 355.2 us, 90.7 /
+// 90.4% of peak, both at 12% occupancy). Nor more CTAs: a third per SM (launch bounds 3, 168
+// registers) streamed 0.4-1.4% slower at the long shapes and 4.5-5.8% at B8 L1k with the same
+// splits, +-1% at best with more. Each thread loads the page indices of its rows one iteration
+// before it issues them; warp 1 prefetches the block-table lines into L2 two iterations before that
+// load (and, while kv_lens is in flight, the lines of the first tiles under the guess len = table
+// capacity). Tokens past `end` in the last tile copy the row of token end-1 (real, finite data; its
+// scores are masked to -inf, so P = 0 there) rather than stale shared memory. A token row in shared
+// memory is padded by 16 bytes, which puts the 8 rows an ldmatrix reads on 8 distinct 4-bank groups
+// (no bank conflicts without a swizzle).
 //
 // L2 policy (template kEvictFirst, chosen per call on the host). With it the KV copies carry an
 // evict-first policy, so the stream replaces its own lines, not what the work before it left in
