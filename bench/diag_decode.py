@@ -177,39 +177,6 @@ def schedules_ab(gen, rounds=8, reps=15):
             del k, v
 
 
-def experiment_variants(gen, reps=12):
-    """EXPERIMENT: ESP_DECODE_EXP=nopf (the KV copies without the .L2::256B prefetch hint; normal
-    L2 policy only, so the long shapes) against the shipped kernel and FlashInfer's tensor-core
-    decode, round-robin, primed, dirty flush, on 16- and 1-token shuffled pages; outputs checked
-    first (bit-identical with fixed ranges)."""
-    import os
-
-    def variant(fn, tag):
-        def call():
-            os.environ["ESP_DECODE_EXP"] = tag
-            try:
-                return fn()
-            finally:
-                os.environ.pop("ESP_DECODE_EXP", None)
-        return call
-
-    for B, L in ((1, 131072), (16, 16384), (64, 4096)):
-        for ps in (16, 1):
-            q, k, v, bt, ours = shuffled_case(gen, B, L, ps)
-            lens = torch.randint(1, L + 1, (B,), device="cuda", dtype=torch.int32, generator=gen)
-            ref = decode_partial(q, k, v, bt, lens, max_len=L, deterministic=True)
-            got = variant(lambda: decode_partial(q, k, v, bt, lens, max_len=L,
-                                                 deterministic=True), "nopf")()
-            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), "nopf differs"
-            fns = {"shipped": ours, "nopf": variant(ours, "nopf")}
-            fns.update(paged_anchors(q, k, v, bt, L, tensor_cores=(True,)))
-            t = time_cuda_interleaved(fns, reps=reps, prime=True)
-            print(f"B{B} L{L} page {ps}: " + ", ".join(
-                f"{n} {r['ms'] * 1e3:.1f} us ({paired_speedup(r, t['shipped']):.3f})"
-                for n, r in t.items()) + "  (speedup over shipped, paired)")
-            del k, v
-
-
 def short_sweep(gen, rounds=5, reps=20):
     """Split count x schedule on short shapes, interleaved in rounds (median of rounds); the
     cost model's count is marked. The balanced schedule's public call includes the memset of its
@@ -360,12 +327,8 @@ def main():
     ap.add_argument("--warm", action="store_true", help="what a predecessor leaves warm only")
     ap.add_argument("--order", action="store_true", help="B8 L1k times by predecessor only")
     ap.add_argument("--l2-policy", action="store_true", help="KV L2 policies by size only")
-    ap.add_argument("--exp", action="store_true", help="EXPERIMENT variants only")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    if args.exp:
-        experiment_variants(gen)
-        return
     if args.l2_policy:
         l2_policies(gen)
         return

@@ -81,8 +81,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "../common/mma.cuh"
 #include "../common/vec.cuh"
@@ -265,7 +263,7 @@ __device__ __forceinline__ int claim_counter(int* counter) {
 
 }  // namespace detail
 
-template <typename T, int D, bool kEvictFirst, bool kPf256 = true>
+template <typename T, int D, bool kEvictFirst>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     decode_partial_kernel(const DecodeParams p) {
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
@@ -409,12 +407,9 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
         if constexpr (kEvictFirst) {
           detail::cp_async_16_evict_first(dst, ksrc);
           detail::cp_async_16_evict_first(dst + T_stage * rb, vsrc);
-        } else if constexpr (kPf256) {
+        } else {
           detail::cp_async_16(dst, ksrc);
           detail::cp_async_16(dst + T_stage * rb, vsrc);
-        } else {
-          detail::cp_async_16_nopf(dst, ksrc);
-          detail::cp_async_16_nopf(dst + T_stage * rb, vsrc);
         }
       }
     }
@@ -701,12 +696,8 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
 template <typename T, int D>
 void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device) {
   // hg = 1 has the most padding; 2 (D = 128) or 4 (D = 64) CTAs of ~70 / ~37 KB per SM.
-  // EXPERIMENT: ESP_DECODE_EXP=nopf drops the 256-byte L2 prefetch hint (normal policy only).
-  const char* exp = std::getenv("ESP_DECODE_EXP");
-  const bool nopf = exp != nullptr && std::strstr(exp, "nopf") != nullptr;
-  auto kernel = p.kv_evict_first ? decode_partial_kernel<T, D, true>
-                : nopf           ? decode_partial_kernel<T, D, false, false>
-                                 : decode_partial_kernel<T, D, false>;
+  auto kernel =
+      p.kv_evict_first ? decode_partial_kernel<T, D, true> : decode_partial_kernel<T, D, false>;
   set_smem_attributes_once(reinterpret_cast<const void*>(kernel), smem_bytes<T, D>(1), device);
   const dim3 grid(p.num_kv_heads / p.heads_per_cta, p.num_splits, p.batch);
   kernel<<<grid, kThreads, smem_bytes<T, D>(p.heads_per_cta), stream>>>(p);

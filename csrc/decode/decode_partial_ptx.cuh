@@ -34,10 +34,6 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src)
                : "memory");
 }
-// EXPERIMENT (ESP_DECODE_EXP=nopf): the copy without the L2 prefetch-size hint.
-__device__ __forceinline__ void cp_async_16_nopf(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
 // The same copy with an evict-first L2 policy: the line is the first its set gives up, so a
 // short stream replaces its own lines rather than the lines the work before it left (dirty ones
 // must be written back first). The policy is created inside the copy's asm block: one created
