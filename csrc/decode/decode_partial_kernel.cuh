@@ -29,7 +29,7 @@
 //
 // Memory pipeline. A stage holds kRows = 64 (token, head) rows of K and of V: T = 64 / hg tokens of
 // the hg heads (32 KB at D = 128). All 128 threads fill it with 16-byte cp.async (.cg, L2 only, L2
-// fetching 256-byte blocks: see decode_partial_ptx.cuh for what that is worth), a warp's 32 copies
+// fetching 128-byte lines: see decode_partial_ptx.cuh for why that size), a warp's 32 copies
 // covering 512 contiguous bytes, and each thread then arrives on the stage's mbarrier through
 // cp.async.mbarrier.arrive (the arrival fires when its copies have landed). kStages = 2: the loop
 // issues tile t+1 before it waits for tile t, so 32-64 KB of KV per CTA, 64-128 KB per SM (2 CTAs

@@ -21,24 +21,26 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
 }
 // 16-byte global -> shared copy through L2 only (.cg: the KV is read once, L1 would only evict),
-// with L2 fetching the whole 256-byte block around it: a warp's copies cover 512 contiguous bytes
-// and the rest of a row's bytes are read by the CTA (or its kv-head neighbour) right after. On
-// H100 (A/B/B/A in one call) 256B took B1 L128k page 16 from 206.5 to 204 us shuffled and
-// 199 to 194 in order, page 1 in order 206 to 194, B16 L16k 387 to 382 / 378 to 372.5, B64 L4k
-// 388 to 384.5; the 128B hint gained about half of that. In today's kernel (balanced schedule)
-// dropping it costs only 0-0.4% at the long shapes, page 16 and 1 (h100_prefetch_hint); kept.
-// On an H200 the kernel is bound by L2 throughput (92% of it at 74% of DRAM peak,
-// bench/results/2026-12-07_h200_decode). The half-hits this hint causes are the suspect there;
-// without the hint has not been measured on that chip.
+// with L2 fetching the 128-byte line around it. In an older kernel (static schedule) a 256-byte
+// hint was worth up to 2.5% on H100 at the long shapes and 128 bytes about half of that. In
+// today's kernel on H100 (B16 L16k page 16, Nsight Compute), 128 B does the same work in 13%
+// fewer L2 sector accesses (67.9 against 77.9 M, the same 1.07 GB read from DRAM). That takes L2
+// from 93% to 88% of its throughput at the same DRAM rate; 128 B is 1.003-1.004x 256 B at five of the six long shapes,
+// pages 16 and 1 (0.997 at B64 L4k page 16), and no hint is 0.988-0.997x
+// (bench/results/2026-12-07_h100_l2_hint_128). The fewer sectors matter most on an H200, whose
+// DRAM is 1.4x the H100's against the same L2: there the 256-byte kernel was L2-bound (92% of L2
+// throughput at 74% of DRAM peak, bench/results/2026-12-07_h200_decode).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src)
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n" ::"r"(dst), "l"(src)
                : "memory");
 }
 // The same copy with an evict-first L2 policy: the line is the first its set gives up, so a
 // short stream replaces its own lines rather than the lines the work before it left (dirty ones
 // must be written back first). The policy is created inside the copy's asm block: one created
 // once and passed in was dropped by ptxas, leaving the copy's descriptor register undefined (an
-// illegal instruction at launch); here the SASS materializes it before every copy group.
+// illegal instruction at launch); here the SASS materializes it before every copy group. It keeps
+// the 256-byte prefetch: this path serves calls of at most 6x the L2's size of KV, where it was
+// measured (bench/results/2026-12-07_h100_l2_policy); 128 B has not been timed on it.
 __device__ __forceinline__ void cp_async_16_evict_first(uint32_t dst, const void* src) {
   asm volatile(
       "{\n"
