@@ -31,6 +31,16 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 stamp() { echo "=== $(date -u +%H:%M:%S) $*"; }
 
 stamp "environment"
+# The copied tree's .git can lag the tree (a tag of $(git rev-parse HEAD) evaluated here named
+# a commit nine behind the code that ran): with tracked files differing from HEAD, a tag that is
+# absent or equal to HEAD is marked as not naming the code.
+head=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if ! git -c core.fileMode=false diff --quiet HEAD -- 2>/dev/null \
+    && [[ -z "${ESP_COMMIT:-}" || "$ESP_COMMIT" == "$head" ]]; then
+  echo "WARNING: the tree differs from .git HEAD ($head); rows tagged $head-modified" \
+    "(pass ESP_COMMIT=<literal sha> from the machine that made the tree)"
+  export ESP_COMMIT="$head-modified"
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
