@@ -20,14 +20,19 @@ def _build_info() -> dict:
         return {}
 
 
-def _git_commit() -> str:
+def _git_commit(where: str | None = None) -> str:
+    """HEAD of the checkout at `where` (default: this package's), with "-modified" when tracked
+    files differ from it: a tree copied onto another machine can carry a stale .git, whose HEAD
+    alone would name code that did not run. Outside a checkout, the commit recorded at build."""
     info = _build_info().get("commit")
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = where or os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
                              capture_output=True, text=True, timeout=5)
         if out.returncode == 0:
-            return out.stdout.strip()
+            diff = subprocess.run(["git", "-c", "core.fileMode=false", "diff", "--quiet", "HEAD",
+                                   "--"], cwd=here, capture_output=True, timeout=10)
+            return out.stdout.strip() + ("-modified" if diff.returncode == 1 else "")
     except (OSError, subprocess.SubprocessError):
         pass
     return info or "unknown"

@@ -80,3 +80,21 @@ def test_cuda_backend_on_cpu_tensors_is_rejected():
     o, l = torch.randn(3, 2, 8), torch.randn(3, 2)
     with pytest.raises(ValueError, match="CUDA"):
         esp.merge_states(o, l, o, l, backend="cuda")
+
+
+def test_commit_names_a_checkout_whose_tracked_files_differ_from_head(tmp_path):
+    # A tree copied onto another machine can carry a stale .git: its HEAD alone would name code
+    # that did not run, so show-config marks it.
+    from esp_kernels.config import _git_commit
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "f.txt").write_text("a\n")
+    for cmd in (["init", "-q"], ["add", "f.txt"], ["commit", "-qm", "one"]):
+        subprocess.run(git + cmd, cwd=tmp_path, check=True, capture_output=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, check=True,
+                          capture_output=True, text=True).stdout.strip()
+    assert _git_commit(str(tmp_path)) == head
+    (tmp_path / "untracked.txt").write_text("x\n")
+    assert _git_commit(str(tmp_path)) == head
+    (tmp_path / "f.txt").write_text("b\n")
+    assert _git_commit(str(tmp_path)) == head + "-modified"
