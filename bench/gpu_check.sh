@@ -11,7 +11,8 @@
 #                      made in the same call): built in place, and its own bench scripts run
 #                      alternately with this tree's, so both sets of rows come from one call
 #                      (the host's speed drifts ~1.3x between calls); a table compares them
-#   ESP_COMMIT / BASELINE_COMMIT   tags for the rows (a copied tree's .git can be stale)
+#   ESP_COMMIT / BASELINE_COMMIT   tags for the rows (a copied tree's .git can be stale: without
+#                      a tag, or with one equal to that stale HEAD, rows read <HEAD>-modified)
 # Anchors: a carried `.anchors/` (FlashInfer trimmed tarball, tvm-ffi and cuDNN frontend wheels)
 # is installed into /tmp/fi and /tmp/site; without it each benchmark prints one line saying the
 # anchor is skipped. Wheels carried in `.whl/` (e.g. nvidia-cutlass) are installed first.
@@ -31,16 +32,6 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 stamp() { echo "=== $(date -u +%H:%M:%S) $*"; }
 
 stamp "environment"
-# The copied tree's .git can lag the tree (a tag of $(git rev-parse HEAD) evaluated here named
-# a commit nine behind the code that ran): with tracked files differing from HEAD, a tag that is
-# absent or equal to HEAD is marked as not naming the code.
-head=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if ! git -c core.fileMode=false diff --quiet HEAD -- 2>/dev/null \
-    && [[ -z "${ESP_COMMIT:-}" || "$ESP_COMMIT" == "$head" ]]; then
-  echo "WARNING: the tree differs from .git HEAD ($head); rows tagged $head-modified" \
-    "(pass ESP_COMMIT=<literal sha> from the machine that made the tree)"
-  export ESP_COMMIT="$head-modified"
-fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl

@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -25,6 +24,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout's esp_kernels (gpu_check.sh's BASELINE_DIR runs another)
+
+from esp_kernels.config import _git_commit  # noqa: E402
 
 _FLUSH = None
 
@@ -236,17 +237,15 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
 
 
 def run_info() -> dict:
-    # ESP_COMMIT first: a copied working tree (the GPU machine's) can carry a stale .git.
-    commit = os.environ.get("ESP_COMMIT", "")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                    capture_output=True, text=True, timeout=5).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            commit = ""
+    # ESP_COMMIT first, else this checkout's commit. A copied working tree (the GPU machine's) can
+    # carry a stale .git; _git_commit marks that "-modified", and a tag equal to that stale HEAD
+    # (a $(git rev-parse) evaluated there) gets the same mark.
+    checkout = _git_commit()
+    tag = os.environ.get("ESP_COMMIT", "")
+    commit = checkout if not tag or checkout == tag + "-modified" else tag
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "commit": commit or "unknown",
+        "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
     }

@@ -25,8 +25,8 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
 // hint was worth up to 2.5% on H100 at the long shapes and 128 bytes about half of that. In
 // today's kernel on H100 (B16 L16k page 16, Nsight Compute), 128 B does the same work in 13%
 // fewer L2 sector accesses (67.9 against 77.9 M, the same 1.07 GB read from DRAM). That takes L2
-// from 93% to 88% of its throughput at the same DRAM rate; 128 B is 1.003-1.004x 256 B at five of the six long shapes,
-// pages 16 and 1 (0.997 at B64 L4k page 16), and no hint is 0.988-0.997x
+// from 93% to 88% of its throughput at the same DRAM rate; 128 B is 1.003-1.004x 256 B at five
+// of the six long shapes, pages 16 and 1 (0.997 at B64 L4k page 16), and no hint is 0.988-0.997x
 // (bench/results/2026-12-07_h100_l2_hint_128). The fewer sectors matter most on an H200, whose
 // DRAM is 1.4x the H100's against the same L2: there the 256-byte kernel was L2-bound (92% of L2
 // throughput at 74% of DRAM peak, bench/results/2026-12-07_h200_decode).
