@@ -11,7 +11,7 @@
 //
 //   hg       = largest power of two dividing Hkv, at most 4   (the model assumes G <= 16)
 //   pairs    = B * Hkv / hg              CTAs per split
-//   slots    = num_sms * ctas_per_sm     ctas_per_sm = 2 at D = 128 (~70 KB smem), 4 at D = 64
+//   slots    = num_sms * ctas_per_sm     ctas_per_sm = 2 at D = 128 (64 KB smem), 4 at D = 64
 //   chunk(s) = roundup(ceil(max_len / s), 64)        tokens per CTA
 //   cost(s)  = ceil(pairs * s / slots) * (chunk(s) * hg + 64) + (64 if s > 1 else 0)
 //   num_splits = argmin of cost(s) over 1 <= s <= min(256, max(1, ceil(max_len * hg / 256))),

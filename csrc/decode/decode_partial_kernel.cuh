@@ -45,9 +45,16 @@
 // before it issues them; warp 1 prefetches the block-table lines into L2 two iterations before that
 // load (and, while kv_lens is in flight, the lines of the first tiles under the guess len = table
 // capacity). Tokens past `end` in the last tile copy the row of token end-1 (real, finite data; its
-// scores are masked to -inf, so P = 0 there) rather than stale shared memory. A token row in shared
-// memory is padded by 16 bytes, which puts the 8 rows an ldmatrix reads on 8 distinct 4-bank groups
-// (no bank conflicts without a swizzle).
+// scores are masked to -inf, so P = 0 there) rather than stale shared memory. Token rows in shared
+// memory are unpadded and swizzled: 16-byte chunk c of token row r lies at chunk c ^ (r % 8) of
+// the row, so the 8 rows an ldmatrix reads sit on 8 distinct 4-bank groups and every 32-byte
+// sector of KV lands in one 32-byte-aligned piece of shared memory. Why not the 16-byte pad the
+// kernel had (same bank spread): it shifted odd token rows by 16 bytes against their sectors,
+// and L2 then served every such sector twice. Nsight Compute on H100 (B16 L16k page 16): padded,
+// 50.4 M L2 read sectors and 30.6 M requests for 33.6 M sectors of DRAM reads (48% hit rate);
+// swizzled, 33.6 M and 16.9 M (0.7%), the same as FlashInfer's tensor-core kernel (33.6 M,
+// 17.1 M); paired, 1.007-1.015x at the six long shapes, pages 16 and 1
+// (bench/results/2026-12-07_h100_swizzle).
 //
 // L2 policy (template kEvictFirst, chosen per call on the host). With it the KV copies carry an
 // evict-first policy, so the stream replaces its own lines, not what the work before it left in
@@ -139,13 +146,12 @@ constexpr int kTileRing = 4;     // balanced schedule: tile ids published ahead 
 constexpr int kTile = 64;        // a CTA's token range is a multiple of kTile tokens
 constexpr int kMaxGroup = 16 * kWarps;  // one 16-row head tile per warp at most
 constexpr int kMaxHeadsPerCta = kWarps;
-constexpr int kRowPad = 16;      // bytes after each token row in shared memory (bank spread)
 constexpr int kMergeThreads = 256;
 
 // Shared-memory layout of a stage: T = kRows / hg token rows of K, then T of V, each row the hg
-// heads' D elements followed by kRowPad bytes.
+// heads' D elements (a multiple of 128 bytes; swizzled, see swizzle_chunk).
 __host__ __device__ constexpr int token_row_bytes(int hg, int d, int elem_bytes) {
-  return hg * d * elem_bytes + kRowPad;
+  return hg * d * elem_bytes;
 }
 __host__ __device__ constexpr int stage_bytes(int hg, int d, int elem_bytes) {
   return 2 * (kRows / hg) * token_row_bytes(hg, d, elem_bytes);
@@ -166,11 +172,16 @@ void launch_decode_merge(MergeParams p, cudaStream_t stream);  // chooses p.warp
 
 namespace detail {
 
+// Where 16-byte chunk `chunk` of token row `row` lies within the row in shared memory: its low 3
+// bits XOR row % 8, so each 128-byte piece of a row is permuted within itself.
+__device__ __forceinline__ int swizzle_chunk(int chunk, int row) { return chunk ^ (row & 7); }
+
 // One warp, one 16-token block `kb` of the stage in shared memory (k_head/v_head: shared
 // addresses of the warp's kv head in the stage's first K/V token row; token rows `rb` bytes
-// apart), against the warp's 16 head rows held as A fragments in `qa`. Updates the running state
-// of this thread's two rows (lane/4 and lane/4 + 8): row_ms = running max of scaled scores
-// (log2 units), row_l = this thread's share of the row sum, o = unnormalized output fragments.
+// apart, swizzled: the rows a lane addresses all have r % 8 = lane % 8), against the warp's 16
+// head rows held as A fragments in `qa`. Updates the running state of this thread's two rows
+// (lane/4 and lane/4 + 8): row_ms = running max of scaled scores (log2 units), row_l = this
+// thread's share of the row sum, o = unnormalized output fragments.
 template <typename T, int D>
 __device__ __forceinline__ void attend_block(uint32_t k_head, uint32_t v_head, uint32_t rb, int kb,
                                              int first_tok, int end, float scale_log2,
@@ -190,7 +201,7 @@ __device__ __forceinline__ void attend_block(uint32_t k_head, uint32_t v_head, u
     for (int c4 = 0; c4 < kChunks / 4; ++c4) {
       const int chunk = c4 * 4 + (lane >> 3);
       uint32_t b[4];
-      ldmatrix_x4(b, row_addr + (chunk << 4));
+      ldmatrix_x4(b, row_addr + (swizzle_chunk(chunk, lane) << 4));
       mma_16816<T>(s[j], qa[2 * c4], b[0], b[1]);
       mma_16816<T>(s[j], qa[2 * c4 + 1], b[2], b[3]);
     }
@@ -243,7 +254,7 @@ __device__ __forceinline__ void attend_block(uint32_t k_head, uint32_t v_head, u
   for (int c2 = 0; c2 < kChunks / 2; ++c2) {
     const int chunk = c2 * 2 + (lane >> 4);
     uint32_t b[4];
-    ldmatrix_x4_trans(b, v_row_addr + (chunk << 4));
+    ldmatrix_x4_trans(b, v_row_addr + (swizzle_chunk(chunk, lane) << 4));
     mma_16816<T>(o[2 * c2], pa, b[0], b[1]);
     mma_16816<T>(o[2 * c2 + 1], pa, b[2], b[3]);
   }
@@ -394,12 +405,13 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
     if (tid == 0) s_first[stage] = tile < 0 ? -1 : start + tile * T_stage;
     if (tile >= 0) {
       const int col = (tid % kCpr) * 8;  // elements: 16 bytes of 2-byte T
-      const uint32_t dst0 = smem0 + stage * sb + (tid % kCpr) * 16;
+      const uint32_t dst0 = smem0 + stage * sb;
 #pragma unroll
       for (int i = 0; i < kPasses; ++i) {
         const int hr = i * kRpp + tid / kCpr;
         const int tok = hr >> hg_log2, head = hr & (hg - 1);
-        const uint32_t dst = dst0 + tok * rb + head * kHeadBytes;
+        const uint32_t dst =
+            dst0 + tok * rb + head * kHeadBytes + (detail::swizzle_chunk(tid % kCpr, tok) << 4);
         const T* ksrc = static_cast<const T*>(p.k) + page[i] * p.k_sp + slot[i] * p.k_ss +
                         (kvh0 + head) * p.k_sh + col;
         const T* vsrc = static_cast<const T*>(p.v) + page[i] * p.v_sp + slot[i] * p.v_ss +
@@ -695,7 +707,7 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
 
 template <typename T, int D>
 void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device) {
-  // hg = 1 has the most padding; 2 (D = 128) or 4 (D = 64) CTAs of ~70 / ~37 KB per SM.
+  // Every hg takes the same shared memory: 2 (D = 128) or 4 (D = 64) CTAs of 64 / 32 KB per SM.
   auto kernel =
       p.kv_evict_first ? decode_partial_kernel<T, D, true> : decode_partial_kernel<T, D, false>;
   set_smem_attributes_once(reinterpret_cast<const void*>(kernel), smem_bytes<T, D>(1), device);
