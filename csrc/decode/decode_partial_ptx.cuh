@@ -22,14 +22,15 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
 }
 // 16-byte global -> shared copy through L2 only (.cg: the KV is read once, L1 would only evict),
 // with L2 fetching the 128-byte line around it. In an older kernel (static schedule) a 256-byte
-// hint was worth up to 2.5% on H100 at the long shapes and 128 bytes about half of that. In
-// today's kernel on H100 (B16 L16k page 16, Nsight Compute), 128 B does the same work in 13%
-// fewer L2 sector accesses (67.9 against 77.9 M, the same 1.07 GB read from DRAM). That takes L2
-// from 93% to 88% of its throughput at the same DRAM rate; 128 B is 1.003-1.004x 256 B at five
-// of the six long shapes, pages 16 and 1 (0.997 at B64 L4k page 16), and no hint is 0.988-0.997x
-// (bench/results/2026-12-07_h100_l2_hint_128). The fewer sectors matter most on an H200, whose
-// DRAM is 1.4x the H100's against the same L2: there the 256-byte kernel was L2-bound (92% of L2
-// throughput at 74% of DRAM peak, bench/results/2026-12-07_h200_decode).
+// hint was worth up to 2.5% on H100 at the long shapes and 128 bytes about half of that. In the
+// padded-row kernel before the swizzle (24060ed) on H100 (B16 L16k page 16, Nsight Compute),
+// 128 B did the same work in 13% fewer L2 sector accesses (67.9 against 77.9 M, the same 1.07 GB
+// read from DRAM), taking L2 from 93% to 88% of its throughput at the same DRAM rate; 128 B was
+// 1.003-1.004x 256 B at five of the six long shapes, pages 16 and 1 (0.997 at B64 L4k page 16),
+// and no hint 0.988-0.997x (bench/results/2026-12-07_h100_l2_hint_128); 256 B on the swizzled
+// rows is not measured. On an H200 (DRAM 1.4x the H100's against the same L2) the 256-byte
+// padded kernel was L2-bound (92% of L2 throughput at 74% of DRAM peak,
+// bench/results/2026-12-07_h200_decode).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n" ::"r"(dst), "l"(src)
                : "memory");
