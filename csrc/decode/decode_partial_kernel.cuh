@@ -149,17 +149,12 @@ constexpr int kMaxHeadsPerCta = kWarps;
 constexpr int kMergeThreads = 256;
 
 // Shared-memory layout of a stage: T = kRows / hg token rows of K, then T of V, each row the hg
-// heads' D elements (a multiple of 128 bytes; swizzled, see swizzle_chunk).
-__host__ __device__ constexpr int token_row_bytes(int hg, int d, int elem_bytes) {
-  return hg * d * elem_bytes;
-}
-__host__ __device__ constexpr int stage_bytes(int hg, int d, int elem_bytes) {
-  return 2 * (kRows / hg) * token_row_bytes(hg, d, elem_bytes);
-}
+// heads' D elements, unpadded (a multiple of 128 bytes; swizzled, see swizzle_chunk). So a stage
+// is 2 * kRows head rows whatever hg is (32 KB at D = 128).
 template <typename T, int D>
-constexpr int smem_bytes(int hg) {
-  return kStages * stage_bytes(hg, D, static_cast<int>(sizeof(T)));
-}
+constexpr int kStageBytes = 2 * kRows * D * static_cast<int>(sizeof(T));
+template <typename T, int D>
+constexpr int kSmemBytes = kStages * kStageBytes<T, D>;
 // Head tiles of 16 query heads per kv head.
 __host__ __device__ constexpr int head_tiles(int group) {
   return group <= 16 ? 1 : (group <= 32 ? 2 : 4);
@@ -282,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   // Merge buffer rows padded by 4 floats: the float2 fragment stores of 8 rows then hit
   // distinct banks (a 512-byte stride would put all 8 rows on the same banks).
   constexpr int kRedStride = D + 4;
-  static_assert(kWarps * 16 * kRedStride * 4 <= kStages * 2 * kRows * kHeadBytes,
+  static_assert(kWarps * 16 * kRedStride * 4 <= kSmemBytes<T, D>,
                 "merge buffer fits in the pipeline buffers");
   // Copies: in pass i, thread tid moves 16-byte chunk tid % kCpr of head row
   // i * kRpp + tid / kCpr (head row = token * hg + head) of the stage's K and of its V.
@@ -302,9 +297,9 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)
   const int hg = p.heads_per_cta, kvh0 = grp * hg;
   const int hg_log2 = hg == 4 ? 2 : (hg == 2 ? 1 : 0);
   const int T_stage = kRows >> hg_log2;                      // tokens per stage
-  // Shared-memory layout, as the host sized it (smem_bytes): token row and stage bytes.
-  const uint32_t rb = token_row_bytes(hg, D, static_cast<int>(sizeof(T)));
-  const uint32_t sb = stage_bytes(hg, D, static_cast<int>(sizeof(T)));
+  // Shared-memory layout (kStageBytes): token row and stage bytes.
+  const uint32_t rb = hg * kHeadBytes;
+  constexpr uint32_t sb = kStageBytes<T, D>;
   const uint32_t smem0 = smem_u32(smem_raw);
 
   if (tid == 0) {
@@ -707,12 +702,11 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
 
 template <typename T, int D>
 void launch_decode_partial(const DecodeParams& p, cudaStream_t stream, int device) {
-  // Every hg takes the same shared memory: 2 (D = 128) or 4 (D = 64) CTAs of 64 / 32 KB per SM.
   auto kernel =
       p.kv_evict_first ? decode_partial_kernel<T, D, true> : decode_partial_kernel<T, D, false>;
-  set_smem_attributes_once(reinterpret_cast<const void*>(kernel), smem_bytes<T, D>(1), device);
+  set_smem_attributes_once(reinterpret_cast<const void*>(kernel), kSmemBytes<T, D>, device);
   const dim3 grid(p.num_kv_heads / p.heads_per_cta, p.num_splits, p.batch);
-  kernel<<<grid, kThreads, smem_bytes<T, D>(p.heads_per_cta), stream>>>(p);
+  kernel<<<grid, kThreads, kSmemBytes<T, D>, stream>>>(p);
   check_launch("decode_partial_kernel");
 }
 
