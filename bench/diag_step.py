@@ -9,6 +9,9 @@ Hkv 8, D 128, bf16):
 Each with the state written (accumulate off) and merged (on). FA3 has no state: its rows are
 the floor of what a step without the merge costs.
 
+"fixed": the per-tile fixed cost a and the per-block rate b of ours and FA3, fitted over tiles
+of 1 to 64 blocks (not causal), and the share a takes at a ring's 8k / 16k tokens per rank.
+
 Then two cases where the kernel's fixed costs, not its main loop, decide:
 - "skewed": one 8k request packed with 63 requests of 64 tokens (a prefill batch ESP's scheduler
   forms) against the 8k request alone: without a tile table the persistent kernel enumerates
@@ -19,13 +22,14 @@ Then two cases where the kernel's fixed costs, not its main loop, decide:
   launched Gluon steps ran at 96.7 TFLOP/s against 278 from a CUDA graph (H100, 7a4385d; ~89 us
   a step for ~31 us of GPU work) while the Triton twin's launches kept up with its GPU time.
 
-    python bench/diag_step.py [--only kernels,skewed,host]
+    python bench/diag_step.py [--only kernels,fixed,skewed,host]
 """
 
 import torch
 
 from anchors import fa3_prefill
-from harness import cprofile_top, cuda_api_calls, host_us, parse_out, time_cuda
+from harness import (cprofile_top, cuda_api_calls, host_us, parse_out, time_cuda,
+                     time_cuda_interleaved)
 from ring_cases import random_qkv
 
 from esp_kernels.prefill import gluon_step
@@ -35,9 +39,12 @@ from esp_kernels.testing import cu_seqlens
 
 def main():
     args = parse_out()
-    parts = set(args.only.split(",")) if args.only else {"kernels", "skewed", "host"}
+    parts = (set(args.only.split(",")) if args.only
+             else {"kernels", "fixed", "skewed", "host"})
     if "kernels" in parts:
         kernels()
+    if "fixed" in parts:
+        fixed_cost()
     if "skewed" in parts:
         n, Hq, Hkv, D = 8192, 32, 8, 128
         skewed(*random_qkv(n, Hq, Hkv, D))
@@ -77,6 +84,51 @@ def kernels():
         for label, ms in rows:
             print(f"{name:<9} {label:<24} {ms * 1e3:9.1f} us {flops / ms / 1e9:7.1f} TFLOP/s "
                   f"per tile {ms * 1e3 * sms / tiles:6.2f} us", flush=True)
+
+
+def fixed_cost(rounds=5):
+    """What a tile costs besides its K/V blocks inside a persistent launch: 8k queries against
+    128 * n keys, not causal (every tile runs n blocks), n = 1 .. 64; per-tile time (time x SMs /
+    tiles) fitted as a + b * n by least squares, for ours (state written / merged) and FA3. a is
+    what every tile pays once (its first S product and softmax before the pipeline fills, its
+    last PV product, the epilogue, the Q load when it is not hidden), b a block's rate. At 8k
+    tokens per rank a ring's step averages ~32.5 blocks a tile and at 16k ~64.5, so a / (a +
+    32.5 b) is the share of a P=8 ring's steps that per-tile costs take. Contenders of one n
+    are timed round-robin (`time_cuda_interleaved`)."""
+    n, Hq, Hkv, D = 8192, 32, 8, 128
+    q, k_all, v_all = random_qkv(n, Hq, Hkv, D)
+    o = torch.zeros(n, Hq, D, device="cuda")
+    lse = torch.zeros(n, Hq, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = n * Hq // 128
+    cu_q = cu_seqlens([n], "cuda")
+    per_tile = {}
+    for blocks in (1, 2, 4, 8, 16, 32, 64):
+        keys = 128 * blocks
+        k, v = k_all[:keys].contiguous(), v_all[:keys].contiguous()
+        cu_k = cu_seqlens([keys], "cuda")
+        fns = {}
+        fa3 = fa3_prefill(q, k, v, causal=False)
+        if fa3 is not None:
+            fns["FA3"] = fa3
+        for acc in (False, True):
+            fns[f"gluon acc={int(acc)}"] = (
+                lambda acc=acc, k=k, v=v, cu_k=cu_k: gluon_step.ring_step_gluon(
+                    q, k, v, cu_q, cu_k, n, o, lse, False, 0, acc, D ** -0.5))
+        t = time_cuda_interleaved(fns, reps=rounds * 2)
+        for name, r in t.items():
+            us = r["ms"] * 1e3 * sms / tiles
+            per_tile.setdefault(name, []).append((blocks, us))
+            print(f"fixed    {blocks:3d} blocks a tile  {name:<12} {r['ms'] * 1e3:8.1f} us  "
+                  f"per tile {us:7.2f} us", flush=True)
+    for name, pts in per_tile.items():
+        xs, ys = [x for x, _ in pts], [y for _, y in pts]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        b = (sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x in xs))
+        a = my - b * mx
+        print(f"fixed    fit {name:<12} a = {a:5.2f} us a tile, b = {b:5.3f} us a block; "
+              f"a share at 32.5 / 64.5 blocks: {a / (a + 32.5 * b):5.3f} / "
+              f"{a / (a + 64.5 * b):5.3f}", flush=True)
 
 
 def skewed(q, k_all, v_all):
