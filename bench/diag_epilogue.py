@@ -23,7 +23,7 @@ import os
 import torch
 
 from harness import parse_out, time_cuda
-from ring_cases import random_qkv
+from ring_cases import OneRequestStep
 
 from esp_kernels.prefill import triton_step
 from esp_kernels.testing import cu_seqlens
@@ -63,12 +63,9 @@ def variant_module(name, edits):
 def main():
     parse_out()
     mods = {name: variant_module(name, edits) for name, edits in VARIANTS.items()}
-    n, Hq, Hkv, D = 8192, 32, 8, 128
-    q, k_all, v_all = random_qkv(n, Hq, Hkv, D)
-    o = torch.zeros(n, Hq, D, device="cuda")
-    lse = torch.zeros(n, Hq, device="cuda")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tiles = n * Hq // 128
+    step_case = OneRequestStep()
+    n, D, q, k_all, v_all, o, lse = (step_case.n, step_case.D, step_case.q, step_case.k,
+                                     step_case.v, step_case.o, step_case.lse)
     for case, keys, shift in (("diagonal", n, 0), ("8 blocks", 1024, n)):
         k, v = k_all[:keys], v_all[:keys]
         cu_q, cu_k = cu_seqlens([n], "cuda"), cu_seqlens([keys], "cuda")
@@ -84,7 +81,7 @@ def main():
                         raise RuntimeError(f"{name} did not compile: {m._compile_error[0]}")
                     ms = time_cuda(step)["ms"]
                     print(f"{case:<9} round {rnd} {name:<14} acc={int(acc)} {ms * 1e3:8.1f} us "
-                          f"per tile {ms * 1e3 * sms / tiles:6.2f} us", flush=True)
+                          f"per tile {step_case.per_tile_us(ms):6.2f} us", flush=True)
 
 
 if __name__ == "__main__":

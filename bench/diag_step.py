@@ -30,7 +30,7 @@ import torch
 from anchors import fa3_prefill
 from harness import (cprofile_top, cuda_api_calls, host_us, parse_out, time_cuda,
                      time_cuda_interleaved)
-from ring_cases import random_qkv
+from ring_cases import OneRequestStep, random_qkv
 
 from esp_kernels.prefill import gluon_step
 from esp_kernels.prefill.step import ring_step, run_step, step_tiles
@@ -54,12 +54,9 @@ def main():
 
 def kernels():
     """The 1-block, full and diagonal steps of 8k queries against FA3 on the same shape."""
-    n, Hq, Hkv, D = 8192, 32, 8, 128
-    q, k_all, v_all = random_qkv(n, Hq, Hkv, D)
-    o = torch.empty(n, Hq, D, device="cuda")
-    lse = torch.zeros(n, Hq, device="cuda")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tiles = n * Hq // 128  # 128 (token, head) rows per tile in ours, 128 tokens x 1 head in FA3
+    case = OneRequestStep()
+    n, Hq, D, q, k_all, v_all, o, lse = (case.n, case.Hq, case.D, case.q, case.k, case.v,
+                                         case.o, case.lse)
     for name, keys, causal in (("1 block", 128, False), ("full", n, False),
                                ("diagonal", n, True)):
         k, v = k_all[:keys], v_all[:keys]
@@ -83,7 +80,7 @@ def kernels():
                 rows.append((f"{backend} acc={int(acc)}", time_cuda(step)["ms"]))
         for label, ms in rows:
             print(f"{name:<9} {label:<24} {ms * 1e3:9.1f} us {flops / ms / 1e9:7.1f} TFLOP/s "
-                  f"per tile {ms * 1e3 * sms / tiles:6.2f} us", flush=True)
+                  f"per tile {case.per_tile_us(ms):6.2f} us", flush=True)
 
 
 def fixed_cost(rounds=5):
@@ -95,17 +92,13 @@ def fixed_cost(rounds=5):
     tokens per rank a ring's step averages ~32.5 blocks a tile and at 16k ~64.5, so a / (a +
     32.5 b) is the share of a P=8 ring's steps that per-tile costs take. Contenders of one n
     are timed round-robin (`time_cuda_interleaved`)."""
-    n, Hq, Hkv, D = 8192, 32, 8, 128
-    q, k_all, v_all = random_qkv(n, Hq, Hkv, D)
-    o = torch.zeros(n, Hq, D, device="cuda")
-    lse = torch.zeros(n, Hq, device="cuda")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tiles = n * Hq // 128
+    case = OneRequestStep()
+    n, D, q, k_all, v_all, o, lse = case.n, case.D, case.q, case.k, case.v, case.o, case.lse
     cu_q = cu_seqlens([n], "cuda")
     per_tile = {}
     for blocks in (1, 2, 4, 8, 16, 32, 64):
         keys = 128 * blocks
-        k, v = k_all[:keys].contiguous(), v_all[:keys].contiguous()
+        k, v = k_all[:keys], v_all[:keys]
         cu_k = cu_seqlens([keys], "cuda")
         fns = {}
         fa3 = fa3_prefill(q, k, v, causal=False)
@@ -117,7 +110,7 @@ def fixed_cost(rounds=5):
                     q, k, v, cu_q, cu_k, n, o, lse, False, 0, acc, D ** -0.5))
         t = time_cuda_interleaved(fns, reps=rounds * 2)
         for name, r in t.items():
-            us = r["ms"] * 1e3 * sms / tiles
+            us = case.per_tile_us(r["ms"])
             per_tile.setdefault(name, []).append((blocks, us))
             print(f"fixed    {blocks:3d} blocks a tile  {name:<12} {r['ms'] * 1e3:8.1f} us  "
                   f"per tile {us:7.2f} us", flush=True)

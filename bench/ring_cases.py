@@ -14,6 +14,23 @@ def random_qkv(L, Hq, Hkv, D, seed=0):
                  for h in (Hq, Hkv, Hkv))
 
 
+class OneRequestStep:
+    """One request of n tokens for the step diagnostics: q and all its keys and values (bf16), a
+    zeroed fp32 state (o, lse) for its queries, and `per_tile_us(ms)`, a step's time spread over
+    its tiles on all SMs (128 (token, head) rows a tile in ours, 128 tokens x 1 head in FA3)."""
+
+    def __init__(self, n=8192, Hq=32, Hkv=8, D=128):
+        self.n, self.Hq, self.D = n, Hq, D
+        self.q, self.k, self.v = random_qkv(n, Hq, Hkv, D)
+        self.o = torch.zeros(n, Hq, D, device="cuda")
+        self.lse = torch.zeros(n, Hq, device="cuda")
+        self.sms = torch.cuda.get_device_properties(0).multi_processor_count
+        self.tiles = n * Hq // 128
+
+    def per_tile_us(self, ms):
+        return ms * 1e3 * self.sms / self.tiles
+
+
 def causal_flops(L, Hq, D):
     """Useful FLOPs of causal attention over L tokens (QK^T and PV, visible pairs only)."""
     return 4 * D * Hq * L * (L + 1) / 2
