@@ -36,10 +36,11 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=No
             give the usual mask).
 
     Returns:
-        out [Tq, Hq, D] in q.dtype and lse [Tq, Hq] float32 (natural log). A query row that sees
-        no key gets out = 0 and lse = -inf (the empty state). NaN propagates: a NaN in a query
-        row, or in a key row it sees, gives NaN out and lse; a NaN in a value row it sees gives
-        NaN out (lse does not read v). As in FlashAttention, a NaN value row may also reach rows
+        out [Tq, Hq, D] in q.dtype and lse [Tq, Hq] float32 (natural log; float64 for float64
+        inputs, the precision it was computed in). A query row that sees no key gets out = 0 and
+        lse = -inf (the empty state). NaN propagates: a NaN in a query row, or in a key row it
+        sees, gives NaN out and lse; a NaN in a value row it sees gives NaN out (lse does not
+        read v). As in FlashAttention, a NaN value row may also reach rows
         of the same key block whose mask hides it (p = 0 times NaN in the P V product).
     """
     check_tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
@@ -129,4 +130,4 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=No
             rows = slice(q0 + i, q0 + i + qpi.shape[0])
             out[rows] = o_blk.permute(2, 0, 1, 3).reshape(-1, Hq, D)
             lse[rows] = lse_blk.permute(2, 0, 1).reshape(-1, Hq)
-    return out.to(q.dtype), lse.to(torch.float32)
+    return out.to(q.dtype), lse

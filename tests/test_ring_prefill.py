@@ -298,6 +298,68 @@ def test_triton_step_interpreter(dtype, hq, hkv, d, shift, accumulate, gen):
         assert_close(l, ref_l, torch.float32)
 
 
+def test_ring_step_wants_a_unit_stride_along_d_for_its_kernels(gen):
+    """The step kernels read q, k, v and o_state with a unit stride along D: another stride is an
+    error naming the tensor there (it read garbage before), while the torch path takes any."""
+    q, k, v = (torch.randn(12, 2, 32, generator=gen)[..., ::2] for _ in range(3))
+    cu = [0, 5, 12]
+    o, lse = torch.empty(12, 2, 16), torch.empty(12, 2)
+    ring_step(q, k, v, cu, cu, 7, o, lse, accumulate=False, backend="torch")
+    ref_o, ref_l = esp.reference.attention(q, k, v, cu, cu)
+    assert_close(o, ref_o, torch.float32)
+    assert_close(lse, ref_l, torch.float32)
+    dense = q.contiguous()
+    for name, args in (("q", (q, dense, dense, o)), ("k", (dense, k, dense, o)),
+                       ("v", (dense, dense, v, o)),
+                       ("o_state", (dense, dense, dense, torch.empty(12, 2, 32)[..., ::2]))):
+        with pytest.raises(ValueError, match=f"{name} must have a unit stride along its last"):
+            ring_step(*args[:3], cu, cu, 7, args[3], lse, backend="triton")
+
+
+def test_ring_prefill_takes_q_with_any_strides():
+    """ring_prefill hands its kernels a dense copy of a q strided along D (the Triton kernel
+    under the interpreter on CPU)."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter tier runs on CPU machines")
+    lens = [9, 4]
+    b = batch(3, lens, 4, 2, 32)
+    wide = torch.zeros(b.q.shape[0], 4, 64)
+    wide[..., ::2] = b.q
+    g = local_group(1)[0]
+    out, lse = esp.ring_prefill(wide[..., ::2], b.k, b.v, lens, g, backend="triton")
+    ref_o, ref_l = esp.reference.attention(b.q, b.k, b.v, b.cu_seqlens, b.cu_seqlens)
+    assert_close(out, ref_o, torch.float32)
+    assert_close(lse, ref_l, torch.float32)
+
+
+def test_ring_step_float64_computes_in_float64(gen):
+    """The torch path's float64 (reference) steps keep float64 all through."""
+    q, k, v = (torch.randn(10, 4, 16, dtype=torch.float64, generator=gen) for _ in range(3))
+    cu = [0, 6, 10]
+    o = torch.zeros(10, 4, 16, dtype=torch.float64)
+    lse = torch.zeros(10, 4, dtype=torch.float64)
+    ring_step(q, k, v, cu, cu, 6, o, lse, accumulate=False)
+    ref_o, ref_l = esp.reference.attention(q, k, v, cu, cu)
+    assert ref_l.dtype == torch.float64
+    torch.testing.assert_close(o, ref_o, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, ref_l, rtol=1e-12, atol=1e-12)
+
+
+def test_ring_step_host_offsets_are_checked_and_an_empty_batch_runs():
+    q = torch.randn(6, 2, 16)
+    o, lse = torch.zeros(6, 2, 16), torch.zeros(6, 2)
+    for cu_q, cu_k, match in (([0, 4, 3, 6], [0, 2, 4, 6], "cu_q must be non-decreasing"),
+                              ([0, 2, 6], [1, 3, 6], r"cu_k\[0\] must be 0"),
+                              ([0, 2, 5], [0, 3, 6], r"cu_q\[-1\] = 5 disagrees")):
+        with pytest.raises(ValueError, match=match):
+            ring_step(q, q, q, cu_q, cu_k, 6, o, lse)
+    with pytest.raises(ValueError, match=r"max_q_len = 3 is less than the longest request of q "
+                                         r"\(4 tokens"):
+        ring_step(q, q, q, [0, 2, 6], [0, 2, 6], 3, o, lse)
+    empty = torch.zeros(0, 2, 16)
+    ring_step(empty, empty, empty, [0], [0], 0, empty.clone(), torch.zeros(0, 2))
+
+
 # ---------------------------------------------------------------- GPU tier
 
 STEP_BACKENDS = ["triton", "gluon"]

@@ -253,6 +253,8 @@ class RingPrefillRunner:
                                  f"{self.device} (rank {me} of {P} holds {Tq} tokens of seqlens "
                                  f"with sum {sum(self.lengths)}), got {tuple(t.shape)} {t.dtype} "
                                  f"on {t.device}")
+        if self.backend != "torch" and D > 1 and q.stride(2) != 1:
+            q = q.contiguous()  # the step kernels read q with a unit stride along D
         if self.writer is not None:
             if layer is None:
                 raise ValueError("layer is required: this runner retains KV into a cache")

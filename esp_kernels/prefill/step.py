@@ -48,8 +48,8 @@ import os
 import torch
 
 from .. import _core
-from .._checks import (FLOAT_DTYPES, as_cu_seqlens, as_int, check_gqa, check_same_device,
-                       check_tensor)
+from .._checks import (FLOAT_DTYPES, as_cu_seqlens, as_int, check_cu_seqlens, check_gqa,
+                       check_same_device, check_tensor)
 from ..merge import merge_two_
 from ..reference import attention
 
@@ -98,10 +98,14 @@ def _step_torch(q, k, v, cu_q, cu_k, o_state, lse_state, causal, mask_shift, acc
     # Positions turn the shifted mask into the reference's causal rule: key b at position
     # b - shift is visible to query a at position a iff b <= a + shift.
     cq, ck = cu_q.tolist(), cu_k.tolist()
+    if len(cq) == 1:  # no requests (and so no queries): nothing to attend or write
+        return
     qpos = torch.cat([torch.arange(cq[i + 1] - cq[i]) for i in range(len(cq) - 1)]).to(q.device)
     kpos = torch.cat([torch.arange(ck[i + 1] - ck[i]) - mask_shift
                       for i in range(len(ck) - 1)]).to(q.device)
-    o_blk, lse_blk = attention(q.float(), k.float(), v.float(), cu_q, cu_k, causal=causal,
+    # float32 math, float64 for float64 inputs (a reference's precision)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    o_blk, lse_blk = attention(q.to(cdt), k.to(cdt), v.to(cdt), cu_q, cu_k, causal=causal,
                                softmax_scale=softmax_scale, q_positions=qpos, k_positions=kpos)
     if accumulate:
         merge_two_(o_state, lse_state, o_blk, lse_blk, o_state, lse_state, "torch")
@@ -180,13 +184,16 @@ def ring_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True
             D 64 or 128, a power-of-two GQA group <= 64, other calls go to Triton; Triton: also
             float32, D a power of two >= 16; torch: also float64).
         cu_q, cu_k: int32 [B+1] offsets of each request in q and in k/v, on q's device (lists
-            are converted); their contents are not checked here (that would wait on the GPU).
-        max_q_len: the longest request of q (tokens).
+            are converted); on the CPU their contents are checked (from 0, non-decreasing, ending
+            at Tq / Tk), on a GPU not (that would wait on it).
+        max_q_len: the longest request of q (tokens; on the CPU checked against cu_q).
         o_state: float32 [Tq, Hq, D], lse_state: float32 [Tq, Hq], written in place (float64
             on the torch path, for references).
         mask_shift: query a (local index in its request) sees key b iff b <= a + mask_shift.
         softmax_scale: defaults to 1/sqrt(D). backend: "auto" (CUDA: Gluon; CPU: torch),
             "gluon", "triton", "torch"; "cuda" (the compiled kernel, deleted) raises ValueError.
+            The kernels read q, k, v and o_state with a unit stride along D (other strides are
+            free); the torch path takes any strides.
 
     Takes torch tensors or DLPack / __cuda_array_interface__ arrays; under torch.compile it is
     the op esp_kernels::ring_step.
@@ -213,6 +220,19 @@ def ring_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True
                          f"{tuple(lse_state.shape)} must be q's [Tq, Hq, D] and [Tq, Hq]")
     check_same_device(q=q, k=k, v=v, cu_q=cu_q, cu_k=cu_k, o_state=o_state, lse_state=lse_state)
     max_q_len = as_int(max_q_len, "max_q_len", minimum=0)
+    if cu_q.device.type == "cpu":  # host tensors: checking their contents costs no GPU wait
+        offsets = check_cu_seqlens(cu_q, "cu_q", q.shape[0])
+        check_cu_seqlens(cu_k, "cu_k", k.shape[0])
+        longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
+        if max_q_len < longest:
+            raise ValueError(f"max_q_len = {max_q_len} is less than the longest request of q "
+                             f"({longest} tokens, from cu_q)")
+    if resolve_backend(backend, q.device) != "torch":
+        for name, t in (("q", q), ("k", k), ("v", v), ("o_state", o_state)):
+            if t.shape[2] > 1 and t.stride(2) != 1:
+                raise ValueError(f"{name} must have a unit stride along its last (head) "
+                                 f"dimension for the step kernels, got strides {t.stride()}: "
+                                 f"pass {name}.contiguous(), or backend='torch'")
     mask_shift = as_int(mask_shift, "mask_shift")
     scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
     if torch.compiler.is_compiling():
