@@ -52,6 +52,9 @@ def as_int_tensor(values, name: str, dtype: torch.dtype = torch.int64, device=No
     device unless `device` is given."""
     seq = None
     if not isinstance(values, torch.Tensor):
+        if not (hasattr(values, "__array__") or hasattr(values, "__iter__")):
+            raise TypeError(f"{name} must be a sequence of integers, got {type(values).__name__} "
+                            f"{values!r}")
         seq = values if hasattr(values, "__array__") else list(values)
         try:
             values = torch.as_tensor(seq) if len(seq) else torch.empty(0, dtype=dtype)

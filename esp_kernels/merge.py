@@ -177,13 +177,19 @@ def merge_states_multi(o, lse, out=None, lse_out=None, out_dtype=None, backend="
     _check_state(o, lse, "o", "lse", ndim=4)
     if o.shape[0] < 1:
         raise ValueError("merge_states_multi needs at least one state")
-    check_same_device(o=o, lse=lse, out=out, lse_out=lse_out)
     if out is None:
+        if out_dtype is not None and out_dtype not in _STATE_DTYPES:
+            raise TypeError(f"out_dtype must be one of {_STATE_DTYPES}, got {out_dtype}")
         out = torch.empty(o.shape[1:], dtype=out_dtype or o.dtype, device=o.device)
-    elif tuple(out.shape) != tuple(o.shape[1:]):
-        raise ValueError(f"out {tuple(out.shape)} must be {tuple(o.shape[1:])}")
+    else:
+        check_tensor(out, "out", ndim=3, dtypes=_STATE_DTYPES)
+        if tuple(out.shape) != tuple(o.shape[1:]):
+            raise ValueError(f"out {tuple(out.shape)} must be {tuple(o.shape[1:])}")
     if lse_out is None:
         lse_out = torch.empty(lse.shape[1:], dtype=torch.float32, device=o.device)
+    else:
+        _check_state(out, lse_out, "out", "lse_out")
+    check_same_device(o=o, lse=lse, out=out, lse_out=lse_out)
     if torch.compiler.is_compiling():
         torch.ops.esp_kernels.merge_states_multi_out(o, lse, out, lse_out, backend)
     else:

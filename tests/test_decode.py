@@ -300,6 +300,40 @@ def test_zero_length_shard_gives_empty_state():
     assert torch.isfinite(lse[1]).all()
 
 
+def test_decode_partial_checks_what_it_reads_and_writes():
+    """Outputs, scale and backend are checked on every path; on the CPU also the pages and
+    lengths it reads (a negative page read the pool's last pages before, a long kv_lens or a
+    page past the pool gave a bare IndexError)."""
+    q = torch.randn(2, 4, 8)
+    k, v = torch.randn(3, 4, 2, 8), torch.randn(3, 4, 2, 8)
+    bt = torch.tensor([[0, 1], [2, 0]], dtype=torch.int32)
+    lens = torch.tensor([6, 3], dtype=torch.int32)
+    o, lse = decode_partial(q, k, v, bt, lens)
+    for kw, err, match in (
+            (dict(o=torch.empty(2, 4, 8, dtype=torch.int32)), TypeError, "o must have dtype"),
+            (dict(lse=torch.empty(2, 4, dtype=torch.int64)), TypeError, "lse must have dtype"),
+            (dict(o=torch.empty(3, 2, 4, 8)), ValueError, r"o must be \[2, 4, 8\]"),
+            (dict(lse=torch.empty(3, 2, 4)), ValueError, r"lse must be \[2, 4\]"),
+            (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be finite"),
+            (dict(softmax_scale=-0.5), ValueError, "softmax_scale must be finite and > 0"),
+            (dict(backend="bogus"), ValueError, "backend must be"),
+            (dict(backend="cuda"), ValueError, "backend='cuda' needs CUDA tensors")):
+        with pytest.raises(err, match=match):
+            decode_partial(q, k, v, bt, lens, **kw)
+    for table, kv_lens, match in (
+            ([[0, -1], [2, 0]], [6, 3], r"block_table\[0\] holds page -1"),
+            ([[0, 1], [3, 0]], [6, 3], r"block_table\[1\] holds page 3 among its first 1, "
+                                       r"outside the cache's 3 pages"),
+            ([[0, 1], [2, 0]], [9, 3], r"kv_lens\[0\] = 9 is outside \[0, 8\]"),
+            ([[0, 1], [2, 0]], [6, -1], r"kv_lens\[1\] = -1 is outside")):
+        with pytest.raises(ValueError, match=match):
+            decode_partial(q, k, v, torch.tensor(table, dtype=torch.int32),
+                           torch.tensor(kv_lens, dtype=torch.int32))
+    # pages past a request's length are not read, so they need not be valid
+    o2, lse2 = decode_partial(q, k, v, torch.tensor([[0, 1], [2, 99]], dtype=torch.int32), lens)
+    assert torch.equal(o2, o) and torch.equal(lse2, lse)
+
+
 def one_instance_case():
     g = local_group(1)[0]
     cache = esp.PagedKVCache(2, 16, 4, 2, 8, torch.float32, "cpu")

@@ -47,6 +47,10 @@ def test_as_int_tensor():
     for bad in (np.array([0.5]), torch.tensor([1.0]), [True, False]):
         with pytest.raises(TypeError, match="positions"):
             as_int_tensor(bad, "positions")
+    with pytest.raises(TypeError, match="positions must be a sequence of integers, got int 5"):
+        as_int_tensor(5, "positions")
+    with pytest.raises(TypeError, match="positions of request 'b' must be a sequence"):
+        esp.PagedKVCache(1, 4, 4, 1, 8, torch.float32).allocate("b", 5)
 
 
 def test_cache_accepts_integer_likes_and_defaults_to_the_cpu():

@@ -424,6 +424,30 @@ def test_migration_plan_validation():
         esp.migrate_kv(cache, esp.MigrationPlan([("a", 0, 4, 0, 9)]), local_group(2)[0])
 
 
+def test_copy_rows_checks_shapes_on_every_path():
+    """The CPU path checks what the kernel checks (it broadcast a src of one outer slice, or of
+    one-element rows, before)."""
+    src, dst = torch.arange(24.0).reshape(2, 4, 3), torch.zeros(2, 5, 3)
+    i2 = torch.tensor([0, -1, 3], dtype=torch.int32)
+    copy_rows(src, i2, dst, torch.tensor([4, 0, 1], dtype=torch.int32))
+    assert torch.equal(dst[:, 4], src[:, 0]) and torch.equal(dst[:, 1], src[:, 3])
+    assert not dst[:, 0].any() and not dst[:, 2:4].any()
+    for args, err, match in (
+            ((src[:1], None, dst, None), ValueError, "must share their outer slices"),
+            ((src[..., :1], None, dst, None), ValueError, "must share their outer slices"),
+            ((src.double(), None, dst, None), TypeError, "src is torch.float64 but dst"),
+            ((src, i2, dst, i2[:2]), ValueError, "src_idx has 3 entries but dst_idx 2"),
+            ((src, i2.reshape(1, 3), dst, None), ValueError, "src_idx must have 1 dims"),
+            ((src, torch.tensor(0, dtype=torch.int32), dst, None), ValueError,
+             "src_idx must have 1 dims"),
+            ((torch.zeros(2, 6, 3), None, dst, None), ValueError,
+             "6 rows requested but dst has 5"),
+            ((src, None, dst, torch.arange(5, dtype=torch.int32)), ValueError,
+             "5 rows requested but src has 4")):
+        with pytest.raises(err, match=match):
+            copy_rows(*args)
+
+
 # ---------------------------------------------------------------- GPU tier
 
 

@@ -78,6 +78,17 @@ def test_bad_input(gen):
         esp.merge_states(o, lse, o, lse, backend="nope")
     with pytest.raises(ValueError, match="at least one"):
         esp.merge_states_multi(o[None][:0], lse[None][:0])
+    # merge_states_multi's outputs, checked as merge_states' (an int32 out or lse_out truncated,
+    # a [2, T, H] lse_out was filled by broadcasting, a list out raised AttributeError)
+    os_, ls = torch.stack([o, o]), torch.stack([lse, lse])
+    for kw, err, match in ((dict(out_dtype=torch.int32), TypeError, "out_dtype must be one of"),
+                           (dict(out=o.int()), TypeError, "out must have dtype"),
+                           (dict(out=[1, 2]), TypeError, "out must be a torch.Tensor"),
+                           (dict(out=o[:3]), ValueError, r"out \(3, 2, 8\) must be"),
+                           (dict(lse_out=lse.long()), TypeError, "lse_out must have dtype"),
+                           (dict(lse_out=ls), ValueError, "lse_out must have 2 dims")):
+        with pytest.raises(err, match=match):
+            esp.merge_states_multi(os_, ls, **kw)
 
 
 @pytest.mark.gpu

@@ -48,6 +48,21 @@ def test_bad_inputs_name_the_problem():
         striping.last_token_location([3, 0], 2)
     with pytest.raises(ValueError, match="part 1"):
         striping.unstripe([torch.zeros(2), torch.zeros(2)], [3])
+    # lengths are integers >= 0, never truncated (a [-2, 12] batch of 10 tokens striped into 12
+    # with duplicates, a length of 2.5 read as 2)
+    with pytest.raises(ValueError, match=r"seqlens\[0\] must be >= 0, got -2"):
+        striping.stripe(torch.arange(10), [-2, 12], 2)
+    for fn, args in ((striping.stripe_positions, (2, 0)), (striping.stripe_lengths, (2, 0)),
+                     (striping.stripe_indices, (2, 0)), (striping.last_token_location, (2,)),
+                     (striping.stripe, (2,))):
+        for bad, name in (([2.5], "seqlens\\[0\\]"), ([3, True], "seqlens\\[1\\]"),
+                          (["4"], "seqlens\\[0\\]")):
+            call_args = (torch.zeros(3),) if fn is striping.stripe else ()
+            with pytest.raises(TypeError, match=f"{name} must be an integer"):
+                fn(*call_args, bad, *args)
+    with pytest.raises(TypeError, match=r"seqlens\[1\] must be an integer"):
+        striping.unstripe([torch.zeros(2), torch.zeros(1)], [3, 1.0])
+    assert striping.stripe_lengths(torch.tensor([5, 3]), 2, 1) == [2, 1]
 
 
 def test_exported():

@@ -123,11 +123,19 @@ def new_workspace(batch: int, num_q_heads: int, head_dim: int, num_splits: int,
 
 
 def _partial_torch(q, k_cache, v_cache, block_table, kv_lens, softmax_scale, o, lse):
-    page_size = k_cache.shape[1]
+    num_pages, page_size = k_cache.shape[:2]
     lens = kv_lens.tolist()
     bt = block_table.cpu()
     slots = []
     for b, n in enumerate(lens):
+        if not 0 <= n <= bt.shape[1] * page_size:
+            raise ValueError(f"kv_lens[{b}] = {n} is outside [0, {bt.shape[1] * page_size}] (the "
+                             f"block table's {bt.shape[1]} pages of {page_size} tokens)")
+        pages = bt[b, :-(-n // page_size)]
+        bad = (pages < 0) | (pages >= num_pages)
+        if bad.any():
+            raise ValueError(f"block_table[{b}] holds page {pages[bad][0].item()} among its "
+                             f"first {pages.numel()}, outside the cache's {num_pages} pages")
         i = torch.arange(n)
         slots.append(bt[b, i // page_size].long() * page_size + i % page_size)
     flat = torch.cat(slots).to(q.device) if slots else torch.empty(0, dtype=torch.long)
@@ -139,6 +147,15 @@ def _partial_torch(q, k_cache, v_cache, block_table, kv_lens, softmax_scale, o, 
                        softmax_scale=softmax_scale)
     o.copy_(out)
     lse.copy_(l)
+
+
+def _check_outputs(o, lse, B, Hq, D, device):
+    """decode_partial's outputs: float32 [B, Hq, D] and [B, Hq] on q's device."""
+    for name, t, shape in (("o", o, (B, Hq, D)), ("lse", lse, (B, Hq))):
+        check_tensor(t, name, dtypes=(torch.float32,))
+        if tuple(t.shape) != shape or t.device != device:
+            raise ValueError(f"{name} must be {list(shape)} on {device}, got "
+                             f"{tuple(t.shape)} on {t.device}")
 
 
 def _check(q, k_cache, v_cache, block_table, kv_lens):
@@ -176,6 +193,9 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
         q: [B, Hq, D] (float16/bfloat16 on CUDA; any float dtype on the CPU path).
         k_cache, v_cache: [num_pages, page_size, Hkv, D] one layer of a PagedKVCache.
         block_table: int32 [B, max_pages]; kv_lens: int32 [B] (tokens of each request here).
+            Their contents are checked on the CPU path (kv_lens within the table's capacity, the
+            pages it reads within the cache); the CUDA kernel does not wait on the GPU to check
+            them: it clamps kv_lens to the table's capacity and reads the pages it is given.
         num_splits: KV splits per request (default: `num_splits_for` with `max_len`, the
             longest shard, or the block table's capacity, and with it the schedule:
             `auto_schedule_is_static`); fixed per launch, so the op is CUDA-graph capturable
@@ -184,6 +204,8 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
         workspace: optional float32 buffer of `_C.decode_workspace_elems(...)` elements (the
             driver keeps one per plan so captured graphs reuse it).
         o, lse: optional outputs, float32 [B, Hq, D] and [B, Hq] (strided views allowed).
+        softmax_scale: finite and > 0 (default 1/sqrt(D)). backend: "auto" (the CUDA kernel
+            for CUDA tensors, else the torch path), "cuda" or "torch".
         deterministic: when the KV is split, False (default) lets the splits of a request share
             its tiles through a counter (no split waits for a slow sibling; the fp32 summation
             order, hence the last bits, can change between runs), except where the default
@@ -195,7 +217,13 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
     esp_kernels::decode_partial.
     """
     B, Hq, D = _check(q, k_cache, v_cache, block_table, kv_lens)
+    if backend not in ("auto", "cuda", "torch"):
+        raise ValueError(f"backend must be 'auto', 'cuda' or 'torch', got {backend!r}")
+    if backend == "cuda" and q.device.type != "cuda":
+        raise ValueError("backend='cuda' needs CUDA tensors")
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"softmax_scale must be finite and > 0, got {softmax_scale!r}")
     if num_splits is not None:
         num_splits = as_int(num_splits, "num_splits", minimum=1)
     if max_len is not None:
@@ -204,6 +232,7 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
         o = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
     if lse is None:
         lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    _check_outputs(o, lse, B, Hq, D, q.device)
     if torch.compiler.is_compiling():
         torch.ops.esp_kernels.decode_partial(q, k_cache, v_cache, block_table, kv_lens, o, lse,
                                              workspace, num_splits, max_len, scale,
@@ -258,11 +287,7 @@ class PreparedDecodePartial:
             raise ValueError(f"k_layers {tuple(k_layers.shape)} and v_layers "
                              f"{tuple(v_layers.shape)} differ")
         B, Hq, D = _check(q, k_layers[0], v_layers[0], block_table, kv_lens)
-        for name, t, shape in (("o", o, (B, Hq, D)), ("lse", lse, (B, Hq))):
-            check_tensor(t, name, dtypes=(torch.float32,))
-            if tuple(t.shape) != shape or t.device != q.device:
-                raise ValueError(f"{name} must be {list(shape)} on {q.device}, got "
-                                 f"{tuple(t.shape)} on {t.device}")
+        _check_outputs(o, lse, B, Hq, D, q.device)
         dev = q.device
         self.q, self.k_layers, self.v_layers = q, k_layers, v_layers
         self.block_table, self.kv_lens, self.o, self.lse = block_table, kv_lens, o, lse

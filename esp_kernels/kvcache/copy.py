@@ -21,13 +21,25 @@ def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor
     is the op esp_kernels::copy_rows."""
     check_tensor(src, "src", ndim=3)
     check_tensor(dst, "dst", ndim=3)
+    if src.dtype != dst.dtype:
+        raise TypeError(f"src is {src.dtype} but dst is {dst.dtype}")
+    if src.shape[0] != dst.shape[0] or src.shape[2] != dst.shape[2]:
+        raise ValueError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)} must share their "
+                         "outer slices and row length ([n_outer, rows, row_len])")
     for name, idx in (("src_idx", src_idx), ("dst_idx", dst_idx)):
         if idx is not None:
-            check_tensor(idx, name)
+            check_tensor(idx, name, ndim=1)
             if idx.dtype != torch.int32:
                 raise TypeError(f"{name} must be int32, got {idx.dtype}")
             if idx.device != src.device:
                 raise ValueError(f"{name} is on {idx.device} but src is on {src.device}")
+    n = (src_idx.shape[0] if src_idx is not None else
+         dst_idx.shape[0] if dst_idx is not None else src.shape[1])
+    if src_idx is not None and dst_idx is not None and dst_idx.shape[0] != n:
+        raise ValueError(f"src_idx has {n} entries but dst_idx {dst_idx.shape[0]}")
+    for name, t, idx in (("src", src, src_idx), ("dst", dst, dst_idx)):
+        if idx is None and n > t.shape[1]:
+            raise ValueError(f"{n} rows requested but {name} has {t.shape[1]}")
     if torch.compiler.is_compiling():
         torch.ops.esp_kernels.copy_rows(src, src_idx, dst, dst_idx, backend)
     else:
