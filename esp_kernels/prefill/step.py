@@ -220,7 +220,9 @@ def ring_step(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, *, causal=True
                          f"{tuple(lse_state.shape)} must be q's [Tq, Hq, D] and [Tq, Hq]")
     check_same_device(q=q, k=k, v=v, cu_q=cu_q, cu_k=cu_k, o_state=o_state, lse_state=lse_state)
     max_q_len = as_int(max_q_len, "max_q_len", minimum=0)
-    if cu_q.device.type == "cpu":  # host tensors: checking their contents costs no GPU wait
+    # Host tensors: checking their contents costs no GPU wait (not while torch.compile traces,
+    # where the contents are data-dependent values)
+    if cu_q.device.type == "cpu" and not torch.compiler.is_compiling():
         offsets = check_cu_seqlens(cu_q, "cu_q", q.shape[0])
         check_cu_seqlens(cu_k, "cu_k", k.shape[0])
         longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
