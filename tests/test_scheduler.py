@@ -327,8 +327,7 @@ def test_invariants_on_random_workloads(seed, N, pages, ps, policy, eos, lockste
     for rid in h.preempted:      # a preempted request was recomputed and finished
         assert s.state(rid) == "finished"
     for rid, p, n in h.rejected:  # rejected only when it truly cannot fit
-        gmax = max(g for g in (policy.get("group_sizes") or (N,)) if g <= N) if any(
-            g <= N for g in (policy.get("group_sizes") or (N,))) else 1
+        gmax = max(g for g in (policy.get("group_sizes") or (N,)) if g <= N)
         need = -(-(p + n - 1) // ps)
         assert need + N - 1 > N * s.pages_per_instance or need > gmax * s.pages_per_instance
 
@@ -487,6 +486,10 @@ def test_constructor_and_update_errors():
         ESPScheduler(1, 64, CM, max_out_of_order=-1)
     with pytest.raises(TypeError, match="unexpected keyword"):
         ESPScheduler(1, 64, CM, no_such_knob=1)
+    # no allowed group fits the instances: every request would stay queued forever
+    for n, sizes in ((2, (4,)), (1, (2, 8))):
+        with pytest.raises(ValueError, match=f"allow no group of at most the {n} instances"):
+            ESPScheduler(n, 1024, CM, page_size=16, group_sizes=sizes)
     s = ESPScheduler(1, 64, CM, page_size=16)
     s.add_request(1, 10, 3)
     it = s.schedule()

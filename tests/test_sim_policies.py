@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from esp_kernels.sim import (ChunkedPrefillPolicy, DisaggregatedPolicy, ESPPolicy, Launch, Policy,
                              SimulationError, Simulator, StaticSPPolicy, kv_capacity_tokens, make_requests)
+from esp_kernels.sim.baselines import WATERMARK
 from esp_kernels.sim.workloads import Request
 from sim_fakes import FakeCostModel, FakeScheduler, IterationPlan
 
@@ -155,6 +156,18 @@ def test_baseline_config_errors():
         DisaggregatedPolicy(CM, 8, decode_tp=3)
 
 
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baseline_refuses_what_an_empty_replica_would_not_admit(name):
+    """A request between the capacity less the watermark and the capacity used to pass the
+    arrival check and then wait at the head of its queue forever (a stalled run)."""
+    pol = BASELINES[name](kv_tokens_per_replica=1008)
+    with pytest.raises(ValueError, match=r"request 0 needs 1000 KV tokens \(1008 in pages of "
+                                         r"16\) but a .* replica admits at most 997.92"):
+        Simulator(pol, [Request(0, 0.0, 1000, 1), Request(1, 0.1, 10, 5)]).run()
+    _run(BASELINES[name](kv_tokens_per_replica=1024),
+         [Request(0, 0.0, 1000, 1), Request(1, 0.1, 10, 5)])
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.floats(0, 5), st.integers(1, 3000), st.integers(1, 200)), min_size=1, max_size=25),
        st.sampled_from(list(BASELINES) + ["esp_fake"]), st.sampled_from([None, 4000, 20_000]))
@@ -165,7 +178,10 @@ def test_conservation_property(specs, name, kv):
         pol = ESPPolicy(CM, 8, kv_slots_per_instance=kv, scheduler_cls=FakeScheduler)
     else:
         pol = BASELINES[name](**({} if kv is None else {"kv_tokens_per_replica": kv}))
-    if kv is not None and any(-(-(r.prompt_len + r.output_len - 1) // 16) * 16 > kv for r in reqs):
+    # A baseline's replica admits up to its capacity less the watermark (an empty one too).
+    limit = None if kv is None else kv if name == "esp_fake" else kv - WATERMARK * kv
+    if limit is not None and any(-(-(r.prompt_len + r.output_len - 1) // 16) * 16 > limit
+                                 for r in reqs):
         with pytest.raises(ValueError):
             Simulator(pol, reqs).run()
         return

@@ -247,6 +247,9 @@ class ESPScheduler:
         self.kv_slots_per_instance = kv_slots_per_instance
         self.cost_model = cost_model
         self.policy = Policy(**policy)
+        if self.policy.group_sizes is not None and min(self.policy.group_sizes) > num_instances:
+            raise ValueError(f"policy group_sizes {self.policy.group_sizes!r} allow no group of "
+                             f"at most the {num_instances} instances: no request could ever run")
         self._reqs: dict = {}
         self._queue: list = []          # queued _Req, kept in seq order
         self._decoding: dict = {}       # rid -> _Req (state decoding)
@@ -292,8 +295,8 @@ class ESPScheduler:
                 f"{max_new_tokens} - 1 = {peak} KV tokens need {need} pages (with one page of "
                 f"rounding per instance) but all {self.num_instances} instances hold {have} pages "
                 f"of {self.page_size} tokens")
-        gmax = max((g for g in self.policy.group_sizes or (self.num_instances,)
-                    if g <= self.num_instances), default=1)
+        gmax = max(g for g in self.policy.group_sizes or (self.num_instances,)
+                   if g <= self.num_instances)  # (__init__ checked that one exists)
         if -(-peak // self.page_size) > gmax * self.pages_per_instance:
             raise ValueError(
                 f"request {rid!r} can never fit: its prefill (recomputed: up to {peak} tokens) "

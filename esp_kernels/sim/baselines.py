@@ -228,10 +228,15 @@ class _Replica:
 
 
 def _check_fits(req, replicas, what):
+    """A request whose peak KV (in pages) an empty replica would not admit (admission keeps the
+    watermark free) would wait at the head of its FCFS queue forever: refuse it on arrival."""
     cap = max(r.capacity for r in replicas)
-    if _pages(req.prompt_len + req.output_len - 1) > cap:
-        raise ValueError(f"request {req.rid} needs {req.prompt_len + req.output_len - 1} KV tokens but a "
-                         f"{what} replica holds {cap}: use a larger tensor-parallel size")
+    limit = cap - WATERMARK * cap
+    need = req.prompt_len + req.output_len - 1
+    if _pages(need) > limit:
+        raise ValueError(f"request {req.rid} needs {need} KV tokens ({_pages(need)} in pages of "
+                         f"{PAGE}) but a {what} replica admits at most {limit:g} (its {cap} less "
+                         f"the {WATERMARK:.0%} watermark): use a larger tensor-parallel size")
 
 
 class _ReplicaPolicy(Policy):
