@@ -184,6 +184,11 @@ def test_prediction_argument_errors():
         cm.decode_time([5], num_masters=0)
     with pytest.raises(ValueError, match="num_tokens"):
         cm.migration_time(-1)
+    with pytest.raises(ValueError, match="num_tokens"):
+        cm.migration_time(True)
+    assert cm.migration_time(np.int64(777)) == cm.migration_time(777)
+    with pytest.raises(ValueError, match="kv_lens entries must be >= 0, got -5"):
+        cm.decode_time([10, -5])  # (it gave a time below decode_time([0]))
 
 
 def test_save_load_round_trip(tmp_path):
@@ -209,7 +214,12 @@ def _write(tmp_path, d):
     (lambda d: d["decode_attn"].pop("per_byte"), "'decode_attn' is missing key 'per_byte'"),
     (lambda d: d["link"].__setitem__("per_byte", "fast"), "link.per_byte must be a number"),
     (lambda d: d["ring_attn"].__setitem__("c", -1e-12), "ring_attn.c is -1e-12"),
-    (lambda d: d["dense"]["values"].__setitem__(0, -1.0), "dense.values has a negative"),
+    (lambda d: d["dense"]["values"].__setitem__(0, -1.0), "dense.values must be finite times"),
+    (lambda d: d["dense"]["values"].__setitem__(3, float("nan")), "dense.values must be finite"),
+    (lambda d: d["lm_head"]["values"].__setitem__(1, float("inf")),
+     "lm_head.values must be finite"),
+    (lambda d: d["dense"]["knots"].__setitem__(0, float("nan")),
+     "knots and values must be finite"),
     (lambda d: d["dense"].__setitem__("knots", [3, 2] + d["dense"]["knots"][2:]),
      "strictly increasing"),
     (lambda d: d["model"].pop("hidden"), "missing key 'hidden'"),
@@ -245,6 +255,22 @@ def test_bad_json_and_bad_samples(tmp_path):
     bad["samples"][2]["kind"] = "gemm"
     with pytest.raises(CostModelError, match="unknown kind 'gemm'"):
         CostModel.fit(bad)
+    # NaN / inf times (NaN crashed in LAPACK, inf dropped its sample) and counts below 1 (a
+    # group of 0 divided by zero, negative tokens or bytes were fitted)
+    for kind, key, value in (("dense", "time_s", float("nan")), ("copy", "time_s", float("inf")),
+                             ("ring_attn", "group_size", 0), ("dense", "tokens", -3),
+                             ("link", "bytes", -1), ("decode_attn", "kv_lens", [4, True])):
+        bad = copy.deepcopy(doc)
+        i = next(i for i, s in enumerate(bad["samples"]) if s["kind"] == kind)
+        bad["samples"][i][key] = value
+        with pytest.raises(CostModelError, match=rf"samples\[{i}\] \({kind}\)\.{key} has a "
+                                                 "bad value"):
+            CostModel.fit(bad)
+    for migration, message in (({"const": 1e-4, "link_efficiency": 0}, "link_efficiency must"),
+                               ({"const": 1e-4}, "'migration' is missing key 'link_efficiency'"),
+                               ({"const": -1.0, "link_efficiency": 0.9}, "migration.const is")):
+        with pytest.raises(CostModelError, match=message):
+            CostModel.fit(doc, migration=migration)
 
 
 def test_fit_command_writes_a_loadable_profile(tmp_path, capsys):

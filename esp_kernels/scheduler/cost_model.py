@@ -194,6 +194,8 @@ class CostModel:
         B = len(kv_lens)
         if not B:
             raise ValueError("kv_lens must hold at least one request")
+        if min(kv_lens) < 0:
+            raise ValueError(f"kv_lens entries must be >= 0, got {min(kv_lens)}")
         return self._decode(B, sum(kv_lens), G, M)
 
     def _decode(self, B: int, kv_total: int, G: int, M: int) -> float:
@@ -208,8 +210,10 @@ class CostModel:
 
     def migration_time(self, num_tokens: int) -> float:
         """KV of num_tokens tokens (all layers) from one instance to another (one batch)."""
-        if not isinstance(num_tokens, int) or num_tokens < 0:
+        if (isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer))
+                or num_tokens < 0):
             raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        num_tokens = int(num_tokens)
         if num_tokens == 0:
             return 0.0
         b = num_tokens * self.kv_bytes_per_token
@@ -267,6 +271,8 @@ class CostModel:
         migration: {"const", "link_efficiency"}; default: the 2xH200 values of
         DEFAULT_MIGRATION (modelled: migration cannot be measured on one GPU)."""
         samples = _samples_of(samples_doc)
+        if migration is not None:  # checked as a profile's migration entry is
+            migration = cls._check_coeffs({"migration": migration}, "migration")["migration"]
         model = ModelConfig.from_dict(samples_doc.get("model"), "samples document 'model'")
         by = {}
         for s in samples:
@@ -336,18 +342,25 @@ class CostModel:
                     raise CostModelError(f"{where}: {key!r} is missing key {sub!r}")
                 if not isinstance(c[sub], list) or not all(_is_num(x) for x in c[sub]):
                     raise CostModelError(f"{where}: {key}.{sub} must be a list of numbers")
-            if any(x < 0 for x in c["values"]):
-                raise CostModelError(f"{where}: {key}.values has a negative time")
+            if any(not x >= 0 or not math.isfinite(x) for x in c["values"]):
+                raise CostModelError(f"{where}: {key}.values must be finite times >= 0")
             try:
                 curves[key] = PiecewiseLinear(c["knots"], c["values"])
             except ValueError as exc:
                 raise CostModelError(f"{where}: {key}: {exc}") from None
+        coeffs = cls._check_coeffs({key: d[key] for key in _LINEAR_KEYS}, where)
+        return cls(model, curves["dense"], curves["lm_head"], coeffs, d["meta"])
+
+    @staticmethod
+    def _check_coeffs(entries: Mapping, where: str) -> dict:
+        """The linear components' coefficients (entries: component -> its mapping, a subset of
+        _LINEAR_KEYS) as floats: every name present, finite and >= 0, and a migration's link
+        efficiency > 0."""
         coeffs = {}
-        for key, names in _LINEAR_KEYS.items():
-            c = d[key]
+        for key, c in entries.items():
             if not isinstance(c, Mapping):
                 raise CostModelError(f"{where}: {key!r} must be an object")
-            for n in names:
+            for n in _LINEAR_KEYS[key]:
                 if n not in c:
                     raise CostModelError(f"{where}: {key!r} is missing key {n!r}")
                 if not _is_num(c[n]):
@@ -356,10 +369,10 @@ class CostModel:
                 if c[n] < 0 or not math.isfinite(c[n]):
                     raise CostModelError(f"{where}: {key}.{n} is {c[n]!r}: coefficients must be "
                                          "finite and >= 0")
-            coeffs[key] = {n: float(c[n]) for n in names}
-        if coeffs["migration"]["link_efficiency"] <= 0:
+            coeffs[key] = {n: float(c[n]) for n in _LINEAR_KEYS[key]}
+        if "migration" in coeffs and coeffs["migration"]["link_efficiency"] <= 0:
             raise CostModelError(f"{where}: migration.link_efficiency must be > 0")
-        return cls(model, curves["dense"], curves["lm_head"], coeffs, d["meta"])
+        return coeffs
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -430,11 +443,13 @@ def _samples_of(doc) -> list:
             if key not in s:
                 raise CostModelError(f"samples[{i}] ({kind}) is missing key {key!r}")
             v = s[key]
-            ok = _is_num(v) if typ is float else (
-                isinstance(v, int) and not isinstance(v, bool) if typ is int else
-                isinstance(v, list) and v and all(isinstance(x, int) and x >= 1 for x in v))
+            ok = _is_num(v) and math.isfinite(v) if typ is float else (
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 if typ is int else
+                isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool)
+                                                  and x >= 1 for x in v))
             if not ok:
-                raise CostModelError(f"samples[{i}] ({kind}).{key} has a bad value {v!r}")
+                raise CostModelError(f"samples[{i}] ({kind}).{key} has a bad value {v!r} "
+                                     "(counts are ints >= 1, time_s a finite number)")
         if s["time_s"] <= 0:
             raise CostModelError(f"samples[{i}] ({kind}).time_s must be > 0")
         out.append(s)

@@ -70,6 +70,8 @@ class PiecewiseLinear:
         self.values = np.asarray(values, dtype=np.float64)
         if self.knots.ndim != 1 or self.knots.shape != self.values.shape or not len(self.knots):
             raise ValueError("knots and values must be equal-length non-empty lists")
+        if not (np.isfinite(self.knots).all() and np.isfinite(self.values).all()):
+            raise ValueError("knots and values must be finite")
         if (np.diff(self.knots) <= 0).any():
             raise ValueError("knots must be strictly increasing")
         if (self.values < 0).any():
