@@ -92,6 +92,13 @@ def test_decode_plan_holds_no_prepared_state():
     assert up.reserve(cache, 0) == {"r": cache.last_token("r")[1]}
     assert cache.num_tokens("r") == 6
     roundtrip(up)
+    # scale_up on the plan it was already called on: the second plan would have attended over
+    # the first one's slot, never written; the stale plan is refused, nothing allocated
+    with pytest.raises(ValueError, match="the caches hold 6 tokens of request 'r' but this plan "
+                                         "accounts for 5"):
+        plan.scale_up(g, cache)
+    assert cache.num_tokens("r") == 6
+    assert up.scale_up(g, cache).appended_position(0) == 6
 
 
 def test_decode_plan_build_names_unknown_requests_and_changes_nothing():

@@ -189,13 +189,31 @@ class DecodePlan:
         The request's master stores it if it has room (a free slot in the request's last page,
         or a free page); otherwise the instance with the most free pages. Every instance decides
         the same from the gathered lengths and free pages; each reserves what it stores.
-        Raises CacheOutOfMemory, with nothing allocated, if some token has nowhere to go.
+        Raises CacheOutOfMemory, with nothing allocated, if some token has nowhere to go, and
+        ValueError if the caches do not hold exactly this plan's tokens (a stale plan: e.g.
+        scale_up already called on it).
         """
         me = group.world_ranks[group.rank]
         rows = group.all_gather_ints([cache.free_pages] +
                                      [cache.num_tokens(r) for r in self.requests])
         free = {group.world_ranks[p]: row[0] for p, row in enumerate(rows)}
         local = {group.world_ranks[p]: row[1:] for p, row in enumerate(rows)}
+        # The caches must hold exactly this plan's tokens (its appended ones included; where they
+        # are may have changed, by migration). More means slots this plan does not know were
+        # reserved (scale_up called on it before: the second plan would attend over the first
+        # one's unwritten slot), fewer means tokens went: either way the plan is stale. Every
+        # instance raises alike (the counts are gathered), nothing allocated.
+        stale = [(rid, sum(n[i] for n in local.values()), self.total_len(i))
+                 for i, rid in enumerate(self.requests)
+                 if sum(n[i] for n in local.values()) != self.total_len(i)]
+        if stale:
+            rid, held, want = stale[0]
+            raise ValueError(
+                f"DecodePlan.scale_up: the caches hold {held} tokens of request {rid!r} but this "
+                f"plan accounts for {want} ({len(stale)} requests differ): the plan is stale "
+                "(scale_up was already called on it, or tokens were added or removed since); "
+                "scale up the plan that call returned, or remove the unwritten slots and "
+                "DecodePlan.build a new one")
         # The new plan's shards: what the caches hold now (this plan's appends included).
         shards = [{inst: n[i] for inst, n in local.items() if n[i]}
                   for i in range(len(self.requests))]
