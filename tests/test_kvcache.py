@@ -414,6 +414,24 @@ def test_migration_batches_with_a_failed_entry():
         assert inst == want, f"{r}:{p} on {inst}, expected {want}"
 
 
+def test_refused_entry_raises_only_after_every_other_batch_ran():
+    """Instance 0 is full, so the entry into it is refused; raising at once (its only batch) used
+    to abort the world under run_local while the batch 0 -> 1 still ran, which then moved or not
+    from run to run. The error now comes after a closing round: the other entry always moves."""
+    for _ in range(5):
+        caches = [esp.PagedKVCache(1, 4, 1, 1, 8, torch.float32) for _ in range(3)]
+        caches[0].allocate("r", [0, 1, 2, 3])
+        caches[2].allocate("x", [0])
+        plan = esp.MigrationPlan([("x", 0, 1, 2, 0), ("r", 0, 4, 0, 1)])
+        with pytest.raises(esp.MigrationError, match="'x'") as info:
+            run_local(local_group(3), lambda g, c: esp.migrate_kv(c, plan, g, chunk_bytes=1),
+                      caches)
+        assert all(isinstance(e, esp.MigrationError)
+                   for e in getattr(info.value, "peer_errors", {}).values())
+        assert caches[1].positions("r").tolist() == [0, 1, 2, 3]
+        assert caches[0].num_tokens("r") == 0 and caches[2].num_tokens("x") == 1
+
+
 def test_migration_plan_validation():
     with pytest.raises(ValueError, match="itself"):
         esp.MigrationPlan([("a", 0, 4, 1, 1)])

@@ -16,12 +16,13 @@ involves src or dst otherwise (the entries passed over touch neither cache). Per
 
 Failures. dst out of memory for an entry: that entry is refused in step 2 (its source keeps it),
 the batch and the later batches go on, and MigrationError names the refused entries at the end on
-both sides. Any other failure, in the metadata round (see `MigrationRunner.run`) or a batch
+both sides, after a closing round over the group (so every other batch has run). Any other failure, in the metadata round (see `MigrationRunner.run`) or a batch
 (communication, or any exception on either side), ends the run on that instance at once: dst
 releases what it allocated for the batch, src keeps every token of it (it drops tokens only
 after step 4), and the instance raises MigrationError (cause chained) without posting anything
-more, since the pair's messages no longer match. Its peer, blocked on it, raises CommAborted
-(passed through unchanged) as soon as the world is aborted: at once on virtual ranks (run_local
+more, since the pair's messages no longer match. Its peer, blocked on it, and the instances
+waiting in the closing round raise CommAborted (passed through unchanged) as soon as the world is
+aborted: at once on virtual ranks (run_local
 aborts the world when a rank raises) and for NCCL communication errors (they abort the world);
 on a process backend, a peer of an instance that raised a non-communication error learns it at
 its wait's timeout unless the caller aborts the world. Batches finished before stay done. No
@@ -162,7 +163,8 @@ class MigrationRunner:
         range the source holds none of, raises MigrationError naming them on every instance,
         with nothing moved. Then the batches run; an entry its destination cannot allocate stays
         on its source, the others go on, and MigrationError names the refused entries at the
-        end. Any other failure ends the run at once (see the module docstring).
+        end, after a closing round over the group (every instance has run its batches by then).
+        Any other failure ends the run at once (see the module docstring).
         """
         cache = self.cache
         self._check_sources(cache)
@@ -182,6 +184,17 @@ class MigrationRunner:
                 raise MigrationError("; ".join(failures + [_broken(batch, self.me, exc)])) from exc
             stats["sent" if sending else "received"] += moved
             failures += failed
+        # A closing round over the group: an instance with refused entries must not raise while
+        # other pairs still move their batches (on virtual ranks, run_local aborts the world when
+        # a rank raises: their entries then stopped mid-run, a different set from run to run).
+        try:
+            self.group.all_gather_ints([len(failures)])
+        except CommAborted:
+            raise
+        except Exception as exc:
+            raise MigrationError("; ".join(failures + [
+                f"every batch ran, then the closing round failed on instance {self.me}: "
+                f"{type(exc).__name__}: {exc}"])) from exc
         if failures:
             raise MigrationError("; ".join(failures))
         return stats
@@ -388,8 +401,8 @@ def migrate_kv(cache: PagedKVCache, plan: MigrationPlan, group, *,
 
     The same as `MigrationRunner(plan, group, cache, chunk_bytes=chunk_bytes).run()`: raises
     MigrationError naming an unknown request or a range its source holds none of (nothing
-    moved), or, after every entry this instance takes part in was attempted, the entries their
-    destinations could not allocate (their sources intact); any other failure raises at once
-    (see the module docstring).
+    moved), or, after every entry of the plan was attempted (a closing round over the group),
+    the entries their destinations could not allocate (their sources intact); any other failure
+    raises at once (see the module docstring).
     """
     return MigrationRunner(plan, group, cache, chunk_bytes=chunk_bytes).run()
