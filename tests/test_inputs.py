@@ -152,6 +152,54 @@ def test_plans_groups_and_striping_take_integer_likes():
         esp.striping.stripe_lengths([5], 2.5, 0)
 
 
+def test_retention_plans_take_integer_likes_and_refuse_the_rest():
+    """RetentionPlan truncated floats (seqlens 2.7 -> 2, instance 0.9 -> 0) and took bools."""
+    plan = esp.RetentionPlan([np.int64(2)], [{np.int32(1): [0, 1]}], request_ids=["a"])
+    assert plan.seqlens == (2,) and plan.instances == [1]
+    for args, match in ((([2.7], [{0: [0, 1]}]), r"seqlens\[0\] must be an integer"),
+                        (([True], [{0: [0]}]), r"seqlens\[0\] must be an integer, got the bool"),
+                        (([2], [{0.9: [0, 1]}]), "instance must be an integer"),
+                        (([-1], [{}]), r"seqlens\[0\] must be >= 0")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            esp.RetentionPlan(*args)
+    d = plan.to_dict()
+    for key, value, match in (("seqlens", [2.5], r"seqlens\[0\] must be an integer"),
+                              ("assignment", [[[1, [[0, 2.0]]]]], "range end must be")):
+        with pytest.raises(TypeError, match=match):
+            esp.RetentionPlan.from_dict({**d, key: value})
+    with pytest.raises(ValueError, match="missing key 'assignment'"):
+        esp.RetentionPlan.from_dict({k: v for k, v in d.items() if k != "assignment"})
+    for policy in (esp.RetentionPlan.fill_first, esp.RetentionPlan.balanced):
+        with pytest.raises(TypeError, match=r"seqlens\[0\] must be an integer"):
+            policy([4.0], {0: 3}, 2)
+        with pytest.raises(ValueError, match="page_size must be >= 1"):
+            policy([4], {0: 3}, 0)
+        with pytest.raises(ValueError, match=r"free_pages\[0\] must be >= 0"):
+            policy([4], {0: -3, 1: 9}, 2)
+        assert policy([np.int64(4)], {np.int64(0): torch.tensor(3)}, 2).seqlens == (4,)
+
+
+def test_plans_refuse_negative_instances_and_incomplete_dicts():
+    for kw, match in ((dict(masters=[-1]), "master of request 'r' must be >= 0"),
+                      (dict(shards=[{-2: 3}]), "instance of request 'r' must be >= 0"),
+                      (dict(append_to=[-1]), "append_to of request 'r' must be >= 0"),
+                      (dict(page_size=0), "page_size must be >= 1"),
+                      (dict(free_pages={0: -1}), "free pages of instance 0 must be >= 0")):
+        args = dict(requests=["r"], masters=[0], shards=[{0: 3}]) | kw
+        with pytest.raises(ValueError, match=match):
+            esp.DecodePlan(**args)
+    d = esp.DecodePlan(["r"], [0], [{0: 3}], page_size=4).to_dict()
+    del d["shards"]
+    with pytest.raises(ValueError, match=r"DecodePlan dict is missing keys \['shards'\]"):
+        esp.DecodePlan.from_dict(d)
+    plan = esp.MigrationPlan([(np.int64(3), 0, 2, 0, 1)])  # a numpy id travels as an int
+    assert plan.to_dict() == esp.MigrationPlan([(3, 0, 2, 0, 1)]).to_dict()
+    with pytest.raises(ValueError, match="source of request 'a' must be >= 0"):
+        esp.MigrationPlan([("a", 0, 2, -1, 1)])
+    with pytest.raises(TypeError, match="requests must be a mapping"):
+        esp.PagedKVCache(1, 4, 2, 1, 4).allocate_many([("a", [0])])
+
+
 def test_ring_step_op_checks_and_converts_its_arguments(gen):
     from esp_kernels.prefill.step import ring_step
 

@@ -43,12 +43,13 @@ class DecodePlan:
             raise ValueError("DecodePlan requests must be distinct")
         if len(masters) != len(requests) or len(shards) != len(requests):
             raise ValueError("DecodePlan needs one master and one shard map per request")
-        masters = tuple(as_int(m, f"master of request {r!r}") for r, m in zip(requests, masters))
+        masters = tuple(as_int(m, f"master of request {r!r}", minimum=0)
+                        for r, m in zip(requests, masters))
         clean = []
         for r, s in zip(requests, shards):
             d = {}
             for inst, n in dict(s).items():
-                inst, n = as_int(inst, f"instance of request {r!r}"), as_int(
+                inst, n = as_int(inst, f"instance of request {r!r}", minimum=0), as_int(
                     n, f"shard length of request {r!r}")
                 if n < 0:
                     raise ValueError(f"request {r!r} has a negative shard length {n} on "
@@ -61,7 +62,7 @@ class DecodePlan:
         elif len(append_to) != len(requests):
             raise ValueError(f"append_to has {len(append_to)} entries for {len(requests)} "
                              "requests")
-        append_to = tuple(None if t is None else as_int(t, f"append_to of request {r!r}")
+        append_to = tuple(None if t is None else as_int(t, f"append_to of request {r!r}", minimum=0)
                           for r, t in zip(requests, append_to))
         set_ = object.__setattr__
         set_(self, "requests", requests)
@@ -69,9 +70,11 @@ class DecodePlan:
         set_(self, "shards", tuple(clean))
         set_(self, "append_to", append_to)
         set_(self, "free_pages", types.MappingProxyType(
-            {as_int(i, "free_pages instance"): as_int(n, f"free pages of instance {i}")
+            {as_int(i, "free_pages instance", minimum=0): as_int(n, f"free pages of instance {i}",
+                                                                   minimum=0)
              for i, n in sorted(dict(free_pages or {}).items())}))
-        set_(self, "page_size", None if page_size is None else as_int(page_size, "page_size"))
+        set_(self, "page_size", None if page_size is None else as_int(page_size, "page_size",
+                                                                       minimum=1))
 
     def __setattr__(self, name, value):
         raise AttributeError(f"DecodePlan is immutable (cannot set {name!r}); make a new plan")
@@ -103,6 +106,10 @@ class DecodePlan:
     def from_dict(cls, d: Mapping) -> "DecodePlan":
         if d.get("kind") != "DecodePlan":
             raise ValueError(f"not a DecodePlan dict (kind {d.get('kind')!r})")
+        missing = [k for k in ("requests", "masters", "shards", "append_to", "free_pages",
+                               "page_size") if k not in d]
+        if missing:
+            raise ValueError(f"DecodePlan dict is missing keys {missing}")
         return cls(d["requests"], d["masters"], [dict(map(tuple, s)) for s in d["shards"]],
                    append_to=d["append_to"], free_pages=dict(map(tuple, d["free_pages"])),
                    page_size=d["page_size"])

@@ -267,6 +267,9 @@ class PagedKVCache:
 
     def allocate_many(self, requests: Mapping[Hashable, Iterable[int]]) -> dict:
         """allocate() for several requests at once, all-or-nothing across all of them."""
+        if not isinstance(requests, Mapping):
+            raise TypeError(f"requests must be a mapping {{request id: positions}}, got "
+                            f"{type(requests).__name__}")
         pos = {r: _positions_tensor(p, f"positions of request {r!r}") for r, p in requests.items()}
         need = {r: self.pages_needed(r, p.numel()) for r, p in pos.items()}
         total = sum(need.values())

@@ -44,7 +44,8 @@ import torch
 
 from .._checks import as_int
 from ..comm.group import CommAborted, CommError
-from .cache import CacheOutOfMemory, PagedKVCache, _member_mask, plan_request_id
+from .cache import (CacheOutOfMemory, PagedKVCache, _member_mask, plain_request_id,
+                    plan_request_id)
 from .copy import copy_rows
 
 # Chunks must be large enough that each posted message's host cost (~45 us on a blocking NCCL
@@ -82,11 +83,12 @@ class MigrationPlan:
             self.add(*(dataclasses.astuple(e) if isinstance(e, MigrationEntry) else e))
 
     def add(self, request, start: int, end: int, src: int, dst: int) -> "MigrationPlan":
+        request = plain_request_id(request)  # a numpy integer id travels as an int
         start, end = as_int(start, "start"), as_int(end, "end")
         if not 0 <= start <= end:
             raise ValueError(f"bad token range [{start!r}, {end!r}) for request {request!r}")
-        src = as_int(src, f"source of request {request!r}")
-        dst = as_int(dst, f"destination of request {request!r}")
+        src = as_int(src, f"source of request {request!r}", minimum=0)
+        dst = as_int(dst, f"destination of request {request!r}", minimum=0)
         if src == dst:
             raise ValueError(f"entry for request {request!r} migrates from {src} to itself")
         self.entries.append(MigrationEntry(request, start, end, src, dst))

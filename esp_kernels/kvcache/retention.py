@@ -21,6 +21,7 @@ from typing import Hashable, Mapping, Sequence
 
 import torch
 
+from .._checks import as_int
 from .cache import PagedKVCache, plain_request_id, plan_request_id
 from .copy import copy_rows_
 
@@ -65,6 +66,18 @@ def _unique_ids(n: int) -> tuple[str, ...]:
     return tuple(f"batch-{tag}/{b}" for b in range(n))
 
 
+def _seqlens(seqlens) -> tuple:
+    """Request lengths as ints >= 0 (floats and bools raise, naming the entry)."""
+    return tuple(as_int(L, f"seqlens[{b}]", minimum=0) for b, L in enumerate(seqlens))
+
+
+def _policy_args(seqlens, free_pages, page_size):
+    """A policy's (seqlens, {instance: free pages}, page_size) as checked ints."""
+    left = {as_int(i, "free_pages instance"): as_int(f, f"free_pages[{i}]", minimum=0)
+            for i, f in free_pages.items()}
+    return _seqlens(seqlens), left, as_int(page_size, "page_size", minimum=1)
+
+
 class RetentionPlan:
     """For each request of a prefill batch: global token positions kept by each instance.
 
@@ -84,14 +97,15 @@ class RetentionPlan:
     def __init__(self, seqlens: Sequence[int], assignment: Sequence[Mapping[int, Sequence[int]]],
                  request_ids: Sequence[Hashable] | None = None,
                  free_pages: Mapping[int, int] | None = None, page_size: int | None = None):
-        seqlens = tuple(int(L) for L in seqlens)
+        seqlens = _seqlens(seqlens)
         if len(assignment) != len(seqlens):
             raise ValueError(f"assignment has {len(assignment)} entries for {len(seqlens)} "
                              "requests")
         ids = (_unique_ids(len(seqlens)) if request_ids is None else
                tuple(plain_request_id(r) for r in request_ids))
-        runs = tuple({int(i): _runs(p, f"positions of request {ids[b] if b < len(ids) else b!r}"
-                                       f" on instance {i}")
+        runs = tuple({as_int(i, "instance"): _runs(
+                          p, f"positions of request {ids[b] if b < len(ids) else b!r} on "
+                          f"instance {i}")
                       for i, p in sorted(amap.items())} for b, amap in enumerate(assignment))
         self._init(seqlens, ids, runs)
         self.validate(free_pages, page_size)
@@ -118,7 +132,7 @@ class RetentionPlan:
                    request_ids=None) -> "RetentionPlan":
         """LoongServe's policy: fill instances in the given order, one before the next; each
         request's tokens go in position order, so it spans as few instances as possible."""
-        left = {int(i): int(f) for i, f in free_pages.items()}
+        seqlens, left, page_size = _policy_args(seqlens, free_pages, page_size)
         order = list(left)
         assignment = []
         for b, L in enumerate(seqlens):
@@ -144,7 +158,7 @@ class RetentionPlan:
                  request_ids=None) -> "RetentionPlan":
         """Spread every request over the instances in proportion to their free pages (one
         contiguous range each), so memory fills evenly; decode then merges more shards."""
-        left = {int(i): int(f) for i, f in free_pages.items()}
+        seqlens, left, page_size = _policy_args(seqlens, free_pages, page_size)
         assignment = []
         for b, L in enumerate(seqlens):
             insts = [i for i in left if left[i] > 0]
@@ -203,9 +217,13 @@ class RetentionPlan:
         if d.get("kind") != "RetentionPlan":
             raise ValueError(f"not a RetentionPlan dict (kind {d.get('kind')!r})")
         plan = object.__new__(cls)
-        runs = tuple({int(i): tuple((int(s), int(e)) for s, e in r) for i, r in amap}
-                     for amap in d["assignment"])
-        plan._init(tuple(int(L) for L in d["seqlens"]), tuple(d["request_ids"]), runs)
+        for key in ("seqlens", "request_ids", "assignment"):
+            if key not in d:
+                raise ValueError(f"RetentionPlan dict is missing key {key!r}")
+        runs = tuple({as_int(i, "instance"): tuple((as_int(s, "range start"),
+                                                    as_int(e, "range end")) for s, e in r)
+                      for i, r in amap} for amap in d["assignment"])
+        plan._init(_seqlens(d["seqlens"]), tuple(d["request_ids"]), runs)
         plan.validate()
         return plan
 
