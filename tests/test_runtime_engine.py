@@ -139,3 +139,42 @@ def test_apply_rope_is_hf_rotate_half_bit_for_bit(dtype):
                                                                   (9, 16)))
     hf = x * cos[:, None] + torch.cat((-x[..., 8:], x[..., :8]), -1) * sin[:, None]
     assert torch.equal(apply_rope(x, rope_tables(cos, sin)), hf)
+
+
+class _CountingExecutor:
+    """Serves any plan: one token per request of each batch; counts its iterations."""
+
+    def __init__(self):
+        self.iterations, self.left = 0, {}
+
+    def add_request(self, rid, prompt, max_new_tokens, sampling=None):
+        self.left[rid] = max_new_tokens
+
+    def execute(self, plan):
+        from types import SimpleNamespace
+        self.iterations += 1
+        tokens, finished = {}, []
+        for batch in plan.batches:
+            for rid in batch.requests:
+                tokens[rid] = 7
+                self.left[rid] -= 1
+                if not self.left[rid]:
+                    finished.append(rid)
+        return SimpleNamespace(tokens=tokens, eos=[], finished=finished)
+
+
+def test_serve_on_a_logical_clock_jumps_idle_gaps():
+    """A clock counting iterations (what processes share) does not move while the loop waits
+    for an arrival: time jumps to it (the loop slept on wall seconds and never saw it come)."""
+    from esp_kernels.runtime.serve import Arrival, serve
+    from esp_kernels.scheduler import CostModel, ESPScheduler
+
+    ex = _CountingExecutor()
+    waits = []
+    res = serve(ex, ESPScheduler(2, 4096, CostModel.default(), page_size=16),
+                [Arrival("a", (1,) * 10, 2, 0.0), Arrival("b", (1,) * 10, 2, 2.05)],
+                clock=lambda: float(ex.iterations), sleep=waits.append, max_iterations=50)
+    assert waits == [pytest.approx(0.05)]  # the gap after 'a' finished (2 iterations)
+    assert (res.requests["a"].first_token, res.requests["a"].finish) == (1.0, 2.0)
+    assert (res.requests["b"].first_token, res.requests["b"].finish) == pytest.approx((3.05, 4.05))
+    assert ex.iterations == 4 and res.wall == pytest.approx(4.05)

@@ -5,6 +5,9 @@ instances (all idle, since the previous iteration completed), the executor runs 
 instance (a VirtualCluster, or an Engine in a process per GPU, each process running the same
 deterministic scheduler on the same arrivals), and the scheduler learns what completed and which
 requests stopped at EOS. Arrivals are in seconds from the start on the wall clock (or `clock`).
+When every request has finished and the next has not arrived, the loop sleeps until it does;
+with a clock that does not advance by itself (a logical one), time then jumps to that arrival
+(pass `sleep=lambda s: None` to skip the wall-clock wait).
 
 With a process per instance, every process must execute the same plans in the same order:
 either every process runs the same deterministic scheduler on a shared logical clock (pass
@@ -71,6 +74,7 @@ class ServeResult:
 def serve(executor, scheduler, workload: Sequence[Arrival], *,
           on_iteration: Callable[[IterationRecord], None] | None = None,
           clock: Callable[[], float] = time.perf_counter,
+          sleep: Callable[[float], None] = time.sleep,
           max_iterations: int = 1_000_000) -> ServeResult:
     pending = sorted(workload, key=lambda a: a.arrival)
     records = {a.rid: RequestRecord(a.arrival) for a in pending}
@@ -79,8 +83,13 @@ def serve(executor, scheduler, workload: Sequence[Arrival], *,
     open_rids: set = set()
     iterations = []
     start = clock()
+    skipped = 0.0  # idle time jumped over: a clock that did not advance while the loop waited
+
+    def elapsed():
+        return clock() - start + skipped
+
     for _ in range(max_iterations):
-        now = clock() - start
+        now = elapsed()
         while pending and pending[0].arrival <= now:
             a = pending.pop(0)
             scheduler.add_request(a.rid, len(a.prompt), a.max_new_tokens, arrival=a.arrival)
@@ -93,11 +102,12 @@ def serve(executor, scheduler, workload: Sequence[Arrival], *,
             if open_rids:
                 raise RuntimeError(f"the scheduler planned nothing for requests "
                                    f"{sorted(map(str, open_rids))[:8]} with every instance idle")
-            time.sleep(max(0.0, pending[0].arrival - (clock() - start)))
+            sleep(max(0.0, pending[0].arrival - elapsed()))
+            skipped += max(0.0, pending[0].arrival - elapsed())
             continue
-        t0 = clock() - start
+        t0 = elapsed()
         result = executor.execute(plan)
-        t1 = clock() - start
+        t1 = elapsed()
         scheduler.update(plan, finished=result.eos, now=t1)
         for rid, tok in result.tokens.items():
             rec = records[rid]
@@ -113,4 +123,4 @@ def serve(executor, scheduler, workload: Sequence[Arrival], *,
             on_iteration(it)
     else:
         raise RuntimeError(f"serving did not finish within {max_iterations} iterations")
-    return ServeResult(records, iterations, clock() - start)
+    return ServeResult(records, iterations, elapsed())
