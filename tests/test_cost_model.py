@@ -284,3 +284,8 @@ def test_fit_command_writes_a_loadable_profile(tmp_path, capsys):
     assert cm.meta["device"] == "synthetic"
     assert cm.meta["held_out_report"]["ring_attn"]["mean_rel_err"] < 0.05
     assert math.isfinite(cm.prefill_time(3, [5000]))
+    for every in ("1", "0", "-2"):  # nothing held out: the profile's report would be empty
+        with pytest.raises(SystemExit):
+            fit_main([str(src), "-o", str(tmp_path / "q.json"), "--holdout-every", every])
+        assert "--holdout-every must be >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "q.json").exists()

@@ -72,12 +72,32 @@ def test_trace_runs_as_recorded_or_rescaled(tmp_path):
     assert [float(r["rate"]) for r in _rows(tmp_path / "b")] == [1.0, 2.0]
 
 
-@pytest.mark.parametrize("argv,match", [(["--policy", "vllm"], "not in"), (["--rates", "1,x"], "could not convert"),
-                                        (["--workload", "alpaca"], "not in")])
+@pytest.mark.parametrize("argv,match", [
+    (["--policy", "vllm"], "not in"), (["--rates", "1,x"], "could not convert"),
+    (["--workload", "alpaca"], "not in"),
+    # (--requests 0 ran 1000 requests; the others ended in tracebacks or ran silently)
+    (["--requests", "0"], "must be finite and >= 1"), (["--requests", "-3"], ">= 1"),
+    (["--rates", "0"], "must be finite and > 0"), (["--rates", "2,nan"], "must be finite"),
+    (["--rates", "inf"], "must be finite"), (["--cv", "0"], "> 0"),
+    (["--tp", "0"], ">= 1"), (["--chunk-size", "0"], ">= 1"),
+    (["--prefill-instances", "0"], ">= 1"), (["--mem-fraction", "2"], "<= 1"),
+    (["--gpu-mem-gib", "-1"], "> 0"), (["--instances", "0"], ">= 1")])
 def test_bad_arguments(argv, match, capsys):
     with pytest.raises(SystemExit):
         _args(*argv)
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--tp", "3"], "static_sp on sharegpt: tp=3 must divide num_instances=8"),
+    (["--prefill-instances", "8"], "disaggregated on sharegpt: .*prefill_instances"),
+    (["--trace", "t.csv", "--max-rate"], "--max-rate searches a workload's rates")])
+def test_bad_configurations_stop_before_any_run(argv, match, tmp_path):
+    """Checked up front: a bad --tp with --policy all failed only after the esp runs."""
+    with pytest.raises(SystemExit, match=match):
+        cli.run_cli(_args("--quick", "--no-plots", "--out", str(tmp_path), *argv),
+                    cost_model=FakeCostModel(), scheduler_cls=FakeScheduler, stream=io.StringIO())
+    assert not os.path.exists(os.path.join(tmp_path, "results.csv"))
 
 
 def test_progress_bar_text():

@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.analytic == bool(args.samples):
         ap.error("give either SAMPLES.json or --analytic")
+    if args.holdout_every < 2:  # (1 or less held nothing out: a profile with an empty report)
+        ap.error(f"--holdout-every must be >= 2, got {args.holdout_every}")
     if args.analytic:
         from .analytic import analytic_samples
         doc = analytic_samples()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -21,12 +22,32 @@ DEFAULT_RATES = {"sharegpt": (5, 10, 20, 40, 80), "leval": (0.5, 1, 2, 4, 8),
 QUICK_REQUESTS, QUICK_RATES = 80, 3
 
 
+def _checked(kind, low, low_ok=False, high=None):
+    """An argparse type: `kind` values above `low` (or equal with low_ok), at most `high`,
+    finite."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from e
+        if not math.isfinite(v) or v < low or (v == low and not low_ok) or \
+                (high is not None and v > high):
+            span = f"{'>=' if low_ok else '>'} {low:g}" + (f" and <= {high:g}" if high else "")
+            raise argparse.ArgumentTypeError(f"{text!r}: must be finite and {span}")
+        return v
+    return parse
+
+
+_POS_INT = _checked(int, 1, low_ok=True)
+_POS_FLOAT = _checked(float, 0.0)
+
+
 def _csv(kind, choices=None):
     def parse(text):
         items = [s.strip() for s in text.split(",") if s.strip()]
         try:
             vals = [kind(s) for s in items]
-        except ValueError as e:
+        except (ValueError, argparse.ArgumentTypeError) as e:
             raise argparse.ArgumentTypeError(f"{text!r}: {e}") from e
         if not vals:
             raise argparse.ArgumentTypeError("empty list")
@@ -45,12 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "of --workload; --rates rescales its arrivals, else it runs as recorded")
     p.add_argument("--policy", type=_csv(str, POLICIES + ("all",)), default=["all"],
                    help=f"comma list of {', '.join(POLICIES)} or all (default all)")
-    p.add_argument("--instances", type=int, default=8, help="number of instances (GPUs), default 8")
-    p.add_argument("--rates", type=_csv(float), default=None, help="comma list of request rates (req/s); "
+    p.add_argument("--instances", type=_POS_INT, default=8, help="number of instances (GPUs), default 8")
+    p.add_argument("--rates", type=_csv(_POS_FLOAT), default=None, help="comma list of request rates (req/s); "
                    "default per workload")
-    p.add_argument("--requests", type=int, default=None, help="requests per run (default 1000; quick 80)")
+    p.add_argument("--requests", type=_POS_INT, default=None, help="requests per run (default 1000; quick 80)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cv", type=float, default=1.0, help="arrival burstiness: 1 = Poisson, >1 Gamma-bursty")
+    p.add_argument("--cv", type=_POS_FLOAT, default=1.0, help="arrival burstiness: 1 = Poisson, >1 Gamma-bursty")
     p.add_argument("--out", default="sim_out", help="directory for results.csv/json and PNGs")
     p.add_argument("--cost-model", default=None, help="cost model JSON (CostModel.load); default: the "
                    "shipped profile (CostModel.default())")
@@ -59,12 +80,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rate", action="store_true", help="also find each policy's max rate at 90%% "
                    "SLO attainment (sweep + bisection; each run spans >= 120 s of arrivals, at least "
                    "--requests requests; not with --trace)")
-    p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="GPU memory per instance (GiB)")
-    p.add_argument("--mem-fraction", type=float, default=0.9, help="usable fraction of it (default 0.9)")
-    p.add_argument("--tp", type=int, default=None, help="replica size for static_sp / chunked_prefill "
+    p.add_argument("--gpu-mem-gib", type=_POS_FLOAT, default=80.0, help="GPU memory per instance (GiB)")
+    p.add_argument("--mem-fraction", type=_checked(float, 0.0, high=1.0), default=0.9, help="usable fraction of it (default 0.9)")
+    p.add_argument("--tp", type=_POS_INT, default=None, help="replica size for static_sp / chunked_prefill "
                    "(default all instances)")
-    p.add_argument("--chunk-size", type=int, default=None, help="chunked_prefill chunk (default per workload)")
-    p.add_argument("--prefill-instances", type=int, default=None, help="disaggregated prefill pool size "
+    p.add_argument("--chunk-size", type=_POS_INT, default=None, help="chunked_prefill chunk (default per workload)")
+    p.add_argument("--prefill-instances", type=_POS_INT, default=None, help="disaggregated prefill pool size "
                    "(default half)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
 
@@ -95,9 +116,11 @@ def run_cli(args, cost_model=None, scheduler_cls=None, stream=None) -> int:
     stream = stream or sys.stdout
     if args.instances < 1:
         raise SystemExit(f"--instances must be >= 1, got {args.instances}")
+    if args.max_rate and args.trace:
+        raise SystemExit("--max-rate searches a workload's rates; it does not apply to --trace")
     cm = cost_model if cost_model is not None else load_cost_model(args.cost_model)
     policies = list(POLICIES) if "all" in args.policy else args.policy
-    n = args.requests or (QUICK_REQUESTS if args.quick else 1000)
+    n = args.requests if args.requests is not None else (QUICK_REQUESTS if args.quick else 1000)
     slo = SLO()
     if args.trace:
         trace = load_trace(args.trace)
@@ -105,6 +128,16 @@ def run_cli(args, cost_model=None, scheduler_cls=None, stream=None) -> int:
         rates = args.rates
     else:
         workloads = args.workload
+    # Every policy's configuration, checked before the first run (a bad --tp once failed only
+    # after the esp runs had taken their minutes, with nothing written).
+    for wl in workloads:
+        for pol in policies:
+            try:
+                make_policy(pol, cm, args.instances, workload=wl, gpu_mem_gib=args.gpu_mem_gib,
+                            mem_fraction=args.mem_fraction, scheduler_cls=scheduler_cls,
+                            **_policy_options(pol, args))
+            except ValueError as e:
+                raise SystemExit(f"{pol} on {wl}: {e}") from None
     rows = []
     for wl in workloads:
         if args.trace:
