@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ._checks import as_int
+from ._checks import as_int, as_lengths
 
 __all__ = ["stripe_lengths", "stripe_indices", "stripe_positions", "stripe", "unstripe",
            "last_token_location"]
@@ -33,22 +33,17 @@ def _check_world(world: int, rank: int | None = None) -> tuple[int, int | None]:
     return world, rank
 
 
-def _lengths(seqlens: Sequence[int]) -> list[int]:
-    """Request lengths as Python ints >= 0 (floats, bools and negatives raise, naming the entry)."""
-    return [as_int(L, f"seqlens[{i}]", minimum=0) for i, L in enumerate(seqlens)]
-
-
 def stripe_lengths(seqlens: Sequence[int], world: int, rank: int) -> list[int]:
     """Tokens of each request that ring rank `rank` of `world` holds: #{g < L : g mod P == rank}."""
     world, rank = _check_world(world, rank)
-    return [max(0, (L - rank + world - 1) // world) for L in _lengths(seqlens)]
+    return [max(0, (L - rank + world - 1) // world) for L in as_lengths(seqlens)]
 
 
 def stripe_indices(seqlens: Sequence[int], world: int, rank: int, device=None) -> torch.Tensor:
     """int64 indices into the globally packed batch of the tokens `rank` holds, in local order."""
     world, rank = _check_world(world, rank)
     idx, start = [], 0
-    for L in _lengths(seqlens):
+    for L in as_lengths(seqlens):
         idx.append(torch.arange(start + min(rank, L), start + L, world, dtype=torch.int64))
         start += L
     out = torch.cat(idx) if idx else torch.empty(0, dtype=torch.int64)
@@ -59,7 +54,7 @@ def stripe_positions(seqlens: Sequence[int], world: int, rank: int, device=None)
     """int64 global position (within its request) of each token `rank` holds, in local order:
     what an engine feeds RoPE for the rank's packed stripes."""
     world, rank = _check_world(world, rank)
-    pos = [torch.arange(min(rank, L), L, world, dtype=torch.int64) for L in _lengths(seqlens)]
+    pos = [torch.arange(min(rank, L), L, world, dtype=torch.int64) for L in as_lengths(seqlens)]
     out = torch.cat(pos) if pos else torch.empty(0, dtype=torch.int64)
     return out.to(device) if device is not None else out
 
@@ -67,7 +62,7 @@ def stripe_positions(seqlens: Sequence[int], world: int, rank: int, device=None)
 def stripe(x: torch.Tensor, seqlens: Sequence[int], world: int) -> list[torch.Tensor]:
     """Split a globally packed ``[T, ...]`` batch into the `world` ranks' packed stripes."""
     world, _ = _check_world(world)
-    seqlens = _lengths(seqlens)
+    seqlens = as_lengths(seqlens)
     total = sum(seqlens)
     if x.shape[0] != total:
         raise ValueError(f"x has {x.shape[0]} tokens but seqlens sum to {total}")
@@ -78,7 +73,7 @@ def unstripe(parts: Sequence[torch.Tensor], seqlens: Sequence[int]) -> torch.Ten
     """Inverse of `stripe`: reassemble the globally packed batch from every rank's stripes."""
     world = len(parts)
     _check_world(world)
-    seqlens = _lengths(seqlens)
+    seqlens = as_lengths(seqlens)
     total = sum(seqlens)
     for r, part in enumerate(parts):
         want = sum(stripe_lengths(seqlens, world, r))
@@ -96,7 +91,7 @@ def last_token_location(seqlens: Sequence[int], world: int) -> list[tuple[int, i
     world, _ = _check_world(world)
     offsets = [0] * world
     out = []
-    for L in _lengths(seqlens):
+    for L in as_lengths(seqlens):
         if L < 1:
             raise ValueError(f"a request of length {L} has no last token")
         r = (L - 1) % world

@@ -16,8 +16,9 @@ involves src or dst otherwise (the entries passed over touch neither cache). Per
 
 Failures. dst out of memory for an entry: that entry is refused in step 2 (its source keeps it),
 the batch and the later batches go on, and MigrationError names the refused entries at the end on
-both sides, after a closing round over the group (so every other batch has run). Any other failure, in the metadata round (see `MigrationRunner.run`) or a batch
-(communication, or any exception on either side), ends the run on that instance at once: dst
+both sides, after a closing round over the group (so every other batch has run). Any other
+failure, in the metadata round (see `MigrationRunner.run`) or a batch (communication, or any
+exception on either side), ends the run on that instance at once: dst
 releases what it allocated for the batch, src keeps every token of it (it drops tokens only
 after step 4), and the instance raises MigrationError (cause chained) without posting anything
 more, since the pair's messages no longer match. Its peer, blocked on it, and the instances

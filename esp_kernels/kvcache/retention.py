@@ -21,7 +21,7 @@ from typing import Hashable, Mapping, Sequence
 
 import torch
 
-from .._checks import as_int
+from .._checks import as_int, as_lengths
 from .cache import PagedKVCache, plain_request_id, plan_request_id
 from .copy import copy_rows_
 
@@ -66,16 +66,11 @@ def _unique_ids(n: int) -> tuple[str, ...]:
     return tuple(f"batch-{tag}/{b}" for b in range(n))
 
 
-def _seqlens(seqlens) -> tuple:
-    """Request lengths as ints >= 0 (floats and bools raise, naming the entry)."""
-    return tuple(as_int(L, f"seqlens[{b}]", minimum=0) for b, L in enumerate(seqlens))
-
-
 def _policy_args(seqlens, free_pages, page_size):
     """A policy's (seqlens, {instance: free pages}, page_size) as checked ints."""
     left = {as_int(i, "free_pages instance"): as_int(f, f"free_pages[{i}]", minimum=0)
             for i, f in free_pages.items()}
-    return _seqlens(seqlens), left, as_int(page_size, "page_size", minimum=1)
+    return tuple(as_lengths(seqlens)), left, as_int(page_size, "page_size", minimum=1)
 
 
 class RetentionPlan:
@@ -97,7 +92,7 @@ class RetentionPlan:
     def __init__(self, seqlens: Sequence[int], assignment: Sequence[Mapping[int, Sequence[int]]],
                  request_ids: Sequence[Hashable] | None = None,
                  free_pages: Mapping[int, int] | None = None, page_size: int | None = None):
-        seqlens = _seqlens(seqlens)
+        seqlens = tuple(as_lengths(seqlens))
         if len(assignment) != len(seqlens):
             raise ValueError(f"assignment has {len(assignment)} entries for {len(seqlens)} "
                              "requests")
@@ -223,7 +218,7 @@ class RetentionPlan:
         runs = tuple({as_int(i, "instance"): tuple((as_int(s, "range start"),
                                                     as_int(e, "range end")) for s, e in r)
                       for i, r in amap} for amap in d["assignment"])
-        plan._init(_seqlens(d["seqlens"]), tuple(d["request_ids"]), runs)
+        plan._init(tuple(as_lengths(d["seqlens"])), tuple(d["request_ids"]), runs)
         plan.validate()
         return plan
 

@@ -30,23 +30,12 @@ from typing import Sequence
 
 import torch
 
-from .._checks import FLOAT_DTYPES, as_int, check_gqa, check_tensor
+from .._checks import FLOAT_DTYPES, as_lengths, check_gqa, check_tensor
 from ..comm.group import drive
 from ..kvcache.cache import PagedKVCache
 from ..kvcache.retention import RetentionPlan, RetentionWriter
 from ..striping import stripe_lengths
 from .step import resolve_backend, run_step, step_tiles, takes_tiles
-
-
-def _as_lengths(seqlens) -> list[int]:
-    if isinstance(seqlens, torch.Tensor):
-        if seqlens.dim() != 1 or seqlens.dtype.is_floating_point:
-            raise TypeError("seqlens must be a 1-D integer tensor or a sequence of ints")
-        seqlens = seqlens.tolist()
-    # Plain non-negative ints skip as_int (its name string alone costs ~0.3 us a request, per
-    # layer through ring_prefill); anything else gets its check and error.
-    return [L if type(L) is int and L >= 0 else as_int(L, f"seqlens[{i}]", minimum=0)
-            for i, L in enumerate(seqlens)]
 
 
 def _cumsum(lengths: Sequence[int]) -> list[int]:
@@ -131,7 +120,7 @@ class RingPrefillRunner:
     def __init__(self, seqlens, ring, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, *, retain=None, softmax_scale=None, causal=True,
                  backend="auto"):
-        lengths = _as_lengths(seqlens)
+        lengths = as_lengths(seqlens)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         Hq, Hkv, D = int(num_q_heads), int(num_kv_heads), int(head_dim)
@@ -368,7 +357,7 @@ def ring_prefill_steps(q, k, v, seqlens, ring, retain=None, softmax_scale=None, 
 def _runner_for_call(q, k, v, seqlens, ring, retain, softmax_scale, causal, backend):
     """The checked arguments' runner (the last one of this ring handle when it matches) and the
     retained layer."""
-    lengths = tuple(_as_lengths(seqlens))
+    lengths = tuple(as_lengths(seqlens))
     P, me = ring.size, ring.rank
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name, ndim=3, dtypes=FLOAT_DTYPES)
