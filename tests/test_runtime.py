@@ -182,6 +182,40 @@ def test_rope_scaling_matches_hf(rope):
         assert got[rid] == hf_greedy(tiny_model(**kw), p, max_new[rid]), f"request {rid}"
 
 
+def test_dynamic_rope_recompute_matches_hf_logits():
+    """A request preempted and re-prefilled over prompt + generated tokens: each token's K is
+    rotated at the length transformers' generate rotated it (the prompt's for prompt tokens,
+    position + 1 for generated ones). Rotating all of them at the recompute's length moved the
+    logits after it by up to 0.08 while greedy tokens happened to agree, so logits are
+    compared, step by step."""
+    kw = dict(max_position_embeddings=16,
+              rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4})
+    prompt = prompts_for({"r": 20}, seed=6)["r"]
+    n = 6
+    s = Script(2, {"r": (20, n)})
+    s.iteration(prefills=[((0, 1), {"r": 0})])
+    s.iteration(decodes=[({"r": 0}, {})])
+    s.iteration(decodes=[({"r": 1}, {})])
+    s.iteration(preempt=["r"], prefills=[((1, 0), {"r": ((0, 0, 10), (1, 10, 23))})])
+    s.iteration(decodes=[({"r": 0}, {})])
+    s.iteration(decodes=[({"r": 1}, {})])
+    seen = []
+
+    def record(states, logits):
+        seen.append(logits[0].clone())
+        return logits.argmax(-1)
+    serve_plans(LlamaAdapter.from_hf(tiny_model(seed=21, **kw)), 2, s.plans, {"r": prompt},
+                {"r": n}, kv_slots=128, sampler=record)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        ref = tiny_model(seed=21, **kw).generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+            output_logits=True, return_dict_in_generate=True).logits
+    assert len(seen) == n
+    for step, (got, want) in enumerate(zip(seen, ref)):
+        torch.testing.assert_close(got, want[0], rtol=0, atol=1e-4, msg=f"step {step}")
+
+
 def test_rope_tables_match_hf():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

@@ -202,8 +202,13 @@ class Engine:
         retention.reserve(self.cache, self.instance)   # fails here, before the ring, if short
         ids = upload(int_tensor(tokens)[stripe_indices(seqlens, P, r)], dev)
         positions = stripe_positions(seqlens, P, r)
-        lengths = torch.repeat_interleave(torch.tensor(seqlens),
-                                          torch.tensor(stripe_lengths(seqlens, P, r)))
+        # The length `dynamic` RoPE scales each token by, as transformers' generate computed its
+        # K: the prompt's length for a prompt token, position + 1 for a generated one (a
+        # recompute after preemption re-prefills those; scaling them all by the new length
+        # moved the logits after it by up to 0.08 on a tiny model).
+        prompt_lens = torch.repeat_interleave(torch.tensor([len(st.prompt) for st in states]),
+                                              torch.tensor(stripe_lengths(seqlens, P, r)))
+        lengths = torch.where(positions < prompt_lens, prompt_lens, positions + 1)
         pos = ad.positions(upload(positions, dev), upload(lengths, dev))
         sampled = [(b, row) for b, (rank, row) in enumerate(last_token_location(seqlens, P))
                    if rank == r]

@@ -7,9 +7,9 @@ default, linear, dynamic (NTK), llama3, yarn: the same inverse frequencies and c
 
 `dynamic` differs from transformers in one documented way: transformers keeps one process-wide
 frequency table that grows with the longest sequence seen; here each token uses the frequencies
-of its own request's length at the time its K/V is computed (the prefill length for prefilled
-tokens, position + 1 for a decoded one), which equals transformers' `generate` for one request
-from a fresh model.
+of its own request's length when `generate` first computed its K/V (the prompt's length for a
+prompt token, position + 1 for a generated one, also when a preempted request is prefilled again
+over both), which equals transformers' `generate` for one request from a fresh model.
 """
 
 from __future__ import annotations
