@@ -9,6 +9,7 @@ and a ring of one; then by the real ESPScheduler when it is importable.
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -241,6 +242,44 @@ def test_rope_tables_match_hf():
     assert old.kind == "linear" and old.base == 1e6
     with pytest.raises(NotImplementedError, match="longrope"):
         Rope.from_config({"rope_scaling": {"rope_type": "longrope"}}, 64)
+    # config.json files as transformers reads them (a KeyError, and 2x wrong frequencies, before):
+    # the scaled types' original_max_position_embeddings missing from rope_scaling (then
+    # max_position_embeddings), or also at the top level (Phi3-style: the top level wins)
+    for scaling, top in (({"type": "yarn", "factor": 4.0}, {}),
+                         ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0}, {}),
+                         ({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192},
+                          {"original_max_position_embeddings": 4096}),
+                         ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                          {"original_max_position_embeddings": 4096})):
+        raw = {"hidden_size": 256, "num_attention_heads": 2, "max_position_embeddings": 16384,
+               "rope_theta": 500000.0, "rope_scaling": scaling, **top}
+        cfg = transformers.LlamaConfig(**copy.deepcopy(raw))  # (it fills in rope_scaling)
+        kind = scaling.get("rope_type", scaling.get("type"))
+        want, want_scale = ROPE_INIT_FUNCTIONS[kind](cfg, "cpu")
+        mine = Rope.from_config(raw, 128)
+        torch.testing.assert_close(mine.inv_freq, want, rtol=1e-6, atol=0, msg=str(raw))
+        assert mine.attention_scaling == pytest.approx(want_scale), raw
+
+
+def test_sliding_window_defaults_as_transformers_does():
+    """A Mistral config.json without sliding_window gets transformers' 4096 (it was served with
+    no window: 0.05 off in the logits at 4200 tokens); an explicit null keeps none."""
+    from esp_kernels.runtime.llama import _sliding_window
+    for raw, want in (({"model_type": "mistral"}, 4096), ({"model_type": "mistral",
+                                                          "sliding_window": None}, None),
+                      ({"model_type": "llama"}, None),
+                      ({"model_type": "qwen2", "use_sliding_window": True}, 4096),
+                      ({"model_type": "qwen2"}, None)):
+        family = raw["model_type"]
+        cfg = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+               "llama": transformers.LlamaConfig}[family](
+                   **{k: v for k, v in raw.items() if k != "model_type"})
+        hf_window = getattr(cfg, "sliding_window", None)
+        if family == "qwen2" and not raw.get("use_sliding_window"):
+            hf_window = None  # every layer full attention
+        assert _sliding_window(raw) == want == hf_window, raw
 
 
 def test_eos_stops_and_frees():

@@ -52,8 +52,14 @@ def _eos_ids(cfg: Mapping) -> tuple:
     return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
 
 
+# transformers' defaults for a config.json without the key (MistralConfig, Qwen2Config): a Mistral
+# checkpoint without it was served with no window, where transformers applies 4096.
+_DEFAULT_SLIDING_WINDOW = {"mistral": 4096, "qwen2": 4096}
+
+
 def _sliding_window(cfg: Mapping) -> int | None:
-    window = cfg.get("sliding_window")
+    window = (cfg["sliding_window"] if "sliding_window" in cfg
+              else _DEFAULT_SLIDING_WINDOW.get(cfg.get("model_type")))
     if not window:
         return None
     if cfg.get("model_type") == "qwen2":

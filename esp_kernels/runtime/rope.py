@@ -31,6 +31,14 @@ def rope_parameters(cfg: Mapping) -> dict:
         out = dict(cfg.get("rope_scaling") or {})
         out["rope_theta"] = cfg.get("rope_theta", 10000.0)
     out["rope_type"] = out.get("rope_type", out.get("type", "default")) or "default"
+    # The pretraining length of the scaled types, as transformers' standardize_rope_params sets
+    # it: a top-level original_max_position_embeddings wins (Phi3-style configs), else the
+    # nested one, else max_position_embeddings (a bare KeyError here before).
+    if out["rope_type"] in ("llama3", "yarn"):
+        if "original_max_position_embeddings" in cfg:
+            out["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+        elif "max_position_embeddings" in cfg:
+            out.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
     return out
 
 
