@@ -263,6 +263,16 @@ def test_rope_tables_match_hf():
         assert mine.attention_scaling == pytest.approx(want_scale), raw
 
 
+def test_state_dict_loads_into_transformers_strictly():
+    """Every HF weight comes back, biases included (o_proj's and the MLP's were left out)."""
+    for extra in ({}, {"attention_bias": True, "mlp_bias": True}):
+        src = tiny_model(seed=4, **extra)
+        dst = tiny_model(seed=5, **extra)
+        dst.load_state_dict(LlamaAdapter.from_hf(src).state_dict(), strict=True)
+        for name, t in src.state_dict().items():
+            assert torch.equal(dst.state_dict()[name], t), name
+
+
 def test_sliding_window_defaults_as_transformers_does():
     """A Mistral config.json without sliding_window gets transformers' 4096 (it was served with
     no window: 0.05 off in the logits at 4200 tokens); an explicit null keeps none."""

@@ -254,6 +254,13 @@ class LlamaAdapter:
             gate, up = L["gate_up"].split(self.intermediate)
             out[m + "gate_proj.weight"], out[m + "up_proj.weight"] = gate, up
             out[m + "down_proj.weight"] = L["down"]
+            if L["o_b"] is not None:  # (attention_bias: o_proj too; mlp_bias: the MLP's three)
+                out[a + "o_proj.bias"] = L["o_b"]
+            if L["gate_up_b"] is not None:
+                out[m + "gate_proj.bias"], out[m + "up_proj.bias"] = \
+                    L["gate_up_b"].split(self.intermediate)
+            if L["down_b"] is not None:
+                out[m + "down_proj.bias"] = L["down_b"]
             out[p + "input_layernorm.weight"] = L["ln_in"]
             out[p + "post_attention_layernorm.weight"] = L["ln_post"]
         return out
