@@ -226,6 +226,16 @@ def case_errors(world, device):
                 torch.zeros(8, device=device)[::2]):
         out.append(_error(lambda: ex.start({0: bad}))[0])
     assert out[-3:] == ["ValueError"] * 3
+    # One tensor standing in for two sends is checked against each (the compiled mailbox read
+    # past a 3-element tensor into a 5-element send); indices are the exchange's sends
+    two = a.prepare_exchange(sends=[(torch.zeros(3, device=device), 1),
+                                    (torch.zeros(5, device=device), 1)])
+    short = torch.arange(100.0, device=device)[:3]
+    out.append(_error(lambda: two.start({0: short, 1: short})))
+    assert out[-1] == ("ValueError", "replace[1]: 3 x torch.float32 does not stand in for the "
+                                     "prepared 5 x torch.float32")
+    out.append(_error(lambda: two.start({-1: short}))[0])
+    assert out[-1] == "ValueError"
     return out
 
 

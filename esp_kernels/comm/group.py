@@ -109,14 +109,18 @@ class PreparedExchange:
             return self._post()
         checked = set()  # a driver may stand one tensor in for several sends
         for i, t in replace.items():
-            if id(t) in checked:
-                continue
-            self.group._check_buffer(t, f"replace[{i}]")
+            if type(i) is not int or not 0 <= i < len(self.sends):
+                raise ValueError(f"replace maps {i!r}, not a send index of this exchange "
+                                 f"(0..{len(self.sends) - 1})")
+            if id(t) not in checked:  # (its kind, device and layout: once)
+                self.group._check_buffer(t, f"replace[{i}]")
+                checked.add(id(t))
+            # ...but its size and dtype against every send it stands in for: a tensor shorter
+            # than one of them was read past its end
             ref = self.sends[i][0]
             if t.numel() != ref.numel() or t.dtype != ref.dtype:
                 raise ValueError(f"replace[{i}]: {t.numel()} x {t.dtype} does not stand in for "
                                  f"the prepared {ref.numel()} x {ref.dtype}")
-            checked.add(id(t))
         return self._post(replace)
 
 
