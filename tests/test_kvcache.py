@@ -260,6 +260,23 @@ def test_ring_runner_with_retention_refuses_a_cache_that_freed_its_slots():
         runner.run(b.q, b.k, b.v, 2)
 
 
+def test_ring_runner_with_retention_refuses_positions_moved_onto_the_same_slots():
+    """A request freed and allocated again lands on the same slots with its positions swapped:
+    the slots alone matched, and the next layer stored position 0's K/V under position 1."""
+    g = local_group(1)[0]
+    cache = esp.PagedKVCache(2, 4, 4, 1, 2, torch.float32, "cpu")
+    plan = esp.RetentionPlan.fill_first([2], {0: 4}, 4, request_ids=["r"])
+    runner = esp.RingPrefillRunner([2], g, 1, 1, 2, torch.float32, retain=(plan, cache))
+    k = torch.tensor([[[0.0, 0.0]], [[1.0, 1.0]]])
+    runner.run(torch.randn(2, 1, 2), k, k.clone(), 0)
+    slots = cache.slots("r").tolist()
+    cache.remove_tokens("r", [0, 1])
+    cache.allocate("r", [1, 0])
+    assert cache.slots("r").tolist() == slots and cache.positions("r").tolist() == [1, 0]
+    with pytest.raises(ValueError, match="moved or freed the reserved tokens of request 'r'"):
+        runner.run(torch.randn(2, 1, 2), k, k.clone(), 1)
+
+
 def test_retention_rejects_instances_outside_the_ring():
     g = local_group(2)
     plan = esp.RetentionPlan([4], [{5: range(4)}])

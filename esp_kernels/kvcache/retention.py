@@ -339,7 +339,10 @@ class RetentionWriter:
         self.plan, self.ring_order, self.instance = plan, order, int(instance)
         self._cache = weakref.ref(cache)
         slots = plan.reserve(cache, instance)
-        self._slots = {rid: s.tolist() for rid, s in slots.items()}
+        # What check() compares: each request's slots and the positions stored there (slots
+        # alone let a request freed and allocated again, its positions now on other slots, pass)
+        self._slots = {rid: (s.tolist(), cache.positions(rid).tolist())
+                       for rid, s in slots.items()}
         self.version = cache.version  # placement the maps were made for
         P = len(order)
         offsets = stripe_block_offsets(plan.seqlens, P)
@@ -372,8 +375,8 @@ class RetentionWriter:
         its placement changed: allocations of others are fine, a free or migration is not)."""
         if cache.version == self.version:
             return
-        for rid, slots in self._slots.items():
-            if cache.slots(rid).tolist() != slots:
+        for rid, (slots, positions) in self._slots.items():
+            if cache.slots(rid).tolist() != slots or cache.positions(rid).tolist() != positions:
                 raise ValueError(f"the cache moved or freed the reserved tokens of request "
                                  f"{rid!r} since this retention writer was prepared: prepare a "
                                  "new runner (it reserves again)")
