@@ -76,12 +76,18 @@ def drive(steps):
     """Run a step generator (one that yields the Work of each exchange it posts instead of
     waiting on it, e.g. `esp.decode.distributed_decode_steps`) to its end on any group, waiting
     on each Work at once; return its return value. `run_steps` runs one per virtual rank in one
-    thread instead."""
+    thread instead. A wait that raises is thrown into the generator at its yield, as `run_steps`
+    does, so its cleanup (`finally`) runs before the error reaches the caller (a runner that
+    did not clean up refused its next call as still running)."""
     try:
         work = next(steps)
         while True:
-            work.wait()
-            work = steps.send(None)
+            try:
+                work.wait()
+            except BaseException as exc:
+                work = steps.throw(exc)
+            else:
+                work = steps.send(None)
     except StopIteration as stop:
         return stop.value
 
