@@ -111,6 +111,17 @@ def test_local_group_arguments():
     _check(run_local(local_group(3), error_cases))
     with pytest.raises(ValueError, match="2 step generators for 3"):
         run_steps(local_group(3), [iter(()) for _ in range(2)])
+    # integers, never truncated (subgroup([0, 1.9]) was [0, 1], all_gather_ints([1.7]) [1]),
+    # and a timeout that is a number (None failed at the first wait)
+    g = local_group(2)
+    for bad in ([0, 1.9], "01", [0, True]):
+        with pytest.raises(TypeError, match=r"subgroup order\[\d\] must be an integer"):
+            g[0].subgroup(bad)
+    with pytest.raises(TypeError, match=r"all_gather_ints values\[0\] must be an integer"):
+        g[0].all_gather_ints([1.7])
+    for bad in (None, "1", 0, -1.0, True):
+        with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
+            local_group(2, timeout=bad)
 
 
 def world_rank_case(world):

@@ -183,7 +183,7 @@ class Group(abc.ABC):
 
         No communicator is created. The calling rank must be a member of `order`.
         """
-        order = [int(r) for r in order]
+        order = [as_int(r, f"subgroup order[{i}]") for i, r in enumerate(order)]
         if not order:
             raise ValueError("subgroup order must not be empty")
         if len(set(order)) != len(order):
@@ -251,7 +251,7 @@ class Group(abc.ABC):
 
         Host-blocking; for metadata before a loop, never inside one.
         """
-        values = [int(v) for v in values]
+        values = [as_int(v, f"all_gather_ints values[{i}]") for i, v in enumerate(values)]
         n = len(values)
         mine = torch.tensor(values, dtype=torch.int64, device=self.device)
         bufs = {r: torch.empty(n, dtype=torch.int64, device=self.device)

@@ -427,7 +427,11 @@ def local_group(n: int, device: torch.device | str = "cpu",
     n = as_int(n, "n")
     if n < 1:
         raise ValueError(f"local_group needs n >= 1 ranks, got {n!r}")
-    world = _LocalWorld(n, resolve_device(device), timeout)
+    # (None or a string was taken here and failed at the first wait)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0 (math.inf: none), got "
+                         f"{timeout!r}")
+    world = _LocalWorld(n, resolve_device(device), float(timeout))
     ranks = tuple(range(n))
     return [LocalGroup(world, ranks, r) for r in range(n)]
 
