@@ -140,3 +140,22 @@ def test_gloo_world_rank():
 
 def test_local_world_rank():
     _check(run_local(local_group(3), world_rank_case))
+
+
+def test_failure_note_names_world_ranks_as_comm_aborted_does():
+    """Ranks of an ordered subgroup: the note named list positions where CommAborted names world
+    ranks ("raised on virtual rank 1 ... because rank 0 failed" for one failure)."""
+    world = local_group(6)
+    ring = [world[r].subgroup([3, 0, 5]) for r in (3, 0, 5)]
+
+    def fn(g):
+        if g.rank == 1:
+            raise RuntimeError("boom")
+        g.recv(torch.zeros(1), 1).wait()
+
+    with pytest.raises(RuntimeError, match="boom") as info:
+        run_local(ring, fn)
+    note = info.value.__notes__[0]
+    assert note.startswith("raised on virtual rank 0 (groups[1]); the other ranks raised: "
+                           "rank 3 (groups[0]): CommAborted: virtual rank 3: ")
+    assert "because rank 0 failed" in note and sorted(info.value.peer_errors) == [0, 2]

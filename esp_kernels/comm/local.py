@@ -480,10 +480,14 @@ class _Failures:
         r, exc = next(((r, e) for r, e in self.order if not isinstance(e, CommAborted)),
                       self.order[0])
         others = {q: e for q, e in self.order if q != r}
-        note = f"raised on virtual rank {r}"
+
+        def name(q):  # world ranks, as CommAborted names them, and the position where it differs
+            w = getattr(self.groups[q], "world_rank", q)
+            return f"{w}" if w == q else f"{w} (groups[{q}])"
+        note = f"raised on virtual rank {name(r)}"
         if others:
             note += "; the other ranks raised: " + "; ".join(
-                f"rank {q}: {type(e).__name__}: {e}" for q, e in sorted(others.items()))
+                f"rank {name(q)}: {type(e).__name__}: {e}" for q, e in sorted(others.items()))
         exc.add_note(note)
         exc.peer_errors = others
         raise exc
@@ -502,8 +506,8 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
     Failure: when a rank raises, its world is aborted at once (`LocalGroup.abort`), so every
     peer blocked on a message raises CommAborted instead of waiting for its timeout. Once every
     thread has ended, the failing rank's own exception is raised, with a note naming its rank and
-    what the peers raised, and `peer_errors` ({rank: exception}; each CommAborted has that
-    exception as its __cause__). A thread still running after `timeout` (default: twice the
+    what the peers raised (world ranks, as CommAborted names them), and `peer_errors` ({position
+    in `groups`: exception}; each CommAborted has that exception as its __cause__). A thread still running after `timeout` (default: twice the
     groups' timeout) raises CommTimeout.
 
     Stream order on CUDA: the ranks' streams start after the caller's current stream (inputs
