@@ -1,6 +1,7 @@
 """Group semantics over torch.distributed (gloo processes) and the Group-level checks shared by
 every backend. The virtual-rank protocol has its own spec and suite: test_local_protocol.py."""
 
+import math
 import time
 
 import pytest
@@ -159,3 +160,36 @@ def test_failure_note_names_world_ranks_as_comm_aborted_does():
     assert note.startswith("raised on virtual rank 0 (groups[1]); the other ranks raised: "
                            "rank 3 (groups[0]): CommAborted: virtual rank 3: ")
     assert "because rank 0 failed" in note and sorted(info.value.peer_errors) == [0, 2]
+
+
+def test_run_local_timeout_is_for_the_whole_run_and_releases_blocked_ranks():
+    """Ranks sleeping 0.6 / 1.2 s each with timeout=0.5 returned after 1.2 s (the limit applied
+    to each join in turn); a rank blocked on a message stayed blocked after the CommTimeout."""
+    from esp_kernels.comm import CommAborted
+
+    def sleepy(g):
+        time.sleep(0.6 * (g.rank + 1))
+
+    t0 = time.monotonic()
+    with pytest.raises(CommTimeout, match="did not finish within 0.9 s"):
+        run_local(local_group(2), sleepy, timeout=0.9)
+    assert time.monotonic() - t0 < 1.15
+
+    errors = {}
+
+    def blocked(g):
+        try:
+            if g.rank == 0:
+                g.recv(torch.zeros(1), 1).wait()  # rank 1 never sends
+            else:
+                time.sleep(5)
+        except CommAborted as exc:
+            errors[g.rank] = exc
+
+    groups = local_group(2, timeout=math.inf)
+    with pytest.raises(CommTimeout):
+        run_local(groups, blocked, timeout=0.3)
+    deadline = time.monotonic() + 2
+    while 0 not in errors and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert 0 in errors  # released by the abort, not left waiting forever

@@ -26,8 +26,10 @@ in the GPU tier, on CUDA. The spec:
 6. Errors. A size or dtype mismatch raises ValueError naming the message
    ("message 0->1: sent 3 x torch.float32 but the receive buffer holds 4 x torch.float32") at
    the wait of both sides. A wait whose message is not matched within the group's timeout raises
-   CommTimeout ("virtual rank message 0->1 was not matched by its peer within 0.2 s"); with an
-   infinite timeout it blocks until the peer posts. `start(replace)` swaps prepared sends for
+   CommTimeout ("virtual rank message 0->1 was not matched by its peer within 0.2 s") and aborts
+   the world, naming its rank (rule 7; as NCCL's communicator is aborted on a timeout: the half
+   message left pending would take the pair's next message); with an infinite timeout it blocks
+   until the peer posts. `start(replace)` swaps prepared sends for
    tensors of the same numel and dtype for one post, and refuses others with ValueError.
 7. Abort. `abort()` on any rank's handle (run_local / run_steps call it when a rank raises) cuts
    off every message still waiting for its peer: each wait on one raises CommAborted at once,
@@ -221,6 +223,9 @@ def case_errors(world, device):
     assert time.monotonic() - t0 < 2.0
     assert out[-1] == ("CommTimeout", "virtual rank message 0->1 was not matched by its peer "
                                       "within 0.2 s")
+    late = _error(lambda: b.recv(torch.zeros(1, device=device), 0).wait())  # its peer, later
+    assert late[0] == "CommAborted" and "because rank 0 failed: CommTimeout" in late[1]
+    out.append(late[0])
     ex = a.prepare_exchange(sends=[(torch.zeros(4, device=device), 1)])
     for bad in (torch.zeros(5, device=device), torch.zeros(4, dtype=torch.float64, device=device),
                 torch.zeros(8, device=device)[::2]):

@@ -44,6 +44,7 @@ import collections
 import math
 import sys
 import threading
+import time
 from typing import Any, Callable, Generator, Sequence
 
 import torch
@@ -233,9 +234,15 @@ class _VirtualWork(Work):
         """Both sides of every message have posted (the copies are done or enqueued)."""
 
 
-def _timeout_error(src, dst, timeout):
-    return CommTimeout(f"virtual rank message {src}->{dst} was not matched by its peer within "
-                       f"{timeout:.1f} s")
+def _timed_out(world, me, src, dst, timeout):
+    """The CommTimeout of a wait, after aborting its world (as NCCL's communicator is on a
+    timeout): the timed-out half message stayed pending and was matched by the next message of
+    the pair, its data in the abandoned buffer; now every peer's wait and later post raises
+    CommAborted naming rank `me`."""
+    exc = CommTimeout(f"virtual rank message {src}->{dst} was not matched by its peer within "
+                      f"{timeout:.1f} s")
+    world.abort(me, exc)
+    return exc
 
 
 class _LocalWork(_VirtualWork):
@@ -257,7 +264,7 @@ class _LocalWork(_VirtualWork):
                     world.waiting -= 1
             if not ok:
                 m = next(m for m in self.msgs if not m.matched)
-                raise _timeout_error(m.src, m.dst, timeout)
+                raise _timed_out(world, self.rank, m.src, m.dst, timeout)
         for m in self.msgs:
             if m.error is _Aborted:
                 self.world.raise_aborted(self.rank)
@@ -314,7 +321,7 @@ class _CoreWork(_VirtualWork):
     def _await_matched(self, timeout):
         if not self.work.wait_matched(timeout):
             src, dst = self.work.first_unmatched()
-            raise _timeout_error(src, dst, timeout)
+            raise _timed_out(self.world, self.rank, src, dst, timeout)
 
     def wait(self, stream=None):
         work, world = self.work, self.world
@@ -534,7 +541,10 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
         except BaseException as exc:  # re-raised in the caller's thread
             failures.add(r, exc)
 
-    threads = [threading.Thread(target=body, args=(r,), name=f"esp-vrank-{r}") for r in range(n)]
+    # Daemon threads: one stuck past the timeout (in the caller's code, not on a message, which
+    # the abort below releases) must not keep the process from exiting.
+    threads = [threading.Thread(target=body, args=(r,), name=f"esp-vrank-{r}", daemon=True)
+               for r in range(n)]
     # A rank woken by its peer's message must take the GIL from a running rank, which by default
     # lets go only every 5 ms: one decode layer on 4 ranks took 6 ms of host time. While the
     # ranks run, the switch interval drops to 20 us.
@@ -545,10 +555,15 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
             t.start()
         limit = timeout if timeout is not None else max(getattr(g, "timeout", DEFAULT_TIMEOUT_S)
                                                          for g in groups) * 2
+        deadline = time.monotonic() + limit  # for the whole run, not for each thread in turn
         for t in threads:
-            t.join(None if math.isinf(limit) else limit)
+            t.join(None if math.isinf(limit) else max(0.0, deadline - time.monotonic()))
             if t.is_alive():
-                raise CommTimeout(f"virtual rank thread {t.name} did not finish within {limit} s")
+                exc = CommTimeout(f"virtual rank thread {t.name} did not finish within {limit} s")
+                for g in groups:  # release the ranks blocked on messages
+                    if isinstance(g, LocalGroup):
+                        g._world.abort(None, exc)
+                raise exc
     finally:
         sys.setswitchinterval(interval)
         join()
