@@ -40,6 +40,19 @@ def ring_cases(world):
                 results.append(("subsub", bool(torch.all(y == subsub.world_ranks[other]))))
     gathered = world.all_gather_ints([world.rank, 7, -world.rank])
     results.append(("all_gather", gathered == [[r, 7, -r] for r in range(n)]))
+    # messages to self, as on the other backends (gloo has no pair to itself: "Pair is not
+    # connected"), alongside one to a peer
+    x, y, z = torch.arange(3.0) + world.rank, torch.empty(3), torch.empty(2)
+    peer = (world.rank + 1) % n
+    world.exchange(sends=[(x, world.rank), (x[:2].clone(), peer)],
+                   recvs=[(y, world.rank), (z, (world.rank - 1) % n)]).wait()
+    results.append(("self message", torch.equal(y, x)))
+    results.append(("with a peer", torch.equal(z, torch.arange(2.0) + (world.rank - 1) % n)))
+    try:
+        world.exchange(sends=[(x, world.rank)], recvs=[(z, world.rank)])
+        results.append(("self sizes", False))
+    except ValueError:
+        results.append(("self sizes", True))
     world.barrier()
     return results
 

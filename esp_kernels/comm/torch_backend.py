@@ -3,6 +3,12 @@ already own one). Point-to-point messages use the process group's ranks; subgrou
 
 With NCCL process groups torch already runs p2p on its own stream and `work.wait()` makes the
 current stream wait; with gloo the work completes on the host.
+
+Caller's contract (a process cannot check its peer's buffers without another message): every rank
+issues its exchanges in the same order, and a send and its matching receive hold the same number
+of bytes (gloo may abort the process on a mismatch; an empty send against a non-empty receive
+never completes). Messages to self are copied here, paired in order within one exchange, as on
+the other backends.
 """
 
 from __future__ import annotations
@@ -62,6 +68,20 @@ class TorchGroup(Group):
         return TorchGroup(self._pg, world_ranks, rank, self.device, self.timeout)
 
     def _world_p2p(self, sends, recvs) -> Work:
+        # Messages to self: the process group has no pair to itself ("Pair is not connected")
+        me = self.world_ranks[self.rank]
+        self_sends = [t for t, dst in sends if dst == me]
+        self_recvs = [t for t, src in recvs if src == me]
+        if [(t.numel() * t.element_size()) for t in self_sends] != \
+                [(t.numel() * t.element_size()) for t in self_recvs]:
+            raise ValueError(
+                "sends to self and receives from self must pair up in order with equal sizes in "
+                f"one exchange; got {[tuple(t.shape) for t in self_sends]} sent and "
+                f"{[tuple(t.shape) for t in self_recvs]} received")
+        for t, buf in zip(self_sends, self_recvs):  # (contiguous: checked by the Group)
+            buf.reshape(-1).view(torch.uint8).copy_(t.reshape(-1).view(torch.uint8))
+        sends = [(t, dst) for t, dst in sends if dst != me]
+        recvs = [(t, src) for t, src in recvs if src != me]
         ops = []
         for t, dst in sends:
             if t.numel():  # both sides of a matched pair skip empty messages
