@@ -30,7 +30,9 @@ in the GPU tier, on CUDA. The spec:
    the world, naming its rank (rule 7; as NCCL's communicator is aborted on a timeout: the half
    message left pending would take the pair's next message); with an infinite timeout it blocks
    until the peer posts. `start(replace)` swaps prepared sends for
-   tensors of the same numel and dtype for one post, and refuses others with ValueError.
+   tensors of the same numel and dtype for one post, and refuses others with ValueError. A message
+   copies memory: a lazily conjugated or negated view is refused at its post (ValueError), and a
+   receive buffer that requires grad is written all the same.
 7. Abort. `abort()` on any rank's handle (run_local / run_steps call it when a rank raises) cuts
    off every message still waiting for its peer: each wait on one raises CommAborted at once,
    naming the failed rank and caused by its exception; every later post raises CommAborted;
@@ -242,6 +244,25 @@ def case_errors(world, device):
     out.append(_error(lambda: two.start({-1: short}))[0])
     assert out[-1] == "ValueError"
     return out
+
+
+def case_buffers_are_memory(world, device):
+    """A message copies memory: a receive buffer that requires grad is written (the Python
+    protocol raised inside its post, its peer then waiting out the timeout, where the mailbox
+    wrote it), and a lazily conjugated view, whose memory does not hold its values, is refused at
+    the post on both (the mailbox sent it unconjugated, the Python protocol conjugated)."""
+    a, b = world(2, timeout=5.0)
+    leaf = torch.zeros(3, device=device, requires_grad=True)
+    ws = a.send(torch.ones(3, device=device), 1)
+    wr = b.recv(leaf, 0)
+    ws.wait()
+    wr.synchronize()
+    got = leaf.detach().tolist()
+    assert got == [1.0, 1.0, 1.0]
+    lazy = torch.tensor([1 + 2j, 3 - 1j], device=device).conj()
+    err = _error(lambda: a.send(lazy, 1))
+    assert err[0] == "ValueError" and "lazily conjugated" in err[1]
+    return got, err[0]
 
 
 def case_late_peer_without_deadline(world, device):
@@ -481,6 +502,7 @@ def case_run_steps_failure(world, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", [case_fifo_per_pair, case_zero_size_and_dtypes, case_errors,
+                                  case_buffers_are_memory,
                                   case_late_peer_without_deadline, case_replace, case_abort,
                                   case_run_local_failure, case_run_steps_failure],
                          ids=lambda c: c.__name__[5:])

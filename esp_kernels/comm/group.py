@@ -213,6 +213,9 @@ class Group(abc.ABC):
         if not t.is_contiguous():
             raise ValueError(f"{what} must be contiguous (shape {tuple(t.shape)}, strides "
                              f"{t.stride()})")
+        if t.is_conj() or t.is_neg():  # a lazy view: its memory does not hold its values
+            raise ValueError(f"{what} is a lazily conjugated or negated view: pass "
+                             "t.resolve_conj().resolve_neg()")
 
     def prepare_exchange(self, sends: Sequence[tuple[torch.Tensor, int]] = (),
                          recvs: Sequence[tuple[torch.Tensor, int]] = (), *,

@@ -141,7 +141,7 @@ class _LocalWorld:
     def _copy(self, msgs: list[_Message], stream):
         """Enqueue the copies of matched messages on `stream` after both sides' ready events;
         one done event for them (lock held, CUDA)."""
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), torch.no_grad():
             for m in msgs:
                 stream.wait_event(m.ready)
                 stream.wait_event(m.buffer_ready)
@@ -173,7 +173,14 @@ class _LocalWorld:
                 f"message {msg.src}->{msg.dst}: sent {t.numel()} x {t.dtype} but the receive "
                 f"buffer holds {buf.numel()} x {buf.dtype}")
         elif self.device.type != "cuda":
-            buf.view(-1).copy_(t.view(-1))
+            # (as the mailbox's memmove: a buffer that requires grad is written too; a copy that
+            # raises anyway is the message's error at both sides' waits, where it left the
+            # peer waiting for its timeout)
+            try:
+                with torch.no_grad():
+                    buf.view(-1).copy_(t.view(-1))
+            except Exception as exc:  # noqa: BLE001 - reported at both waits
+                msg.error = exc
         elif at_once and msg.first_at_once:
             msg.deferred = True
             self.deferred.append(msg)
