@@ -116,16 +116,17 @@ def test_one_runner_runs_one_ring_at_a_time():
 def test_a_failed_wait_ends_the_ring_before_the_error_reaches_the_caller():
     """drive() throws a wait's error into the step generator, so the runner's cleanup has run
     when the caller sees it: a retry inside the handler starts a ring (it raised "already
-    running a ring" while the first one's generator was still alive)."""
-    from esp_kernels.comm import CommTimeout
+    running a ring" while the first one's generator was still alive); the timeout aborted the
+    world, so the retry's first post says so."""
+    from esp_kernels.comm import CommAborted, CommTimeout
     g = local_group(2, timeout=0.2)[0]   # rank 1 never joins
     runner = esp.RingPrefillRunner([4], g, 1, 1, 2, torch.float32)
     q = torch.randn(2, 1, 2)
-    with pytest.raises(CommTimeout):
+    with pytest.raises(CommAborted, match="because rank 0 failed: CommTimeout"):
         try:
             runner.run(q, q, q)
         except CommTimeout:
-            runner.run(q, q, q)  # times out again, not "already running"
+            runner.run(q, q, q)  # started, not "already running a ring"
             raise AssertionError("the retry ran to its end without its peer")
 
 

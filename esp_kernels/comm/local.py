@@ -548,10 +548,10 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
         except BaseException as exc:  # re-raised in the caller's thread
             failures.add(r, exc)
 
-    # Daemon threads: one stuck past the timeout (in the caller's code, not on a message, which
-    # the abort below releases) must not keep the process from exiting.
-    threads = [threading.Thread(target=body, args=(r,), name=f"esp-vrank-{r}", daemon=True)
-               for r in range(n)]
+    # Not daemons: a daemon thread still inside the compiled mailbox's wait when the interpreter
+    # finalizes aborts the process ("terminate called without an active exception", seen after a
+    # run_local timeout); the abort on a timeout below releases the ranks blocked on messages.
+    threads = [threading.Thread(target=body, args=(r,), name=f"esp-vrank-{r}") for r in range(n)]
     # A rank woken by its peer's message must take the GIL from a running rank, which by default
     # lets go only every 5 ms: one decode layer on 4 ranks took 6 ms of host time. While the
     # ranks run, the switch interval drops to 20 us.

@@ -190,7 +190,7 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
     """Partial decode attention over a paged shard.
 
     Args:
-        q: [B, Hq, D] (float16/bfloat16 on CUDA; any float dtype on the CPU path).
+        q: [B, Hq, D] (float16/bfloat16 on CUDA; also float32 on the CPU path).
         k_cache, v_cache: [num_pages, page_size, Hkv, D] one layer of a PagedKVCache.
         block_table: int32 [B, max_pages]; kv_lens: int32 [B] (tokens of each request here).
             Their contents are checked on the CPU path (kv_lens within the table's capacity, the

@@ -56,7 +56,8 @@ Every schedule(), in this order:
    eventually runs (decodes end and free their KV; nothing new is admitted past a pinned
    request).
 3. Batching DP (batching.py; exact over its stated space): candidates sorted by length are split
-   into batches, each on its own group of the prefill pool, minimising LoongServe's input-token
+   into batches, each on its own group of the prefill pool (group sizes from `group_sizes`; a
+   batch of several requests at most `max_prefill_time` long), minimising LoongServe's input-token
    latency Σ T(g, batch)·Σ1/l, plus (W + T(G, l))/l per deferred request, where G is the largest
    allowed group and W the wait until instances free up: the earliest of a running prefill's end
    (plus, when each of its instances keeps KV, its requests' decode: step time times their
