@@ -521,8 +521,9 @@ def run_local(groups: Sequence[Group], fn: Callable[..., Any], *per_rank_args: S
     peer blocked on a message raises CommAborted instead of waiting for its timeout. Once every
     thread has ended, the failing rank's own exception is raised, with a note naming its rank and
     what the peers raised (world ranks, as CommAborted names them), and `peer_errors` ({position
-    in `groups`: exception}; each CommAborted has that exception as its __cause__). A thread still running after `timeout` (default: twice the
-    groups' timeout) raises CommTimeout.
+    in `groups`: exception}; each CommAborted has that exception as its __cause__). A run not
+    over within `timeout` (the whole run; default: twice the groups' timeout) aborts its worlds,
+    releasing the ranks blocked on messages, and raises CommTimeout.
 
     Stream order on CUDA: the ranks' streams start after the caller's current stream (inputs
     the caller produced are ready), and the caller's current stream continues after every rank's
