@@ -449,6 +449,21 @@ def test_refused_entry_raises_only_after_every_other_batch_ran():
         assert caches[0].num_tokens("r") == 0 and caches[2].num_tokens("x") == 1
 
 
+def test_overlapping_entries_of_a_refused_batch_are_named_truthfully():
+    """The second entry's tokens are the first one's (overlapping ranges of one pair); the first
+    is refused: the second is not said to find its source empty (it holds them)."""
+    caches = [esp.PagedKVCache(1, 4, 1, 1, 4) for _ in range(2)]
+    caches[0].allocate("r", [0, 1])
+    caches[1].allocate("z", [0, 1, 2])  # one free page: the first entry does not fit
+    plan = esp.MigrationPlan([("r", 0, 2, 0, 1), ("r", 1, 2, 0, 1)])
+    with pytest.raises(esp.MigrationError) as info:
+        run_local(local_group(2), lambda g, c: esp.migrate_kv(c, plan, g), caches)
+    text = str(info.value)
+    assert "start=0, end=2, src=0, dst=1): destination could not allocate 2 tokens" in text
+    assert "in [1, 2) beyond those of an earlier entry of its batch; nothing moved" in text
+    assert caches[0].positions("r").tolist() == [0, 1]
+
+
 def test_migration_plan_validation():
     with pytest.raises(ValueError, match="itself"):
         esp.MigrationPlan([("a", 0, 4, 1, 1)])

@@ -375,9 +375,12 @@ def _broken(batch: list[MigrationEntry], me: int, exc: BaseException) -> str:
 
 def _missing(batch: list[MigrationEntry], counts: list[int]) -> list[str]:
     """Failure messages of the entries whose source holds none of their tokens when their
-    batch runs (e.g. an earlier entry that was to bring them failed)."""
+    batch runs (e.g. an earlier entry that was to bring them failed), other than tokens an
+    earlier entry of the same batch takes (overlapping ranges: that entry moves them, or its
+    refusal names them)."""
     return [f"{e}: source {e.src} holds no token of request {e.request!r} in [{e.start}, "
-            f"{e.end}); nothing moved" for e, c in zip(batch, counts) if not c]
+            f"{e.end}) beyond those of an earlier entry of its batch; nothing moved"
+            for e, c in zip(batch, counts) if not c]
 
 
 def _batches(entries: list[MigrationEntry], me: int):
