@@ -210,9 +210,9 @@ class DecodePlan:
         # reserved (scale_up called on it before: the second plan would attend over the first
         # one's unwritten slot), fewer means tokens went: either way the plan is stale. Every
         # instance raises alike (the counts are gathered), nothing allocated.
-        stale = [(rid, sum(n[i] for n in local.values()), self.total_len(i))
-                 for i, rid in enumerate(self.requests)
-                 if sum(n[i] for n in local.values()) != self.total_len(i)]
+        held = [sum(col) for col in zip(*local.values())]  # every request's tokens, all caches
+        stale = [(rid, held[i], self.total_len(i)) for i, rid in enumerate(self.requests)
+                 if held[i] != self.total_len(i)]
         if stale:
             rid, held, want = stale[0]
             raise ValueError(
