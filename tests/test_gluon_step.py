@@ -38,7 +38,7 @@ def compile_sm90a(causal, accumulate, has_tiles, dynamic, out="fp32", head_dim=1
     consts = dict(GROUP=group, HEAD_DIM=head_dim, BN=gluon_step.BLOCK_N,
                   NUM_STAGES=gluon_step.STAGES, CAUSAL=causal, ACCUMULATE=accumulate,
                   PREFETCH=prefetch, Q_BUFS=1 if prefetch else 2, HAS_TILES=has_tiles,
-                  DYNAMIC=dynamic)
+                  DYNAMIC=dynamic, STAGED=prefetch and gluon_step.STAGED_STORE)
     names = fn.arg_names
     assert set(names) == set(sig) | set(consts), "the kernel's arguments changed: update here"
     src = GluonASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names},

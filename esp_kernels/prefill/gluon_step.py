@@ -89,6 +89,10 @@ PREFETCH_STATE = True
 # that each launch leaves at zero (H100: one launch per step, 1k launched 0.46 -> 0.60x FA3's
 # launched steps); graphs still zero theirs. The threshold was not re-measured since.
 DYNAMIC_ROUNDS = 4
+# EXPERIMENT: a merging step's epilogue stores its o through the prefetch buffer in whole rows
+# (16 bytes a thread, a row of D a warp instruction) instead of from the accumulator's layout
+# (8 bytes into each of 8 rows a warp instruction): a quarter of the store wavefronts.
+STAGED_STORE = True
 
 
 @gluon.jit
@@ -321,10 +325,28 @@ def _prefetch_state(O, LSE, o_stage, row0, tok0, q_len, o_row0, head0, stride_ot
 
 
 @gluon.jit
+def _store_rows(OUT, o_stage, row0, tok0, q_len, o_row0, head0, stride_ot, stride_oh,
+                GROUP: gl.constexpr, M: gl.constexpr, D: gl.constexpr):
+    """Store the o rows row0 .. row0+M held in o_stage to OUT, a warp a row of D at a time
+    (16 rows per chunk: few row pointers live at once), rows past the request left alone."""
+    CH: gl.constexpr = 16
+    layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // D, D // 4], [4, 1], [1, 0])
+    offs_d = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, layout)), 0)
+    for c in gl.static_range(0, M, CH):
+        rows = row0 + c + gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
+        tok = tok0 + rows // GROUP
+        head = head0 + rows % GROUP
+        ptrs = OUT + gl.expand_dims((o_row0 + tok).to(gl.int64) * stride_ot + head * stride_oh,
+                                    1) + offs_d
+        gl.store(ptrs, o_stage.slice(c, CH).load(layout).to(OUT.dtype.element_ty),
+                 mask=gl.expand_dims(tok < q_len, 1))
+
+
+@gluon.jit
 def _epilogue(acc, m_i, l_i, qk_scale, O, OUT, LSE, o_stage, lse_prev, row0, tok0, q_len,
               o_row0, head0, stride_ot, stride_oh, stride_lt, stride_lh, GROUP: gl.constexpr,
               M: gl.constexpr, D: gl.constexpr, o_layout: gl.constexpr,
-              ACCUMULATE: gl.constexpr, PREFETCH: gl.constexpr):
+              ACCUMULATE: gl.constexpr, PREFETCH: gl.constexpr, STAGED: gl.constexpr):
     """The block's state from a consumer's sums, written or merged into the running state: the
     Triton twin's epilogue, row for row (the scores' max m_i is raw, not log2 units). With
     PREFETCH the previous state comes from `_prefetch_state` (o_stage, lse_prev), else from
@@ -351,8 +373,16 @@ def _epilogue(acc, m_i, l_i, qk_scale, O, OUT, LSE, o_stage, lse_prev, row0, tok
             lse_prev = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
             o_prev = gl.load(o_ptrs, mask=ok2, other=0.0)
         o_new, lse_new = merge_state(o_prev, lse_prev, o_blk, lse_blk)
-        gl.store(out_ptrs, gl.where(gl.expand_dims(seen, 1), o_new, o_prev).to(out_dtype),
-                 mask=ok2)
+        o_out = gl.where(gl.expand_dims(seen, 1), o_new, o_prev)
+        if STAGED:
+            # EXPERIMENT: through the prefetch buffer into whole rows: each warp stores one
+            # row of D contiguous values an instruction (16 bytes a thread) instead of 8 bytes
+            # into each of 8 rows (the accumulator's layout).
+            o_stage.store(o_out)
+            _store_rows(OUT, o_stage, row0, tok0, q_len, o_row0, head0, stride_ot, stride_oh,
+                        GROUP, M, D)
+        else:
+            gl.store(out_ptrs, o_out.to(out_dtype), mask=ok2)
         gl.store(l_ptrs, gl.where(seen, lse_new, lse_prev), mask=row_ok)
     else:
         gl.store(out_ptrs, o_blk.to(out_dtype), mask=ok2)
@@ -362,7 +392,7 @@ def _epilogue(acc, m_i, l_i, qk_scale, O, OUT, LSE, o_stage, lse_prev, row0, tok
 @gluon.jit
 def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr,
-              WG: gl.constexpr):
+              STAGED: gl.constexpr, WG: gl.constexpr):
     descs, smem, bars, work, state = args
     q_smem, k_smem, v_smem, o_smem, item_smem = smem
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, fix_bar = bars
@@ -462,7 +492,7 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
         if t0 < q_len:
             _epilogue(acc, m_i, l_i, qk_scale, O, OUT, LSE, o_stage, lse_prev, WG * M, t0,
                       q_len, q_start, hk * GROUP, stride_ot, stride_oh, stride_lt, stride_lh,
-                      GROUP, M, D, o_layout, ACCUMULATE, PREFETCH)
+                      GROUP, M, D, o_layout, ACCUMULATE, PREFETCH, STAGED)
         if DYNAMIC:
             w = _take_item(item_smem, q_ready, it, Q_BUFS)
         else:
@@ -471,14 +501,16 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
 
 @gluon.jit
 def _consumer0(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr):
-    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC, 0)
+               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr,
+               STAGED: gl.constexpr):
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC, STAGED, 0)
 
 
 @gluon.jit
 def _consumer1(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr):
-    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC, 1)
+               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr,
+               STAGED: gl.constexpr):
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC, STAGED, 1)
 
 
 @gluon.jit
@@ -490,10 +522,11 @@ def _ring_step_gluon_kernel(Q, K, V, O, OUT, LSE, CU_Q, CU_K, TILES, COUNTER, Tq
                             NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                             ACCUMULATE: gl.constexpr, PREFETCH: gl.constexpr,
                             Q_BUFS: gl.constexpr, HAS_TILES: gl.constexpr,
-                            DYNAMIC: gl.constexpr):
+                            DYNAMIC: gl.constexpr, STAGED: gl.constexpr):
     TOK_M: gl.constexpr = 128 // GROUP
     dtype: gl.constexpr = Q.dtype.element_ty
     gl.static_assert(ACCUMULATE or not PREFETCH, "the prefetched epilogue always merges")
+    gl.static_assert(PREFETCH or not STAGED, "the staged store goes through the prefetch buffer")
     # Three descriptors for the whole launch, built once per CTA on the device. K/V are read as
     # [tokens, KV heads x D]: a block of one head is a [BN, D] box. A block that reaches past
     # its request reads the next request's rows (zeroed in shared memory before the PV product,
@@ -541,8 +574,10 @@ def _ring_step_gluon_kernel(Q, K, V, O, OUT, LSE, CU_Q, CU_K, TILES, COUNTER, Tq
             (qk_scale, O, OUT, LSE, stride_ot, stride_oh, stride_lt, stride_lh))  # the state
     # (constexprs stay constexpr only when written out in each partition's tuple)
     gl.warp_specialize(
-        [(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC)),
-         (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC)),
+        [(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC,
+                        STAGED)),
+         (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC,
+                        STAGED)),
          (_loader, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC))],
                        [4, 1], [240, 24])
 
@@ -642,7 +677,8 @@ def takes_items_dynamically(n_items: int, n_ctas: int, schedule=None) -> bool:
 
 def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
                     accumulate, softmax_scale, stages=STAGES, block_n=BLOCK_N,
-                    prefetch_state=PREFETCH_STATE, tiles=None, schedule=None, out=None):
+                    prefetch_state=PREFETCH_STATE, tiles=None, schedule=None, out=None,
+                    staged_store=None):
     """Launch the Gluon ring step (arguments as step.run_step's, positional, torch tensors; the
     caller checked `supports`). prefetch_state: merging steps copy each tile's previous state
     into shared memory during its main loop. tiles: None, or `work_tiles` of this batch's
@@ -664,13 +700,14 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
     dynamic = takes_items_dynamically(n_items, grid[0], schedule)
     _ensure_allocator()
     prefetch = bool(prefetch_state and accumulate)
+    staged = prefetch and bool(STAGED_STORE if staged_store is None else staged_store)
     # The dynamic schedule's counter (else an unused placeholder pointer).
     counter = _dynamic_counter(q.device) if dynamic else cu_q
     args = (grid, q, k, v, cu_q, cu_k, tiles, counter, o_state,
             o_state if out is None else out, lse_state, group, D, n_tiles, B, n_items, causal,
-            mask_shift, accumulate, softmax_scale, stages, block_n, prefetch, dynamic)
+            mask_shift, accumulate, softmax_scale, stages, block_n, prefetch, dynamic, staged)
     key = (q.dtype, group, D, bool(causal), bool(accumulate), stages, block_n, prefetch,
-           tiles is not None, dynamic, out is not None)
+           tiles is not None, dynamic, out is not None, staged)
     if key not in _compiled:
         # Gluon is experimental and its API moves between Triton releases (verified on a GPU:
         # 3.6; the CPU tests compile it for sm_90a with the installed Triton). Each
@@ -700,13 +737,13 @@ _compiled = set()  # specializations known to compile with this Triton
 
 def _launch(grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, out, lse_state, group, D,
             n_tiles, B, n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n,
-            prefetch, dynamic, warmup=False):
+            prefetch, dynamic, staged, warmup=False):
     params = (q, k, v, o_state, out, lse_state, cu_q, cu_k, cu_q if tiles is None else tiles,
               counter, q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.stride(0), q.stride(1),
               k.stride(0), v.stride(0), o_state.stride(0), o_state.stride(1), lse_state.stride(0),
               lse_state.stride(1), softmax_scale * _LOG2E, int(mask_shift), n_tiles, B, n_items)
     constexprs = (group, D, block_n, stages, bool(causal), bool(accumulate), prefetch,
-                  1 if prefetch else 2, tiles is not None, dynamic)
+                  1 if prefetch else 2, tiles is not None, dynamic, staged)
     if warmup:
         _ring_step_gluon_kernel.warmup(*params, **dict(zip(_CONSTEXPR_NAMES, constexprs)),
                                        num_warps=4, maxnreg=168, grid=grid)
@@ -737,7 +774,7 @@ def _launch(grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, out, lse_state, 
 # pre-run hooks (a profiler's) take Triton's path.
 _direct_kernels = {}
 _CONSTEXPR_NAMES = ("GROUP", "HEAD_DIM", "BN", "NUM_STAGES", "CAUSAL", "ACCUMULATE", "PREFETCH",
-                    "Q_BUFS", "HAS_TILES", "DYNAMIC")
+                    "Q_BUFS", "HAS_TILES", "DYNAMIC", "STAGED")
 _INT32 = range(-2 ** 31, 2 ** 31)
 
 
