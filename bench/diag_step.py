@@ -45,8 +45,8 @@ def main():
         kernels()
     if "fixed" in parts:
         fixed_cost()
-    if "staged" in parts:
-        staged_ab()
+    if "variants" in parts:
+        variants_ab()
     if "skewed" in parts:
         n, Hq, Hkv, D = 8192, 32, 8, 128
         skewed(*random_qkv(n, Hq, Hkv, D))
@@ -106,11 +106,13 @@ def fixed_cost(rounds=5):
         fa3 = fa3_prefill(q, k, v, causal=False)
         if fa3 is not None:
             fns["FA3"] = fa3
-        for acc, staged in ((False, False), (True, False), (True, True)):
-            fns[f"gluon acc={int(acc)}{' staged' if staged else ''}"] = (
-                lambda acc=acc, staged=staged, k=k, v=v, cu_k=cu_k: gluon_step.ring_step_gluon(
-                    q, k, v, cu_q, cu_k, n, o, lse, False, 0, acc, D ** -0.5,
-                    staged_store=staged))
+        for acc, variant in ((False, "shipped"), (False, "named"), (True, "shipped"),
+                             (True, "staged"), (True, "named"), (True, "staged+named")):
+            staged, named = VARIANTS[variant]
+            fns[f"acc={int(acc)} {variant}"] = (
+                lambda acc=acc, staged=staged, named=named, k=k, v=v, cu_k=cu_k:
+                gluon_step.ring_step_gluon(q, k, v, cu_q, cu_k, n, o, lse, False, 0, acc,
+                                           D ** -0.5, staged_store=staged, named_release=named))
         t = time_cuda_interleaved(fns, reps=rounds * 2)
         for name, r in t.items():
             us = case.per_tile_us(r["ms"])
@@ -127,33 +129,39 @@ def fixed_cost(rounds=5):
               f"{a / (a + 64.5 * b):5.3f}", flush=True)
 
 
-class _Staged:
-    """EXPERIMENT (STAGED_STORE): merging Gluon steps store o in whole rows through the prefetch
-    buffer (on) or from the accumulator's layout (off), within the block."""
+VARIANTS = {"shipped": (False, False), "staged": (True, False), "named": (False, True),
+            "staged+named": (True, True)}
 
-    def __init__(self, on):
-        self.on = on
+
+class _Variant:
+    """EXPERIMENT: within the block, Gluon steps run with STAGED_STORE (a merging step's o
+    stored in whole rows through the prefetch buffer) and NAMED_RELEASE (K/V stages handed back
+    through named barriers) as given."""
+
+    def __init__(self, staged, named):
+        self.flags = (staged, named)
 
     def __enter__(self):
-        self.saved = gluon_step.STAGED_STORE
-        gluon_step.STAGED_STORE = self.on
+        self.saved = (gluon_step.STAGED_STORE, gluon_step.NAMED_RELEASE)
+        gluon_step.STAGED_STORE, gluon_step.NAMED_RELEASE = self.flags
 
     def __exit__(self, *exc):
-        gluon_step.STAGED_STORE = self.saved
+        gluon_step.STAGED_STORE, gluon_step.NAMED_RELEASE = self.saved
 
 
-def _staged(fn, on):
+def _in_variant(fn, name):
     def call():
-        with _Staged(on):
+        with _Variant(*VARIANTS[name]):
             return fn()
     return call
 
 
-def staged_ab():
-    """EXPERIMENT: the staged epilogue store against the shipped one, interleaved: merging causal
-    steps of 8k queries (8k keys: the diagonal; 1k keys: 8 blocks a tile), the state written as
-    the floor, FA3 as the anchor; then 64k rings on P = 4 / 8 virtual ranks against one FA3 call.
-    The two stores' outputs are compared first (the same values, stored in another order)."""
+def variants_ab():
+    """EXPERIMENT: the staged epilogue store and the named-barrier stage release against the
+    shipped kernel, interleaved: causal steps of 8k queries (8k keys: the diagonal; 1k keys: 8
+    blocks a tile), merging and writing, FA3 as the anchor; then 64k rings on P = 4 / 8 virtual
+    ranks against one FA3 call. Each variant's outputs are compared with the shipped kernel's
+    first (the same values, stored in another order or released otherwise: expect 0)."""
     from ring_cases import StripedRing
 
     import esp_kernels as esp
@@ -169,31 +177,38 @@ def staged_ab():
     for keys in (n, 1024):
         k, v = k_all[:keys], v_all[:keys]
         cu_k = cu_seqlens([keys], "cuda")
-        for out_dtype in (None, torch.bfloat16):  # the running state, or a ring's last step
+        for acc, out_dtype in ((False, None), (True, None), (True, torch.bfloat16)):
             states = {}
-            for staged in (False, True):
+            for name in VARIANTS:
                 o, lse = o0.clone(), l0.clone()
                 out = None if out_dtype is None else torch.empty_like(q)
-                gluon_step.ring_step_gluon(q, k, v, cu_q, cu_k, n, o, lse, True, 0, True,
-                                           D ** -0.5, out=out, staged_store=staged)
-                states[staged] = (o if out is None else out, lse)
-            (o_a, l_a), (o_b, l_b) = states[False], states[True]
-            print(f"staged   {keys} keys, o as {out_dtype or 'fp32 state'}: max |o staged - o "
-                  f"shipped| {(o_b.float() - o_a.float()).abs().max().item():.3e}, max |lse "
-                  f"diff| {(l_b - l_a).abs().max().item():.3e}", flush=True)
+                with _Variant(*VARIANTS[name]):
+                    gluon_step.ring_step_gluon(q, k, v, cu_q, cu_k, n, o, lse, True, 0, acc,
+                                               D ** -0.5, out=out)
+                states[name] = (o if out is None else out, lse)
+            o_a, l_a = states["shipped"]
+            for name, (o_b, l_b) in states.items():
+                if name != "shipped":
+                    print(f"variant  {keys} keys, acc={int(acc)}, o as {out_dtype or 'fp32'}: "
+                          f"{name}: max |o - shipped| "
+                          f"{(o_b.float() - o_a.float()).abs().max().item():.3e}, max |lse "
+                          f"diff| {(l_b - l_a).abs().max().item():.3e}", flush=True)
         o, lse = o0.clone(), l0.clone()
-        fns = {f"gluon acc={int(acc)}{' staged' if staged else ''}": (
-            lambda acc=acc, staged=staged, k=k, v=v, cu_k=cu_k: gluon_step.ring_step_gluon(
-                q, k, v, cu_q, cu_k, n, o, lse, True, 0, acc, D ** -0.5, staged_store=staged))
-            for acc, staged in ((False, False), (True, False), (True, True))}
+        fns = {}
+        for acc in (False, True):
+            for name in VARIANTS:
+                if acc or not VARIANTS[name][0]:  # (the staged store is a merging step's)
+                    fns[f"acc={int(acc)} {name}"] = _in_variant(
+                        lambda acc=acc, k=k, v=v, cu_k=cu_k: gluon_step.ring_step_gluon(
+                            q, k, v, cu_q, cu_k, n, o, lse, True, 0, acc, D ** -0.5), name)
         fa3 = fa3_prefill(q, k, v, causal=True)
         if fa3 is not None:
             fns["FA3"] = fa3
         t = time_cuda_interleaved(fns, reps=14)
-        ref = t["gluon acc=1"]
         for name, r in t.items():
-            print(f"staged   causal 8k x {keys}  {name:<18} {r['ms'] * 1e3:8.1f} us  speedup over "
-                  f"shipped merge {paired_speedup(r, ref):5.3f}", flush=True)
+            ref = t["acc=1 shipped" if "acc=1" in name or name == "FA3" else "acc=0 shipped"]
+            print(f"variant  causal 8k x {keys:<5} {name:<20} {r['ms'] * 1e3:8.1f} us  speedup "
+                  f"over shipped {paired_speedup(r, ref):5.3f}", flush=True)
     del o0, l0
     L = 65536
     q, k, v = random_qkv(L, Hq, Hkv, D, seed=1)
@@ -205,19 +220,24 @@ def staged_ab():
         def ours(ring=ring, groups=groups, P=P):
             return run_steps(groups, [esp.prefill.ring_prefill_steps(
                 ring.qs[r], ring.ks[r], ring.vs[r], [L], groups[r]) for r in range(P)])
-        outs = {on: _staged(ours, on)() for on in (False, True)}
-        diff = max((a.float() - b.float()).abs().max().item()
-                   for (a, _), (b, _) in zip(outs[False], outs[True]))
-        fns = {"ring, shipped store": _staged(ours, False), "ring, staged store": _staged(ours, True)}
+        outs = {name: _in_variant(ours, name)() for name in VARIANTS}
+        diffs = {name: max((a.float() - b.float()).abs().max().item()
+                           for (a, _), (b, _) in zip(outs["shipped"], outs[name]))
+                 for name in VARIANTS}
+        del outs
+        fns = {f"ring, {name}": _in_variant(ours, name) for name in VARIANTS}
         if fa3 is not None:
             fns["one FA3 call"] = fa3
         t = time_wall_interleaved(fns, warmup=2, reps=9)
         for name, r in t.items():
-            line = f"staged   64k P={P} {name:<22} {r['ms']:7.2f} ms"
-            line += f"  vs shipped {paired_speedup(r, t['ring, shipped store']):5.3f}"
+            line = (f"variant  64k P={P} {name:<20} {r['ms']:7.2f} ms  vs shipped "
+                    f"{paired_speedup(r, t['ring, shipped']):5.3f}")
             if fa3 is not None:
                 line += f"  vs one FA3 call {paired_speedup(r, t['one FA3 call']):5.3f}"
-            print(line + f"  (max |out diff| staged vs shipped {diff:.3e})", flush=True)
+            variant = name.removeprefix("ring, ")
+            if variant in diffs:
+                line += f"  (max |out - shipped's| {diffs[variant]:.3e})"
+            print(line, flush=True)
         del ring
 
 

@@ -93,6 +93,15 @@ DYNAMIC_ROUNDS = 4
 # (16 bytes a thread, a row of D a warp instruction) instead of from the accumulator's layout
 # (8 bytes into each of 8 rows a warp instruction): a quarter of the store wavefronts.
 STAGED_STORE = True
+# EXPERIMENT: the consumers hand K/V stages back through named barriers (every thread a
+# bar.arrive, the loader a bar.sync) instead of mbarriers: Triton lowers each mbarrier arrive to
+# a warpgroup barrier (bar.sync) and one thread's arrive, and its barrier analysis adds one more
+# before the loop's next wait: three bar.sync a K/V block in each consumer, where FA3's loop has
+# none (FlashInfer's sm90 SASS: one thread arrives right after the wgmma wait).
+NAMED_RELEASE = True
+# The named barrier IDs of the stages' releases: K stage s is NAMED_BAR0 + s, V stage s
+# NAMED_BAR0 + STAGES + s; Triton's warp specialization takes 0-2 in this kernel (its PTX).
+NAMED_BAR0 = gl.constexpr(8)
 
 
 @gluon.jit
@@ -221,8 +230,50 @@ def _take_item(item_smem, q_ready, it, Q_BUFS: gl.constexpr):
 
 
 @gluon.jit
+def _named_arrive(bar_id):
+    """EXPERIMENT (NAMED_RELEASE): every thread of a consumer warpgroup arrives at named
+    barrier bar_id without waiting (bar.arrive; 288 = both consumer warpgroups and the loader
+    warp). Each thread arrives after its own wgmma wait, so the barrier completes only once all
+    256 consumer threads are past theirs, with no warpgroup barrier before the arrive."""
+    one_each: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    gl.inline_asm_elementwise("mov.b32 $0, $1;\n\tbar.arrive $1, 288;", "=r,r",
+                              [gl.full([128], bar_id, gl.int32, layout=one_each)],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _named_sync(bar_id):
+    """EXPERIMENT (NAMED_RELEASE): the loader warp waits at named barrier bar_id until both
+    consumer warpgroups have arrived (bar.sync, 288 threads with its own 32)."""
+    one_each: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    gl.inline_asm_elementwise("mov.b32 $0, $1;\n\tbar.sync $1, 288;", "=r,r",
+                              [gl.full([32], bar_id, gl.int32, layout=one_each)],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _release(empty, s, bar_id, NAMED: gl.constexpr):
+    """A consumer warpgroup hands stage s back to the loader."""
+    if NAMED:
+        _named_arrive(bar_id)
+    else:
+        mbarrier.arrive(empty.index(s), count=1)
+
+
+@gluon.jit
+def _acquire(empty, s, phase, bar_id, reused, NAMED: gl.constexpr):
+    """The loader waits until the consumers released stage s (reused: it held a block before)."""
+    if NAMED:
+        if reused:
+            _named_sync(bar_id)
+    else:
+        mbarrier.wait(empty.index(s), phase ^ 1)
+
+
+@gluon.jit
 def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-            PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr):
+            PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr,
+            NAMED: gl.constexpr):
     """Every item's Q tile (two buffers, or one when the consumers prefetch the previous state)
     and K/V blocks (the stage ring, its counters running on across items) through TMA. With the
     dynamic schedule it also takes the items from the counter and posts each one's index with
@@ -265,10 +316,10 @@ def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.cons
             s = kv % NUM_STAGES
             phase = (kv // NUM_STAGES) & 1
             row = k_start + j * BN
-            mbarrier.wait(k_empty.index(s), phase ^ 1)
+            _acquire(k_empty, s, phase, NAMED_BAR0 + s, kv >= NUM_STAGES, NAMED)
             mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
             _tma_load(k_desc, [row, hk * D], k_ready.index(s), k_smem.index(s))
-            mbarrier.wait(v_empty.index(s), phase ^ 1)
+            _acquire(v_empty, s, phase, NAMED_BAR0 + NUM_STAGES + s, kv >= NUM_STAGES, NAMED)
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
             _tma_load(v_desc, [row, hk * D], v_ready.index(s), v_smem.index(s))
             kv += 1
@@ -280,6 +331,11 @@ def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.cons
         qb = _post_item(item_smem, q_empty, it, w, Q_BUFS)
         mbarrier.arrive(q_ready.index(qb), count=1)
         _reset_counter_after_last_take(work[8], w, n_ctas, n_items)
+    if NAMED:  # complete every named barrier's last phase (the consumers' last releases)
+        for s in gl.static_range(NUM_STAGES):
+            if kv > s:
+                _named_sync(NAMED_BAR0 + s)
+                _named_sync(NAMED_BAR0 + NUM_STAGES + s)
 
 
 @gluon.jit
@@ -392,7 +448,7 @@ def _epilogue(acc, m_i, l_i, qk_scale, O, OUT, LSE, o_stage, lse_prev, row0, tok
 @gluon.jit
 def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr,
-              STAGED: gl.constexpr, WG: gl.constexpr):
+              STAGED: gl.constexpr, NAMED: gl.constexpr, WG: gl.constexpr):
     descs, smem, bars, work, state = args
     q_smem, k_smem, v_smem, o_smem, item_smem = smem
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, fix_bar = bars
@@ -451,7 +507,7 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
             s_tok = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False,
                                   is_async=True)
             s = warpgroup_mma_wait(0, deps=[s_tok])
-            mbarrier.arrive(k_empty.index(cur), count=1)
+            _release(k_empty, cur, NAMED_BAR0 + cur, NAMED)
             p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, 0, n_full, k_len, tok, shift,
                                                 qk_scale, BN, CAUSAL, s_layout)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -464,11 +520,11 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
                                       use_acc=False, is_async=True)
                 o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=[s_tok])  # groups retire in order: S_j is done
-                mbarrier.arrive(k_empty.index(cur), count=1)
+                _release(k_empty, cur, NAMED_BAR0 + cur, NAMED)
                 p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, j * BN, n_full, k_len, tok,
                                                     shift, qk_scale, BN, CAUSAL, s_layout)
                 acc = warpgroup_mma_wait(0, deps=[o_tok])
-                mbarrier.arrive(v_empty.index(prev), count=1)
+                _release(v_empty, prev, NAMED_BAR0 + NUM_STAGES + prev, NAMED)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
             mbarrier.arrive(q_empty.index(qb), count=1)  # every S of this tile is done
@@ -482,7 +538,7 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
                 nfix += 1
             o_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=[o_tok])
-            mbarrier.arrive(v_empty.index(last), count=1)
+            _release(v_empty, last, NAMED_BAR0 + NUM_STAGES + last, NAMED)
             kv += n_blocks
         elif DYNAMIC:  # the loader posted the item with its Q buffer: hand it back
             # (Triton puts a barrier of the warpgroup before each arrive, checked in the PTX of
@@ -502,15 +558,15 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
 @gluon.jit
 def _consumer0(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
                PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr,
-               STAGED: gl.constexpr):
-    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC, STAGED, 0)
+               STAGED: gl.constexpr, NAMED: gl.constexpr):
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC, STAGED, NAMED, 0)
 
 
 @gluon.jit
 def _consumer1(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
                PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr,
-               STAGED: gl.constexpr):
-    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC, STAGED, 1)
+               STAGED: gl.constexpr, NAMED: gl.constexpr):
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC, STAGED, NAMED, 1)
 
 
 @gluon.jit
@@ -522,7 +578,8 @@ def _ring_step_gluon_kernel(Q, K, V, O, OUT, LSE, CU_Q, CU_K, TILES, COUNTER, Tq
                             NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                             ACCUMULATE: gl.constexpr, PREFETCH: gl.constexpr,
                             Q_BUFS: gl.constexpr, HAS_TILES: gl.constexpr,
-                            DYNAMIC: gl.constexpr, STAGED: gl.constexpr):
+                            DYNAMIC: gl.constexpr, STAGED: gl.constexpr,
+                            NAMED: gl.constexpr):
     TOK_M: gl.constexpr = 128 // GROUP
     dtype: gl.constexpr = Q.dtype.element_ty
     gl.static_assert(ACCUMULATE or not PREFETCH, "the prefetched epilogue always merges")
@@ -575,10 +632,10 @@ def _ring_step_gluon_kernel(Q, K, V, O, OUT, LSE, CU_Q, CU_K, TILES, COUNTER, Tq
     # (constexprs stay constexpr only when written out in each partition's tuple)
     gl.warp_specialize(
         [(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC,
-                        STAGED)),
+                        STAGED, NAMED)),
          (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC,
-                        STAGED)),
-         (_loader, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC))],
+                        STAGED, NAMED)),
+         (_loader, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC, NAMED))],
                        [4, 1], [240, 24])
 
 
@@ -678,7 +735,7 @@ def takes_items_dynamically(n_items: int, n_ctas: int, schedule=None) -> bool:
 def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
                     accumulate, softmax_scale, stages=STAGES, block_n=BLOCK_N,
                     prefetch_state=PREFETCH_STATE, tiles=None, schedule=None, out=None,
-                    staged_store=None):
+                    staged_store=None, named_release=None):
     """Launch the Gluon ring step (arguments as step.run_step's, positional, torch tensors; the
     caller checked `supports`). prefetch_state: merging steps copy each tile's previous state
     into shared memory during its main loop. tiles: None, or `work_tiles` of this batch's
@@ -701,13 +758,15 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
     _ensure_allocator()
     prefetch = bool(prefetch_state and accumulate)
     staged = prefetch and bool(STAGED_STORE if staged_store is None else staged_store)
+    named = bool(NAMED_RELEASE if named_release is None else named_release)
     # The dynamic schedule's counter (else an unused placeholder pointer).
     counter = _dynamic_counter(q.device) if dynamic else cu_q
     args = (grid, q, k, v, cu_q, cu_k, tiles, counter, o_state,
             o_state if out is None else out, lse_state, group, D, n_tiles, B, n_items, causal,
-            mask_shift, accumulate, softmax_scale, stages, block_n, prefetch, dynamic, staged)
+            mask_shift, accumulate, softmax_scale, stages, block_n, prefetch, dynamic, staged,
+            named)
     key = (q.dtype, group, D, bool(causal), bool(accumulate), stages, block_n, prefetch,
-           tiles is not None, dynamic, out is not None, staged)
+           tiles is not None, dynamic, out is not None, staged, named)
     if key not in _compiled:
         # Gluon is experimental and its API moves between Triton releases (verified on a GPU:
         # 3.6; the CPU tests compile it for sm_90a with the installed Triton). Each
@@ -737,13 +796,13 @@ _compiled = set()  # specializations known to compile with this Triton
 
 def _launch(grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, out, lse_state, group, D,
             n_tiles, B, n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n,
-            prefetch, dynamic, staged, warmup=False):
+            prefetch, dynamic, staged, named, warmup=False):
     params = (q, k, v, o_state, out, lse_state, cu_q, cu_k, cu_q if tiles is None else tiles,
               counter, q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.stride(0), q.stride(1),
               k.stride(0), v.stride(0), o_state.stride(0), o_state.stride(1), lse_state.stride(0),
               lse_state.stride(1), softmax_scale * _LOG2E, int(mask_shift), n_tiles, B, n_items)
     constexprs = (group, D, block_n, stages, bool(causal), bool(accumulate), prefetch,
-                  1 if prefetch else 2, tiles is not None, dynamic, staged)
+                  1 if prefetch else 2, tiles is not None, dynamic, staged, named)
     if warmup:
         _ring_step_gluon_kernel.warmup(*params, **dict(zip(_CONSTEXPR_NAMES, constexprs)),
                                        num_warps=4, maxnreg=168, grid=grid)
@@ -774,7 +833,7 @@ def _launch(grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, out, lse_state, 
 # pre-run hooks (a profiler's) take Triton's path.
 _direct_kernels = {}
 _CONSTEXPR_NAMES = ("GROUP", "HEAD_DIM", "BN", "NUM_STAGES", "CAUSAL", "ACCUMULATE", "PREFETCH",
-                    "Q_BUFS", "HAS_TILES", "DYNAMIC", "STAGED")
+                    "Q_BUFS", "HAS_TILES", "DYNAMIC", "STAGED", "NAMED")
 _INT32 = range(-2 ** 31, 2 ** 31)
 
 
