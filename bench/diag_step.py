@@ -28,8 +28,8 @@ Then two cases where the kernel's fixed costs, not its main loop, decide:
 import torch
 
 from anchors import fa3_prefill
-from harness import (cprofile_top, cuda_api_calls, host_us, paired_speedup, parse_out,
-                     time_cuda, time_cuda_interleaved, time_wall_interleaved)
+from harness import (cprofile_top, cuda_api_calls, host_us, parse_out, time_cuda,
+                     time_cuda_interleaved)
 from ring_cases import OneRequestStep, random_qkv
 
 from esp_kernels.prefill import gluon_step
@@ -45,8 +45,6 @@ def main():
         kernels()
     if "fixed" in parts:
         fixed_cost()
-    if "variants" in parts:
-        variants_ab()
     if "skewed" in parts:
         n, Hq, Hkv, D = 8192, 32, 8, 128
         skewed(*random_qkv(n, Hq, Hkv, D))
@@ -106,139 +104,24 @@ def fixed_cost(rounds=5):
         fa3 = fa3_prefill(q, k, v, causal=False)
         if fa3 is not None:
             fns["FA3"] = fa3
-        for acc, variant in ((False, "shipped"), (False, "named"), (True, "shipped"),
-                             (True, "staged"), (True, "named"), (True, "staged+named")):
-            staged, named = VARIANTS[variant]
-            fns[f"acc={int(acc)} {variant}"] = (
-                lambda acc=acc, staged=staged, named=named, k=k, v=v, cu_k=cu_k:
-                gluon_step.ring_step_gluon(q, k, v, cu_q, cu_k, n, o, lse, False, 0, acc,
-                                           D ** -0.5, staged_store=staged, named_release=named))
+        for acc in (False, True):
+            fns[f"gluon acc={int(acc)}"] = (
+                lambda acc=acc, k=k, v=v, cu_k=cu_k: gluon_step.ring_step_gluon(
+                    q, k, v, cu_q, cu_k, n, o, lse, False, 0, acc, D ** -0.5))
         t = time_cuda_interleaved(fns, reps=rounds * 2)
         for name, r in t.items():
             us = case.per_tile_us(r["ms"])
             per_tile.setdefault(name, []).append((blocks, us))
-            print(f"fixed    {blocks:3d} blocks a tile  {name:<19} {r['ms'] * 1e3:8.1f} us  "
+            print(f"fixed    {blocks:3d} blocks a tile  {name:<12} {r['ms'] * 1e3:8.1f} us  "
                   f"per tile {us:7.2f} us", flush=True)
     for name, pts in per_tile.items():
         xs, ys = [x for x, _ in pts], [y for _, y in pts]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         b = (sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x in xs))
         a = my - b * mx
-        print(f"fixed    fit {name:<19} a = {a:5.2f} us a tile, b = {b:5.3f} us a block; "
+        print(f"fixed    fit {name:<12} a = {a:5.2f} us a tile, b = {b:5.3f} us a block; "
               f"a share at 32.5 / 64.5 blocks: {a / (a + 32.5 * b):5.3f} / "
               f"{a / (a + 64.5 * b):5.3f}", flush=True)
-
-
-VARIANTS = {"shipped": (False, False), "staged": (True, False), "named": (False, True),
-            "staged+named": (True, True)}
-
-
-class _Variant:
-    """EXPERIMENT: within the block, Gluon steps run with STAGED_STORE (a merging step's o
-    stored in whole rows through the prefetch buffer) and NAMED_RELEASE (K/V stages handed back
-    through named barriers) as given."""
-
-    def __init__(self, staged, named):
-        self.flags = (staged, named)
-
-    def __enter__(self):
-        self.saved = (gluon_step.STAGED_STORE, gluon_step.NAMED_RELEASE)
-        gluon_step.STAGED_STORE, gluon_step.NAMED_RELEASE = self.flags
-
-    def __exit__(self, *exc):
-        gluon_step.STAGED_STORE, gluon_step.NAMED_RELEASE = self.saved
-
-
-def _in_variant(fn, name):
-    def call():
-        with _Variant(*VARIANTS[name]):
-            return fn()
-    return call
-
-
-def variants_ab():
-    """EXPERIMENT: the staged epilogue store and the named-barrier stage release against the
-    shipped kernel, interleaved: causal steps of 8k queries (8k keys: the diagonal; 1k keys: 8
-    blocks a tile), merging and writing, FA3 as the anchor; then 64k rings on P = 4 / 8 virtual
-    ranks against one FA3 call. Each variant's outputs are compared with the shipped kernel's
-    first (the same values, stored in another order or released otherwise: expect 0)."""
-    from ring_cases import StripedRing
-
-    import esp_kernels as esp
-    from esp_kernels.comm import local_group, run_steps
-
-    case = OneRequestStep()
-    n, Hq, D, q, k_all, v_all = case.n, case.Hq, case.D, case.q, case.k, case.v
-    Hkv = k_all.shape[1]
-    cu_q = cu_seqlens([n], "cuda")
-    g = torch.Generator(device="cuda").manual_seed(3)
-    o0 = torch.randn(n, Hq, D, device="cuda", generator=g)
-    l0 = torch.randn(n, Hq, device="cuda", generator=g) + 8.0
-    for keys in (n, 1024):
-        k, v = k_all[:keys], v_all[:keys]
-        cu_k = cu_seqlens([keys], "cuda")
-        for acc, out_dtype in ((False, None), (True, None), (True, torch.bfloat16)):
-            states = {}
-            for name in VARIANTS:
-                o, lse = o0.clone(), l0.clone()
-                out = None if out_dtype is None else torch.empty_like(q)
-                with _Variant(*VARIANTS[name]):
-                    gluon_step.ring_step_gluon(q, k, v, cu_q, cu_k, n, o, lse, True, 0, acc,
-                                               D ** -0.5, out=out)
-                states[name] = (o if out is None else out, lse)
-            o_a, l_a = states["shipped"]
-            for name, (o_b, l_b) in states.items():
-                if name != "shipped":
-                    print(f"variant  {keys} keys, acc={int(acc)}, o as {out_dtype or 'fp32'}: "
-                          f"{name}: max |o - shipped| "
-                          f"{(o_b.float() - o_a.float()).abs().max().item():.3e}, max |lse "
-                          f"diff| {(l_b - l_a).abs().max().item():.3e}", flush=True)
-        o, lse = o0.clone(), l0.clone()
-        fns = {}
-        for acc in (False, True):
-            for name in VARIANTS:
-                if acc or not VARIANTS[name][0]:  # (the staged store is a merging step's)
-                    fns[f"acc={int(acc)} {name}"] = _in_variant(
-                        lambda acc=acc, k=k, v=v, cu_k=cu_k: gluon_step.ring_step_gluon(
-                            q, k, v, cu_q, cu_k, n, o, lse, True, 0, acc, D ** -0.5), name)
-        fa3 = fa3_prefill(q, k, v, causal=True)
-        if fa3 is not None:
-            fns["FA3"] = fa3
-        t = time_cuda_interleaved(fns, reps=14)
-        for name, r in t.items():
-            ref = t["acc=1 shipped" if "acc=1" in name or name == "FA3" else "acc=0 shipped"]
-            print(f"variant  causal 8k x {keys:<5} {name:<20} {r['ms'] * 1e3:8.1f} us  speedup "
-                  f"over shipped {paired_speedup(r, ref):5.3f}", flush=True)
-    del o0, l0
-    L = 65536
-    q, k, v = random_qkv(L, Hq, Hkv, D, seed=1)
-    fa3 = fa3_prefill(q, k, v)
-    for P in (4, 8):
-        ring = StripedRing(q, k, v, P)
-        groups = local_group(P, "cuda")
-
-        def ours(ring=ring, groups=groups, P=P):
-            return run_steps(groups, [esp.prefill.ring_prefill_steps(
-                ring.qs[r], ring.ks[r], ring.vs[r], [L], groups[r]) for r in range(P)])
-        outs = {name: _in_variant(ours, name)() for name in VARIANTS}
-        diffs = {name: max((a.float() - b.float()).abs().max().item()
-                           for (a, _), (b, _) in zip(outs["shipped"], outs[name]))
-                 for name in VARIANTS}
-        del outs
-        fns = {f"ring, {name}": _in_variant(ours, name) for name in VARIANTS}
-        if fa3 is not None:
-            fns["one FA3 call"] = fa3
-        t = time_wall_interleaved(fns, warmup=2, reps=9)
-        for name, r in t.items():
-            line = (f"variant  64k P={P} {name:<20} {r['ms']:7.2f} ms  vs shipped "
-                    f"{paired_speedup(r, t['ring, shipped']):5.3f}")
-            if fa3 is not None:
-                line += f"  vs one FA3 call {paired_speedup(r, t['one FA3 call']):5.3f}"
-            variant = name.removeprefix("ring, ")
-            if variant in diffs:
-                line += f"  (max |out - shipped's| {diffs[variant]:.3e})"
-            print(line, flush=True)
-        del ring
 
 
 def skewed(q, k_all, v_all):

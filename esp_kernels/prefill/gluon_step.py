@@ -89,19 +89,6 @@ PREFETCH_STATE = True
 # that each launch leaves at zero (H100: one launch per step, 1k launched 0.46 -> 0.60x FA3's
 # launched steps); graphs still zero theirs. The threshold was not re-measured since.
 DYNAMIC_ROUNDS = 4
-# EXPERIMENT: a merging step's epilogue stores its o through the prefetch buffer in whole rows
-# (16 bytes a thread, a row of D a warp instruction) instead of from the accumulator's layout
-# (8 bytes into each of 8 rows a warp instruction): a quarter of the store wavefronts.
-STAGED_STORE = True
-# EXPERIMENT: the consumers hand K/V stages back through named barriers (every thread a
-# bar.arrive, the loader a bar.sync) instead of mbarriers: Triton lowers each mbarrier arrive to
-# a warpgroup barrier (bar.sync) and one thread's arrive, and its barrier analysis adds one more
-# before the loop's next wait: three bar.sync a K/V block in each consumer, where FA3's loop has
-# none (FlashInfer's sm90 SASS: one thread arrives right after the wgmma wait).
-NAMED_RELEASE = True
-# The named barrier IDs of the stages' releases: K stage s is NAMED_BAR0 + s, V stage s
-# NAMED_BAR0 + STAGES + s; Triton's warp specialization takes 0-2 in this kernel (its PTX).
-NAMED_BAR0 = gl.constexpr(8)
 
 
 @gluon.jit
@@ -230,50 +217,8 @@ def _take_item(item_smem, q_ready, it, Q_BUFS: gl.constexpr):
 
 
 @gluon.jit
-def _named_arrive(bar_id):
-    """EXPERIMENT (NAMED_RELEASE): every thread of a consumer warpgroup arrives at named
-    barrier bar_id without waiting (bar.arrive; 288 = both consumer warpgroups and the loader
-    warp). Each thread arrives after its own wgmma wait, so the barrier completes only once all
-    256 consumer threads are past theirs, with no warpgroup barrier before the arrive."""
-    one_each: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    gl.inline_asm_elementwise("mov.b32 $0, $1;\n\tbar.arrive $1, 288;", "=r,r",
-                              [gl.full([128], bar_id, gl.int32, layout=one_each)],
-                              dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _named_sync(bar_id):
-    """EXPERIMENT (NAMED_RELEASE): the loader warp waits at named barrier bar_id until both
-    consumer warpgroups have arrived (bar.sync, 288 threads with its own 32)."""
-    one_each: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    gl.inline_asm_elementwise("mov.b32 $0, $1;\n\tbar.sync $1, 288;", "=r,r",
-                              [gl.full([32], bar_id, gl.int32, layout=one_each)],
-                              dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _release(empty, s, bar_id, NAMED: gl.constexpr):
-    """A consumer warpgroup hands stage s back to the loader."""
-    if NAMED:
-        _named_arrive(bar_id)
-    else:
-        mbarrier.arrive(empty.index(s), count=1)
-
-
-@gluon.jit
-def _acquire(empty, s, phase, bar_id, reused, NAMED: gl.constexpr):
-    """The loader waits until the consumers released stage s (reused: it held a block before)."""
-    if NAMED:
-        if reused:
-            _named_sync(bar_id)
-    else:
-        mbarrier.wait(empty.index(s), phase ^ 1)
-
-
-@gluon.jit
 def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-            PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr,
-            NAMED: gl.constexpr):
+            PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr):
     """Every item's Q tile (two buffers, or one when the consumers prefetch the previous state)
     and K/V blocks (the stage ring, its counters running on across items) through TMA. With the
     dynamic schedule it also takes the items from the counter and posts each one's index with
@@ -316,10 +261,10 @@ def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.cons
             s = kv % NUM_STAGES
             phase = (kv // NUM_STAGES) & 1
             row = k_start + j * BN
-            _acquire(k_empty, s, phase, NAMED_BAR0 + s, kv >= NUM_STAGES, NAMED)
+            mbarrier.wait(k_empty.index(s), phase ^ 1)
             mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
             _tma_load(k_desc, [row, hk * D], k_ready.index(s), k_smem.index(s))
-            _acquire(v_empty, s, phase, NAMED_BAR0 + NUM_STAGES + s, kv >= NUM_STAGES, NAMED)
+            mbarrier.wait(v_empty.index(s), phase ^ 1)
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
             _tma_load(v_desc, [row, hk * D], v_ready.index(s), v_smem.index(s))
             kv += 1
@@ -331,11 +276,6 @@ def _loader(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.cons
         qb = _post_item(item_smem, q_empty, it, w, Q_BUFS)
         mbarrier.arrive(q_ready.index(qb), count=1)
         _reset_counter_after_last_take(work[8], w, n_ctas, n_items)
-    if NAMED:  # complete every named barrier's last phase (the consumers' last releases)
-        for s in gl.static_range(NUM_STAGES):
-            if kv > s:
-                _named_sync(NAMED_BAR0 + s)
-                _named_sync(NAMED_BAR0 + NUM_STAGES + s)
 
 
 @gluon.jit
@@ -381,28 +321,10 @@ def _prefetch_state(O, LSE, o_stage, row0, tok0, q_len, o_row0, head0, stride_ot
 
 
 @gluon.jit
-def _store_rows(OUT, o_stage, row0, tok0, q_len, o_row0, head0, stride_ot, stride_oh,
-                GROUP: gl.constexpr, M: gl.constexpr, D: gl.constexpr):
-    """Store the o rows row0 .. row0+M held in o_stage to OUT, a warp a row of D at a time
-    (16 rows per chunk: few row pointers live at once), rows past the request left alone."""
-    CH: gl.constexpr = 16
-    layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // D, D // 4], [4, 1], [1, 0])
-    offs_d = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, layout)), 0)
-    for c in gl.static_range(0, M, CH):
-        rows = row0 + c + gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
-        tok = tok0 + rows // GROUP
-        head = head0 + rows % GROUP
-        ptrs = OUT + gl.expand_dims((o_row0 + tok).to(gl.int64) * stride_ot + head * stride_oh,
-                                    1) + offs_d
-        gl.store(ptrs, o_stage.slice(c, CH).load(layout).to(OUT.dtype.element_ty),
-                 mask=gl.expand_dims(tok < q_len, 1))
-
-
-@gluon.jit
 def _epilogue(acc, m_i, l_i, qk_scale, O, OUT, LSE, o_stage, lse_prev, row0, tok0, q_len,
               o_row0, head0, stride_ot, stride_oh, stride_lt, stride_lh, GROUP: gl.constexpr,
               M: gl.constexpr, D: gl.constexpr, o_layout: gl.constexpr,
-              ACCUMULATE: gl.constexpr, PREFETCH: gl.constexpr, STAGED: gl.constexpr):
+              ACCUMULATE: gl.constexpr, PREFETCH: gl.constexpr):
     """The block's state from a consumer's sums, written or merged into the running state: the
     Triton twin's epilogue, row for row (the scores' max m_i is raw, not log2 units). With
     PREFETCH the previous state comes from `_prefetch_state` (o_stage, lse_prev), else from
@@ -429,16 +351,8 @@ def _epilogue(acc, m_i, l_i, qk_scale, O, OUT, LSE, o_stage, lse_prev, row0, tok
             lse_prev = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
             o_prev = gl.load(o_ptrs, mask=ok2, other=0.0)
         o_new, lse_new = merge_state(o_prev, lse_prev, o_blk, lse_blk)
-        o_out = gl.where(gl.expand_dims(seen, 1), o_new, o_prev)
-        if STAGED:
-            # EXPERIMENT: through the prefetch buffer into whole rows: each warp stores one
-            # row of D contiguous values an instruction (16 bytes a thread) instead of 8 bytes
-            # into each of 8 rows (the accumulator's layout).
-            o_stage.store(o_out)
-            _store_rows(OUT, o_stage, row0, tok0, q_len, o_row0, head0, stride_ot, stride_oh,
-                        GROUP, M, D)
-        else:
-            gl.store(out_ptrs, o_out.to(out_dtype), mask=ok2)
+        gl.store(out_ptrs, gl.where(gl.expand_dims(seen, 1), o_new, o_prev).to(out_dtype),
+                 mask=ok2)
         gl.store(l_ptrs, gl.where(seen, lse_new, lse_prev), mask=row_ok)
     else:
         gl.store(out_ptrs, o_blk.to(out_dtype), mask=ok2)
@@ -448,7 +362,7 @@ def _epilogue(acc, m_i, l_i, qk_scale, O, OUT, LSE, o_stage, lse_prev, row0, tok
 @gluon.jit
 def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr,
-              STAGED: gl.constexpr, NAMED: gl.constexpr, WG: gl.constexpr):
+              WG: gl.constexpr):
     descs, smem, bars, work, state = args
     q_smem, k_smem, v_smem, o_smem, item_smem = smem
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, fix_bar = bars
@@ -507,7 +421,7 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
             s_tok = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False,
                                   is_async=True)
             s = warpgroup_mma_wait(0, deps=[s_tok])
-            _release(k_empty, cur, NAMED_BAR0 + cur, NAMED)
+            mbarrier.arrive(k_empty.index(cur), count=1)
             p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, 0, n_full, k_len, tok, shift,
                                                 qk_scale, BN, CAUSAL, s_layout)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -520,11 +434,11 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
                                       use_acc=False, is_async=True)
                 o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=[s_tok])  # groups retire in order: S_j is done
-                _release(k_empty, cur, NAMED_BAR0 + cur, NAMED)
+                mbarrier.arrive(k_empty.index(cur), count=1)
                 p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, j * BN, n_full, k_len, tok,
                                                     shift, qk_scale, BN, CAUSAL, s_layout)
                 acc = warpgroup_mma_wait(0, deps=[o_tok])
-                _release(v_empty, prev, NAMED_BAR0 + NUM_STAGES + prev, NAMED)
+                mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
             mbarrier.arrive(q_empty.index(qb), count=1)  # every S of this tile is done
@@ -538,7 +452,7 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
                 nfix += 1
             o_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=[o_tok])
-            _release(v_empty, last, NAMED_BAR0 + NUM_STAGES + last, NAMED)
+            mbarrier.arrive(v_empty.index(last), count=1)
             kv += n_blocks
         elif DYNAMIC:  # the loader posted the item with its Q buffer: hand it back
             # (Triton puts a barrier of the warpgroup before each arrive, checked in the PTX of
@@ -548,7 +462,7 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
         if t0 < q_len:
             _epilogue(acc, m_i, l_i, qk_scale, O, OUT, LSE, o_stage, lse_prev, WG * M, t0,
                       q_len, q_start, hk * GROUP, stride_ot, stride_oh, stride_lt, stride_lh,
-                      GROUP, M, D, o_layout, ACCUMULATE, PREFETCH, STAGED)
+                      GROUP, M, D, o_layout, ACCUMULATE, PREFETCH)
         if DYNAMIC:
             w = _take_item(item_smem, q_ready, it, Q_BUFS)
         else:
@@ -557,16 +471,14 @@ def _consumer(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.co
 
 @gluon.jit
 def _consumer0(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr,
-               STAGED: gl.constexpr, NAMED: gl.constexpr):
-    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC, STAGED, NAMED, 0)
+               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr):
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC, 0)
 
 
 @gluon.jit
 def _consumer1(args, GROUP: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr,
-               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr,
-               STAGED: gl.constexpr, NAMED: gl.constexpr):
-    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC, STAGED, NAMED, 1)
+               PREFETCH: gl.constexpr, HAS_TILES: gl.constexpr, DYNAMIC: gl.constexpr):
+    _consumer(args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC, 1)
 
 
 @gluon.jit
@@ -578,12 +490,10 @@ def _ring_step_gluon_kernel(Q, K, V, O, OUT, LSE, CU_Q, CU_K, TILES, COUNTER, Tq
                             NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                             ACCUMULATE: gl.constexpr, PREFETCH: gl.constexpr,
                             Q_BUFS: gl.constexpr, HAS_TILES: gl.constexpr,
-                            DYNAMIC: gl.constexpr, STAGED: gl.constexpr,
-                            NAMED: gl.constexpr):
+                            DYNAMIC: gl.constexpr):
     TOK_M: gl.constexpr = 128 // GROUP
     dtype: gl.constexpr = Q.dtype.element_ty
     gl.static_assert(ACCUMULATE or not PREFETCH, "the prefetched epilogue always merges")
-    gl.static_assert(PREFETCH or not STAGED, "the staged store goes through the prefetch buffer")
     # Three descriptors for the whole launch, built once per CTA on the device. K/V are read as
     # [tokens, KV heads x D]: a block of one head is a [BN, D] box. A block that reaches past
     # its request reads the next request's rows (zeroed in shared memory before the PV product,
@@ -631,11 +541,9 @@ def _ring_step_gluon_kernel(Q, K, V, O, OUT, LSE, CU_Q, CU_K, TILES, COUNTER, Tq
             (qk_scale, O, OUT, LSE, stride_ot, stride_oh, stride_lt, stride_lh))  # the state
     # (constexprs stay constexpr only when written out in each partition's tuple)
     gl.warp_specialize(
-        [(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC,
-                        STAGED, NAMED)),
-         (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC,
-                        STAGED, NAMED)),
-         (_loader, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC, NAMED))],
+        [(_consumer0, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC)),
+         (_consumer1, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC)),
+         (_loader, (args, GROUP, CAUSAL, ACCUMULATE, PREFETCH, HAS_TILES, DYNAMIC))],
                        [4, 1], [240, 24])
 
 
@@ -734,8 +642,7 @@ def takes_items_dynamically(n_items: int, n_ctas: int, schedule=None) -> bool:
 
 def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, mask_shift,
                     accumulate, softmax_scale, stages=STAGES, block_n=BLOCK_N,
-                    prefetch_state=PREFETCH_STATE, tiles=None, schedule=None, out=None,
-                    staged_store=None, named_release=None):
+                    prefetch_state=PREFETCH_STATE, tiles=None, schedule=None, out=None):
     """Launch the Gluon ring step (arguments as step.run_step's, positional, torch tensors; the
     caller checked `supports`). prefetch_state: merging steps copy each tile's previous state
     into shared memory during its main loop. tiles: None, or `work_tiles` of this batch's
@@ -757,16 +664,13 @@ def ring_step_gluon(q, k, v, cu_q, cu_k, max_q_len, o_state, lse_state, causal, 
     dynamic = takes_items_dynamically(n_items, grid[0], schedule)
     _ensure_allocator()
     prefetch = bool(prefetch_state and accumulate)
-    staged = prefetch and bool(STAGED_STORE if staged_store is None else staged_store)
-    named = bool(NAMED_RELEASE if named_release is None else named_release)
     # The dynamic schedule's counter (else an unused placeholder pointer).
     counter = _dynamic_counter(q.device) if dynamic else cu_q
     args = (grid, q, k, v, cu_q, cu_k, tiles, counter, o_state,
             o_state if out is None else out, lse_state, group, D, n_tiles, B, n_items, causal,
-            mask_shift, accumulate, softmax_scale, stages, block_n, prefetch, dynamic, staged,
-            named)
+            mask_shift, accumulate, softmax_scale, stages, block_n, prefetch, dynamic)
     key = (q.dtype, group, D, bool(causal), bool(accumulate), stages, block_n, prefetch,
-           tiles is not None, dynamic, out is not None, staged, named)
+           tiles is not None, dynamic, out is not None)
     if key not in _compiled:
         # Gluon is experimental and its API moves between Triton releases (verified on a GPU:
         # 3.6; the CPU tests compile it for sm_90a with the installed Triton). Each
@@ -796,13 +700,13 @@ _compiled = set()  # specializations known to compile with this Triton
 
 def _launch(grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, out, lse_state, group, D,
             n_tiles, B, n_items, causal, mask_shift, accumulate, softmax_scale, stages, block_n,
-            prefetch, dynamic, staged, named, warmup=False):
+            prefetch, dynamic, warmup=False):
     params = (q, k, v, o_state, out, lse_state, cu_q, cu_k, cu_q if tiles is None else tiles,
               counter, q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.stride(0), q.stride(1),
               k.stride(0), v.stride(0), o_state.stride(0), o_state.stride(1), lse_state.stride(0),
               lse_state.stride(1), softmax_scale * _LOG2E, int(mask_shift), n_tiles, B, n_items)
     constexprs = (group, D, block_n, stages, bool(causal), bool(accumulate), prefetch,
-                  1 if prefetch else 2, tiles is not None, dynamic, staged, named)
+                  1 if prefetch else 2, tiles is not None, dynamic)
     if warmup:
         _ring_step_gluon_kernel.warmup(*params, **dict(zip(_CONSTEXPR_NAMES, constexprs)),
                                        num_warps=4, maxnreg=168, grid=grid)
@@ -833,7 +737,7 @@ def _launch(grid, q, k, v, cu_q, cu_k, tiles, counter, o_state, out, lse_state, 
 # pre-run hooks (a profiler's) take Triton's path.
 _direct_kernels = {}
 _CONSTEXPR_NAMES = ("GROUP", "HEAD_DIM", "BN", "NUM_STAGES", "CAUSAL", "ACCUMULATE", "PREFETCH",
-                    "Q_BUFS", "HAS_TILES", "DYNAMIC", "STAGED", "NAMED")
+                    "Q_BUFS", "HAS_TILES", "DYNAMIC")
 _INT32 = range(-2 ** 31, 2 ** 31)
 
 
