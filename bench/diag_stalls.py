@@ -87,8 +87,9 @@ def summarize(path):
         col = {c: i for i, c in enumerate(header)}
         src = col.get("Source")
         allc = next(i for c, i in col.items() if c.startswith("Warp Stall Sampling (All"))
-        reason_cols = [(c, i) for c, i in col.items() if c.startswith("stall_")
-                       or "Stall" in c and c not in header[allc:allc + 1]]
+        # per-reason sample columns, where the CSV has them (names like stall_long_sb)
+        reason_cols = [(c, i) for c, i in col.items()
+                       if "stall" in c.lower() and not c.startswith("Warp Stall Sampling")]
         total = 0
         by_class, by_reason = Counter(), defaultdict(Counter)
         top = []
