@@ -8,7 +8,8 @@
 # first (~450 s): a smoke test with every switch on; if it fails or hangs, the same smoke test
 # with each switch off in turn (which one breaks it); then the GPU tests the 2026-12-08 call did
 # not reach plus the Gluon ones, and the variants' A/B (steps, 64k rings, one FA3 call).
-# second (~250 s): the per-tile fit and the PC-sampling stall profile of the patched kernel.
+# second (~400 s): compute-sanitizer (racecheck, memcheck) on small Gluon steps, the per-tile fit
+# and the PC-sampling stall profile of the patched kernel.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the results folder (gpu_check.sh does)}
@@ -41,6 +42,30 @@ cannot_compile or poisoned or virtual_ranks_gpu or 64k_gpu or runtime_gpu" \
     tail -30 "$OUT/variants.txt"
     ;;
   second)
+    # racecheck and memcheck of small Gluon steps with every switch on (written, merged with
+    # the staged store, the output in q's dtype; both schedules)
+    for tool in racecheck memcheck; do
+      timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 python3 - \
+        >> "$OUT/sanitizer.txt" 2>&1 <<'PY'
+import torch
+from esp_kernels.prefill import gluon_step
+from esp_kernels.testing import cu_seqlens
+g = torch.Generator(device="cuda").manual_seed(0)
+n, hq, hkv, d = 300, 8, 2, 128
+q, k, v = (torch.randn(n, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
+           for h in (hq, hkv, hkv))
+cu = cu_seqlens([n], "cuda")
+for schedule in ("snake", "dynamic"):
+    for acc, out in ((False, None), (True, None), (True, torch.empty_like(q))):
+        o = torch.randn(n, hq, d, device="cuda", generator=g)
+        lse = torch.randn(n, hq, device="cuda", generator=g)
+        gluon_step.ring_step_gluon(q, k, v, cu, cu, n, o, lse, True, 0, acc, d ** -0.5,
+                                   schedule=schedule, out=out)
+torch.cuda.synchronize()
+print("sanitized steps done")
+PY
+      echo "compute-sanitizer $tool exit $?"
+    done
     timeout 90 python3 diag_step.py --only fixed > "$OUT/fixed.txt" 2>&1
     tail -8 "$OUT/fixed.txt"
     timeout 120 ncu --profile-from-start off --clock-control none --section SourceCounters \
