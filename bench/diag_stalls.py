@@ -70,7 +70,10 @@ def summarize(path):
         for row in csv.reader(f):
             if not row:
                 continue
-            if len(row) == 1:  # a kernel's title line
+            if row[0] == "Kernel Name" and len(row) > 1:  # ncu's title row of a kernel's table
+                name = row[1]
+                continue
+            if len(row) == 1:  # a bare title line
                 name = row[0]
                 continue
             if any(c.startswith("Warp Stall Sampling") for c in row):
@@ -83,7 +86,7 @@ def summarize(path):
         print("no table with 'Warp Stall Sampling' columns in", path)
         return
     print("columns:", tables[0][1])
-    for name, header, rows in tables:
+    for number, (name, header, rows) in enumerate(tables):
         col = {c: i for i, c in enumerate(header)}
         src = col.get("Source")
         allc = next(i for c, i in col.items() if c.startswith("Warp Stall Sampling (All"))
@@ -108,7 +111,8 @@ def summarize(path):
                 except ValueError:
                     pass
             top.append((s, r[col.get("# Address", col.get("Address", 0))], text))
-        print(f"\n== {name[:150]}\n   {len(rows)} instructions, {total:.0f} stall samples")
+        print(f"\n== table {number} (in launch order): {name[:150]}\n"
+              f"   {len(rows)} instructions, {total:.0f} stall samples")
         for k, s in by_class.most_common():
             reasons = ", ".join(f"{c} {v / max(s, 1):.0%}"
                                 for c, v in by_reason[k].most_common(4) if v)

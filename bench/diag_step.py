@@ -25,6 +25,8 @@ Then two cases where the kernel's fixed costs, not its main loop, decide:
     python bench/diag_step.py [--only kernels,fixed,skewed,host]
 """
 
+import inspect
+
 import torch
 
 from anchors import fa3_prefill
@@ -182,7 +184,8 @@ def host():
     def gluon():
         gluon_step.ring_step_gluon(q, k, v, cu, cu, n, o, lse, True, -1, True, scale)
     launch_args = _launch_args(gluon)
-    assert not launch_args[-1], "the launcher row would reuse one counter: snake only"
+    dynamic = list(inspect.signature(gluon_step._launch).parameters).index("dynamic")
+    assert not launch_args[dynamic], "the launcher row would reuse one counter: snake only"
     def through_tritons_launcher():  # the direct launch off (as with a launch hook set)
         options = gluon_step._direct_launch_options
         gluon_step._direct_launch_options = lambda: None

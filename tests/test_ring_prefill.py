@@ -2,6 +2,7 @@
 Triton step under the interpreter (CPU) and the Triton/Gluon kernels on GPU."""
 
 import gc
+import inspect
 import math
 import weakref
 
@@ -402,13 +403,15 @@ def test_step_kernel_gpu(backend, dtype, hq, hkv, d, shift, accumulate, gen):
 
 def _launched_schedules(monkeypatch, gluon_step) -> list:
     """Wrap the Gluon step's launcher: the returned list fills with each launch's `dynamic`
-    flag (its last argument), so a test sees which schedule ran, and that the kernel ran."""
+    flag (found by its parameter's name), so a test sees which schedule ran, and that the
+    kernel ran."""
     seen = []
     launch = gluon_step._launch
+    dynamic = list(inspect.signature(launch).parameters).index("dynamic")
 
     def record(*args, warmup=False):
         if not warmup:
-            seen.append(args[-1])
+            seen.append(args[dynamic])
         return launch(*args, warmup=warmup)
     monkeypatch.setattr(gluon_step, "_launch", record)
     return seen
