@@ -5,7 +5,7 @@
 #     EXTRA='bash bench/experiments/run_gluon_barriers.sh first' bash bench/gpu_check.sh
 #   STAGES="" BENCHES="" ESP_COMMIT=<sha> \
 #     EXTRA='bash bench/experiments/run_gluon_barriers.sh second' bash bench/gpu_check.sh
-# first (~450 s): a smoke test with every switch on; if it fails or hangs, the same smoke test
+# first (~550 s at most): a smoke test with every switch on; if it fails or hangs, the same smoke test
 # with each switch off in turn (which one breaks it); then the GPU tests the 2026-12-08 call did
 # not reach plus the Gluon ones, and the variants' A/B (steps, 64k rings, one FA3 call).
 # second (~400 s): compute-sanitizer (racecheck, memcheck) on small Gluon steps, the per-tile fit
@@ -13,16 +13,23 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the results folder (gpu_check.sh does)}
-smoke() {  # ~20 Gluon steps (written, merged, the output, the dynamic schedule) and rings on
-  # virtual ranks, with short timeouts: a hang ends fast
-  timeout 100 python3 -m pytest -m gpu ../tests/test_ring_prefill.py -q -x -p no:cacheprovider \
-    --timeout=30 --timeout-method=thread -k "gluon_last_step or dynamic_schedule_without or \
-ring_prefill_virtual_ranks_gpu or takes_the_hopper or dynamic_counter"
+smoke() {  # 20 Gluon steps (written, merged, the output, the dynamic schedule) and rings on
+  # virtual ranks, with short timeouts: a hang ends fast. (The first call compiles the
+  # specializations: 18 such tests took 94.5 s in results/2026-12-07_h100_counter.)
+  timeout 130 python3 -m pytest -m gpu ../tests/test_ring_prefill.py -q -x -p no:cacheprovider \
+    --timeout=30 --timeout-method=thread -k "(gluon_last_step or dynamic_schedule_without or \
+ring_prefill_virtual_ranks_gpu or takes_the_hopper or dynamic_counter) and not triton"
 }
 case "${1:-}" in
   first)
-    if smoke > "$OUT/smoke.txt" 2>&1; then
+    smoke > "$OUT/smoke.txt" 2>&1
+    rc=$?
+    if [ $rc -eq 0 ]; then
       echo "smoke: passed with every switch on"
+    elif [ $rc -eq 124 ] && ! grep -qE "FAILED|Timeout|Error" "$OUT/smoke.txt"; then
+      # out of time while compiling, nothing failed: no bisect (each run compiles again)
+      echo "smoke: out of time with no failure (compiles); going on"
+      tail -3 "$OUT/smoke.txt"
     else
       echo "smoke: FAILED with every switch on (tail below); each switch off in turn:"
       tail -15 "$OUT/smoke.txt"
@@ -32,26 +39,30 @@ case "${1:-}" in
       done
       exit 1
     fi
-    timeout 200 python3 -m pytest -m gpu ../tests/test_ring_prefill.py ../tests/test_nan.py \
-      ../tests/test_runtime_gpu.py -q -rfE -p no:cacheprovider --timeout=120 \
-      --timeout-method=thread -k "gluon or nan or non_causal_and_long or takes_the_hopper or \
-cannot_compile or poisoned or virtual_ranks_gpu or 64k_gpu or runtime_gpu" \
+    # test_runtime_gpu.py first: the 2026-12-08 call's limit cut it
+    timeout 180 python3 -m pytest -m gpu ../tests/test_runtime_gpu.py ../tests/test_ring_prefill.py \
+      ../tests/test_nan.py -q -rfE -p no:cacheprovider --timeout=120 \
+      --timeout-method=thread -k "(gluon or nan or non_causal_and_long or takes_the_hopper or \
+cannot_compile or poisoned or virtual_ranks_gpu or 64k_gpu or runtime_gpu) and not triton" \
       > "$OUT/pytest_gpu.txt" 2>&1
     tail -4 "$OUT/pytest_gpu.txt"
-    timeout 240 python3 diag_step.py --only variants > "$OUT/variants.txt" 2>&1
+    timeout 200 python3 diag_step.py --only variants > "$OUT/variants.txt" 2>&1
     tail -30 "$OUT/variants.txt"
     ;;
   second)
-    # racecheck and memcheck of small Gluon steps with every switch on (written, merged with
-    # the staged store, the output in q's dtype; both schedules)
+    # racecheck and memcheck of Gluon steps with every switch on (written, merged with the
+    # staged store, the output in q's dtype; both schedules): 152 items on at most 132 SMs, so
+    # CTAs take several (buffers and barrier phases carried across items); no caching
+    # allocator, so a store past a tensor lands outside any allocation
     for tool in racecheck memcheck; do
-      timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 python3 - \
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 120 compute-sanitizer --tool $tool \
+        --error-exitcode 9 python3 - \
         >> "$OUT/sanitizer.txt" 2>&1 <<'PY'
 import torch
 from esp_kernels.prefill import gluon_step
 from esp_kernels.testing import cu_seqlens
 g = torch.Generator(device="cuda").manual_seed(0)
-n, hq, hkv, d = 300, 8, 2, 128
+n, hq, hkv, d = 600, 32, 8, 128
 q, k, v = (torch.randn(n, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
            for h in (hq, hkv, hkv))
 cu = cu_seqlens([n], "cuda")
