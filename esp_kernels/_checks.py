@@ -136,6 +136,15 @@ def check_cu_seqlens(cu, name: str, total: int, device: torch.device | None = No
     return host
 
 
+def check_op_backend(backend, device: torch.device) -> None:
+    """A compiled op's backend: "auto" (the CUDA kernel for CUDA tensors, else torch), "cuda"
+    (CUDA tensors only) or "torch"."""
+    if backend not in ("auto", "cuda", "torch"):
+        raise ValueError(f"backend must be 'auto', 'cuda' or 'torch', got {backend!r}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError("backend='cuda' needs CUDA tensors")
+
+
 def check_gqa(hq: int, hkv: int, q_name: str = "q", k_name: str = "k"):
     if hkv <= 0 or hq % hkv != 0:
         raise ValueError(f"{q_name} has {hq} heads, which is not a multiple of the {hkv} heads "

@@ -17,7 +17,7 @@ import math
 import torch
 
 from . import _core
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_op_backend, check_same_device, check_tensor
 
 
 # float64 states are for references on the torch path; the CUDA kernel takes the other three.
@@ -62,8 +62,7 @@ MAX_KERNEL_STATES = 64
 def _run(o, lse, out, lse_out, backend: str):
     """Merge states o [S, T, H, D], lse [S, T, H] into out / lse_out. o and lse may also be
     _Pair values: two states the kernel reads at base + s * stride_s (see _pair_view)."""
-    if backend not in ("auto", "torch", "cuda"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
+    check_op_backend(backend, out.device)
     if out.device.type == "cuda" and backend != "torch":
         C = _core.require_compiled("merge_states")
         if not isinstance(o, _Pair) and o.shape[0] > MAX_KERNEL_STATES:
@@ -79,8 +78,6 @@ def _run(o, lse, out, lse_out, backend: str):
         C.merge_states(_states_desc(o), _states_desc(lse), _core.desc(out),
                        None if lse_out is None else _core.desc(lse_out),
                        out.device.index, _core.stream_handle(out.device))
-    elif backend == "cuda":
-        raise ValueError("backend='cuda' needs CUDA tensors")
     else:
         if isinstance(o, _Pair):
             o, lse = torch.stack(o.tensors), torch.stack(lse.tensors)

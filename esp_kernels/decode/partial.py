@@ -13,7 +13,7 @@ import math
 import torch
 
 from .. import _core
-from .._checks import HALF_DTYPES, FLOAT_DTYPES, as_int, check_tensor
+from .._checks import HALF_DTYPES, FLOAT_DTYPES, as_int, check_op_backend, check_tensor
 from .._host import cuda_properties
 from ..reference import attention
 
@@ -217,10 +217,7 @@ def decode_partial(q, k_cache, v_cache, block_table, kv_lens, *, softmax_scale=N
     esp_kernels::decode_partial.
     """
     B, Hq, D = _check(q, k_cache, v_cache, block_table, kv_lens)
-    if backend not in ("auto", "cuda", "torch"):
-        raise ValueError(f"backend must be 'auto', 'cuda' or 'torch', got {backend!r}")
-    if backend == "cuda" and q.device.type != "cuda":
-        raise ValueError("backend='cuda' needs CUDA tensors")
+    check_op_backend(backend, q.device)
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"softmax_scale must be finite and > 0, got {softmax_scale!r}")
