@@ -103,6 +103,7 @@ def serve(executor, scheduler, workload: Sequence[Arrival], *,
                 raise RuntimeError(f"the scheduler planned nothing for requests "
                                    f"{sorted(map(str, open_rids))[:8]} with every instance idle")
             sleep(max(0.0, pending[0].arrival - elapsed()))
+            # what the clock did not cover while sleeping (all of the gap on a logical clock)
             skipped += max(0.0, pending[0].arrival - elapsed())
             continue
         t0 = elapsed()
